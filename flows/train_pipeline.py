@@ -1,0 +1,96 @@
+"""The ``train-pipeline`` flow: fetch -> prepare data -> train -> evaluate.
+
+One Prefect task per stage; tasks pass paths and metrics, never models. The
+MLflow run is created here and its id handed to every task, because MLflow's
+active run is per thread and Prefect runs tasks in worker threads.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+
+from vit_pipeline import stages, summary, tracking
+from vit_pipeline.config import make_config
+
+
+@task(name="fetch-data", retries=3, retry_delay_seconds=[10, 30, 60], cache_policy=NO_CACHE)
+def fetch_data(cfg: dict) -> str | None:
+    # Only the download is worth retrying; everything else fails the same way twice.
+    return stages.fetch_stage(cfg)
+
+
+@task(name="prepare-data", cache_policy=NO_CACHE)
+def prepare_data(cfg: dict, run_id: str, source_path: str | None) -> dict:
+    return stages.prepare_stage(cfg, run_id, source_path)
+
+
+@task(name="train", cache_policy=NO_CACHE)
+def train_model(cfg: dict, run_id: str, data_path: str) -> dict:
+    return stages.train_stage(cfg, run_id, data_path)
+
+
+@task(name="evaluate", cache_policy=NO_CACHE)
+def evaluate_model(cfg: dict, run_id: str, data_path: str, model_path: str, history_path: str) -> dict:
+    return stages.evaluate_stage(cfg, run_id, data_path, model_path, history_path)
+
+
+def _prefect_tags() -> dict[str, str]:
+    run_id = flow_run.get_id()
+    if not run_id:
+        return {}
+    return {
+        "prefect.flow_run_id": run_id,
+        "prefect.flow_run_url": summary.prefect_run_url(run_id, flow_run.ui_url),
+    }
+
+
+@flow(name="train-pipeline", log_prints=True)
+def train_pipeline(preset: str = "quickstart", overrides: dict[str, Any] | None = None) -> dict:
+    """Trains, evaluates (and later exports) a ViT; everything lands in MLflow.
+
+    Args:
+        preset: A named config preset ("quickstart", "cifar100").
+        overrides: Config field values that replace the preset's, e.g.
+            ``{"epochs": 5, "data_path": "/data/cifar-100-python.tar.gz"}``.
+
+    Returns:
+        The MLflow run id, its URL, and the headline metrics.
+    """
+    cfg = make_config(preset, overrides)  # invalid values fail here, before any work
+    cfg_dict = cfg.to_dict()
+    run_id = tracking.create_run(cfg, preset, _prefect_tags())
+    client = tracking.client(cfg)
+    try:
+        source = fetch_data(cfg_dict)
+        prepared = prepare_data(cfg_dict, run_id, source)
+        trained = train_model(cfg_dict, run_id, prepared["data_path"])
+        evaluated = evaluate_model(
+            cfg_dict, run_id, prepared["data_path"], trained["model_path"], trained["history_path"]
+        )
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    result = {
+        "mlflow_run_id": run_id,
+        "mlflow_run_url": tracking.run_url(cfg, run_id),
+        "test_accuracy": evaluated["test_accuracy"],
+        "test_top5_accuracy": evaluated["test_top5_accuracy"],
+        "best_val_accuracy": trained["best_val_accuracy"],
+        "train_seconds": trained["train_seconds"],
+    }
+    create_markdown_artifact(
+        key="train-pipeline-summary",
+        markdown=summary.run_markdown(cfg, preset, result, prepared["summary"]),
+        description="ViT training run summary",
+    )
+    client.set_terminated(run_id, "FINISHED")
+    print(
+        f"MLflow run {run_id}: test accuracy {result['test_accuracy']:.4f}, "
+        f"top-5 {result['test_top5_accuracy']:.4f} -> {result['mlflow_run_url']}"
+    )
+    return result

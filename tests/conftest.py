@@ -1,0 +1,92 @@
+"""Shared fixtures: an isolated pipeline home, tiny configs, tiny datasets."""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+ASSETS = Path(__file__).parent / "assets"
+CIFAR_CUT = ASSETS / "cifar-100-cut.tar.gz"
+
+# A ViT small enough to train in seconds; same code path as the real presets.
+TINY = {
+    "image_size": 32,
+    "patch_size": 8,
+    "projection_dim": 16,
+    "num_heads": 2,
+    "transformer_layers": 1,
+    "transformer_units": (32, 16),
+    "mlp_head_units": (32,),
+    "epochs": 2,
+    "batch_size": 32,
+}
+
+
+@pytest.fixture(autouse=True)
+def pipeline_home(tmp_path, monkeypatch) -> Path:
+    """Every test gets its own VIT_PIPELINE_HOME and local MLflow store."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("VIT_PIPELINE_HOME", str(home))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return home
+
+
+def cifar_members(n_train: int = 20, n_test: int = 10, num_classes: int = 5, seed: int = 0) -> dict:
+    """Official cifar-100-python members (Python 2 style: bytes keys) with random pixels."""
+    rng = np.random.default_rng(seed)
+
+    def batch(n: int, name: bytes) -> dict:
+        fine = [i % num_classes for i in range(n)]
+        return {
+            b"filenames": [f"img_{i}.png".encode() for i in range(n)],
+            b"batch_label": name,
+            b"fine_labels": fine,
+            b"coarse_labels": [f % 2 for f in fine],
+            b"data": rng.integers(0, 256, size=(n, 3072), dtype=np.uint8),
+        }
+
+    return {
+        "meta": {
+            b"fine_label_names": [f"class{i}".encode() for i in range(num_classes)],
+            b"coarse_label_names": [b"even", b"odd"],
+        },
+        "train": batch(n_train, b"training batch 1 of 1"),
+        "test": batch(n_test, b"testing batch 1 of 1"),
+    }
+
+
+def write_cifar_tar(path: Path, members: dict | None = None, skip: tuple[str, ...] = ()) -> Path:
+    members = members or cifar_members()
+    with tarfile.open(path, "w:gz") as tar:
+        for name, obj in members.items():
+            if name in skip:
+                continue
+            payload = obj if isinstance(obj, bytes) else pickle.dumps(obj, protocol=4)
+            info = tarfile.TarInfo(f"cifar-100-python/{name}")
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    return path
+
+
+def write_cifar_dir(root: Path, members: dict | None = None) -> Path:
+    members = members or cifar_members()
+    base = root / "cifar-100-python"
+    base.mkdir(parents=True)
+    for name, obj in members.items():
+        (base / name).write_bytes(pickle.dumps(obj, protocol=4))
+    return base
+
+
+@pytest.fixture
+def tiny_overrides() -> dict:
+    return dict(TINY)

@@ -1,0 +1,186 @@
+import pickle
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import CIFAR_CUT, cifar_members, write_cifar_dir, write_cifar_tar
+from vit_pipeline import data
+from vit_pipeline.config import make_config
+from vit_pipeline.errors import DataError
+
+
+def test_digits_are_real_rgb_images():
+    x, y, names = data.load_digits_rgb()
+    assert x.shape == (1797, 32, 32, 3) and x.dtype == np.uint8
+    assert names == [str(i) for i in range(10)]
+    assert set(np.unique(y)) == set(range(10))
+    assert x.max() == 255 and np.array_equal(x[..., 0], x[..., 2])
+
+
+@pytest.mark.parametrize("layout", ["tar", "dir"])
+def test_official_format_archive_and_directory(tmp_path, layout):
+    members = cifar_members(n_train=20, n_test=10, num_classes=5)
+    path = (
+        write_cifar_tar(tmp_path / "c.tar.gz", members)
+        if layout == "tar"
+        else write_cifar_dir(tmp_path, members)
+    )
+    x_train, y_train, x_test, y_test, names = data.read_cifar100(path)
+    assert x_train.shape == (20, 32, 32, 3) and x_test.shape == (10, 32, 32, 3)
+    assert names == [f"class{i}" for i in range(5)]
+    # R, G, B planes are turned into channels-last pixels.
+    raw = members["train"][b"data"][3]
+    assert np.array_equal(x_train[3, :, :, 1], raw[1024:2048].reshape(32, 32))
+    assert list(y_train[:6]) == [0, 1, 2, 3, 4, 0]
+
+
+def test_coarse_labels(tmp_path):
+    path = write_cifar_tar(tmp_path / "c.tar.gz")
+    _, y, _, _, names = data.read_cifar100(path, "coarse")
+    assert names == ["even", "odd"] and set(y) == {0, 1}
+
+
+def test_real_cifar_cut_committed_in_tests():
+    x_train, y_train, x_test, y_test, names = data.read_cifar100(CIFAR_CUT)
+    assert len(names) == 100 and names[:3] == ["apple", "aquarium_fish", "baby"]
+    assert x_train.shape == (300, 32, 32, 3) and x_test.shape == (300, 32, 32, 3)
+    assert np.bincount(y_train, minlength=100).min() == 3
+    # Real photos, not noise: neighbouring pixels are strongly correlated.
+    img = x_train.astype(float)
+    corr = np.corrcoef(img[:, :, :-1].ravel(), img[:, :, 1:].ravel())[0, 1]
+    assert corr > 0.8
+
+
+class _Boom:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch /tmp/vit_pipeline_pwned_marker",))
+
+
+def test_pickle_payload_is_refused_without_running(tmp_path):
+    import os
+
+    marker = "/tmp/vit_pipeline_pwned_marker"
+    if os.path.exists(marker):
+        os.remove(marker)
+    members = cifar_members()
+    members["train"] = pickle.dumps({b"data": _Boom()}, protocol=4)
+    path = write_cifar_tar(tmp_path / "evil.tar.gz", members)
+    with pytest.raises(DataError, match="Refusing to load .*os.*system|Refusing to load .*posix.*system"):
+        data.read_cifar100(path)
+    assert not os.path.exists(marker)
+
+
+def test_truncated_archive(tmp_path):
+    good = write_cifar_tar(tmp_path / "c.tar.gz").read_bytes()
+    bad = tmp_path / "bad.tar.gz"
+    bad.write_bytes(good[: len(good) // 2])
+    with pytest.raises(DataError, match="truncated or corrupt"):
+        data.read_cifar100(bad)
+
+
+def test_archive_without_expected_members(tmp_path):
+    path = write_cifar_tar(tmp_path / "c.tar.gz", skip=("test",))
+    with pytest.raises(DataError, match=r"lacks the cifar-100-python members \['test'\]"):
+        data.read_cifar100(path)
+
+
+def test_missing_path():
+    with pytest.raises(DataError, match="does not exist"):
+        data.read_cifar100("/nonexistent/cifar.tar.gz")
+
+
+def _write_image_folder(root, bad_file=False):
+    rng = np.random.default_rng(0)
+    for cls, mode, size in (("cat", "RGB", (40, 30)), ("dog", "L", (16, 16)), ("eel", "RGBA", (64, 64))):
+        (root / cls).mkdir(parents=True)
+        for i in range(6):
+            arr = rng.integers(0, 256, size=(size[1], size[0], len(mode)), dtype=np.uint8).squeeze()
+            Image.fromarray(arr, mode=mode).save(root / cls / f"{i}.png")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "cat" / "x.jpg")
+    if bad_file:
+        (root / "dog" / "broken.png").write_bytes(b"not an image at all")
+
+
+def test_image_folder_converts_modes_and_sizes(tmp_path):
+    _write_image_folder(tmp_path / "imgs", bad_file=True)
+    x, y, names, skipped = data.read_image_folder(tmp_path / "imgs", 32)
+    assert names == ["cat", "dog", "eel"]
+    assert x.shape == (19, 32, 32, 3) and x.dtype == np.uint8
+    assert list(np.bincount(y)) == [7, 6, 6]
+    assert skipped == 1
+
+
+def test_image_folder_errors(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        data.read_image_folder(tmp_path / "missing", 32)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no class sub-folders"):
+        data.read_image_folder(tmp_path / "empty", 32)
+    (tmp_path / "empty" / "cls").mkdir()
+    with pytest.raises(DataError, match="has no readable images"):
+        data.read_image_folder(tmp_path / "empty", 32)
+
+
+def test_prepare_image_folder_end_to_end(tmp_path):
+    _write_image_folder(tmp_path / "imgs")
+    cfg = make_config("quickstart", {"dataset": "image_folder", "data_path": str(tmp_path / "imgs"),
+                                     "validation_split": 0.2, "test_split": 0.25})  # fmt: skip
+    splits = data.prepare(cfg)
+    assert splits.class_names == ["cat", "dog", "eel"]
+    assert len(splits.y_train) + len(splits.y_val) + len(splits.y_test) == 19
+
+
+def test_split_is_deterministic_stratified_and_disjoint():
+    cfg = make_config("quickstart")
+    a, b = data.prepare(cfg), data.prepare(cfg)
+    assert a.digest() == b.digest()
+    assert np.array_equal(a.y_val, b.y_val)
+    # Stratified: every class in validation and test.
+    assert set(a.y_val) == set(range(10)) and set(a.y_test) == set(range(10))
+    total = len(a.y_train) + len(a.y_val) + len(a.y_test)
+    assert total == 1797
+    c = data.prepare(make_config("quickstart", {"seed": 1}))
+    assert c.digest() != a.digest()
+
+
+def test_caps_and_real_cut_preparation():
+    cfg = make_config("cifar100", {"data_path": str(CIFAR_CUT), "max_test_images": 100})
+    splits = data.prepare(cfg)
+    assert splits.num_classes == 100 and len(splits.y_test) == 100
+    assert len(splits.y_train) == 270 and len(splits.y_val) == 30
+
+
+def test_empty_training_class_is_named(tmp_path):
+    members = cifar_members(n_train=20, n_test=10, num_classes=5)
+    members["meta"][b"fine_label_names"].append(b"ghost")  # 6 names, class 5 never appears
+    path = write_cifar_tar(tmp_path / "c.tar.gz", members)
+    cfg = make_config("cifar100", {"data_path": str(path), "validation_split": 0.2})
+    with pytest.raises(DataError, match="no training images.*ghost"):
+        data.prepare(cfg)
+
+
+def test_label_out_of_range(tmp_path):
+    members = cifar_members(num_classes=5)
+    members["train"][b"fine_labels"][0] = 7
+    path = write_cifar_tar(tmp_path / "c.tar.gz", members)
+    with pytest.raises(DataError, match=r"labels in \[0, 5\). Received: min=0, max=7"):
+        data.prepare(make_config("cifar100", {"data_path": str(path)}))
+
+
+def test_bad_shape_in_pickle(tmp_path):
+    members = cifar_members()
+    members["train"][b"data"] = np.zeros((20, 100), np.uint8)
+    path = write_cifar_tar(tmp_path / "c.tar.gz", members)
+    with pytest.raises(DataError, match=r"shape \(N, 3072\)"):
+        data.read_cifar100(path)
+
+
+def test_splits_round_trip(tmp_path):
+    splits = data.prepare(make_config("quickstart", {"max_train_images": 200}))
+    path = splits.save(tmp_path / "d.npz")
+    again = data.Splits.load(path)
+    assert again.digest() == splits.digest() and again.class_names == splits.class_names
+    assert not list(tmp_path.glob(".*tmp*"))  # no temp files left behind

@@ -1,0 +1,327 @@
+"""One typed configuration for the whole pipeline, with named presets.
+
+Every field can be overridden from the CLI (``--field-name value``) and as a
+Prefect flow parameter (``overrides={"field_name": value}``). Values are
+validated before any work starts; errors name the field and the value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any
+
+from vit_pipeline.errors import ConfigError
+
+DATASETS = ("digits", "cifar100", "image_folder")
+LABEL_MODES = ("fine", "coarse")
+FLIP_MODES = ("none", "horizontal", "vertical", "horizontal_and_vertical")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Everything a pipeline run needs to know. Defaults are the seed recipe.
+
+    The defaults reproduce the keras-io example "Image classification with Vision
+    Transformer" (CIFAR-100): images resized to 72, patches of 6, projection 64,
+    4 heads, 8 blocks, head MLP [2048, 1024], AdamW lr 1e-3, batch 256, 100
+    epochs, 10% validation.
+
+    Weight decay uses Keras semantics. ``keras.optimizers.AdamW`` decays weights by
+    ``learning_rate * weight_decay * w`` each step, whereas the seed's
+    tensorflow-addons AdamW decayed by ``weight_decay * w`` (not scaled by the
+    learning rate). The seed's ``wd=1e-4`` at ``lr=1e-3`` is therefore
+    ``weight_decay = 1e-4 / 1e-3 = 0.1`` here. Passing 1e-4 to Keras would decay
+    1000x less than the seed did.
+
+    Attributes:
+        dataset: Data source: "digits" (scikit-learn's 8x8 digits, upscaled, ships
+            with a dependency), "cifar100" (downloaded once through Keras' cache,
+            or read from ``data_path``), "image_folder" (one sub-folder per class).
+        data_path: Local CIFAR-100 copy (a ``cifar-100-python`` directory or its
+            ``.tar.gz``) or the image folder root.
+        label_mode: CIFAR-100 labels: "fine" (100 classes) or "coarse" (20).
+        input_size: Side of the square images the model takes (raw pixels).
+        validation_split: Fraction of the training images held out for validation.
+        test_split: Fraction held out for test, for sources without a test split.
+        max_train_images: Stratified cap on training images (None: all).
+        max_test_images: Stratified cap on test images (None: all).
+        image_size: Side the model resizes images to before cutting patches.
+        patch_size: Side of each square patch; must divide ``image_size``.
+        projection_dim: Width of the patch embeddings.
+        num_heads: Attention heads per transformer block.
+        transformer_layers: Number of transformer blocks.
+        transformer_units: Hidden sizes of each block's MLP; the last must equal
+            ``projection_dim`` (residual connection).
+        mlp_head_units: Hidden sizes of the classification head's MLP.
+        attention_dropout: Dropout inside multi-head attention.
+        mlp_dropout: Dropout after each block-MLP layer.
+        head_dropout: Dropout before and inside the head MLP.
+        random_flip: Training-only flip augmentation mode.
+        random_rotation: Training-only rotation factor (fraction of 2*pi).
+        random_zoom: Training-only zoom factor.
+        epochs: Training epochs.
+        batch_size: Training batch size.
+        learning_rate: AdamW learning rate (constant, as in the seed).
+        weight_decay: AdamW weight decay, Keras semantics (see above).
+        seed: Seed for the split, weight initialisation and augmentation.
+        experiment_name: MLflow experiment; None means ``vit-<dataset>``.
+        tracking_uri: MLflow tracking URI; None means ``$MLFLOW_TRACKING_URI`` or
+            the local SQLite store under ``$VIT_PIPELINE_HOME``.
+        run_name: MLflow run name; None lets MLflow pick one.
+    """
+
+    dataset: str = "cifar100"
+    data_path: str | None = None
+    label_mode: str = "fine"
+    input_size: int = 32
+    validation_split: float = 0.1
+    test_split: float = 0.2
+    max_train_images: int | None = None
+    max_test_images: int | None = None
+    image_size: int = 72
+    patch_size: int = 6
+    projection_dim: int = 64
+    num_heads: int = 4
+    transformer_layers: int = 8
+    transformer_units: tuple[int, ...] = (128, 64)
+    mlp_head_units: tuple[int, ...] = (2048, 1024)
+    attention_dropout: float = 0.1
+    mlp_dropout: float = 0.1
+    head_dropout: float = 0.5
+    random_flip: str = "horizontal"
+    random_rotation: float = 0.02
+    random_zoom: float = 0.2
+    epochs: int = 100
+    batch_size: int = 256
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.1
+    seed: int = 42
+    experiment_name: str | None = None
+    tracking_uri: str | None = None
+    run_name: str | None = None
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def resolved_experiment_name(self) -> str:
+        return self.experiment_name or f"vit-{self.dataset_tag}"
+
+    @property
+    def dataset_tag(self) -> str:
+        """Short name of the data, e.g. ``cifar100`` or ``cifar100-coarse``."""
+        if self.dataset == "cifar100" and self.label_mode == "coarse":
+            return "cifar100-coarse"
+        if self.dataset == "image_folder" and self.data_path:
+            return "folder-" + _basename(self.data_path)
+        return self.dataset
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def _basename(path: str) -> str:
+    return path.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1] or "root"
+
+
+# Named presets: overrides applied on top of the seed defaults.
+PRESETS: dict[str, dict[str, Any]] = {
+    # The keras-io seed recipe on CIFAR-100, exactly.
+    "cifar100": {},
+    # Small enough to run the whole pipeline in well under 3 minutes on 2 CPU
+    # cores, on real images that ship with scikit-learn (no network).
+    "quickstart": {
+        "dataset": "digits",
+        "image_size": 32,
+        "patch_size": 4,
+        "projection_dim": 32,
+        "num_heads": 2,
+        "transformer_layers": 2,
+        "transformer_units": (64, 32),
+        "mlp_head_units": (128,),
+        "head_dropout": 0.2,
+        # Mirrored digits are other symbols; flips would hurt, not help.
+        "random_flip": "none",
+        "random_rotation": 0.02,
+        "random_zoom": 0.1,
+        "epochs": 12,
+        "batch_size": 64,
+        "learning_rate": 2e-3,
+    },
+}
+
+
+def field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(PipelineConfig)]
+
+
+def field_type(name: str) -> Any:
+    """The annotated type of a config field, as a real type object."""
+    return typing.get_type_hints(PipelineConfig)[name]
+
+
+def _is_optional(tp: Any) -> tuple[bool, Any]:
+    """Returns (optional, inner type) for ``X | None`` annotations."""
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return True, args[0]
+    return False, tp
+
+
+def coerce(name: str, value: Any) -> Any:
+    """Converts a CLI string or a JSON value to the field's type.
+
+    Raises:
+        ConfigError: if the field is unknown or the value has the wrong type.
+    """
+    if name not in field_names():
+        raise ConfigError(f"Unknown config field {name!r}. Known fields: {', '.join(field_names())}")
+    optional, tp = _is_optional(field_type(name))
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("", "none", "null")):
+        if optional:
+            return None
+        raise ConfigError(f"Expected a value for {name}. Received: {name}=None")
+    try:
+        if typing.get_origin(tp) is tuple:
+            if isinstance(value, str):
+                parts = [p for p in value.replace(" ", "").strip("[]()").split(",") if p]
+            else:
+                parts = list(value)
+            return tuple(int(p) for p in parts)
+        if tp is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            if isinstance(value, bool):
+                raise ValueError
+            return int(value)
+        if tp is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if tp is str:
+            return str(value)
+    except (TypeError, ValueError):
+        pass
+    else:
+        raise AssertionError(f"unhandled type {tp} for {name}")
+    raise ConfigError(f"Expected {name} to be of type {_type_label(tp)}. Received: {name}={value!r}")
+
+
+def _type_label(tp: Any) -> str:
+    if typing.get_origin(tp) is tuple:
+        return "a comma-separated list of integers"
+    return getattr(tp, "__name__", str(tp))
+
+
+def validate(cfg: PipelineConfig) -> PipelineConfig:
+    """Checks every value; raises ConfigError naming the first bad field."""
+
+    def bad(msg: str) -> None:
+        raise ConfigError(msg)
+
+    if cfg.dataset not in DATASETS:
+        bad(f"Unknown dataset. Expected one of {DATASETS}. Received: dataset={cfg.dataset!r}")
+    if cfg.label_mode not in LABEL_MODES:
+        bad(f"Expected label_mode in {LABEL_MODES}. Received: label_mode={cfg.label_mode!r}")
+    if cfg.random_flip not in FLIP_MODES:
+        bad(f"Expected random_flip in {FLIP_MODES}. Received: random_flip={cfg.random_flip!r}")
+    if cfg.dataset == "image_folder" and not cfg.data_path:
+        bad("Expected data_path for dataset='image_folder'. Received: data_path=None")
+    if cfg.dataset in ("digits", "cifar100") and cfg.input_size != 32:
+        bad(
+            f"Expected input_size=32 for dataset={cfg.dataset!r} (its native size). "
+            f"Received: input_size={cfg.input_size}"
+        )
+    positive = [
+        "input_size",
+        "image_size",
+        "patch_size",
+        "projection_dim",
+        "num_heads",
+        "transformer_layers",
+        "epochs",
+        "batch_size",
+    ]
+    for name in positive:
+        if getattr(cfg, name) <= 0:
+            bad(f"Expected {name} to be positive. Received: {name}={getattr(cfg, name)}")
+    for name in ("max_train_images", "max_test_images"):
+        value = getattr(cfg, name)
+        if value is not None and value <= 0:
+            bad(f"Expected {name} to be positive or None. Received: {name}={value}")
+    for name in ("validation_split", "test_split"):
+        value = getattr(cfg, name)
+        if not 0.0 < value < 1.0:
+            bad(f"Expected {name} in the open interval (0, 1). Received: {name}={value}")
+    for name in ("attention_dropout", "mlp_dropout", "head_dropout"):
+        value = getattr(cfg, name)
+        if not 0.0 <= value < 1.0:
+            bad(f"Expected {name} in [0, 1). Received: {name}={value}")
+    for name in ("random_rotation", "random_zoom"):
+        value = getattr(cfg, name)
+        if not 0.0 <= value < 1.0:
+            bad(f"Expected {name} in [0, 1). Received: {name}={value}")
+    if cfg.learning_rate <= 0:
+        bad(f"Expected learning_rate to be positive. Received: learning_rate={cfg.learning_rate}")
+    if cfg.weight_decay < 0:
+        bad(f"Expected weight_decay >= 0. Received: weight_decay={cfg.weight_decay}")
+    if cfg.image_size % cfg.patch_size:
+        bad(
+            "Expected patch_size to divide image_size. "
+            f"Received: patch_size={cfg.patch_size}, image_size={cfg.image_size}"
+        )
+    for name in ("transformer_units", "mlp_head_units"):
+        units = getattr(cfg, name)
+        if any(u <= 0 for u in units):
+            bad(f"Expected {name} to be positive integers. Received: {name}={list(units)}")
+    if not cfg.transformer_units or cfg.transformer_units[-1] != cfg.projection_dim:
+        bad(
+            "Expected the last of transformer_units to equal projection_dim "
+            "(the block's residual connection). Received: "
+            f"transformer_units={list(cfg.transformer_units)}, "
+            f"projection_dim={cfg.projection_dim}"
+        )
+    return cfg
+
+
+def make_config(preset: str = "quickstart", overrides: dict[str, Any] | None = None) -> PipelineConfig:
+    """Builds and validates a config from a preset and field overrides.
+
+    Args:
+        preset: A key of ``PRESETS``.
+        overrides: Field name to value; strings are parsed to the field's type.
+
+    Raises:
+        ConfigError: unknown preset or field, wrong type, or invalid value.
+    """
+    if preset not in PRESETS:
+        raise ConfigError(f"Unknown preset. Expected one of {tuple(PRESETS)}. Received: preset={preset!r}")
+    values: dict[str, Any] = dict(PRESETS[preset])
+    for name, value in (overrides or {}).items():
+        values[name] = coerce(name, value)
+    return validate(PipelineConfig(**values))
+
+
+def from_dict(values: dict[str, Any]) -> PipelineConfig:
+    """Rebuilds a config from ``to_dict()`` output (e.g. passed between tasks)."""
+    return validate(PipelineConfig(**{k: coerce(k, v) for k, v in values.items()}))
+
+
+__all__ = [
+    "DATASETS",
+    "PRESETS",
+    "PipelineConfig",
+    "coerce",
+    "field_names",
+    "from_dict",
+    "make_config",
+    "validate",
+]

@@ -1,0 +1,378 @@
+"""Data preparation: load a source, split it deterministically, validate, save.
+
+Sources:
+  * ``digits``: scikit-learn's 8x8 handwritten digits, upscaled to 32x32x3. Real
+    images that ship with a dependency, so the quickstart needs no network.
+  * ``cifar100``: the official ``cifar-100-python`` pickles, read from a local
+    directory or ``.tar.gz`` (``data_path``), or downloaded once into Keras' cache
+    (the same file and checksum as ``keras.datasets.cifar100``).
+  * ``image_folder``: one sub-folder per class with PNG/JPEG files of any size
+    and mode, converted to RGB and resized to ``input_size``.
+
+Pickles are read with a restricted unpickler that can only rebuild numpy arrays,
+so a tampered file cannot run code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import pickle
+import tarfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+
+from vit_pipeline.config import PipelineConfig
+from vit_pipeline.errors import DataError
+from vit_pipeline.fsutil import atomic_path
+
+log = logging.getLogger(__name__)
+
+CIFAR100_ORIGIN = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
+# Same cache name and checksum as keras.datasets.cifar100, so both share one copy.
+CIFAR100_CACHE_NAME = "cifar-100-python-target"
+CIFAR100_SHA256 = "85cd44d02ba6437773c5bbd22e183051d648de2e7d6b014e1ef29b855ba677a7"
+CIFAR100_MEMBERS = ("meta", "train", "test")
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+
+# The only globals a numpy array pickle needs (numpy 1.x and 2.x spellings).
+_ALLOWED_GLOBALS = frozenset(
+    {
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+    }
+)
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Unpickler that refuses every global except numpy array reconstruction."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _ALLOWED_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
+
+
+def safe_unpickle(stream: BinaryIO, what: str) -> Any:
+    """Loads a pickle that may only contain plain data and numpy arrays.
+
+    Raises:
+        DataError: if the pickle is corrupt or asks for any other global.
+    """
+    try:
+        return RestrictedUnpickler(stream, encoding="bytes").load()
+    except pickle.UnpicklingError as exc:
+        raise DataError(f"Refusing to load {what}: {exc} (corrupt or malicious file)") from exc
+    except (EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError) as exc:
+        raise DataError(f"Could not read {what}: corrupt pickle ({exc})") from exc
+
+
+@dataclass
+class Splits:
+    """A prepared dataset: uint8 images (N, H, W, 3), int32 labels, class names."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    class_names: list[str]
+    source: str = ""
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return tuple(self.x_train.shape[1:])  # type: ignore[return-value]
+
+    def digest(self) -> str:
+        """SHA-256 over all images, labels and class names (content identity)."""
+        h = hashlib.sha256()
+        for arr in (self.x_train, self.y_train, self.x_val, self.y_val, self.x_test, self.y_test):
+            h.update(str(arr.shape).encode())
+            h.update(np.ascontiguousarray(arr).tobytes())
+        h.update("\n".join(self.class_names).encode())
+        return h.hexdigest()
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "num_classes": self.num_classes,
+            "input_shape": list(self.input_shape),
+            "train_size": int(len(self.y_train)),
+            "val_size": int(len(self.y_val)),
+            "test_size": int(len(self.y_test)),
+            "digest": self.digest(),
+            **self.info,
+        }
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Saves to ``.npz`` atomically (no pickles inside)."""
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.savez(
+                f,
+                x_train=self.x_train,
+                y_train=self.y_train,
+                x_val=self.x_val,
+                y_val=self.y_val,
+                x_test=self.x_test,
+                y_test=self.y_test,
+                class_names=np.array(self.class_names, dtype=str),
+                source=np.array(self.source),
+            )
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Splits:
+        with np.load(path, allow_pickle=False) as z:
+            return cls(
+                **{k: z[k] for k in ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")},
+                class_names=[str(c) for c in z["class_names"]],
+                source=str(z["source"]),
+            )
+
+
+# --------------------------------------------------------------------- sources
+def load_digits_rgb() -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """scikit-learn's digits (1,797 images, 8x8, 0-16) as uint8 32x32x3 images."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    small = np.clip(digits.images * (255.0 / 16.0), 0, 255).astype(np.uint8)
+    big = np.stack(
+        [np.asarray(Image.fromarray(img).resize((32, 32), Image.Resampling.BILINEAR)) for img in small]
+    )
+    x = np.repeat(big[..., None], 3, axis=-1)
+    return x, digits.target.astype(np.int32), [str(i) for i in range(10)]
+
+
+def fetch_cifar100() -> Path:
+    """Downloads CIFAR-100 once into Keras' cache; returns the ``cifar-100-python`` dir."""
+    import keras
+
+    try:
+        root = keras.utils.get_file(
+            fname=CIFAR100_CACHE_NAME,
+            origin=CIFAR100_ORIGIN,
+            extract=True,
+            file_hash=CIFAR100_SHA256,
+        )
+    except Exception as exc:  # network errors surface as many types
+        raise DataError(
+            f"Could not download CIFAR-100 from {CIFAR100_ORIGIN} ({exc}). Offline? "
+            "Pass a local copy with --data-path /path/to/cifar-100-python[.tar.gz]"
+        ) from exc
+    return Path(root) / "cifar-100-python"
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _decode_batch(d: dict, what: str, label_key: str) -> tuple[np.ndarray, np.ndarray]:
+    d = {_text(k): v for k, v in d.items()} if isinstance(d, dict) else {}
+    try:
+        data = np.asarray(d["data"])
+        labels = np.asarray(d[label_key], dtype=np.int64)
+    except KeyError as exc:
+        raise DataError(f"{what} has no {exc} entry; not a cifar-100-python batch") from exc
+    if data.ndim != 2 or data.shape[1] != 3072 or data.dtype != np.uint8:
+        raise DataError(
+            f"Expected {what} data of shape (N, 3072) and dtype uint8. "
+            f"Received: shape={data.shape}, dtype={data.dtype}"
+        )
+    if len(labels) != len(data):
+        raise DataError(f"{what} has {len(data)} images but {len(labels)} labels")
+    images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    return np.ascontiguousarray(images), labels.astype(np.int32)
+
+
+def _read_cifar_members(path: Path) -> dict[str, Any]:
+    """Reads meta/train/test pickles from a directory or a .tar.gz archive."""
+    out: dict[str, Any] = {}
+    if path.is_dir():
+        base = path / "cifar-100-python" if (path / "cifar-100-python").is_dir() else path
+        for name in CIFAR100_MEMBERS:
+            member = base / name
+            if not member.is_file():
+                raise DataError(f"Expected {member} in the cifar-100-python directory {path}")
+            with open(member, "rb") as f:
+                out[name] = safe_unpickle(f, f"{member}")
+        return out
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            members = {m.name.split("/")[-1]: m for m in tar.getmembers() if m.isfile()}
+            missing = [n for n in CIFAR100_MEMBERS if n not in members]
+            if missing:
+                raise DataError(
+                    f"Archive {path} lacks the cifar-100-python members {missing} "
+                    f"(found: {sorted(members)[:10]})"
+                )
+            for name in CIFAR100_MEMBERS:
+                stream = tar.extractfile(members[name])
+                # Read fully first so a truncated archive fails here, not mid-pickle.
+                out[name] = safe_unpickle(io.BytesIO(stream.read()), f"{path}:{members[name].name}")
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
+        raise DataError(f"Could not read archive {path}: {exc} (truncated or corrupt?)") from exc
+    return out
+
+
+def read_cifar100(
+    path: str | os.PathLike, label_mode: str = "fine"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """Reads an official ``cifar-100-python`` directory or ``.tar.gz``.
+
+    Returns:
+        ``(x_train, y_train, x_test, y_test, class_names)`` with uint8 images of
+        shape (N, 32, 32, 3).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"CIFAR-100 path does not exist: {path}")
+    members = _read_cifar_members(path)
+    label_key = f"{label_mode}_labels"
+    x_train, y_train = _decode_batch(members["train"], f"{path}:train", label_key)
+    x_test, y_test = _decode_batch(members["test"], f"{path}:test", label_key)
+    names_key = f"{label_mode}_label_names"
+    meta = members["meta"]
+    # Python 2 pickles (the official archive) have bytes keys, Python 3 ones str.
+    meta = {_text(k): v for k, v in meta.items()} if isinstance(meta, dict) else {}
+    if names_key not in meta:
+        raise DataError(f"{path}:meta has no {names_key} entry")
+    class_names = [_text(n) for n in meta[names_key]]
+    return x_train, y_train, x_test, y_test, class_names
+
+
+def read_image_folder(root: str | os.PathLike, size: int) -> tuple[np.ndarray, np.ndarray, list[str], int]:
+    """Reads ``root/<class>/*.png|jpg``: RGB, resized to ``size`` x ``size``.
+
+    Unreadable or non-image files are skipped and counted (logged), not fatal:
+    one bad JPEG in a folder of thousands should not stop a training run.
+
+    Returns:
+        ``(images, labels, class_names, skipped)``.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"Image folder does not exist or is not a directory: {root}")
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not class_dirs:
+        raise DataError(f"Image folder {root} has no class sub-folders")
+    images, labels, skipped = [], [], 0
+    for label, class_dir in enumerate(class_dirs):
+        files = sorted(p for p in class_dir.iterdir() if p.is_file() and not p.name.startswith("."))
+        count = 0
+        for file in files:
+            try:
+                with Image.open(file) as img:
+                    rgb = img.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+                    images.append(np.asarray(rgb, dtype=np.uint8))
+            except (UnidentifiedImageError, OSError, ValueError) as exc:
+                skipped += 1
+                log.warning("Skipping unreadable image %s: %s", file, exc)
+                continue
+            labels.append(label)
+            count += 1
+        if count == 0:
+            raise DataError(f"Class folder {class_dir} has no readable images")
+    if skipped:
+        log.warning("Skipped %d unreadable files in %s", skipped, root)
+    return np.stack(images), np.asarray(labels, dtype=np.int32), [p.name for p in class_dirs], skipped
+
+
+# -------------------------------------------------------------------- splitting
+def _split(x: np.ndarray, y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, ...]:
+    """Deterministic stratified split; falls back to random when a class is tiny."""
+    from sklearn.model_selection import train_test_split
+
+    counts = np.bincount(y)
+    n_hold = int(round(len(y) * fraction))
+    stratify = y if counts[counts > 0].min() >= 2 and n_hold >= len(counts[counts > 0]) else None
+    if n_hold < 1 or n_hold >= len(y):
+        raise DataError(f"Cannot hold out {fraction:.0%} of {len(y)} images")
+    x_a, x_b, y_a, y_b = train_test_split(x, y, test_size=n_hold, random_state=seed, stratify=stratify)
+    return x_a, y_a, x_b, y_b
+
+
+def _cap(x: np.ndarray, y: np.ndarray, limit: int | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    if limit is None or limit >= len(y):
+        return x, y
+    _, _, x_keep, y_keep = _split(x, y, limit / len(y), seed)
+    return x_keep, y_keep
+
+
+def validate_arrays(x: np.ndarray, y: np.ndarray, num_classes: int, what: str) -> None:
+    """Checks shape, dtype, label range; raises DataError naming the problem."""
+    if x.ndim != 4 or x.shape[-1] != 3:
+        raise DataError(f"Expected {what} images of shape (N, H, W, 3). Received: shape={x.shape}")
+    if x.dtype != np.uint8:
+        raise DataError(f"Expected {what} images of dtype uint8. Received: dtype={x.dtype}")
+    if len(x) != len(y):
+        raise DataError(f"{what}: {len(x)} images but {len(y)} labels")
+    if len(y) == 0:
+        raise DataError(f"{what} split is empty")
+    if y.min() < 0 or y.max() >= num_classes:
+        raise DataError(
+            f"Expected {what} labels in [0, {num_classes}). Received: min={y.min()}, max={y.max()}"
+        )
+
+
+def prepare(cfg: PipelineConfig, source_path: str | os.PathLike | None = None) -> Splits:
+    """Loads the configured source and returns validated train/val/test splits.
+
+    Args:
+        cfg: The pipeline config.
+        source_path: Where a fetched dataset lies (from ``fetch``); overrides
+            ``cfg.data_path``.
+    """
+    info: dict[str, Any] = {}
+    path = source_path or cfg.data_path
+    if cfg.dataset == "digits":
+        x, y, names = load_digits_rgb()
+        x_rest, y_rest, x_test, y_test = _split(x, y, cfg.test_split, cfg.seed)
+        source = "sklearn.datasets.load_digits"
+    elif cfg.dataset == "cifar100":
+        if path is None:
+            path = fetch_cifar100()
+        x_rest, y_rest, x_test, y_test, names = read_cifar100(path, cfg.label_mode)
+        source = str(Path(path).resolve())
+    elif cfg.dataset == "image_folder":
+        x, y, names, skipped = read_image_folder(path, cfg.input_size)
+        info["skipped_files"] = skipped
+        x_rest, y_rest, x_test, y_test = _split(x, y, cfg.test_split, cfg.seed)
+        source = str(Path(path).resolve())
+    else:  # validated in config; kept for type checkers
+        raise DataError(f"Unknown dataset {cfg.dataset!r}")
+
+    num_classes = len(names)
+    for arr_x, arr_y, what in ((x_rest, y_rest, "train"), (x_test, y_test, "test")):
+        validate_arrays(arr_x, arr_y, num_classes, what)
+    if x_rest.shape[1:3] != (cfg.input_size, cfg.input_size):
+        raise DataError(
+            f"Expected images of {cfg.input_size}x{cfg.input_size}. Received: {x_rest.shape[1:3]}"
+        )
+    x_rest, y_rest = _cap(x_rest, y_rest, cfg.max_train_images, cfg.seed)
+    x_test, y_test = _cap(x_test, y_test, cfg.max_test_images, cfg.seed)
+    x_train, y_train, x_val, y_val = _split(x_rest, y_rest, cfg.validation_split, cfg.seed)
+    empty = [names[c] for c in range(num_classes) if not np.any(y_train == c)]
+    if empty:
+        raise DataError(f"{len(empty)} classes have no training images, e.g. {empty[:5]}")
+    return Splits(
+        x_train, y_train.astype(np.int32), x_val, y_val.astype(np.int32),
+        x_test, y_test.astype(np.int32), list(names), source=source, info=info,
+    )  # fmt: skip

@@ -1,0 +1,13 @@
+"""Errors the pipeline reports to users as one line, without a traceback."""
+
+
+class PipelineError(Exception):
+    """Base class for problems caused by input or environment, not by a bug."""
+
+
+class ConfigError(PipelineError, ValueError):
+    """An invalid configuration value, preset or field name."""
+
+
+class DataError(PipelineError, ValueError):
+    """Missing, unreadable, corrupt or inconsistent data."""

@@ -1,0 +1,223 @@
+"""Evaluation: test top-1/top-5, per-class accuracy, confusion matrix and plots."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vit_pipeline.fsutil import atomic_path, write_text
+
+
+@dataclass
+class EvalResult:
+    """Headline test metrics and the paths of the written artifacts."""
+
+    test_accuracy: float
+    test_top5_accuracy: float
+    test_loss: float
+    num_test_images: int
+    artifacts: dict[str, str]
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            "test_accuracy": self.test_accuracy,
+            "test_top5_accuracy": self.test_top5_accuracy,
+            "test_loss": self.test_loss,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def predict_logits(model, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Logits for uint8 images, in inference mode (no augmentation, no dropout)."""
+    import tensorflow as tf
+
+    fn = tf.function(lambda batch: model(batch, training=False), reduce_retracing=True)
+    out = [fn(tf.constant(x[i : i + batch_size], tf.float32)).numpy() for i in range(0, len(x), batch_size)]
+    return np.concatenate(out, axis=0)
+
+
+def topk_accuracy(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
+    k = min(k, logits.shape[1])
+    topk = np.argpartition(-logits, kth=k - 1, axis=1)[:, :k]
+    return float(np.mean(np.any(topk == labels[:, None], axis=1)))
+
+
+def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    return float(-np.mean(log_probs[np.arange(len(labels)), labels]))
+
+
+def confusion(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> np.ndarray:
+    cm = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(cm, (labels, preds), 1)
+    return cm
+
+
+def per_class_rows(cm: np.ndarray, class_names: list[str]) -> list[dict[str, Any]]:
+    support = cm.sum(axis=1)
+    correct = np.diag(cm)
+    predicted = cm.sum(axis=0)
+    rows = []
+    for i, name in enumerate(class_names):
+        rows.append(
+            {
+                "class_index": i,
+                "class_name": name,
+                "support": int(support[i]),
+                "correct": int(correct[i]),
+                "accuracy": float(correct[i] / support[i]) if support[i] else float("nan"),
+                "precision": float(correct[i] / predicted[i]) if predicted[i] else float("nan"),
+            }
+        )
+    return rows
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    return write_text(path, buf.getvalue())
+
+
+def _save_fig(fig, path: Path, dpi: int = 100) -> Path:
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
+    plt.close(fig)
+    return path
+
+
+def plot_confusion(cm: np.ndarray, class_names: list[str], path: Path) -> Path:
+    """Row-normalised confusion matrix; sized so 100 class names stay legible."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(class_names)
+    side = max(6.0, 0.22 * n + 3)
+    fig, ax = plt.subplots(figsize=(side + 1.5, side))
+    rows = cm.sum(axis=1, keepdims=True)
+    norm = np.divide(cm, rows, out=np.zeros(cm.shape, dtype=float), where=rows > 0)
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+    fontsize = 10 if n <= 20 else 7
+    ax.set_xticks(range(n), class_names, rotation=90, fontsize=fontsize)
+    ax.set_yticks(range(n), class_names, fontsize=fontsize)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"Confusion matrix (row-normalised), {n} classes")
+    if n <= 20:  # cell numbers only where they fit
+        for i in range(n):
+            for j in range(n):
+                if cm[i, j]:
+                    ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7,
+                            color="white" if norm[i, j] > 0.5 else "black")  # fmt: skip
+    fig.colorbar(im, ax=ax, fraction=0.03)
+    return _save_fig(fig, path, dpi=110)
+
+
+def plot_learning_curves(history: dict[str, list[float]], path: Path) -> Path:
+    """Loss, top-1 and top-5 per epoch, training vs validation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in ("loss", "accuracy", "top5_accuracy") if k in history]
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4))
+    for ax, key in zip(np.atleast_1d(axes), keys, strict=True):
+        epochs = np.arange(1, len(history[key]) + 1)
+        ax.plot(epochs, history[key], label="train")
+        if f"val_{key}" in history:
+            ax.plot(epochs, history[f"val_{key}"], label="validation")
+        ax.set_xlabel("epoch")
+        ax.set_title(key)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    return _save_fig(fig, path)
+
+
+def plot_patches(image: np.ndarray, image_size: int, patch_size: int, path: Path, title: str = "") -> Path:
+    """The seed's picture: one image (resized as the model does) beside its patches."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    resized = np.asarray(Image.fromarray(image).resize((image_size, image_size), Image.Resampling.BILINEAR))
+    n = image_size // patch_size
+    fig = plt.figure(figsize=(10, 5))
+    ax = fig.add_subplot(1, 2, 1)
+    ax.imshow(resized)
+    ax.set_title(f"{title} ({image_size}x{image_size})")
+    ax.axis("off")
+    grid = fig.add_gridspec(n, n, left=0.55, right=0.95, wspace=0.08, hspace=0.08)
+    for r in range(n):
+        for c in range(n):
+            sub = fig.add_subplot(grid[r, c])
+            sub.imshow(resized[r * patch_size : (r + 1) * patch_size, c * patch_size : (c + 1) * patch_size])
+            sub.axis("off")
+    fig.suptitle(f"{n * n} patches of {patch_size}x{patch_size}")
+    return _save_fig(fig, path)
+
+
+def evaluate(
+    model,
+    x_test: np.ndarray,
+    y_test: np.ndarray,
+    class_names: list[str],
+    out_dir: str | Path,
+    history: dict[str, list[float]] | None = None,
+    image_size: int | None = None,
+    patch_size: int | None = None,
+) -> EvalResult:
+    """Computes test metrics and writes the CSV, JSON and PNG artifacts to ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    logits = predict_logits(model, x_test)
+    preds = logits.argmax(axis=1)
+    cm = confusion(y_test, preds, len(class_names))
+    result = EvalResult(
+        test_accuracy=float(np.mean(preds == y_test)),
+        test_top5_accuracy=topk_accuracy(logits, y_test, 5),
+        test_loss=cross_entropy(logits, y_test),
+        num_test_images=int(len(y_test)),
+        artifacts={},
+    )
+    arts = result.artifacts
+    arts["per_class_accuracy"] = str(
+        write_csv(out_dir / "per_class_accuracy.csv", per_class_rows(cm, class_names))
+    )
+    arts["confusion_matrix_csv"] = str(write_text(out_dir / "confusion_matrix.csv",
+                                                  _matrix_csv(cm, class_names)))  # fmt: skip
+    arts["confusion_matrix"] = str(plot_confusion(cm, class_names, out_dir / "confusion_matrix.png"))
+    if history:
+        arts["learning_curves"] = str(plot_learning_curves(history, out_dir / "learning_curves.png"))
+    if image_size and patch_size:
+        arts["patches"] = str(
+            plot_patches(x_test[0], image_size, patch_size, out_dir / "patches.png", class_names[y_test[0]])
+        )
+    arts["metrics"] = str(write_text(out_dir / "test_metrics.json", json.dumps(result.metrics(), indent=1)))
+    return result
+
+
+def _matrix_csv(cm: np.ndarray, class_names: list[str]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["true\\predicted", *class_names])
+    for name, row in zip(class_names, cm, strict=True):
+        writer.writerow([name, *row.tolist()])
+    return buf.getvalue()

@@ -1,0 +1,135 @@
+"""Training: AdamW, sparse cross-entropy from logits, best-validation checkpoint."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vit_pipeline.config import PipelineConfig
+from vit_pipeline.data import Splits
+from vit_pipeline.fsutil import atomic_path
+
+log = logging.getLogger(__name__)
+
+MONITOR = "val_accuracy"
+
+
+@dataclass
+class TrainResult:
+    """What training hands to later stages: paths and numbers, never the model."""
+
+    model_path: str
+    history_path: str
+    best_epoch: int
+    best_val_accuracy: float
+    epochs_run: int
+    train_seconds: float
+    num_params: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def make_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, shuffle: bool, seed: int):
+    """tf.data pipeline: uint8 images in memory, cast to float32 per batch."""
+    import tensorflow as tf
+
+    ds = tf.data.Dataset.from_tensor_slices((x, y))
+    if shuffle:
+        ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.batch(batch_size).map(
+        lambda a, b: (tf.cast(a, tf.float32), b), num_parallel_calls=tf.data.AUTOTUNE
+    )
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def compile_model(model, cfg: PipelineConfig, num_classes: int) -> None:
+    """AdamW with Keras weight-decay semantics (see PipelineConfig), top-1 and top-5."""
+    import keras
+
+    model.compile(
+        optimizer=keras.optimizers.AdamW(learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=[
+            keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
+            keras.metrics.SparseTopKCategoricalAccuracy(k=min(5, num_classes), name="top5_accuracy"),
+        ],
+    )
+
+
+def _mlflow_callback(cfg: PipelineConfig, run_id: str):
+    import keras
+
+    from vit_pipeline import tracking
+
+    class MlflowEpochLogger(keras.callbacks.Callback):
+        """Sends each epoch's metrics to MLflow with step = epoch number."""
+
+        def on_epoch_end(self, epoch, logs=None):
+            tracking.log_epoch_metrics(cfg, run_id, epoch, logs or {})
+
+    return MlflowEpochLogger()
+
+
+def train(cfg: PipelineConfig, splits: Splits, out_dir: str | Path, run_id: str | None = None) -> TrainResult:
+    """Trains the ViT; restores the best-validation-accuracy weights at the end.
+
+    Args:
+        cfg: Pipeline config (architecture and recipe).
+        splits: Prepared data.
+        out_dir: Where the checkpoint, final model and history are written.
+        run_id: MLflow run that receives per-epoch metrics, if any.
+
+    Returns:
+        Paths of the saved ``.keras`` model and history JSON, and summary numbers.
+    """
+    import keras
+
+    from vit_pipeline.model import build_vit
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    keras.utils.set_random_seed(cfg.seed)
+    model = build_vit(cfg, splits.num_classes, splits.input_shape, train_images=splits.x_train)
+    compile_model(model, cfg, splits.num_classes)
+    best_path = out_dir / "best.weights.h5"
+    callbacks = [
+        keras.callbacks.ModelCheckpoint(
+            str(best_path), monitor=MONITOR, mode="max", save_best_only=True, save_weights_only=True
+        )
+    ]
+    if run_id:
+        callbacks.append(_mlflow_callback(cfg, run_id))
+    train_ds = make_dataset(splits.x_train, splits.y_train, cfg.batch_size, True, cfg.seed)
+    val_ds = make_dataset(splits.x_val, splits.y_val, cfg.batch_size, False, cfg.seed)
+    start = time.perf_counter()
+    # shuffle=False: the tf.data pipeline already shuffles (seeded) each epoch.
+    history = model.fit(
+        train_ds, validation_data=val_ds, epochs=cfg.epochs, callbacks=callbacks, verbose=2, shuffle=False
+    )
+    seconds = time.perf_counter() - start
+    hist = {k: [float(v) for v in vals] for k, vals in history.history.items()}
+    best_epoch = int(np.argmax(hist[MONITOR]))
+    model.load_weights(str(best_path))
+    model_path = out_dir / "model.keras"
+    with atomic_path(model_path) as tmp:
+        model.save(tmp)
+    history_path = out_dir / "history.json"
+    with atomic_path(history_path) as tmp:
+        tmp.write_text(json.dumps(hist, indent=1))
+    log.info("Best %s %.4f at epoch %d", MONITOR, hist[MONITOR][best_epoch], best_epoch + 1)
+    return TrainResult(
+        model_path=str(model_path),
+        history_path=str(history_path),
+        best_epoch=best_epoch,
+        best_val_accuracy=hist[MONITOR][best_epoch],
+        epochs_run=len(hist[MONITOR]),
+        train_seconds=seconds,
+        num_params=int(model.count_params()),
+    )
