@@ -1,3 +1,6 @@
+import json
+from pathlib import Path
+
 import keras
 import numpy as np
 import pytest
@@ -75,9 +78,7 @@ def test_two_epochs_on_real_images_reduce_the_loss(tmp_path, tiny_overrides):
     cfg = make_config("cifar100", {**tiny_overrides, "data_path": str(CIFAR_CUT), "label_mode": "coarse"})
     splits = data.prepare(cfg)
     result = train(cfg, splits, tmp_path)
-    import json
-
-    history = json.loads(open(result.history_path).read())
+    history = json.loads(Path(result.history_path).read_text())
     assert len(history["loss"]) == 2
     assert history["loss"][1] < history["loss"][0]
     assert (tmp_path / "model.keras").is_file() and (tmp_path / "best.weights.h5").is_file()

@@ -1,0 +1,85 @@
+"""The train_pipeline flow on a real (test) Prefect server and a real MLflow SQLite store."""
+
+import json
+
+import pytest
+
+from tests.conftest import CIFAR_CUT
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def prefect_server():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def test_train_pipeline_logs_everything(prefect_server, tiny_overrides, tmp_path):
+    from mlflow.tracking import MlflowClient
+    from prefect import get_client
+
+    from flows.train_pipeline import train_pipeline
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    overrides = {**tiny_overrides, "data_path": str(CIFAR_CUT), "tracking_uri": uri, "label_mode": "coarse"}
+    result = train_pipeline(preset="cifar100", overrides=overrides)
+
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run(result["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    exp = client.get_experiment(run.info.experiment_id)
+    assert exp.name == "vit-cifar100-coarse"
+    # Every config value is a param.
+    params = run.data.params
+    assert params["patch_size"] == "8" and params["mlp_head_units"] == "32"
+    assert params["weight_decay"] == "0.1" and params["weight_decay_tfa_equivalent"] == "0.0001"
+    assert params["data.num_classes"] == "20" and params["data.train_size"] == "270"
+    assert len(params["data.digest"]) == 64
+    # Headline and per-epoch metrics (one value per epoch).
+    metrics = run.data.metrics
+    assert (
+        0.0 <= metrics["test_accuracy"] <= 1.0 and metrics["test_top5_accuracy"] >= metrics["test_accuracy"]
+    )
+    assert metrics["test_accuracy"] == pytest.approx(result["test_accuracy"])
+    for key in ("loss", "val_loss", "accuracy", "val_accuracy", "val_top5_accuracy"):
+        history = client.get_metric_history(run.info.run_id, key)
+        assert [m.step for m in history] == [0, 1], key
+    # Plots, CSVs and the model.
+    arts = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
+    for name in ("per_class_accuracy.csv", "confusion_matrix.png", "learning_curves.png", "patches.png"):
+        assert f"evaluation/{name}" in arts
+    models = client.search_logged_models(experiment_ids=[exp.experiment_id])
+    assert any(m.source_run_id == run.info.run_id and m.name == "keras-model" for m in models)
+    # Dataset input with its content digest.
+    assert run.inputs.dataset_inputs[0].dataset.digest == params["data.digest"][:16]
+    # Prefect link both ways: tag on the MLflow run, markdown artifact in Prefect.
+    flow_run_id = run.data.tags["prefect.flow_run_id"]
+    assert flow_run_id in run.data.tags["prefect.flow_run_url"]
+
+    async def read_artifact():
+        async with get_client() as pc:
+            from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+            found = await pc.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["train-pipeline-summary"]))
+            )
+            return [a for a in found if str(a.flow_run_id) == flow_run_id]
+
+    import asyncio
+
+    artifacts = asyncio.run(read_artifact())
+    assert artifacts and run.info.run_id in artifacts[0].data
+    json.dumps(result)  # small, JSON-able result
+
+
+def test_invalid_override_fails_before_any_run(prefect_server, tmp_path):
+    from flows.train_pipeline import train_pipeline
+    from vit_pipeline.errors import ConfigError
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with pytest.raises(ConfigError, match="patch_size=7"):
+        train_pipeline(preset="cifar100", overrides={"patch_size": 7, "tracking_uri": uri})
+    assert not (tmp_path / "mlflow.db").exists()
