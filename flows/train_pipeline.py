@@ -1,4 +1,4 @@
-"""The ``train-pipeline`` flow: fetch -> prepare data -> train -> evaluate.
+"""The ``train-pipeline`` flow: fetch -> prepare -> train -> evaluate -> export -> register.
 
 One Prefect task per stage; tasks pass paths and metrics, never models. The
 MLflow run is created here and its id handed to every task, because MLflow's
@@ -39,6 +39,16 @@ def evaluate_model(cfg: dict, run_id: str, data_path: str, model_path: str, hist
     return stages.evaluate_stage(cfg, run_id, data_path, model_path, history_path)
 
 
+@task(name="export-onnx", cache_policy=NO_CACHE)
+def export_model(cfg: dict, run_id: str, data_path: str, model_path: str, test_accuracy: float) -> dict:
+    return stages.export_stage(cfg, run_id, data_path, model_path, test_accuracy)
+
+
+@task(name="register", cache_policy=NO_CACHE)
+def register_model(cfg: dict, run_id: str, data_path: str, onnx_path: str, test_accuracy: float) -> dict:
+    return stages.register_stage(cfg, run_id, data_path, onnx_path, test_accuracy)
+
+
 def _prefect_tags() -> dict[str, str]:
     run_id = flow_run.get_id()
     if not run_id:
@@ -51,7 +61,7 @@ def _prefect_tags() -> dict[str, str]:
 
 @flow(name="train-pipeline", log_prints=True)
 def train_pipeline(preset: str = "quickstart", overrides: dict[str, Any] | None = None) -> dict:
-    """Trains, evaluates (and later exports) a ViT; everything lands in MLflow.
+    """Trains, evaluates, exports and registers a ViT; everything lands in MLflow.
 
     Args:
         preset: A named config preset ("quickstart", "cifar100").
@@ -59,7 +69,8 @@ def train_pipeline(preset: str = "quickstart", overrides: dict[str, Any] | None 
             ``{"epochs": 5, "data_path": "/data/cifar-100-python.tar.gz"}``.
 
     Returns:
-        The MLflow run id, its URL, and the headline metrics.
+        The MLflow run id, its URL, the headline metrics, the parity figures and
+        the registry decision.
     """
     cfg = make_config(preset, overrides)  # invalid values fail here, before any work
     cfg_dict = cfg.to_dict()
@@ -72,6 +83,10 @@ def train_pipeline(preset: str = "quickstart", overrides: dict[str, Any] | None 
         evaluated = evaluate_model(
             cfg_dict, run_id, prepared["data_path"], trained["model_path"], trained["history_path"]
         )
+        accuracy = evaluated["test_accuracy"]
+        # The export task raises if the parity gate fails: nothing gets registered.
+        exported = export_model(cfg_dict, run_id, prepared["data_path"], trained["model_path"], accuracy)
+        registered = register_model(cfg_dict, run_id, prepared["data_path"], exported["path"], accuracy)
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise
@@ -82,6 +97,9 @@ def train_pipeline(preset: str = "quickstart", overrides: dict[str, Any] | None 
         "test_top5_accuracy": evaluated["test_top5_accuracy"],
         "best_val_accuracy": trained["best_val_accuracy"],
         "train_seconds": trained["train_seconds"],
+        "onnx_path": exported["path"],
+        "parity": {k: exported["parity"][k] for k in ("max_abs_diff", "top1_agreement", "num_images")},
+        "registry": registered,
     }
     create_markdown_artifact(
         key="train-pipeline-summary",
@@ -92,5 +110,9 @@ def train_pipeline(preset: str = "quickstart", overrides: dict[str, Any] | None 
     print(
         f"MLflow run {run_id}: test accuracy {result['test_accuracy']:.4f}, "
         f"top-5 {result['test_top5_accuracy']:.4f} -> {result['mlflow_run_url']}"
+    )
+    print(
+        f"Registered {registered['model_uri']}: {'champion' if registered['promoted'] else 'not promoted'} "
+        f"({registered['reason']})"
     )
     return result

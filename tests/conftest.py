@@ -90,3 +90,27 @@ def write_cifar_dir(root: Path, members: dict | None = None) -> Path:
 @pytest.fixture
 def tiny_overrides() -> dict:
     return dict(TINY)
+
+
+@pytest.fixture(scope="session")
+def real_cut():
+    """The committed real CIFAR-100 images: (x_train, y_train, x_test, y_test, names)."""
+    from vit_pipeline.data import read_cifar100
+
+    return read_cifar100(CIFAR_CUT)
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory, real_cut):
+    """A tiny untrained ViT adapted on real images, and its checked ONNX export."""
+    from vit_pipeline.config import make_config
+    from vit_pipeline.export import build_metadata, export_onnx
+    from vit_pipeline.model import build_vit
+
+    x_train, _, _, _, names = real_cut
+    cfg = make_config("cifar100", TINY)
+    model = build_vit(cfg, num_classes=100, train_images=x_train)
+    path = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
+    meta = build_metadata(names, (32, 32, 3), dataset="cifar100", test_accuracy=0.5, run_id="r123")
+    info = export_onnx(model, path, meta)
+    return model, path, info

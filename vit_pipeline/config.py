@@ -19,6 +19,7 @@ from vit_pipeline.errors import ConfigError
 DATASETS = ("digits", "cifar100", "image_folder")
 LABEL_MODES = ("fine", "coarse")
 FLIP_MODES = ("none", "horizontal", "vertical", "horizontal_and_vertical")
+PROMOTION_POLICIES = ("better_or_equal", "always", "never")
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,13 @@ class PipelineConfig:
         tracking_uri: MLflow tracking URI; None means ``$MLFLOW_TRACKING_URI`` or
             the local SQLite store under ``$VIT_PIPELINE_HOME``.
         run_name: MLflow run name; None lets MLflow pick one.
+        onnx_opset: ONNX opset of the export.
+        parity_tolerance: Largest allowed |Keras - ONNX Runtime| logit difference.
+        parity_images: How many test images the parity gate compares (at most).
+        registered_model_name: MLflow registry name; None means ``vit-<dataset>``.
+        promotion_policy: When the ``champion`` alias moves to a new version:
+            "better_or_equal" (test accuracy at least the champion's, same
+            dataset), "always" or "never".
     """
 
     dataset: str = "cifar100"
@@ -103,6 +111,11 @@ class PipelineConfig:
     experiment_name: str | None = None
     tracking_uri: str | None = None
     run_name: str | None = None
+    onnx_opset: int = 17
+    parity_tolerance: float = 1e-3
+    parity_images: int = 256
+    registered_model_name: str | None = None
+    promotion_policy: str = "better_or_equal"
 
     @property
     def num_patches(self) -> int:
@@ -111,6 +124,10 @@ class PipelineConfig:
     @property
     def resolved_experiment_name(self) -> str:
         return self.experiment_name or f"vit-{self.dataset_tag}"
+
+    @property
+    def resolved_model_name(self) -> str:
+        return self.registered_model_name or f"vit-{self.dataset_tag}"
 
     @property
     def dataset_tag(self) -> str:
@@ -233,6 +250,17 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
         bad(f"Expected label_mode in {LABEL_MODES}. Received: label_mode={cfg.label_mode!r}")
     if cfg.random_flip not in FLIP_MODES:
         bad(f"Expected random_flip in {FLIP_MODES}. Received: random_flip={cfg.random_flip!r}")
+    if cfg.promotion_policy not in PROMOTION_POLICIES:
+        bad(
+            f"Expected promotion_policy in {PROMOTION_POLICIES}. "
+            f"Received: promotion_policy={cfg.promotion_policy!r}"
+        )
+    if not 13 <= cfg.onnx_opset <= 18:  # tf2onnx 1.17 supports opsets up to 18
+        bad(f"Expected onnx_opset in [13, 18]. Received: onnx_opset={cfg.onnx_opset}")
+    if cfg.parity_tolerance <= 0:
+        bad(f"Expected parity_tolerance to be positive. Received: parity_tolerance={cfg.parity_tolerance}")
+    if cfg.parity_images <= 0:
+        bad(f"Expected parity_images to be positive. Received: parity_images={cfg.parity_images}")
     if cfg.dataset == "image_folder" and not cfg.data_path:
         bad("Expected data_path for dataset='image_folder'. Received: data_path=None")
     if cfg.dataset in ("digits", "cifar100") and cfg.input_size != 32:

@@ -108,3 +108,23 @@ class PatchEncoder(layers.Layer):
             "num_patches": self.num_patches,
             "projection_dim": self.projection_dim,
         }
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class Normalization(layers.Normalization):
+    """``keras.layers.Normalization`` that reads its adapted statistics from variables.
+
+    The stock layer caches ``mean``/``variance`` as eager tensors after ``adapt``;
+    a ``tf.function`` captures those as extra placeholders, and tf2onnx then
+    exports them as *graph inputs* that a consumer would have to feed. Reading the
+    (non-trainable) variables instead lets the export freeze them into constants.
+    Same weights, same parameter count, same results.
+    """
+
+    def call(self, inputs):
+        if self.input_mean is not None or self.invert:
+            return super().call(inputs)
+        inputs = ops.convert_to_tensor(inputs, dtype=self.compute_dtype)
+        mean = ops.cast(ops.reshape(self.adapt_mean, self._broadcast_shape), self.compute_dtype)
+        variance = ops.cast(ops.reshape(self.adapt_variance, self._broadcast_shape), self.compute_dtype)
+        return (inputs - mean) / ops.maximum(ops.sqrt(variance), keras.config.epsilon())

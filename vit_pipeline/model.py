@@ -7,7 +7,7 @@ import numpy as np
 from keras import layers
 
 from vit_pipeline.config import PipelineConfig
-from vit_pipeline.layers import PatchEncoder, Patches, gelu_erf
+from vit_pipeline.layers import Normalization, PatchEncoder, Patches, gelu_erf
 
 
 def _mlp(x, units: tuple[int, ...], dropout: float, name: str):
@@ -36,7 +36,7 @@ def build_vit(
             (the seed adapts on the training images).
     """
     inputs = keras.Input(shape=input_shape, name="images")
-    norm = layers.Normalization(name="normalization")
+    norm = Normalization(name="normalization")
     if train_images is not None:
         norm.adapt(np.asarray(train_images, dtype=np.float32))
     x = norm(inputs)

@@ -131,3 +131,55 @@ def evaluate_stage(
         for path in result.artifacts.values():
             mlflow.log_artifact(path, "evaluation")
     return result.to_dict()
+
+
+def export_stage(
+    cfg: PipelineConfig | dict[str, Any], run_id: str, data_path: str, model_path: str, test_accuracy: float
+) -> dict:
+    """Exports to ONNX and runs the parity gate; raises ExportError if it fails.
+
+    The parity figures are logged before the gate decides, so a failure is
+    visible in MLflow; the ONNX file is logged (and registered) only afterwards.
+    """
+    import mlflow
+
+    from vit_pipeline.evaluate import predict_logits
+    from vit_pipeline.export import build_metadata, check_parity, export_onnx, parity_gate
+    from vit_pipeline.model import load_model
+
+    cfg = _cfg(cfg)
+    splits = data.Splits.load(data_path)
+    model = load_model(model_path)
+    metadata = build_metadata(
+        splits.class_names, splits.input_shape, dataset=cfg.dataset_tag, test_accuracy=test_accuracy,
+        run_id=run_id, extra={"data_digest": splits.digest(), "image_size": cfg.image_size,
+                              "patch_size": cfg.patch_size, "opset": cfg.onnx_opset},
+    )  # fmt: skip
+    info = export_onnx(model, tracking.work_dir(run_id) / "model.onnx", metadata, cfg.onnx_opset)
+    images = splits.x_test[: cfg.parity_images]
+    report = check_parity(predict_logits(model, images), info["path"], images, (1, 64), cfg.parity_tolerance)
+    with tracking.open_run(cfg, run_id):
+        mlflow.log_metrics(
+            {
+                "export_seconds": info["export_seconds"],
+                "onnx_size_mb": info["size_bytes"] / 2**20,
+                "parity_max_abs_diff": report.max_abs_diff,
+                "parity_top1_agreement": report.top1_agreement,
+            }
+        )
+        mlflow.log_dict({**report.to_dict(), "ops": info["ops"]}, "export/parity.json")
+        mlflow.set_tag("export.parity", "passed" if report.passed else "failed")
+    parity_gate(report)
+    return {**info, "parity": report.to_dict()}
+
+
+def register_stage(
+    cfg: PipelineConfig | dict[str, Any], run_id: str, data_path: str, onnx_path: str, test_accuracy: float
+) -> dict:
+    """Logs the ONNX model to MLflow, registers it and applies the champion policy."""
+    from vit_pipeline.registry import register_onnx
+
+    cfg = _cfg(cfg)
+    splits = data.Splits.load(data_path)
+    reg = register_onnx(cfg, run_id, onnx_path, splits.x_test[:1], test_accuracy, splits.digest())
+    return reg.to_dict()

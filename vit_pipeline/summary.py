@@ -39,9 +39,14 @@ def run_markdown(
         ("epochs", str(cfg.epochs)),
         ("training time", f"{result['train_seconds']:.1f} s"),
     ]
-    for key in ("registry", "parity"):
-        if key in result:
-            rows.append((key, str(result[key])))
+    if "parity" in result:
+        p = result["parity"]
+        rows.append(("ONNX parity", f"max abs diff {p['max_abs_diff']:.2g}, top-1 agreement "
+                                    f"{p['top1_agreement']:.2%} on {p['num_images']} images"))  # fmt: skip
+    if "registry" in result:
+        r = result["registry"]
+        decision = "promoted to `champion`" if r["promoted"] else "not promoted"
+        rows.append(("registry", f"`{r['model_uri']}` {decision} ({r['reason']})"))
     lines = ["# ViT training run", "", "| | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in rows]
     return "\n".join(lines) + "\n"

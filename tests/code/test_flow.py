@@ -73,6 +73,32 @@ def test_train_pipeline_logs_everything(prefect_server, tiny_overrides, tmp_path
     artifacts = asyncio.run(read_artifact())
     assert artifacts and run.info.run_id in artifacts[0].data
     json.dumps(result)  # small, JSON-able result
+    # Export passed the parity gate and the ONNX model is the registered champion.
+    assert metrics["parity_top1_agreement"] == 1.0 and metrics["parity_max_abs_diff"] < 1e-3
+    assert result["registry"]["promoted"] and run.data.tags["registry.decision"] == "promoted"
+    champion = client.get_model_version_by_alias("vit-cifar100-coarse", "champion")
+    assert champion.run_id == run.info.run_id
+    assert float(champion.tags["test_accuracy"]) == pytest.approx(result["test_accuracy"], abs=1e-6)
+    assert "models:/vit-cifar100-coarse/1" in artifacts[0].data
+
+
+def test_parity_gate_failure_fails_the_flow_and_registers_nothing(prefect_server, tiny_overrides, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from flows.train_pipeline import train_pipeline
+    from vit_pipeline.export import ExportError
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # float32 noise alone (about 1e-6) exceeds this tolerance: the gate must refuse.
+    overrides = {**tiny_overrides, "epochs": 1, "data_path": str(CIFAR_CUT), "tracking_uri": uri,
+                 "parity_tolerance": 1e-12, "max_test_images": 100}  # fmt: skip
+    with pytest.raises(ExportError, match="parity gate failed"):
+        train_pipeline(preset="cifar100", overrides=overrides)
+    client = MlflowClient(tracking_uri=uri)
+    assert client.search_registered_models() == []
+    (run,) = client.search_runs([client.get_experiment_by_name("vit-cifar100").experiment_id])
+    assert run.info.status == "FAILED" and run.data.tags["export.parity"] == "failed"
+    assert run.data.metrics["parity_max_abs_diff"] > 1e-12
 
 
 def test_invalid_override_fails_before_any_run(prefect_server, tmp_path):
