@@ -165,5 +165,34 @@ def evaluate(model_path: str, **kwargs) -> None:
     click.echo(json.dumps({"mlflow_run_id": run_id, **result}, indent=2))
 
 
+@main.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--model", "model_uri", required=True,
+              help="An exported .onnx file, or a registry URI such as models:/vit-digits@champion.")  # fmt: skip
+@click.option(
+    "--tracking-uri", default=None, help="MLflow tracking URI for models:/ URIs (default: local store)."
+)
+@click.option("--top-k", default=5, show_default=True, type=click.IntRange(1, 1000))
+@_friendly_errors
+def predict(images: tuple[str, ...], model_uri: str, tracking_uri: str | None, top_k: int) -> None:
+    """Classify IMAGES (PNG/JPEG) with an exported ONNX model (ONNX Runtime only)."""
+    from pathlib import Path
+
+    from vit_consumer import InputError, OnnxClassifier
+
+    from vit_pipeline import tracking
+    from vit_pipeline.errors import DataError
+
+    try:
+        clf = OnnxClassifier.from_uri(model_uri, tracking_uri or tracking.tracking_uri())
+        for image in images:
+            if not Path(image).is_file():
+                raise InputError(f"Image file does not exist: {image}")
+            (preds,) = clf.predict(clf.decode_image(Path(image).read_bytes())[None], top_k)
+            click.echo(json.dumps({"image": image, "predictions": preds}))
+    except InputError as exc:
+        raise DataError(str(exc)) from exc
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,213 @@
+"""The ONNX consumer runs in processes where TensorFlow cannot be imported."""
+
+import io
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import free_port, stop, wait_for_http
+from vit_pipeline.evaluate import predict_logits
+
+pytestmark = pytest.mark.integration
+
+BLOCKED = ("tensorflow", "keras", "tf2onnx", "tf_keras")
+
+
+@pytest.fixture(scope="module")
+def no_tf_env(tmp_path_factory):
+    """Environment whose Python cannot import TensorFlow, Keras or tf2onnx."""
+    root = tmp_path_factory.mktemp("no_tf")
+    for name in BLOCKED:
+        (root / name).mkdir()
+        (root / name / "__init__.py").write_text(
+            f"raise ImportError('{name} is blocked in the consumer test')\n"
+        )
+    env = {**os.environ, "PYTHONPATH": str(root), "PYTHONUNBUFFERED": "1"}
+    check = subprocess.run(
+        [sys.executable, "-c", "import tensorflow"], env=env, capture_output=True, text=True
+    )
+    assert check.returncode != 0 and "tensorflow is blocked" in check.stderr
+    return env
+
+
+@pytest.fixture(scope="module")
+def server(tiny_export, no_tf_env):
+    _, path, _ = tiny_export
+    port = free_port()
+    cmd = [sys.executable, "-m", "vit_consumer", "--model", str(path), "serve", "--port", str(port),
+           "--max-bytes", "300000"]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=no_tf_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(f"{url}/health", proc)
+        yield url
+    finally:
+        stop(proc)
+
+
+def _post(url, body: bytes, content_type: str):
+    import httpx
+
+    return httpx.post(f"{url}/predict", content=body, headers={"Content-Type": content_type}, timeout=30)
+
+
+def _png(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
+
+
+def test_health_reports_contract_and_real_providers(server):
+    import httpx
+
+    doc = httpx.get(f"{server}/health").json()
+    assert doc["status"] == "ok" and doc["num_classes"] == 100
+    assert doc["input"]["shape"] == ["batch", 32, 32, 3]
+    assert doc["providers"] == ["CPUExecutionProvider"]  # what the session runs on, here
+    assert doc["mlflow_run_id"] == "r123"
+
+
+def test_classifies_real_images_like_keras(server, tiny_export, real_cut):
+    model, _, _ = tiny_export
+    images, names = real_cut[2][:64], real_cut[4]
+    keras_top1 = predict_logits(model, images).argmax(axis=1)
+    # A batch of raw arrays.
+    resp = _post(server, _npy(images), "application/x-npy")  # uint8 is accepted too
+    assert resp.status_code == 200, resp.text
+    preds = resp.json()["predictions"]
+    assert [p[0]["index"] for p in preds] == keras_top1.tolist()
+    assert preds[0][0]["label"] == names[keras_top1[0]] and len(preds[0]) == 5
+    probs = [p["probability"] for p in preds[0]]
+    assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0 + 1e-6
+    # PNG files one at a time, and base64 JSON.
+    for i in range(8):
+        resp = _post(server, _png(images[i]), "image/png")
+        assert resp.json()["predictions"][0][0]["index"] == keras_top1[i]
+    import base64
+
+    body = json.dumps({"images_b64": [base64.b64encode(_png(im)).decode() for im in images[:3]]}).encode()
+    resp = _post(server, body, "application/json")
+    assert [p[0]["index"] for p in resp.json()["predictions"]] == keras_top1[:3].tolist()
+    body = json.dumps({"instances": images[:2].tolist()}).encode()
+    assert [
+        p[0]["index"] for p in _post(server, body, "application/json").json()["predictions"]
+    ] == keras_top1[:2].tolist()
+
+
+def test_other_image_sizes_and_modes_are_converted(server):
+    big_gray = np.random.default_rng(0).integers(0, 256, (100, 80), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(big_gray).save(buf, format="JPEG")
+    resp = _post(server, buf.getvalue(), "image/jpeg")
+    assert resp.status_code == 200 and len(resp.json()["predictions"]) == 1
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "status", "message"),
+    [
+        (
+            _npy(np.zeros((2, 16, 16, 3), np.float32)),
+            "application/x-npy",
+            400,
+            "Expected shape [batch, 32, 32, 3]",
+        ),
+        (json.dumps({"instances": [["a", "b"]]}).encode(), "application/json", 400, "numeric"),
+        (
+            json.dumps({"instances": (np.ones((1, 32, 32, 3)) * 300).tolist()}).encode(),
+            "application/json",
+            400,
+            "[0, 255]",
+        ),  # fmt: skip
+        (b"\x89PNG\r\n\x1a\n this is not a png", "image/png", 400, "Could not decode the image"),
+        (b"{not json", "application/json", 400, "Invalid JSON"),
+        (pickle.dumps(np.zeros((1, 32, 32, 3), dtype=object)), "application/x-npy", 400, "npy"),
+        (b"hello", "text/plain", 415, "Unsupported Content-Type"),
+        (b"\0" * 400_000, "application/x-npy", 413, "exceeds the limit"),
+        (b"", "image/png", 400, "Empty request body"),
+    ],
+)
+def test_bad_input_gets_4xx_with_a_clear_message(server, body, content_type, status, message):
+    resp = _post(server, body, content_type)
+    assert resp.status_code == status, resp.text
+    assert message in resp.json()["detail"]
+
+
+def test_gif_is_refused(server):
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(buf, format="GIF")
+    resp = _post(server, buf.getvalue(), "image/png")
+    assert resp.status_code == 415
+
+
+def test_champion_from_a_real_mlflow_server(tiny_export, no_tf_env, real_cut, tmp_path):
+    """Register through HTTP, then the TF-free consumer fetches models:/...@champion."""
+    from vit_pipeline.config import make_config
+    from vit_pipeline.registry import register_onnx
+    from vit_pipeline.tracking import create_run
+
+    model, path, _ = tiny_export
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    mlflow_server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+         "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        wait_for_http(f"{uri}/health", mlflow_server, timeout=90)
+        cfg = make_config("cifar100", {"tracking_uri": uri})
+        run_id = create_run(cfg, "test")
+        reg = register_onnx(cfg, run_id, str(path), real_cut[2][:1], 0.42, "digest")
+        assert reg.promoted
+        image = tmp_path / "img.png"
+        image.write_bytes(_png(real_cut[2][5]))
+        out = subprocess.run(
+            [sys.executable, "-m", "vit_consumer", "--model", "models:/vit-cifar100@champion",
+             "--tracking-uri", uri, "predict", str(image), "--top-k", "3"],
+            env=no_tf_env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        preds = json.loads(out.stdout.strip().splitlines()[-1])["predictions"]
+        assert len(preds) == 3
+        assert preds[0]["index"] == int(predict_logits(model, real_cut[2][5:6]).argmax())
+    finally:
+        stop(mlflow_server)
+
+
+def test_consumer_cli_rejects_a_file_that_is_not_onnx(no_tf_env, tmp_path):
+    fake = tmp_path / "model.onnx"
+    fake.write_bytes(b"definitely not protobuf")
+    out = subprocess.run(
+        [sys.executable, "-m", "vit_consumer", "--model", str(fake), "predict", "x.png"],
+        env=no_tf_env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert out.returncode == 1 and out.stderr.startswith("Error: Not a loadable ONNX model")
+
+
+def test_vit_pipeline_predict_command(tiny_export, real_cut, tmp_path):
+    from click.testing import CliRunner
+
+    from vit_pipeline.cli import main
+
+    model, path, _ = tiny_export
+    image = tmp_path / "img.png"
+    image.write_bytes(_png(real_cut[2][9]))
+    result = CliRunner().invoke(main, ["predict", str(image), "--model", str(path), "--top-k", "2"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output.strip().splitlines()[-1])
+    assert doc["predictions"][0]["index"] == int(predict_logits(model, real_cut[2][9:10]).argmax())
+    missing = CliRunner().invoke(main, ["predict", str(tmp_path / "nope.png"), "--model", str(path)])
+    assert missing.exit_code == 1 and "Image file does not exist" in missing.output
