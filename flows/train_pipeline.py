@@ -1,4 +1,4 @@
-"""The ``train-pipeline`` flow: fetch -> prepare -> train -> evaluate -> export -> register.
+"""The ``train-pipeline`` flow: fetch, prepare, train, evaluate, export, register, benchmark.
 
 One Prefect task per stage; tasks pass paths and metrics, never models. The
 MLflow run is created here and its id handed to every task, because MLflow's
@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
@@ -47,6 +47,14 @@ def export_model(cfg: dict, run_id: str, data_path: str, model_path: str, test_a
 @task(name="register", cache_policy=NO_CACHE)
 def register_model(cfg: dict, run_id: str, data_path: str, onnx_path: str, test_accuracy: float) -> dict:
     return stages.register_stage(cfg, run_id, data_path, onnx_path, test_accuracy)
+
+
+@task(name="benchmark", cache_policy=NO_CACHE)
+def benchmark_model(cfg: dict, run_id: str, data_path: str, model_path: str, fp32_onnx: str) -> dict:
+    result = stages.benchmark_stage(cfg, run_id, data_path, model_path, fp32_onnx)
+    create_table_artifact(key="inference-benchmark", table=result["rows"],
+                          description="Keras vs ONNX Runtime: latency, throughput, accuracy")  # fmt: skip
+    return result
 
 
 def _prefect_tags() -> dict[str, str]:
@@ -87,6 +95,9 @@ def train_pipeline(preset: str = "quickstart", overrides: dict[str, Any] | None 
         # The export task raises if the parity gate fails: nothing gets registered.
         exported = export_model(cfg_dict, run_id, prepared["data_path"], trained["model_path"], accuracy)
         registered = register_model(cfg_dict, run_id, prepared["data_path"], exported["path"], accuracy)
+        benchmarked = benchmark_model(
+            cfg_dict, run_id, prepared["data_path"], trained["model_path"], exported["fp32_path"]
+        )
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise
@@ -100,6 +111,7 @@ def train_pipeline(preset: str = "quickstart", overrides: dict[str, Any] | None 
         "onnx_path": exported["path"],
         "parity": {k: exported["parity"][k] for k in ("max_abs_diff", "top1_agreement", "num_images")},
         "registry": registered,
+        "benchmark": benchmarked["ratios"],
     }
     create_markdown_artifact(
         key="train-pipeline-summary",

@@ -194,5 +194,110 @@ def predict(images: tuple[str, ...], model_uri: str, tracking_uri: str | None, t
         raise DataError(str(exc)) from exc
 
 
+@main.command()
+@click.argument("model_path", required=False, type=click.Path(dir_okay=False))
+@click.option(
+    "--preset", default=None, help="No model given: time this preset's architecture with fresh weights."
+)
+@click.option("--keras", "keras_path", default=None, type=click.Path(dir_okay=False),
+              help="The .keras model behind MODEL_PATH, for the Keras baseline rows.")  # fmt: skip
+@click.option("--eval-data", default=None,
+              help="Real test images for accuracy: a cifar-100-python dir/.tar.gz or a prepared data.npz.")  # fmt: skip
+@click.option("--eval-images", default=512, show_default=True, type=click.IntRange(1))
+@click.option("--batch-sizes", default="1,8,64,256", show_default=True)
+@click.option("--variants", default="fp32,optimized,int8,fp16", show_default=True)
+@click.option(
+    "--providers", default=None, help="e.g. cpu,cuda,tensorrt (default: every provider this build has)."
+)
+@click.option(
+    "--seconds", default=1.0, show_default=True, type=click.FloatRange(0.01), help="Per cell and round."
+)
+@click.option("--rounds", default=3, show_default=True, type=click.IntRange(1))
+@click.option(
+    "--xla/--no-xla",
+    default=True,
+    show_default=True,
+    help="Also time Keras with XLA (best one is the baseline).",
+)
+@click.option("--output", default="benchmark/report.json", show_default=True, type=click.Path(dir_okay=False))
+@_friendly_errors
+def benchmark(model_path, preset, keras_path, eval_data, eval_images, batch_sizes, variants, providers,
+              seconds, rounds, xla, output) -> None:  # fmt: skip
+    """Time MODEL_PATH (any ONNX image classifier) or a preset's ViT: Keras vs ONNX Runtime."""
+    from pathlib import Path
+
+    from vit_pipeline import benchmark as bench
+    from vit_pipeline.config import coerce
+    from vit_pipeline.errors import DataError
+
+    sizes = coerce("mlp_head_units", batch_sizes)  # a list of positive ints, same parsing
+    if not sizes or min(sizes) < 1:
+        raise ConfigError(f"Expected positive batch sizes. Received: batch_sizes={batch_sizes!r}")
+    names = tuple(v.strip() for v in variants.split(",") if v.strip())
+    unknown = set(names) - {"fp32", "optimized", "int8", "fp16"}
+    if unknown or not names:
+        raise ConfigError(
+            f"Expected variants from fp32, optimized, int8, fp16. Received: variants={variants!r}"
+        )
+    if (model_path is None) == (preset is None):
+        raise ConfigError("Expected either MODEL_PATH or --preset (not both, not neither)")
+    out_dir = Path(output).parent
+    keras_model, info = None, {}
+    if model_path is None:
+        from vit_pipeline.export import build_metadata, export_onnx
+
+        cfg = make_config(preset)
+        keras_model = bench.fresh_keras_model(cfg)
+        model_path = str(out_dir / f"{preset}-fresh.onnx")
+        names_meta = [f"class_{i}" for i in range(100)]
+        export_onnx(keras_model, model_path, build_metadata(names_meta, (cfg.input_size, cfg.input_size, 3)))
+        info = {
+            "name": f"{preset} preset architecture, fresh weights",
+            "params": int(keras_model.count_params()),
+        }
+    else:
+        if not Path(model_path).is_file():
+            raise DataError(f"Model file does not exist: {model_path}")
+        from vit_pipeline.export import ort_session
+
+        try:
+            ort_session(model_path)
+        except PipelineError as exc:
+            raise DataError(f"{model_path} is not a loadable ONNX model") from exc
+        info = {"name": Path(model_path).name}
+        if keras_path:
+            from vit_pipeline.model import load_model
+
+            keras_model = load_model(keras_path)
+    images, labels = _eval_data(eval_data, eval_images)
+    report, files = bench.benchmark_files(
+        model_path, out_dir, keras_model=keras_model, eval_images=images, eval_labels=labels,
+        variants=names, providers=providers.split(",") if providers else None,
+        scenario=bench.Scenario(batch_sizes=tuple(sizes), min_seconds=seconds, rounds=rounds),
+        keras_xla=xla and keras_model is not None, model_info=info,
+    )  # fmt: skip
+    if Path(output) != files["json"]:
+        Path(output).write_text(files["json"].read_text())
+    click.echo(report.to_markdown())
+    for line in report.ratios():
+        click.echo(line)
+    click.echo(f"Wrote {output}, {files['markdown']}, {files['plot']}")
+
+
+def _eval_data(path: str | None, limit: int):
+    """(images, labels) from a CIFAR-100 copy or a prepared data.npz; (None, None) if no path."""
+    if path is None:
+        return None, None
+    from pathlib import Path
+
+    from vit_pipeline import data
+
+    if Path(path).suffix == ".npz":
+        splits = data.Splits.load(path)
+        return splits.x_test[:limit], splits.y_test[:limit]
+    _, _, x_test, y_test, _ = data.read_cifar100(path)
+    return x_test[:limit], y_test[:limit]
+
+
 if __name__ == "__main__":
     main()

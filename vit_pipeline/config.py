@@ -20,6 +20,8 @@ DATASETS = ("digits", "cifar100", "image_folder")
 LABEL_MODES = ("fine", "coarse")
 FLIP_MODES = ("none", "horizontal", "vertical", "horizontal_and_vertical")
 PROMOTION_POLICIES = ("better_or_equal", "always", "never")
+SERVE_VARIANTS = ("optimized", "fp32")
+BENCHMARK_VARIANTS = ("fp32", "optimized", "int8", "fp16")
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,16 @@ class PipelineConfig:
         promotion_policy: When the ``champion`` alias moves to a new version:
             "better_or_equal" (test accuracy at least the champion's, same
             dataset), "always" or "never".
+        serve_variant: Which ONNX graph is registered and served: "optimized"
+            (fused LayerNorm/GELU/attention for ONNX Runtime; parity-gated like
+            the plain export) or "fp32" (the plain, portable tf2onnx export).
+        benchmark_batch_sizes: Batch sizes of the benchmark stage.
+        benchmark_variants: Comma-separated ONNX variants to time:
+            fp32, optimized, int8 (CPU), fp16 (GPU only).
+        benchmark_providers: Comma-separated providers (cpu, cuda, tensorrt);
+            None: every provider this onnxruntime build has.
+        benchmark_seconds: Timing budget per cell and round.
+        benchmark_rounds: Alternating rounds over all cells.
     """
 
     dataset: str = "cifar100"
@@ -116,6 +128,12 @@ class PipelineConfig:
     parity_images: int = 256
     registered_model_name: str | None = None
     promotion_policy: str = "better_or_equal"
+    serve_variant: str = "optimized"
+    benchmark_batch_sizes: tuple[int, ...] = (1, 8, 64, 256)
+    benchmark_variants: str = "fp32,optimized,int8,fp16"
+    benchmark_providers: str | None = None
+    benchmark_seconds: float = 1.0
+    benchmark_rounds: int = 3
 
     @property
     def num_patches(self) -> int:
@@ -172,6 +190,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "epochs": 12,
         "batch_size": 64,
         "learning_rate": 2e-3,
+        "benchmark_batch_sizes": (1, 64),
+        "benchmark_seconds": 0.3,
+        "benchmark_rounds": 1,
     },
 }
 
@@ -261,6 +282,22 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
         bad(f"Expected parity_tolerance to be positive. Received: parity_tolerance={cfg.parity_tolerance}")
     if cfg.parity_images <= 0:
         bad(f"Expected parity_images to be positive. Received: parity_images={cfg.parity_images}")
+    if cfg.serve_variant not in SERVE_VARIANTS:
+        bad(f"Expected serve_variant in {SERVE_VARIANTS}. Received: serve_variant={cfg.serve_variant!r}")
+    variants = [v.strip() for v in cfg.benchmark_variants.split(",") if v.strip()]
+    if not variants or set(variants) - set(BENCHMARK_VARIANTS):
+        bad(
+            f"Expected benchmark_variants from {BENCHMARK_VARIANTS}. Received: benchmark_variants={cfg.benchmark_variants!r}"
+        )
+    if not cfg.benchmark_batch_sizes or min(cfg.benchmark_batch_sizes) <= 0:
+        bad(
+            f"Expected positive benchmark_batch_sizes. Received: benchmark_batch_sizes={list(cfg.benchmark_batch_sizes)}"
+        )
+    if cfg.benchmark_seconds <= 0 or cfg.benchmark_rounds <= 0:
+        bad(
+            "Expected benchmark_seconds and benchmark_rounds to be positive. Received: "
+            f"benchmark_seconds={cfg.benchmark_seconds}, benchmark_rounds={cfg.benchmark_rounds}"
+        )
     if cfg.dataset == "image_folder" and not cfg.data_path:
         bad("Expected data_path for dataset='image_folder'. Received: data_path=None")
     if cfg.dataset in ("digits", "cifar100") and cfg.input_size != 32:

@@ -136,16 +136,20 @@ def evaluate_stage(
 def export_stage(
     cfg: PipelineConfig | dict[str, Any], run_id: str, data_path: str, model_path: str, test_accuracy: float
 ) -> dict:
-    """Exports to ONNX and runs the parity gate; raises ExportError if it fails.
+    """Exports to ONNX (plain and, by default, the fused graph) and runs the parity gate.
 
-    The parity figures are logged before the gate decides, so a failure is
-    visible in MLflow; the ONNX file is logged (and registered) only afterwards.
+    Both graphs must pass: the parity figures are logged before the gate decides,
+    so a failure is visible in MLflow; the ONNX file is logged (and registered)
+    only afterwards, by ``register_stage``. Raises ExportError on failure.
     """
     import mlflow
+    import onnx
 
     from vit_pipeline.evaluate import predict_logits
     from vit_pipeline.export import build_metadata, check_parity, export_onnx, parity_gate
+    from vit_pipeline.fsutil import atomic_path
     from vit_pipeline.model import load_model
+    from vit_pipeline.optimize import optimize
 
     cfg = _cfg(cfg)
     splits = data.Splits.load(data_path)
@@ -155,22 +159,95 @@ def export_stage(
         run_id=run_id, extra={"data_digest": splits.digest(), "image_size": cfg.image_size,
                               "patch_size": cfg.patch_size, "opset": cfg.onnx_opset},
     )  # fmt: skip
-    info = export_onnx(model, tracking.work_dir(run_id) / "model.onnx", metadata, cfg.onnx_opset)
+    out = tracking.work_dir(run_id)
+    info = export_onnx(model, out / "model.onnx", metadata, cfg.onnx_opset)
+    paths = {"fp32": info["path"]}
+    fusions: dict[str, int] = {}
+    if cfg.serve_variant == "optimized":
+        optimized, fusion_report = optimize(onnx.load(info["path"]))
+        fusions = fusion_report.to_dict()
+        paths["optimized"] = str(out / "model.optimized.onnx")
+        with atomic_path(paths["optimized"]) as tmp:
+            onnx.save(optimized, str(tmp))
     images = splits.x_test[: cfg.parity_images]
-    report = check_parity(predict_logits(model, images), info["path"], images, (1, 64), cfg.parity_tolerance)
+    keras_logits = predict_logits(model, images)
+    reports = {
+        name: check_parity(keras_logits, path, images, (1, 64), cfg.parity_tolerance)
+        for name, path in paths.items()
+    }
     with tracking.open_run(cfg, run_id):
-        mlflow.log_metrics(
-            {
-                "export_seconds": info["export_seconds"],
-                "onnx_size_mb": info["size_bytes"] / 2**20,
-                "parity_max_abs_diff": report.max_abs_diff,
-                "parity_top1_agreement": report.top1_agreement,
-            }
+        metrics = {"export_seconds": info["export_seconds"], "onnx_size_mb": info["size_bytes"] / 2**20}
+        for name, report in reports.items():
+            prefix = "parity" if name == "fp32" else f"parity_{name}"
+            metrics[f"{prefix}_max_abs_diff"] = report.max_abs_diff
+            metrics[f"{prefix}_top1_agreement"] = report.top1_agreement
+        mlflow.log_metrics(metrics)
+        mlflow.log_dict(
+            {name: r.to_dict() for name, r in reports.items()} | {"ops": info["ops"], "fusions": fusions},
+            "export/parity.json",
         )
-        mlflow.log_dict({**report.to_dict(), "ops": info["ops"]}, "export/parity.json")
-        mlflow.set_tag("export.parity", "passed" if report.passed else "failed")
-    parity_gate(report)
-    return {**info, "parity": report.to_dict()}
+        passed = all(r.passed for r in reports.values())
+        mlflow.set_tag("export.parity", "passed" if passed else "failed")
+        mlflow.set_tag("export.serve_variant", cfg.serve_variant)
+    for report in reports.values():
+        parity_gate(report)
+    served = reports[cfg.serve_variant]
+    return {
+        **info,
+        "path": paths[cfg.serve_variant],
+        "fp32_path": paths["fp32"],
+        "variant": cfg.serve_variant,
+        "fusions": fusions,
+        "parity": {
+            "max_abs_diff": max(r.max_abs_diff for r in reports.values()),
+            "top1_agreement": min(r.top1_agreement for r in reports.values()),
+            "num_images": served.num_images,
+        },
+    }
+
+
+def benchmark_stage(
+    cfg: PipelineConfig | dict[str, Any], run_id: str, data_path: str, model_path: str, fp32_onnx: str
+) -> dict:
+    """Times Keras vs ONNX Runtime variants on real test images; logs the report."""
+    import mlflow
+
+    from vit_pipeline import benchmark as bench
+    from vit_pipeline.model import load_model
+
+    cfg = _cfg(cfg)
+    splits = data.Splits.load(data_path)
+    out = tracking.work_dir(run_id) / "benchmark"
+    variants = tuple(v.strip() for v in cfg.benchmark_variants.split(",") if v.strip())
+    providers = cfg.benchmark_providers.split(",") if cfg.benchmark_providers else None
+    report, files = bench.benchmark_files(
+        fp32_onnx, out, keras_model=load_model(model_path), eval_images=splits.x_test[:512],
+        eval_labels=splits.y_test[:512], variants=variants, providers=providers,
+        scenario=bench.Scenario(batch_sizes=cfg.benchmark_batch_sizes, min_seconds=cfg.benchmark_seconds,
+                                rounds=cfg.benchmark_rounds),
+        model_info={"name": f"vit-{cfg.dataset_tag}", "mlflow_run_id": run_id},
+    )  # fmt: skip
+    metrics = {}
+    for r in report.results:
+        key = f"bench_{r.backend}_{r.provider.replace('ExecutionProvider', '').lower()}_{r.variant}_b{r.batch_size}"
+        metrics[f"{key}_ips"] = r.throughput_ips
+        metrics[f"{key}_p50_ms"] = r.latency_ms.p50
+        if r.top1_agreement is not None and r.batch_size == report.settings["batch_sizes"][0]:
+            metrics[f"agreement_{r.provider.replace('ExecutionProvider', '').lower()}_{r.variant}"] = (
+                r.top1_agreement
+            )
+    metrics["sgemm_roofline_gflops"] = report.roofline["gflops"]
+    with tracking.open_run(cfg, run_id):
+        mlflow.log_metrics(metrics)
+        for key in ("json", "markdown", "plot"):
+            mlflow.log_artifact(str(files[key]), "benchmark")
+    rows = [
+        {"backend": r.backend, "provider": r.provider, "variant": r.variant, "batch": r.batch_size,
+         "p50_ms": round(r.latency_ms.p50, 3), "p99_ms": round(r.latency_ms.p99, 3),
+         "img_per_s": round(r.throughput_ips, 1), "top1": r.top1, "agreement": r.top1_agreement}
+        for r in report.results
+    ]  # fmt: skip
+    return {"report_path": str(files["json"]), "rows": rows, "ratios": report.ratios()}
 
 
 def register_stage(

@@ -47,6 +47,8 @@ def run_markdown(
         r = result["registry"]
         decision = "promoted to `champion`" if r["promoted"] else "not promoted"
         rows.append(("registry", f"`{r['model_uri']}` {decision} ({r['reason']})"))
+    if result.get("benchmark"):
+        rows.append(("inference speed", "<br>".join(result["benchmark"])))
     lines = ["# ViT training run", "", "| | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in rows]
     return "\n".join(lines) + "\n"

@@ -24,7 +24,8 @@ def test_train_pipeline_logs_everything(prefect_server, tiny_overrides, tmp_path
     from flows.train_pipeline import train_pipeline
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    overrides = {**tiny_overrides, "data_path": str(CIFAR_CUT), "tracking_uri": uri, "label_mode": "coarse"}
+    overrides = {**tiny_overrides, "data_path": str(CIFAR_CUT), "tracking_uri": uri, "label_mode": "coarse",
+                 "benchmark_batch_sizes": "1,4", "benchmark_seconds": 0.05, "benchmark_rounds": 1}  # fmt: skip
     result = train_pipeline(preset="cifar100", overrides=overrides)
 
     client = MlflowClient(tracking_uri=uri)
@@ -80,6 +81,28 @@ def test_train_pipeline_logs_everything(prefect_server, tiny_overrides, tmp_path
     assert champion.run_id == run.info.run_id
     assert float(champion.tags["test_accuracy"]) == pytest.approx(result["test_accuracy"], abs=1e-6)
     assert "models:/vit-cifar100-coarse/1" in artifacts[0].data
+    # The served model is the fused graph, parity-gated too.
+    assert run.data.tags["export.serve_variant"] == "optimized"
+    assert metrics["parity_optimized_top1_agreement"] == 1.0
+    # Benchmark: metrics per backend/provider/variant/batch, report artifacts, Prefect table.
+    for key in ("bench_keras_tensorflow_fp32_b1_ips", "bench_onnxruntime_cpu_optimized_b4_ips",
+                "bench_onnxruntime_cpu_int8_b1_p50_ms", "sgemm_roofline_gflops"):  # fmt: skip
+        assert metrics[key] > 0, key
+    bench_arts = {a.path for a in client.list_artifacts(run.info.run_id, "benchmark")}
+    assert bench_arts == {"benchmark/report.json", "benchmark/report.md", "benchmark/throughput.png"}
+    assert any("ORT optimized / Keras" in line for line in result["benchmark"])
+
+    async def read_table():
+        async with get_client() as pc:
+            from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+            found = await pc.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["inference-benchmark"]))
+            )
+            return [a for a in found if str(a.flow_run_id) == flow_run_id]
+
+    (table,) = asyncio.run(read_table())
+    assert table.type == "table" and "onnxruntime" in str(table.data)
 
 
 def test_parity_gate_failure_fails_the_flow_and_registers_nothing(prefect_server, tiny_overrides, tmp_path):
