@@ -398,15 +398,34 @@ def make_variants(fp32_path: str | Path, out_dir: str | Path, names: list[str], 
     return paths
 
 
+def classifier_head(model) -> list[str]:
+    """Names of the MatMul/Gemm nodes after the last LayerNormalization (the head).
+
+    The seed's head multiplies the flattened 144x64 sequence (9,216 inputs) by a
+    2,048-wide matrix; int8 rounding summed over 9,216 terms flipped 5% of top-1
+    predictions of a CIFAR-100 model here, against 0.75% with the head in fp32.
+    Graphs without LayerNormalization get an empty list (everything quantised).
+    """
+    nodes = list(model.graph.node)
+    last_ln = max((i for i, n in enumerate(nodes) if n.op_type == "LayerNormalization"), default=None)
+    if last_ln is None:
+        return []
+    return [n.name for n in nodes[last_ln + 1 :] if n.op_type in ("MatMul", "Gemm")]
+
+
 def quantize_int8(src: str | Path, dst: str | Path) -> Path:
-    """Dynamic int8 quantisation (weights int8, activations quantised at run time)."""
+    """Dynamic int8 quantisation: int8 weights (per channel), activations quantised at run time.
+
+    The classifier head stays fp32 (see ``classifier_head``).
+    """
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    head = classifier_head(onnx.load(str(src)))
     with atomic_path(dst) as tmp:
         quantize_dynamic(
-            str(src), str(tmp), weight_type=QuantType.QInt8,
-            op_types_to_quantize=["MatMul", "Gemm", "Attention"],
+            str(src), str(tmp), weight_type=QuantType.QInt8, per_channel=True,
+            op_types_to_quantize=["MatMul", "Gemm", "Attention"], nodes_to_exclude=head,
             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
         )  # fmt: skip
     return Path(dst)

@@ -223,7 +223,11 @@ def predict(images: tuple[str, ...], model_uri: str, tracking_uri: str | None, t
 @_friendly_errors
 def benchmark(model_path, preset, keras_path, eval_data, eval_images, batch_sizes, variants, providers,
               seconds, rounds, xla, output) -> None:  # fmt: skip
-    """Time MODEL_PATH (any ONNX image classifier) or a preset's ViT: Keras vs ONNX Runtime."""
+    """Time MODEL_PATH (any ONNX image classifier), a .keras model or a preset's ViT.
+
+    Keras (tf.function, and XLA) is the baseline; ONNX Runtime runs each provider
+    and variant. Prints the table and the speed ratios measured side by side.
+    """
     from pathlib import Path
 
     from vit_pipeline import benchmark as bench
@@ -239,22 +243,28 @@ def benchmark(model_path, preset, keras_path, eval_data, eval_images, batch_size
         raise ConfigError(
             f"Expected variants from fp32, optimized, int8, fp16. Received: variants={variants!r}"
         )
-    if (model_path is None) == (preset is None):
-        raise ConfigError("Expected either MODEL_PATH or --preset (not both, not neither)")
+    if sum((model_path is not None, preset is not None, model_path is None and keras_path is not None)) != 1:
+        raise ConfigError("Expected exactly one of MODEL_PATH, --preset, or --keras alone (exported here)")
     out_dir = Path(output).parent
     keras_model, info = None, {}
     if model_path is None:
         from vit_pipeline.export import build_metadata, export_onnx
 
-        cfg = make_config(preset)
-        keras_model = bench.fresh_keras_model(cfg)
-        model_path = str(out_dir / f"{preset}-fresh.onnx")
-        names_meta = [f"class_{i}" for i in range(100)]
-        export_onnx(keras_model, model_path, build_metadata(names_meta, (cfg.input_size, cfg.input_size, 3)))
-        info = {
-            "name": f"{preset} preset architecture, fresh weights",
-            "params": int(keras_model.count_params()),
-        }
+        if preset is not None:
+            keras_model = bench.fresh_keras_model(make_config(preset))
+            info = {"name": f"{preset} preset architecture, fresh weights"}
+        else:
+            from vit_pipeline.model import load_model
+
+            if not Path(keras_path).is_file():
+                raise DataError(f"Keras model file does not exist: {keras_path}")
+            keras_model = load_model(keras_path)
+            info = {"name": Path(keras_path).name}
+        info["params"] = int(keras_model.count_params())
+        shape = tuple(keras_model.inputs[0].shape[1:])
+        classes = [f"class_{i}" for i in range(keras_model.outputs[0].shape[-1])]
+        model_path = str(out_dir / "model.onnx")
+        export_onnx(keras_model, model_path, build_metadata(classes, shape))
     else:
         if not Path(model_path).is_file():
             raise DataError(f"Model file does not exist: {model_path}")
