@@ -358,7 +358,10 @@ def resolve_providers(requested: list[str] | None) -> list[str]:
 
     if requested:
         return [PROVIDER_ALIASES.get(p.lower(), p) for p in requested]
-    wanted = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+    # onnxruntime-gpu lists CUDA and TensorRT even without a GPU; probing them there
+    # only prints pages of load errors. Try them where an NVIDIA device exists.
+    gpu = Path("/dev/nvidiactl").exists()
+    wanted = (*(GPU_PROVIDERS if gpu else ()), "CPUExecutionProvider")
     return [p for p in wanted if p in ort.get_available_providers()]
 
 
