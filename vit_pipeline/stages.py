@@ -260,3 +260,75 @@ def register_stage(
     splits = data.Splits.load(data_path)
     reg = register_onnx(cfg, run_id, onnx_path, splits.x_test[:1], test_accuracy, splits.digest())
     return reg.to_dict()
+
+
+def champion_stage(model_name: str, alias: str, tracking_uri: str | None) -> dict:
+    """Finds the registry version behind ``alias`` and the run that produced it."""
+    from vit_pipeline.config import make_config
+    from vit_pipeline.errors import PipelineError
+    from vit_pipeline.registry import current_champion
+
+    cfg = make_config("quickstart", {"tracking_uri": tracking_uri})
+    client = tracking.client(cfg)
+    version = current_champion(client, model_name) if alias == "champion" else None
+    if alias != "champion":
+        from mlflow.exceptions import MlflowException
+
+        try:
+            version = client.get_model_version_by_alias(model_name, alias)
+        except MlflowException:
+            version = None
+    if version is None:
+        raise PipelineError(f"No version of {model_name!r} holds the alias {alias!r}")
+    return {"name": model_name, "version": str(version.version), "run_id": version.run_id,
+            "test_accuracy": version.tags.get("test_accuracy"), "dataset": version.tags.get("dataset")}  # fmt: skip
+
+
+def benchmark_champion_stage(champion: dict, tracking_uri: str | None, options: dict[str, Any]) -> dict:
+    """Re-exports the champion's Keras model and benchmarks it; logs a new MLflow run.
+
+    The champion's run keeps its Keras model (``keras-model``); exporting it again
+    gives the plain fp32 graph every variant is built from, and Keras as baseline.
+    """
+    import tempfile
+
+    import mlflow
+
+    from vit_pipeline import benchmark as bench
+    from vit_pipeline.config import make_config
+    from vit_pipeline.export import build_metadata, export_onnx
+
+    cfg = make_config("quickstart", {"tracking_uri": tracking_uri, "experiment_name": "vit-benchmarks"})
+    tracking.client(cfg)
+    import vit_pipeline.layers  # noqa: F401  (registers the custom layers for loading)
+
+    model = mlflow.keras.load_model(f"runs:/{champion['run_id']}/keras-model")
+    run_id = tracking.create_run(cfg, None, {"registry.model": f"{champion['name']}/{champion['version']}",
+                                             "vit_pipeline.command": "benchmark-champion"})  # fmt: skip
+    status = "FAILED"
+    try:
+        out = Path(tempfile.mkdtemp(prefix="vit-bench-"))
+        shape = tuple(model.inputs[0].shape[1:])
+        classes = [f"class_{i}" for i in range(model.outputs[0].shape[-1])]
+        fp32 = out / "model.onnx"
+        export_onnx(model, fp32, build_metadata(classes, shape))
+        report, files = bench.benchmark_files(
+            fp32, out, keras_model=model,
+            variants=tuple(v.strip() for v in options["variants"].split(",") if v.strip()),
+            providers=options["providers"].split(",") if options.get("providers") else None,
+            scenario=bench.Scenario(batch_sizes=tuple(options["batch_sizes"]), min_seconds=options["seconds"],
+                                    rounds=options["rounds"]),
+            model_info={"name": f"{champion['name']} v{champion['version']}"},
+        )  # fmt: skip
+        with tracking.open_run(cfg, run_id):
+            mlflow.log_metrics({f"{r.variant}_{r.provider}_b{r.batch_size}_ips".replace("ExecutionProvider", "")
+                                .lower(): r.throughput_ips for r in report.results})  # fmt: skip
+            for key in ("json", "markdown", "plot"):
+                mlflow.log_artifact(str(files[key]), "benchmark")
+        status = "FINISHED"
+    finally:
+        tracking.client(cfg).set_terminated(run_id, status)
+    rows = [{"backend": r.backend, "provider": r.provider, "variant": r.variant, "batch": r.batch_size,
+             "img_per_s": round(r.throughput_ips, 1), "p50_ms": round(r.latency_ms.p50, 3)}
+            for r in report.results]  # fmt: skip
+    return {"mlflow_run_id": run_id, "rows": rows, "ratios": report.ratios()}

@@ -104,6 +104,17 @@ def test_train_pipeline_logs_everything(prefect_server, tiny_overrides, tmp_path
     (table,) = asyncio.run(read_table())
     assert table.type == "table" and "onnxruntime" in str(table.data)
 
+    # The weekly flow: export and benchmark the registry's champion, no training.
+    from flows.benchmark_champion import benchmark_champion
+
+    bench = benchmark_champion(model_name="vit-cifar100-coarse", tracking_uri=uri, batch_sizes=[1, 2],
+                               variants="fp32,optimized", seconds=0.05, rounds=1)  # fmt: skip
+    assert bench["champion"]["run_id"] == run.info.run_id
+    bench_run = client.get_run(bench["mlflow_run_id"])
+    assert bench_run.info.status == "FINISHED"
+    assert bench_run.data.tags["registry.model"] == "vit-cifar100-coarse/1"
+    assert bench_run.data.metrics["optimized_cpu_b2_ips"] > 0
+
 
 def test_parity_gate_failure_fails_the_flow_and_registers_nothing(prefect_server, tiny_overrides, tmp_path):
     from mlflow.tracking import MlflowClient

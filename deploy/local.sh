@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Run vit-pipeline on real local services: Prefect server, MLflow tracking server,
+# a process worker, and the deployments from prefect.yaml.
+#
+#   deploy/local.sh prefect-server   # Prefect API + UI on :4200 (SQLite, or PostgreSQL via PREFECT_SERVER_DATABASE_CONNECTION_URL)
+#   deploy/local.sh mlflow-server    # MLflow tracking server on :5000 (SQLite backend, artifacts served by the server)
+#   deploy/local.sh deploy           # work pool + every deployment in prefect.yaml
+#   deploy/local.sh worker           # process worker that runs scheduled and triggered flow runs
+#   deploy/local.sh smoke            # trigger the quickstart smoke deployment and wait for it
+#
+# Each server runs in the foreground (use separate terminals, tmux or systemd).
+# Settings (environment): VIT_DEPLOY_DIR (state, default ./vit-services), PREFECT_PORT (4200),
+# MLFLOW_PORT (5000), HOST (127.0.0.1), WORK_POOL (vit-pipeline).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export VIT_PIPELINE_CHECKOUT="$PWD"
+STATE="${VIT_DEPLOY_DIR:-$PWD/vit-services}"
+HOST="${HOST:-127.0.0.1}"
+PREFECT_PORT="${PREFECT_PORT:-4200}"
+MLFLOW_PORT="${MLFLOW_PORT:-5000}"
+WORK_POOL="${WORK_POOL:-vit-pipeline}"
+export PREFECT_API_URL="${PREFECT_API_URL:-http://$HOST:$PREFECT_PORT/api}"
+export MLFLOW_TRACKING_URI="${MLFLOW_TRACKING_URI:-http://$HOST:$MLFLOW_PORT}"
+export PREFECT_SERVER_ANALYTICS_ENABLED="${PREFECT_SERVER_ANALYTICS_ENABLED:-false}"
+mkdir -p "$STATE"
+
+case "${1:-}" in
+  prefect-server)
+    # PREFECT_HOME holds the SQLite database unless a PostgreSQL URL is set, e.g.
+    # PREFECT_SERVER_DATABASE_CONNECTION_URL=postgresql+asyncpg://prefect:prefect@db:5432/prefect
+    PREFECT_HOME="$STATE/prefect" exec prefect server start --host "$HOST" --port "$PREFECT_PORT"
+    ;;
+  mlflow-server)
+    exec mlflow server --host "$HOST" --port "$MLFLOW_PORT" \
+      --backend-store-uri "sqlite:///$STATE/mlflow.db" \
+      --artifacts-destination "$STATE/mlflow-artifacts" --workers 1
+    ;;
+  deploy)
+    prefect work-pool create "$WORK_POOL" --type process 2>/dev/null || prefect work-pool inspect "$WORK_POOL" >/dev/null
+    prefect --no-prompt deploy --all
+    ;;
+  worker)
+    VIT_PIPELINE_HOME="${VIT_PIPELINE_HOME:-$STATE/work}" exec prefect worker start --pool "$WORK_POOL"
+    ;;
+  smoke)
+    prefect deployment run 'train-pipeline/quickstart-smoke' --watch
+    ;;
+  *)
+    sed -n '2,16p' "$0"
+    exit 2
+    ;;
+esac

@@ -1,0 +1,43 @@
+"""The ``benchmark-champion`` flow: export and benchmark the registry's live model, no training."""
+
+from __future__ import annotations
+
+from prefect import flow, task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from vit_pipeline import stages
+
+
+@task(name="find-champion", retries=3, retry_delay_seconds=[5, 30, 60], cache_policy=NO_CACHE)
+def find_champion(model_name: str, alias: str, tracking_uri: str | None) -> dict:
+    return stages.champion_stage(model_name, alias, tracking_uri)
+
+
+@task(name="export-and-benchmark", cache_policy=NO_CACHE)
+def export_and_benchmark(champion: dict, tracking_uri: str | None, options: dict) -> dict:
+    result = stages.benchmark_champion_stage(champion, tracking_uri, options)
+    create_table_artifact(key="champion-benchmark", table=result["rows"],
+                          description=f"{champion['name']} v{champion['version']}: Keras vs ONNX Runtime")  # fmt: skip
+    return result
+
+
+@flow(name="benchmark-champion", log_prints=True)
+def benchmark_champion(
+    model_name: str = "vit-cifar100",
+    alias: str = "champion",
+    tracking_uri: str | None = None,
+    batch_sizes: list[int] | None = None,
+    variants: str = "fp32,optimized,int8,fp16",
+    providers: str | None = None,
+    seconds: float = 1.0,
+    rounds: int = 3,
+) -> dict:
+    """Benchmarks ``models:/<model_name>@<alias>`` (Keras baseline vs ONNX Runtime variants)."""
+    champion = find_champion(model_name, alias, tracking_uri)
+    options = {"batch_sizes": batch_sizes or [1, 8, 64, 256], "variants": variants, "providers": providers,
+               "seconds": seconds, "rounds": rounds}  # fmt: skip
+    result = export_and_benchmark(champion, tracking_uri, options)
+    for line in result["ratios"]:
+        print(line)
+    return {**result, "champion": champion}

@@ -1,0 +1,128 @@
+"""prefect.yaml on real services: Prefect server, MLflow server, a process worker.
+
+Everything runs as separate processes on free localhost ports and is torn down
+afterwards. This is the "Run it on a schedule" path of the README, end to end.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import free_port, wait_for_http
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def _start(cmd, env, log):
+    return subprocess.Popen(
+        cmd, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+
+
+def _stop(proc):
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=5)
+
+
+@pytest.fixture(scope="module")
+def services(tmp_path_factory):
+    root = tmp_path_factory.mktemp("services")
+    prefect_port, mlflow_port = free_port(), free_port()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))},
+        "PREFECT_HOME": str(root / "prefect"),
+        "PREFECT_API_URL": f"http://127.0.0.1:{prefect_port}/api",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}",
+        "VIT_PIPELINE_HOME": str(root / "vit"),
+        "VIT_PIPELINE_CHECKOUT": str(REPO),
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+    }
+    logs = {name: open(root / f"{name}.log", "w") for name in ("prefect", "mlflow", "worker")}  # noqa: SIM115
+    procs = [
+        _start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)],
+               env, logs["prefect"]),
+        _start([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
+                "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+                "--artifacts-destination", str(root / "artifacts"), "--workers", "1"], env, logs["mlflow"]),
+    ]  # fmt: skip
+    try:
+        wait_for_http(f"{env['PREFECT_API_URL']}/health", procs[0], timeout=120)
+        wait_for_http(f"{env['MLFLOW_TRACKING_URI']}/health", procs[1], timeout=120)
+        yield env, procs, logs, root
+    finally:
+        for proc in reversed(procs):
+            _stop(proc)
+        for f in logs.values():
+            f.close()
+
+
+def _cli(args, env, timeout=300):
+    out = subprocess.run([str(BIN / "prefect"), *args], env=env, cwd=REPO, capture_output=True, text=True,
+                         timeout=timeout)  # fmt: skip
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out.stdout
+
+
+def test_deploy_schedule_worker_and_smoke_run(services):
+    from mlflow.tracking import MlflowClient
+
+    env, procs, logs, root = services
+    _cli(["work-pool", "create", "vit-pipeline", "--type", "process"], env)
+    _cli(["--no-prompt", "deploy", "--all"], env)
+
+    api = env["PREFECT_API_URL"]
+    deployments = httpx.post(f"{api}/deployments/filter", json={}).json()
+    by_name = {d["name"]: d for d in deployments}
+    assert set(by_name) == {"nightly-cifar100", "quickstart-smoke", "weekly-champion-benchmark"}
+    (nightly,) = by_name["nightly-cifar100"]["schedules"]
+    assert nightly["schedule"]["cron"] == "0 1 * * *" and nightly["schedule"]["timezone"] == "Europe/Berlin"
+    assert by_name["nightly-cifar100"]["parameters"]["preset"] == "cifar100"
+    assert by_name["quickstart-smoke"]["schedules"] == []
+    assert by_name["weekly-champion-benchmark"]["schedules"][0]["schedule"]["cron"] == "0 3 * * 0"
+    assert all(d["work_pool_name"] == "vit-pipeline" for d in deployments)
+
+    worker = _start([str(BIN / "prefect"), "worker", "start", "--pool", "vit-pipeline"], env, logs["worker"])
+    procs.append(worker)
+    overrides = {
+        "epochs": 2,
+        "benchmark_batch_sizes": [1, 8],
+        "benchmark_seconds": 0.1,
+        "benchmark_rounds": 1,
+    }
+    started = time.monotonic()
+    out = _cli(["deployment", "run", "train-pipeline/quickstart-smoke", "--param",
+                f"overrides={json.dumps(overrides)}", "--watch", "--watch-timeout", "600"], env, timeout=660)  # fmt: skip
+    elapsed = time.monotonic() - started
+    assert "Completed" in out
+    print(f"smoke deployment: trigger to completion {elapsed:.1f} s")
+
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])  # through the server's HTTP API
+    exp = client.get_experiment_by_name("vit-digits")
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.info.status == "FINISHED" and run.data.metrics["test_accuracy"] > 0.5
+    assert run.data.params["epochs"] == "2"
+    assert run.data.tags["prefect.flow_run_url"].startswith(api.removesuffix("/api"))
+    champion = client.get_model_version_by_alias("vit-digits", "champion")
+    assert champion.run_id == run.info.run_id
+    assert any(a.path == "benchmark/report.json" for a in client.list_artifacts(run.info.run_id, "benchmark"))
+    # The Prefect summary links back to the MLflow UI on the tracking server.
+    artifacts = httpx.post(
+        f"{api}/artifacts/filter", json={"artifacts": {"key": {"any_": ["train-pipeline-summary"]}}}
+    ).json()
+    assert any(f"{env['MLFLOW_TRACKING_URI']}/#/experiments/" in a["data"] for a in artifacts)
