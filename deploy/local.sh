@@ -46,7 +46,7 @@ case "${1:-}" in
     prefect deployment run 'train-pipeline/quickstart-smoke' --watch
     ;;
   *)
-    sed -n '2,16p' "$0"
+    sed -n '2,13p' "$0"
     exit 2
     ;;
 esac
