@@ -68,13 +68,17 @@ def _prefect_tags() -> dict[str, str]:
 
 
 @flow(name="train-pipeline", log_prints=True)
-def train_pipeline(preset: str = "quickstart", overrides: dict[str, Any] | None = None) -> dict:
+def train_pipeline(
+    preset: str = "quickstart", overrides: dict[str, Any] | None = None, resume_run_id: str | None = None
+) -> dict:
     """Trains, evaluates, exports and registers a ViT; everything lands in MLflow.
 
     Args:
         preset: A named config preset ("quickstart", "cifar100").
         overrides: Config field values that replace the preset's, e.g.
             ``{"epochs": 5, "data_path": "/data/cifar-100-python.tar.gz"}``.
+        resume_run_id: An MLflow run that crashed or was killed: continue it from
+            its last finished epoch (same config required).
 
     Returns:
         The MLflow run id, its URL, the headline metrics, the parity figures and
@@ -82,7 +86,10 @@ def train_pipeline(preset: str = "quickstart", overrides: dict[str, Any] | None 
     """
     cfg = make_config(preset, overrides)  # invalid values fail here, before any work
     cfg_dict = cfg.to_dict()
-    run_id = tracking.create_run(cfg, preset, _prefect_tags())
+    if resume_run_id:
+        run_id = tracking.resume_run(cfg, resume_run_id)
+    else:
+        run_id = tracking.create_run(cfg, preset, _prefect_tags())
     client = tracking.client(cfg)
     try:
         source = fetch_data(cfg_dict)

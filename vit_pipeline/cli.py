@@ -106,29 +106,41 @@ def show_config(**kwargs) -> None:
     click.echo(make_config(preset, overrides).to_json())
 
 
+_resume_option = click.option(
+    "--resume", "resume_run_id", default=None, metavar="RUN_ID",
+    help="Continue a crashed MLflow run from its last finished epoch (same options).",
+)  # fmt: skip
+
+
 @main.command()
 @_config_options
+@_resume_option
 @_friendly_errors
-def run(**kwargs) -> None:
-    """Run the whole pipeline as a Prefect flow (data, train, evaluate)."""
+def run(resume_run_id: str | None, **kwargs) -> None:
+    """Run the whole pipeline as a Prefect flow (data, train, evaluate, export, register, benchmark)."""
     preset, overrides = _split_config(kwargs)
     make_config(preset, overrides)  # fail before Prefect or TensorFlow start
     from flows.train_pipeline import train_pipeline
 
-    result = train_pipeline(preset=preset, overrides=overrides)
+    result = train_pipeline(preset=preset, overrides=overrides, resume_run_id=resume_run_id)
     click.echo(json.dumps(result, indent=2))
 
 
 @main.command()
 @_config_options
+@_resume_option
 @_friendly_errors
-def train(**kwargs) -> None:
-    """Prepare data and train, without Prefect; logs to a new MLflow run."""
+def train(resume_run_id: str | None, **kwargs) -> None:
+    """Prepare data and train, without Prefect; logs to a new (or resumed) MLflow run."""
     from vit_pipeline import stages, tracking
 
     preset, overrides = _split_config(kwargs)
     cfg = make_config(preset, overrides)
-    run_id = tracking.create_run(cfg, preset, {"vit_pipeline.command": "train"})
+    if resume_run_id:
+        run_id = tracking.resume_run(cfg, resume_run_id)
+    else:
+        run_id = tracking.create_run(cfg, preset, {"vit_pipeline.command": "train"})
+    click.echo(f"MLflow run {run_id} (resume with --resume {run_id})", err=True)
     status = "FAILED"
     try:
         prepared = stages.prepare_stage(cfg, run_id, stages.fetch_stage(cfg))

@@ -75,6 +75,8 @@ class PipelineConfig:
         tracking_uri: MLflow tracking URI; None means ``$MLFLOW_TRACKING_URI`` or
             the local SQLite store under ``$VIT_PIPELINE_HOME``.
         run_name: MLflow run name; None lets MLflow pick one.
+        tracking_wait_seconds: How long to wait for an HTTP tracking server to
+            answer before failing (before any training starts).
         onnx_opset: ONNX opset of the export.
         parity_tolerance: Largest allowed |Keras - ONNX Runtime| logit difference.
         parity_images: How many test images the parity gate compares (at most).
@@ -123,6 +125,7 @@ class PipelineConfig:
     experiment_name: str | None = None
     tracking_uri: str | None = None
     run_name: str | None = None
+    tracking_wait_seconds: float = 10.0
     onnx_opset: int = 17
     parity_tolerance: float = 1e-3
     parity_images: int = 256
@@ -280,6 +283,10 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
         bad(f"Expected onnx_opset in [13, 18]. Received: onnx_opset={cfg.onnx_opset}")
     if cfg.parity_tolerance <= 0:
         bad(f"Expected parity_tolerance to be positive. Received: parity_tolerance={cfg.parity_tolerance}")
+    if cfg.tracking_wait_seconds < 0:
+        bad(
+            f"Expected tracking_wait_seconds >= 0. Received: tracking_wait_seconds={cfg.tracking_wait_seconds}"
+        )
     if cfg.parity_images <= 0:
         bad(f"Expected parity_images to be positive. Received: parity_images={cfg.parity_images}")
     if cfg.serve_variant not in SERVE_VARIANTS:

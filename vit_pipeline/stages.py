@@ -37,8 +37,13 @@ def prepare_stage(cfg: PipelineConfig | dict[str, Any], run_id: str, source_path
     import mlflow
 
     cfg = _cfg(cfg)
+    path = tracking.work_dir(run_id) / "data.npz"
+    if path.exists():  # a resumed run keeps the split it started with (and its logged input)
+        splits = data.Splits.load(path)
+        log.info("Reusing prepared data %s", path)
+        return {"data_path": str(path), "summary": splits.summary(), "class_names": splits.class_names}
     splits = data.prepare(cfg, source_path)
-    path = splits.save(tracking.work_dir(run_id) / "data.npz")
+    path = splits.save(path)
     summary = splits.summary()
     with tracking.open_run(cfg, run_id):
         with warnings.catch_warnings():  # "source can be interpreted in multiple ways"
@@ -82,7 +87,10 @@ def train_stage(cfg: PipelineConfig | dict[str, Any], run_id: str, data_path: st
                 "best_val_accuracy": result.best_val_accuracy,
                 "best_epoch": result.best_epoch + 1,
                 "train_seconds": result.train_seconds,
-                "train_images_per_second": len(splits.y_train) * result.epochs_run / result.train_seconds,
+                "train_images_per_second": len(splits.y_train)
+                * (result.epochs_run - result.resumed_from_epoch)
+                / max(result.train_seconds, 1e-9),
+                "resumed_from_epoch": result.resumed_from_epoch,
             }
         )
         mlflow.log_param("num_params", result.num_params)

@@ -84,8 +84,43 @@ def config_params(cfg: PipelineConfig, preset: str | None = None) -> dict[str, s
     return params
 
 
+def check_reachable(cfg: PipelineConfig) -> None:
+    """Fails fast, before any training, if an HTTP tracking server does not answer.
+
+    Retries for ``cfg.tracking_wait_seconds`` (a server that is just starting);
+    MLflow's own client would otherwise retry each request for minutes.
+
+    Raises:
+        PipelineError: the server did not answer ``/health`` in time.
+    """
+    import time
+    import urllib.request
+
+    from vit_pipeline.errors import PipelineError
+
+    uri = tracking_uri(cfg)
+    if _is_local(uri):
+        return
+    deadline = time.monotonic() + cfg.tracking_wait_seconds
+    while True:
+        try:
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5) as resp:
+                if resp.status == 200:
+                    return
+                problem = f"HTTP {resp.status}"
+        except OSError as exc:
+            problem = str(getattr(exc, "reason", exc))
+        if time.monotonic() >= deadline:
+            raise PipelineError(
+                f"MLflow tracking server {uri} is unreachable ({problem}) after {cfg.tracking_wait_seconds:g} s; "
+                "nothing was trained. Start it, or set --tracking-uri / MLFLOW_TRACKING_URI."
+            )
+        time.sleep(1.0)
+
+
 def create_run(cfg: PipelineConfig, preset: str | None = None, tags: dict[str, str] | None = None) -> str:
     """Creates a run in the config's experiment, logs every config value; returns its id."""
+    check_reachable(cfg)
     c = client(cfg)
     exp_id = experiment_id(cfg)
     from mlflow.entities import Param, RunTag
@@ -100,6 +135,32 @@ def create_run(cfg: PipelineConfig, preset: str | None = None, tags: dict[str, s
     for i in range(0, len(params), 100):
         c.log_batch(run_id, params=params[i : i + 100])
     c.log_batch(run_id, tags=[RunTag("mlflow.note.content", _note(cfg, preset))])
+    return run_id
+
+
+def resume_run(cfg: PipelineConfig, run_id: str) -> str:
+    """Reopens ``run_id`` after a crash; its config must be the same as ``cfg``.
+
+    Raises:
+        ConfigError: unknown run, or a config value that differs from the run's.
+    """
+    from mlflow.exceptions import MlflowException
+
+    from vit_pipeline.errors import ConfigError
+
+    check_reachable(cfg)
+    c = client(cfg)
+    try:
+        run = c.get_run(run_id)
+    except MlflowException as exc:
+        raise ConfigError(f"Cannot resume: no MLflow run {run_id!r} at {tracking_uri(cfg)}") from exc
+    logged = run.data.params
+    for key, value in config_params(cfg).items():
+        if key in logged and logged[key] != value and key != "run_name":
+            raise ConfigError(
+                f"Cannot resume run {run_id}: {key} differs. Received: {key}={value}, run has {logged[key]}"
+            )
+    c.update_run(run_id, status="RUNNING")
     return run_id
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,8 +30,9 @@ class TrainResult:
     best_epoch: int
     best_val_accuracy: float
     epochs_run: int
-    train_seconds: float
+    train_seconds: float  # this process only
     num_params: int
+    resumed_from_epoch: int = 0  # epochs already done when this process started
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -63,18 +65,75 @@ def compile_model(model, cfg: PipelineConfig, num_classes: int) -> None:
     )
 
 
-def _mlflow_callback(cfg: PipelineConfig, run_id: str):
+class EpochLog:
+    """Per-epoch metrics in ``epochs.jsonl``: the history that survives a crash.
+
+    One JSON line per finished epoch; on resume, a line for an epoch that is
+    trained again is superseded by the newer one.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def read(self) -> dict[int, dict[str, float]]:
+        if not self.path.exists():
+            return {}
+        epochs: dict[int, dict[str, float]] = {}
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a crash
+                continue
+            epochs[int(record.pop("epoch"))] = record
+        return epochs
+
+    def append(self, epoch: int, logs: dict[str, Any]) -> None:
+        record = {"epoch": epoch, **{k: float(v) for k, v in logs.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def history(self) -> dict[str, list[float]]:
+        epochs = self.read()
+        keys = sorted({k for rec in epochs.values() for k in rec})
+        return {k: [epochs[e].get(k, float("nan")) for e in sorted(epochs)] for k in keys}
+
+
+def _callbacks(cfg: PipelineConfig, out_dir: Path, run_id: str | None, epoch_log: EpochLog):
+    """Epoch log, best checkpoint, MLflow and the backup, in that order.
+
+    The backup (``BackupAndRestore``) comes last, so that once it says "epoch N is
+    done" the log, the best checkpoint and MLflow already hold epoch N; a crash
+    costs at most the epoch in progress.
+    """
     import keras
 
     from vit_pipeline import tracking
 
-    class MlflowEpochLogger(keras.callbacks.Callback):
-        """Sends each epoch's metrics to MLflow with step = epoch number."""
+    done = epoch_log.read()
+    best_so_far = max((rec.get(MONITOR, float("-inf")) for rec in done.values()), default=None)
+    logged_steps: set[int] = set()
+    if run_id:
+        logged_steps = {m.step for m in tracking.client(cfg).get_metric_history(run_id, "loss")}
 
+    class Bookkeeping(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
-            tracking.log_epoch_metrics(cfg, run_id, epoch, logs or {})
+            logs = logs or {}
+            epoch_log.append(epoch, logs)
+            # An epoch trained again after a crash keeps its first MLflow values,
+            # so every step has exactly one value.
+            if run_id and epoch not in logged_steps:
+                tracking.log_epoch_metrics(cfg, run_id, epoch, logs)
 
-    return MlflowEpochLogger()
+    if done:
+        log.info("Resuming: %d epochs already done, best %s so far %.4f", len(done), MONITOR, best_so_far)
+    checkpoint = keras.callbacks.ModelCheckpoint(
+        str(out_dir / "best.weights.h5"), monitor=MONITOR, mode="max", save_best_only=True,
+        save_weights_only=True, initial_value_threshold=best_so_far,
+    )  # fmt: skip
+    backup = keras.callbacks.BackupAndRestore(str(out_dir / "backup"), double_checkpoint=True)
+    return [Bookkeeping(), checkpoint, backup]
 
 
 def train(cfg: PipelineConfig, splits: Splits, out_dir: str | Path, run_id: str | None = None) -> TrainResult:
@@ -88,6 +147,9 @@ def train(cfg: PipelineConfig, splits: Splits, out_dir: str | Path, run_id: str 
 
     Returns:
         Paths of the saved ``.keras`` model and history JSON, and summary numbers.
+
+    Called again with the same ``out_dir`` after a crash, it resumes from the last
+    finished epoch (weights, optimizer state, epoch counter, best-so-far).
     """
     import keras
 
@@ -99,22 +161,18 @@ def train(cfg: PipelineConfig, splits: Splits, out_dir: str | Path, run_id: str 
     model = build_vit(cfg, splits.num_classes, splits.input_shape, train_images=splits.x_train)
     compile_model(model, cfg, splits.num_classes)
     best_path = out_dir / "best.weights.h5"
-    callbacks = [
-        keras.callbacks.ModelCheckpoint(
-            str(best_path), monitor=MONITOR, mode="max", save_best_only=True, save_weights_only=True
-        )
-    ]
-    if run_id:
-        callbacks.append(_mlflow_callback(cfg, run_id))
+    epoch_log = EpochLog(out_dir / "epochs.jsonl")
+    callbacks = _callbacks(cfg, out_dir, run_id, epoch_log)
     train_ds = make_dataset(splits.x_train, splits.y_train, cfg.batch_size, True, cfg.seed)
     val_ds = make_dataset(splits.x_val, splits.y_val, cfg.batch_size, False, cfg.seed)
     start = time.perf_counter()
     # shuffle=False: the tf.data pipeline already shuffles (seeded) each epoch.
-    history = model.fit(
+    resumed_from = len(epoch_log.read())
+    model.fit(
         train_ds, validation_data=val_ds, epochs=cfg.epochs, callbacks=callbacks, verbose=2, shuffle=False
     )
     seconds = time.perf_counter() - start
-    hist = {k: [float(v) for v in vals] for k, vals in history.history.items()}
+    hist = epoch_log.history()  # every epoch, also those before a crash
     best_epoch = int(np.argmax(hist[MONITOR]))
     model.load_weights(str(best_path))
     model_path = out_dir / "model.keras"
@@ -132,4 +190,5 @@ def train(cfg: PipelineConfig, splits: Splits, out_dir: str | Path, run_id: str 
         epochs_run=len(hist[MONITOR]),
         train_seconds=seconds,
         num_params=int(model.count_params()),
+        resumed_from_epoch=resumed_from,
     )

@@ -1,0 +1,97 @@
+"""Crash and resume, and a tracking server that is down: real processes, real signals."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import TINY, free_port
+
+BIN = Path(sys.executable).parent
+
+
+def _args(uri: str, epochs: int) -> list[str]:
+    opts = []
+    for key, value in {**TINY, "epochs": epochs, "batch_size": 64}.items():
+        opts += [
+            f"--{key.replace('_', '-')}",
+            ",".join(map(str, value)) if isinstance(value, tuple) else str(value),
+        ]
+    return [str(BIN / "vit-pipeline"), "train", "--preset", "quickstart", *opts, "--tracking-uri", uri]
+
+
+def test_sigkill_mid_training_then_resume(tmp_path):
+    home = tmp_path / "home"
+    env = {**os.environ, "VIT_PIPELINE_HOME": str(home), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    epochs = 8
+    proc = subprocess.Popen(
+        _args(uri, epochs), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    meta = None
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        found = list(home.glob("work/*/backup/training_metadata.json"))
+        if found:
+            try:
+                meta = json.loads(found[0].read_text())
+            except (json.JSONDecodeError, OSError):
+                meta = None
+            if meta and meta["epoch"] >= 1:
+                proc.send_signal(signal.SIGKILL)
+                break
+        time.sleep(0.05)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, "training finished before it could be killed"
+    run_id = found[0].parents[1].name
+    killed_at = json.loads(found[0].read_text())["epoch"]
+    assert 1 <= killed_at < epochs
+
+    resumed = subprocess.run([*_args(uri, epochs), "--resume", run_id], env=env, capture_output=True, text=True,
+                             timeout=300)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    result = json.loads(resumed.stdout[resumed.stdout.index("{") :])
+    assert result["mlflow_run_id"] == run_id
+    assert result["epochs_run"] == epochs and 1 <= result["resumed_from_epoch"] <= killed_at + 1
+    history = json.loads(Path(result["history_path"]).read_text())
+    assert len(history["loss"]) == epochs
+    client = MlflowClient(tracking_uri=uri)
+    for key in ("loss", "val_accuracy"):
+        steps = [m.step for m in client.get_metric_history(run_id, key)]
+        assert sorted(steps) == list(range(epochs)), (key, steps)  # one value per epoch
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.metrics["resumed_from_epoch"] >= 1
+    assert not (home / "work" / run_id / "backup").exists()  # removed after a completed fit
+
+
+def test_resume_refuses_a_different_config(tmp_path):
+    env = {**os.environ, "VIT_PIPELINE_HOME": str(tmp_path / "home"), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    from vit_pipeline import tracking
+    from vit_pipeline.config import make_config
+
+    run_id = tracking.create_run(make_config("quickstart", {"tracking_uri": uri, "epochs": 3}), "quickstart")
+    out = subprocess.run([str(BIN / "vit-pipeline"), "train", "--epochs", "4", "--tracking-uri", uri, "--resume",
+                          run_id], env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 2
+    assert f"Cannot resume run {run_id}: epochs differs. Received: epochs=4, run has 3" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_tracking_server_down_at_start_fails_fast(tmp_path):
+    env = {**os.environ, "VIT_PIPELINE_HOME": str(tmp_path / "home"), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    uri = f"http://127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    out = subprocess.run([str(BIN / "vit-pipeline"), "train", "--tracking-uri", uri, "--tracking-wait-seconds",
+                          "1"], env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 1
+    lines = [line for line in out.stderr.splitlines() if line.startswith("Error:")]
+    assert lines and "is unreachable" in lines[0] and "nothing was trained" in lines[0]
+    assert "Traceback" not in out.stderr
+    assert time.monotonic() - started < 60
+    assert not list((tmp_path / "home").glob("work/*"))  # nothing half-written
