@@ -90,7 +90,6 @@ def train_pipeline(
         run_id = tracking.resume_run(cfg, resume_run_id)
     else:
         run_id = tracking.create_run(cfg, preset, _prefect_tags())
-    client = tracking.client(cfg)
     try:
         source = fetch_data(cfg_dict)
         prepared = prepare_data(cfg_dict, run_id, source)
@@ -106,7 +105,7 @@ def train_pipeline(
             cfg_dict, run_id, prepared["data_path"], trained["model_path"], exported["fp32_path"]
         )
     except BaseException:
-        client.set_terminated(run_id, "FAILED")
+        tracking.finish_run(cfg, run_id, "FAILED")
         raise
     result = {
         "mlflow_run_id": run_id,
@@ -125,7 +124,7 @@ def train_pipeline(
         markdown=summary.run_markdown(cfg, preset, result, prepared["summary"]),
         description="ViT training run summary",
     )
-    client.set_terminated(run_id, "FINISHED")
+    tracking.finish_run(cfg, run_id, "FINISHED")
     print(
         f"MLflow run {run_id}: test accuracy {result['test_accuracy']:.4f}, "
         f"top-5 {result['test_top5_accuracy']:.4f} -> {result['mlflow_run_url']}"

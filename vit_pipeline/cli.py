@@ -147,7 +147,7 @@ def train(resume_run_id: str | None, **kwargs) -> None:
         trained = stages.train_stage(cfg, run_id, prepared["data_path"])
         status = "FINISHED"
     finally:
-        tracking.client(cfg).set_terminated(run_id, status)
+        tracking.finish_run(cfg, run_id, status)
     click.echo(json.dumps({"mlflow_run_id": run_id, "data_path": prepared["data_path"], **trained}, indent=2))
 
 
@@ -173,7 +173,7 @@ def evaluate(model_path: str, **kwargs) -> None:
         result = stages.evaluate_stage(cfg, run_id, prepared["data_path"], model_path, None)
         status = "FINISHED"
     finally:
-        tracking.client(cfg).set_terminated(run_id, status)
+        tracking.finish_run(cfg, run_id, status)
     click.echo(json.dumps({"mlflow_run_id": run_id, **result}, indent=2))
 
 

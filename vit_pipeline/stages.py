@@ -80,7 +80,9 @@ def train_stage(cfg: PipelineConfig | dict[str, Any], run_id: str, data_path: st
 
     cfg = _cfg(cfg)
     splits = data.Splits.load(data_path)
-    result = train(cfg, splits, tracking.work_dir(run_id), run_id=run_id)
+    out = tracking.work_dir(run_id)
+    result = train(cfg, splits, out, run_id=run_id)
+    _sync_or_fail(cfg, run_id, out, result.model_path)
     with tracking.open_run(cfg, run_id):
         mlflow.log_metrics(
             {
@@ -108,6 +110,24 @@ def train_stage(cfg: PipelineConfig | dict[str, Any], run_id: str, data_path: st
             pip_requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"],
         )
     return result.to_dict()
+
+
+def _sync_or_fail(cfg: PipelineConfig, run_id: str, out: Path, model_path: str) -> None:
+    """Sends epochs MLflow missed while it was away; fails clearly if it is still away."""
+    from vit_pipeline.errors import PipelineError
+    from vit_pipeline.train import EpochLog
+
+    epochs = EpochLog(out / "epochs.jsonl").read()
+    try:
+        tracking.check_reachable(cfg)
+        sent = tracking.sync_epochs(cfg, run_id, epochs)
+    except Exception as exc:
+        raise PipelineError(
+            f"Training finished (model: {model_path}; per-epoch metrics: {out / 'epochs.jsonl'}) but MLflow at "
+            f"{tracking.tracking_uri(cfg)} is unreachable; rerun with --resume {run_id} to upload without training again"
+        ) from exc
+    if sent:
+        log.warning("Sent epochs %s to MLflow after it was away", sent)
 
 
 def evaluate_stage(
@@ -335,7 +355,7 @@ def benchmark_champion_stage(champion: dict, tracking_uri: str | None, options: 
                 mlflow.log_artifact(str(files[key]), "benchmark")
         status = "FINISHED"
     finally:
-        tracking.client(cfg).set_terminated(run_id, status)
+        tracking.finish_run(cfg, run_id, status)
     rows = [{"backend": r.backend, "provider": r.provider, "variant": r.variant, "batch": r.batch_size,
              "img_per_s": round(r.throughput_ips, 1), "p50_ms": round(r.latency_ms.p50, 3)}
             for r in report.results]  # fmt: skip

@@ -156,12 +156,17 @@ def resume_run(cfg: PipelineConfig, run_id: str) -> str:
         raise ConfigError(f"Cannot resume: no MLflow run {run_id!r} at {tracking_uri(cfg)}") from exc
     logged = run.data.params
     for key, value in config_params(cfg).items():
-        if key in logged and logged[key] != value and key != "run_name":
+        if key in logged and logged[key] != value and not _operational(key):
             raise ConfigError(
                 f"Cannot resume run {run_id}: {key} differs. Received: {key}={value}, run has {logged[key]}"
             )
     c.update_run(run_id, status="RUNNING")
     return run_id
+
+
+def _operational(field: str) -> bool:
+    """Fields that may change between a crash and its resume (they do not touch the model)."""
+    return field in ("tracking_uri", "tracking_wait_seconds", "run_name") or field.startswith("benchmark_")
 
 
 def _note(cfg: PipelineConfig, preset: str | None) -> str:
@@ -207,6 +212,45 @@ def log_epoch_metrics(cfg: PipelineConfig, run_id: str, epoch: int, logs: dict[s
     now = int(time.time() * 1000)
     metrics = [Metric(k, float(v), now, epoch) for k, v in logs.items() if _is_number(v)]
     client(cfg).log_batch(run_id, metrics=metrics)
+
+
+def finish_run(cfg: PipelineConfig, run_id: str, status: str) -> None:
+    """Marks the run FINISHED/FAILED; a tracking server that is away only gets a warning.
+
+    (The run stays RUNNING there; ``--resume`` closes it later.)
+    """
+    import logging
+
+    try:
+        client(cfg).set_terminated(run_id, status)
+    except Exception as exc:  # MLflow raises several types for connection errors
+        logging.getLogger(__name__).warning("Could not mark run %s %s: %s", run_id, status, exc)
+
+
+def server_up(cfg: PipelineConfig, timeout: float = 2.0) -> bool:
+    """Quick health probe; local stores are always up."""
+    import urllib.request
+
+    uri = tracking_uri(cfg)
+    if _is_local(uri):
+        return True
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
+
+
+def sync_epochs(cfg: PipelineConfig, run_id: str, epochs: dict[int, dict[str, float]]) -> list[int]:
+    """Sends the epochs MLflow does not have yet (step = epoch); returns what was sent.
+
+    Used after the tracking server was away: the epoch log on disk is the truth.
+    """
+    have = {m.step for m in client(cfg).get_metric_history(run_id, "loss")}
+    missing = [e for e in sorted(epochs) if e not in have]
+    for epoch in missing:
+        log_epoch_metrics(cfg, run_id, epoch, epochs[epoch])
+    return missing
 
 
 def _is_number(value: Any) -> bool:

@@ -118,13 +118,37 @@ def _callbacks(cfg: PipelineConfig, out_dir: Path, run_id: str | None, epoch_log
         logged_steps = {m.step for m in tracking.client(cfg).get_metric_history(run_id, "loss")}
 
     class Bookkeeping(keras.callbacks.Callback):
+        """Epoch log first (the truth on disk), then MLflow if it answers.
+
+        A tracking server that went away never stops training: the epoch stays in
+        ``epochs.jsonl`` and is sent later (next epoch, end of training, or
+        ``--resume``), each step once.
+        """
+
         def on_epoch_end(self, epoch, logs=None):
             logs = logs or {}
             epoch_log.append(epoch, logs)
+            if not run_id:
+                return
             # An epoch trained again after a crash keeps its first MLflow values,
             # so every step has exactly one value.
-            if run_id and epoch not in logged_steps:
-                tracking.log_epoch_metrics(cfg, run_id, epoch, logs)
+            if epoch not in logged_steps:
+                pending.append(epoch)
+            if pending and tracking.server_up(cfg):
+                try:
+                    records = epoch_log.read()
+                    for step in list(pending):
+                        tracking.log_epoch_metrics(cfg, run_id, step, records[step])
+                        logged_steps.add(step)
+                        pending.remove(step)
+                except Exception as exc:  # server dropped mid-request; keep training
+                    log.warning(
+                        "MLflow logging failed (%s); epochs %s kept in %s", exc, pending, epoch_log.path
+                    )
+            elif pending:
+                log.warning("MLflow unreachable; epochs %s kept in %s for later", pending, epoch_log.path)
+
+    pending: list[int] = []
 
     if done:
         log.info("Resuming: %d epochs already done, best %s so far %.4f", len(done), MONITOR, best_so_far)
@@ -134,6 +158,18 @@ def _callbacks(cfg: PipelineConfig, out_dir: Path, run_id: str | None, epoch_log
     )  # fmt: skip
     backup = keras.callbacks.BackupAndRestore(str(out_dir / "backup"), double_checkpoint=True)
     return [Bookkeeping(), checkpoint, backup]
+
+
+def _finished(cfg: PipelineConfig, out_dir: Path) -> TrainResult | None:
+    """The result of a training that already completed in ``out_dir``, if any."""
+    result_path = out_dir / "train_result.json"
+    if not result_path.exists() or not (out_dir / "model.keras").exists():
+        return None
+    result = TrainResult(**json.loads(result_path.read_text()))
+    if result.epochs_run != cfg.epochs:
+        return None
+    log.info("Training already completed in %s; not training again", out_dir)
+    return TrainResult(**{**result.to_dict(), "resumed_from_epoch": result.epochs_run, "train_seconds": 0.0})
 
 
 def train(cfg: PipelineConfig, splits: Splits, out_dir: str | Path, run_id: str | None = None) -> TrainResult:
@@ -157,6 +193,9 @@ def train(cfg: PipelineConfig, splits: Splits, out_dir: str | Path, run_id: str 
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    finished = _finished(cfg, out_dir)
+    if finished is not None:  # resumed after training completed (e.g. MLflow was down at the end)
+        return finished
     keras.utils.set_random_seed(cfg.seed)
     model = build_vit(cfg, splits.num_classes, splits.input_shape, train_images=splits.x_train)
     compile_model(model, cfg, splits.num_classes)
@@ -182,7 +221,7 @@ def train(cfg: PipelineConfig, splits: Splits, out_dir: str | Path, run_id: str 
     with atomic_path(history_path) as tmp:
         tmp.write_text(json.dumps(hist, indent=1))
     log.info("Best %s %.4f at epoch %d", MONITOR, hist[MONITOR][best_epoch], best_epoch + 1)
-    return TrainResult(
+    result = TrainResult(
         model_path=str(model_path),
         history_path=str(history_path),
         best_epoch=best_epoch,
@@ -192,3 +231,6 @@ def train(cfg: PipelineConfig, splits: Splits, out_dir: str | Path, run_id: str 
         num_params=int(model.count_params()),
         resumed_from_epoch=resumed_from,
     )
+    with atomic_path(out_dir / "train_result.json") as tmp:
+        tmp.write_text(json.dumps(result.to_dict(), indent=1))
+    return result

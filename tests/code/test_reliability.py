@@ -95,3 +95,63 @@ def test_tracking_server_down_at_start_fails_fast(tmp_path):
     assert "Traceback" not in out.stderr
     assert time.monotonic() - started < 60
     assert not list((tmp_path / "home").glob("work/*"))  # nothing half-written
+
+
+def _mlflow_server(port: int, root: Path):
+    return subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "art"),
+         "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+
+
+def _kill(proc) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+def test_tracking_server_killed_mid_training(tmp_path):
+    from tests.conftest import wait_for_http
+
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = _mlflow_server(port, tmp_path)
+    env = {**os.environ, "VIT_PIPELINE_HOME": str(tmp_path / "home"), "TF_CPP_MIN_LOG_LEVEL": "2",
+           "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}  # fmt: skip
+    epochs = 30  # tiny epochs take well under a second: leave time to pull the plug
+    try:
+        wait_for_http(f"{uri}/health", server, timeout=90)
+        proc = subprocess.Popen([*_args(uri, epochs), "--tracking-wait-seconds", "2"], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        client = MlflowClient(tracking_uri=uri)
+        run_id, deadline = None, time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            if run_id is None:
+                exp = client.get_experiment_by_name("vit-digits")
+                runs = client.search_runs([exp.experiment_id]) if exp else []
+                run_id = runs[0].info.run_id if runs else None
+            if run_id and len(client.get_metric_history(run_id, "loss")) >= 2:
+                _kill(server)  # the tracking server goes away after epoch 2
+                break
+            time.sleep(0.2)
+        assert server.poll() is not None, "training ended before the server could be stopped"
+        out, err = proc.communicate(timeout=300)
+        # Training went on to the end, then said clearly what happened.
+        assert proc.returncode == 1, err[-2000:]
+        assert "Training finished" in err and f"--resume {run_id}" in err and "Traceback" not in err
+        epoch_log = tmp_path / "home" / "work" / run_id / "epochs.jsonl"
+        assert len(epoch_log.read_text().splitlines()) == epochs
+        # Server back: resume uploads the missing epochs without training again.
+        server = _mlflow_server(port, tmp_path)
+        wait_for_http(f"{uri}/health", server, timeout=90)
+        resumed = subprocess.run([*_args(uri, epochs), "--resume", run_id], env=env, capture_output=True,
+                                 text=True, timeout=300)  # fmt: skip
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        result = json.loads(resumed.stdout[resumed.stdout.index("{") :])
+        assert result["resumed_from_epoch"] == epochs and result["train_seconds"] == 0.0
+        steps = [m.step for m in MlflowClient(tracking_uri=uri).get_metric_history(run_id, "loss")]
+        assert sorted(steps) == list(range(epochs))
+    finally:
+        _kill(server)
