@@ -58,6 +58,10 @@ def _setup_logging() -> str:
     logs = home() / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     path = logs / "vit-pipeline.log"
+    for old in [h for h in log.handlers if isinstance(h, logging.FileHandler)]:
+        if old.baseFilename != str(path.resolve()):  # another home in the same process
+            log.removeHandler(old)
+            old.close()
     if not any(isinstance(h, logging.FileHandler) for h in log.handlers):
         handler = logging.FileHandler(path)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))

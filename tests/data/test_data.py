@@ -184,3 +184,72 @@ def test_splits_round_trip(tmp_path):
     again = data.Splits.load(path)
     assert again.digest() == splits.digest() and again.class_names == splits.class_names
     assert not list(tmp_path.glob(".*tmp*"))  # no temp files left behind
+
+
+def _bad_inputs(tmp_path):
+    """name -> (data_path, dataset, expected message), each a different kind of bad input."""
+    cases = {}
+    cases["missing"] = (tmp_path / "nope.tar.gz", "cifar100", "does not exist")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases["empty_folder"] = (empty, "image_folder", "no class sub-folders")
+    no_images = tmp_path / "noimg"
+    (no_images / "cat").mkdir(parents=True)
+    (no_images / "cat" / "notes.txt").write_text("not an image")
+    cases["class_without_images"] = (no_images, "image_folder", "has no readable images")
+    good = write_cifar_tar(tmp_path / "good.tar.gz").read_bytes()
+    (tmp_path / "trunc.tar.gz").write_bytes(good[: len(good) // 3])
+    cases["truncated"] = (tmp_path / "trunc.tar.gz", "cifar100", "truncated or corrupt")
+    cases["no_members"] = (write_cifar_tar(tmp_path / "nm.tar.gz", skip=("meta",)), "cifar100", "lacks")
+    members = cifar_members()
+    members["test"] = pickle.dumps({b"data": _Boom()}, protocol=4)
+    cases["pickle_payload"] = (
+        write_cifar_tar(tmp_path / "evil.tar.gz", members),
+        "cifar100",
+        "Refusing to load",
+    )
+    members = cifar_members()
+    members["test"][b"fine_labels"][0] = 99
+    cases["label_range"] = (write_cifar_tar(tmp_path / "lab.tar.gz", members), "cifar100", "labels in [0, 5)")
+    return cases
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing",
+        "empty_folder",
+        "class_without_images",
+        "truncated",
+        "no_members",
+        "pickle_payload",
+        "label_range",
+    ],
+)
+def test_bad_input_on_the_cli_is_one_line_and_writes_nothing(tmp_path, pipeline_home, case):
+    import os
+
+    from click.testing import CliRunner
+    from mlflow.tracking import MlflowClient
+
+    from vit_pipeline.cli import main
+
+    marker = "/tmp/vit_pipeline_pwned_marker"
+    if os.path.exists(marker):
+        os.remove(marker)
+    path, dataset, message = _bad_inputs(tmp_path)[case]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = CliRunner().invoke(main, ["train", "--dataset", dataset, "--data-path", str(path), "--epochs", "1",
+                                       "--tracking-uri", uri])  # fmt: skip
+    assert result.exit_code == 1, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and message in errors[0]
+    assert "Traceback" not in result.output
+    assert (
+        "Traceback" in (pipeline_home / "logs" / "vit-pipeline.log").read_text()
+    )  # the full trace is logged
+    assert not list(pipeline_home.glob("work/*/*"))  # no prepared data, checkpoint or model
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert [r.info.status for r in runs] == ["FAILED"] and client.search_registered_models() == []
+    assert not os.path.exists(marker)
