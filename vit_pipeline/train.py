@@ -152,10 +152,25 @@ def _callbacks(cfg: PipelineConfig, out_dir: Path, run_id: str | None, epoch_log
 
     if done:
         log.info("Resuming: %d epochs already done, best %s so far %.4f", len(done), MONITOR, best_so_far)
-    checkpoint = keras.callbacks.ModelCheckpoint(
-        str(out_dir / "best.weights.h5"), monitor=MONITOR, mode="max", save_best_only=True,
-        save_weights_only=True, initial_value_threshold=best_so_far,
-    )  # fmt: skip
+
+    class BestWeights(keras.callbacks.Callback):
+        """Best-validation weights, written atomically (temp file, then rename)."""
+
+        def __init__(self, path: Path, best: float | None):
+            super().__init__()
+            self.path, self.best = path, best
+
+        def on_epoch_end(self, epoch, logs=None):
+            value = (logs or {}).get(MONITOR)
+            if value is None or (self.best is not None and value <= self.best):
+                return
+            self.best = float(value)
+            # Keras wants the name to end in .weights.h5; the temp file sits beside the target.
+            tmp = self.path.with_name(f".tmp-{os.getpid()}-{self.path.name}")
+            self.model.save_weights(str(tmp), overwrite=True)
+            os.replace(tmp, self.path)
+
+    checkpoint = BestWeights(out_dir / "best.weights.h5", best_so_far)
     backup = keras.callbacks.BackupAndRestore(str(out_dir / "backup"), double_checkpoint=True)
     return [Bookkeeping(), checkpoint, backup]
 
