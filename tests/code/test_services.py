@@ -126,3 +126,57 @@ def test_deploy_schedule_worker_and_smoke_run(services):
         f"{api}/artifacts/filter", json={"artifacts": {"key": {"any_": ["train-pipeline-summary"]}}}
     ).json()
     assert any(f"{env['MLFLOW_TRACKING_URI']}/#/experiments/" in a["data"] for a in artifacts)
+
+
+def test_flow_resumes_after_the_worker_dies(services):
+    """Kill the worker (and its flow run) mid-training; a new run with resume_run_id finishes the job."""
+    from mlflow.tracking import MlflowClient
+
+    env, procs, logs, root = services
+    _cli(["work-pool", "create", "vit-pipeline", "--type", "process", "--overwrite"], env)
+    _cli(["--no-prompt", "deploy", "--name", "quickstart-smoke"], env)
+    epochs = 25
+    overrides = {
+        "epochs": epochs,
+        "benchmark_batch_sizes": [1],
+        "benchmark_seconds": 0.05,
+        "benchmark_rounds": 1,
+    }
+    worker = _start([str(BIN / "prefect"), "worker", "start", "--pool", "vit-pipeline"], env, logs["worker"])
+    before = set((root / "vit" / "work").glob("*"))
+    _cli(
+        [
+            "deployment",
+            "run",
+            "train-pipeline/quickstart-smoke",
+            "--param",
+            f"overrides={json.dumps(overrides)}",
+        ],
+        env,
+    )
+    deadline, meta = time.monotonic() + 300, None
+    while time.monotonic() < deadline and meta is None:
+        for path in (root / "vit" / "work").glob("*/backup/training_metadata.json"):
+            if path.parents[1] not in before:
+                try:
+                    if json.loads(path.read_text())["epoch"] >= 2:
+                        meta = path
+                except (json.JSONDecodeError, OSError):
+                    pass
+        time.sleep(0.1)
+    assert meta is not None, "training never reached epoch 2"
+    _stop(worker)  # SIGTERM to the worker's process group: the flow run dies with it
+    run_id = meta.parents[1].name
+    done = len((meta.parents[1] / "epochs.jsonl").read_text().splitlines())
+    assert 2 <= done < epochs
+
+    worker = _start([str(BIN / "prefect"), "worker", "start", "--pool", "vit-pipeline"], env, logs["worker"])
+    procs.append(worker)
+    out = _cli(["deployment", "run", "train-pipeline/quickstart-smoke", "--param", f"overrides={json.dumps(overrides)}",
+                "--param", f"resume_run_id={run_id}", "--watch", "--watch-timeout", "600"], env, timeout=660)  # fmt: skip
+    assert "Completed" in out
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.metrics["resumed_from_epoch"] >= 2
+    steps = [m.step for m in client.get_metric_history(run_id, "loss")]
+    assert sorted(steps) == list(range(epochs))
