@@ -29,7 +29,20 @@ def prepare_data(cfg: dict, run_id: str, source_path: str | None) -> dict:
     return stages.prepare_stage(cfg, run_id, source_path)
 
 
-@task(name="train", cache_policy=NO_CACHE)
+def tracking_was_down(task, task_run, state) -> bool:
+    """Retry only when MLflow was away: a retry resumes, it does not train again."""
+    from mlflow.exceptions import MlflowException
+
+    from vit_pipeline.errors import TrackingUnavailable
+
+    exc = state.result(raise_on_failure=False)
+    return isinstance(exc, TrackingUnavailable | MlflowException | ConnectionError)
+
+
+# A retry of train resumes from the last finished epoch (or, if training had
+# finished, only uploads what MLflow missed), so it costs at most one epoch.
+@task(name="train", retries=2, retry_delay_seconds=[30, 120], retry_condition_fn=tracking_was_down,
+      cache_policy=NO_CACHE)  # fmt: skip
 def train_model(cfg: dict, run_id: str, data_path: str) -> dict:
     return stages.train_stage(cfg, run_id, data_path)
 

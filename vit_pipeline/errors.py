@@ -11,3 +11,7 @@ class ConfigError(PipelineError, ValueError):
 
 class DataError(PipelineError, ValueError):
     """Missing, unreadable, corrupt or inconsistent data."""
+
+
+class TrackingUnavailable(PipelineError):
+    """The MLflow tracking server did not answer (worth retrying later)."""

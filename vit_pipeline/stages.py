@@ -114,7 +114,7 @@ def train_stage(cfg: PipelineConfig | dict[str, Any], run_id: str, data_path: st
 
 def _sync_or_fail(cfg: PipelineConfig, run_id: str, out: Path, model_path: str) -> None:
     """Sends epochs MLflow missed while it was away; fails clearly if it is still away."""
-    from vit_pipeline.errors import PipelineError
+    from vit_pipeline.errors import TrackingUnavailable
     from vit_pipeline.train import EpochLog
 
     epochs = EpochLog(out / "epochs.jsonl").read()
@@ -122,7 +122,7 @@ def _sync_or_fail(cfg: PipelineConfig, run_id: str, out: Path, model_path: str) 
         tracking.check_reachable(cfg)
         sent = tracking.sync_epochs(cfg, run_id, epochs)
     except Exception as exc:
-        raise PipelineError(
+        raise TrackingUnavailable(
             f"Training finished (model: {model_path}; per-epoch metrics: {out / 'epochs.jsonl'}) but MLflow at "
             f"{tracking.tracking_uri(cfg)} is unreachable; rerun with --resume {run_id} to upload without training again"
         ) from exc

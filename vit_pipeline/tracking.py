@@ -91,12 +91,12 @@ def check_reachable(cfg: PipelineConfig) -> None:
     MLflow's own client would otherwise retry each request for minutes.
 
     Raises:
-        PipelineError: the server did not answer ``/health`` in time.
+        TrackingUnavailable: the server did not answer ``/health`` in time.
     """
     import time
     import urllib.request
 
-    from vit_pipeline.errors import PipelineError
+    from vit_pipeline.errors import TrackingUnavailable
 
     uri = tracking_uri(cfg)
     if _is_local(uri):
@@ -111,7 +111,7 @@ def check_reachable(cfg: PipelineConfig) -> None:
         except OSError as exc:
             problem = str(getattr(exc, "reason", exc))
         if time.monotonic() >= deadline:
-            raise PipelineError(
+            raise TrackingUnavailable(
                 f"MLflow tracking server {uri} is unreachable ({problem}) after {cfg.tracking_wait_seconds:g} s; "
                 "nothing was trained. Start it, or set --tracking-uri / MLFLOW_TRACKING_URI."
             )

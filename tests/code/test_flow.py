@@ -143,3 +143,30 @@ def test_invalid_override_fails_before_any_run(prefect_server, tmp_path):
     with pytest.raises(ConfigError, match="patch_size=7"):
         train_pipeline(preset="cifar100", overrides={"patch_size": 7, "tracking_uri": uri})
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_train_task_retries_only_when_tracking_was_down(prefect_server):
+    from prefect import flow, task
+
+    from flows.train_pipeline import tracking_was_down
+    from vit_pipeline.errors import TrackingUnavailable
+
+    calls = {"down": 0, "bug": 0}
+
+    @task(retries=2, retry_delay_seconds=0, retry_condition_fn=tracking_was_down)
+    def flaky(kind: str) -> str:
+        calls[kind] += 1
+        if kind == "down" and calls[kind] == 1:
+            raise TrackingUnavailable("MLflow tracking server is unreachable")
+        if kind == "bug":
+            raise ValueError("a bug: retrying would not help")
+        return "ok"
+
+    @flow
+    def both() -> str:
+        assert flaky("down") == "ok"
+        return flaky("bug")
+
+    with pytest.raises(ValueError, match="a bug"):
+        both()
+    assert calls == {"down": 2, "bug": 1}
