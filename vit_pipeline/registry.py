@@ -42,12 +42,12 @@ class Registration:
         return asdict(self)
 
 
-def current_champion(client, name: str):
-    """The version holding the ``champion`` alias, or None."""
+def current_champion(client, name: str, alias: str = CHAMPION):
+    """The version holding ``alias`` (default ``champion``), or None."""
     from mlflow.exceptions import MlflowException
 
     try:
-        return client.get_model_version_by_alias(name, CHAMPION)
+        return client.get_model_version_by_alias(name, alias)
     except MlflowException:
         return None
 

@@ -298,14 +298,7 @@ def champion_stage(model_name: str, alias: str, tracking_uri: str | None) -> dic
 
     cfg = make_config("quickstart", {"tracking_uri": tracking_uri})
     client = tracking.client(cfg)
-    version = current_champion(client, model_name) if alias == "champion" else None
-    if alias != "champion":
-        from mlflow.exceptions import MlflowException
-
-        try:
-            version = client.get_model_version_by_alias(model_name, alias)
-        except MlflowException:
-            version = None
+    version = current_champion(client, model_name, alias)
     if version is None:
         raise PipelineError(f"No version of {model_name!r} holds the alias {alias!r}")
     return {"name": model_name, "version": str(version.version), "run_id": version.run_id,
