@@ -247,10 +247,13 @@ def benchmark(model_path, preset, keras_path, eval_data, eval_images, batch_size
     from pathlib import Path
 
     from vit_pipeline import benchmark as bench
-    from vit_pipeline.config import coerce
+    from vit_pipeline.config import parse_int_list
     from vit_pipeline.errors import DataError
 
-    sizes = coerce("mlp_head_units", batch_sizes)  # a list of positive ints, same parsing
+    try:
+        sizes = parse_int_list(batch_sizes)
+    except (TypeError, ValueError):
+        sizes = ()
     if not sizes or min(sizes) < 1:
         raise ConfigError(f"Expected positive batch sizes. Received: batch_sizes={batch_sizes!r}")
     names = tuple(v.strip() for v in variants.split(",") if v.strip())

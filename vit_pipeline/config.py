@@ -232,11 +232,7 @@ def coerce(name: str, value: Any) -> Any:
         raise ConfigError(f"Expected a value for {name}. Received: {name}=None")
     try:
         if typing.get_origin(tp) is tuple:
-            if isinstance(value, str):
-                parts = [p for p in value.replace(" ", "").strip("[]()").split(",") if p]
-            else:
-                parts = list(value)
-            return tuple(int(p) for p in parts)
+            return parse_int_list(value)
         if tp is int:
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError
@@ -254,6 +250,15 @@ def coerce(name: str, value: Any) -> Any:
     else:
         raise AssertionError(f"unhandled type {tp} for {name}")
     raise ConfigError(f"Expected {name} to be of type {_type_label(tp)}. Received: {name}={value!r}")
+
+
+def parse_int_list(value: Any) -> tuple[int, ...]:
+    """``"2048, 1024"``, ``"[1,8]"`` or a sequence -> a tuple of ints (ValueError otherwise)."""
+    if isinstance(value, str):
+        parts = [p for p in value.replace(" ", "").strip("[]()").split(",") if p]
+    else:
+        parts = list(value)
+    return tuple(int(p) for p in parts)
 
 
 def _type_label(tp: Any) -> str:

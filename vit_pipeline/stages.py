@@ -269,13 +269,17 @@ def benchmark_stage(
         mlflow.log_metrics(metrics)
         for key in ("json", "markdown", "plot"):
             mlflow.log_artifact(str(files[key]), "benchmark")
-    rows = [
+    return {"report_path": str(files["json"]), "rows": _table_rows(report), "ratios": report.ratios()}
+
+
+def _table_rows(report) -> list[dict[str, Any]]:
+    """The benchmark as rows for a Prefect table artifact."""
+    return [
         {"backend": r.backend, "provider": r.provider, "variant": r.variant, "batch": r.batch_size,
          "p50_ms": round(r.latency_ms.p50, 3), "p99_ms": round(r.latency_ms.p99, 3),
          "img_per_s": round(r.throughput_ips, 1), "top1": r.top1, "agreement": r.top1_agreement}
         for r in report.results
     ]  # fmt: skip
-    return {"report_path": str(files["json"]), "rows": rows, "ratios": report.ratios()}
 
 
 def register_stage(
@@ -349,7 +353,4 @@ def benchmark_champion_stage(champion: dict, tracking_uri: str | None, options: 
         status = "FINISHED"
     finally:
         tracking.finish_run(cfg, run_id, status)
-    rows = [{"backend": r.backend, "provider": r.provider, "variant": r.variant, "batch": r.batch_size,
-             "img_per_s": round(r.throughput_ips, 1), "p50_ms": round(r.latency_ms.p50, 3)}
-            for r in report.results]  # fmt: skip
-    return {"mlflow_run_id": run_id, "rows": rows, "ratios": report.ratios()}
+    return {"mlflow_run_id": run_id, "rows": _table_rows(report), "ratios": report.ratios()}

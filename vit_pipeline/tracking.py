@@ -94,28 +94,31 @@ def check_reachable(cfg: PipelineConfig) -> None:
         TrackingUnavailable: the server did not answer ``/health`` in time.
     """
     import time
-    import urllib.request
 
     from vit_pipeline.errors import TrackingUnavailable
 
     uri = tracking_uri(cfg)
-    if _is_local(uri):
-        return
     deadline = time.monotonic() + cfg.tracking_wait_seconds
-    while True:
-        try:
-            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5) as resp:
-                if resp.status == 200:
-                    return
-                problem = f"HTTP {resp.status}"
-        except OSError as exc:
-            problem = str(getattr(exc, "reason", exc))
+    while (problem := _health_problem(uri, timeout=5.0)) is not None:
         if time.monotonic() >= deadline:
             raise TrackingUnavailable(
                 f"MLflow tracking server {uri} is unreachable ({problem}) after {cfg.tracking_wait_seconds:g} s; "
                 "nothing was trained. Start it, or set --tracking-uri / MLFLOW_TRACKING_URI."
             )
         time.sleep(1.0)
+
+
+def _health_problem(uri: str, timeout: float) -> str | None:
+    """None if the store answers (local stores always do), else what went wrong."""
+    import urllib.request
+
+    if _is_local(uri):
+        return None
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as resp:
+            return None if resp.status == 200 else f"HTTP {resp.status}"
+    except OSError as exc:
+        return str(getattr(exc, "reason", exc))
 
 
 def create_run(cfg: PipelineConfig, preset: str | None = None, tags: dict[str, str] | None = None) -> str:
@@ -229,16 +232,7 @@ def finish_run(cfg: PipelineConfig, run_id: str, status: str) -> None:
 
 def server_up(cfg: PipelineConfig, timeout: float = 2.0) -> bool:
     """Quick health probe; local stores are always up."""
-    import urllib.request
-
-    uri = tracking_uri(cfg)
-    if _is_local(uri):
-        return True
-    try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as resp:
-            return resp.status == 200
-    except OSError:
-        return False
+    return _health_problem(tracking_uri(cfg), timeout) is None
 
 
 def sync_epochs(cfg: PipelineConfig, run_id: str, epochs: dict[int, dict[str, float]]) -> list[int]:
