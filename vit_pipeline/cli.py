@@ -130,6 +130,27 @@ def run(resume_run_id: str | None, **kwargs) -> None:
     click.echo(json.dumps(result, indent=2))
 
 
+@main.command("proxy-experiment")
+@click.option("--data-path", default=None, help="Local CIFAR-100 copy (default: download through Keras).")
+@click.option("--epochs", default=10, show_default=True, type=click.IntRange(1))
+@click.option("--seed", default=42, show_default=True, type=int)
+@click.option("--experiment-name", default="vit-cifar100-proxy", show_default=True)
+@click.option("--report-dir", default="docs/experiments/proxy", show_default=True)
+@click.option("--tracking-uri", default=None, help="MLflow tracking URI (default: the local SQLite store).")
+@_friendly_errors
+def proxy_experiment(data_path, epochs, seed, experiment_name, report_dir, tracking_uri) -> None:
+    """Train the seed and the improved preset alike and compare them (table + curves)."""
+    overrides = {"tracking_uri": tracking_uri} if tracking_uri else {}
+    shared = {"data_path": data_path, "epochs": epochs, "seed": seed, "experiment_name": experiment_name}
+    for preset in ("cifar100", "cifar100-improved"):
+        make_config(preset, {**shared, **overrides})  # fail before Prefect or TensorFlow start
+    from flows.proxy_experiment import proxy_experiment as flow
+
+    report = flow(data_path=data_path, epochs=epochs, seed=seed, experiment_name=experiment_name,
+                  report_dir=report_dir, overrides=overrides)  # fmt: skip
+    click.echo(json.dumps(report, indent=2))
+
+
 @main.command()
 @_config_options
 @_resume_option

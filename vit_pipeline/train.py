@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -38,31 +39,76 @@ class TrainResult:
         return asdict(self)
 
 
-def make_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, shuffle: bool, seed: int):
-    """tf.data pipeline: uint8 images in memory, cast to float32 per batch."""
+def make_dataset(x: np.ndarray, y: np.ndarray, cfg: PipelineConfig, num_classes: int, training: bool):
+    """tf.data pipeline: uint8 images in memory, float32 batches.
+
+    Training batches are shuffled (seeded, anew each epoch) and augmented by the
+    recipe's batch augmentation (``vit_pipeline.augment``); validation batches
+    are only cast, with one-hot labels when the loss needs them.
+    """
     import tensorflow as tf
 
+    from vit_pipeline.augment import batch_augmenter
+
     ds = tf.data.Dataset.from_tensor_slices((x, y))
-    if shuffle:
-        ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
-    ds = ds.batch(batch_size).map(
-        lambda a, b: (tf.cast(a, tf.float32), b), num_parallel_calls=tf.data.AUTOTUNE
-    )
+    if training:
+        ds = ds.shuffle(len(x), seed=cfg.seed, reshuffle_each_iteration=True)
+    augment = batch_augmenter(cfg, num_classes) if training else None
+
+    def cast(a, b):
+        a = tf.cast(a, tf.float32)
+        if cfg.soft_labels:
+            b = tf.one_hot(tf.cast(b, tf.int32), num_classes)
+        return a, b
+
+    ds = ds.batch(cfg.batch_size).map(augment or cast, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
-def compile_model(model, cfg: PipelineConfig, num_classes: int) -> None:
-    """AdamW with Keras weight-decay semantics (see PipelineConfig), top-1 and top-5."""
+def learning_rate(cfg: PipelineConfig, steps_per_epoch: int):
+    """The seed's constant rate, or linear warm-up then cosine decay to 0.
+
+    The schedule is a function of the optimizer's step counter, which
+    ``BackupAndRestore`` restores, so a resumed run continues the same curve.
+    """
     import keras
 
-    model.compile(
-        optimizer=keras.optimizers.AdamW(learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=[
-            keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
-            keras.metrics.SparseTopKCategoricalAccuracy(k=min(5, num_classes), name="top5_accuracy"),
-        ],
+    if cfg.lr_schedule == "constant":
+        return cfg.learning_rate
+    total = max(1, cfg.epochs * steps_per_epoch)
+    warmup = int(round(cfg.warmup_fraction * total))
+    if warmup == 0:
+        return keras.optimizers.schedules.CosineDecay(cfg.learning_rate, decay_steps=total)
+    return keras.optimizers.schedules.CosineDecay(
+        0.0, decay_steps=max(1, total - warmup), warmup_target=cfg.learning_rate, warmup_steps=warmup
     )
+
+
+def compile_model(model, cfg: PipelineConfig, num_classes: int, steps_per_epoch: int = 1) -> None:
+    """AdamW with Keras weight-decay semantics (see PipelineConfig), top-1 and top-5.
+
+    Hard labels use the seed's sparse cross-entropy; label smoothing, MixUp and
+    CutMix need one-hot labels, with the same metric names.
+    """
+    import keras
+
+    k = min(5, num_classes)
+    if cfg.soft_labels:
+        loss = keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=cfg.label_smoothing)
+        metrics = [
+            keras.metrics.CategoricalAccuracy(name="accuracy"),
+            keras.metrics.TopKCategoricalAccuracy(k=k, name="top5_accuracy"),
+        ]
+    else:
+        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        metrics = [
+            keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
+            keras.metrics.SparseTopKCategoricalAccuracy(k=k, name="top5_accuracy"),
+        ]
+    optimizer = keras.optimizers.AdamW(
+        learning_rate=learning_rate(cfg, steps_per_epoch), weight_decay=cfg.weight_decay
+    )
+    model.compile(optimizer=optimizer, loss=loss, metrics=metrics)
 
 
 class EpochLog:
@@ -170,9 +216,17 @@ def _callbacks(cfg: PipelineConfig, out_dir: Path, run_id: str | None, epoch_log
             self.model.save_weights(str(tmp), overwrite=True)
             os.replace(tmp, self.path)
 
+    class LearningRate(keras.callbacks.Callback):
+        """Adds the rate the epoch ended with to its logs (MLflow curve of the schedule)."""
+
+        def on_epoch_end(self, epoch, logs=None):
+            if logs is not None:
+                opt = self.model.optimizer
+                logs["learning_rate"] = float(keras.ops.convert_to_numpy(opt.learning_rate))
+
     checkpoint = BestWeights(out_dir / "best.weights.h5", best_so_far)
     backup = keras.callbacks.BackupAndRestore(str(out_dir / "backup"), double_checkpoint=True)
-    return [Bookkeeping(), checkpoint, backup]
+    return [LearningRate(), Bookkeeping(), checkpoint, backup]
 
 
 def _finished(cfg: PipelineConfig, out_dir: Path) -> TrainResult | None:
@@ -213,12 +267,13 @@ def train(cfg: PipelineConfig, splits: Splits, out_dir: str | Path, run_id: str 
         return finished
     keras.utils.set_random_seed(cfg.seed)
     model = build_vit(cfg, splits.num_classes, splits.input_shape, train_images=splits.x_train)
-    compile_model(model, cfg, splits.num_classes)
+    steps_per_epoch = math.ceil(len(splits.x_train) / cfg.batch_size)
+    compile_model(model, cfg, splits.num_classes, steps_per_epoch)
     best_path = out_dir / "best.weights.h5"
     epoch_log = EpochLog(out_dir / "epochs.jsonl")
     callbacks = _callbacks(cfg, out_dir, run_id, epoch_log)
-    train_ds = make_dataset(splits.x_train, splits.y_train, cfg.batch_size, True, cfg.seed)
-    val_ds = make_dataset(splits.x_val, splits.y_val, cfg.batch_size, False, cfg.seed)
+    train_ds = make_dataset(splits.x_train, splits.y_train, cfg, splits.num_classes, training=True)
+    val_ds = make_dataset(splits.x_val, splits.y_val, cfg, splits.num_classes, training=False)
     start = time.perf_counter()
     # shuffle=False: the tf.data pipeline already shuffles (seeded) each epoch.
     resumed_from = len(epoch_log.read())

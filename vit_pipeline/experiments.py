@@ -1,0 +1,120 @@
+"""Comparing finished runs: the table and curves of a recipe experiment.
+
+Reads everything back from MLflow (the same numbers the UI compares), so a
+report can be rebuilt at any time from the tracking store.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from vit_pipeline.fsutil import atomic_path, write_text
+
+CURVES = (("val_accuracy", "validation top-1"), ("val_top5_accuracy", "validation top-5"),
+          ("loss", "training loss"), ("learning_rate", "learning rate"))  # fmt: skip
+
+
+@dataclass
+class RunRow:
+    """One run of the comparison table."""
+
+    run_id: str
+    preset: str
+    num_params: int
+    epochs: int
+    train_minutes: float
+    best_val_accuracy: float
+    test_accuracy: float
+    test_top5_accuracy: float
+    parity_max_abs_diff: float
+    onnx_size_mb: float
+
+
+def _row(run) -> RunRow:
+    m, p = run.data.metrics, run.data.params
+    return RunRow(
+        run_id=run.info.run_id,
+        preset=p.get("preset", run.info.run_name or "?"),
+        num_params=int(p.get("num_params", 0)),
+        epochs=int(p["epochs"]),
+        train_minutes=m.get("train_seconds", float("nan")) / 60,
+        best_val_accuracy=m.get("best_val_accuracy", float("nan")),
+        test_accuracy=m.get("test_accuracy", float("nan")),
+        test_top5_accuracy=m.get("test_top5_accuracy", float("nan")),
+        parity_max_abs_diff=m.get("parity_max_abs_diff", float("nan")),
+        onnx_size_mb=m.get("onnx_size_mb", float("nan")),
+    )
+
+
+def table_markdown(rows: list[RunRow]) -> str:
+    """The comparison as a markdown table (accuracies in %)."""
+    lines = [
+        "| preset | params | epochs | train time (min) | best val top-1 | test top-1 | test top-5 "
+        "| ONNX parity max abs diff | ONNX size (MB) | MLflow run |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| `{r.preset}` | {r.num_params:,} | {r.epochs} | {r.train_minutes:.1f} "
+            f"| {100 * r.best_val_accuracy:.2f}% | {100 * r.test_accuracy:.2f}% "
+            f"| {100 * r.test_top5_accuracy:.2f}% | {r.parity_max_abs_diff:.1e} | {r.onnx_size_mb:.1f} "
+            f"| `{r.run_id}` |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(histories: dict[str, dict[str, list[float]]], path: Path) -> Path:
+    """One panel per curve in ``CURVES``, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(CURVES), figsize=(4.2 * len(CURVES), 3.6))
+    for ax, (key, title) in zip(axes, CURVES, strict=True):
+        for label, hist in histories.items():
+            values = hist.get(key, [])
+            ax.plot(range(1, len(values) + 1), values, marker="o", markersize=3, label=label)
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def compare_runs(client, run_ids: list[str], out_dir: str | Path) -> dict[str, Any]:
+    """Writes ``table.md``, ``curves.png`` and ``runs.json`` for the given runs.
+
+    Args:
+        client: An ``mlflow.MlflowClient`` on the store that holds the runs.
+        run_ids: Runs to compare, in table order.
+        out_dir: Folder for the report files.
+
+    Returns:
+        The rows (as dicts) and the paths written.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows, histories = [], {}
+    for run_id in run_ids:
+        run = client.get_run(run_id)
+        row = _row(run)
+        rows.append(row)
+        histories[row.preset] = {
+            key: [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+            for key, _ in CURVES
+        }
+    table = write_text(out / "table.md", table_markdown(rows))
+    curves = plot_curves(histories, out / "curves.png")
+    import json
+
+    runs = write_text(
+        out / "runs.json", json.dumps({"rows": [asdict(r) for r in rows], "curves": histories}, indent=1)
+    )
+    return {"rows": [asdict(r) for r in rows], "table": str(table), "curves": str(curves), "runs": str(runs)}
