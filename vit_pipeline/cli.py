@@ -99,6 +99,15 @@ def _friendly_errors(func: Callable) -> Callable:
 @click.version_option(__version__, prog_name="vit-pipeline")
 def main() -> None:
     """Train, evaluate, export and serve a Vision Transformer."""
+    from vit_pipeline.distribute import LOGICAL_CPUS_ENV
+
+    if os.environ.get(LOGICAL_CPUS_ENV):  # must happen before any stage starts TensorFlow
+        from vit_pipeline.distribute import configure_logical_cpus
+
+        try:
+            configure_logical_cpus()
+        except ConfigError as exc:
+            raise click.UsageError(str(exc)) from None
 
 
 @main.command("config")

@@ -26,6 +26,7 @@ POOLINGS = ("flatten", "gap", "class_token")
 PATCH_TOKENIZATIONS = ("standard", "shifted")
 ATTENTION_TYPES = ("standard", "lsa")
 LR_SCHEDULES = ("constant", "warmup_cosine")
+DISTRIBUTION_STRATEGIES = ("default", "mirrored")
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,11 @@ class PipelineConfig:
         random_rotation: Training-only rotation factor (fraction of 2*pi).
         random_zoom: Training-only zoom factor.
         epochs: Training epochs.
-        batch_size: Training batch size.
+        batch_size: Training batch size per replica (the global batch is
+            ``batch_size * num_replicas``; one replica unless mirrored).
+        distribution_strategy: "default" (one device) or "mirrored"
+            (``tf.distribute.MirroredStrategy`` over every local GPU, or every
+            logical CPU device without GPUs); see ``vit_pipeline.distribute``.
         learning_rate: AdamW (peak) learning rate.
         lr_schedule: "constant" (the seed) or "warmup_cosine" (linear warm-up from
             0 to ``learning_rate``, then cosine decay to 0 at the last step).
@@ -153,6 +158,7 @@ class PipelineConfig:
     random_zoom: float = 0.2
     epochs: int = 100
     batch_size: int = 256
+    distribution_strategy: str = "default"
     learning_rate: float = 1e-3
     lr_schedule: str = "constant"
     warmup_fraction: float = 0.0
@@ -398,6 +404,7 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
         ("patch_tokenization", PATCH_TOKENIZATIONS),
         ("attention_type", ATTENTION_TYPES),
         ("lr_schedule", LR_SCHEDULES),
+        ("distribution_strategy", DISTRIBUTION_STRATEGIES),
     ):
         if getattr(cfg, name) not in allowed:
             bad(f"Expected {name} in {allowed}. Received: {name}={getattr(cfg, name)!r}")

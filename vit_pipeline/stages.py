@@ -93,8 +93,12 @@ def train_stage(cfg: PipelineConfig | dict[str, Any], run_id: str, data_path: st
                 * (result.epochs_run - result.resumed_from_epoch)
                 / max(result.train_seconds, 1e-9),
                 "resumed_from_epoch": result.resumed_from_epoch,
+                # Metrics, not params: a resumed run may train on another device count.
+                "num_replicas": result.num_replicas,
+                "global_batch_size": result.global_batch_size,
             }
         )
+        mlflow.set_tag("train.distribution", f"{cfg.distribution_strategy} x{result.num_replicas}")
         mlflow.log_param("num_params", result.num_params)
         mlflow.log_artifact(result.history_path, "training")
         model = load_model(result.model_path)
@@ -354,3 +358,48 @@ def benchmark_champion_stage(champion: dict, tracking_uri: str | None, options: 
     finally:
         tracking.finish_run(cfg, run_id, status)
     return {"mlflow_run_id": run_id, "rows": _table_rows(report), "ratios": report.ratios()}
+
+
+def trial_stage(preset: str, cfg: PipelineConfig | dict[str, Any], parent_run_id: str, index: int,
+                varying: dict[str, Any]) -> dict:  # fmt: skip
+    """One sweep trial: its own MLflow run nested under the sweep's, data, training.
+
+    Returns metrics and paths, never the model. A failed trial marks its MLflow
+    run FAILED with the error as a tag, then re-raises so the orchestrator records
+    it as failed.
+    """
+    import os
+    import socket
+    import time
+
+    import keras
+
+    cfg = _cfg(cfg)
+    keras.backend.clear_session()  # a worker process runs trial after trial
+    tags = {"mlflow.parentRunId": parent_run_id, "sweep.trial": str(index),
+            **{f"sweep.param.{k}": str(v) for k, v in varying.items()}}  # fmt: skip
+    run_id = tracking.create_run(cfg, preset, tags)
+    start = time.time()
+    where = {"pid": os.getpid(), "host": socket.gethostname()}
+    try:
+        source = fetch_stage(cfg)
+        prepared = prepare_stage(cfg, run_id, source)
+        trained = train_stage(cfg, run_id, prepared["data_path"])
+    except BaseException as exc:
+        tracking.client(cfg).set_tag(run_id, "sweep.error", f"{type(exc).__name__}: {exc}"[:500])
+        tracking.finish_run(cfg, run_id, "FAILED")
+        raise
+    tracking.finish_run(cfg, run_id, "FINISHED")
+    return {
+        "status": "ok",
+        "index": index,
+        "run_id": run_id,
+        "params": varying,
+        "best_val_accuracy": trained["best_val_accuracy"],
+        "model_path": trained["model_path"],
+        "history_path": trained["history_path"],
+        "data_path": prepared["data_path"],
+        "start": start,
+        "end": time.time(),
+        **where,
+    }

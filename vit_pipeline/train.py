@@ -34,13 +34,25 @@ class TrainResult:
     train_seconds: float  # this process only
     num_params: int
     resumed_from_epoch: int = 0  # epochs already done when this process started
+    num_replicas: int = 1  # devices that trained in sync (MirroredStrategy)
+    global_batch_size: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def make_dataset(x: np.ndarray, y: np.ndarray, cfg: PipelineConfig, num_classes: int, training: bool):
-    """tf.data pipeline: uint8 images in memory, float32 batches.
+def make_dataset(
+    x: np.ndarray,
+    y: np.ndarray,
+    cfg: PipelineConfig,
+    num_classes: int,
+    training: bool,
+    batch_size: int | None = None,
+):
+    """tf.data pipeline: uint8 images in memory, float32 batches of ``batch_size``.
+
+    ``batch_size`` defaults to ``cfg.batch_size``; under a multi-replica strategy
+    it is the global batch, which Keras splits across the replicas.
 
     Training batches are shuffled (seeded, anew each epoch) and augmented by the
     recipe's batch augmentation (``vit_pipeline.augment``); validation batches
@@ -61,7 +73,7 @@ def make_dataset(x: np.ndarray, y: np.ndarray, cfg: PipelineConfig, num_classes:
             b = tf.one_hot(tf.cast(b, tf.int32), num_classes)
         return a, b
 
-    ds = ds.batch(cfg.batch_size).map(augment or cast, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.batch(batch_size or cfg.batch_size).map(augment or cast, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
@@ -241,7 +253,13 @@ def _finished(cfg: PipelineConfig, out_dir: Path) -> TrainResult | None:
     return TrainResult(**{**result.to_dict(), "resumed_from_epoch": result.epochs_run, "train_seconds": 0.0})
 
 
-def train(cfg: PipelineConfig, splits: Splits, out_dir: str | Path, run_id: str | None = None) -> TrainResult:
+def train(
+    cfg: PipelineConfig,
+    splits: Splits,
+    out_dir: str | Path,
+    run_id: str | None = None,
+    callbacks: list | None = None,
+) -> TrainResult:
     """Trains the ViT; restores the best-validation-accuracy weights at the end.
 
     Args:
@@ -249,6 +267,7 @@ def train(cfg: PipelineConfig, splits: Splits, out_dir: str | Path, run_id: str 
         splits: Prepared data.
         out_dir: Where the checkpoint, final model and history are written.
         run_id: MLflow run that receives per-epoch metrics, if any.
+        callbacks: Extra Keras callbacks, run after the backup of each epoch.
 
     Returns:
         Paths of the saved ``.keras`` model and history JSON, and summary numbers.
@@ -258,6 +277,7 @@ def train(cfg: PipelineConfig, splits: Splits, out_dir: str | Path, run_id: str 
     """
     import keras
 
+    from vit_pipeline.distribute import make_strategy
     from vit_pipeline.model import build_vit
 
     out_dir = Path(out_dir)
@@ -265,20 +285,27 @@ def train(cfg: PipelineConfig, splits: Splits, out_dir: str | Path, run_id: str 
     finished = _finished(cfg, out_dir)
     if finished is not None:  # resumed after training completed (e.g. MLflow was down at the end)
         return finished
+    strategy = make_strategy(cfg)  # before any TensorFlow op: it may split the CPU
+    replicas = strategy.num_replicas_in_sync
+    global_batch = cfg.batch_size * replicas
+    log.info(
+        "Training on %d replica(s) (%s), global batch %d", replicas, cfg.distribution_strategy, global_batch
+    )
     keras.utils.set_random_seed(cfg.seed)
-    model = build_vit(cfg, splits.num_classes, splits.input_shape, train_images=splits.x_train)
-    steps_per_epoch = math.ceil(len(splits.x_train) / cfg.batch_size)
-    compile_model(model, cfg, splits.num_classes, steps_per_epoch)
+    steps_per_epoch = math.ceil(len(splits.x_train) / global_batch)
+    with strategy.scope():  # variables (model and optimizer) are mirrored on every replica
+        model = build_vit(cfg, splits.num_classes, splits.input_shape, train_images=splits.x_train)
+        compile_model(model, cfg, splits.num_classes, steps_per_epoch)
     best_path = out_dir / "best.weights.h5"
     epoch_log = EpochLog(out_dir / "epochs.jsonl")
-    callbacks = _callbacks(cfg, out_dir, run_id, epoch_log)
-    train_ds = make_dataset(splits.x_train, splits.y_train, cfg, splits.num_classes, training=True)
-    val_ds = make_dataset(splits.x_val, splits.y_val, cfg, splits.num_classes, training=False)
+    fit_callbacks = [*_callbacks(cfg, out_dir, run_id, epoch_log), *(callbacks or [])]
+    train_ds = make_dataset(splits.x_train, splits.y_train, cfg, splits.num_classes, True, global_batch)
+    val_ds = make_dataset(splits.x_val, splits.y_val, cfg, splits.num_classes, False, global_batch)
     start = time.perf_counter()
     # shuffle=False: the tf.data pipeline already shuffles (seeded) each epoch.
     resumed_from = len(epoch_log.read())
     model.fit(
-        train_ds, validation_data=val_ds, epochs=cfg.epochs, callbacks=callbacks, verbose=2, shuffle=False
+        train_ds, validation_data=val_ds, epochs=cfg.epochs, callbacks=fit_callbacks, verbose=2, shuffle=False
     )
     seconds = time.perf_counter() - start
     hist = epoch_log.history()  # every epoch, also those before a crash
@@ -300,6 +327,8 @@ def train(cfg: PipelineConfig, splits: Splits, out_dir: str | Path, run_id: str 
         train_seconds=seconds,
         num_params=int(model.count_params()),
         resumed_from_epoch=resumed_from,
+        num_replicas=replicas,
+        global_batch_size=global_batch,
     )
     with atomic_path(out_dir / "train_result.json") as tmp:
         tmp.write_text(json.dumps(result.to_dict(), indent=1))

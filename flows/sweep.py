@@ -1,0 +1,174 @@
+"""The ``sweep`` flow: parallel trials on Dask, nested MLflow runs, the winner registered.
+
+Trials run as Prefect tasks on a Dask cluster through ``prefect-dask``'s
+``DaskTaskRunner``: an existing cluster (``dask_address``, e.g. started with
+``deploy/local.sh dask-scheduler`` / ``dask-worker``) or a temporary local one
+(``n_workers`` processes, one thread each: one TensorFlow training per process).
+When the cluster has GPUs, each trial asks for one (``GPU`` worker resource), so
+Dask never puts two trainings on one GPU.
+
+Each trial is an MLflow run nested under the sweep's parent run and returns
+metrics and paths, never a model; a failed trial is recorded (MLflow run FAILED
+with the error, a row in the sweep table) and the sweep goes on. The best trial
+by validation accuracy then goes through the same evaluate -> export + parity
+gate -> champion/challenger registration as ``train-pipeline``. Paths are shared:
+Dask workers must see the flow's ``VIT_PIPELINE_HOME`` (one host, or a shared
+file system) and the MLflow tracking URI.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import time
+from typing import Any
+
+from prefect import flow, task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from flows.train_pipeline import _prefect_tags, evaluate_model, export_model, register_model
+from vit_pipeline import stages, tracking
+from vit_pipeline.config import make_config
+from vit_pipeline.errors import PipelineError
+from vit_pipeline.sweep import best_trial, load_space, parse_space, trial_configs
+
+
+@task(name="trial", cache_policy=NO_CACHE)
+def run_trial(preset: str, cfg: dict, parent_run_id: str, index: int, varying: dict) -> dict:
+    return stages.trial_stage(preset, cfg, parent_run_id, index, varying)
+
+
+@flow(name="sweep-trials")
+def run_trials(preset: str, trials: list[dict], parent_run_id: str, gpus_per_trial: float) -> list[dict]:
+    """Submits every trial to the task runner at once and waits for all of them."""
+    import dask
+
+    futures = []
+    for i, trial in enumerate(trials):
+        annotate = (
+            dask.annotate(resources={"GPU": gpus_per_trial}) if gpus_per_trial else contextlib.nullcontext()
+        )
+        with annotate:
+            futures.append(run_trial.with_options(task_run_name=f"trial-{i}").submit(
+                preset, trial["config"], parent_run_id, i, trial["varying"]))  # fmt: skip
+    results = []
+    for i, future in enumerate(futures):
+        out = future.result(raise_on_failure=False)
+        if isinstance(out, BaseException) or not isinstance(out, dict):
+            results.append({"status": "failed", "index": i, "params": trials[i]["varying"],
+                            "error": f"{type(out).__name__}: {out}"[:500]})  # fmt: skip
+        else:
+            results.append(out)
+    return results
+
+
+def local_gpu_count() -> int:
+    return len(glob.glob("/dev/nvidia[0-9]*"))
+
+
+def cluster_gpus(address: str) -> float:
+    """The most GPUs any worker of the cluster at ``address`` advertises."""
+    from distributed import Client
+
+    with Client(address, timeout=30) as client:
+        workers = client.scheduler_info(n_workers=-1)["workers"].values()
+        return max((w.get("resources", {}).get("GPU", 0) for w in workers), default=0)
+
+
+def task_runner(dask_address: str | None, n_workers: int, gpus: int):
+    from prefect_dask import DaskTaskRunner
+
+    if dask_address:
+        return DaskTaskRunner(address=dask_address)
+    kwargs: dict[str, Any] = {"n_workers": n_workers, "threads_per_worker": 1, "processes": True}
+    if gpus:
+        kwargs.update(n_workers=gpus, resources={"GPU": 1})  # one worker per GPU
+    return DaskTaskRunner(cluster_kwargs=kwargs)
+
+
+def _row(r: dict) -> dict:
+    return {"trial": r["index"], "status": r["status"], "params": str(r["params"]),
+            "best_val_accuracy": r.get("best_val_accuracy"), "seconds": round(r["end"] - r["start"], 1)
+            if "end" in r else None, "mlflow_run_id": r.get("run_id"), "error": r.get("error", "")}  # fmt: skip
+
+
+@flow(name="sweep", log_prints=True)
+def sweep(
+    space_path: str | None = None,
+    space: dict | None = None,
+    dask_address: str | None = None,
+    n_workers: int = 2,
+    gpus_per_trial: float | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> dict:
+    """Runs a search space as parallel trials and registers the best one.
+
+    Args:
+        space_path: A search space YAML file (see ``vit_pipeline.sweep``).
+        space: The same as a mapping (instead of ``space_path``).
+        dask_address: Scheduler of an existing Dask cluster (``tcp://host:8786``);
+            None starts a local cluster of ``n_workers`` processes.
+        n_workers: Worker processes of the local cluster.
+        gpus_per_trial: GPUs each trial asks for; None: 1 when the cluster (or
+            this machine, for a local cluster) has GPUs, else 0.
+        overrides: Config fields for every trial (e.g. ``tracking_uri``, ``data_path``).
+
+    Returns:
+        The parent MLflow run, every trial's row, the best trial and the registry decision.
+    """
+    parsed = load_space(space_path) if space_path else parse_space(space)
+    shared = dict(overrides or {})
+    base = make_config(parsed.preset, {**parsed.fixed, **shared})
+    shared["tracking_uri"] = tracking.tracking_uri(base)  # workers log to the same store
+    trials = trial_configs(parsed, shared)  # every trial validated before any work
+    if gpus_per_trial is None:
+        gpus_per_trial = 1.0 if (cluster_gpus(dask_address) if dask_address else local_gpu_count()) else 0.0
+    parent_cfg = make_config(
+        parsed.preset, {**parsed.fixed, **shared, "run_name": f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"}
+    )
+    parent = tracking.create_run(parent_cfg, parsed.preset, {**_prefect_tags(), "sweep.method": parsed.method,
+                                 "sweep.num_trials": str(len(trials)), "sweep.role": "parent"})  # fmt: skip
+    client = tracking.client(parent_cfg)
+    client.log_dict(parent, {"preset": parsed.preset, "method": parsed.method, "metric": parsed.metric,
+                             "fixed": parsed.fixed, "parameters": parsed.parameters}, "sweep/space.json")  # fmt: skip
+    start = time.time()
+    runner = task_runner(dask_address, n_workers, int(local_gpu_count() if gpus_per_trial else 0))
+    try:
+        results = run_trials.with_options(task_runner=runner)(
+            parsed.preset, [{"varying": v, "config": c.to_dict()} for v, c in trials], parent, gpus_per_trial
+        )
+        for r in results:  # a failed trial's run id, from its MLflow tags
+            if r["status"] == "failed":
+                found = client.search_runs([tracking.experiment_id(parent_cfg)], filter_string=(
+                    f"tags.mlflow.parentRunId = '{parent}' and tags.`sweep.trial` = '{r['index']}'"))  # fmt: skip
+                r["run_id"] = found[0].info.run_id if found else None
+        rows = [_row(r) for r in results]
+        client.log_table(parent, {k: [row[k] for row in rows] for k in rows[0]}, "sweep/trials.json")
+        ok = [r for r in results if r["status"] == "ok"]
+        client.log_metric(parent, "trials_finished", len(ok))
+        client.log_metric(parent, "trials_failed", len(results) - len(ok))
+        client.log_metric(parent, "sweep_seconds", time.time() - start)
+        create_table_artifact(key="sweep-trials", table=rows, description="Sweep trials")
+        best = best_trial(results, parsed.metric)
+        if best is None:
+            raise PipelineError(f"Every one of the {len(results)} trials failed; see MLflow run {parent}")
+        cfg = dict(trials[best["index"]][1].to_dict())
+        evaluated = evaluate_model(
+            cfg, best["run_id"], best["data_path"], best["model_path"], best["history_path"]
+        )
+        accuracy = evaluated["test_accuracy"]
+        exported = export_model(cfg, best["run_id"], best["data_path"], best["model_path"], accuracy)
+        registered = register_model(cfg, best["run_id"], best["data_path"], exported["path"], accuracy)
+        client.log_metric(parent, f"best_{parsed.metric}", best[parsed.metric])
+        client.log_metric(parent, "best_test_accuracy", accuracy)
+        client.set_tag(parent, "sweep.best_run_id", best["run_id"])
+        client.set_tag(parent, "sweep.best_params", str(best["params"]))
+    except BaseException:
+        tracking.finish_run(parent_cfg, parent, "FAILED")
+        raise
+    tracking.finish_run(parent_cfg, parent, "FINISHED")
+    print(f"Sweep {parent}: {len(ok)}/{len(results)} trials finished; best {best['params']} "
+          f"{parsed.metric}={best[parsed.metric]:.4f}, test accuracy {accuracy:.4f}; {registered['model_uri']}")  # fmt: skip
+    return {"parent_run_id": parent, "trials": results, "best": best, "test_accuracy": accuracy,
+            "registry": registered, "seconds": time.time() - start}  # fmt: skip

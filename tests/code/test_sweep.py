@@ -1,0 +1,175 @@
+"""Sweeps: the search-space format, and a real sweep on a Dask cluster of separate processes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vit_pipeline.errors import ConfigError
+from vit_pipeline.sweep import best_trial, load_space, parse_space, trial_configs, trial_overrides
+
+REPO = Path(__file__).resolve().parents[2]
+
+TINY_FIXED = {"epochs": 2, "projection_dim": 16, "transformer_units": [32, 16], "num_heads": 2,
+              "transformer_layers": 1, "mlp_head_units": [32], "patch_size": 8}  # fmt: skip
+
+
+def test_grid_expands_every_combination_in_a_stable_order():
+    space = parse_space(
+        {"preset": "quickstart", "parameters": {"learning_rate": [0.001, 0.002], "seed": [1, 2, 3]}}
+    )
+    trials = trial_overrides(space)
+    assert len(trials) == 6 and trials[0] == {"learning_rate": 0.001, "seed": 1}
+    assert len({json.dumps(t, sort_keys=True) for t in trials}) == 6
+
+
+def test_random_search_draws_reproducibly_within_ranges():
+    raw = {"preset": "quickstart", "method": "random", "num_trials": 5, "seed": 7,
+           "parameters": {"weight_decay": {"min": 0.01, "max": 0.1, "log": True},
+                          "transformer_layers": {"min": 1, "max": 4, "int": True}, "pooling": ["gap", "flatten"]}}  # fmt: skip
+    a, b = trial_overrides(parse_space(raw)), trial_overrides(parse_space(raw))
+    assert a == b and len(a) == 5
+    assert all(0.01 <= t["weight_decay"] <= 0.1 and t["transformer_layers"] in (1, 2, 3, 4) for t in a)
+    assert trial_overrides(parse_space({**raw, "seed": 8})) != a
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"parameters": {"learning_rat": [1]}}, "Unknown config field 'learning_rat'"),
+        ({"parameters": {}}, "non-empty 'parameters'"),
+        ({"parameters": {"weight_decay": {"min": 0.1, "max": 0.2}}}, "grid search needs a list"),
+        ({"method": "random", "parameters": {"seed": [1]}}, "positive num_trials"),
+        ({"preset": "nope", "parameters": {"seed": [1]}}, "Unknown preset"),
+        ({"parameters": {"seed": [1]}, "trials": 3}, "Unknown keys"),
+    ],
+)
+def test_bad_spaces_name_the_problem(raw, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_space(raw)
+
+
+def test_every_trial_is_validated_before_any_work():
+    space = parse_space({"preset": "quickstart", "parameters": {"patch_size": [4, 7]}})
+    with pytest.raises(ConfigError, match=r"Trial 1 \(\{'patch_size': 7\}\).*patch_size to divide"):
+        trial_configs(space)
+
+
+def test_space_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_space(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("parameters: [unclosed\n")
+    with pytest.raises(ConfigError, match="Could not parse"):
+        load_space(bad)
+    (tmp_path / "evil.yaml").write_text("!!python/object/apply:os.system ['touch pwned']\n")
+    with pytest.raises(ConfigError):
+        load_space(tmp_path / "evil.yaml")
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_shipped_search_spaces_are_valid():
+    for path in sorted((REPO / "sweeps").glob("*.yaml")):
+        assert trial_configs(load_space(path)), path
+
+
+def test_best_trial_ignores_failed_trials():
+    rows = [{"status": "failed", "index": 0}, {"status": "ok", "index": 1, "best_val_accuracy": 0.2},
+            {"status": "ok", "index": 2, "best_val_accuracy": 0.5}]  # fmt: skip
+    assert best_trial(rows, "best_val_accuracy")["index"] == 2
+    assert best_trial(rows[:1], "best_val_accuracy") is None
+
+
+def _start(cmd, env, log):
+    return subprocess.Popen(
+        cmd, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+
+
+def _stop(proc):
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=5)
+
+
+@pytest.fixture
+def dask_cluster(tmp_path, pipeline_home):
+    """A Dask scheduler and N single-threaded worker processes (N=2, or $SWEEP_TEST_WORKERS)."""
+    from distributed import Client
+
+    from tests.conftest import free_port
+
+    workers = int(os.environ.get("SWEEP_TEST_WORKERS", "2"))
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "VIT_PIPELINE_HOME": str(pipeline_home),
+           "TF_CPP_MIN_LOG_LEVEL": "2"}  # fmt: skip
+    log = open(tmp_path / "dask.log", "w")  # noqa: SIM115
+    procs = [_start([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
+                     "--port", str(port), "--no-dashboard"], env, log)]  # fmt: skip
+    procs.append(_start([sys.executable, "-m", "distributed.cli.dask_worker", address, "--nworkers", str(workers),
+                         "--nthreads", "1", "--no-dashboard", "--memory-limit", "0"], env, log))  # fmt: skip
+    try:
+        with Client(address, timeout=60) as client:
+            client.wait_for_workers(workers, timeout=90)
+        yield address, workers
+    finally:
+        for proc in reversed(procs):
+            _stop(proc)
+        log.close()
+
+
+@pytest.mark.integration
+def test_sweep_runs_trials_in_parallel_on_dask_and_registers_the_winner(dask_cluster, tmp_path):
+    from mlflow import MlflowClient
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.sweep import sweep
+
+    address, workers = dask_cluster
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    space = {"preset": "quickstart", "fixed": TINY_FIXED,
+             # 5 images cannot be split: a trial that fails at run time, not at validation.
+             "parameters": {"max_train_images": [600, 5, 300]}}  # fmt: skip
+    with prefect_test_harness(server_startup_timeout=120):
+        result = sweep(space=space, dask_address=address, overrides={"tracking_uri": uri})
+    print(f"sweep wall time with {workers} worker(s): {result['seconds']:.1f} s")
+
+    trials = {t["index"]: t for t in result["trials"]}
+    assert [trials[i]["status"] for i in range(3)] == ["ok", "failed", "ok"]
+    assert "Cannot hold out" in trials[1]["error"]
+    ok = [trials[0], trials[2]]
+    assert all(set(t) >= {"best_val_accuracy", "model_path", "data_path", "run_id"} for t in ok)
+    assert all(Path(t["model_path"]).exists() for t in ok)  # paths, not models
+    if workers > 1:  # two trials ran at the same time in two worker processes
+        assert max(t["start"] for t in ok) < min(t["end"] for t in ok)
+        assert ok[0]["pid"] != ok[1]["pid"]
+
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    parent = client.get_run(result["parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["trials_failed"] == 1 and parent.data.metrics["trials_finished"] == 2
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")  # fmt: skip
+    status = {int(r.data.tags["sweep.trial"]): r.info.status for r in children}
+    assert status == {0: "FINISHED", 1: "FAILED", 2: "FINISHED"}
+    failed = next(r for r in children if r.info.status == "FAILED")
+    assert "Cannot hold out" in failed.data.tags["sweep.error"] and trials[1]["run_id"] == failed.info.run_id
+    # One value per epoch in each trial's run.
+    for t in ok:
+        assert [m.step for m in client.get_metric_history(t["run_id"], "loss")] == [0, 1]
+
+    best = max(ok, key=lambda t: t["best_val_accuracy"])
+    assert result["best"]["run_id"] == best["run_id"] == parent.data.tags["sweep.best_run_id"]
+    champion = client.get_model_version_by_alias("vit-digits", "champion")
+    assert champion.run_id == best["run_id"] and result["registry"]["promoted"]
+    winner = client.get_run(best["run_id"])
+    assert winner.data.tags["export.parity"] == "passed" and "test_accuracy" in winner.data.metrics

@@ -1,0 +1,165 @@
+"""Hyper-parameter sweeps: a YAML search space, expanded into validated trials.
+
+A search space file::
+
+    preset: cifar100-improved      # the base recipe
+    method: grid                   # grid (every combination) or random
+    num_trials: 8                  # random only
+    seed: 0                        # random only: which combinations are drawn
+    metric: best_val_accuracy      # the winner has the highest value (validation,
+                                   # never test: the test set stays unseen)
+    fixed:                         # applied to every trial
+      epochs: 30
+    parameters:
+      learning_rate: [0.0005, 0.001, 0.002]        # values (grid or random)
+      stochastic_depth_rate: [0.0, 0.1]
+      weight_decay: {min: 0.01, max: 0.1, log: true}   # a range (random only)
+
+Every trial's config is validated before any trial starts, so a typo fails the
+sweep in one line instead of after hours of training.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vit_pipeline.config import PRESETS, PipelineConfig, field_names, make_config
+from vit_pipeline.errors import ConfigError
+
+METHODS = ("grid", "random")
+METRICS = ("best_val_accuracy",)
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """A parsed search space (see the module docstring for the file format)."""
+
+    preset: str
+    parameters: dict[str, Any]
+    method: str = "grid"
+    num_trials: int | None = None
+    seed: int = 0
+    metric: str = "best_val_accuracy"
+    fixed: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_space(raw: Any, source: str = "search space") -> SearchSpace:
+    """Validates a loaded YAML/JSON mapping into a SearchSpace.
+
+    Raises:
+        ConfigError: naming the bad key and value.
+    """
+    if not isinstance(raw, dict):
+        raise ConfigError(f"Expected {source} to be a mapping. Received: {type(raw).__name__}")
+    known = {"preset", "method", "num_trials", "seed", "metric", "fixed", "parameters"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"Unknown keys in {source}: {unknown}. Known keys: {sorted(known)}")
+    preset = raw.get("preset", "quickstart")
+    if preset not in PRESETS:
+        raise ConfigError(f"Unknown preset. Expected one of {tuple(PRESETS)}. Received: preset={preset!r}")
+    method = raw.get("method", "grid")
+    if method not in METHODS:
+        raise ConfigError(f"Expected method in {METHODS}. Received: method={method!r}")
+    metric = raw.get("metric", "best_val_accuracy")
+    if metric not in METRICS:
+        raise ConfigError(f"Expected metric in {METRICS}. Received: metric={metric!r}")
+    parameters = raw.get("parameters") or {}
+    fixed = raw.get("fixed") or {}
+    if not isinstance(parameters, dict) or not parameters:
+        raise ConfigError(f"Expected {source} to have a non-empty 'parameters' mapping")
+    if not isinstance(fixed, dict):
+        raise ConfigError(f"Expected 'fixed' in {source} to be a mapping")
+    for name in {**fixed, **parameters}:
+        if name not in field_names():
+            raise ConfigError(f"Unknown config field {name!r} in {source}")
+    for name, spec in parameters.items():
+        _check_spec(name, spec, method)
+    num_trials = raw.get("num_trials")
+    if method == "random" and (not isinstance(num_trials, int) or num_trials <= 0):
+        raise ConfigError(
+            f"Expected a positive num_trials for method 'random'. Received: num_trials={num_trials!r}"
+        )
+    return SearchSpace(preset=preset, parameters=parameters, method=method, num_trials=num_trials,
+                       seed=int(raw.get("seed", 0)), metric=metric, fixed=fixed)  # fmt: skip
+
+
+def _check_spec(name: str, spec: Any, method: str) -> None:
+    if isinstance(spec, list):
+        if not spec:
+            raise ConfigError(f"Expected at least one value for parameter {name}")
+        return
+    if isinstance(spec, dict):
+        if method == "grid":
+            raise ConfigError(f"Parameter {name} is a range; grid search needs a list of values")
+        if set(spec) - {"min", "max", "log", "int"} or not {"min", "max"} <= set(spec):
+            raise ConfigError(f"Expected parameter {name} as {{min, max, log?, int?}}. Received: {spec}")
+        if not spec["min"] < spec["max"] or (spec.get("log") and spec["min"] <= 0):
+            raise ConfigError(
+                f"Expected 0 < min < max (log) or min < max for parameter {name}. Received: {spec}"
+            )
+        return
+    raise ConfigError(
+        f"Expected parameter {name} as a list of values or a {{min, max}} range. Received: {spec!r}"
+    )
+
+
+def load_space(path: str | Path) -> SearchSpace:
+    """Reads a search space YAML file (``yaml.safe_load``: data only, no objects)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"Search space file does not exist: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"Could not parse search space {path}: {str(exc).splitlines()[0]}") from exc
+    return parse_space(raw, str(path))
+
+
+def _draw(spec: Any, rng: random.Random) -> Any:
+    if isinstance(spec, list):
+        return rng.choice(spec)
+    low, high = spec["min"], spec["max"]
+    value = (
+        math.exp(rng.uniform(math.log(low), math.log(high))) if spec.get("log") else rng.uniform(low, high)
+    )
+    return int(round(value)) if spec.get("int") else value
+
+
+def trial_overrides(space: SearchSpace) -> list[dict[str, Any]]:
+    """The varying fields of every trial, in a stable order."""
+    names = sorted(space.parameters)
+    if space.method == "grid":
+        return [
+            dict(zip(names, combo, strict=True))
+            for combo in itertools.product(*(space.parameters[n] for n in names))
+        ]
+    rng = random.Random(space.seed)
+    return [{n: _draw(space.parameters[n], rng) for n in names} for _ in range(space.num_trials)]
+
+
+def trial_configs(
+    space: SearchSpace, shared: dict[str, Any] | None = None
+) -> list[tuple[dict, PipelineConfig]]:
+    """(varying fields, validated config) per trial; raises ConfigError on the first bad one."""
+    out = []
+    for i, varying in enumerate(trial_overrides(space)):
+        try:
+            cfg = make_config(space.preset, {**space.fixed, **(shared or {}), **varying})
+        except ConfigError as exc:
+            raise ConfigError(f"Trial {i} ({varying}): {exc}") from None
+        out.append((varying, cfg))
+    return out
+
+
+def best_trial(results: list[dict[str, Any]], metric: str) -> dict[str, Any] | None:
+    """The finished trial with the highest ``metric`` (None if every trial failed)."""
+    ok = [r for r in results if r.get("status") == "ok"]
+    return max(ok, key=lambda r: r[metric]) if ok else None
