@@ -7,10 +7,13 @@
 #   deploy/local.sh deploy           # work pool + every deployment in prefect.yaml
 #   deploy/local.sh worker           # process worker that runs scheduled and triggered flow runs
 #   deploy/local.sh smoke            # trigger the quickstart smoke deployment and wait for it
+#   deploy/local.sh dask-scheduler   # Dask scheduler for sweeps on :8786 (dashboard :8787)
+#   deploy/local.sh dask-worker      # Dask workers: one process per GPU (GPU resource), else DASK_WORKERS processes
 #
 # Each server runs in the foreground (use separate terminals, tmux or systemd).
 # Settings (environment): VIT_DEPLOY_DIR (state, default ./vit-services), PREFECT_PORT (4200),
-# MLFLOW_PORT (5000), HOST (127.0.0.1), WORK_POOL (vit-pipeline).
+# MLFLOW_PORT (5000), HOST (127.0.0.1), WORK_POOL (vit-pipeline), DASK_PORT (8786),
+# DASK_SCHEDULER (tcp://$HOST:$DASK_PORT), DASK_WORKERS (2).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export VIT_PIPELINE_CHECKOUT="$PWD"
@@ -45,8 +48,27 @@ case "${1:-}" in
   smoke)
     prefect deployment run 'train-pipeline/quickstart-smoke' --watch
     ;;
+  dask-scheduler)
+    exec python -m distributed.cli.dask_scheduler --host "$HOST" --port "${DASK_PORT:-8786}"
+    ;;
+  dask-worker)
+    # Trials read and write VIT_PIPELINE_HOME: workers on other hosts need it on shared storage.
+    export VIT_PIPELINE_HOME="${VIT_PIPELINE_HOME:-$STATE/work}" PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+    SCHED="${DASK_SCHEDULER:-tcp://$HOST:${DASK_PORT:-8786}}"
+    gpus=$(ls /dev/nvidia[0-9]* 2>/dev/null | wc -l)
+    if [ "$gpus" -gt 0 ]; then
+      # One single-threaded worker per GPU, each pinned to its GPU and advertising it.
+      for i in $(seq 0 $((gpus - 1))); do
+        CUDA_VISIBLE_DEVICES=$i python -m distributed.cli.dask_worker "$SCHED" --nthreads 1 \
+          --resources GPU=1 --memory-limit 0 --name "gpu$i" &
+      done
+      wait
+    else
+      exec python -m distributed.cli.dask_worker "$SCHED" --nworkers "${DASK_WORKERS:-2}" --nthreads 1 --memory-limit 0
+    fi
+    ;;
   *)
-    sed -n '2,13p' "$0"
+    sed -n '2,16p' "$0"
     exit 2
     ;;
 esac

@@ -161,6 +161,31 @@ def proxy_experiment(data_path, epochs, seed, experiment_name, report_dir, track
 
 
 @main.command()
+@click.argument("space_path", type=click.Path(dir_okay=False))
+@click.option("--dask-address", default=None, metavar="tcp://HOST:PORT",
+              help="Scheduler of an existing Dask cluster (default: a local cluster).")  # fmt: skip
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(1),
+              help="Worker processes of the local cluster (one trial each at a time).")  # fmt: skip
+@click.option("--gpus-per-trial", default=None, type=click.FloatRange(0),
+              help="GPUs each trial asks for (default: 1 when the cluster has GPUs).")  # fmt: skip
+@click.option("--tracking-uri", default=None, help="MLflow tracking URI (default: the local SQLite store).")
+@click.option("--data-path", default=None, help="Local dataset copy for every trial.")
+@_friendly_errors
+def sweep(space_path, dask_address, workers, gpus_per_trial, tracking_uri, data_path) -> None:
+    """Run a YAML search space as parallel trials on Dask; register the best trial."""
+    from vit_pipeline.sweep import load_space, trial_configs
+
+    overrides = {k: v for k, v in (("tracking_uri", tracking_uri), ("data_path", data_path)) if v}
+    trial_configs(load_space(space_path), overrides)  # fail before Prefect, Dask or TensorFlow start
+    from flows.sweep import sweep as sweep_flow
+
+    result = sweep_flow(space_path=space_path, dask_address=dask_address, n_workers=workers,
+                        gpus_per_trial=gpus_per_trial, overrides=overrides)  # fmt: skip
+    click.echo(json.dumps({k: result[k] for k in ("parent_run_id", "best", "test_accuracy", "registry", "seconds")},
+                          indent=2, default=str))  # fmt: skip
+
+
+@main.command()
 @_config_options
 @_resume_option
 @_friendly_errors

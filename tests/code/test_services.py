@@ -114,12 +114,20 @@ def test_deploy_schedule_worker_and_smoke_run(services):
     api = env["PREFECT_API_URL"]
     deployments = httpx.post(f"{api}/deployments/filter", json={}).json()
     by_name = {d["name"]: d for d in deployments}
-    assert set(by_name) == {"nightly-cifar100", "quickstart-smoke", "weekly-champion-benchmark"}
+    assert set(by_name) == {
+        "nightly-cifar100",
+        "quickstart-smoke",
+        "weekly-champion-benchmark",
+        "monthly-recipe-sweep",
+    }
     (nightly,) = by_name["nightly-cifar100"]["schedules"]
     assert nightly["schedule"]["cron"] == "0 1 * * *" and nightly["schedule"]["timezone"] == "Europe/Berlin"
     assert by_name["nightly-cifar100"]["parameters"]["preset"] == "cifar100"
     assert by_name["quickstart-smoke"]["schedules"] == []
     assert by_name["weekly-champion-benchmark"]["schedules"][0]["schedule"]["cron"] == "0 3 * * 0"
+    sweep = by_name["monthly-recipe-sweep"]
+    assert sweep["schedules"][0]["schedule"]["cron"] == "0 2 1 * *"
+    assert sweep["parameters"]["space_path"] == "sweeps/cifar100-improved.yaml"
     assert all(d["work_pool_name"] == "vit-pipeline" for d in deployments)
 
     worker = _start([str(BIN / "prefect"), "worker", "start", "--pool", "vit-pipeline"], env, logs["worker"])
