@@ -170,3 +170,33 @@ def test_train_task_retries_only_when_tracking_was_down(prefect_server):
     with pytest.raises(ValueError, match="a bug"):
         both()
     assert calls == {"down": 2, "bug": 1}
+
+
+def test_proxy_experiment_compares_both_presets_in_one_experiment(prefect_server, tiny_overrides, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from flows.proxy_experiment import proxy_experiment
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    overrides = {**tiny_overrides, "tracking_uri": uri, "label_mode": "coarse", "max_train_images": 200,
+                 "benchmark_batch_sizes": "1", "benchmark_seconds": 0.05, "benchmark_variants": "fp32"}  # fmt: skip
+    report = proxy_experiment(data_path=str(CIFAR_CUT), epochs=2, report_dir=str(tmp_path / "report"),
+                              experiment_name="proxy-test", overrides=overrides)  # fmt: skip
+    rows = report["rows"]
+    assert [r["preset"] for r in rows] == ["cifar100", "cifar100-improved"]
+    assert all(r["epochs"] == 2 and 0 <= r["test_accuracy"] <= 1 for r in rows)
+    table = (tmp_path / "report" / "table.md").read_text()
+    assert "`cifar100-improved`" in table and rows[1]["run_id"] in table
+    assert (tmp_path / "report" / "curves.png").stat().st_size > 10_000
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("proxy-test").experiment_id])
+    assert {r.info.run_id for r in runs} == {r["run_id"] for r in rows}
+    for run in runs:  # same seed and epochs, both exported through the parity gate
+        assert run.data.params["seed"] == "42" and run.data.params["epochs"] == "2"
+        assert run.data.tags["export.parity"] == "passed"
+    improved = next(r for r in runs if r.data.params["preset"] == "cifar100-improved")
+    assert (
+        improved.data.params["attention_type"] == "lsa" and improved.data.params["label_smoothing"] == "0.1"
+    )
+    lr = [m.value for m in client.get_metric_history(improved.info.run_id, "learning_rate")]
+    assert len(lr) == 2 and lr[1] < lr[0]  # the cosine schedule, logged per epoch
