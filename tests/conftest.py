@@ -150,3 +150,26 @@ def stop(proc) -> None:
     except Exception:
         proc.kill()
         proc.wait(timeout=5)
+
+
+def start_group(cmd, env, log, cwd):
+    """Starts ``cmd`` in its own process group (so its children can be stopped with it)."""
+    import subprocess
+
+    return subprocess.Popen(
+        cmd, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+
+
+def stop_group(proc) -> None:
+    """SIGTERM to the process group, SIGKILL after 20 s."""
+    import signal
+    import subprocess
+
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=5)

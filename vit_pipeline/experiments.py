@@ -36,7 +36,8 @@ def _row(run) -> RunRow:
     m, p = run.data.metrics, run.data.params
     return RunRow(
         run_id=run.info.run_id,
-        preset=p.get("preset", run.info.run_name or "?"),
+        # The run name labels a variant (e.g. an ablation of a preset); else the preset.
+        preset=run.info.run_name or p.get("preset", "?"),
         num_params=int(p.get("num_params", 0)),
         epochs=int(p["epochs"]),
         train_minutes=m.get("train_seconds", float("nan")) / 60,

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import free_port, wait_for_http
+from tests.conftest import free_port, start_group, stop_group, wait_for_http
 
 pytestmark = pytest.mark.integration
 
@@ -25,19 +25,10 @@ BIN = Path(sys.executable).parent
 
 
 def _start(cmd, env, log):
-    return subprocess.Popen(
-        cmd, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
+    return start_group(cmd, env, log, REPO)
 
 
-def _stop(proc):
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=5)
+_stop = stop_group
 
 
 @pytest.fixture(scope="module")

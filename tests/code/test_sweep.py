@@ -2,13 +2,12 @@
 
 import json
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import start_group, stop_group
 from vit_pipeline.errors import ConfigError
 from vit_pipeline.sweep import best_trial, load_space, parse_space, trial_configs, trial_overrides
 
@@ -85,19 +84,10 @@ def test_best_trial_ignores_failed_trials():
 
 
 def _start(cmd, env, log):
-    return subprocess.Popen(
-        cmd, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
+    return start_group(cmd, env, log, REPO)
 
 
-def _stop(proc):
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=5)
+_stop = stop_group
 
 
 @pytest.fixture
