@@ -169,7 +169,9 @@ def resume_run(cfg: PipelineConfig, run_id: str) -> str:
 
 def _operational(field: str) -> bool:
     """Fields that may change between a crash and its resume (they do not touch the model)."""
-    return field in ("tracking_uri", "tracking_wait_seconds", "run_name") or field.startswith("benchmark_")
+    # distribution_strategy too: a run may resume on a machine with other devices.
+    operational = ("tracking_uri", "tracking_wait_seconds", "run_name", "distribution_strategy")
+    return field in operational or field.startswith("benchmark_")
 
 
 def _note(cfg: PipelineConfig, preset: str | None) -> str:
