@@ -138,6 +138,7 @@ def sweep(
         results = run_trials.with_options(task_runner=runner)(
             parsed.preset, [{"varying": v, "config": c.to_dict()} for v, c in trials], parent, gpus_per_trial
         )
+        trials_seconds = time.time() - start
         for r in results:  # a failed trial's run id, from its MLflow tags
             if r["status"] == "failed":
                 found = client.search_runs([tracking.experiment_id(parent_cfg)], filter_string=(
@@ -148,7 +149,7 @@ def sweep(
         ok = [r for r in results if r["status"] == "ok"]
         client.log_metric(parent, "trials_finished", len(ok))
         client.log_metric(parent, "trials_failed", len(results) - len(ok))
-        client.log_metric(parent, "sweep_seconds", time.time() - start)
+        client.log_metric(parent, "trials_seconds", trials_seconds)
         create_table_artifact(key="sweep-trials", table=rows, description="Sweep trials")
         best = best_trial(results, parsed.metric)
         if best is None:
@@ -167,8 +168,9 @@ def sweep(
     except BaseException:
         tracking.finish_run(parent_cfg, parent, "FAILED")
         raise
+    client.log_metric(parent, "sweep_seconds", time.time() - start)
     tracking.finish_run(parent_cfg, parent, "FINISHED")
     print(f"Sweep {parent}: {len(ok)}/{len(results)} trials finished; best {best['params']} "
           f"{parsed.metric}={best[parsed.metric]:.4f}, test accuracy {accuracy:.4f}; {registered['model_uri']}")  # fmt: skip
     return {"parent_run_id": parent, "trials": results, "best": best, "test_accuracy": accuracy,
-            "registry": registered, "seconds": time.time() - start}  # fmt: skip
+            "registry": registered, "trials_seconds": trials_seconds, "seconds": time.time() - start}  # fmt: skip

@@ -146,17 +146,19 @@ def run(resume_run_id: str | None, **kwargs) -> None:
 @click.option("--experiment-name", default="vit-cifar100-proxy", show_default=True)
 @click.option("--report-dir", default="docs/experiments/proxy", show_default=True)
 @click.option("--tracking-uri", default=None, help="MLflow tracking URI (default: the local SQLite store).")
+@click.option("--preset", "presets", multiple=True, default=("cifar100", "cifar100-improved"), show_default=True,
+              type=click.Choice(list(PRESETS)), help="Presets to compare (repeat the option).")  # fmt: skip
 @_friendly_errors
-def proxy_experiment(data_path, epochs, seed, experiment_name, report_dir, tracking_uri) -> None:
-    """Train the seed and the improved preset alike and compare them (table + curves)."""
+def proxy_experiment(data_path, epochs, seed, experiment_name, report_dir, tracking_uri, presets) -> None:
+    """Train presets (default: the seed and the improved one) alike and compare them (table + curves)."""
     overrides = {"tracking_uri": tracking_uri} if tracking_uri else {}
     shared = {"data_path": data_path, "epochs": epochs, "seed": seed, "experiment_name": experiment_name}
-    for preset in ("cifar100", "cifar100-improved"):
+    for preset in presets:
         make_config(preset, {**shared, **overrides})  # fail before Prefect or TensorFlow start
     from flows.proxy_experiment import proxy_experiment as flow
 
     report = flow(data_path=data_path, epochs=epochs, seed=seed, experiment_name=experiment_name,
-                  report_dir=report_dir, overrides=overrides)  # fmt: skip
+                  report_dir=report_dir, presets=tuple(presets), overrides=overrides)  # fmt: skip
     click.echo(json.dumps(report, indent=2))
 
 

@@ -288,12 +288,33 @@ def cifar100_improved() -> dict[str, Any]:
     }
 
 
+def cifar100_improved_light() -> dict[str, Any]:
+    """``cifar100-improved`` without the batch augmentation: for short budgets.
+
+    Same model, optimizer, warm-up + cosine schedule, label smoothing and
+    stochastic depth; no RandAugment, random erasing, MixUp or CutMix. Measured
+    in docs/experiments.md: with 10 epochs on 9,000 CIFAR-100 images the full
+    recipe's augmentation under-fits (12.3% test top-1, below the seed's 14.3%),
+    while this variant reaches 24.1%. For 100 epochs on the full data the
+    literature recipe (``cifar100-improved``) is the one to use.
+    """
+    return {
+        **cifar100_improved(),
+        "rand_augment_ops": 0,
+        "random_erasing": 0.0,
+        "mixup_alpha": 0.0,
+        "cutmix_alpha": 0.0,
+    }
+
+
 # Named presets: overrides applied on top of the seed defaults.
 PRESETS: dict[str, dict[str, Any]] = {
     # The keras-io seed recipe on CIFAR-100, exactly.
     "cifar100": {},
     # A stronger recipe for the same data; sources in cifar100_improved().
     "cifar100-improved": cifar100_improved(),
+    # The same without batch augmentation, for short training budgets.
+    "cifar100-improved-light": cifar100_improved_light(),
     # Small enough to run the whole pipeline in well under 3 minutes on 2 CPU
     # cores, on real images that ship with scikit-learn (no network).
     "quickstart": {
