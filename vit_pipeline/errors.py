@@ -15,3 +15,7 @@ class DataError(PipelineError, ValueError):
 
 class TrackingUnavailable(PipelineError):
     """The MLflow tracking server did not answer (worth retrying later)."""
+
+
+class TrainingInProgress(PipelineError):
+    """Another process is training the same run (e.g. an orphan beside a resume)."""

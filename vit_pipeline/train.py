@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -274,14 +275,60 @@ def train(
 
     Called again with the same ``out_dir`` after a crash, it resumes from the last
     finished epoch (weights, optimizer state, epoch counter, best-so-far).
+
+    Raises:
+        TrainingInProgress: another process is training ``out_dir`` right now.
     """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with exclusive(out_dir):
+        return _train(cfg, splits, out_dir, run_id, callbacks)
+
+
+@contextlib.contextmanager
+def exclusive(out_dir: Path):
+    """Holds an exclusive lock on a run's work directory while it trains.
+
+    A second trainer of the same run (a flow run orphaned by a dead worker beside
+    its resume, or two ``--resume`` of one run) would interleave epochs in the
+    checkpoints and in MLflow; it is refused instead. The kernel drops the lock
+    when the holder dies, so a crash never leaves the run locked.
+
+    Raises:
+        TrainingInProgress: another live process holds the lock.
+    """
+    import fcntl
+    import socket
+
+    from vit_pipeline.errors import TrainingInProgress
+
+    lock = open(out_dir / ".train.lock", "a+")  # noqa: SIM115 (held for the whole block)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        lock.close()
+        raise TrainingInProgress(
+            f"{out_dir} is being trained right now by {holder}; stop that process before resuming this run"
+        ) from None
+    try:
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        lock.flush()
+        yield
+    finally:
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        lock.close()
+
+
+def _train(cfg: PipelineConfig, splits: Splits, out_dir: Path, run_id: str | None, callbacks: list | None):
     import keras
 
     from vit_pipeline.distribute import make_strategy
     from vit_pipeline.model import build_vit
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     finished = _finished(cfg, out_dir)
     if finished is not None:  # resumed after training completed (e.g. MLflow was down at the end)
         return finished

@@ -89,3 +89,32 @@ def test_two_epochs_on_real_images_reduce_the_loss(tmp_path, tiny_overrides):
         "accuracy"
     ]
     assert acc == pytest.approx(result.best_val_accuracy, abs=1e-6)
+
+
+def test_a_second_trainer_of_the_same_run_is_refused(tmp_path, tiny_overrides):
+    import fcntl
+    import subprocess
+    import sys
+
+    from vit_pipeline.errors import TrainingInProgress
+
+    cfg = make_config("cifar100", {**tiny_overrides, "data_path": str(CIFAR_CUT), "label_mode": "coarse",
+                                   "epochs": 1})  # fmt: skip
+    splits = data.prepare(cfg)
+    # Another process holds the run's lock, as a live orphaned trainer would.
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX);"
+        "f.write('pid 4242 on elsewhere'); f.flush(); print('locked', flush=True); time.sleep(60)"),
+        str(tmp_path / ".train.lock")], stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(TrainingInProgress, match="being trained right now by pid 4242 on elsewhere"):
+            train(cfg, splits, tmp_path)
+        assert not (tmp_path / "epochs.jsonl").exists() and not (tmp_path / "model.keras").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    # The holder died: the kernel released the lock, training goes ahead.
+    assert train(cfg, splits, tmp_path).epochs_run == 1
+    with open(tmp_path / ".train.lock") as f:  # and released it again at the end
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
