@@ -13,6 +13,16 @@ from collections.abc import Callable
 from vit_pipeline.config import PipelineConfig
 
 
+def model_batch(images, labels, cfg: PipelineConfig, num_classes: int):
+    """float32 images; one-hot labels when the loss needs them (``cfg.soft_labels``)."""
+    import tensorflow as tf
+
+    images = tf.cast(images, tf.float32)
+    if cfg.soft_labels:
+        labels = tf.one_hot(tf.cast(labels, tf.int32), num_classes)
+    return images, labels
+
+
 def batch_augmenter(cfg: PipelineConfig, num_classes: int) -> Callable | None:
     """A ``(images, labels) -> (images, labels)`` function for ``Dataset.map``.
 
@@ -53,9 +63,7 @@ def batch_augmenter(cfg: PipelineConfig, num_classes: int) -> Callable | None:
     switch = tf.random.Generator.from_seed(cfg.seed + 4)
 
     def augment(images, labels):
-        images = tf.cast(images, tf.float32)
-        if cfg.soft_labels:
-            labels = tf.one_hot(tf.cast(labels, tf.int32), num_classes)
+        images, labels = model_batch(images, labels, cfg, num_classes)
         for layer in stages:
             images = layer(images, training=True)
         if mixers:

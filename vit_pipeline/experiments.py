@@ -6,6 +6,7 @@ report can be rebuilt at any time from the tracking store.
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -113,8 +114,6 @@ def compare_runs(client, run_ids: list[str], out_dir: str | Path) -> dict[str, A
         }
     table = write_text(out / "table.md", table_markdown(rows))
     curves = plot_curves(histories, out / "curves.png")
-    import json
-
     runs = write_text(
         out / "runs.json", json.dumps({"rows": [asdict(r) for r in rows], "curves": histories}, indent=1)
     )

@@ -61,18 +61,15 @@ def make_dataset(
     """
     import tensorflow as tf
 
-    from vit_pipeline.augment import batch_augmenter
+    from vit_pipeline.augment import batch_augmenter, model_batch
 
     ds = tf.data.Dataset.from_tensor_slices((x, y))
     if training:
         ds = ds.shuffle(len(x), seed=cfg.seed, reshuffle_each_iteration=True)
     augment = batch_augmenter(cfg, num_classes) if training else None
 
-    def cast(a, b):
-        a = tf.cast(a, tf.float32)
-        if cfg.soft_labels:
-            b = tf.one_hot(tf.cast(b, tf.int32), num_classes)
-        return a, b
+    def cast(images, labels):
+        return model_batch(images, labels, cfg, num_classes)
 
     ds = ds.batch(batch_size or cfg.batch_size).map(augment or cast, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
@@ -159,58 +156,43 @@ class EpochLog:
         return {k: [epochs[e].get(k, float("nan")) for e in sorted(epochs)] for k in keys}
 
 
-def _callbacks(cfg: PipelineConfig, out_dir: Path, run_id: str | None, epoch_log: EpochLog):
+def _callbacks(cfg: PipelineConfig, out_dir: Path, run_id: str | None, epoch_log: EpochLog, done: dict):
     """Epoch log, best checkpoint, MLflow and the backup, in that order.
 
     The backup (``BackupAndRestore``) comes last, so that once it says "epoch N is
     done" the log, the best checkpoint and MLflow already hold epoch N; a crash
-    costs at most the epoch in progress.
+    costs at most the epoch in progress. ``done`` holds the epochs already in the
+    log (a resumed run).
     """
     import keras
 
     from vit_pipeline import tracking
 
-    done = epoch_log.read()
     best_so_far = max((rec.get(MONITOR, float("-inf")) for rec in done.values()), default=None)
-    logged_steps: set[int] = set()
-    if run_id:
-        logged_steps = {m.step for m in tracking.client(cfg).get_metric_history(run_id, "loss")}
+    if done:
+        log.info("Resuming: %d epochs already done, best %s so far %.4f", len(done), MONITOR, best_so_far)
 
     class Bookkeeping(keras.callbacks.Callback):
         """Epoch log first (the truth on disk), then MLflow if it answers.
 
         A tracking server that went away never stops training: the epoch stays in
-        ``epochs.jsonl`` and is sent later (next epoch, end of training, or
-        ``--resume``), each step once.
+        ``epochs.jsonl`` and is sent with the next epoch MLflow answers for, at the
+        end of training, or on ``--resume``. ``sync_epochs`` sends only the steps
+        MLflow lacks, so an epoch trained again after a crash keeps its first
+        value and every step has exactly one.
         """
 
         def on_epoch_end(self, epoch, logs=None):
-            logs = logs or {}
-            epoch_log.append(epoch, logs)
+            epoch_log.append(epoch, logs or {})
             if not run_id:
                 return
-            # An epoch trained again after a crash keeps its first MLflow values,
-            # so every step has exactly one value.
-            if epoch not in logged_steps:
-                pending.append(epoch)
-            if pending and tracking.server_up(cfg):
-                try:
-                    records = epoch_log.read()
-                    for step in list(pending):
-                        tracking.log_epoch_metrics(cfg, run_id, step, records[step])
-                        logged_steps.add(step)
-                        pending.remove(step)
-                except Exception as exc:  # server dropped mid-request; keep training
-                    log.warning(
-                        "MLflow logging failed (%s); epochs %s kept in %s", exc, pending, epoch_log.path
-                    )
-            elif pending:
-                log.warning("MLflow unreachable; epochs %s kept in %s for later", pending, epoch_log.path)
-
-    pending: list[int] = []
-
-    if done:
-        log.info("Resuming: %d epochs already done, best %s so far %.4f", len(done), MONITOR, best_so_far)
+            if not tracking.server_up(cfg):
+                log.warning("MLflow unreachable; epoch %d kept in %s for later", epoch, epoch_log.path)
+                return
+            try:
+                tracking.sync_epochs(cfg, run_id, epoch_log.read())
+            except Exception as exc:  # server dropped mid-request; keep training
+                log.warning("MLflow logging failed (%s); epochs kept in %s", exc, epoch_log.path)
 
     class BestWeights(keras.callbacks.Callback):
         """Best-validation weights, written atomically (temp file, then rename)."""
@@ -345,12 +327,13 @@ def _train(cfg: PipelineConfig, splits: Splits, out_dir: Path, run_id: str | Non
         compile_model(model, cfg, splits.num_classes, steps_per_epoch)
     best_path = out_dir / "best.weights.h5"
     epoch_log = EpochLog(out_dir / "epochs.jsonl")
-    fit_callbacks = [*_callbacks(cfg, out_dir, run_id, epoch_log), *(callbacks or [])]
+    done = epoch_log.read()
+    fit_callbacks = [*_callbacks(cfg, out_dir, run_id, epoch_log, done), *(callbacks or [])]
     train_ds = make_dataset(splits.x_train, splits.y_train, cfg, splits.num_classes, True, global_batch)
     val_ds = make_dataset(splits.x_val, splits.y_val, cfg, splits.num_classes, False, global_batch)
     start = time.perf_counter()
     # shuffle=False: the tf.data pipeline already shuffles (seeded) each epoch.
-    resumed_from = len(epoch_log.read())
+    resumed_from = len(done)
     model.fit(
         train_ds, validation_data=val_ds, epochs=cfg.epochs, callbacks=fit_callbacks, verbose=2, shuffle=False
     )
