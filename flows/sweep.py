@@ -28,7 +28,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows.train_pipeline import _prefect_tags, evaluate_model, export_model, register_model
-from vit_pipeline import stages, tracking
+from vit_pipeline import runs, stages, tracking
 from vit_pipeline.config import make_config
 from vit_pipeline.errors import PipelineError
 from vit_pipeline.sweep import best_trial, load_space, parse_space, trial_configs
@@ -127,14 +127,14 @@ def sweep(
     parent_cfg = make_config(
         parsed.preset, {**parsed.fixed, **shared, "run_name": f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"}
     )
-    parent = tracking.create_run(parent_cfg, parsed.preset, {**_prefect_tags(), "sweep.method": parsed.method,
-                                 "sweep.num_trials": str(len(trials)), "sweep.role": "parent"})  # fmt: skip
-    client = tracking.client(parent_cfg)
-    client.log_dict(parent, {"preset": parsed.preset, "method": parsed.method, "metric": parsed.metric,
-                             "fixed": parsed.fixed, "parameters": parsed.parameters}, "sweep/space.json")  # fmt: skip
-    start = time.time()
-    runner = task_runner(dask_address, n_workers, int(local_gpu_count() if gpus_per_trial else 0))
-    try:
+    parent_tags = {**_prefect_tags(), "sweep.method": parsed.method, "sweep.num_trials": str(len(trials)),
+                   "sweep.role": "parent"}  # fmt: skip
+    with runs.tracked_run(parent_cfg, parsed.preset, parent_tags) as parent:
+        client = tracking.client(parent_cfg)
+        client.log_dict(parent, {"preset": parsed.preset, "method": parsed.method, "metric": parsed.metric,
+                                 "fixed": parsed.fixed, "parameters": parsed.parameters}, "sweep/space.json")  # fmt: skip
+        start = time.time()
+        runner = task_runner(dask_address, n_workers, int(local_gpu_count() if gpus_per_trial else 0))
         results = run_trials.with_options(task_runner=runner)(
             parsed.preset, [{"varying": v, "config": c.to_dict()} for v, c in trials], parent, gpus_per_trial
         )
@@ -147,29 +147,26 @@ def sweep(
         rows = [_row(r) for r in results]
         client.log_table(parent, {k: [row[k] for row in rows] for k in rows[0]}, "sweep/trials.json")
         ok = [r for r in results if r["status"] == "ok"]
-        client.log_metric(parent, "trials_finished", len(ok))
-        client.log_metric(parent, "trials_failed", len(results) - len(ok))
-        client.log_metric(parent, "trials_seconds", trials_seconds)
+        tracking.log_metrics(parent_cfg, parent, {"trials_finished": len(ok), "trials_failed": len(results) - len(ok),
+                                                  "trials_seconds": trials_seconds})  # fmt: skip
         create_table_artifact(key="sweep-trials", table=rows, description="Sweep trials")
         best = best_trial(results, parsed.metric)
         if best is None:
             raise PipelineError(f"Every one of the {len(results)} trials failed; see MLflow run {parent}")
         cfg = dict(trials[best["index"]][1].to_dict())
-        evaluated = evaluate_model(
-            cfg, best["run_id"], best["data_path"], best["model_path"], best["history_path"]
-        )
-        accuracy = evaluated["test_accuracy"]
-        exported = export_model(cfg, best["run_id"], best["data_path"], best["model_path"], accuracy)
-        registered = register_model(cfg, best["run_id"], best["data_path"], exported["path"], accuracy)
-        client.log_metric(parent, f"best_{parsed.metric}", best[parsed.metric])
-        client.log_metric(parent, "best_test_accuracy", accuracy)
-        client.set_tag(parent, "sweep.best_run_id", best["run_id"])
-        client.set_tag(parent, "sweep.best_params", str(best["params"]))
-    except BaseException:
-        tracking.finish_run(parent_cfg, parent, "FAILED")
-        raise
-    client.log_metric(parent, "sweep_seconds", time.time() - start)
-    tracking.finish_run(parent_cfg, parent, "FINISHED")
+        # The winner's run is RUNNING again while its remaining stages log into it.
+        with runs.lifecycle(trials[best["index"]][1], best["run_id"]):
+            evaluated = evaluate_model(
+                cfg, best["run_id"], best["data_path"], best["model_path"], best["history_path"]
+            )
+            accuracy = evaluated["test_accuracy"]
+            exported = export_model(cfg, best["run_id"], best["data_path"], best["model_path"], accuracy)
+            registered = register_model(cfg, best["run_id"], best["data_path"], exported["path"], accuracy)
+        tracking.log_metrics(parent_cfg, parent, {f"best_{parsed.metric}": best[parsed.metric],
+                                                  "best_test_accuracy": accuracy,
+                                                  "sweep_seconds": time.time() - start})  # fmt: skip
+        tracking.set_tags(parent_cfg, parent, {"sweep.best_run_id": best["run_id"],
+                                               "sweep.best_params": str(best["params"])})  # fmt: skip
     print(f"Sweep {parent}: {len(ok)}/{len(results)} trials finished; best {best['params']} "
           f"{parsed.metric}={best[parsed.metric]:.4f}, test accuracy {accuracy:.4f}; {registered['model_uri']}")  # fmt: skip
     return {"parent_run_id": parent, "trials": results, "best": best, "test_accuracy": accuracy,

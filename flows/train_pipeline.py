@@ -2,7 +2,12 @@
 
 One Prefect task per stage; tasks pass paths and metrics, never models. The
 MLflow run is created here and its id handed to every task, because MLflow's
-active run is per thread and Prefect runs tasks in worker threads.
+active run is per thread and Prefect runs tasks in worker threads. The run is
+RUNNING for the whole flow and ends with it (``vit_pipeline.runs``): FINISHED
+when the flow completes, FAILED when a stage raises, KILLED when the flow run is
+cancelled or crashes (the ``on_crashed`` / ``on_cancellation`` hooks), or, if its
+process was SIGKILLed with no chance to say so, at the next command that opens
+the store.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from vit_pipeline import stages, summary, tracking
+from vit_pipeline import runs, stages, summary, tracking
 from vit_pipeline.config import make_config
 
 
@@ -80,7 +85,27 @@ def _prefect_tags() -> dict[str, str]:
     }
 
 
-@flow(name="train-pipeline", log_prints=True)
+def mark_mlflow_killed(flow, flow_run, state) -> None:
+    """Prefect state hook: a crashed or cancelled flow run leaves no RUNNING/FINISHED MLflow run."""
+    params = flow_run.parameters or {}
+    try:
+        cfg = make_config(params.get("preset", "quickstart"), params.get("overrides"))
+        killed = runs.mark_flow_run_killed(
+            cfg, str(flow_run.id), f"Prefect flow run {state.type.value}: {state.message}"
+        )
+    except Exception as exc:  # a hook must not hide the flow's own failure
+        print(f"Could not mark the MLflow run of flow run {flow_run.id}: {exc}")
+        return
+    if killed:
+        print(f"Marked MLflow run(s) {', '.join(killed)} KILLED (flow run {state.type.value})")
+
+
+@flow(
+    name="train-pipeline",
+    log_prints=True,
+    on_crashed=[mark_mlflow_killed],
+    on_cancellation=[mark_mlflow_killed],
+)
 def train_pipeline(
     preset: str = "quickstart", overrides: dict[str, Any] | None = None, resume_run_id: str | None = None
 ) -> dict:
@@ -99,11 +124,7 @@ def train_pipeline(
     """
     cfg = make_config(preset, overrides)  # invalid values fail here, before any work
     cfg_dict = cfg.to_dict()
-    if resume_run_id:
-        run_id = tracking.resume_run(cfg, resume_run_id)
-    else:
-        run_id = tracking.create_run(cfg, preset, _prefect_tags())
-    try:
+    with runs.tracked_run(cfg, preset, _prefect_tags(), resume_run_id=resume_run_id) as run_id:
         source = fetch_data(cfg_dict)
         prepared = prepare_data(cfg_dict, run_id, source)
         trained = train_model(cfg_dict, run_id, prepared["data_path"])
@@ -117,27 +138,23 @@ def train_pipeline(
         benchmarked = benchmark_model(
             cfg_dict, run_id, prepared["data_path"], trained["model_path"], exported["fp32_path"]
         )
-    except BaseException:
-        tracking.finish_run(cfg, run_id, "FAILED")
-        raise
-    result = {
-        "mlflow_run_id": run_id,
-        "mlflow_run_url": tracking.run_url(cfg, run_id),
-        "test_accuracy": evaluated["test_accuracy"],
-        "test_top5_accuracy": evaluated["test_top5_accuracy"],
-        "best_val_accuracy": trained["best_val_accuracy"],
-        "train_seconds": trained["train_seconds"],
-        "onnx_path": exported["path"],
-        "parity": {k: exported["parity"][k] for k in ("max_abs_diff", "top1_agreement", "num_images")},
-        "registry": registered,
-        "benchmark": benchmarked["ratios"],
-    }
-    create_markdown_artifact(
-        key="train-pipeline-summary",
-        markdown=summary.run_markdown(cfg, preset, result, prepared["summary"]),
-        description="ViT training run summary",
-    )
-    tracking.finish_run(cfg, run_id, "FINISHED")
+        result = {
+            "mlflow_run_id": run_id,
+            "mlflow_run_url": tracking.run_url(cfg, run_id),
+            "test_accuracy": evaluated["test_accuracy"],
+            "test_top5_accuracy": evaluated["test_top5_accuracy"],
+            "best_val_accuracy": trained["best_val_accuracy"],
+            "train_seconds": trained["train_seconds"],
+            "onnx_path": exported["path"],
+            "parity": {k: exported["parity"][k] for k in ("max_abs_diff", "top1_agreement", "num_images")},
+            "registry": registered,
+            "benchmark": benchmarked["ratios"],
+        }
+        create_markdown_artifact(
+            key="train-pipeline-summary",
+            markdown=summary.run_markdown(cfg, preset, result, prepared["summary"]),
+            description="ViT training run summary",
+        )
     print(
         f"MLflow run {run_id}: test accuracy {result['test_accuracy']:.4f}, "
         f"top-5 {result['test_top5_accuracy']:.4f} -> {result['mlflow_run_url']}"

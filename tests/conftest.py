@@ -173,3 +173,49 @@ def stop_group(proc) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=5)
+
+
+def constant_classifier(
+    path: Path, num_classes: int, favoured: int, class_names: list[str] | None = None
+) -> Path:
+    """A real ONNX image classifier (the pipeline's contract) that always predicts ``favoured``.
+
+    Its accuracy on any split is the share of ``favoured`` in the labels, so
+    registry tests know the truth in advance.
+    """
+    import json
+
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    bias = np.linspace(0.0, 0.5, num_classes, dtype=np.float32)
+    bias[favoured] = 1.0
+    graph = helper.make_graph(
+        [
+            helper.make_node("Flatten", ["images"], ["flat"], axis=1),
+            helper.make_node("MatMul", ["flat", "w"], ["zero"]),
+            helper.make_node("Add", ["zero", "b"], ["logits"]),
+        ],
+        "constant",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 32, 32, 3])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", num_classes])],
+        [
+            numpy_helper.from_array(np.zeros((3072, num_classes), np.float32), "w"),
+            numpy_helper.from_array(bias, "b"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    names = class_names or [f"class{i}" for i in range(num_classes)]
+    onnx.helper.set_model_props(model, {"class_names": json.dumps(names)})
+    onnx.save(model, str(path))
+    return path
+
+
+def labelled_split(counts: list[int], seed: int = 0):
+    """A TestSplit with ``counts[c]`` images of class ``c`` (random pixels)."""
+    from vit_pipeline.registry import TestSplit
+
+    rng = np.random.default_rng(seed)
+    labels = np.concatenate([np.full(n, c) for c, n in enumerate(counts)]).astype(np.int64)
+    images = rng.integers(0, 256, size=(len(labels), 32, 32, 3), dtype=np.uint8)
+    return TestSplit(images, labels, [f"class{i}" for i in range(len(counts))], data_digest=f"digest-{seed}")

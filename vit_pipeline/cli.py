@@ -193,22 +193,16 @@ def sweep(space_path, dask_address, workers, gpus_per_trial, tracking_uri, data_
 @_friendly_errors
 def train(resume_run_id: str | None, **kwargs) -> None:
     """Prepare data and train, without Prefect; logs to a new (or resumed) MLflow run."""
-    from vit_pipeline import stages, tracking
+    from vit_pipeline import runs, stages
 
     preset, overrides = _split_config(kwargs)
     cfg = make_config(preset, overrides)
-    if resume_run_id:
-        run_id = tracking.resume_run(cfg, resume_run_id)
-    else:
-        run_id = tracking.create_run(cfg, preset, {"vit_pipeline.command": "train"})
-    click.echo(f"MLflow run {run_id} (resume with --resume {run_id})", err=True)
-    status = "FAILED"
-    try:
+    with runs.tracked_run(
+        cfg, preset, {"vit_pipeline.command": "train"}, resume_run_id=resume_run_id
+    ) as run_id:
+        click.echo(f"MLflow run {run_id} (resume with --resume {run_id})", err=True)
         prepared = stages.prepare_stage(cfg, run_id, stages.fetch_stage(cfg))
         trained = stages.train_stage(cfg, run_id, prepared["data_path"])
-        status = "FINISHED"
-    finally:
-        tracking.finish_run(cfg, run_id, status)
     click.echo(json.dumps({"mlflow_run_id": run_id, "data_path": prepared["data_path"], **trained}, indent=2))
 
 
@@ -220,21 +214,18 @@ def evaluate(model_path: str, **kwargs) -> None:
     """Evaluate a saved .keras MODEL_PATH on the config's test split; logs to MLflow."""
     from pathlib import Path
 
-    from vit_pipeline import stages, tracking
+    from vit_pipeline import runs, stages
     from vit_pipeline.errors import DataError
 
     if not Path(model_path).is_file():
         raise DataError(f"Model file does not exist: {model_path}")
     preset, overrides = _split_config(kwargs)
     cfg = make_config(preset, overrides)
-    run_id = tracking.create_run(cfg, preset, {"vit_pipeline.command": "evaluate", "model_path": model_path})
-    status = "FAILED"
-    try:
+    with runs.tracked_run(
+        cfg, preset, {"vit_pipeline.command": "evaluate", "model_path": model_path}
+    ) as run_id:
         prepared = stages.prepare_stage(cfg, run_id, stages.fetch_stage(cfg))
         result = stages.evaluate_stage(cfg, run_id, prepared["data_path"], model_path, None)
-        status = "FINISHED"
-    finally:
-        tracking.finish_run(cfg, run_id, status)
     click.echo(json.dumps({"mlflow_run_id": run_id, **result}, indent=2))
 
 

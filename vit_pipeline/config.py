@@ -26,6 +26,7 @@ POOLINGS = ("flatten", "gap", "class_token")
 PATCH_TOKENIZATIONS = ("standard", "shifted")
 ATTENTION_TYPES = ("standard", "lsa")
 LR_SCHEDULES = ("constant", "warmup_cosine")
+WEIGHT_DECAY_SCOPES = ("all", "kernels")
 DISTRIBUTION_STRATEGIES = ("default", "mirrored")
 
 
@@ -104,6 +105,10 @@ class PipelineConfig:
         cutmix_alpha: CutMix Beta(alpha, alpha) parameter (0: off). With MixUp
             also on, each batch gets one of the two, with equal odds (DeiT).
         weight_decay: AdamW weight decay, Keras semantics (see above).
+        weight_decay_scope: Which weights decay: "all" (the seed: tensorflow-addons
+            decayed every variable) or "kernels" (DeiT/timm practice: biases, norm
+            scales and offsets, position embeddings, the class token and LSA's
+            temperature are excluded; see ``train.no_decay_variables``).
         seed: Seed for the split, weight initialisation and augmentation.
         experiment_name: MLflow experiment; None means ``vit-<dataset>``.
         tracking_uri: MLflow tracking URI; None means ``$MLFLOW_TRACKING_URI`` or
@@ -163,6 +168,7 @@ class PipelineConfig:
     lr_schedule: str = "constant"
     warmup_fraction: float = 0.0
     weight_decay: float = 0.1
+    weight_decay_scope: str = "all"
     label_smoothing: float = 0.0
     rand_augment_ops: int = 0
     rand_augment_factor: float = 0.5
@@ -243,6 +249,10 @@ def cifar100_improved() -> dict[str, Any]:
     - AdamW, peak learning rate 1e-3 at batch 128, weight decay 0.05: Lee et al.
       Their PyTorch AdamW decays by ``lr * wd * w`` like Keras, so 0.05 is taken
       as is (unlike the seed's tensorflow-addons value, see PipelineConfig).
+    - No weight decay on biases, norm scales and offsets, position embeddings,
+      the class token and LSA's temperature (``weight_decay_scope="kernels"``):
+      DeiT and timm's ``param_groups_weight_decay`` (1-D parameters and
+      ``no_weight_decay()`` names are excluded).
     - Linear warm-up over the first 10% of steps, then cosine decay: Lee et al.
       (10 warm-up epochs of 100); expressed as a fraction so shorter runs keep the
       same shape.
@@ -277,6 +287,7 @@ def cifar100_improved() -> dict[str, Any]:
         "batch_size": 128,
         "learning_rate": 1e-3,
         "weight_decay": 0.05,
+        "weight_decay_scope": "kernels",
         "lr_schedule": "warmup_cosine",
         "warmup_fraction": 0.1,
         "label_smoothing": 0.1,
@@ -425,6 +436,7 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
         ("patch_tokenization", PATCH_TOKENIZATIONS),
         ("attention_type", ATTENTION_TYPES),
         ("lr_schedule", LR_SCHEDULES),
+        ("weight_decay_scope", WEIGHT_DECAY_SCOPES),
         ("distribution_strategy", DISTRIBUTION_STRATEGIES),
     ):
         if getattr(cfg, name) not in allowed:

@@ -1,30 +1,58 @@
-"""MLflow model registry: log the ONNX model, register it, champion/challenger.
+"""MLflow model registry: register the served ONNX file, champion/challenger.
 
-Each registered version carries tags ``test_accuracy``, ``dataset`` and
-``data_digest``. The alias ``champion`` says which version is live; it moves to a
-new version according to ``promotion_policy``:
+**What decides.** The accuracy of the file that will be served (the ONNX graph,
+run in ONNX Runtime on the CPU) on the new run's *full* test split. Under
+``better_or_equal`` (default) the current champion's ONNX file is downloaded and
+evaluated on the *same* split in the same stage, and the new version becomes
+champion when its top-1 is at least the champion's. Both figures are recorded as
+version tags (``served_test_accuracy``, ``champion_test_accuracy_same_split``) and
+run tags (``registry.*``). A champion trained on another dataset (``dataset``
+tag, or other class names) is not comparable and is not replaced; a champion
+that cannot be loaded or evaluated blocks promotion with the reason; it is never
+replaced silently. ``always`` / ``never`` skip the comparison.
 
-* ``better_or_equal`` (default): the new version's test accuracy is at least the
-  champion's, and both were trained on the same dataset (``dataset`` tag);
-* ``always`` / ``never``.
+**Concurrency.** The nightly deployment, the monthly sweep and manual runs all
+register under one name. Reading the champion, comparing and moving the alias
+happen under ``registry_lock(name)``: an exclusive file lock under
+``$VIT_PIPELINE_HOME/locks`` (every process on this host, and hosts sharing that
+directory), and, when a Prefect API server is configured, a Prefect global
+concurrency limit ``vit-registry-<name>`` with one slot (every host that talks
+to that server). After moving the alias it is read back; if another writer got
+in between, the stage fails instead of reporting a champion it does not hold.
 
-The decision is written as run tags (``registry.decision``, ``registry.reason``)
-and returned for the Prefect summary.
+**Faults.** Only "this registered model does not exist" or "it has no champion
+alias" mean "no champion". Any other registry error fails the stage before the
+alias is touched (``RegistryError``).
+
+**Resumed runs.** A run registers one version per name: a run that already has
+one (found by run id) reuses it, and one whose decision is recorded returns it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import re
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from vit_pipeline.config import PipelineConfig
+from vit_pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
 
 CHAMPION = "champion"
+ONNX_ARTIFACT = "onnx-model"
+LOCK_TIMEOUT_SECONDS = 900.0
+
+
+class RegistryError(PipelineError):
+    """The registry could not be read or written reliably; the champion was not touched."""
 
 
 @dataclass
@@ -37,85 +65,315 @@ class Registration:
     promoted: bool
     reason: str
     champion_version: str | None
+    served_test_accuracy: float | None = None
+    champion_test_accuracy: float | None = None
+    test_images: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class TestSplit:
+    """The images every candidate is judged on, and the classes they are labelled with."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    class_names: list[str]
+    data_digest: str = ""  # the whole prepared dataset's, for the version tag
+
+    @classmethod
+    def from_splits(cls, splits) -> TestSplit:
+        return cls(splits.x_test, splits.y_test, list(splits.class_names), splits.digest())
+
+    @property
+    def digest(self) -> str:
+        """SHA-256 of the test images and labels: the same digest means the same split."""
+        import hashlib
+
+        h = hashlib.sha256(np.ascontiguousarray(self.images).tobytes())
+        h.update(np.asarray(self.labels, np.int64).tobytes())
+        return h.hexdigest()
+
+
+def onnx_accuracy(path: str | Path, split: TestSplit, batch_size: int = 256) -> dict[str, float]:
+    """Top-1 and top-5 of an ONNX file on ``split`` (ONNX Runtime, CPU)."""
+    from vit_pipeline.evaluate import topk_accuracy
+    from vit_pipeline.export import ort_session, run_onnx
+
+    logits = run_onnx(ort_session(path), split.images, batch_size)
+    return {"top1": topk_accuracy(logits, split.labels, 1), "top5": topk_accuracy(logits, split.labels, 5)}
+
+
+def onnx_class_names(path: str | Path) -> list[str] | None:
+    """The ``class_names`` metadata of an exported file (None if it has none)."""
+    from vit_pipeline.export import ort_session
+
+    meta = ort_session(path).get_modelmeta().custom_metadata_map
+    return json.loads(meta["class_names"]) if "class_names" in meta else None
+
+
 def current_champion(client, name: str, alias: str = CHAMPION):
-    """The version holding ``alias`` (default ``champion``), or None."""
+    """The version holding ``alias``, or None when the model or the alias does not exist.
+
+    An error from the alias read is taken for "no champion" only when the
+    registered model, read afterwards, confirms it: the model does not exist
+    (``RESOURCE_DOES_NOT_EXIST``) or it has no such alias.
+
+    Raises:
+        RegistryError: any other failure (server error, connection lost): the
+            caller must not take it for "no champion".
+    """
     from mlflow.exceptions import MlflowException
 
     try:
         return client.get_model_version_by_alias(name, alias)
-    except MlflowException:
+    except Exception as exc:  # MlflowException, or requests/urllib3 errors on a dropped connection
+        first = exc
+    problem = f"Cannot read the {alias!r} of {name!r} from the registry: {first}"
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise RegistryError(problem) from first
+    except Exception:
+        raise RegistryError(problem) from first
+    if alias not in model.aliases:
         return None
+    raise RegistryError(problem) from first
 
 
-def decide(policy: str, new_accuracy: float, dataset: str, champion) -> tuple[bool, str]:
-    """Whether the new version becomes champion, and why (a sentence for people)."""
+def champion_accuracy(champion, split: TestSplit) -> tuple[float | None, str | None]:
+    """The champion's ONNX file on the challenger's split: (top-1, None) or (None, why not)."""
+    import mlflow
+
+    try:
+        folder = Path(mlflow.artifacts.download_artifacts(f"models:/{champion.name}/{champion.version}"))
+        path = next(folder.rglob("*.onnx"))
+        names = onnx_class_names(path)
+        if names is not None and names != split.class_names:
+            return None, f"champion v{champion.version} predicts other classes than this run's test split"
+        return onnx_accuracy(path, split)["top1"], None
+    except Exception as exc:  # whatever breaks, the champion was not evaluated
+        return None, f"champion v{champion.version} could not be evaluated ({type(exc).__name__}: {exc})"[
+            :1000
+        ]
+
+
+def decide(policy: str, new_accuracy: float, dataset: str, champion, split: TestSplit | None = None):
+    """Whether the new version becomes champion: (promoted, reason, champion's accuracy on the split)."""
     if policy == "always":
-        return True, "policy 'always'"
+        return True, "policy 'always'", None
     if policy == "never":
-        return False, "policy 'never'"
+        return False, "policy 'never'", None
     if champion is None:
-        return True, "no champion yet"
+        return True, "no champion yet", None
     champ_dataset = champion.tags.get("dataset")
-    champ_acc = float(champion.tags.get("test_accuracy", "nan"))
     if champ_dataset != dataset:
-        return False, f"champion v{champion.version} was trained on {champ_dataset!r}, not {dataset!r}"
+        return False, f"champion v{champion.version} was trained on {champ_dataset!r}, not {dataset!r}", None
+    if split is None:
+        raise ValueError("Expected a test split to evaluate the champion on. Received: split=None")
+    champ_acc, problem = champion_accuracy(champion, split)
+    if champ_acc is None:
+        return False, f"{problem}; not replaced", None
+    same = f"on the same {len(split.labels)} test images"
     if new_accuracy >= champ_acc:
-        return True, f"test accuracy {new_accuracy:.4f} >= champion v{champion.version}'s {champ_acc:.4f}"
-    return False, f"test accuracy {new_accuracy:.4f} < champion v{champion.version}'s {champ_acc:.4f}"
+        return (
+            True,
+            f"served top-1 {new_accuracy:.4f} >= champion v{champion.version}'s {champ_acc:.4f} {same}",
+            champ_acc,
+        )
+    return (
+        False,
+        f"served top-1 {new_accuracy:.4f} < champion v{champion.version}'s {champ_acc:.4f} {same}",
+        champ_acc,
+    )
+
+
+@contextlib.contextmanager
+def registry_lock(name: str, timeout: float = LOCK_TIMEOUT_SECONDS) -> Iterator[None]:
+    """Serialises the champion's read-compare-set for one registered model name (module docstring)."""
+    with _file_lock(name, timeout), _prefect_limit(name, timeout):
+        yield
+
+
+@contextlib.contextmanager
+def _file_lock(name: str, timeout: float) -> Iterator[None]:
+    import fcntl
+    import time
+
+    from vit_pipeline.tracking import home
+
+    path = home() / "locks" / f"registry-{re.sub(r'[^A-Za-z0-9._-]', '_', name)}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + timeout
+    with open(path, "a") as f:
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise RegistryError(
+                        f"Another registration of {name!r} held {path} for {timeout:g} s"
+                    ) from None
+                time.sleep(0.05)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def prefect_api_url() -> str | None:
+    """The Prefect API server this process talks to (None: none, or a temporary one of its own)."""
+    try:
+        from prefect.settings import get_current_settings
+    except ImportError:
+        return None
+    url = get_current_settings().api.url
+    return str(url) if url else None
+
+
+@contextlib.contextmanager
+def _prefect_limit(name: str, timeout: float) -> Iterator[None]:
+    """A Prefect global concurrency limit of one slot, when a Prefect server is configured."""
+    if prefect_api_url() is None:
+        yield
+        return
+    from prefect.client.orchestration import get_client
+    from prefect.concurrency.sync import concurrency
+
+    limit = f"vit-registry-{name}"
+    with get_client(sync_client=True) as client:
+        client.upsert_global_concurrency_limit_by_name(limit, 1)
+    with concurrency(limit, occupy=1, timeout_seconds=timeout, strict=True):
+        yield
+
+
+def version_of_run(client, name: str, run_id: str):
+    """The version of ``name`` that ``run_id`` already registered, if any (a resumed run)."""
+    versions = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    return min(versions, key=lambda v: int(v.version)) if versions else None
+
+
+def _log_and_register(cfg: PipelineConfig, run_id: str, onnx_path: str, example: np.ndarray) -> str:
+    """Logs the ONNX file to the run with MLflow's onnx flavour and registers it; returns the version."""
+    import mlflow
+    import mlflow.onnx
+    import onnx
+    import onnxruntime as ort
+
+    from vit_pipeline.export import INPUT_NAME, OUTPUT_NAME, ort_session, run_onnx
+    from vit_pipeline.mlflow_models import log_model
+
+    example = example.astype(np.float32)
+    outputs = run_onnx(ort_session(onnx_path), example, len(example))
+    signature = mlflow.models.infer_signature({INPUT_NAME: example}, {OUTPUT_NAME: outputs})
+    info = log_model(
+        cfg,
+        run_id,
+        mlflow.onnx,
+        ONNX_ARTIFACT,
+        onnx_model=onnx.load(onnx_path),
+        signature=signature,
+        input_example={INPUT_NAME: example},
+        registered_model_name=cfg.resolved_model_name,
+        # Weights inside the one file: consumers download just model.onnx.
+        save_as_external_data=False,
+        # The GPU build carries the CPU provider; never pull plain onnxruntime beside it.
+        pip_requirements=[f"onnx=={onnx.__version__}", f"onnxruntime-gpu=={ort.__version__}"],
+    )
+    return str(info.registered_model_version)
 
 
 def register_onnx(
     cfg: PipelineConfig,
     run_id: str,
     onnx_path: str,
-    example: np.ndarray,
-    test_accuracy: float,
-    data_digest: str,
+    split: TestSplit,
+    keras_test_accuracy: float | None = None,
 ) -> Registration:
-    """Logs the ONNX file with ``mlflow.onnx.log_model``, registers it, applies the policy."""
-    import mlflow
-    import onnx
-    import onnxruntime as ort
+    """Registers the served ONNX file under ``cfg.resolved_model_name`` and applies the policy.
 
+    Raises:
+        RegistryError: the registry failed while the champion was read or moved.
+    """
     from vit_pipeline import tracking
-    from vit_pipeline.export import INPUT_NAME, OUTPUT_NAME, ort_session, run_onnx
 
     client = tracking.client(cfg)
     name = cfg.resolved_model_name
-    example = example.astype(np.float32)
-    outputs = run_onnx(ort_session(onnx_path), example, len(example))
-    signature = mlflow.models.infer_signature({INPUT_NAME: example}, {OUTPUT_NAME: outputs})
-    with tracking.open_run(cfg, run_id):
-        info = mlflow.onnx.log_model(
-            onnx.load(onnx_path),
-            name="onnx-model",
-            signature=signature,
-            input_example={INPUT_NAME: example},
-            registered_model_name=name,
-            # Weights inside the one file: consumers download just model.onnx.
-            save_as_external_data=False,
-            # The GPU build carries the CPU provider; never pull plain onnxruntime beside it.
-            pip_requirements=[f"onnx=={onnx.__version__}", f"onnxruntime-gpu=={ort.__version__}"],
-        )
-    version = str(info.registered_model_version)
-    tags = {"test_accuracy": f"{test_accuracy:.6f}", "dataset": cfg.dataset_tag,
-            "data_digest": data_digest, "mlflow_run_id": run_id}  # fmt: skip
+    served = onnx_accuracy(onnx_path, split)
+    existing = version_of_run(client, name, run_id)
+    version = (
+        str(existing.version) if existing else _log_and_register(cfg, run_id, onnx_path, split.images[:1])
+    )
+    if existing is not None and "promotion" in existing.tags:  # a resumed run that had already decided
+        log.info("Run %s already registered %s v%s (%s)", run_id, name, version, existing.tags["promotion"])
+        return _recorded(client, name, existing)
+    tags = {
+        "served_test_accuracy": f"{served['top1']:.6f}",
+        "served_test_top5_accuracy": f"{served['top5']:.6f}",
+        "test_accuracy": f"{served['top1']:.6f}",
+        "test_images": str(len(split.labels)),
+        "test_split_digest": split.digest,
+        "dataset": cfg.dataset_tag,
+        "data_digest": split.data_digest,
+        "mlflow_run_id": run_id,
+        **({"keras_test_accuracy": f"{keras_test_accuracy:.6f}"} if keras_test_accuracy is not None else {}),
+    }
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
-    champion = current_champion(client, name)
-    promoted, reason = decide(cfg.promotion_policy, test_accuracy, cfg.dataset_tag, champion)
-    if promoted:
-        client.set_registered_model_alias(name, CHAMPION, version)
+    with registry_lock(name):
+        champion = current_champion(client, name)
+        if champion is not None and str(champion.version) == version:
+            promoted, reason, champ_acc = True, "already the champion", served["top1"]
+        else:
+            promoted, reason, champ_acc = decide(
+                cfg.promotion_policy, served["top1"], cfg.dataset_tag, champion, split
+            )
+        if promoted:
+            _move_alias(client, name, version)
     champion_version = version if promoted else (str(champion.version) if champion else None)
     decision = "promoted" if promoted else "not promoted"
+    if champ_acc is not None:
+        client.set_model_version_tag(name, version, "champion_test_accuracy_same_split", f"{champ_acc:.6f}")
     client.set_model_version_tag(name, version, "promotion", f"{decision}: {reason}")
-    client.set_tag(run_id, "registry.model", f"{name}/{version}")
-    client.set_tag(run_id, "registry.decision", decision)
-    client.set_tag(run_id, "registry.reason", reason)
+    run_tags = {"registry.model": f"{name}/{version}", "registry.decision": decision, "registry.reason": reason,
+                "registry.served_test_accuracy": f"{served['top1']:.6f}"}  # fmt: skip
+    if champ_acc is not None:
+        run_tags["registry.champion_test_accuracy_same_split"] = f"{champ_acc:.6f}"
+    tracking.set_tags(cfg, run_id, run_tags)
+    tracking.log_metrics(cfg, run_id, {"served_test_accuracy": served["top1"],
+                                       "served_test_top5_accuracy": served["top5"]})  # fmt: skip
     log.info("Registered %s v%s: %s (%s)", name, version, decision, reason)
-    return Registration(name, version, f"models:/{name}/{version}", promoted, reason, champion_version)
+    return Registration(name, version, f"models:/{name}/{version}", promoted, reason, champion_version,
+                        served["top1"], champ_acc, len(split.labels))  # fmt: skip
+
+
+def _move_alias(client, name: str, version: str) -> None:
+    """Sets the champion alias and reads it back (inside the lock)."""
+    try:
+        client.set_registered_model_alias(name, CHAMPION, version)
+        now = current_champion(client, name)
+    except RegistryError:
+        raise
+    except Exception as exc:
+        raise RegistryError(f"Could not move {name!r}@{CHAMPION} to v{version}: {exc}") from exc
+    if now is None or str(now.version) != version:
+        held = None if now is None else now.version
+        raise RegistryError(f"{name!r}@{CHAMPION} is v{held} right after it was set to v{version}: "
+                            "another writer moved it outside the registry lock")  # fmt: skip
+
+
+def _recorded(client, name: str, version) -> Registration:
+    """The Registration a previous attempt of this run recorded on its version."""
+    champion = current_champion(client, name)
+    decision, _, reason = version.tags["promotion"].partition(": ")
+    served = version.tags.get("served_test_accuracy")
+    champ = version.tags.get("champion_test_accuracy_same_split")
+    return Registration(
+        name, str(version.version), f"models:/{name}/{version.version}", decision == "promoted", reason,
+        str(champion.version) if champion else None, float(served) if served else None,
+        float(champ) if champ else None, int(version.tags.get("test_images", 0)),
+    )  # fmt: skip

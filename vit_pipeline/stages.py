@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from vit_pipeline import config as config_mod
-from vit_pipeline import data, tracking
+from vit_pipeline import data, runs, tracking
 from vit_pipeline.config import PipelineConfig
 
 log = logging.getLogger(__name__)
@@ -45,33 +45,41 @@ def prepare_stage(cfg: PipelineConfig | dict[str, Any], run_id: str, source_path
     splits = data.prepare(cfg, source_path)
     path = splits.save(path)
     summary = splits.summary()
-    with tracking.open_run(cfg, run_id):
-        with warnings.catch_warnings():  # "source can be interpreted in multiple ways"
-            warnings.simplefilter("ignore", UserWarning)
-            dataset = mlflow.data.from_numpy(
-                splits.x_train[:64], targets=splits.y_train[:64], source=summary["source"],
-                name=cfg.dataset_tag, digest=summary["digest"][:16],
-            )  # fmt: skip
-        mlflow.log_input(dataset, context="training")
-        mlflow.log_params(
-            {
-                "data.source": summary["source"],
-                "data.num_classes": summary["num_classes"],
-                "data.train_size": summary["train_size"],
-                "data.val_size": summary["val_size"],
-                "data.test_size": summary["test_size"],
-                "data.digest": summary["digest"],
-                **({"data.skipped_files": summary["skipped_files"]} if "skipped_files" in summary else {}),
-            }
-        )
-        mlflow.log_dict({"class_names": splits.class_names, **summary}, "data/dataset.json")
+    with warnings.catch_warnings():  # "source can be interpreted in multiple ways"
+        warnings.simplefilter("ignore", UserWarning)
+        dataset = mlflow.data.from_numpy(
+            splits.x_train[:64], targets=splits.y_train[:64], source=summary["source"],
+            name=cfg.dataset_tag, digest=summary["digest"][:16],
+        )  # fmt: skip
+    from mlflow.entities import DatasetInput, InputTag
+
+    context = InputTag(key="mlflow.data.context", value="training")
+    tracking.client(cfg).log_inputs(
+        run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=[context])]
+    )
+    tracking.log_params(
+        cfg,
+        run_id,
+        {
+            "data.source": summary["source"],
+            "data.num_classes": summary["num_classes"],
+            "data.train_size": summary["train_size"],
+            "data.val_size": summary["val_size"],
+            "data.test_size": summary["test_size"],
+            "data.digest": summary["digest"],
+            **({"data.skipped_files": summary["skipped_files"]} if "skipped_files" in summary else {}),
+        },
+    )
+    tracking.client(cfg).log_dict(run_id, {"class_names": splits.class_names, **summary}, "data/dataset.json")
     log.info("Prepared %s: %s", cfg.dataset_tag, summary)
     return {"data_path": str(path), "summary": summary, "class_names": splits.class_names}
 
 
+KERAS_MODEL_TAG = "train.keras_model_uri"
+
+
 def train_stage(cfg: PipelineConfig | dict[str, Any], run_id: str, data_path: str) -> dict:
     """Trains; logs per-epoch metrics, the best epoch and the Keras model (with signature)."""
-    import keras
     import mlflow
 
     from vit_pipeline.evaluate import predict_logits
@@ -83,36 +91,35 @@ def train_stage(cfg: PipelineConfig | dict[str, Any], run_id: str, data_path: st
     out = tracking.work_dir(run_id)
     result = train(cfg, splits, out, run_id=run_id)
     _sync_or_fail(cfg, run_id, out, result.model_path)
-    with tracking.open_run(cfg, run_id):
-        mlflow.log_metrics(
-            {
-                "best_val_accuracy": result.best_val_accuracy,
-                "best_epoch": result.best_epoch + 1,
-                "train_seconds": result.train_seconds,
-                "train_images_per_second": len(splits.y_train)
-                * (result.epochs_run - result.resumed_from_epoch)
-                / max(result.train_seconds, 1e-9),
-                "resumed_from_epoch": result.resumed_from_epoch,
-                # Metrics, not params: a resumed run may train on another device count.
-                "num_replicas": result.num_replicas,
-                "global_batch_size": result.global_batch_size,
-            }
-        )
-        mlflow.set_tag("train.distribution", f"{cfg.distribution_strategy} x{result.num_replicas}")
-        mlflow.log_param("num_params", result.num_params)
-        mlflow.log_artifact(result.history_path, "training")
+    tracking.log_metrics(
+        cfg,
+        run_id,
+        {
+            "best_val_accuracy": result.best_val_accuracy,
+            "best_epoch": result.best_epoch + 1,
+            "train_seconds": result.train_seconds,
+            "train_images_per_second": len(splits.y_train)
+            * (result.epochs_run - result.resumed_from_epoch)
+            / max(result.train_seconds, 1e-9),
+            "resumed_from_epoch": result.resumed_from_epoch,
+            # Metrics, not params: a resumed run may train on another device count.
+            "num_replicas": result.num_replicas,
+            "global_batch_size": result.global_batch_size,
+        },
+    )
+    tracking.set_tags(
+        cfg, run_id, {"train.distribution": f"{cfg.distribution_strategy} x{result.num_replicas}"}
+    )
+    tracking.log_params(cfg, run_id, {"num_params": result.num_params})
+    tracking.log_artifacts(cfg, run_id, [result.history_path], "training")
+    if KERAS_MODEL_TAG not in tracking.client(cfg).get_run(run_id).data.tags:  # a resume logs it once
         model = load_model(result.model_path)
         example = splits.x_test[:2].astype(np.float32)
         signature = mlflow.models.infer_signature(example, predict_logits(model, example))
-        import tensorflow as tf
+        from vit_pipeline.mlflow_models import log_keras_model
 
-        mlflow.keras.log_model(
-            model,
-            name="keras-model",
-            signature=signature,
-            # Listing requirements skips MLflow's slow inference (it reloads the model).
-            pip_requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"],
-        )
+        info = log_keras_model(cfg, run_id, model, signature)
+        tracking.set_tags(cfg, run_id, {KERAS_MODEL_TAG: info.model_uri})
     return result.to_dict()
 
 
@@ -144,8 +151,6 @@ def evaluate_stage(
     """Test metrics, per-class CSV, confusion matrix, learning curves, patch picture."""
     import json
 
-    import mlflow
-
     from vit_pipeline.evaluate import evaluate
     from vit_pipeline.model import load_model
 
@@ -158,10 +163,8 @@ def evaluate_stage(
         model, splits.x_test, splits.y_test, splits.class_names, out,
         history=history, image_size=cfg.image_size, patch_size=cfg.patch_size,
     )  # fmt: skip
-    with tracking.open_run(cfg, run_id):
-        mlflow.log_metrics(result.metrics())
-        for path in result.artifacts.values():
-            mlflow.log_artifact(path, "evaluation")
+    tracking.log_metrics(cfg, run_id, result.metrics())
+    tracking.log_artifacts(cfg, run_id, result.artifacts.values(), "evaluation")
     return result.to_dict()
 
 
@@ -174,7 +177,6 @@ def export_stage(
     so a failure is visible in MLflow; the ONNX file is logged (and registered)
     only afterwards, by ``register_stage``. Raises ExportError on failure.
     """
-    import mlflow
     import onnx
 
     from vit_pipeline.evaluate import predict_logits
@@ -207,20 +209,20 @@ def export_stage(
         name: check_parity(keras_logits, path, images, (1, 64), cfg.parity_tolerance)
         for name, path in paths.items()
     }
-    with tracking.open_run(cfg, run_id):
-        metrics = {"export_seconds": info["export_seconds"], "onnx_size_mb": info["size_bytes"] / 2**20}
-        for name, report in reports.items():
-            prefix = "parity" if name == "fp32" else f"parity_{name}"
-            metrics[f"{prefix}_max_abs_diff"] = report.max_abs_diff
-            metrics[f"{prefix}_top1_agreement"] = report.top1_agreement
-        mlflow.log_metrics(metrics)
-        mlflow.log_dict(
-            {name: r.to_dict() for name, r in reports.items()} | {"ops": info["ops"], "fusions": fusions},
-            "export/parity.json",
-        )
-        passed = all(r.passed for r in reports.values())
-        mlflow.set_tag("export.parity", "passed" if passed else "failed")
-        mlflow.set_tag("export.serve_variant", cfg.serve_variant)
+    metrics = {"export_seconds": info["export_seconds"], "onnx_size_mb": info["size_bytes"] / 2**20}
+    for name, report in reports.items():
+        prefix = "parity" if name == "fp32" else f"parity_{name}"
+        metrics[f"{prefix}_max_abs_diff"] = report.max_abs_diff
+        metrics[f"{prefix}_top1_agreement"] = report.top1_agreement
+    tracking.log_metrics(cfg, run_id, metrics)
+    tracking.client(cfg).log_dict(
+        run_id,
+        {name: r.to_dict() for name, r in reports.items()} | {"ops": info["ops"], "fusions": fusions},
+        "export/parity.json",
+    )
+    passed = all(r.passed for r in reports.values())
+    tracking.set_tags(cfg, run_id, {"export.parity": "passed" if passed else "failed",
+                                    "export.serve_variant": cfg.serve_variant})  # fmt: skip
     for report in reports.values():
         parity_gate(report)
     served = reports[cfg.serve_variant]
@@ -242,7 +244,6 @@ def benchmark_stage(
     cfg: PipelineConfig | dict[str, Any], run_id: str, data_path: str, model_path: str, fp32_onnx: str
 ) -> dict:
     """Times Keras vs ONNX Runtime variants on real test images; logs the report."""
-    import mlflow
 
     from vit_pipeline import benchmark as bench
     from vit_pipeline.model import load_model
@@ -269,10 +270,8 @@ def benchmark_stage(
                 r.top1_agreement
             )
     metrics["sgemm_roofline_gflops"] = report.roofline["gflops"]
-    with tracking.open_run(cfg, run_id):
-        mlflow.log_metrics(metrics)
-        for key in ("json", "markdown", "plot"):
-            mlflow.log_artifact(str(files[key]), "benchmark")
+    tracking.log_metrics(cfg, run_id, metrics)
+    tracking.log_artifacts(cfg, run_id, [files[key] for key in ("json", "markdown", "plot")], "benchmark")
     return {"report_path": str(files["json"]), "rows": _table_rows(report), "ratios": report.ratios()}
 
 
@@ -289,13 +288,12 @@ def _table_rows(report) -> list[dict[str, Any]]:
 def register_stage(
     cfg: PipelineConfig | dict[str, Any], run_id: str, data_path: str, onnx_path: str, test_accuracy: float
 ) -> dict:
-    """Logs the ONNX model to MLflow, registers it and applies the champion policy."""
-    from vit_pipeline.registry import register_onnx
+    """Registers the served ONNX file; the champion policy judges it on the full test split."""
+    from vit_pipeline.registry import TestSplit, register_onnx
 
     cfg = _cfg(cfg)
-    splits = data.Splits.load(data_path)
-    reg = register_onnx(cfg, run_id, onnx_path, splits.x_test[:1], test_accuracy, splits.digest())
-    return reg.to_dict()
+    split = TestSplit.from_splits(data.Splits.load(data_path))
+    return register_onnx(cfg, run_id, onnx_path, split, keras_test_accuracy=test_accuracy).to_dict()
 
 
 def champion_stage(model_name: str, alias: str, tracking_uri: str | None) -> dict:
@@ -306,11 +304,16 @@ def champion_stage(model_name: str, alias: str, tracking_uri: str | None) -> dic
 
     cfg = make_config("quickstart", {"tracking_uri": tracking_uri})
     client = tracking.client(cfg)
+    tracking.reap_once(cfg)
     version = current_champion(client, model_name, alias)
     if version is None:
         raise PipelineError(f"No version of {model_name!r} holds the alias {alias!r}")
+    keras_uri = client.get_run(version.run_id).data.tags.get(
+        KERAS_MODEL_TAG, f"runs:/{version.run_id}/keras-model"
+    )
     return {"name": model_name, "version": str(version.version), "run_id": version.run_id,
-            "test_accuracy": version.tags.get("test_accuracy"), "dataset": version.tags.get("dataset")}  # fmt: skip
+            "test_accuracy": version.tags.get("test_accuracy"), "dataset": version.tags.get("dataset"),
+            "keras_model_uri": keras_uri}  # fmt: skip
 
 
 def benchmark_champion_stage(champion: dict, tracking_uri: str | None, options: dict[str, Any]) -> dict:
@@ -329,13 +332,11 @@ def benchmark_champion_stage(champion: dict, tracking_uri: str | None, options: 
 
     cfg = make_config("quickstart", {"tracking_uri": tracking_uri, "experiment_name": "vit-benchmarks"})
     tracking.client(cfg)
-    import vit_pipeline.layers  # noqa: F401  (registers the custom layers for loading)
 
-    model = mlflow.keras.load_model(f"runs:/{champion['run_id']}/keras-model")
-    run_id = tracking.create_run(cfg, None, {"registry.model": f"{champion['name']}/{champion['version']}",
-                                             "vit_pipeline.command": "benchmark-champion"})  # fmt: skip
-    status = "FAILED"
-    try:
+    model = mlflow.keras.load_model(champion["keras_model_uri"])
+    tags = {"registry.model": f"{champion['name']}/{champion['version']}",
+            "vit_pipeline.command": "benchmark-champion"}  # fmt: skip
+    with runs.tracked_run(cfg, None, tags) as run_id:
         out = Path(tempfile.mkdtemp(prefix="vit-bench-"))
         shape = tuple(model.inputs[0].shape[1:])
         classes = [f"class_{i}" for i in range(model.outputs[0].shape[-1])]
@@ -349,14 +350,9 @@ def benchmark_champion_stage(champion: dict, tracking_uri: str | None, options: 
                                     rounds=options["rounds"]),
             model_info={"name": f"{champion['name']} v{champion['version']}"},
         )  # fmt: skip
-        with tracking.open_run(cfg, run_id):
-            mlflow.log_metrics({f"{r.variant}_{r.provider}_b{r.batch_size}_ips".replace("ExecutionProvider", "")
-                                .lower(): r.throughput_ips for r in report.results})  # fmt: skip
-            for key in ("json", "markdown", "plot"):
-                mlflow.log_artifact(str(files[key]), "benchmark")
-        status = "FINISHED"
-    finally:
-        tracking.finish_run(cfg, run_id, status)
+        tracking.log_metrics(cfg, run_id, {f"{r.variant}_{r.provider}_b{r.batch_size}_ips".replace(
+            "ExecutionProvider", "").lower(): r.throughput_ips for r in report.results})  # fmt: skip
+        tracking.log_artifacts(cfg, run_id, [files[key] for key in ("json", "markdown", "plot")], "benchmark")
     return {"mlflow_run_id": run_id, "rows": _table_rows(report), "ratios": report.ratios()}
 
 
@@ -364,9 +360,9 @@ def trial_stage(preset: str, cfg: PipelineConfig | dict[str, Any], parent_run_id
                 varying: dict[str, Any]) -> dict:  # fmt: skip
     """One sweep trial: its own MLflow run nested under the sweep's, data, training.
 
-    Returns metrics and paths, never the model. A failed trial marks its MLflow
-    run FAILED with the error as a tag, then re-raises so the orchestrator records
-    it as failed.
+    Returns metrics and paths, never the model. A failed trial's MLflow run ends
+    FAILED with the error as a tag (``runs.lifecycle``), and the error is raised
+    again so the orchestrator records the trial as failed.
     """
     import os
     import socket
@@ -378,18 +374,12 @@ def trial_stage(preset: str, cfg: PipelineConfig | dict[str, Any], parent_run_id
     keras.backend.clear_session()  # a worker process runs trial after trial
     tags = {"mlflow.parentRunId": parent_run_id, "sweep.trial": str(index),
             **{f"sweep.param.{k}": str(v) for k, v in varying.items()}}  # fmt: skip
-    run_id = tracking.create_run(cfg, preset, tags)
     start = time.time()
     where = {"pid": os.getpid(), "host": socket.gethostname()}
-    try:
+    with runs.tracked_run(cfg, preset, tags) as run_id:
         source = fetch_stage(cfg)
         prepared = prepare_stage(cfg, run_id, source)
         trained = train_stage(cfg, run_id, prepared["data_path"])
-    except BaseException as exc:
-        tracking.client(cfg).set_tag(run_id, "sweep.error", f"{type(exc).__name__}: {exc}"[:500])
-        tracking.finish_run(cfg, run_id, "FAILED")
-        raise
-    tracking.finish_run(cfg, run_id, "FINISHED")
     return {
         "status": "ok",
         "index": index,

@@ -6,14 +6,15 @@ and ``work/`` (stage outputs such as the prepared data and checkpoints). Set
 ``MLFLOW_TRACKING_URI`` or the ``tracking_uri`` config field to use a server.
 
 MLflow's active run is per thread, and Prefect runs tasks in worker threads, so
-stages receive an explicit ``run_id`` and reopen the run with ``open_run``.
+stages receive an explicit ``run_id`` and log through ``MlflowClient`` (the
+helpers below); a run's status is ``vit_pipeline.runs``' business alone.
 """
 
 from __future__ import annotations
 
-import contextlib
+import logging
 import os
-from collections.abc import Iterator
+import time
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +70,13 @@ def experiment_id(cfg: PipelineConfig) -> str:
     if _is_local(tracking_uri(cfg)):
         # Keep artifacts beside the SQLite store, not in ./mlruns of whatever cwd.
         location = (home() / "artifacts").as_uri()
-    return c.create_experiment(name, artifact_location=location)
+    try:
+        return c.create_experiment(name, artifact_location=location)
+    except Exception:  # another process created it first (runs started at the same moment)
+        exp = c.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
 
 
 def config_params(cfg: PipelineConfig, preset: str | None = None) -> dict[str, str]:
@@ -77,11 +84,23 @@ def config_params(cfg: PipelineConfig, preset: str | None = None) -> dict[str, s
     params = {k: ("None" if v is None else ",".join(map(str, v)) if isinstance(v, tuple) else str(v))
               for k, v in cfg.to_dict().items()}  # fmt: skip
     params["num_patches"] = str(cfg.num_patches)
-    # What the seed (tensorflow-addons AdamW) would have called its weight decay.
-    params["weight_decay_tfa_equivalent"] = f"{cfg.weight_decay * cfg.learning_rate:g}"
+    params["weight_decay_tfa_equivalent"] = weight_decay_tfa_equivalent(cfg)
     if preset:
         params["preset"] = preset
     return params
+
+
+def weight_decay_tfa_equivalent(cfg: PipelineConfig) -> str:
+    """What the seed's tensorflow-addons AdamW would call this run's weight decay.
+
+    Keras decays ``lr(t) * weight_decay * w`` per step, tfa ``wd * w``. With a
+    constant rate that is one number, ``lr * weight_decay``; under a schedule the
+    per-step decay follows the rate, so the tfa equivalent is a schedule too.
+    """
+    peak = cfg.weight_decay * cfg.learning_rate
+    if cfg.lr_schedule == "constant":
+        return f"{peak:g}"
+    return f"{cfg.weight_decay:g} x lr(t) ({cfg.lr_schedule}; peak {peak:g}, 0 at the end)"
 
 
 def check_reachable(cfg: PipelineConfig) -> None:
@@ -125,6 +144,7 @@ def create_run(cfg: PipelineConfig, preset: str | None = None, tags: dict[str, s
     """Creates a run in the config's experiment, logs every config value; returns its id."""
     check_reachable(cfg)
     c = client(cfg)
+    reap_once(cfg)
     exp_id = experiment_id(cfg)
     from mlflow.entities import Param, RunTag
     from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
@@ -132,7 +152,9 @@ def create_run(cfg: PipelineConfig, preset: str | None = None, tags: dict[str, s
     all_tags = {"vit_pipeline.version": __version__, "dataset": cfg.dataset_tag, **(tags or {})}
     if cfg.run_name:
         all_tags[MLFLOW_RUN_NAME] = cfg.run_name
-    run = c.create_run(exp_id, run_name=cfg.run_name, tags=all_tags)
+    from vit_pipeline.runs import owner_tags
+
+    run = c.create_run(exp_id, run_name=cfg.run_name, tags={**all_tags, **owner_tags()})
     run_id = run.info.run_id
     params = [Param(k, v) for k, v in config_params(cfg, preset).items()]
     for i in range(0, len(params), 100):
@@ -142,17 +164,23 @@ def create_run(cfg: PipelineConfig, preset: str | None = None, tags: dict[str, s
 
 
 def resume_run(cfg: PipelineConfig, run_id: str) -> str:
-    """Reopens ``run_id`` after a crash; its config must be the same as ``cfg``.
+    """Checks that ``run_id`` may be continued after a crash with ``cfg``.
+
+    A run whose owner died is first marked KILLED (``runs.reap``); one whose owner
+    is still alive is refused. ``runs.lifecycle`` then sets it RUNNING again.
 
     Raises:
         ConfigError: unknown run, or a config value that differs from the run's.
+        TrainingInProgress: the run's owner process is alive.
     """
     from mlflow.exceptions import MlflowException
 
-    from vit_pipeline.errors import ConfigError
+    from vit_pipeline.errors import ConfigError, TrainingInProgress
+    from vit_pipeline.runs import liveness
 
     check_reachable(cfg)
     c = client(cfg)
+    reap_once(cfg)
     try:
         run = c.get_run(run_id)
     except MlflowException as exc:
@@ -163,8 +191,27 @@ def resume_run(cfg: PipelineConfig, run_id: str) -> str:
             raise ConfigError(
                 f"Cannot resume run {run_id}: {key} differs. Received: {key}={value}, run has {logged[key]}"
             )
-    c.update_run(run_id, status="RUNNING")
+    if run.info.status == "RUNNING" and (verdict := liveness(run.data.tags)).alive:
+        raise TrainingInProgress(f"Cannot resume run {run_id}: it is RUNNING ({verdict.reason})")
     return run_id
+
+
+_reaped: set[str] = set()
+
+
+def reap_once(cfg: PipelineConfig) -> list[str]:
+    """``runs.reap`` the first time this process opens a store (a warning if it cannot)."""
+    from vit_pipeline.runs import reap
+
+    uri = tracking_uri(cfg)
+    if uri in _reaped:
+        return []
+    _reaped.add(uri)
+    try:
+        return reap(client(cfg))
+    except Exception as exc:  # never block the caller's own work on it
+        logging.getLogger(__name__).warning("Could not check %s for runs of dead processes: %s", uri, exc)
+        return []
 
 
 def _operational(field: str) -> bool:
@@ -182,20 +229,6 @@ def _note(cfg: PipelineConfig, preset: str | None) -> str:
     )
 
 
-@contextlib.contextmanager
-def open_run(cfg: PipelineConfig, run_id: str) -> Iterator[Any]:
-    """Makes ``run_id`` the active run in this thread (fluent API) for a stage."""
-    import mlflow
-
-    client(cfg)
-    active = mlflow.active_run()
-    if active is not None and active.info.run_id == run_id:
-        yield active
-        return
-    with mlflow.start_run(run_id=run_id) as run:
-        yield run
-
-
 def run_url(cfg: PipelineConfig, run_id: str) -> str:
     """A URL that opens the run in the MLflow UI.
 
@@ -210,26 +243,40 @@ def run_url(cfg: PipelineConfig, run_id: str) -> str:
 
 def log_epoch_metrics(cfg: PipelineConfig, run_id: str, epoch: int, logs: dict[str, float]) -> None:
     """Logs one epoch's Keras metrics with ``step=epoch`` in a single request."""
-    import time
+    log_metrics(cfg, run_id, logs, step=epoch)
 
+
+def log_metrics(cfg: PipelineConfig, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+    """Logs numeric values to ``run_id`` in batches (one request per 1,000)."""
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    metrics = [Metric(k, float(v), now, epoch) for k, v in logs.items() if _is_number(v)]
-    client(cfg).log_batch(run_id, metrics=metrics)
+    items = [Metric(k, float(v), now, step) for k, v in metrics.items() if _is_number(v)]
+    c = client(cfg)
+    for i in range(0, len(items), 1000):
+        c.log_batch(run_id, metrics=items[i : i + 1000])
 
 
-def finish_run(cfg: PipelineConfig, run_id: str, status: str) -> None:
-    """Marks the run FINISHED/FAILED; a tracking server that is away only gets a warning.
+def log_params(cfg: PipelineConfig, run_id: str, params: dict[str, Any]) -> None:
+    from mlflow.entities import Param
 
-    (The run stays RUNNING there; ``--resume`` closes it later.)
-    """
-    import logging
+    items = [Param(k, str(v)) for k, v in params.items()]
+    c = client(cfg)
+    for i in range(0, len(items), 100):
+        c.log_batch(run_id, params=items[i : i + 100])
 
-    try:
-        client(cfg).set_terminated(run_id, status)
-    except Exception as exc:  # MLflow raises several types for connection errors
-        logging.getLogger(__name__).warning("Could not mark run %s %s: %s", run_id, status, exc)
+
+def set_tags(cfg: PipelineConfig, run_id: str, tags: dict[str, Any]) -> None:
+    from mlflow.entities import RunTag
+
+    client(cfg).log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def log_artifacts(cfg: PipelineConfig, run_id: str, paths, artifact_dir: str) -> None:
+    """Uploads local files into ``artifact_dir`` of the run."""
+    c = client(cfg)
+    for path in paths:
+        c.log_artifact(run_id, str(path), artifact_dir)
 
 
 def server_up(cfg: PipelineConfig, timeout: float = 2.0) -> bool:

@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -118,7 +119,24 @@ def compile_model(model, cfg: PipelineConfig, num_classes: int, steps_per_epoch:
     optimizer = keras.optimizers.AdamW(
         learning_rate=learning_rate(cfg, steps_per_epoch), weight_decay=cfg.weight_decay
     )
+    if cfg.weight_decay_scope == "kernels":  # before the optimizer is built
+        optimizer.exclude_from_weight_decay(var_list=no_decay_variables(model))
     model.compile(optimizer=optimizer, loss=loss, metrics=metrics)
+
+
+NO_DECAY_NAMES = ("position_embedding", "class_token")
+
+
+def no_decay_variables(model) -> list:
+    """What DeiT/timm keep out of weight decay: 1-D and scalar weights, position embeddings, class token.
+
+    1-D and scalar: Dense and attention biases, LayerNorm scales and offsets,
+    LSA's (log) temperature. By name: the position embedding table and the class
+    token, which are 2-D and 3-D but are embeddings, not kernels.
+    """
+    return [
+        v for v in model.trainable_variables if len(v.shape) <= 1 or any(n in v.path for n in NO_DECAY_NAMES)
+    ]
 
 
 class EpochLog:
@@ -156,21 +174,50 @@ class EpochLog:
         return {k: [epochs[e].get(k, float("nan")) for e in sorted(epochs)] for k in keys}
 
 
-def _callbacks(cfg: PipelineConfig, out_dir: Path, run_id: str | None, epoch_log: EpochLog, done: dict):
-    """Epoch log, best checkpoint, MLflow and the backup, in that order.
+def read_best(path: Path) -> dict | None:
+    """``{"epoch": 0-based, "value": val_accuracy}`` of the weights in ``best.weights.h5``, if any."""
+    meta = path.with_name("best.json")
+    if not meta.exists() or not path.exists():
+        return None
+    return json.loads(meta.read_text())
 
-    The backup (``BackupAndRestore``) comes last, so that once it says "epoch N is
-    done" the log, the best checkpoint and MLflow already hold epoch N; a crash
-    costs at most the epoch in progress. ``done`` holds the epochs already in the
-    log (a resumed run).
+
+def backup_callback(backup_dir: Path):
+    """Keras' ``BackupAndRestore``, keeping its backup until the caller removes it.
+
+    Keras deletes the backup when ``fit`` returns; a crash before ``model.keras``
+    and the result file are written would then retrain from scratch. The
+    callback's ``restored_epoch`` is the epoch this process really started from
+    (the exact ``resumed_from_epoch``).
+    """
+    import keras
+
+    class Backup(keras.callbacks.BackupAndRestore):
+        restored_epoch = 0
+
+        def on_train_begin(self, logs=None):
+            super().on_train_begin(logs)
+            self.restored_epoch = int(getattr(self.model, "_initial_epoch", 0) or 0)
+
+    return Backup(str(backup_dir), double_checkpoint=True, delete_checkpoint=False)
+
+
+def _callbacks(cfg: PipelineConfig, out_dir: Path, run_id: str | None, epoch_log: EpochLog):
+    """Rate, best checkpoint, epoch log + MLflow, and the backup, in that order.
+
+    The best checkpoint comes before the epoch log, so whatever the log, MLflow or
+    the result call "best" has its weights on disk (``best.json`` names the epoch
+    and value of ``best.weights.h5``). The backup comes last, so that once it
+    says "epoch N is done" everything else already holds epoch N; a crash costs
+    at most the epoch in progress.
     """
     import keras
 
     from vit_pipeline import tracking
 
-    best_so_far = max((rec.get(MONITOR, float("-inf")) for rec in done.values()), default=None)
-    if done:
-        log.info("Resuming: %d epochs already done, best %s so far %.4f", len(done), MONITOR, best_so_far)
+    best = read_best(out_dir / "best.weights.h5")
+    if best is not None:
+        log.info("Resuming: best %s so far %.4f (epoch %d)", MONITOR, best["value"], best["epoch"] + 1)
 
     class Bookkeeping(keras.callbacks.Callback):
         """Epoch log first (the truth on disk), then MLflow if it answers.
@@ -195,7 +242,7 @@ def _callbacks(cfg: PipelineConfig, out_dir: Path, run_id: str | None, epoch_log
                 log.warning("MLflow logging failed (%s); epochs kept in %s", exc, epoch_log.path)
 
     class BestWeights(keras.callbacks.Callback):
-        """Best-validation weights, written atomically (temp file, then rename)."""
+        """Best-validation weights, then their ``best.json``; each written atomically."""
 
         def __init__(self, path: Path, best: float | None):
             super().__init__()
@@ -210,6 +257,10 @@ def _callbacks(cfg: PipelineConfig, out_dir: Path, run_id: str | None, epoch_log
             tmp = self.path.with_name(f".tmp-{os.getpid()}-{self.path.name}")
             self.model.save_weights(str(tmp), overwrite=True)
             os.replace(tmp, self.path)
+            # A crash between the two renames leaves new weights with the old
+            # best.json: on resume the next better epoch overwrites both.
+            with atomic_path(self.path.with_name("best.json")) as meta:
+                meta.write_text(json.dumps({"epoch": epoch, "value": self.best}))
 
     class LearningRate(keras.callbacks.Callback):
         """Adds the rate the epoch ended with to its logs (MLflow curve of the schedule)."""
@@ -219,9 +270,8 @@ def _callbacks(cfg: PipelineConfig, out_dir: Path, run_id: str | None, epoch_log
                 opt = self.model.optimizer
                 logs["learning_rate"] = float(keras.ops.convert_to_numpy(opt.learning_rate))
 
-    checkpoint = BestWeights(out_dir / "best.weights.h5", best_so_far)
-    backup = keras.callbacks.BackupAndRestore(str(out_dir / "backup"), double_checkpoint=True)
-    return [LearningRate(), Bookkeeping(), checkpoint, backup]
+    checkpoint = BestWeights(out_dir / "best.weights.h5", None if best is None else best["value"])
+    return [LearningRate(), checkpoint, Bookkeeping(), backup_callback(out_dir / "backup")]
 
 
 def _finished(cfg: PipelineConfig, out_dir: Path) -> TrainResult | None:
@@ -327,19 +377,21 @@ def _train(cfg: PipelineConfig, splits: Splits, out_dir: Path, run_id: str | Non
         compile_model(model, cfg, splits.num_classes, steps_per_epoch)
     best_path = out_dir / "best.weights.h5"
     epoch_log = EpochLog(out_dir / "epochs.jsonl")
-    done = epoch_log.read()
-    fit_callbacks = [*_callbacks(cfg, out_dir, run_id, epoch_log, done), *(callbacks or [])]
+    own = _callbacks(cfg, out_dir, run_id, epoch_log)
+    backup = own[-1]
     train_ds = make_dataset(splits.x_train, splits.y_train, cfg, splits.num_classes, True, global_batch)
     val_ds = make_dataset(splits.x_val, splits.y_val, cfg, splits.num_classes, False, global_batch)
     start = time.perf_counter()
     # shuffle=False: the tf.data pipeline already shuffles (seeded) each epoch.
-    resumed_from = len(done)
     model.fit(
-        train_ds, validation_data=val_ds, epochs=cfg.epochs, callbacks=fit_callbacks, verbose=2, shuffle=False
-    )
+        train_ds, validation_data=val_ds, epochs=cfg.epochs, callbacks=[*own, *(callbacks or [])], verbose=2,
+        shuffle=False,
+    )  # fmt: skip
     seconds = time.perf_counter() - start
     hist = epoch_log.history()  # every epoch, also those before a crash
-    best_epoch = int(np.argmax(hist[MONITOR]))
+    best = read_best(best_path)
+    if best is None:
+        raise RuntimeError(f"Training ended without a best checkpoint in {out_dir} ({MONITOR} never logged)")
     model.load_weights(str(best_path))
     model_path = out_dir / "model.keras"
     with atomic_path(model_path) as tmp:
@@ -347,19 +399,21 @@ def _train(cfg: PipelineConfig, splits: Splits, out_dir: Path, run_id: str | Non
     history_path = out_dir / "history.json"
     with atomic_path(history_path) as tmp:
         tmp.write_text(json.dumps(hist, indent=1))
-    log.info("Best %s %.4f at epoch %d", MONITOR, hist[MONITOR][best_epoch], best_epoch + 1)
+    log.info("Best %s %.4f at epoch %d", MONITOR, best["value"], best["epoch"] + 1)
     result = TrainResult(
         model_path=str(model_path),
         history_path=str(history_path),
-        best_epoch=best_epoch,
-        best_val_accuracy=hist[MONITOR][best_epoch],
+        best_epoch=int(best["epoch"]),
+        best_val_accuracy=float(best["value"]),
         epochs_run=len(hist[MONITOR]),
         train_seconds=seconds,
         num_params=int(model.count_params()),
-        resumed_from_epoch=resumed_from,
+        resumed_from_epoch=backup.restored_epoch,
         num_replicas=replicas,
         global_batch_size=global_batch,
     )
     with atomic_path(out_dir / "train_result.json") as tmp:
         tmp.write_text(json.dumps(result.to_dict(), indent=1))
+    # Only now is the backup no longer needed: model.keras and the result file say "done".
+    shutil.rmtree(out_dir / "backup", ignore_errors=True)
     return result

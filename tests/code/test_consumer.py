@@ -154,7 +154,7 @@ def test_gif_is_refused(server):
 def test_champion_from_a_real_mlflow_server(tiny_export, no_tf_env, real_cut, tmp_path):
     """Register through HTTP, then the TF-free consumer fetches models:/...@champion."""
     from vit_pipeline.config import make_config
-    from vit_pipeline.registry import register_onnx
+    from vit_pipeline.registry import TestSplit, register_onnx
     from vit_pipeline.tracking import create_run
 
     model, path, _ = tiny_export
@@ -170,7 +170,8 @@ def test_champion_from_a_real_mlflow_server(tiny_export, no_tf_env, real_cut, tm
         wait_for_http(f"{uri}/health", mlflow_server, timeout=90)
         cfg = make_config("cifar100", {"tracking_uri": uri})
         run_id = create_run(cfg, "test")
-        reg = register_onnx(cfg, run_id, str(path), real_cut[2][:1], 0.42, "digest")
+        split = TestSplit(real_cut[2][:64], real_cut[3][:64], list(real_cut[4]), "digest")
+        reg = register_onnx(cfg, run_id, str(path), split, keras_test_accuracy=0.42)
         assert reg.promoted
         image = tmp_path / "img.png"
         image.write_bytes(_png(real_cut[2][5]))

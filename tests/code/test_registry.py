@@ -1,17 +1,36 @@
-"""Champion/challenger against a real MLflow SQLite store."""
+"""Champion/challenger against a real MLflow store: like-with-like, faults, races.
 
-import numpy as np
+The models are real ONNX files with the pipeline's contract whose accuracy on a
+split is known in advance (``constant_classifier``: always one class), so every
+expected decision follows from the labels.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
 import pytest
 
+from tests.conftest import constant_classifier, free_port, labelled_split, stop, wait_for_http
 from vit_pipeline import tracking
 from vit_pipeline.config import make_config
-from vit_pipeline.registry import CHAMPION, register_onnx
+from vit_pipeline.registry import CHAMPION, RegistryError, register_onnx
+
+# Class c is counts[c] of the 100 test images: always predicting c scores counts[c] %.
+COUNTS = [10, 20, 30, 40]
 
 
-def _register(cfg, path, accuracy):
-    run_id = tracking.create_run(cfg, "test")
-    example = np.zeros((1, 32, 32, 3), np.float32)
-    return register_onnx(cfg, run_id, str(path), example, accuracy, "digest")
+def _register(cfg, tmp_path, favoured, split, run_id=None):
+    path = constant_classifier(
+        tmp_path / f"const{favoured}-{time.monotonic_ns()}.onnx", len(split.class_names), favoured
+    )
+    run_id = run_id or tracking.create_run(cfg, "test")
+    return register_onnx(cfg, run_id, str(path), split, keras_test_accuracy=0.5), run_id
 
 
 @pytest.fixture
@@ -19,40 +38,245 @@ def cfg(tmp_path):
     return make_config("cifar100", {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"})
 
 
-def test_better_model_is_promoted_worse_is_not(cfg, tiny_export):
-    _, path, _ = tiny_export
-    client = tracking.client(cfg)
-    first = _register(cfg, path, 0.50)
-    assert first.promoted and first.reason == "no champion yet" and first.name == "vit-cifar100"
-    better = _register(cfg, path, 0.70)
-    assert better.promoted and better.version == "2"
-    worse = _register(cfg, path, 0.60)
-    assert not worse.promoted and "< champion v2's 0.7000" in worse.reason
-    equal = _register(cfg, path, 0.70)
+def _champion(cfg, name="vit-cifar100"):
+    return str(tracking.client(cfg).get_model_version_by_alias(name, CHAMPION).version)
+
+
+def test_served_file_decides_on_the_same_split(cfg, tmp_path):
+    split = labelled_split(COUNTS)
+    first, _ = _register(cfg, tmp_path, 0, split)
+    assert first.promoted and first.reason == "no champion yet" and first.served_test_accuracy == 0.10
+    better, _ = _register(cfg, tmp_path, 2, split)
+    assert better.promoted and better.version == "2" and better.champion_test_accuracy == pytest.approx(0.10)
+    assert "0.3000 >= champion v1's 0.1000 on the same 100 test images" in better.reason
+    worse, run_id = _register(cfg, tmp_path, 1, split)
+    assert not worse.promoted and "0.2000 < champion v2's 0.3000" in worse.reason
+    equal, _ = _register(cfg, tmp_path, 2, split)
     assert equal.promoted  # at least the champion's accuracy
-    assert str(client.get_model_version_by_alias("vit-cifar100", CHAMPION).version) == "4"
-    v3 = client.get_model_version("vit-cifar100", "3")
-    assert v3.tags["test_accuracy"] == "0.600000" and v3.tags["promotion"].startswith("not promoted")
-    run = client.get_run(v3.run_id)
-    assert run.data.tags["registry.decision"] == "not promoted"
-
-
-def test_other_dataset_and_policies(cfg, tiny_export):
-    _, path, _ = tiny_export
+    assert _champion(cfg) == "4"
     client = tracking.client(cfg)
-    _register(cfg, path, 0.5)
+    v3 = client.get_model_version("vit-cifar100", "3")
+    assert (
+        v3.tags["served_test_accuracy"] == "0.200000"
+        and v3.tags["champion_test_accuracy_same_split"] == "0.300000"
+    )
+    assert v3.tags["keras_test_accuracy"] == "0.500000" and v3.tags["test_split_digest"] == split.digest
+    assert v3.tags["promotion"].startswith("not promoted")
+    run = client.get_run(run_id)
+    assert (
+        run.data.tags["registry.decision"] == "not promoted"
+        and run.data.metrics["served_test_accuracy"] == 0.2
+    )
+
+
+def test_champion_is_judged_on_the_new_split_not_its_stored_figure(cfg, tmp_path):
+    # On split A the champion (always class 3) scores 0.9; on split B only 0.1.
+    _register(cfg, tmp_path, 3, labelled_split([5, 5, 0, 90], seed=1))
+    split_b = labelled_split([40, 50, 0, 10], seed=2)
+    challenger, _ = _register(cfg, tmp_path, 1, split_b)
+    assert challenger.promoted and challenger.champion_test_accuracy == pytest.approx(0.10)
+    assert _champion(cfg) == "2"
+
+
+def test_a_champion_that_cannot_be_evaluated_is_not_replaced(cfg, tmp_path):
+    split = labelled_split(COUNTS)
+    _register(cfg, tmp_path, 0, split)
+    # The champion's files vanish from the artifact store (a real fault, not a mock).
+    for onnx_file in (tracking.home() / "artifacts").rglob("model.onnx"):
+        onnx_file.unlink()
+    blocked, _ = _register(cfg, tmp_path, 3, split)
+    assert not blocked.promoted and "champion v1 could not be evaluated" in blocked.reason
+    assert _champion(cfg) == "1"
+
+
+def test_other_classes_other_dataset_and_policies(cfg, tmp_path):
+    split = labelled_split(COUNTS)
+    _register(cfg, tmp_path, 0, split)
+    renamed = labelled_split(COUNTS)
+    renamed = renamed.__class__(renamed.images, renamed.labels, ["a", "b", "c", "d"], renamed.data_digest)
+    other_classes, _ = _register(cfg, tmp_path, 3, renamed)
+    assert not other_classes.promoted and "other classes" in other_classes.reason
     coarse = cfg.__class__(
         **{**cfg.to_dict(), "label_mode": "coarse", "registered_model_name": "vit-cifar100"}
     )
-    other = _register(coarse, path, 0.9)
+    other, _ = _register(coarse, tmp_path, 3, split)
     assert not other.promoted and "trained on 'cifar100'" in other.reason
     never = cfg.__class__(**{**cfg.to_dict(), "promotion_policy": "never"})
-    assert not _register(never, path, 0.99).promoted
+    assert not _register(never, tmp_path, 3, split)[0].promoted
     always = cfg.__class__(**{**cfg.to_dict(), "promotion_policy": "always"})
-    assert _register(always, path, 0.01).promoted
-    assert str(client.get_model_version_by_alias("vit-cifar100", CHAMPION).version) == "4"
-    # The registered artifact is the ONNX model, loadable by MLflow's onnx flavour.
+    assert _register(always, tmp_path, 1, split)[0].promoted
+    assert _champion(cfg) == "5"
+    # The registered artifact is the served ONNX model, loadable by MLflow's onnx flavour.
     import mlflow.onnx
 
     loaded = mlflow.onnx.load_model("models:/vit-cifar100@champion")
     assert [i.name for i in loaded.graph.input] == ["images"]
+
+
+def test_a_run_registers_once(cfg, tmp_path):
+    split = labelled_split(COUNTS)
+    first, run_id = _register(cfg, tmp_path, 2, split)
+    again, _ = _register(cfg, tmp_path, 2, split, run_id=run_id)  # e.g. a resumed flow run
+    assert again.version == first.version and again.promoted and again.reason == first.reason
+    assert len(tracking.client(cfg).search_model_versions("name = 'vit-cifar100'")) == 1
+
+
+# ---- a real `mlflow server`, behind a proxy that can fail the champion read ----
+
+
+class FaultyProxy:
+    """Forwards HTTP to the tracking server; can answer 503 to the champion read.
+
+    Armed (``armed = True``), it starts failing ``GET registered-models/alias``
+    (the champion read) once a model version has been created: the registration
+    itself went through, the champion read right after it fails.
+    """
+
+    def __init__(self, upstream: str):
+        self.upstream, self.armed, self.failing, self.failed = upstream, False, False, 0
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # quiet
+                pass
+
+            def _forward(self):
+                import urllib.error
+                import urllib.request
+
+                if proxy.failing and self.command == "GET" and "/registered-models/alias" in self.path:
+                    proxy.failed += 1
+                    self.send_response(503)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                req = urllib.request.Request(proxy.upstream + self.path, data=body, method=self.command)
+                for key in ("Content-Type", "Accept"):
+                    if self.headers.get(key):
+                        req.add_header(key, self.headers[key])
+                try:
+                    resp = urllib.request.urlopen(req, timeout=60)
+                except urllib.error.HTTPError as err:
+                    resp = err
+                data = resp.read()
+                if proxy.armed and "/model-versions/create" in self.path:
+                    proxy.failing = True
+                self.send_response(resp.status if hasattr(resp, "status") else resp.code)
+                self.send_header("Content-Type", resp.headers.get("Content-Type", "application/json"))
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_PATCH = do_DELETE = do_PUT = _forward
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "art"),
+         "--workers", "2"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    wait_for_http(f"{url}/health", proc, timeout=90)
+    yield url
+    stop(proc)
+
+
+def test_server_failing_during_the_champion_read_promotes_nothing(mlflow_server, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    proxy = FaultyProxy(mlflow_server)
+    try:
+        cfg = make_config("cifar100", {"tracking_uri": proxy.url, "registered_model_name": "fault-read"})
+        split = labelled_split(COUNTS)
+        first, _ = _register(cfg, tmp_path, 0, split)
+        assert first.promoted
+        proxy.armed = True
+        with pytest.raises(RegistryError, match="Cannot read the 'champion' of 'fault-read'"):
+            _register(cfg, tmp_path, 3, split)
+        assert proxy.failed >= 1
+        proxy.armed = proxy.failing = False
+        client = tracking.client(cfg)
+        assert _champion(cfg, "fault-read") == "1"  # the error did not count as "no champion"
+        v2 = client.get_model_version("fault-read", "2")
+        assert "promotion" not in v2.tags
+        # A retry of the stage (same run) reuses version 2 and decides properly.
+        retried, _ = _register(cfg, tmp_path, 3, split, run_id=v2.run_id)
+        assert retried.version == "2" and retried.promoted and _champion(cfg, "fault-read") == "2"
+    finally:
+        proxy.close()
+
+
+WORKER = Path(__file__).with_name("registry_worker.py")
+
+
+def race(
+    tracking_uri: str, name: str, favoured: list[int], split_path: Path, tmp_path: Path, env: dict
+) -> list[dict]:
+    """Registers one constant model per entry of ``favoured``, each in its own process, released together."""
+    go = tmp_path / f"go-{time.monotonic_ns()}"
+    procs = []
+    for i, cls in enumerate(favoured):
+        ready = tmp_path / f"ready-{go.name}-{i}"
+        args = [
+            sys.executable,
+            str(WORKER),
+            tracking_uri,
+            name,
+            str(cls),
+            str(split_path),
+            str(ready),
+            str(go),
+        ]
+        procs.append((subprocess.Popen(args, env=env(i), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
+                      ready))  # fmt: skip
+    deadline = time.monotonic() + 180
+    while not all(r.exists() for _, r in procs):
+        assert time.monotonic() < deadline, "workers never got ready"
+        assert all(p.poll() is None for p, _ in procs), [
+            p.communicate() for p, _ in procs if p.poll() is not None
+        ]
+        time.sleep(0.05)
+    go.touch()  # the barrier: every worker is waiting for this file
+    results = []
+    for proc, _ in procs:
+        out, err = proc.communicate(timeout=180)
+        assert proc.returncode == 0, err[-3000:]
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    return results
+
+
+def test_concurrent_registrations_leave_the_best_champion(mlflow_server, tmp_path):
+    """Three processes register at the same moment, three rounds: the champion is always the best so far."""
+    split = labelled_split(COUNTS)
+    split_path = tmp_path / "split.npz"
+    import numpy as np
+
+    np.savez(split_path, images=split.images, labels=split.labels)
+    home = tmp_path / "home"  # one host: the processes share the pipeline home (and its registry lock)
+    env = {**os.environ, "VIT_PIPELINE_HOME": str(home), "PYTHONPATH": str(Path(__file__).parents[2])}
+    env.pop("PREFECT_API_URL", None)
+    name, seen = "race", []
+    for favoured in ([0, 1, 2], [1, 3, 0], [2, 1, 3]):
+        results = race(mlflow_server, name, favoured, split_path, tmp_path, lambda i: env)
+        seen += [(COUNTS[r["favoured"]], r["version"]) for r in results]
+        client = tracking.client(make_config("cifar100", {"tracking_uri": mlflow_server}))
+        champion = client.get_model_version_by_alias(name, CHAMPION)
+        best = max(acc for acc, _ in seen)
+        assert COUNTS[int(champion.tags["favoured"])] == best, (seen, champion.version, results)
+        # Each decision was taken against the champion of its moment: promotions never go down.
+        promoted = sorted((int(r["version"]), COUNTS[r["favoured"]]) for r in results if r["promoted"])
+        assert [acc for _, acc in promoted] == sorted(acc for _, acc in promoted)
+    assert len(client.search_model_versions(f"name = '{name}'")) == 9

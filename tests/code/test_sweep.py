@@ -153,7 +153,10 @@ def test_sweep_runs_trials_in_parallel_on_dask_and_registers_the_winner(dask_clu
     status = {int(r.data.tags["sweep.trial"]): r.info.status for r in children}
     assert status == {0: "FINISHED", 1: "FAILED", 2: "FINISHED"}
     failed = next(r for r in children if r.info.status == "FAILED")
-    assert "Cannot hold out" in failed.data.tags["sweep.error"] and trials[1]["run_id"] == failed.info.run_id
+    assert (
+        "Cannot hold out" in failed.data.tags["vit_pipeline.error"]
+        and trials[1]["run_id"] == failed.info.run_id
+    )
     # One value per epoch in each trial's run.
     for t in ok:
         assert [m.step for m in client.get_metric_history(t["run_id"], "loss")] == [0, 1]

@@ -1,0 +1,235 @@
+"""An MLflow run's lifecycle, in one place, for every entry point.
+
+What people read in the MLflow UI must be true:
+
+* **RUNNING** from creation until the last stage has finished, and only while the
+  process that owns the run is alive;
+* **FINISHED** when the block of work returns;
+* **FAILED** when it raises an ``Exception`` (the error goes to the tag
+  ``vit_pipeline.error``);
+* **KILLED** when it is interrupted (Ctrl-C, SIGTERM, a Prefect cancellation:
+  any ``BaseException`` that is not an ``Exception``), and for a run whose owner
+  died without a word (SIGKILL, a lost machine): the next ``vit-pipeline``
+  command or flow run that opens the store finds it (``reap``) and marks it
+  KILLED, with the reason in ``vit_pipeline.end_reason``.
+
+Ownership is recorded as run tags: ``vit_pipeline.owner.host``, ``.pid`` and
+``.started`` (the process's start time, so a reused pid is not mistaken for the
+owner). On the owner's host, a dead pid is certain; from another host a run is
+taken for dead once its ``vit_pipeline.heartbeat`` tag (refreshed every
+``HEARTBEAT_SECONDS`` by a daemon thread) is older than ``stale_seconds()``.
+
+Everything goes through ``MlflowClient`` with explicit run ids: MLflow's fluent
+"active run" is per thread, and its context manager ends the run on exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from vit_pipeline.config import PipelineConfig
+
+log = logging.getLogger(__name__)
+
+OWNER_HOST = "vit_pipeline.owner.host"
+OWNER_PID = "vit_pipeline.owner.pid"
+OWNER_STARTED = "vit_pipeline.owner.started"
+HEARTBEAT = "vit_pipeline.heartbeat"
+ERROR = "vit_pipeline.error"
+END_REASON = "vit_pipeline.end_reason"
+HEARTBEAT_SECONDS = 30.0
+STALE_ENV = "VIT_PIPELINE_STALE_SECONDS"
+
+
+def stale_seconds() -> float:
+    """How old a heartbeat from another host may be before its run counts as dead (default 600 s)."""
+    return float(os.environ.get(STALE_ENV, "600"))
+
+
+def _started(pid: int) -> str | None:
+    """The process's start time (seconds since the epoch, 2 decimals), None if it is gone."""
+    import psutil
+
+    try:
+        return f"{psutil.Process(pid).create_time():.2f}"
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return None
+
+
+def owner_tags() -> dict[str, str]:
+    """Tags that name this process as the run's owner."""
+    pid = os.getpid()
+    return {
+        OWNER_HOST: socket.gethostname(),
+        OWNER_PID: str(pid),
+        OWNER_STARTED: _started(pid) or "",
+        HEARTBEAT: f"{time.time():.0f}",
+    }
+
+
+@dataclass(frozen=True)
+class Liveness:
+    """Whether a RUNNING run's owner is alive, and how we know."""
+
+    alive: bool
+    reason: str
+
+
+def liveness(tags: dict[str, str], now: float | None = None) -> Liveness:
+    """Judges a RUNNING run's owner from its tags (see the module docstring)."""
+    host, pid = tags.get(OWNER_HOST), tags.get(OWNER_PID)
+    if not host or not pid:
+        return Liveness(True, "not owned by vit-pipeline")
+    if host == socket.gethostname():
+        started = _started(int(pid))
+        if started is None:
+            return Liveness(False, f"its process (pid {pid} on {host}) is gone")
+        if tags.get(OWNER_STARTED) and started != tags[OWNER_STARTED]:
+            return Liveness(
+                False, f"its process (pid {pid} on {host}) is gone; the pid now belongs to another"
+            )
+        return Liveness(True, f"pid {pid} on {host} is alive")
+    now = time.time() if now is None else now
+    beat = float(tags.get(HEARTBEAT) or 0)
+    if now - beat > stale_seconds():
+        return Liveness(False, f"no heartbeat from pid {pid} on {host} for {now - beat:.0f} s")
+    return Liveness(True, f"pid {pid} on {host} sent a heartbeat {now - beat:.0f} s ago")
+
+
+def reap(client) -> list[str]:
+    """Marks KILLED every RUNNING run whose owner is dead; returns their ids.
+
+    Called whenever the pipeline opens a store, so a crash shows at the latest at
+    the next command. Runs not created by vit-pipeline are left alone.
+    """
+    from mlflow.entities import ViewType
+
+    killed = []
+    experiments = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
+    for start in range(0, len(experiments), 100):  # search_runs takes a bounded list
+        runs = client.search_runs(experiments[start : start + 100],
+                                  filter_string="attributes.status = 'RUNNING'", max_results=1000)  # fmt: skip
+        for run in runs:
+            verdict = liveness(run.data.tags)
+            if verdict.alive:
+                continue
+            reason = f"Marked KILLED by pid {os.getpid()} on {socket.gethostname()}: {verdict.reason}"
+            client.set_tag(run.info.run_id, END_REASON, reason)
+            client.set_terminated(run.info.run_id, "KILLED")
+            log.warning("Run %s was RUNNING but %s; marked KILLED", run.info.run_id, verdict.reason)
+            killed.append(run.info.run_id)
+    return killed
+
+
+class _Heartbeat(threading.Thread):
+    """Refreshes the run's heartbeat tag until stopped; a tracking server that is away is skipped."""
+
+    def __init__(self, client, run_id: str, interval: float):
+        super().__init__(name=f"mlflow-heartbeat-{run_id[:8]}", daemon=True)
+        self.client, self.run_id, self.interval = client, run_id, interval
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.interval):
+            try:
+                self.client.set_tag(self.run_id, HEARTBEAT, f"{time.time():.0f}")
+            except Exception as exc:  # the epoch log on disk is the truth; keep going
+                log.debug("Heartbeat for %s failed: %s", self.run_id, exc)
+
+
+def status_for(exc: BaseException | None) -> str:
+    """FINISHED, FAILED (an error) or KILLED (an interruption) for how a block ended."""
+    if exc is None:
+        return "FINISHED"
+    return "FAILED" if isinstance(exc, Exception) else "KILLED"
+
+
+@contextlib.contextmanager
+def lifecycle(
+    cfg: PipelineConfig, run_id: str, heartbeat_seconds: float = HEARTBEAT_SECONDS
+) -> Iterator[str]:
+    """Owns ``run_id`` for the block: RUNNING inside, then FINISHED, FAILED or KILLED.
+
+    The end status is set even when the tracking server is away at that moment
+    (with a warning): the run then stays RUNNING there until ``reap`` or
+    ``--resume`` settles it, never FINISHED by mistake.
+    """
+    from vit_pipeline import tracking
+
+    client = tracking.client(cfg)
+    client.log_batch(run_id, tags=_run_tags(owner_tags()))
+    client.update_run(run_id, status="RUNNING")
+    beat = _Heartbeat(client, run_id, heartbeat_seconds)
+    beat.start()
+    error: BaseException | None = None
+    try:
+        yield run_id
+    except BaseException as exc:
+        error = exc
+        raise
+    finally:
+        beat.stopped.set()
+        _end(client, run_id, error)
+
+
+def _end(client, run_id: str, error: BaseException | None) -> None:
+    status = status_for(error)
+    try:
+        if error is not None:
+            key = ERROR if status == "FAILED" else END_REASON
+            client.set_tag(run_id, key, f"{type(error).__name__}: {error}"[:5000])
+        client.set_terminated(run_id, status)
+    except Exception as exc:  # MLflow raises several types for connection errors
+        log.warning("Could not mark run %s %s: %s", run_id, status, exc)
+
+
+def _run_tags(tags: dict[str, str]):
+    from mlflow.entities import RunTag
+
+    return [RunTag(k, v) for k, v in tags.items()]
+
+
+@contextlib.contextmanager
+def tracked_run(
+    cfg: PipelineConfig,
+    preset: str | None = None,
+    tags: dict[str, str] | None = None,
+    resume_run_id: str | None = None,
+) -> Iterator[str]:
+    """A new run (or ``resume_run_id`` reopened) under ``lifecycle``; yields its id.
+
+    The one way every entry point (CLI, flows, sweep trials, benchmarks) opens a
+    run. A resumed run gets ``tags`` too (e.g. the new Prefect flow run's link).
+    """
+    from vit_pipeline import tracking
+
+    if resume_run_id:
+        run_id = tracking.resume_run(cfg, resume_run_id)
+        if tags:
+            tracking.client(cfg).log_batch(run_id, tags=_run_tags(tags))
+    else:
+        run_id = tracking.create_run(cfg, preset, tags)
+    with lifecycle(cfg, run_id):
+        yield run_id
+
+
+def mark_flow_run_killed(cfg: PipelineConfig, flow_run_id: str, reason: str) -> list[str]:
+    """Marks KILLED the RUNNING MLflow runs linked to a Prefect flow run (its crash hook)."""
+    from vit_pipeline import tracking
+
+    client = tracking.client(cfg)
+    runs = client.search_runs(
+        [tracking.experiment_id(cfg)],
+        filter_string=f"attributes.status = 'RUNNING' and tags.`prefect.flow_run_id` = '{flow_run_id}'",
+    )
+    for run in runs:
+        client.set_tag(run.info.run_id, END_REASON, reason[:5000])
+        client.set_terminated(run.info.run_id, "KILLED")
+    return [r.info.run_id for r in runs]
