@@ -219,3 +219,10 @@ def labelled_split(counts: list[int], seed: int = 0):
     labels = np.concatenate([np.full(n, c) for c, n in enumerate(counts)]).astype(np.int64)
     images = rng.integers(0, 256, size=(len(labels), 32, 32, 3), dtype=np.uint8)
     return TestSplit(images, labels, [f"class{i}" for i in range(len(counts))], data_digest=f"digest-{seed}")
+
+
+def real_images(n: int) -> np.ndarray:
+    """The first ``n`` real CIFAR-100 test images of the committed cut (uint8, NHWC)."""
+    from vit_pipeline.data import read_cifar100
+
+    return read_cifar100(CIFAR_CUT)[2][:n]

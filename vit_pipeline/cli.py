@@ -206,6 +206,23 @@ def train(resume_run_id: str | None, **kwargs) -> None:
     click.echo(json.dumps({"mlflow_run_id": run_id, "data_path": prepared["data_path"], **trained}, indent=2))
 
 
+@main.command("runs")
+@click.option("--tracking-uri", default=None, help="MLflow tracking URI (default: the local SQLite store).")
+@click.option("--experiment", "experiments", multiple=True, help="Only this experiment (repeat the option).")
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 1000))
+@_friendly_errors
+def list_runs(tracking_uri: str | None, experiments: tuple[str, ...], limit: int) -> None:
+    """List the newest MLflow runs with their status (runs of dead processes are marked KILLED first)."""
+    from vit_pipeline import runs, tracking
+
+    cfg = make_config("quickstart", {"tracking_uri": tracking_uri})
+    tracking.check_reachable(cfg)
+    for run_id in tracking.reap_once(cfg):
+        click.echo(f"Marked {run_id} KILLED: its process is gone", err=True)
+    for row in runs.recent(tracking.client(cfg), list(experiments), limit):
+        click.echo(json.dumps(row))
+
+
 @main.command()
 @click.argument("model_path", type=click.Path(dir_okay=False))
 @_config_options

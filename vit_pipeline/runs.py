@@ -44,6 +44,7 @@ OWNER_STARTED = "vit_pipeline.owner.started"
 HEARTBEAT = "vit_pipeline.heartbeat"
 ERROR = "vit_pipeline.error"
 END_REASON = "vit_pipeline.end_reason"
+PREVIOUS_END = "vit_pipeline.previous_end"  # how a resumed run ended before
 HEARTBEAT_SECONDS = 30.0
 STALE_ENV = "VIT_PIPELINE_STALE_SECONDS"
 
@@ -164,8 +165,7 @@ def lifecycle(
     from vit_pipeline import tracking
 
     client = tracking.client(cfg)
-    client.log_batch(run_id, tags=_run_tags(owner_tags()))
-    client.update_run(run_id, status="RUNNING")
+    _claim(client, run_id)
     beat = _Heartbeat(client, run_id, heartbeat_seconds)
     beat.start()
     error: BaseException | None = None
@@ -177,6 +177,36 @@ def lifecycle(
     finally:
         beat.stopped.set()
         _end(client, run_id, error)
+
+
+def _claim(client, run_id: str) -> None:
+    """This process owns the run from now on; a resumed run's old end is kept as history."""
+    tags = client.get_run(run_id).data.tags
+    ended = {k: tags[k] for k in (ERROR, END_REASON) if k in tags}
+    client.log_batch(run_id, tags=_run_tags({**owner_tags(), **({PREVIOUS_END: "; ".join(ended.values())[:5000]}
+                                                                 if ended else {})}))  # fmt: skip
+    for key in ended:
+        client.delete_tag(run_id, key)
+    client.update_run(run_id, status="RUNNING")
+
+
+def recent(client, experiment_names: list[str] | None = None, limit: int = 20) -> list[dict[str, str]]:
+    """The newest runs (all experiments, or the named ones) as rows for people: status, owner, why it ended."""
+    from mlflow.entities import ViewType
+
+    experiments = {e.experiment_id: e.name for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY)
+                   if not experiment_names or e.name in experiment_names}  # fmt: skip
+    if not experiments:
+        return []
+    found = client.search_runs(list(experiments), order_by=["attributes.start_time DESC"], max_results=limit)
+    rows = []
+    for run in found:
+        tags = run.data.tags
+        owner = f"pid {tags[OWNER_PID]} on {tags[OWNER_HOST]}" if OWNER_PID in tags else ""
+        rows.append({"run_id": run.info.run_id, "experiment": experiments[run.info.experiment_id],
+                     "name": run.info.run_name or "", "status": run.info.status, "owner": owner,
+                     "ended": tags.get(ERROR) or tags.get(END_REASON) or ""})  # fmt: skip
+    return rows
 
 
 def _end(client, run_id: str, error: BaseException | None) -> None:

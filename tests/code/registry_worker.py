@@ -29,7 +29,10 @@ def main(uri: str, name: str, favoured: int, split_path: str, ready: str, go: st
     path = constant_classifier(Path(ready).with_suffix(".onnx"), num_classes, favoured)
     tracking.client(cfg).get_experiment_by_name(cfg.resolved_experiment_name)  # warm the HTTP session
     Path(ready).touch()
+    deadline = time.monotonic() + 300  # the test process may have died
     while not Path(go).exists():
+        if time.monotonic() > deadline:
+            sys.exit("never released")
         time.sleep(0.001)
     reg = register_onnx(cfg, run_id, str(path), split)
     tracking.client(cfg).set_model_version_tag(name, reg.version, "favoured", str(favoured))

@@ -79,7 +79,15 @@ def test_train_pipeline_logs_everything(prefect_server, tiny_overrides, tmp_path
     assert result["registry"]["promoted"] and run.data.tags["registry.decision"] == "promoted"
     champion = client.get_model_version_by_alias("vit-cifar100-coarse", "champion")
     assert champion.run_id == run.info.run_id
-    assert float(champion.tags["test_accuracy"]) == pytest.approx(result["test_accuracy"], abs=1e-6)
+    # The decision used the served file's accuracy on the full test split; Keras' is recorded beside it.
+    assert float(champion.tags["served_test_accuracy"]) == pytest.approx(
+        result["registry"]["served_test_accuracy"]
+    )
+    assert float(champion.tags["keras_test_accuracy"]) == pytest.approx(result["test_accuracy"], abs=1e-6)
+    assert champion.tags["test_images"] == params["data.test_size"]
+    # The run ended after its last stage, not when it was created.
+    last_logged = max(m.timestamp for key in metrics for m in client.get_metric_history(run.info.run_id, key))
+    assert run.info.end_time >= last_logged
     assert "models:/vit-cifar100-coarse/1" in artifacts[0].data
     # The served model is the fused graph, parity-gated too.
     assert run.data.tags["export.serve_variant"] == "optimized"
@@ -104,6 +112,10 @@ def test_train_pipeline_logs_everything(prefect_server, tiny_overrides, tmp_path
     (table,) = asyncio.run(read_table())
     assert table.type == "table" and "onnxruntime" in str(table.data)
 
+    # Both models load the MLflow way in a fresh Python that imports nothing but mlflow.
+    _check_mlflow_loading(uri, run.data.tags["train.keras_model_uri"], "models:/vit-cifar100-coarse@champion",
+                          tmp_path)  # fmt: skip
+
     # The weekly flow: export and benchmark the registry's champion, no training.
     from flows.benchmark_champion import benchmark_champion
 
@@ -114,6 +126,42 @@ def test_train_pipeline_logs_everything(prefect_server, tiny_overrides, tmp_path
     assert bench_run.info.status == "FINISHED"
     assert bench_run.data.tags["registry.model"] == "vit-cifar100-coarse/1"
     assert bench_run.data.metrics["optimized_cpu_b2_ips"] > 0
+
+
+LOAD_CHECK = """
+import json, sys
+import numpy as np
+import mlflow
+heavy = sorted(m for m in ("tensorflow", "keras", "vit_pipeline.layers") if m in sys.modules)
+mlflow.set_tracking_uri(sys.argv[1])
+x = np.load(sys.argv[4])
+keras_logits = mlflow.pyfunc.load_model(sys.argv[2]).predict(x)
+model = mlflow.keras.load_model(sys.argv[2])
+onnx_logits = mlflow.pyfunc.load_model(sys.argv[3]).predict(x)["logits"]
+print(json.dumps({"heavy_at_import": heavy, "keras": np.asarray(keras_logits).tolist(),
+                  "direct": np.asarray(model(x, training=False)).tolist(), "onnx": np.asarray(onnx_logits).tolist()}))
+"""
+
+
+def _check_mlflow_loading(uri, keras_uri, onnx_uri, tmp_path):
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from tests.conftest import real_images
+
+    x_path = tmp_path / "batch.npy"
+    np.save(x_path, real_images(4).astype(np.float32))
+    out = subprocess.run([sys.executable, "-c", LOAD_CHECK, uri, keras_uri, onnx_uri, str(x_path)],
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    doc = json.loads(out.stdout.strip().splitlines()[-1])
+    assert doc["heavy_at_import"] == []  # the plugin imports nothing heavy at `import mlflow`
+    keras_logits, onnx_logits = np.array(doc["keras"]), np.array(doc["onnx"])
+    assert keras_logits.shape == (4, 20)
+    np.testing.assert_allclose(np.array(doc["direct"]), keras_logits, atol=1e-5)
+    np.testing.assert_allclose(onnx_logits, keras_logits, atol=1e-3)  # the registered ONNX model, same logits
 
 
 def test_parity_gate_failure_fails_the_flow_and_registers_nothing(prefect_server, tiny_overrides, tmp_path):

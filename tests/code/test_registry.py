@@ -242,20 +242,26 @@ def race(
         ]
         procs.append((subprocess.Popen(args, env=env(i), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
                       ready))  # fmt: skip
-    deadline = time.monotonic() + 180
-    while not all(r.exists() for _, r in procs):
-        assert time.monotonic() < deadline, "workers never got ready"
-        assert all(p.poll() is None for p, _ in procs), [
-            p.communicate() for p, _ in procs if p.poll() is not None
-        ]
-        time.sleep(0.05)
-    go.touch()  # the barrier: every worker is waiting for this file
-    results = []
-    for proc, _ in procs:
-        out, err = proc.communicate(timeout=180)
-        assert proc.returncode == 0, err[-3000:]
-        results.append(json.loads(out.strip().splitlines()[-1]))
-    return results
+    try:
+        deadline = time.monotonic() + 180
+        while not all(r.exists() for _, r in procs):
+            assert time.monotonic() < deadline, "workers never got ready"
+            assert all(p.poll() is None for p, _ in procs), [
+                p.communicate() for p, _ in procs if p.poll() is not None
+            ]
+            time.sleep(0.05)
+        go.touch()  # the barrier: every worker is waiting for this file
+        results = []
+        for proc, _ in procs:
+            out, err = proc.communicate(timeout=180)
+            assert proc.returncode == 0, err[-3000:]
+            results.append(json.loads(out.strip().splitlines()[-1]))
+        return results
+    finally:
+        for proc, _ in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
 
 
 def test_concurrent_registrations_leave_the_best_champion(mlflow_server, tmp_path):

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import TINY, free_port
@@ -25,7 +26,17 @@ def _args(uri: str, epochs: int) -> list[str]:
     return [str(BIN / "vit-pipeline"), "train", "--preset", "quickstart", *opts, "--tracking-uri", uri]
 
 
+def _run_status(uri: str, home: Path) -> tuple[str | None, str | None]:
+    """(run id, MLflow status) of the one run being trained under ``home``, if it exists yet."""
+    found = list(home.glob("work/*/epochs.jsonl"))
+    if not found:
+        return None, None
+    run_id = found[0].parent.name
+    return run_id, MlflowClient(tracking_uri=uri).get_run(run_id).info.status
+
+
 def test_sigkill_mid_training_then_resume(tmp_path):
+    """RUNNING while alive, not FINISHED after SIGKILL, KILLED at the next command, FINISHED after --resume."""
     home = tmp_path / "home"
     env = {**os.environ, "VIT_PIPELINE_HOME": str(home), "TF_CPP_MIN_LOG_LEVEL": "2"}
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -33,7 +44,7 @@ def test_sigkill_mid_training_then_resume(tmp_path):
     proc = subprocess.Popen(
         _args(uri, epochs), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    meta = None
+    meta, alive_status = None, None
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
         found = list(home.glob("work/*/backup/training_metadata.json"))
@@ -43,30 +54,58 @@ def test_sigkill_mid_training_then_resume(tmp_path):
             except (json.JSONDecodeError, OSError):
                 meta = None
             if meta and meta["epoch"] >= 1:
+                alive_status = _run_status(uri, home)[1]  # read while the trainer lives
                 proc.send_signal(signal.SIGKILL)
                 break
         time.sleep(0.05)
     proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL, "training finished before it could be killed"
-    run_id = found[0].parents[1].name
+    assert alive_status == "RUNNING"
+    run_id, after_kill = _run_status(uri, home)
+    assert after_kill == "RUNNING"  # nobody could say otherwise yet; certainly not FINISHED
     killed_at = json.loads(found[0].read_text())["epoch"]
     assert 1 <= killed_at < epochs
 
-    resumed = subprocess.run([*_args(uri, epochs), "--resume", run_id], env=env, capture_output=True, text=True,
-                             timeout=300)  # fmt: skip
+    # The next command that opens the store finds the dead owner.
+    listed = subprocess.run([str(BIN / "vit-pipeline"), "runs", "--tracking-uri", uri], env=env, capture_output=True,
+                            text=True, timeout=120)  # fmt: skip
+    assert listed.returncode == 0, listed.stderr[-2000:]
+    assert f"Marked {run_id} KILLED" in listed.stderr
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "KILLED" and "is gone" in run.data.tags["vit_pipeline.end_reason"]
+
+    # --resume through the whole flow: trains the rest, registers one version, FINISHED.
+    resume = [*_args(uri, epochs), "--resume", run_id, "--benchmark-batch-sizes", "1", "--benchmark-seconds", "0.05",
+              "--benchmark-variants", "fp32"]  # fmt: skip
+    resume[1] = "run"
+    resumed = subprocess.run(resume, env=env, capture_output=True, text=True, timeout=400)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     result = json.loads(resumed.stdout[resumed.stdout.index("{") :])
-    assert result["mlflow_run_id"] == run_id
-    assert result["epochs_run"] == epochs and 1 <= result["resumed_from_epoch"] <= killed_at + 1
-    history = json.loads(Path(result["history_path"]).read_text())
+    assert result["mlflow_run_id"] == run_id and result["registry"]["version"] == "1"
+    history = json.loads((home / "work" / run_id / "history.json").read_text())
     assert len(history["loss"]) == epochs
-    client = MlflowClient(tracking_uri=uri)
     for key in ("loss", "val_accuracy"):
         steps = [m.step for m in client.get_metric_history(run_id, key)]
         assert sorted(steps) == list(range(epochs)), (key, steps)  # one value per epoch
     run = client.get_run(run_id)
-    assert run.info.status == "FINISHED" and run.data.metrics["resumed_from_epoch"] >= 1
-    assert not (home / "work" / run_id / "backup").exists()  # removed after a completed fit
+    assert run.info.status == "FINISHED" and run.data.tags["vit_pipeline.previous_end"].startswith(
+        "Marked KILLED"
+    )
+    # resumed_from_epoch is where this process really started: the backup's epoch at the kill.
+    assert run.data.metrics["resumed_from_epoch"] == killed_at
+    assert not (home / "work" / run_id / "backup").exists()  # removed once model.keras and the result exist
+    # The best epoch reported is the one whose weights are on disk.
+    best = json.loads((home / "work" / run_id / "best.json").read_text())
+    assert run.data.metrics["best_epoch"] == best["epoch"] + 1
+    assert run.data.metrics["best_val_accuracy"] == pytest.approx(best["value"])
+
+    # Resumed once more (e.g. a retried flow run): nothing is trained or registered again.
+    again = subprocess.run(resume, env=env, capture_output=True, text=True, timeout=400)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads(again.stdout[again.stdout.index("{") :])["registry"]["version"] == "1"
+    assert len(client.search_model_versions("name = 'vit-digits'")) == 1
+    assert client.get_run(run_id).info.status == "FINISHED"
 
 
 def test_resume_refuses_a_different_config(tmp_path):

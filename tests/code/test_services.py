@@ -194,14 +194,45 @@ def test_flow_resumes_after_the_worker_dies(services):
     run_id = meta.parents[1].name
     done = len((meta.parents[1] / "epochs.jsonl").read_text().splitlines())
     assert 2 <= done < epochs
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    assert client.get_run(run_id).info.status != "FINISHED"  # its flow run crashed with the worker
 
     worker = _start([str(BIN / "prefect"), "worker", "start", "--pool", "vit-pipeline"], env, logs["worker"])
     procs.append(worker)
     out = _cli(["deployment", "run", "train-pipeline/quickstart-smoke", "--param", f"overrides={json.dumps(overrides)}",
                 "--param", f"resume_run_id={run_id}", "--watch", "--watch-timeout", "600"], env, timeout=660)  # fmt: skip
     assert "Completed" in out
-    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.metrics["resumed_from_epoch"] >= 2
+    # The resumed flow run found the dead owner first (KILLED), then owned the run itself.
+    assert run.data.tags["vit_pipeline.previous_end"].startswith("Marked KILLED")
     steps = [m.step for m in client.get_metric_history(run_id, "loss")]
     assert sorted(steps) == list(range(epochs))
+
+
+def test_registrations_on_other_hosts_are_serialised_by_prefect(services, tmp_path):
+    """Processes with separate pipeline homes (other hosts: no shared file lock) race for one name.
+
+    Only the Prefect global concurrency limit is common to them; the champion
+    must still be the best of all registrations.
+    """
+    import numpy as np
+    from mlflow.tracking import MlflowClient
+
+    from tests.code.test_registry import COUNTS, race
+    from tests.conftest import labelled_split
+
+    env, _, _, root = services
+    split = labelled_split(COUNTS)
+    split_path = tmp_path / "split.npz"
+    np.savez(split_path, images=split.images, labels=split.labels)
+
+    def host_env(i):
+        return {**env, "VIT_PIPELINE_HOME": str(tmp_path / f"host{i}"), "PYTHONPATH": str(REPO)}
+
+    results = race(env["MLFLOW_TRACKING_URI"], "race-hosts", [1, 3, 2], split_path, tmp_path, host_env)
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    champion = client.get_model_version_by_alias("race-hosts", "champion")
+    assert champion.tags["favoured"] == "3", results
+    limits = httpx.post(f"{env['PREFECT_API_URL']}/v2/concurrency_limits/filter", json={}).json()
+    assert any(lim["name"] == "vit-registry-race-hosts" and lim["limit"] == 1 for lim in limits)

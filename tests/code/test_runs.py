@@ -1,0 +1,119 @@
+"""The MLflow run lifecycle (vit_pipeline.runs) on a real SQLite store."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from vit_pipeline import runs, tracking
+from vit_pipeline.config import make_config
+
+
+@pytest.fixture
+def cfg(tmp_path):
+    return make_config("quickstart", {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"})
+
+
+def _status(cfg, run_id):
+    return tracking.client(cfg).get_run(run_id)
+
+
+def test_running_inside_then_finished(cfg):
+    with runs.tracked_run(cfg, "quickstart") as run_id:
+        inside = _status(cfg, run_id)
+        assert inside.info.status == "RUNNING" and inside.info.end_time is None
+        assert inside.data.tags[runs.OWNER_PID] == str(os.getpid())
+        assert inside.data.tags[runs.OWNER_HOST] == socket.gethostname()
+    after = _status(cfg, run_id)
+    assert after.info.status == "FINISHED" and after.info.end_time >= inside.info.start_time
+
+
+def test_an_error_fails_the_run_and_an_interruption_kills_it(cfg):
+    with pytest.raises(ValueError), runs.tracked_run(cfg) as failed:
+        raise ValueError("Expected patch_size to divide image_size")
+    run = _status(cfg, failed)
+    assert run.info.status == "FAILED"
+    assert run.data.tags[runs.ERROR] == "ValueError: Expected patch_size to divide image_size"
+    with pytest.raises(KeyboardInterrupt), runs.tracked_run(cfg) as killed:
+        raise KeyboardInterrupt
+    run = _status(cfg, killed)
+    assert run.info.status == "KILLED" and run.data.tags[runs.END_REASON].startswith("KeyboardInterrupt")
+
+
+def test_reap_marks_a_dead_owner_killed_and_leaves_the_living(cfg):
+    client = tracking.client(cfg)
+    alive = tracking.create_run(cfg)  # owned by this (living) process; this process opened the store
+    # A real process that owned a run and died without a word.
+    code = (
+        "import sys; from vit_pipeline import tracking; from vit_pipeline.config import make_config; "
+        f"print(tracking.create_run(make_config('quickstart', {{'tracking_uri': {cfg.tracking_uri!r}}})))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    dead = out.stdout.strip().splitlines()[-1]
+    assert client.get_run(dead).info.status == "RUNNING"
+    assert runs.reap(client) == [dead]
+    run = client.get_run(dead)
+    assert run.info.status == "KILLED" and "is gone" in run.data.tags[runs.END_REASON]
+    assert client.get_run(alive).info.status == "RUNNING"
+
+
+def test_a_reused_pid_is_not_the_owner(cfg):
+    client = tracking.client(cfg)
+    run_id = tracking.create_run(cfg)
+    client.set_tag(run_id, runs.OWNER_STARTED, "12.34")  # our pid, but a process that started long ago
+    assert runs.reap(client) == [run_id]
+    assert "another" in client.get_run(run_id).data.tags[runs.END_REASON]
+
+
+def test_other_hosts_are_judged_by_their_heartbeat(cfg, monkeypatch):
+    client = tracking.client(cfg)
+    monkeypatch.setenv(runs.STALE_ENV, "60")
+    fresh, stale = tracking.create_run(cfg), tracking.create_run(cfg)
+    for run_id, age in ((fresh, 5), (stale, 3600)):
+        client.set_tag(run_id, runs.OWNER_HOST, "gpu-node-7")
+        client.set_tag(run_id, runs.HEARTBEAT, f"{time.time() - age:.0f}")
+    assert runs.reap(client) == [stale]
+    assert "no heartbeat from pid" in client.get_run(stale).data.tags[runs.END_REASON]
+    assert client.get_run(fresh).info.status == "RUNNING"
+
+
+def test_heartbeat_is_refreshed_while_the_block_runs(cfg):
+    with runs.tracked_run(cfg) as run_id, runs.lifecycle(cfg, run_id, heartbeat_seconds=0.2):
+        first = float(_status(cfg, run_id).data.tags[runs.HEARTBEAT])
+        time.sleep(1.5)
+        assert float(_status(cfg, run_id).data.tags[runs.HEARTBEAT]) > first
+
+
+def test_resume_reopens_a_killed_run_and_keeps_its_history(cfg):
+    with pytest.raises(KeyboardInterrupt), runs.tracked_run(cfg) as run_id:
+        raise KeyboardInterrupt
+    with runs.tracked_run(cfg, resume_run_id=run_id):
+        run = _status(cfg, run_id)
+        assert run.info.status == "RUNNING" and runs.END_REASON not in run.data.tags
+        assert run.data.tags[runs.PREVIOUS_END].startswith("KeyboardInterrupt")
+    assert _status(cfg, run_id).info.status == "FINISHED"
+
+
+def test_resume_refuses_a_run_whose_owner_lives(cfg):
+    from vit_pipeline.errors import TrainingInProgress
+
+    run_id = tracking.create_run(cfg)  # RUNNING, owned by this living process
+    with pytest.raises(TrainingInProgress, match=f"pid {os.getpid()}"):
+        tracking.resume_run(cfg, run_id)
+
+
+def test_runs_command_lists_and_reaps(cfg):
+    from click.testing import CliRunner
+
+    from vit_pipeline.cli import main
+
+    client = tracking.client(cfg)
+    run_id = tracking.create_run(cfg)
+    client.set_tag(run_id, runs.OWNER_STARTED, "12.34")
+    tracking._reaped.clear()  # a new command: it opens the store anew
+    out = CliRunner().invoke(main, ["runs", "--tracking-uri", cfg.tracking_uri])
+    assert out.exit_code == 0, out.output
+    assert f"Marked {run_id} KILLED" in out.output and '"status": "KILLED"' in out.output
