@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
 from vit_consumer.classifier import InputError, OnnxClassifier
+from vit_consumer.settings import Settings
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -19,7 +21,24 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the HTTP service")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--max-bytes", type=int, default=8 * 2**20)
+    defaults = Settings()
+    serve.add_argument("--max-bytes", type=int, default=defaults.max_bytes, help="largest request body")
+    serve.add_argument("--max-inflight-bytes", type=int, default=defaults.max_inflight_bytes,
+                       help="all request bodies being handled at once (beyond: 503)")  # fmt: skip
+    serve.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size,
+                       help="most images per session.run")  # fmt: skip
+    serve.add_argument("--max-queue-delay-ms", type=float, default=defaults.max_queue_delay_ms,
+                       help="how long a batch with company waits for more (a lone request never waits)")  # fmt: skip
+    serve.add_argument(
+        "--max-queue", type=int, default=defaults.max_queue, help="requests waiting (beyond: 503)"
+    )
+    serve.add_argument(
+        "--timeout", type=float, default=defaults.timeout_s, help="seconds per request (then 504)"
+    )
+    serve.add_argument("--pixel-budget", type=int, default=defaults.pixel_budget,
+                       help="decoded pixels of all images of one request together")  # fmt: skip
+    serve.add_argument("--reload-seconds", type=float, default=0.0,
+                       help="check a models:/name@alias source this often and switch to new versions (0: off)")  # fmt: skip
     predict = sub.add_parser("predict", help="classify image files")
     predict.add_argument("images", nargs="+", type=Path)
     predict.add_argument("--top-k", type=int, default=5)
@@ -36,8 +55,17 @@ def main(argv: list[str] | None = None) -> int:
 
             from vit_consumer.server import create_app
 
-            print(f"Serving {clf.source} on {clf.providers_used}", file=sys.stderr)
-            uvicorn.run(create_app(clf, args.max_bytes), host=args.host, port=args.port, log_level="info")
+            settings = Settings(
+                max_bytes=args.max_bytes, max_inflight_bytes=args.max_inflight_bytes,
+                max_batch_size=args.max_batch_size, max_queue_delay_ms=args.max_queue_delay_ms,
+                max_queue=args.max_queue, timeout_s=args.timeout, pixel_budget=args.pixel_budget,
+                reload_seconds=args.reload_seconds, tracking_uri=args.tracking_uri,
+                providers=tuple(providers) if providers else None,
+            )  # fmt: skip
+            logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+            print(f"Serving {clf.source} (version {clf.version}) on {clf.providers_used}", file=sys.stderr)
+            uvicorn.run(create_app(clf, settings), host=args.host, port=args.port, log_level="warning",
+                        access_log=False)  # fmt: skip
             return 0
         for path in args.images:
             if not path.is_file():

@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 MAX_IMAGE_PIXELS = 40_000_000  # refuse decompression bombs long before memory runs out
 MAX_BATCH = 1024
+DEFAULT_PIXEL_BUDGET = 16_000_000  # decoded source pixels per request, all images together
 
 
 class InputError(ValueError):
@@ -46,19 +47,44 @@ def _default_providers() -> list[str]:
     return [p for p in wanted if p in available]
 
 
+def registry_target(uri: str) -> tuple[str, str] | None:
+    """``(name, alias)`` for ``models:/name@alias``; None for any other URI."""
+    if uri.startswith("models:/") and "@" in uri:
+        name, _, alias = uri.removeprefix("models:/").partition("@")
+        return name.strip("/"), alias
+    return None
+
+
+def _mlflow(tracking_uri: str | None):
+    try:
+        import mlflow
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise InputError("Loading from the MLflow registry needs mlflow-skinny installed") from exc
+    if tracking_uri:
+        # models:/ URIs resolve through the *registry* URI, which the
+        # download_artifacts(tracking_uri=...) argument does not set.
+        mlflow.set_tracking_uri(tracking_uri)
+        mlflow.set_registry_uri(tracking_uri)
+    return mlflow
+
+
+def alias_version(uri: str, tracking_uri: str | None = None) -> str:
+    """The version number that ``models:/name@alias`` points at right now."""
+    name, alias = registry_target(uri)
+    mlflow = _mlflow(tracking_uri)
+    try:
+        return str(mlflow.MlflowClient().get_model_version_by_alias(name, alias).version)
+    except Exception as exc:  # MlflowException or a connection error
+        where = tracking_uri or mlflow.get_tracking_uri()
+        raise InputError(f"Could not read {uri} from MLflow at {where}: {exc}".splitlines()[0]) from exc
+
+
 def resolve_model(uri: str, tracking_uri: str | None = None) -> Path:
     """A local ``.onnx`` path for a file, a directory, or an MLflow ``models:/`` / ``runs:/`` URI."""
     if uri.startswith(("models:/", "runs:/", "mlflow-artifacts:/")):
-        try:
-            import mlflow
-            from mlflow.exceptions import MlflowException
-        except ImportError as exc:  # pragma: no cover - depends on the install
-            raise InputError("Loading from the MLflow registry needs mlflow-skinny installed") from exc
-        if tracking_uri:
-            # models:/ URIs resolve through the *registry* URI, which the
-            # download_artifacts(tracking_uri=...) argument does not set.
-            mlflow.set_tracking_uri(tracking_uri)
-            mlflow.set_registry_uri(tracking_uri)
+        mlflow = _mlflow(tracking_uri)
+        from mlflow.exceptions import MlflowException
+
         try:
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
         except (MlflowException, OSError) as exc:
@@ -86,12 +112,17 @@ class OnnxClassifier:
     """
 
     def __init__(
-        self, path: str | os.PathLike, providers: list[str] | None = None, source: str | None = None
+        self,
+        path: str | os.PathLike,
+        providers: list[str] | None = None,
+        source: str | None = None,
+        version: str | None = None,
     ):
         import onnxruntime as ort
 
         self.path = Path(path)
         self.source = source or str(path)
+        self.version = version  # the registry version, for models:/ sources
         requested = providers or _default_providers()
         try:
             self.session = ort.InferenceSession(str(self.path), providers=requested)
@@ -116,27 +147,62 @@ class OnnxClassifier:
 
     @classmethod
     def from_uri(cls, uri: str, tracking_uri: str | None = None, providers: list[str] | None = None):
-        return cls(resolve_model(uri, tracking_uri), providers, source=uri)
+        """Loads a file, or a registry URI; ``models:/name@alias`` is pinned to its current version."""
+        version = None
+        target = registry_target(uri)
+        if target is not None:
+            version = alias_version(uri, tracking_uri)
+            path = resolve_model(f"models:/{target[0]}/{version}", tracking_uri)
+        else:
+            path = resolve_model(uri, tracking_uri)
+        return cls(path, providers, source=uri, version=version)
+
+    def warm_up(self, batch_sizes: tuple[int, ...] = (1,)) -> None:
+        """Runs zero images through the graph once per batch size (first-run allocations, kernel picks)."""
+        for n in batch_sizes:
+            self.run(np.zeros((n, *self.input_shape), np.float32))
 
     # ----------------------------------------------------------------- input
     def decode_image(self, payload: bytes) -> np.ndarray:
         """PNG/JPEG bytes -> float32 (H, W, 3) at the model's input size."""
+        return self.decode_images([payload])[0]
+
+    def decode_images(self, payloads: list[bytes], pixel_budget: int = DEFAULT_PIXEL_BUDGET) -> np.ndarray:
+        """PNG/JPEG files -> float32 (N, H, W, 3), refusing before any decoding if the
+        images together hold more than ``pixel_budget`` pixels (their headers say)."""
         from PIL import Image, UnidentifiedImageError
 
-        Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = min(MAX_IMAGE_PIXELS, max(pixel_budget, 1))
         h, w, _ = self.input_shape
+        opened = []
         try:
-            with Image.open(io.BytesIO(payload)) as img:
+            total = 0
+            for payload in payloads:
+                img = Image.open(io.BytesIO(payload))  # reads the header only
+                opened.append(img)
                 if img.format not in ("PNG", "JPEG"):
                     raise InputError(f"Expected a PNG or JPEG image. Received: {img.format}", 415)
+                total += img.size[0] * img.size[1]
+                if total > pixel_budget:
+                    raise InputError(
+                        f"The images hold more than {pixel_budget} pixels together (the per-request budget); "
+                        "send smaller images or fewer per request",
+                        413,
+                    )
+            out = np.empty((len(payloads), h, w, 3), np.float32)
+            for i, img in enumerate(opened):
                 rgb = img.convert("RGB")
                 if rgb.size != (w, h):
                     rgb = rgb.resize((w, h), Image.Resampling.BILINEAR)
-                return np.asarray(rgb, dtype=np.float32)
+                out[i] = np.asarray(rgb, dtype=np.float32)
+            return out
         except InputError:
             raise
         except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-            raise InputError(f"Could not decode the image: {exc}") from exc
+            raise InputError(f"Could not decode the image: {_plain(exc)}") from exc
+        finally:
+            for img in opened:
+                img.close()
 
     def check_array(self, array: Any) -> np.ndarray:
         """Validates raw pixels: shape [N, H, W, 3] or [H, W, 3], numeric, finite, 0-255."""
@@ -160,12 +226,19 @@ class OnnxClassifier:
         return arr
 
     # ------------------------------------------------------------ inference
+    def run(self, images: np.ndarray) -> np.ndarray:
+        """Logits of images that ``check_array`` already accepted (the batcher's call)."""
+        return self.session.run([self.output_name], {self.input_name: images})[0]
+
     def logits(self, batch: np.ndarray) -> np.ndarray:
-        return self.session.run([self.output_name], {self.input_name: self.check_array(batch)})[0]
+        return self.run(self.check_array(batch))
 
     def predict(self, batch: Any, top_k: int = 5) -> list[list[dict[str, Any]]]:
         """Top-k classes with softmax probabilities for each image."""
-        logits = self.logits(batch)
+        return self.top_k(self.logits(batch), top_k)
+
+    def top_k(self, logits: np.ndarray, top_k: int = 5) -> list[list[dict[str, Any]]]:
+        """Top-k classes with softmax probabilities for each row of logits."""
         shifted = logits - logits.max(axis=1, keepdims=True)
         probs = np.exp(shifted) / np.exp(shifted).sum(axis=1, keepdims=True)
         k = max(1, min(top_k, probs.shape[1]))
@@ -180,6 +253,7 @@ class OnnxClassifier:
     def describe(self) -> dict[str, Any]:
         return {
             "model": self.source,
+            "version": self.version,
             "num_classes": len(self.class_names),
             "input": {"name": self.input_name, "shape": ["batch", *self.input_shape], "dtype": "float32"},
             "providers": self.providers_used,
@@ -187,3 +261,11 @@ class OnnxClassifier:
             "test_accuracy": self.metadata.get("test_accuracy", ""),
             "mlflow_run_id": self.metadata.get("mlflow_run_id", ""),
         }
+
+
+def _plain(exc: BaseException) -> str:
+    """An exception's message for a client: one line, no Python object reprs."""
+    import re
+
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return re.sub(r"<[^<>]* at 0x[0-9a-f]+>", "<object>", text)[:300]

@@ -1,102 +1,422 @@
-"""HTTP service: ``GET /health`` and ``POST /predict`` (FastAPI).
+"""HTTP service (FastAPI): dynamic batching, Prometheus metrics, health, champion reload.
 
-``POST /predict?top_k=5`` accepts, by ``Content-Type``:
+Endpoints:
 
-* ``image/png`` or ``image/jpeg``: one image as the raw body;
-* ``application/json``: ``{"instances": [...]}`` raw pixel arrays
-  ([N, H, W, 3] or [H, W, 3], values 0-255) or ``{"images_b64": ["<base64 PNG/JPEG>", ...]}``;
-* ``application/x-npy``: a ``.npy`` array (loaded with ``allow_pickle=False``).
+* ``POST /predict?top_k=5``, by ``Content-Type``: ``image/png`` / ``image/jpeg``
+  (one image as the body); ``application/json`` (``{"instances": [...]}`` raw
+  pixels [N, H, W, 3] or [H, W, 3], 0-255, or ``{"images_b64": [...]}``);
+  ``application/x-npy`` (loaded with ``allow_pickle=False``). The body is read
+  and decoded off the event loop; the images then join the dynamic batcher
+  (``vit_consumer.batching``), which runs one ``session.run`` per batch.
+* ``GET /metrics`` (Prometheus), ``GET /health/live``, ``GET /health/ready``
+  (model loaded and warmed up), ``GET /health`` (the model's contract, as before).
 
-Bad input gets a 4xx with ``{"detail": "<one line>"}``: 400 (shape, dtype,
-undecodable), 413 (payload or batch too large), 415 (unsupported type).
+Every bad request gets a 4xx with ``{"detail": "<one line>"}``; a full queue a
+503 with ``Retry-After``; a request not answered within ``timeout_s`` a 504.
+What one request may cost is bounded before the work is done: the body
+(``max_bytes``; all bodies being handled together ``max_inflight_bytes``), JSON
+nesting depth and number count (checked on the raw bytes before parsing), and
+the decoded pixels of all its images together (``pixel_budget``, read from the
+image headers before decoding).
+
+Serving ``models:/<name>@<alias>`` with ``reload_seconds > 0``, the service
+checks the alias that often; when it moves, the new version is loaded and warmed
+up beside the old one, then served; requests already admitted finish on the
+version they started with. A version that fails to load or warm up is not
+switched to (``vit_consumer_reloads{result="failed"}``, and the log).
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import contextlib
 import io
 import json
+import logging
 import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from typing import Any
 
 import numpy as np
-from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
 
-from vit_consumer.classifier import InputError, OnnxClassifier
+from vit_consumer.batching import DynamicBatcher, QueueFull
+from vit_consumer.classifier import (
+    InputError,
+    OnnxClassifier,
+    _plain,
+    alias_version,
+    registry_target,
+    resolve_model,
+)
+from vit_consumer.metrics import Metrics
+from vit_consumer.settings import DEFAULT_MAX_BYTES, Settings
 
-DEFAULT_MAX_BYTES = 8 * 2**20
+log = logging.getLogger("vit_consumer")
+
+__all__ = ["DEFAULT_MAX_BYTES", "Settings", "create_app"]
 
 
-def create_app(classifier: OnnxClassifier, max_bytes: int = DEFAULT_MAX_BYTES) -> FastAPI:
-    app = FastAPI(title="vit-consumer", version="0.1.0")
+class Prediction(BaseModel):
+    index: int
+    label: str
+    probability: float
 
-    async def read_body(request: Request) -> bytes:
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > max_bytes:
-            raise InputError(f"Payload of {int(declared)} bytes exceeds the limit of {max_bytes}", 413)
+
+class PredictResponse(BaseModel):
+    predictions: list[list[Prediction]]
+    model: str
+    version: str | None
+    providers: list[str]
+
+
+class ErrorResponse(BaseModel):
+    detail: str
+
+
+IMAGE_BODY = {"schema": {"type": "string", "format": "binary"}}
+PREDICT_OPENAPI = {
+    "requestBody": {
+        "required": True,
+        "description": "One PNG/JPEG image, a JSON document, or a .npy array (raw RGB pixels 0-255, NHWC).",
+        "content": {
+            "image/png": IMAGE_BODY,
+            "image/jpeg": IMAGE_BODY,
+            "application/json": {
+                "schema": {
+                    "oneOf": [
+                        {
+                            "type": "object",
+                            "required": ["instances"],
+                            "properties": {
+                                "instances": {"type": "array", "description": "[N, H, W, 3] or [H, W, 3]"}
+                            },
+                        },
+                        {
+                            "type": "object",
+                            "required": ["images_b64"],
+                            "properties": {
+                                "images_b64": {"type": "array", "items": {"type": "string", "format": "byte"}}
+                            },
+                        },
+                    ]
+                }
+            },  # fmt: skip
+            "application/x-npy": {"schema": {"type": "string", "format": "binary"}},
+        },
+    },
+    "parameters": [
+        {
+            "name": "top_k",
+            "in": "query",
+            "required": False,
+            "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 5},
+        }
+    ],  # fmt: skip
+}
+ERRORS = {
+    code: {"model": ErrorResponse, "description": text}
+    for code, text in {
+        400: "Bad input: shape, dtype, values, undecodable image, invalid or too deeply nested JSON",
+        413: "Body, image count or decoded pixels over the limits",
+        415: "Unsupported Content-Type or image format",
+        503: "Queue full, or model not ready (Retry-After)",
+        504: "Not answered within the request timeout",
+    }.items()
+}
+
+
+class _Admission:
+    """Bytes of all request bodies being handled right now, bounded (memory does not grow with clients)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used = limit, 0
+
+    def take(self, n: int) -> bool:
+        if self.used + n > self.limit:
+            return False
+        self.used += n
+        return True
+
+    def give(self, n: int) -> None:
+        self.used -= n
+
+
+def json_shape_problem(body: bytes, max_depth: int, max_numbers: int) -> InputError | None:
+    """Nesting depth and number count of a JSON body, from its bytes, before any parsing.
+
+    Brackets inside strings count too (our documents carry only base64 strings,
+    which have none): the check can only err on the side of refusing.
+    """
+    raw = np.frombuffer(body, np.uint8)
+    step = (raw == ord("[")).astype(np.int32) + (raw == ord("{")) - (raw == ord("]")) - (raw == ord("}"))
+    depth = int(np.cumsum(step).max(initial=0))
+    if depth > max_depth:
+        return InputError(f"JSON nested {depth} levels deep; at most {max_depth} are accepted")
+    numbers = int(np.count_nonzero(raw == ord(","))) + 1
+    if numbers > max_numbers:
+        return InputError(f"JSON holds about {numbers} values; at most {max_numbers} are accepted "
+                          "(send .npy or images)", 413)  # fmt: skip
+    return None
+
+
+def parse_body(clf: OnnxClassifier, content_type: str, body: bytes, settings: Settings) -> np.ndarray:
+    """Request body -> checked float32 images [N, H, W, 3] (runs in the decode pool)."""
+    if content_type in ("image/png", "image/jpeg", "image/jpg"):
+        return clf.check_array(clf.decode_images([body], settings.pixel_budget))
+    if content_type == "application/x-npy":
+        try:
+            array = np.load(io.BytesIO(body), allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:
+            raise InputError(
+                f"Not a readable .npy array (pickled arrays are refused): {_plain(exc)}"
+            ) from exc
+        return clf.check_array(array)
+    if content_type == "application/json":
+        problem = json_shape_problem(body, settings.max_json_depth, settings.max_json_numbers)
+        if problem is not None:
+            raise problem
+        try:
+            doc = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            raise InputError(f"Invalid JSON: {_plain(exc)}") from exc
+        if isinstance(doc, dict) and "instances" in doc:
+            try:
+                array = np.asarray(doc["instances"], dtype=np.float32)
+            except (TypeError, ValueError) as exc:
+                raise InputError("'instances' must be a numeric array of equal-length rows") from exc
+            return clf.check_array(array)
+        if isinstance(doc, dict) and isinstance(doc.get("images_b64"), list) and doc["images_b64"]:
+            if len(doc["images_b64"]) > 1024:
+                raise InputError(f"Expected 1 to 1024 images. Received: {len(doc['images_b64'])}", 413)
+            try:
+                raw = [base64.b64decode(s, validate=True) for s in doc["images_b64"]]
+            except (binascii.Error, TypeError, ValueError) as exc:
+                raise InputError("'images_b64' must hold base64 strings") from exc
+            return clf.check_array(clf.decode_images(raw, settings.pixel_budget))
+        raise InputError('Expected JSON {"instances": [...]} or {"images_b64": [...]}')
+    raise InputError(
+        f"Unsupported Content-Type {content_type[:80]!r}; use image/png, image/jpeg, application/json or "
+        "application/x-npy",
+        415,
+    )
+
+
+def _top_k(raw: str | None) -> int:
+    if raw is None:
+        return 5
+    if not raw.isdigit() or not 1 <= int(raw) <= 1000:
+        raise InputError(f"Expected top_k to be an integer from 1 to 1000. Received: top_k={raw[:20]!r}")
+    return int(raw)
+
+
+class Service:
+    """The app's state: the engine served now, the batcher, metrics, limits, the reload watcher."""
+
+    def __init__(self, classifier: OnnxClassifier, settings: Settings):
+        self.engine = classifier
+        self.settings = settings
+        self.metrics = Metrics()
+        self.batcher = DynamicBatcher(settings.max_batch_size, settings.max_queue_delay_ms, settings.max_queue,
+                                      on_batch=self.metrics.observe_batch)  # fmt: skip
+        self.decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
+        self.admission = _Admission(settings.max_inflight_bytes)
+        self.ready = False
+        self.failed_versions: set[str] = set()
+        self._watch: asyncio.Task | None = None
+
+    def warm(self, clf: OnnxClassifier) -> OnnxClassifier:
+        clf.warm_up((1, self.settings.max_batch_size))
+        return clf
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.batcher.start()
+        await loop.run_in_executor(None, self.warm, self.engine)
+        self.metrics.serving(self.engine.source, self.engine.version)
+        self.ready = True
+        self.metrics.ready.set(1)
+        if self.settings.reload_seconds > 0 and registry_target(self.engine.source):
+            self._watch = loop.create_task(self._watch_alias(), name="champion-reload")
+
+    async def stop(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+        await self.batcher.stop()
+        self.decode_pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _watch_alias(self) -> None:
+        loop = asyncio.get_running_loop()
+        source = self.engine.source
+        while True:
+            await asyncio.sleep(self.settings.reload_seconds)
+            try:
+                version = await loop.run_in_executor(None, alias_version, source, self.settings.tracking_uri)
+            except InputError as exc:
+                self.metrics.reloads.labels("check_failed").inc()
+                log.warning("Could not check %s: %s", source, exc)
+                continue
+            if version == self.engine.version or version in self.failed_versions:
+                continue
+            await self._switch(source, version)
+
+    async def _switch(self, source: str, version: str) -> None:
+        loop = asyncio.get_running_loop()
+        name, _ = registry_target(source)
+
+        def load() -> OnnxClassifier:
+            path = resolve_model(f"models:/{name}/{version}", self.settings.tracking_uri)
+            providers = list(self.settings.providers) if self.settings.providers else None
+            return self.warm(OnnxClassifier(path, providers, source=source, version=version))
+
+        started = time.perf_counter()
+        try:
+            new = await loop.run_in_executor(None, load)
+        except Exception as exc:  # whatever breaks, the old version keeps serving
+            self.failed_versions.add(version)
+            self.metrics.reloads.labels("failed").inc()
+            log.error("Not switching to %s v%s (still serving v%s): %s", name, version, self.engine.version,
+                      _plain(exc))  # fmt: skip
+            return
+        old = self.engine.version
+        self.engine = new  # one assignment on the event loop: atomic for every later request
+        self.metrics.serving(source, version)
+        self.metrics.reloads.labels("ok").inc()
+        log.info("Switched %s from v%s to v%s (loaded and warmed in %.1f s)", name, old, version,
+                 time.perf_counter() - started)  # fmt: skip
+
+    async def predict(self, request: Request) -> Response:
+        started = time.perf_counter()
+        code, reserved = 200, 0
+        headers: dict[str, str] = {}
+        try:
+            if not self.ready:
+                headers["Retry-After"] = "1"
+                raise InputError("The model is not ready yet", 503)
+            top_k = _top_k(request.query_params.get("top_k"))
+            content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            reserved = self._reserve(request.headers.get("content-length"))
+            body = await self._read_body(request)
+            engine = self.engine  # this request finishes on this version, whatever reloads meanwhile
+            loop = asyncio.get_running_loop()
+            images = await loop.run_in_executor(self.decode_pool, parse_body, engine, content_type, body,
+                                                self.settings)  # fmt: skip
+            del body
+            self.metrics.queue_depth.set(self.batcher.depth())
+            logits = await asyncio.wait_for(self.batcher.submit(engine, images), self.settings.timeout_s)
+            doc = {"predictions": engine.top_k(logits, top_k), "model": engine.source, "version": engine.version,
+                   "providers": engine.providers_used}  # fmt: skip
+            return JSONResponse(doc)
+        except InputError as exc:
+            code = exc.status
+            return JSONResponse({"detail": str(exc)}, status_code=code, headers=headers)
+        except QueueFull as exc:
+            code = 503
+            return JSONResponse({"detail": f"Busy: {exc}; retry later"}, status_code=503,
+                                headers={"Retry-After": "1"})  # fmt: skip
+        except TimeoutError:
+            code = 504
+            return JSONResponse(
+                {"detail": f"Not answered within {self.settings.timeout_s:g} s"}, status_code=504
+            )
+        except Exception as exc:  # an engine failure: say so in one line, keep serving
+            code = 500
+            log.exception("Inference failed")
+            return JSONResponse({"detail": f"Inference failed: {_plain(exc)}"}, status_code=500)
+        finally:
+            self.admission.give(reserved)
+            self.metrics.requests.labels(str(code)).inc()
+            self.metrics.latency.observe(time.perf_counter() - started)
+
+    def _reserve(self, declared: str | None) -> int:
+        """Admits the body's bytes (the declared length, or the limit when unknown) or refuses."""
+        limit = self.settings.max_bytes
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            raise InputError(f"Payload of {declared[:20]} bytes exceeds the limit of {limit}", 413)
+        size = int(declared) if declared else limit
+        if not self.admission.take(size):
+            raise QueueFull(f"{self.admission.used} bytes of requests are being handled")
+        return size
+
+    async def _read_body(self, request: Request) -> bytes:
+        limit = self.settings.max_bytes
         body = bytearray()
         async for chunk in request.stream():
             body += chunk
-            if len(body) > max_bytes:
-                raise InputError(f"Payload exceeds the limit of {max_bytes} bytes", 413)
+            if len(body) > limit:
+                raise InputError(f"Payload exceeds the limit of {limit} bytes", 413)
         if not body:
             raise InputError("Empty request body")
         return bytes(body)
 
-    def parse(content_type: str, body: bytes) -> np.ndarray:
-        if content_type in ("image/png", "image/jpeg", "image/jpg"):
-            return classifier.decode_image(body)[None]
-        if content_type == "application/x-npy":
-            try:
-                return np.load(io.BytesIO(body), allow_pickle=False)
-            except (ValueError, OSError, EOFError) as exc:
-                raise InputError(f"Not a readable .npy array (pickled arrays are refused): {exc}") from exc
-        if content_type == "application/json":
-            try:
-                doc = json.loads(body)
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise InputError(f"Invalid JSON: {exc}") from exc
-            if isinstance(doc, dict) and "instances" in doc:
-                try:
-                    return np.asarray(doc["instances"], dtype=np.float32)
-                except (TypeError, ValueError) as exc:
-                    raise InputError(f"'instances' must be a numeric array: {exc}") from exc
-            if isinstance(doc, dict) and isinstance(doc.get("images_b64"), list) and doc["images_b64"]:
-                try:
-                    raw = [base64.b64decode(s, validate=True) for s in doc["images_b64"]]
-                except (binascii.Error, TypeError) as exc:
-                    raise InputError(f"'images_b64' holds invalid base64: {exc}") from exc
-                return np.stack([classifier.decode_image(r) for r in raw])
-            raise InputError('Expected JSON {"instances": [...]} or {"images_b64": [...]}')
-        raise InputError(
-            f"Unsupported Content-Type {content_type!r}; use image/png, image/jpeg, "
-            "application/json or application/x-npy",
-            415,
-        )
+
+def create_app(classifier: OnnxClassifier, settings: Settings | int | None = None) -> FastAPI:
+    """The ASGI app serving ``classifier`` (a plain int is ``max_bytes``, as before)."""
+    if isinstance(settings, int):
+        settings = Settings(max_bytes=settings)
+    service = Service(classifier, settings or Settings())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await service.start()
+        yield
+        await service.stop()
+
+    app = FastAPI(title="vit-consumer", version="0.2.0", lifespan=lifespan,
+                  description="Image classification with a ViT exported by vit-pipeline (ONNX Runtime).")  # fmt: skip
+    app.state.service = service
 
     @app.get("/health")
-    def health() -> dict:
-        return {"status": "ok", **classifier.describe()}
+    def health() -> dict[str, Any]:
+        return {"status": "ok", **service.engine.describe()}
 
-    @app.post("/predict")
-    async def predict(request: Request, top_k: int = Query(5, ge=1, le=1000)) -> dict:
-        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        try:
-            batch = parse(content_type, await read_body(request))
-            predictions = classifier.predict(batch, top_k)
-        except InputError as exc:
-            raise HTTPException(status_code=exc.status, detail=str(exc)) from exc
-        return {
-            "predictions": predictions,
-            "model": classifier.source,
-            "providers": classifier.providers_used,
-        }
+    @app.get("/health/live")
+    def live() -> dict[str, str]:
+        return {"status": "live"}
+
+    @app.get("/health/ready", responses={503: {"model": ErrorResponse}})
+    def ready() -> Response:
+        if not service.ready:
+            return JSONResponse({"detail": "loading and warming up the model"}, status_code=503)
+        return JSONResponse({"status": "ready", "version": service.engine.version})
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        service.metrics.queue_depth.set(service.batcher.depth())
+        return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/predict", response_model=PredictResponse, responses=ERRORS, openapi_extra=PREDICT_OPENAPI,
+              summary="Classify images", description=__doc__.split("Endpoints:")[1].split("* ``GET")[0].strip())  # fmt: skip
+    async def predict(request: Request) -> Response:
+        return await service.predict(request)
 
     return app
+
+
+def settings_from_env(**overrides: Any) -> Settings:
+    """Settings from ``VIT_*`` variables (``VIT_MAX_BYTES``, ``VIT_MAX_BATCH_SIZE``, ...)."""
+    settings = Settings()
+    values = {}
+    for name, default in settings.__dict__.items():
+        raw = os.environ.get(f"VIT_{name.upper()}")
+        if raw is not None and not isinstance(default, tuple):
+            values[name] = type(default)(raw) if default is not None else raw
+    return replace(settings, **values, **overrides)
 
 
 def app_from_env() -> FastAPI:
     """For ``uvicorn vit_consumer.server:app_from_env --factory``: reads VIT_MODEL_URI."""
     uri = os.environ["VIT_MODEL_URI"]
-    classifier = OnnxClassifier.from_uri(uri, os.environ.get("MLFLOW_TRACKING_URI"))
-    return create_app(classifier, int(os.environ.get("VIT_MAX_BYTES", DEFAULT_MAX_BYTES)))
+    tracking = os.environ.get("MLFLOW_TRACKING_URI")
+    classifier = OnnxClassifier.from_uri(uri, tracking)
+    return create_app(classifier, settings_from_env(tracking_uri=tracking))

@@ -1,0 +1,269 @@
+"""Load benchmark of the consumer service against its own engine, in one run, loopback only.
+
+    python deploy/consumer/bench.py --model model.onnx --images DIR_OF_JPEGS
+    python deploy/consumer/bench.py --model model.onnx --cifar ../shared/data/cifar100-sample/cifar-100-python.tar.gz
+
+1. The engine alone (ONNX Runtime in this process, no HTTP): img/s and latency at
+   batch 1 and at the service's ``--max-batch-size``, and the JPEG decode time.
+2. The service (``python -m vit_consumer ... serve``, a real uvicorn process):
+   req/s and p50/p90/p99 at each ``--clients`` level, every request a real JPEG
+   file posted as ``image/jpeg``. The load generator is a lean asyncio HTTP/1.1
+   client (keep-alive, requests prepared beforehand); it shares the CPU with the
+   service, so its CPU use is reported beside the service's.
+3. The ratios the targets are stated in: service req/s at the highest client
+   count over engine img/s at the batch size; p50 at one client minus (engine
+   batch-1 latency + decode).
+
+Bounded: ``--seconds`` per level (and ``--max-requests``). Writes ``--output``
+(JSON) and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q)) if values else float("nan")
+
+
+def load_images(args) -> list[bytes]:
+    """JPEG/PNG files of a folder, or the CIFAR-100 test images of an archive written as JPEGs."""
+    if args.images:
+        files = sorted(
+            p for p in Path(args.images).rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png")
+        )
+        if not files:
+            sys.exit(f"Error: no .jpg/.jpeg/.png files under {args.images}")
+        return [p.read_bytes() for p in files[: args.num_images]]
+    from PIL import Image
+
+    from vit_pipeline.data import read_cifar100  # the restricted unpickler; only for --cifar
+
+    x_test = read_cifar100(args.cifar)[2][: args.num_images]
+    out = []
+    for image in x_test:
+        buf = io.BytesIO()
+        Image.fromarray(image).save(buf, format="JPEG", quality=95)
+        out.append(buf.getvalue())
+    return out
+
+
+def time_engine(clf, batch: np.ndarray, seconds: float) -> dict:
+    """Warm up, then time ``clf.run(batch)`` for ``seconds``: img/s and per-call latency."""
+    for _ in range(3):
+        clf.run(batch)
+    lat, start = [], time.perf_counter()
+    while time.perf_counter() - start < seconds or len(lat) < 5:
+        t = time.perf_counter()
+        clf.run(batch)
+        lat.append(time.perf_counter() - t)
+    total = time.perf_counter() - start
+    return {"batch": len(batch), "images_per_s": len(batch) * len(lat) / total,
+            "p50_ms": percentile(lat, 50) * 1e3, "calls": len(lat)}  # fmt: skip
+
+
+def decode_ms(clf, payloads: list[bytes]) -> float:
+    start = time.perf_counter()
+    for p in payloads:
+        clf.decode_image(p)
+    return (time.perf_counter() - start) / len(payloads) * 1e3
+
+
+def request_bytes(port: int, body: bytes) -> bytes:
+    head = (f"POST /predict?top_k=1 HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: image/jpeg\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: keep-alive\r\n\r\n")  # fmt: skip
+    return head.encode() + body
+
+
+async def client(
+    port: int, requests: list[bytes], stop_at: float, budget: list[int], out: list, errors: list
+):
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    i = 0
+    try:
+        while time.perf_counter() < stop_at and budget[0] > 0:
+            budget[0] -= 1
+            payload = requests[i % len(requests)]
+            i += 1
+            t = time.perf_counter()
+            writer.write(payload)
+            head = await reader.readuntil(b"\r\n\r\n")
+            status = int(head[9:12])
+            length = 0
+            for line in head.split(b"\r\n"):
+                if line[:15].lower() == b"content-length:":
+                    length = int(line[15:])
+            await reader.readexactly(length)
+            if status == 200:
+                out.append(time.perf_counter() - t)
+            else:
+                errors.append(status)
+    finally:
+        writer.close()
+
+
+async def load_level(
+    port: int, requests: list[bytes], clients: int, seconds: float, max_requests: int
+) -> dict:
+    warm_stop = time.perf_counter() + min(1.0, seconds / 4)
+    await asyncio.gather(*(client(port, requests, warm_stop, [10**9], [], []) for _ in range(clients)))
+    lat: list[float] = []
+    errors: list[int] = []
+    budget = [max_requests]
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    stop_at = t0 + seconds
+    await asyncio.gather(*(client(port, requests, stop_at, budget, lat, errors) for _ in range(clients)))
+    wall = time.perf_counter() - t0
+    return {"clients": clients, "requests": len(lat), "errors": len(errors), "seconds": wall,
+            "req_per_s": len(lat) / wall, "p50_ms": percentile(lat, 50) * 1e3, "p90_ms": percentile(lat, 90) * 1e3,
+            "p99_ms": percentile(lat, 99) * 1e3,
+            "loadgen_cpu_cores": (time.process_time() - cpu0) / wall}  # fmt: skip
+
+
+def cpu_seconds(pid: int) -> float:
+    import psutil
+
+    t = psutil.Process(pid).cpu_times()
+    return t.user + t.system
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, proc, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            sys.exit(f"Error: the service exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"{url}/health/ready", timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    sys.exit(f"Error: {url} was not ready within {timeout:g} s")
+
+
+def environment() -> dict:
+    import onnxruntime as ort
+
+    cpu = ""
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "onnxruntime": ort.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
+
+
+def markdown(report: dict) -> str:
+    e1, eb = report["engine"]
+    lines = ["| clients | req/s | p50 ms | p90 ms | p99 ms | errors | load generator CPU (cores) | service CPU (cores) |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in report["service"]:
+        lines.append(f"| {r['clients']} | {r['req_per_s']:.0f} | {r['p50_ms']:.1f} | {r['p90_ms']:.1f} | "
+                     f"{r['p99_ms']:.1f} | {r['errors']} | {r['loadgen_cpu_cores']:.2f} | "
+                     f"{r['service_cpu_cores']:.2f} |")  # fmt: skip
+    lines += ["", f"Engine alone: {e1['images_per_s']:.0f} img/s at batch 1 (p50 {e1['p50_ms']:.2f} ms), "
+              f"{eb['images_per_s']:.0f} img/s at batch {eb['batch']}; JPEG decode {report['decode_ms']:.3f} ms/image.",
+              ""] + [f"- {line}" for line in report["ratios"]]  # fmt: skip
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", required=True, help="the .onnx file to serve (e.g. the champion's)")
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--images", help="a folder of real JPEG/PNG files")
+    src.add_argument("--cifar", help="a cifar-100-python archive/folder: its test images, written as JPEGs")
+    parser.add_argument("--num-images", type=int, default=256)
+    parser.add_argument("--clients", default="1,8,32")
+    parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per client level")
+    parser.add_argument("--max-requests", type=int, default=20000, help="per client level")
+    parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument("--max-queue-delay-ms", type=float, default=2.0)
+    parser.add_argument("--engine-seconds", type=float, default=5.0)
+    parser.add_argument("--output", default="deploy/consumer/bench.json")
+    args = parser.parse_args()
+
+    from vit_consumer.classifier import OnnxClassifier
+
+    payloads = load_images(args)
+    clf = OnnxClassifier(args.model, ["CPUExecutionProvider"])
+    decoded = np.stack([clf.decode_image(p) for p in payloads])
+    engine = [time_engine(clf, decoded[:1], args.engine_seconds),
+              time_engine(clf, decoded[: args.max_batch_size], args.engine_seconds)]  # fmt: skip
+    decode = decode_ms(clf, payloads)
+    del clf  # the service gets the CPU to itself (with the load generator)
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "vit_consumer", "--model", args.model, "--providers", "CPUExecutionProvider",
+           "serve", "--port", str(port), "--max-batch-size", str(args.max_batch_size),
+           "--max-queue-delay-ms", str(args.max_queue_delay_ms)]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    levels = []
+    try:
+        wait_ready(url, proc)
+        requests = [request_bytes(port, p) for p in payloads]
+        for clients in (int(c) for c in args.clients.split(",")):
+            cpu0 = cpu_seconds(proc.pid)
+            level = asyncio.run(load_level(port, requests, clients, args.seconds, args.max_requests))
+            level["service_cpu_cores"] = (cpu_seconds(proc.pid) - cpu0) / level["seconds"]  # includes warm-up
+            levels.append(level)
+            print(f"{clients} clients: {level['req_per_s']:.0f} req/s, p50 {level['p50_ms']:.1f} ms, "
+                  f"p99 {level['p99_ms']:.1f} ms", file=sys.stderr)  # fmt: skip
+        with urllib.request.urlopen(f"{url}/metrics", timeout=5) as resp:
+            metrics = resp.read().decode()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    top, one = levels[-1], levels[0]
+    ratios = [
+        f"service at {top['clients']} clients / engine at batch {engine[1]['batch']}: "
+        f"{top['req_per_s'] / engine[1]['images_per_s']:.2f}x ({top['req_per_s']:.0f} vs "
+        f"{engine[1]['images_per_s']:.0f} img/s)",
+        f"p99 at {top['clients']} clients: {top['p99_ms']:.1f} ms",
+        f"p50 at {one['clients']} client - (engine batch-1 p50 + decode): "
+        f"{one['p50_ms'] - engine[0]['p50_ms'] - decode:+.2f} ms "
+        f"({one['p50_ms']:.2f} vs {engine[0]['p50_ms']:.2f} + {decode:.3f})",
+    ]
+    batch_sum = next((float(line.split()[-1]) for line in metrics.splitlines()
+                      if line.startswith("vit_consumer_batch_size_sum")), 0.0)  # fmt: skip
+    batch_count = next((float(line.split()[-1]) for line in metrics.splitlines()
+                        if line.startswith("vit_consumer_batch_size_count")), 0.0)  # fmt: skip
+    report = {"environment": environment(), "model": args.model, "images": len(payloads),
+              "settings": {"max_batch_size": args.max_batch_size, "max_queue_delay_ms": args.max_queue_delay_ms,
+                           "seconds": args.seconds, "command": " ".join(sys.argv)},
+              "engine": engine, "decode_ms": decode, "service": levels, "ratios": ratios,
+              "mean_batch_size": batch_sum / max(batch_count, 1)}  # fmt: skip
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(report, indent=1))
+    print(markdown(report))
+    print(f"mean batch size over the run: {report['mean_batch_size']:.1f}; wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,349 @@
+"""The consumer as an inference server: real uvicorn processes on free loopback ports.
+
+Dynamic batching (asserted on the batch-size metric, results equal to unbatched
+inference), 503 on a full queue, 504 on timeouts, health, metrics, OpenAPI, each
+hardening rule, bounded memory under concurrent large requests, and champion
+reload against a real ``mlflow server``.
+"""
+
+import base64
+import io
+import json
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.code.test_consumer import no_tf_env  # noqa: F401  (fixture)
+from tests.conftest import constant_classifier, free_port, stop, wait_for_http
+
+pytestmark = pytest.mark.integration
+
+
+def _jpeg(image: np.ndarray, quality: int = 95) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
+
+
+def _serve(model: str, env: dict, *options: str, tracking_uri: str | None = None):
+    port = free_port()
+    cmd = [sys.executable, "-m", "vit_consumer", "--model", model]
+    if tracking_uri:
+        cmd += ["--tracking-uri", tracking_uri]
+    proc = subprocess.Popen([*cmd, "serve", "--port", str(port), *options], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    wait_for_http(f"{url}/health/ready", proc, timeout=120)
+    return proc, url
+
+
+def _metric(url: str, name: str, labels: str = "") -> float:
+    text = httpx.get(f"{url}/metrics").text
+    for line in text.splitlines():
+        if line.startswith(f"{name}{labels} ") or (not labels and line.startswith(f"{name} ")):
+            return float(line.split()[-1])
+    return 0.0
+
+
+@pytest.fixture(scope="module")
+def batching_server(tiny_export, no_tf_env):  # noqa: F811
+    _, path, _ = tiny_export
+    proc, url = _serve(str(path), no_tf_env, "--max-batch-size", "16", "--max-queue-delay-ms", "30")
+    yield url
+    stop(proc)
+
+
+def test_concurrent_requests_share_batches_and_get_their_own_rows(batching_server, tiny_export, real_cut):
+    from vit_consumer import OnnxClassifier
+
+    _, path, _ = tiny_export
+    images = real_cut[2][:48]
+    bodies = [_jpeg(im) for im in images]
+    with ThreadPoolExecutor(24) as pool:
+        answers = list(pool.map(lambda b: httpx.post(f"{batching_server}/predict?top_k=3", content=b,
+                                                     headers={"Content-Type": "image/jpeg"}, timeout=60), bodies))  # fmt: skip
+    assert all(a.status_code == 200 for a in answers), [a.text for a in answers if a.status_code != 200]
+    # The same images one by one, unbatched, in this process.
+    clf = OnnxClassifier(path, ["CPUExecutionProvider"])
+    for body, answer in zip(bodies, answers, strict=True):
+        (expected,) = clf.predict(clf.decode_image(body)[None], 3)
+        got = answer.json()["predictions"][0]
+        assert [p["index"] for p in got] == [p["index"] for p in expected]
+        np.testing.assert_allclose(
+            [p["probability"] for p in got], [p["probability"] for p in expected], atol=1e-5
+        )
+    batches = _metric(batching_server, "vit_consumer_batches_total")
+    images_run = _metric(batching_server, "vit_consumer_inferences_total")
+    singles = _metric(batching_server, "vit_consumer_batch_size_bucket", '{le="1.0"}')
+    assert images_run >= 48 and batches < images_run and singles < batches  # batches of more than one image
+    assert _metric(batching_server, "vit_consumer_requests_total", '{code="200"}') >= 48
+
+
+def test_health_metrics_and_openapi(batching_server):
+    assert httpx.get(f"{batching_server}/health/live").json() == {"status": "live"}
+    assert httpx.get(f"{batching_server}/health/ready").status_code == 200
+    health = httpx.get(f"{batching_server}/health").json()
+    assert health["status"] == "ok" and health["input"]["shape"] == ["batch", 32, 32, 3]
+    text = httpx.get(f"{batching_server}/metrics").text
+    for name in ("vit_consumer_request_latency_seconds_bucket", "vit_consumer_queue_wait_seconds_bucket",
+                 "vit_consumer_batch_size_bucket", "vit_consumer_model_info", "vit_consumer_ready 1.0"):  # fmt: skip
+        assert name in text, name
+    spec = httpx.get(f"{batching_server}/openapi.json").json()["paths"]["/predict"]["post"]
+    assert set(spec["requestBody"]["content"]) == {
+        "image/png",
+        "image/jpeg",
+        "application/json",
+        "application/x-npy",
+    }
+    assert "predictions" in json.dumps(spec["responses"]["200"]) or spec["responses"]["200"]["content"]
+    assert {"400", "413", "415", "503", "504"} <= set(spec["responses"])
+
+
+def test_full_queue_gets_503_with_retry_after(tiny_export, no_tf_env):  # noqa: F811
+    _, path, _ = tiny_export
+    proc, url = _serve(str(path), no_tf_env, "--max-queue", "1", "--max-batch-size", "1")
+    try:
+        body = _npy(np.zeros((512, 32, 32, 3), np.uint8))  # each request is a long session.run
+        with ThreadPoolExecutor(12) as pool:
+            answers = list(pool.map(lambda _: httpx.post(f"{url}/predict", content=body, timeout=120,
+                                                         headers={"Content-Type": "application/x-npy"}), range(12)))  # fmt: skip
+        codes = sorted(a.status_code for a in answers)
+        assert 200 in codes and 503 in codes, codes
+        busy = next(a for a in answers if a.status_code == 503)
+        assert busy.headers["Retry-After"] == "1" and busy.json()["detail"].startswith("Busy")
+        assert httpx.get(f"{url}/health/live").status_code == 200  # still up
+    finally:
+        stop(proc)
+
+
+def test_request_timeout_gets_504(tiny_export, no_tf_env):  # noqa: F811
+    _, path, _ = tiny_export
+    proc, url = _serve(str(path), no_tf_env, "--timeout", "0.001")
+    try:
+        resp = httpx.post(f"{url}/predict", content=_npy(np.zeros((256, 32, 32, 3), np.uint8)),
+                          headers={"Content-Type": "application/x-npy"}, timeout=60)  # fmt: skip
+        assert resp.status_code == 504 and "Not answered within" in resp.json()["detail"]
+        assert _metric(url, "vit_consumer_requests_total", '{code="504"}') == 1
+    finally:
+        stop(proc)
+
+
+@pytest.fixture(scope="module")
+def strict_server(tiny_export, no_tf_env):  # noqa: F811
+    _, path, _ = tiny_export
+    proc, url = _serve(str(path), no_tf_env, "--pixel-budget", "1000000", "--max-bytes", "3000000")
+    yield url
+    stop(proc)
+
+
+def _png(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_deeply_nested_json_is_a_400_and_the_connection_survives(strict_server):
+    with httpx.Client(base_url=strict_server, timeout=30) as client:  # one keep-alive connection
+        deep = b"[" * 100_000 + b"]" * 100_000
+        resp = client.post("/predict", content=deep, headers={"Content-Type": "application/json"})
+        assert resp.status_code == 400 and "nested 100000 levels deep" in resp.json()["detail"]
+        ok = client.post("/predict", content=_png(np.zeros((32, 32, 3), np.uint8)),
+                         headers={"Content-Type": "image/png"})  # fmt: skip
+        assert ok.status_code == 200
+
+
+def test_pixel_budget_counts_all_images_of_a_request(strict_server):
+    big = _png(np.zeros((800, 800, 3), np.uint8))  # 0.64 MP each; the budget is 1 MP
+    one = json.dumps({"images_b64": [base64.b64encode(big).decode()]}).encode()
+    two = json.dumps({"images_b64": [base64.b64encode(big).decode()] * 2}).encode()
+    assert httpx.post(f"{strict_server}/predict", content=one, headers={"Content-Type": "application/json"},
+                      timeout=30).status_code == 200  # fmt: skip
+    resp = httpx.post(
+        f"{strict_server}/predict", content=two, headers={"Content-Type": "application/json"}, timeout=30
+    )
+    assert resp.status_code == 413 and "more than 1000000 pixels together" in resp.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "query", "status", "message"),
+    [
+        (b"[" * 9 + b"]" * 9, "application/json", "", 400, "nested 9 levels deep"),
+        (b"[" + b"0," * 1_200_000 + b"0]", "application/json", "", 413, "values; at most"),
+        (json.dumps({"images_b64": ["@@not base64@@"]}).encode(), "application/json", "", 400, "base64"),
+        (json.dumps({"instances": [[1, 2], [3]]}).encode(), "application/json", "", 400, "equal-length rows"),
+        (json.dumps({"other": 1}).encode(), "application/json", "", 400, "Expected JSON"),
+        (b"GIF89a" + b"\0" * 20, "image/png", "", 400, "Could not decode"),
+        (b"x", "image/png", "?top_k=abc", 400, "top_k"),
+        (b"x", "image/png", "?top_k=0", 400, "top_k"),
+        (b"x" * 3_000_001, "image/png", "", 413, "exceeds the limit"),
+        (b"x", "text/html", "", 415, "Unsupported Content-Type"),
+    ],
+)
+def test_each_malformed_request_gets_a_4xx_with_one_plain_line(strict_server, body, content_type, query, status,
+                                                                 message):  # fmt: skip
+    resp = httpx.post(f"{strict_server}/predict{query}", content=body, headers={"Content-Type": content_type},
+                      timeout=60)  # fmt: skip
+    assert resp.status_code == status, resp.text
+    detail = resp.json()["detail"]
+    assert message in detail and "\n" not in detail
+    assert " at 0x" not in detail and "object>" not in detail  # no Python object reprs
+    assert httpx.get(f"{strict_server}/health/live").status_code == 200
+
+
+def test_memory_stays_bounded_under_16_clients_with_the_largest_requests(tiny_export, no_tf_env):  # noqa: F811
+    """16 clients send the largest allowed requests at once; the service's RSS stays within its budget.
+
+    Budget: request bodies in flight (``--max-inflight-bytes``) plus, per decode
+    thread (2), a decoded image budget in RGB, its resized copy and the model
+    input; plus 64 MiB for buffers the allocator keeps. Measured: peak RSS minus
+    the RSS after warm-up.
+    """
+    import psutil
+
+    _, path, _ = tiny_export
+    max_bytes, inflight, pixels = 2 * 2**20, 8 * 2**20, 1_500_000
+    proc, url = _serve(str(path), no_tf_env, "--max-bytes", str(max_bytes), "--max-inflight-bytes", str(inflight),
+                       "--pixel-budget", str(pixels))  # fmt: skip
+    try:
+        rng = np.random.default_rng(0)
+        noise = _jpeg(rng.integers(0, 256, (1200, 1200, 3), dtype=np.uint8), quality=70)  # 1.44 MP
+        assert len(noise) < max_bytes
+        service = psutil.Process(proc.pid)
+        httpx.post(f"{url}/predict", content=noise, headers={"Content-Type": "image/jpeg"}, timeout=60)
+        base = service.memory_info().rss
+        peak, done = [base], threading.Event()
+
+        def sample():
+            while not done.is_set():
+                peak.append(service.memory_info().rss)
+                time.sleep(0.005)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+
+        def client(_):
+            codes = []
+            with httpx.Client(timeout=120) as c:
+                for _ in range(6):
+                    codes.append(c.post(f"{url}/predict", content=noise,
+                                        headers={"Content-Type": "image/jpeg"}).status_code)  # fmt: skip
+            return codes
+
+        with ThreadPoolExecutor(16) as pool:
+            codes = [c for cs in pool.map(client, range(16)) for c in cs]
+        done.set()
+        sampler.join()
+        assert set(codes) <= {200, 503} and codes.count(200) >= 16, codes
+        budget = inflight + 2 * pixels * (3 + 3 + 4) + 64 * 2**20
+        growth = max(peak) - base
+        print(
+            f"peak RSS growth {growth / 2**20:.1f} MiB, budget {budget / 2**20:.1f} MiB, {codes.count(503)} x 503"
+        )
+        assert growth < budget
+    finally:
+        stop(proc)
+
+
+# ---- champion reload against a real mlflow server ----
+
+
+def test_reload_follows_the_champion_and_refuses_a_broken_version(tiny_export, no_tf_env, tmp_path):  # noqa: F811
+    import mlflow
+    import mlflow.onnx
+    import onnx
+    from mlflow import MlflowClient
+
+    _, path, _ = tiny_export
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--artifacts-destination",
+         str(tmp_path / "art"), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    consumer = None
+    try:
+        wait_for_http(f"{uri}/health", server, timeout=90)
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+        client = MlflowClient(uri)
+        exp = client.create_experiment("serving")
+
+        def register(onnx_path) -> str:
+            run = client.create_run(exp)
+            info = mlflow.onnx.log_model(onnx.load(str(onnx_path)), name="m", registered_model_name="served",
+                                         run_id=run.info.run_id, save_as_external_data=False)  # fmt: skip
+            return str(info.registered_model_version)
+
+        client.set_registered_model_alias("served", "champion", register(path))
+        consumer, url = _serve(
+            "models:/served@champion", no_tf_env, "--reload-seconds", "0.3", tracking_uri=uri
+        )
+        assert httpx.get(f"{url}/health").json()["version"] == "1"
+        favoured = 42
+        v2 = register(constant_classifier(tmp_path / "const.onnx", 100, favoured))
+        image = _jpeg(np.zeros((32, 32, 3), np.uint8))
+        answers, stop_load = [], threading.Event()
+
+        def load():  # requests keep coming while the alias moves
+            with httpx.Client(timeout=60) as c:
+                while not stop_load.is_set():
+                    answers.append(
+                        c.post(f"{url}/predict", content=image, headers={"Content-Type": "image/jpeg"})
+                    )
+
+        loader = threading.Thread(target=load)
+        loader.start()
+        client.set_registered_model_alias("served", "champion", v2)
+        deadline = time.monotonic() + 60
+        while httpx.get(f"{url}/health").json()["version"] != v2:
+            assert time.monotonic() < deadline, "the service never switched to v2"
+            time.sleep(0.1)
+        time.sleep(0.3)
+        stop_load.set()
+        loader.join()
+        assert answers and all(a.status_code == 200 for a in answers)
+        versions = [a.json()["version"] for a in answers]
+        assert set(versions) == {"1", "2"} or versions[-1] == "2"
+        for a in answers:  # each answer comes from the model of the version it names
+            if a.json()["version"] == "2":
+                assert a.json()["predictions"][0][0]["index"] == favoured
+        assert _metric(url, "vit_consumer_reloads_total", '{result="ok"}') == 1
+        assert (
+            f'vit_consumer_model_info{{source="models:/served@champion",version="{v2}"}} 1.0'
+            in httpx.get(f"{url}/metrics").text
+        )
+
+        # A broken version: registered, made champion, never served.
+        run = client.create_run(exp)
+        broken = tmp_path / "broken"
+        broken.mkdir()
+        (broken / "model.onnx").write_bytes(b"not an onnx file")
+        client.log_artifacts(run.info.run_id, str(broken), "broken")
+        v3 = client.create_model_version("served", f"runs:/{run.info.run_id}/broken", run.info.run_id).version
+        client.set_registered_model_alias("served", "champion", str(v3))
+        deadline = time.monotonic() + 60
+        while _metric(url, "vit_consumer_reloads_total", '{result="failed"}') < 1:
+            assert time.monotonic() < deadline, "the broken version was never tried"
+            time.sleep(0.1)
+        assert httpx.get(f"{url}/health").json()["version"] == v2
+        ok = httpx.post(f"{url}/predict", content=image, headers={"Content-Type": "image/jpeg"}, timeout=30)
+        assert ok.status_code == 200 and ok.json()["version"] == v2
+    finally:
+        if consumer is not None:
+            stop(consumer)
+        stop(server)
