@@ -48,7 +48,7 @@ def _is_local(uri: str) -> bool:
 
 
 def client(cfg: PipelineConfig | None = None):
-    """An MlflowClient for the configured store; also sets the global tracking URI."""
+    """An MlflowClient for the configured store; also sets the global tracking and registry URIs."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -56,7 +56,9 @@ def client(cfg: PipelineConfig | None = None):
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
-    return MlflowClient(tracking_uri=uri)
+    # The registry lives in the same store; a registry URI set elsewhere in the process must not win.
+    mlflow.set_registry_uri(uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def experiment_id(cfg: PipelineConfig) -> str:

@@ -198,7 +198,9 @@ class OnnxClassifier:
             return out
         except InputError:
             raise
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        except UnidentifiedImageError as exc:
+            raise InputError("Could not decode the image: not a PNG or JPEG file") from exc
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
             raise InputError(f"Could not decode the image: {_plain(exc)}") from exc
         finally:
             for img in opened:
@@ -268,4 +270,4 @@ def _plain(exc: BaseException) -> str:
     import re
 
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return re.sub(r"<[^<>]* at 0x[0-9a-f]+>", "<object>", text)[:300]
+    return re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", text)[:300]
