@@ -133,6 +133,16 @@ async def load_level(
             "loadgen_cpu_cores": (time.process_time() - cpu0) / wall}  # fmt: skip
 
 
+def batch_stats(url: str) -> tuple[float, float]:
+    """(images run, session.run calls) so far, from the service's /metrics."""
+    with urllib.request.urlopen(f"{url}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    values = {
+        line.split()[0]: float(line.split()[-1]) for line in text.splitlines() if line and line[0] != "#"
+    }
+    return values.get("vit_consumer_batch_size_sum", 0.0), values.get("vit_consumer_batch_size_count", 0.0)
+
+
 def cpu_seconds(pid: int) -> float:
     import psutil
 
@@ -177,11 +187,11 @@ def environment() -> dict:
 
 def markdown(report: dict) -> str:
     e1, eb = report["engine"]
-    lines = ["| clients | req/s | p50 ms | p90 ms | p99 ms | errors | load generator CPU (cores) | service CPU (cores) |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| clients | req/s | p50 ms | p90 ms | p99 ms | mean batch | errors | load generator CPU (cores) | "
+             "service CPU (cores) |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in report["service"]:
         lines.append(f"| {r['clients']} | {r['req_per_s']:.0f} | {r['p50_ms']:.1f} | {r['p90_ms']:.1f} | "
-                     f"{r['p99_ms']:.1f} | {r['errors']} | {r['loadgen_cpu_cores']:.2f} | "
+                     f"{r['p99_ms']:.1f} | {r['mean_batch_size']:.1f} | {r['errors']} | {r['loadgen_cpu_cores']:.2f} | "
                      f"{r['service_cpu_cores']:.2f} |")  # fmt: skip
     lines += ["", f"Engine alone: {e1['images_per_s']:.0f} img/s at batch 1 (p50 {e1['p50_ms']:.2f} ms), "
               f"{eb['images_per_s']:.0f} img/s at batch {eb['batch']}; JPEG decode {report['decode_ms']:.3f} ms/image.",
@@ -204,6 +214,8 @@ def main() -> int:
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--max-queue-delay-ms", type=float, default=2.0)
     parser.add_argument("--engine-seconds", type=float, default=5.0)
+    parser.add_argument("--serve-option", action="append", default=[],
+                        help="extra option for `serve`, e.g. --serve-option=--decode-threads=1 (repeatable)")  # fmt: skip
     parser.add_argument("--output", default="deploy/consumer/bench.json")
     args = parser.parse_args()
 
@@ -221,21 +233,21 @@ def main() -> int:
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "vit_consumer", "--model", args.model, "--providers", "CPUExecutionProvider",
            "serve", "--port", str(port), "--max-batch-size", str(args.max_batch_size),
-           "--max-queue-delay-ms", str(args.max_queue_delay_ms)]  # fmt: skip
+           "--max-queue-delay-ms", str(args.max_queue_delay_ms), *args.serve_option]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     levels = []
     try:
         wait_ready(url, proc)
         requests = [request_bytes(port, p) for p in payloads]
         for clients in (int(c) for c in args.clients.split(",")):
-            cpu0 = cpu_seconds(proc.pid)
+            cpu0, batches0 = cpu_seconds(proc.pid), batch_stats(url)
             level = asyncio.run(load_level(port, requests, clients, args.seconds, args.max_requests))
             level["service_cpu_cores"] = (cpu_seconds(proc.pid) - cpu0) / level["seconds"]  # includes warm-up
+            batches1 = batch_stats(url)
+            level["mean_batch_size"] = (batches1[0] - batches0[0]) / max(batches1[1] - batches0[1], 1)
             levels.append(level)
             print(f"{clients} clients: {level['req_per_s']:.0f} req/s, p50 {level['p50_ms']:.1f} ms, "
                   f"p99 {level['p99_ms']:.1f} ms", file=sys.stderr)  # fmt: skip
-        with urllib.request.urlopen(f"{url}/metrics", timeout=5) as resp:
-            metrics = resp.read().decode()
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -249,19 +261,14 @@ def main() -> int:
         f"{one['p50_ms'] - engine[0]['p50_ms'] - decode:+.2f} ms "
         f"({one['p50_ms']:.2f} vs {engine[0]['p50_ms']:.2f} + {decode:.3f})",
     ]
-    batch_sum = next((float(line.split()[-1]) for line in metrics.splitlines()
-                      if line.startswith("vit_consumer_batch_size_sum")), 0.0)  # fmt: skip
-    batch_count = next((float(line.split()[-1]) for line in metrics.splitlines()
-                        if line.startswith("vit_consumer_batch_size_count")), 0.0)  # fmt: skip
     report = {"environment": environment(), "model": args.model, "images": len(payloads),
               "settings": {"max_batch_size": args.max_batch_size, "max_queue_delay_ms": args.max_queue_delay_ms,
                            "seconds": args.seconds, "command": " ".join(sys.argv)},
-              "engine": engine, "decode_ms": decode, "service": levels, "ratios": ratios,
-              "mean_batch_size": batch_sum / max(batch_count, 1)}  # fmt: skip
+              "engine": engine, "decode_ms": decode, "service": levels, "ratios": ratios}  # fmt: skip
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(report, indent=1))
     print(markdown(report))
-    print(f"mean batch size over the run: {report['mean_batch_size']:.1f}; wrote {args.output}")
+    print(f"wrote {args.output}")
     return 0
 
 

@@ -39,6 +39,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="decoded pixels of all images of one request together")  # fmt: skip
     serve.add_argument("--reload-seconds", type=float, default=0.0,
                        help="check a models:/name@alias source this often and switch to new versions (0: off)")  # fmt: skip
+    serve.add_argument("--decode-threads", type=int, default=defaults.decode_threads,
+                       help="threads that read and decode request bodies")  # fmt: skip
+    serve.add_argument("--spin", action="store_true",
+                       help="let ONNX Runtime's threads spin between runs (off: the CPU goes to HTTP and decoding)")  # fmt: skip
     predict = sub.add_parser("predict", help="classify image files")
     predict.add_argument("images", nargs="+", type=Path)
     predict.add_argument("--top-k", type=int, default=5)
@@ -49,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     providers = args.providers.split(",") if args.providers else None
     try:
-        clf = OnnxClassifier.from_uri(args.model, args.tracking_uri, providers)
+        # The service keeps ONNX Runtime's threads from spinning (see Settings.spin); one-off predictions may.
+        spin = args.command != "serve" or args.spin
+        clf = OnnxClassifier.from_uri(args.model, args.tracking_uri, providers, spin=spin)
         if args.command == "serve":
             import uvicorn
 
@@ -60,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
                 max_batch_size=args.max_batch_size, max_queue_delay_ms=args.max_queue_delay_ms,
                 max_queue=args.max_queue, timeout_s=args.timeout, pixel_budget=args.pixel_budget,
                 reload_seconds=args.reload_seconds, tracking_uri=args.tracking_uri,
-                providers=tuple(providers) if providers else None,
+                providers=tuple(providers) if providers else None, spin=args.spin,
+                decode_threads=args.decode_threads,
             )  # fmt: skip
             logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
             print(f"Serving {clf.source} (version {clf.version}) on {clf.providers_used}", file=sys.stderr)

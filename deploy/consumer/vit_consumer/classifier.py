@@ -117,6 +117,7 @@ class OnnxClassifier:
         providers: list[str] | None = None,
         source: str | None = None,
         version: str | None = None,
+        spin: bool = True,
     ):
         import onnxruntime as ort
 
@@ -124,8 +125,12 @@ class OnnxClassifier:
         self.source = source or str(path)
         self.version = version  # the registry version, for models:/ sources
         requested = providers or _default_providers()
+        options = ort.SessionOptions()
+        # ONNX Runtime's worker threads spin between runs by default: fastest for
+        # back-to-back calls, but a server needs those cycles for HTTP and decoding.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         try:
-            self.session = ort.InferenceSession(str(self.path), providers=requested)
+            self.session = ort.InferenceSession(str(self.path), options, providers=requested)
         except Exception as exc:  # onnxruntime raises untyped errors for bad files
             raise InputError(f"Not a loadable ONNX model: {self.path} ({exc})") from exc
         self.providers_requested = requested
@@ -146,7 +151,8 @@ class OnnxClassifier:
         self.input_shape = tuple(int(d) for d in inp.shape[1:])  # (H, W, C)
 
     @classmethod
-    def from_uri(cls, uri: str, tracking_uri: str | None = None, providers: list[str] | None = None):
+    def from_uri(cls, uri: str, tracking_uri: str | None = None, providers: list[str] | None = None,
+                 spin: bool = True):  # fmt: skip
         """Loads a file, or a registry URI; ``models:/name@alias`` is pinned to its current version."""
         version = None
         target = registry_target(uri)
@@ -155,7 +161,7 @@ class OnnxClassifier:
             path = resolve_model(f"models:/{target[0]}/{version}", tracking_uri)
         else:
             path = resolve_model(uri, tracking_uri)
-        return cls(path, providers, source=uri, version=version)
+        return cls(path, providers, source=uri, version=version, spin=spin)
 
     def warm_up(self, batch_sizes: tuple[int, ...] = (1,)) -> None:
         """Runs zero images through the graph once per batch size (first-run allocations, kernel picks)."""

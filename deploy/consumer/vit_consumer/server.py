@@ -275,7 +275,9 @@ class Service:
         def load() -> OnnxClassifier:
             path = resolve_model(f"models:/{name}/{version}", self.settings.tracking_uri)
             providers = list(self.settings.providers) if self.settings.providers else None
-            return self.warm(OnnxClassifier(path, providers, source=source, version=version))
+            return self.warm(
+                OnnxClassifier(path, providers, source=source, version=version, spin=self.settings.spin)
+            )
 
         started = time.perf_counter()
         try:
@@ -418,5 +420,6 @@ def app_from_env() -> FastAPI:
     """For ``uvicorn vit_consumer.server:app_from_env --factory``: reads VIT_MODEL_URI."""
     uri = os.environ["VIT_MODEL_URI"]
     tracking = os.environ.get("MLFLOW_TRACKING_URI")
-    classifier = OnnxClassifier.from_uri(uri, tracking)
-    return create_app(classifier, settings_from_env(tracking_uri=tracking))
+    settings = settings_from_env(tracking_uri=tracking)
+    classifier = OnnxClassifier.from_uri(uri, tracking, spin=settings.spin)
+    return create_app(classifier, settings)

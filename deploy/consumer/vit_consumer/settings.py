@@ -28,6 +28,8 @@ class Settings:
     max_json_depth: int = 8
     max_json_numbers: int = 1_048_576
     decode_threads: int = 2
+    # ONNX Runtime threads spinning between runs take the CPU the event loop and decoding need.
+    spin: bool = False
     reload_seconds: float = 0.0
     tracking_uri: str | None = None
     providers: tuple[str, ...] | None = None
