@@ -240,3 +240,49 @@ def real_images(n: int) -> np.ndarray:
     from vit_pipeline.data import read_cifar100
 
     return read_cifar100(CIFAR_CUT)[2][:n]
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """One real ``mlflow server`` (SQLite store, proxied artifacts) shared by the HTTP tests.
+
+    Tests sharing it use their own registered model and experiment names.
+    """
+    import subprocess
+    import sys
+
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "art"),
+         "--workers", "2"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    wait_for_http(f"{url}/health", proc, timeout=90)
+    yield url
+    stop(proc)
+
+
+BLOCKED = ("tensorflow", "keras", "tf2onnx", "tf_keras")
+
+
+@pytest.fixture(scope="session")
+def no_tf_env(tmp_path_factory):
+    """Environment whose Python cannot import TensorFlow, Keras or tf2onnx."""
+    import subprocess
+    import sys
+
+    root = tmp_path_factory.mktemp("no_tf")
+    for name in BLOCKED:
+        (root / name).mkdir()
+        (root / name / "__init__.py").write_text(
+            f"raise ImportError('{name} is blocked in the consumer test')\n"
+        )
+    env = {**os.environ, "PYTHONPATH": str(root), "PYTHONUNBUFFERED": "1"}
+    check = subprocess.run(
+        [sys.executable, "-c", "import tensorflow"], env=env, capture_output=True, text=True
+    )
+    assert check.returncode != 0 and "tensorflow is blocked" in check.stderr
+    return env

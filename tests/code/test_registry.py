@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import constant_classifier, free_port, labelled_split, stop, wait_for_http
+from tests.conftest import constant_classifier, free_port, labelled_split
 from vit_pipeline import tracking
 from vit_pipeline.config import make_config
 from vit_pipeline.registry import CHAMPION, RegistryError, register_onnx
@@ -179,22 +179,6 @@ class FaultyProxy:
         self.server.shutdown()
 
 
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "art"),
-         "--workers", "2"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    wait_for_http(f"{url}/health", proc, timeout=90)
-    yield url
-    stop(proc)
-
-
 def test_server_failing_during_the_champion_read_promotes_nothing(mlflow_server, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     proxy = FaultyProxy(mlflow_server)
@@ -265,7 +249,7 @@ def race(
 
 
 def test_concurrent_registrations_leave_the_best_champion(mlflow_server, tmp_path):
-    """Three processes register at the same moment, three rounds: the champion is always the best so far."""
+    """Three processes register at the same moment, two rounds: the champion is always the best so far."""
     split = labelled_split(COUNTS)
     split_path = tmp_path / "split.npz"
     import numpy as np
@@ -275,7 +259,7 @@ def test_concurrent_registrations_leave_the_best_champion(mlflow_server, tmp_pat
     env = {**os.environ, "VIT_PIPELINE_HOME": str(home), "PYTHONPATH": str(Path(__file__).parents[2])}
     env.pop("PREFECT_API_URL", None)
     name, seen = "race", []
-    for favoured in ([0, 1, 2], [1, 3, 0], [2, 1, 3]):
+    for favoured in ([0, 2, 1], [1, 3, 2]):
         results = race(mlflow_server, name, favoured, split_path, tmp_path, lambda i: env)
         seen += [(COUNTS[r["favoured"]], r["version"]) for r in results]
         client = tracking.client(make_config("cifar100", {"tracking_uri": mlflow_server}))
@@ -285,4 +269,4 @@ def test_concurrent_registrations_leave_the_best_champion(mlflow_server, tmp_pat
         # Each decision was taken against the champion of its moment: promotions never go down.
         promoted = sorted((int(r["version"]), COUNTS[r["favoured"]]) for r in results if r["promoted"])
         assert [acc for _, acc in promoted] == sorted(acc for _, acc in promoted)
-    assert len(client.search_model_versions(f"name = '{name}'")) == 9
+    assert len(client.search_model_versions(f"name = '{name}'")) == 6

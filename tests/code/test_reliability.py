@@ -100,12 +100,8 @@ def test_sigkill_mid_training_then_resume(tmp_path):
     assert run.data.metrics["best_epoch"] == best["epoch"] + 1
     assert run.data.metrics["best_val_accuracy"] == pytest.approx(best["value"])
 
-    # Resumed once more (e.g. a retried flow run): nothing is trained or registered again.
-    again = subprocess.run(resume, env=env, capture_output=True, text=True, timeout=400)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert json.loads(again.stdout[again.stdout.index("{") :])["registry"]["version"] == "1"
+    # (A second resume of the same run reuses that version: tests/code/test_registry.py::test_a_run_registers_once.)
     assert len(client.search_model_versions("name = 'vit-digits'")) == 1
-    assert client.get_run(run_id).info.status == "FINISHED"
 
 
 def test_resume_refuses_a_different_config(tmp_path):

@@ -20,7 +20,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.code.test_consumer import no_tf_env  # noqa: F401  (fixture)
 from tests.conftest import constant_classifier, free_port, stop, wait_for_http
 
 pytestmark = pytest.mark.integration
@@ -59,7 +58,7 @@ def _metric(url: str, name: str, labels: str = "") -> float:
 
 
 @pytest.fixture(scope="module")
-def batching_server(tiny_export, no_tf_env):  # noqa: F811
+def batching_server(tiny_export, no_tf_env):
     _, path, _ = tiny_export
     proc, url = _serve(str(path), no_tf_env, "--max-batch-size", "16", "--max-queue-delay-ms", "30")
     yield url
@@ -112,7 +111,7 @@ def test_health_metrics_and_openapi(batching_server):
     assert {"400", "413", "415", "503", "504"} <= set(spec["responses"])
 
 
-def test_full_queue_gets_503_with_retry_after(tiny_export, no_tf_env):  # noqa: F811
+def test_full_queue_gets_503_with_retry_after(tiny_export, no_tf_env):
     _, path, _ = tiny_export
     proc, url = _serve(str(path), no_tf_env, "--max-queue", "1", "--max-batch-size", "1")
     try:
@@ -129,7 +128,7 @@ def test_full_queue_gets_503_with_retry_after(tiny_export, no_tf_env):  # noqa: 
         stop(proc)
 
 
-def test_request_timeout_gets_504(tiny_export, no_tf_env):  # noqa: F811
+def test_request_timeout_gets_504(tiny_export, no_tf_env):
     _, path, _ = tiny_export
     proc, url = _serve(str(path), no_tf_env, "--timeout", "0.001")
     try:
@@ -142,7 +141,7 @@ def test_request_timeout_gets_504(tiny_export, no_tf_env):  # noqa: F811
 
 
 @pytest.fixture(scope="module")
-def strict_server(tiny_export, no_tf_env):  # noqa: F811
+def strict_server(tiny_export, no_tf_env):
     _, path, _ = tiny_export
     proc, url = _serve(str(path), no_tf_env, "--pixel-budget", "1000000", "--max-bytes", "3000000")
     yield url
@@ -203,7 +202,7 @@ def test_each_malformed_request_gets_a_4xx_with_one_plain_line(strict_server, bo
     assert httpx.get(f"{strict_server}/health/live").status_code == 200
 
 
-def test_memory_stays_bounded_under_16_clients_with_the_largest_requests(tiny_export, no_tf_env):  # noqa: F811
+def test_memory_stays_bounded_under_16_clients_with_the_largest_requests(tiny_export, no_tf_env):
     """16 clients send the largest allowed requests at once; the service's RSS stays within its budget.
 
     Budget: request bodies in flight (``--max-inflight-bytes``) plus, per decode
@@ -260,24 +259,18 @@ def test_memory_stays_bounded_under_16_clients_with_the_largest_requests(tiny_ex
 # ---- champion reload against a real mlflow server ----
 
 
-def test_reload_follows_the_champion_and_refuses_a_broken_version(tiny_export, no_tf_env, tmp_path):  # noqa: F811
+def test_reload_follows_the_champion_and_refuses_a_broken_version(
+    tiny_export, no_tf_env, tmp_path, mlflow_server
+):
     import mlflow
     import mlflow.onnx
     import onnx
     from mlflow import MlflowClient
 
     _, path, _ = tiny_export
-    port = free_port()
-    uri = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--artifacts-destination",
-         str(tmp_path / "art"), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    uri = mlflow_server
     consumer = None
     try:
-        wait_for_http(f"{uri}/health", server, timeout=90)
         mlflow.set_tracking_uri(uri)
         mlflow.set_registry_uri(uri)
         client = MlflowClient(uri)
@@ -346,4 +339,3 @@ def test_reload_follows_the_champion_and_refuses_a_broken_version(tiny_export, n
     finally:
         if consumer is not None:
             stop(consumer)
-        stop(server)

@@ -12,12 +12,18 @@ wait that long for more.
 Each request keeps the engine (model version) it was admitted with: a batch
 never mixes versions, so requests in flight during a reload finish on the
 version they started with.
+
+``run_now`` is the idle fast path: a thread that has just decoded a request runs
+it itself when nothing waits and the engine is free, saving the hand-offs to
+the batcher and the inference thread. One lock keeps ``session.run`` calls one
+at a time, whichever path makes them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -68,6 +74,7 @@ class DynamicBatcher:
         self._carry: _Request | None = None  # the request that started a new engine's batch
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self._task: asyncio.Task | None = None
+        self._engine_lock = threading.Lock()  # one session.run at a time, fast path or batch
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="dynamic-batcher")
@@ -81,6 +88,22 @@ class DynamicBatcher:
 
     def depth(self) -> int:
         return self.queue.qsize() + (self._carry is not None)
+
+    def run_now(self, engine, images: np.ndarray) -> np.ndarray | None:
+        """Logits at once if nothing waits and the engine is idle (any thread); else None: submit it."""
+        if self.depth() or len(images) > self.max_batch_size or not self._engine_lock.acquire(blocking=False):
+            return None
+        try:
+            logits = engine.run(images)
+        finally:
+            self._engine_lock.release()
+        if self.on_batch is not None:
+            self.on_batch(len(images), [0.0])
+        return logits
+
+    def _locked_run(self, engine, images: np.ndarray) -> np.ndarray:
+        with self._engine_lock:
+            return engine.run(images)
 
     async def submit(self, engine, images: np.ndarray) -> np.ndarray:
         """Queues ``images`` for ``engine``; returns their logits (raises ``QueueFull``)."""
@@ -129,7 +152,7 @@ class DynamicBatcher:
             started = time.perf_counter()
             images = np.concatenate([r.images for r in batch]) if len(batch) > 1 else batch[0].images
             try:
-                logits = await loop.run_in_executor(self._executor, batch[0].engine.run, images)
+                logits = await loop.run_in_executor(self._executor, self._locked_run, batch[0].engine, images)
             except Exception as exc:  # one bad batch fails its requests, not the service
                 for r in batch:
                     if not r.future.done():

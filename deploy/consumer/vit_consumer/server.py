@@ -308,12 +308,8 @@ class Service:
             reserved = self._reserve(request.headers.get("content-length"))
             body = await self._read_body(request)
             engine = self.engine  # this request finishes on this version, whatever reloads meanwhile
-            loop = asyncio.get_running_loop()
-            images = await loop.run_in_executor(self.decode_pool, parse_body, engine, content_type, body,
-                                                self.settings)  # fmt: skip
+            logits = await asyncio.wait_for(self._infer(engine, content_type, body), self.settings.timeout_s)
             del body
-            self.metrics.queue_depth.set(self.batcher.depth())
-            logits = await asyncio.wait_for(self.batcher.submit(engine, images), self.settings.timeout_s)
             doc = {"predictions": engine.top_k(logits, top_k), "model": engine.source, "version": engine.version,
                    "providers": engine.providers_used}  # fmt: skip
             return JSONResponse(doc)
@@ -337,6 +333,20 @@ class Service:
             self.admission.give(reserved)
             self.metrics.requests.labels(str(code)).inc()
             self.metrics.latency.observe(time.perf_counter() - started)
+
+    async def _infer(self, engine: OnnxClassifier, content_type: str, body: bytes) -> np.ndarray:
+        """Decodes in the pool; runs there too when the engine is idle, else joins the batcher."""
+
+        def decode_and_maybe_run():
+            images = parse_body(engine, content_type, body, self.settings)
+            return images, self.batcher.run_now(engine, images)
+
+        loop = asyncio.get_running_loop()
+        images, logits = await loop.run_in_executor(self.decode_pool, decode_and_maybe_run)
+        if logits is not None:
+            return logits
+        self.metrics.queue_depth.set(self.batcher.depth())
+        return await self.batcher.submit(engine, images)
 
     def _reserve(self, declared: str | None) -> int:
         """Admits the body's bytes (the declared length, or the limit when unknown) or refuses."""
