@@ -266,7 +266,11 @@ def test_concurrent_registrations_leave_the_best_champion(mlflow_server, tmp_pat
         champion = client.get_model_version_by_alias(name, CHAMPION)
         best = max(acc for acc, _ in seen)
         assert COUNTS[int(champion.tags["favoured"])] == best, (seen, champion.version, results)
-        # Each decision was taken against the champion of its moment: promotions never go down.
-        promoted = sorted((int(r["version"]), COUNTS[r["favoured"]]) for r in results if r["promoted"])
-        assert [acc for _, acc in promoted] == sorted(acc for _, acc in promoted)
+        # Each worker was judged against the champion of its moment (versions are numbered before the lock,
+        # so their order says nothing about the order of decisions): a promoted model was at least as good
+        # as every model of earlier rounds.
+        earlier = [acc for acc, _ in seen[: -len(results)]]
+        for r in results:
+            if r["promoted"] and earlier:
+                assert COUNTS[r["favoured"]] >= max(earlier), (seen, results)
     assert len(client.search_model_versions(f"name = '{name}'")) == 6
