@@ -242,11 +242,16 @@ def _prefect_limit(name: str, timeout: float) -> Iterator[None]:
         yield
         return
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
     from prefect.concurrency.sync import concurrency
+    from prefect.exceptions import ObjectAlreadyExists
 
     limit = f"vit-registry-{name}"
     with get_client(sync_client=True) as client:
-        client.upsert_global_concurrency_limit_by_name(limit, 1)
+        try:  # create-or-accept: registrations racing here would collide in a read-then-create
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=limit, limit=1))
+        except ObjectAlreadyExists:
+            pass
     with concurrency(limit, occupy=1, timeout_seconds=timeout, strict=True):
         yield
 
