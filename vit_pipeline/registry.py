@@ -247,11 +247,9 @@ def _prefect_limit(name: str, timeout: float) -> Iterator[None]:
     from prefect.exceptions import ObjectAlreadyExists
 
     limit = f"vit-registry-{name}"
-    with get_client(sync_client=True) as client:
-        try:  # create-or-accept: registrations racing here would collide in a read-then-create
-            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=limit, limit=1))
-        except ObjectAlreadyExists:
-            pass
+    # Create or accept that it exists: registrations racing here would collide in a read-then-create.
+    with get_client(sync_client=True) as client, contextlib.suppress(ObjectAlreadyExists):
+        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=limit, limit=1))
     with concurrency(limit, occupy=1, timeout_seconds=timeout, strict=True):
         yield
 
