@@ -40,6 +40,8 @@ def services(tmp_path_factory):
         "PREFECT_HOME": str(root / "prefect"),
         "PREFECT_API_URL": f"http://127.0.0.1:{prefect_port}/api",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",  # see tests/conftest.py
+        "PREFECT_WORKER_QUERY_SECONDS": "2",  # default 10: each flow run waited for the next poll
         "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}",
         "VIT_PIPELINE_HOME": str(root / "vit"),
         "VIT_PIPELINE_CHECKOUT": str(REPO),
@@ -159,9 +161,12 @@ def test_flow_resumes_after_the_worker_dies(services):
     env, procs, logs, root = services
     _cli(["work-pool", "create", "vit-pipeline", "--type", "process", "--overwrite"], env)
     _cli(["--no-prompt", "deploy", "--name", "quickstart-smoke"], env)
-    epochs = 25
+    epochs = 10
     overrides = {
         "epochs": epochs,
+        # Short epochs (a fraction of a second): the kill still lands mid-training, the resume is quick.
+        "max_train_images": 300,
+        "max_test_images": 100,
         "benchmark_batch_sizes": [1],
         "benchmark_seconds": 0.05,
         "benchmark_rounds": 1,
@@ -189,8 +194,10 @@ def test_flow_resumes_after_the_worker_dies(services):
                     pass
         time.sleep(0.1)
     assert meta is not None, "training never reached epoch 2"
+    # A worker's machine going down takes its flow runs with it (killed first: the flow run,
+    # in its own session, would train on while the worker shuts down).
+    _kill_flow_runs(root)
     _stop(worker)
-    _kill_flow_runs(root)  # a worker's machine going down takes its flow runs with it
     run_id = meta.parents[1].name
     done = len((meta.parents[1] / "epochs.jsonl").read_text().splitlines())
     assert 2 <= done < epochs
