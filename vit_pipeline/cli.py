@@ -286,7 +286,8 @@ def predict(images: tuple[str, ...], model_uri: str, tracking_uri: str | None, t
               help="Real test images for accuracy: a cifar-100-python dir/.tar.gz or a prepared data.npz.")  # fmt: skip
 @click.option("--eval-images", default=512, show_default=True, type=click.IntRange(1))
 @click.option("--batch-sizes", default="1,8,64,256", show_default=True)
-@click.option("--variants", default="fp32,optimized,int8,fp16", show_default=True)
+@click.option("--variants", default="fp32,optimized,int8,int8-static,fp16", show_default=True,
+              help="int8-static is calibrated on --eval-data's training images; fp16 runs on GPUs only.")  # fmt: skip
 @click.option(
     "--providers", default=None, help="e.g. cpu,cuda,tensorrt (default: every provider this build has)."
 )
@@ -300,20 +301,26 @@ def predict(images: tuple[str, ...], model_uri: str, tracking_uri: str | None, t
     show_default=True,
     help="Also time Keras with XLA (best one is the baseline).",
 )
+@click.option("--openvino/--no-openvino", default=True, show_default=True,
+              help="OpenVINO rows, when it is installed (pip install -e '.[openvino]').")  # fmt: skip
+@click.option("--memory/--no-memory", default=True, show_default=True,
+              help="Peak RSS per backend, each measured in a child process.")  # fmt: skip
 @click.option("--output", default="benchmark/report.json", show_default=True, type=click.Path(dir_okay=False))
 @_friendly_errors
 def benchmark(model_path, preset, keras_path, eval_data, eval_images, batch_sizes, variants, providers,
-              seconds, rounds, xla, output) -> None:  # fmt: skip
+              seconds, rounds, xla, openvino, memory, output) -> None:  # fmt: skip
     """Time MODEL_PATH (any ONNX image classifier), a .keras model or a preset's ViT.
 
     Keras (tf.function, and XLA) is the baseline; ONNX Runtime runs each provider
-    and variant. Prints the table and the speed ratios measured side by side.
+    and variant, OpenVINO (when installed) the same files. Prints the table, the
+    served candidate and the speed ratios measured side by side.
     """
     from pathlib import Path
 
     from vit_pipeline import benchmark as bench
     from vit_pipeline.config import parse_int_list
     from vit_pipeline.errors import DataError
+    from vit_pipeline.variants import VARIANTS
 
     try:
         sizes = parse_int_list(batch_sizes)
@@ -322,21 +329,22 @@ def benchmark(model_path, preset, keras_path, eval_data, eval_images, batch_size
     if not sizes or min(sizes) < 1:
         raise ConfigError(f"Expected positive batch sizes. Received: batch_sizes={batch_sizes!r}")
     names = tuple(v.strip() for v in variants.split(",") if v.strip())
-    unknown = set(names) - {"fp32", "optimized", "int8", "fp16"}
+    unknown = set(names) - set(VARIANTS)
     if unknown or not names:
-        raise ConfigError(
-            f"Expected variants from fp32, optimized, int8, fp16. Received: variants={variants!r}"
-        )
+        raise ConfigError(f"Expected variants from {', '.join(VARIANTS)}. Received: variants={variants!r}")
     if sum((model_path is not None, preset is not None, model_path is None and keras_path is not None)) != 1:
         raise ConfigError("Expected exactly one of MODEL_PATH, --preset, or --keras alone (exported here)")
     out_dir = Path(output).parent
-    keras_model, info = None, {}
+    keras_model, info, keras_file = None, {}, keras_path
     if model_path is None:
         from vit_pipeline.export import build_metadata, export_onnx
 
         if preset is not None:
             keras_model = bench.fresh_keras_model(make_config(preset))
             info = {"name": f"{preset} preset architecture, fresh weights"}
+            keras_file = str(out_dir / "model.keras")
+            out_dir.mkdir(parents=True, exist_ok=True)
+            keras_model.save(keras_file)
         else:
             from vit_pipeline.model import load_model
 
@@ -363,12 +371,13 @@ def benchmark(model_path, preset, keras_path, eval_data, eval_images, batch_size
             from vit_pipeline.model import load_model
 
             keras_model = load_model(keras_path)
-    images, labels = _eval_data(eval_data, eval_images)
+    images, labels, calibration = _eval_data(eval_data, eval_images)
     report, files = bench.benchmark_files(
         model_path, out_dir, keras_model=keras_model, eval_images=images, eval_labels=labels,
         variants=names, providers=providers.split(",") if providers else None,
         scenario=bench.Scenario(batch_sizes=tuple(sizes), min_seconds=seconds, rounds=rounds),
-        keras_xla=xla and keras_model is not None, model_info=info,
+        keras_xla=xla and keras_model is not None, model_info=info, calibration=calibration,
+        keras_path=keras_file, openvino=openvino, memory=memory,
     )  # fmt: skip
     if Path(output) != files["json"]:
         Path(output).write_text(files["json"].read_text())
@@ -378,19 +387,60 @@ def benchmark(model_path, preset, keras_path, eval_data, eval_images, batch_size
     click.echo(f"Wrote {output}, {files['markdown']}, {files['plot']}")
 
 
+@main.command("train-benchmark")
+@click.option("--preset", "presets", multiple=True, default=("cifar100", "cifar100-improved"), show_default=True,
+              type=click.Choice(list(PRESETS)), help="Presets to time (repeat the option).")  # fmt: skip
+@click.option("--steps", default=10, show_default=True, type=click.IntRange(1), help="Timed steps per cell.")
+@click.option("--warmup", default=3, show_default=True, type=click.IntRange(0))
+@click.option(
+    "--output", default="benchmark/training.json", show_default=True, type=click.Path(dir_okay=False)
+)
+@_friendly_errors
+def train_benchmark(presets, steps, warmup, output) -> None:
+    """Training img/s on this machine: each preset with and without XLA and mixed_bfloat16."""
+    from vit_pipeline.benchmark.training import run_training_benchmark
+
+    report = run_training_benchmark(list(presets), steps=steps, warmup=warmup)
+    report.save_json(output)
+    click.echo(report.to_markdown())
+    click.echo(f"Wrote {output}")
+
+
+@main.command("benchmark-docs")
+@click.option("--reports", default="docs/benchmarks", show_default=True, type=click.Path(file_okay=False))
+@click.option("--output", default="docs/benchmarks.md", show_default=True, type=click.Path(dir_okay=False))
+@_friendly_errors
+def benchmark_docs(reports, output) -> None:
+    """Regenerate docs/benchmarks.md from the committed reports."""
+    from pathlib import Path
+
+    from vit_pipeline.benchmark.docs import write
+    from vit_pipeline.errors import DataError
+
+    if not Path(reports).is_dir():
+        raise DataError(f"Reports folder does not exist: {reports}")
+    click.echo(f"Wrote {write(reports, output)}")
+
+
 def _eval_data(path: str | None, limit: int):
-    """(images, labels) from a CIFAR-100 copy or a prepared data.npz; (None, None) if no path."""
+    """(test images, labels, calibration images) from a CIFAR-100 copy or a prepared data.npz.
+
+    Calibration images (for int8-static) are up to 256 training images, never test images.
+    """
     if path is None:
-        return None, None
+        return None, None, None
     from pathlib import Path
 
     from vit_pipeline import data
 
     if Path(path).suffix == ".npz":
         splits = data.Splits.load(path)
-        return splits.x_test[:limit], splits.y_test[:limit]
-    _, _, x_test, y_test, _ = data.read_cifar100(path)
-    return x_test[:limit], y_test[:limit]
+        x_train, x_test, y_test = splits.x_train, splits.x_test, splits.y_test
+    else:
+        x_train, _, x_test, y_test, _ = data.read_cifar100(path)
+    from vit_pipeline.variants import calibration_sample
+
+    return x_test[:limit], y_test[:limit], calibration_sample(x_train)
 
 
 if __name__ == "__main__":

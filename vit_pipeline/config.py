@@ -21,7 +21,8 @@ LABEL_MODES = ("fine", "coarse")
 FLIP_MODES = ("none", "horizontal", "vertical", "horizontal_and_vertical")
 PROMOTION_POLICIES = ("better_or_equal", "always", "never")
 SERVE_VARIANTS = ("optimized", "fp32")
-BENCHMARK_VARIANTS = ("fp32", "optimized", "int8", "fp16")
+BENCHMARK_VARIANTS = ("fp32", "optimized", "int8", "int8-static", "fp16")  # vit_pipeline.variants.VARIANTS
+SERVE_CANDIDATES = ("optimized", "int8", "int8-static")
 POOLINGS = ("flatten", "gap", "class_token")
 PATCH_TOKENIZATIONS = ("standard", "shifted")
 ATTENTION_TYPES = ("standard", "lsa")
@@ -127,8 +128,16 @@ class PipelineConfig:
             (fused LayerNorm/GELU/attention for ONNX Runtime; parity-gated like
             the plain export) or "fp32" (the plain, portable tf2onnx export).
         benchmark_batch_sizes: Batch sizes of the benchmark stage.
+        serve_candidates: Comma-separated variants built at export, gated and
+            registered beside the served file for the consumer to choose from
+            on its own CPU (``vit_pipeline.variants``): optimized, int8,
+            int8-static (calibrated on real training images).
+        candidate_min_agreement: Top-1 agreement with the fp32 Keras model, on
+            real test images, a candidate needs to be registered.
+        candidate_images: Test images the candidate gate uses (up to all).
+        int8_calibration_images: Training images int8-static is calibrated on.
         benchmark_variants: Comma-separated ONNX variants to time:
-            fp32, optimized, int8 (CPU), fp16 (GPU only).
+            fp32, optimized, int8, int8-static (CPU), fp16 (GPU only).
         benchmark_providers: Comma-separated providers (cpu, cuda, tensorrt);
             None: every provider this onnxruntime build has.
         benchmark_seconds: Timing budget per cell and round.
@@ -186,8 +195,12 @@ class PipelineConfig:
     registered_model_name: str | None = None
     promotion_policy: str = "better_or_equal"
     serve_variant: str = "optimized"
+    serve_candidates: str = "optimized,int8-static"
+    candidate_min_agreement: float = 0.995
+    candidate_images: int = 2000
+    int8_calibration_images: int = 256
     benchmark_batch_sizes: tuple[int, ...] = (1, 8, 64, 256)
-    benchmark_variants: str = "fp32,optimized,int8,fp16"
+    benchmark_variants: str = "fp32,optimized,int8,int8-static,fp16"
     benchmark_providers: str | None = None
     benchmark_seconds: float = 1.0
     benchmark_rounds: int = 3
@@ -476,6 +489,19 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
         bad(f"Expected parity_images to be positive. Received: parity_images={cfg.parity_images}")
     if cfg.serve_variant not in SERVE_VARIANTS:
         bad(f"Expected serve_variant in {SERVE_VARIANTS}. Received: serve_variant={cfg.serve_variant!r}")
+    candidates = [v.strip() for v in cfg.serve_candidates.split(",") if v.strip()]
+    if set(candidates) - set(SERVE_CANDIDATES):
+        bad(
+            f"Expected serve_candidates from {SERVE_CANDIDATES}. Received: serve_candidates={cfg.serve_candidates!r}"
+        )
+    if not 0.0 < cfg.candidate_min_agreement <= 1.0:
+        bad(
+            "Expected candidate_min_agreement in (0, 1]. "
+            f"Received: candidate_min_agreement={cfg.candidate_min_agreement}"
+        )
+    for name in ("candidate_images", "int8_calibration_images"):
+        if getattr(cfg, name) <= 0:
+            bad(f"Expected {name} to be positive. Received: {name}={getattr(cfg, name)}")
     variants = [v.strip() for v in cfg.benchmark_variants.split(",") if v.strip()]
     if not variants or set(variants) - set(BENCHMARK_VARIANTS):
         bad(

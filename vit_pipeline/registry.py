@@ -260,8 +260,21 @@ def version_of_run(client, name: str, run_id: str):
     return min(versions, key=lambda v: int(v.version)) if versions else None
 
 
-def _log_and_register(cfg: PipelineConfig, run_id: str, onnx_path: str, example: np.ndarray) -> str:
-    """Logs the ONNX file to the run with MLflow's onnx flavour and registers it; returns the version."""
+def _candidate_files(manifest: str | None) -> list[str]:
+    """The manifest and the candidate files it names (all beside it)."""
+    if not manifest:
+        return []
+    doc = json.loads(Path(manifest).read_text())
+    return [manifest, *(str(Path(manifest).parent / c["file"]) for c in doc["candidates"].values())]
+
+
+def _log_and_register(cfg: PipelineConfig, run_id: str, onnx_path: str, example: np.ndarray,
+                      candidates: str | None = None) -> str:  # fmt: skip
+    """Logs the ONNX file to the run with MLflow's onnx flavour and registers it; returns the version.
+
+    Serving candidates (``candidates``: their manifest) travel inside the same
+    logged model as ``extra_files/``, so ``models:/name@champion`` brings them along.
+    """
     import mlflow
     import mlflow.onnx
     import onnx
@@ -286,8 +299,20 @@ def _log_and_register(cfg: PipelineConfig, run_id: str, onnx_path: str, example:
         save_as_external_data=False,
         # The GPU build carries the CPU provider; never pull plain onnxruntime beside it.
         pip_requirements=[f"onnx=={onnx.__version__}", f"onnxruntime-gpu=={ort.__version__}"],
+        **({"extra_files": _candidate_files(candidates)} if candidates else {}),
     )
     return str(info.registered_model_version)
+
+
+def _candidate_tags(manifest: str | None) -> dict[str, str]:
+    if not manifest:
+        return {}
+    doc = json.loads(Path(manifest).read_text())
+    tags = {"candidates": ",".join(doc["candidates"]) or "none"}
+    for name, c in doc["candidates"].items():
+        tags[f"candidate.{name}.top1_agreement"] = f"{c['top1_agreement']:.6f}"
+        tags[f"candidate.{name}.test_accuracy"] = f"{c['test_accuracy']:.6f}"
+    return tags
 
 
 def register_onnx(
@@ -296,8 +321,13 @@ def register_onnx(
     onnx_path: str,
     split: TestSplit,
     keras_test_accuracy: float | None = None,
+    candidates: str | None = None,
 ) -> Registration:
     """Registers the served ONNX file under ``cfg.resolved_model_name`` and applies the policy.
+
+    ``candidates`` is the export's manifest of other serving candidates (e.g.
+    int8-static) that passed their agreement gate: they are registered inside
+    the same version, with their figures as version tags.
 
     Raises:
         RegistryError: the registry failed while the champion was read or moved.
@@ -309,7 +339,9 @@ def register_onnx(
     served = onnx_accuracy(onnx_path, split)
     existing = version_of_run(client, name, run_id)
     version = (
-        str(existing.version) if existing else _log_and_register(cfg, run_id, onnx_path, split.images[:1])
+        str(existing.version)
+        if existing
+        else _log_and_register(cfg, run_id, onnx_path, split.images[:1], candidates)
     )
     if existing is not None and "promotion" in existing.tags:  # a resumed run that had already decided
         log.info("Run %s already registered %s v%s (%s)", run_id, name, version, existing.tags["promotion"])
@@ -324,6 +356,7 @@ def register_onnx(
         "data_digest": split.data_digest,
         "mlflow_run_id": run_id,
         **({"keras_test_accuracy": f"{keras_test_accuracy:.6f}"} if keras_test_accuracy is not None else {}),
+        **_candidate_tags(candidates),
     }
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)

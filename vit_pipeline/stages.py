@@ -171,19 +171,20 @@ def evaluate_stage(
 def export_stage(
     cfg: PipelineConfig | dict[str, Any], run_id: str, data_path: str, model_path: str, test_accuracy: float
 ) -> dict:
-    """Exports to ONNX (plain and, by default, the fused graph) and runs the parity gate.
+    """Exports to ONNX, builds the serving candidates once, and gates them all.
 
-    Both graphs must pass: the parity figures are logged before the gate decides,
-    so a failure is visible in MLflow; the ONNX file is logged (and registered)
-    only afterwards, by ``register_stage``. Raises ExportError on failure.
+    The plain export and the served file (the fused graph by default) must pass
+    the strict parity gate; the parity figures are logged before the gate
+    decides, so a failure is visible in MLflow. Each other serving candidate
+    (``serve_candidates``, e.g. int8-static) must keep ``candidate_min_agreement``
+    top-1 agreement with Keras on real test images, or it is dropped (with its
+    figures logged). The ONNX files are registered only afterwards, by
+    ``register_stage``. Raises ExportError when a strict gate fails.
     """
-    import onnx
-
     from vit_pipeline.evaluate import predict_logits
     from vit_pipeline.export import build_metadata, check_parity, export_onnx, parity_gate
-    from vit_pipeline.fsutil import atomic_path
     from vit_pipeline.model import load_model
-    from vit_pipeline.optimize import optimize
+    from vit_pipeline.variants import build_variants, calibration_sample
 
     cfg = _cfg(cfg)
     splits = data.Splits.load(data_path)
@@ -195,36 +196,41 @@ def export_stage(
     )  # fmt: skip
     out = tracking.work_dir(run_id)
     info = export_onnx(model, out / "model.onnx", metadata, cfg.onnx_opset)
-    paths = {"fp32": info["path"]}
-    fusions: dict[str, int] = {}
-    if cfg.serve_variant == "optimized":
-        optimized, fusion_report = optimize(onnx.load(info["path"]))
-        fusions = fusion_report.to_dict()
-        paths["optimized"] = str(out / "model.optimized.onnx")
-        with atomic_path(paths["optimized"]) as tmp:
-            onnx.save(optimized, str(tmp))
+    candidates = [v for v in _names(cfg.serve_candidates) if v != cfg.serve_variant]
+    calibration = calibration_sample(splits.x_train, cfg.int8_calibration_images, cfg.seed)
+    paths = {k: str(v) for k, v in build_variants(
+        info["path"], out, ["fp32", cfg.serve_variant, *candidates], calibration=calibration).items()}  # fmt: skip
+    fusions = _fusions(paths)
     images = splits.x_test[: cfg.parity_images]
     keras_logits = predict_logits(model, images)
-    reports = {
-        name: check_parity(keras_logits, path, images, (1, 64), cfg.parity_tolerance)
-        for name, path in paths.items()
-    }
+    strict = {name: paths[name] for name in ("fp32", cfg.serve_variant)}
+    reports = {name: check_parity(keras_logits, path, images, (1, 64), cfg.parity_tolerance)
+               for name, path in strict.items()}  # fmt: skip
+    gated = _gate_candidates(cfg, model, splits, {v: paths[v] for v in candidates})
     metrics = {"export_seconds": info["export_seconds"], "onnx_size_mb": info["size_bytes"] / 2**20}
     for name, report in reports.items():
         prefix = "parity" if name == "fp32" else f"parity_{name}"
         metrics[f"{prefix}_max_abs_diff"] = report.max_abs_diff
         metrics[f"{prefix}_top1_agreement"] = report.top1_agreement
+    for name, c in gated.items():
+        key = name.replace("-", "_")
+        metrics |= {f"candidate_{key}_top1_agreement": c["top1_agreement"],
+                    f"candidate_{key}_test_accuracy": c["test_accuracy"], f"candidate_{key}_size_mb": c["size_mb"]}  # fmt: skip
     tracking.log_metrics(cfg, run_id, metrics)
     tracking.client(cfg).log_dict(
         run_id,
-        {name: r.to_dict() for name, r in reports.items()} | {"ops": info["ops"], "fusions": fusions},
+        {name: r.to_dict() for name, r in reports.items()}
+        | {"ops": info["ops"], "fusions": fusions, "candidates": gated},
         "export/parity.json",
     )
     passed = all(r.passed for r in reports.values())
-    tracking.set_tags(cfg, run_id, {"export.parity": "passed" if passed else "failed",
-                                    "export.serve_variant": cfg.serve_variant})  # fmt: skip
+    tracking.set_tags(cfg, run_id, {
+        "export.parity": "passed" if passed else "failed", "export.serve_variant": cfg.serve_variant,
+        "export.candidates": ",".join(n for n, c in gated.items() if c["passed"]) or "none",
+    })  # fmt: skip
     for report in reports.values():
         parity_gate(report)
+    _write_manifest(cfg, out, {n: c for n, c in gated.items() if c["passed"]})
     served = reports[cfg.serve_variant]
     return {
         **info,
@@ -232,6 +238,7 @@ def export_stage(
         "fp32_path": paths["fp32"],
         "variant": cfg.serve_variant,
         "fusions": fusions,
+        "candidates": {n: c for n, c in gated.items() if c["passed"]},
         "parity": {
             "max_abs_diff": max(r.max_abs_diff for r in reports.values()),
             "top1_agreement": min(r.top1_agreement for r in reports.values()),
@@ -240,45 +247,137 @@ def export_stage(
     }
 
 
+CANDIDATES_FILE = "candidates.json"
+
+
+def _write_manifest(cfg: PipelineConfig, out: Path, passed: dict[str, dict]) -> None:
+    """The serving candidates that passed their gate, registered beside the served file.
+
+    The consumer reads it from the registered model (``extra_files/candidates.json``)
+    and times the candidates on its own CPU at start-up.
+    """
+    import json
+
+    from vit_pipeline.fsutil import write_text
+
+    doc = {"served_variant": cfg.serve_variant, "min_agreement": cfg.candidate_min_agreement,
+           "candidates": {n: {**{k: v for k, v in c.items() if k != "path"}, "file": Path(c["path"]).name}
+                          for n, c in passed.items()}}  # fmt: skip
+    write_text(out / CANDIDATES_FILE, json.dumps(doc, indent=2))
+
+
+def _registered_variants(cfg: PipelineConfig, work: Path) -> tuple[str, ...]:
+    """The served variant and the candidates the export registered beside it."""
+    import json
+
+    manifest = work / CANDIDATES_FILE
+    passed = list(json.loads(manifest.read_text())["candidates"]) if manifest.exists() else []
+    return (cfg.serve_variant, *passed)
+
+
+def _names(csv: str) -> list[str]:
+    return [v.strip() for v in csv.split(",") if v.strip()]
+
+
+def _fusions(paths: dict[str, str]) -> dict[str, int]:
+    """Op counts of the fused graph, if one was built (what the rewrites produced)."""
+    import collections
+
+    import onnx
+
+    if "optimized" not in paths:
+        return {}
+    ops = collections.Counter(
+        n.op_type for n in onnx.load(paths["optimized"], load_external_data=False).graph.node
+    )
+    return {op: ops[op] for op in ("LayerNormalization", "Gelu", "Attention") if ops[op]}
+
+
+def _gate_candidates(
+    cfg: PipelineConfig, model, splits: data.Splits, paths: dict[str, str]
+) -> dict[str, dict]:
+    """Top-1 agreement with Keras and test accuracy of each candidate on real test images."""
+    from pathlib import Path
+
+    from vit_pipeline.evaluate import predict_logits, topk_accuracy
+    from vit_pipeline.export import ort_session, run_onnx
+
+    if not paths:
+        return {}
+    images, labels = splits.x_test[: cfg.candidate_images], splits.y_test[: cfg.candidate_images]
+    keras_top1 = predict_logits(model, images).argmax(1)
+    out = {}
+    for name, path in paths.items():
+        logits = run_onnx(ort_session(path), images, 64)
+        agreement = float(np.mean(logits.argmax(1) == keras_top1))
+        out[name] = {
+            "path": path, "top1_agreement": agreement, "test_accuracy": topk_accuracy(logits, labels, 1),
+            "keras_test_accuracy": float(np.mean(keras_top1 == labels)), "images": int(len(labels)),
+            "size_mb": Path(path).stat().st_size / 2**20, "passed": agreement >= cfg.candidate_min_agreement,
+        }  # fmt: skip
+        log.info("Candidate %s: agreement %.4f with Keras on %d test images (%s)", name, agreement, len(labels),
+                 "passed" if out[name]["passed"] else f"below {cfg.candidate_min_agreement}")  # fmt: skip
+    return out
+
+
 def benchmark_stage(
     cfg: PipelineConfig | dict[str, Any], run_id: str, data_path: str, model_path: str, fp32_onnx: str
 ) -> dict:
-    """Times Keras vs ONNX Runtime variants on real test images; logs the report."""
+    """Times Keras, ONNX Runtime and OpenVINO on the exported files with real test images; logs the report.
+
+    The variant files are the ones the export built and gated (the registered
+    ones); variants the export did not build are built here from the fp32 file.
+    The candidate this machine would serve is recorded (``benchmark.served_choice``).
+    """
 
     from vit_pipeline import benchmark as bench
     from vit_pipeline.model import load_model
+    from vit_pipeline.variants import calibration_sample, file_name
 
     cfg = _cfg(cfg)
     splits = data.Splits.load(data_path)
-    out = tracking.work_dir(run_id) / "benchmark"
-    variants = tuple(v.strip() for v in cfg.benchmark_variants.split(",") if v.strip())
+    work = tracking.work_dir(run_id)
+    out = work / "benchmark"
+    variants = tuple(_names(cfg.benchmark_variants))
+    built = {v: work / file_name(v) for v in variants if (work / file_name(v)).exists()}
     providers = cfg.benchmark_providers.split(",") if cfg.benchmark_providers else None
     report, files = bench.benchmark_files(
         fp32_onnx, out, keras_model=load_model(model_path), eval_images=splits.x_test[:512],
         eval_labels=splits.y_test[:512], variants=variants, providers=providers,
         scenario=bench.Scenario(batch_sizes=cfg.benchmark_batch_sizes, min_seconds=cfg.benchmark_seconds,
                                 rounds=cfg.benchmark_rounds),
-        model_info={"name": f"vit-{cfg.dataset_tag}", "mlflow_run_id": run_id},
+        model_info={"name": f"vit-{cfg.dataset_tag}", "mlflow_run_id": run_id}, variant_paths=built,
+        calibration=calibration_sample(splits.x_train, cfg.int8_calibration_images, cfg.seed),
+        min_agreement=cfg.candidate_min_agreement, keras_path=model_path,
+        roofline_seconds=min(2.0, 4 * cfg.benchmark_seconds), serve_candidates=_registered_variants(cfg, work),
     )  # fmt: skip
     metrics = {}
     for r in report.results:
         key = f"bench_{r.backend}_{r.provider.replace('ExecutionProvider', '').lower()}_{r.variant}_b{r.batch_size}"
+        key = key.replace("-", "_")
         metrics[f"{key}_ips"] = r.throughput_ips
         metrics[f"{key}_p50_ms"] = r.latency_ms.p50
         if r.top1_agreement is not None and r.batch_size == report.settings["batch_sizes"][0]:
-            metrics[f"agreement_{r.provider.replace('ExecutionProvider', '').lower()}_{r.variant}"] = (
-                r.top1_agreement
+            name = f"agreement_{r.provider.replace('ExecutionProvider', '').lower()}_{r.variant}".replace(
+                "-", "_"
             )
-    metrics["sgemm_roofline_gflops"] = report.roofline["gflops"]
+            metrics[name] = r.top1_agreement
+    for precision, roof in report.rooflines().items():
+        metrics[f"{'s' if precision == 'fp32' else precision + '_'}gemm_roofline_gflops"] = roof["gflops"]
     tracking.log_metrics(cfg, run_id, metrics)
+    if report.choice.get("label"):
+        tracking.set_tags(cfg, run_id, {"benchmark.served_choice": report.choice["label"],
+                                        "benchmark.cpu": report.environment.get("cpu_model", "")})  # fmt: skip
     tracking.log_artifacts(cfg, run_id, [files[key] for key in ("json", "markdown", "plot")], "benchmark")
-    return {"report_path": str(files["json"]), "rows": _table_rows(report), "ratios": report.ratios()}
+    return {"report_path": str(files["json"]), "rows": _table_rows(report), "ratios": report.ratios(),
+            "choice": report.choice}  # fmt: skip
 
 
 def _table_rows(report) -> list[dict[str, Any]]:
     """The benchmark as rows for a Prefect table artifact."""
     return [
-        {"backend": r.backend, "provider": r.provider, "variant": r.variant, "batch": r.batch_size,
+        {"backend": r.backend, "provider": r.provider, "variant": r.variant, "precision": r.precision,
+         "batch": r.batch_size,
          "p50_ms": round(r.latency_ms.p50, 3), "p99_ms": round(r.latency_ms.p99, 3),
          "img_per_s": round(r.throughput_ips, 1), "top1": r.top1, "agreement": r.top1_agreement}
         for r in report.results
@@ -293,7 +392,9 @@ def register_stage(
 
     cfg = _cfg(cfg)
     split = TestSplit.from_splits(data.Splits.load(data_path))
-    return register_onnx(cfg, run_id, onnx_path, split, keras_test_accuracy=test_accuracy).to_dict()
+    manifest = Path(onnx_path).parent / CANDIDATES_FILE
+    return register_onnx(cfg, run_id, onnx_path, split, keras_test_accuracy=test_accuracy,
+                         candidates=str(manifest) if manifest.exists() else None).to_dict()  # fmt: skip
 
 
 def champion_stage(model_name: str, alias: str, tracking_uri: str | None) -> dict:

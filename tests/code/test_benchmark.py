@@ -7,8 +7,11 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from vit_pipeline.benchmark import OrtBackend, Scenario, benchmark_files
+from vit_pipeline.benchmark import BenchmarkReport, OrtBackend, Scenario, benchmark_files
+from vit_pipeline.benchmark.backends.openvino import available
 from vit_pipeline.cli import main
+
+OPENVINO = available()[0]
 
 QUICK = Scenario(batch_sizes=(1, 4), warmup=1, min_runs=3, min_seconds=0.05, rounds=2)
 KEYS = {"backend", "provider", "variant", "batch_size", "latency_ms", "throughput_ips", "top1", "top5",
@@ -21,8 +24,8 @@ def report_and_files(tiny_export, real_cut, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     return benchmark_files(
         path, out, keras_model=model, eval_images=real_cut[2][:48], eval_labels=real_cut[3][:48],
-        variants=("fp32", "optimized", "int8", "fp16"), providers=["cuda", "cpu"], scenario=QUICK,
-        keras_xla=True,
+        variants=("fp32", "optimized", "int8", "int8-static", "fp16"), providers=["cuda", "cpu"], scenario=QUICK,
+        keras_xla=True, calibration=real_cut[0][:64], roofline_seconds=0.2,
     )  # fmt: skip
 
 
@@ -32,7 +35,12 @@ def test_every_cell_is_present_and_consistent(report_and_files):
     expected = {("keras", "tensorflow", "fp32", b) for b in (1, 4)}
     expected |= {("keras", "tensorflow-xla", "fp32", b) for b in (1, 4)}
     cpu = "CPUExecutionProvider"
-    expected |= {("onnxruntime", cpu, v, b) for v in ("fp32", "optimized", "int8") for b in (1, 4)}
+    expected |= {
+        ("onnxruntime", cpu, v, b) for v in ("fp32", "optimized", "int8", "int8-static") for b in (1, 4)
+    }
+    expected |= {("openvino", p, v, b) for p, v in (("openvino-CPU", "fp32"), ("openvino-CPU-f32", "fp32"),
+                                                    ("openvino-CPU", "int8-static")) for b in (1, 4)
+                 if OPENVINO}  # fmt: skip
     if report.environment["provider_fallbacks"]:  # no usable GPU here: no GPU rows, no fp16 on CPU
         assert cells == expected
     assert len(cells) == len(report.results)
@@ -45,14 +53,20 @@ def test_every_cell_is_present_and_consistent(report_and_files):
         assert r.gflops_per_s > 0
         if r.backend == "onnxruntime":
             assert r.providers_used[0] == r.provider
+        # Each row is held against the roofline of the precision it really ran in.
+        assert r.precision == ("int8" if r.variant.startswith("int8") else "fp32") or r.backend == "openvino"
+        assert r.roofline_gflops == pytest.approx(report.rooflines()[r.precision]["gflops"])
+        assert r.roofline_fraction == pytest.approx(r.gflops_per_s / r.roofline_gflops)
 
 
 def test_accuracy_and_agreement_per_variant(report_and_files):
     report, _ = report_and_files
     rows = {r.variant: r for r in report.results if r.backend == "onnxruntime" and r.batch_size == 1}
+    # Agreement is with the fp32 Keras model (the truth), on real images.
+    assert report.settings["agreement_reference"] == "keras/fp32"
     assert rows["fp32"].top1_agreement == 1.0
     assert rows["optimized"].top1_agreement == 1.0 and rows["optimized"].top1 == rows["fp32"].top1
-    assert 0.5 <= rows["int8"].top1_agreement <= 1.0
+    assert 0.5 <= rows["int8"].top1_agreement <= 1.0 and 0.5 <= rows["int8-static"].top1_agreement <= 1.0
     keras_row = next(r for r in report.results if r.backend == "keras")
     assert keras_row.top1 == rows["fp32"].top1
 
@@ -72,9 +86,9 @@ def test_provider_detection_reports_the_truth(tiny_export, report_and_files):
 def test_files_json_schema_markdown_plot(report_and_files):
     report, files = report_and_files
     doc = json.loads(files["json"].read_text())
-    assert set(doc) >= {"environment", "results", "roofline", "model", "schema_version"}
+    assert set(doc) >= {"environment", "results", "roofline", "model", "schema_version", "choice", "memory"}
     assert doc["environment"]["cpu_count"] >= 1 and doc["environment"]["versions"]["onnxruntime"]
-    assert doc["roofline"]["gflops"] > 0
+    assert doc["roofline"]["fp32"]["gflops"] > 0 and doc["roofline"]["int8"]["gflops"] > 0
     for row in doc["results"]:
         assert set(row) >= KEYS
         assert set(row["latency_ms"]) == {"mean", "p50", "p90", "p95", "p99", "stdev"}
@@ -82,16 +96,54 @@ def test_files_json_schema_markdown_plot(report_and_files):
     assert table.count("\n| ") == len(report.results) + 1  # header + one row per cell
     with Image.open(files["plot"]) as img:
         assert img.format == "PNG"
-    assert any("ORT optimized / Keras" in line for line in report.ratios())
+    assert any("onnxruntime/optimized / Keras" in line for line in report.ratios())
+    # The loader reads back what was written.
+    again = BenchmarkReport.from_json(files["json"])
+    assert again.to_dict() == json.loads(json.dumps(report.to_dict()))
+
+
+def test_served_choice_is_the_fastest_candidate_that_keeps_agreement(report_and_files):
+    report, _ = report_and_files
+    choice = report.choice
+    scores = choice["scores_ips_geomean"]
+    assert choice["label"] == max(scores, key=scores.get)
+    for label in scores:
+        (row, *_) = [r for r in report.results if r.label == label]
+        assert row.backend == "onnxruntime" and row.top1_agreement >= choice["min_agreement"]
+    assert set(scores) | set(choice["refused"]) >= {"onnxruntime/optimized", "onnxruntime/int8-static"}
+    served = report.served(1)
+    assert served is not None and served.label == choice["label"]
+    assert any(line.startswith("batch 1: served ") for line in report.ratios())
+
+
+def test_openvino_rows_or_the_reason_they_are_absent(report_and_files):
+    report, _ = report_and_files
+    rows = [r for r in report.results if r.backend == "openvino"]
+    if OPENVINO:
+        assert {r.precision for r in rows if r.provider == "openvino-CPU-f32"} == {"fp32"}
+        assert all(r.top1_agreement >= 0.9 for r in rows if r.variant == "fp32")
+    else:
+        assert rows == [] and "pip install" in report.settings["backends_missing"]["openvino"]
+
+
+def test_peak_memory_is_measured_per_backend_in_its_own_process(tiny_export, real_cut, tmp_path):
+    _, path, _ = tiny_export
+    quick = Scenario(batch_sizes=(8,), warmup=1, min_runs=2, min_seconds=0.01, rounds=1)
+    report, _ = benchmark_files(path, tmp_path, eval_images=real_cut[2][:16], variants=("fp32", "int8"),
+                                providers=["cpu"], scenario=quick, openvino=False, memory=True,
+                                roofline_seconds=0.1)  # fmt: skip
+    assert set(report.memory) == {"onnxruntime/fp32", "onnxruntime/int8"}
+    for figures in report.memory.values():
+        assert figures["peak_rss_mib"] > figures["engine_rss_mib"] > 10, figures
 
 
 def test_int8_is_flagged_below_the_agreement_threshold(tiny_export, real_cut, tmp_path):
     model, path, _ = tiny_export
     quick = Scenario(batch_sizes=(2,), warmup=1, min_runs=2, min_seconds=0.01, rounds=1)
     args = dict(eval_images=real_cut[2][:16], eval_labels=real_cut[3][:16], variants=("fp32", "int8"),
-                providers=["cpu"], scenario=quick)  # fmt: skip
+                providers=["cpu"], scenario=quick, openvino=False, roofline_seconds=0.1)  # fmt: skip
     strict, _ = benchmark_files(path, tmp_path / "a", min_agreement=1.01, **args)
-    assert "CPUExecutionProvider/int8" in strict.settings["agreement_violations"]
+    assert "onnxruntime/int8" in strict.settings["agreement_violations"]
     lenient, _ = benchmark_files(path, tmp_path / "b", min_agreement=0.0, **args)
     assert lenient.settings["agreement_violations"] == []
 
@@ -100,7 +152,7 @@ def test_cli_benchmark_any_onnx_model(tiny_export, tmp_path):
     _, path, _ = tiny_export
     out = tmp_path / "r" / "report.json"
     args = ["benchmark", str(path), "--batch-sizes", "1,2", "--variants", "fp32,optimized", "--seconds", "0.02",
-            "--rounds", "1", "--providers", "cpu", "--output", str(out)]  # fmt: skip
+            "--rounds", "1", "--providers", "cpu", "--no-memory", "--output", str(out)]  # fmt: skip
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     doc = json.loads(out.read_text())

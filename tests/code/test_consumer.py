@@ -181,3 +181,47 @@ def test_vit_pipeline_predict_command(tiny_export, real_cut, tmp_path):
     assert doc["predictions"][0]["index"] == int(predict_logits(model, real_cut[2][9:10]).argmax())
     missing = CliRunner().invoke(main, ["predict", str(tmp_path / "nope.png"), "--model", str(path)])
     assert missing.exit_code == 1 and "Image file does not exist" in missing.output
+
+
+def test_registered_candidates_are_timed_here_and_the_fastest_serves(
+    tiny_export, no_tf_env, real_cut, tmp_path, mlflow_server
+):
+    """The export's candidates travel inside the model version; the consumer times them at start-up."""
+    import httpx
+    from mlflow import MlflowClient
+
+    from vit_pipeline.config import make_config
+    from vit_pipeline.registry import TestSplit, register_onnx
+    from vit_pipeline.tracking import create_run
+    from vit_pipeline.variants import build_variants
+
+    _, path, _ = tiny_export
+    built = build_variants(path, tmp_path, ["optimized", "int8-static"], calibration=real_cut[0][:64])
+    manifest = tmp_path / "candidates.json"
+    manifest.write_text(json.dumps({"served_variant": "optimized", "min_agreement": 0.995, "candidates": {
+        "int8-static": {"file": built["int8-static"].name, "top1_agreement": 0.999, "test_accuracy": 0.4}}}))  # fmt: skip
+    cfg = make_config(
+        "cifar100", {"tracking_uri": mlflow_server, "registered_model_name": "consumer-candidates"}
+    )
+    run_id = create_run(cfg, "test")
+    split = TestSplit(real_cut[2][:64], real_cut[3][:64], list(real_cut[4]), "digest")
+    reg = register_onnx(cfg, run_id, str(built["optimized"]), split, candidates=str(manifest))
+    version = MlflowClient(mlflow_server).get_model_version("consumer-candidates", reg.version)
+    assert version.tags["candidates"] == "int8-static"
+    assert version.tags["candidate.int8-static.top1_agreement"] == "0.999000"
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "vit_consumer", "--model", "models:/consumer-candidates@champion",
+           "--tracking-uri", mlflow_server, "serve", "--port", str(port), "--max-batch-size", "4"]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=no_tf_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/health/ready", proc, timeout=120)
+        doc = httpx.get(f"http://127.0.0.1:{port}/health").json()
+    finally:
+        stop(proc)
+    choice = doc["candidate"]
+    scores = choice["scores_ips_geomean"]
+    assert set(scores) == {"registered", "int8-static"} and choice["batch_sizes"] == [1, 4]
+    assert choice["served"] == max(scores, key=scores.get)
+    assert doc["file"] == ("model.onnx" if choice["served"] == "registered" else built["int8-static"].name)
+    assert doc["version"] == reg.version

@@ -96,9 +96,17 @@ def test_train_pipeline_logs_everything(prefect_server, tiny_overrides, tmp_path
     for key in ("bench_keras_tensorflow_fp32_b1_ips", "bench_onnxruntime_cpu_optimized_b4_ips",
                 "bench_onnxruntime_cpu_int8_b1_p50_ms", "sgemm_roofline_gflops"):  # fmt: skip
         assert metrics[key] > 0, key
+    # Serving candidates: gated on real test images at export, registered inside the version when they pass.
+    agreement = metrics["candidate_int8_static_top1_agreement"]
+    passed = agreement >= 0.995
+    assert run.data.tags["export.candidates"] == ("int8-static" if passed else "none")
+    assert champion.tags["candidates"] == ("int8-static" if passed else "none")
+    assert metrics["candidate_int8_static_size_mb"] < metrics["onnx_size_mb"]
+    assert run.data.tags["benchmark.served_choice"].startswith("onnxruntime/")
+    assert metrics["int8_gemm_roofline_gflops"] > 0
     bench_arts = {a.path for a in client.list_artifacts(run.info.run_id, "benchmark")}
     assert bench_arts == {"benchmark/report.json", "benchmark/report.md", "benchmark/throughput.png"}
-    assert any("ORT optimized / Keras" in line for line in result["benchmark"])
+    assert any("onnxruntime/optimized / Keras" in line for line in result["benchmark"])
 
     async def read_table():
         async with get_client() as pc:

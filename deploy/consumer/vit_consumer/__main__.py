@@ -43,6 +43,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="threads that read and decode request bodies")  # fmt: skip
     serve.add_argument("--spin", action="store_true",
                        help="let ONNX Runtime's threads spin between runs (off: the CPU goes to HTTP and decoding)")  # fmt: skip
+    serve.add_argument("--no-choose", dest="choose", action="store_false",
+                       help="serve the registered file; do not time the registered candidates (int8, ...) here")  # fmt: skip
     predict = sub.add_parser("predict", help="classify image files")
     predict.add_argument("images", nargs="+", type=Path)
     predict.add_argument("--top-k", type=int, default=5)
@@ -55,8 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # The service keeps ONNX Runtime's threads from spinning (see Settings.spin); one-off predictions may.
         spin = args.command != "serve" or args.spin
-        clf = OnnxClassifier.from_uri(args.model, args.tracking_uri, providers, spin=spin)
-        if args.command == "serve":
+        serving = args.command == "serve"
+        choose_for = (1, args.max_batch_size) if serving and args.choose else None
+        clf = OnnxClassifier.from_uri(
+            args.model, args.tracking_uri, providers, spin=spin, choose_for=choose_for
+        )
+        if serving:
             import uvicorn
 
             from vit_consumer.server import create_app
@@ -67,10 +73,11 @@ def main(argv: list[str] | None = None) -> int:
                 max_queue=args.max_queue, timeout_s=args.timeout, pixel_budget=args.pixel_budget,
                 reload_seconds=args.reload_seconds, tracking_uri=args.tracking_uri,
                 providers=tuple(providers) if providers else None, spin=args.spin,
-                decode_threads=args.decode_threads,
+                decode_threads=args.decode_threads, choose_candidate=args.choose,
             )  # fmt: skip
             logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-            print(f"Serving {clf.source} (version {clf.version}) on {clf.providers_used}", file=sys.stderr)
+            print(f"Serving {clf.source} (version {clf.version}, file {clf.path.name}: {clf.candidate['reason']}) "
+                  f"on {clf.providers_used}", file=sys.stderr)  # fmt: skip
             uvicorn.run(create_app(clf, settings), host=args.host, port=args.port, log_level="warning",
                         access_log=False)  # fmt: skip
             return 0

@@ -93,7 +93,9 @@ def resolve_model(uri: str, tracking_uri: str | None = None) -> Path:
     else:
         local = Path(uri)
     if local.is_dir():
-        found = sorted(local.rglob("*.onnx"))
+        # The registered file is model.onnx at the top; extra_files/ holds other candidates.
+        found = [local / "model.onnx"] if (local / "model.onnx").is_file() else sorted(local.glob("*.onnx"))
+        found = found or sorted(p for p in local.rglob("*.onnx") if "extra_files" not in p.parts)
         if not found:
             raise InputError(f"No .onnx file under {local}")
         local = found[0]
@@ -124,6 +126,7 @@ class OnnxClassifier:
         self.path = Path(path)
         self.source = source or str(path)
         self.version = version  # the registry version, for models:/ sources
+        self.candidate: dict[str, Any] = {"served": "registered"}  # which registered file serves, and why
         requested = providers or _default_providers()
         options = ort.SessionOptions()
         # ONNX Runtime's worker threads spin between runs by default: fastest for
@@ -152,8 +155,16 @@ class OnnxClassifier:
 
     @classmethod
     def from_uri(cls, uri: str, tracking_uri: str | None = None, providers: list[str] | None = None,
-                 spin: bool = True):  # fmt: skip
-        """Loads a file, or a registry URI; ``models:/name@alias`` is pinned to its current version."""
+                 spin: bool = True, choose_for: tuple[int, ...] | None = None):  # fmt: skip
+        """Loads a file, or a registry URI; ``models:/name@alias`` is pinned to its current version.
+
+        Args:
+            choose_for: Batch sizes to time the registered serving candidates at
+                (``vit_consumer.candidates``); the fastest on this machine is
+                returned, ``candidate`` says which and why. None: the registered file.
+        """
+        from vit_consumer.candidates import choose, registered_candidates
+
         version = None
         target = registry_target(uri)
         if target is not None:
@@ -161,7 +172,21 @@ class OnnxClassifier:
             path = resolve_model(f"models:/{target[0]}/{version}", tracking_uri)
         else:
             path = resolve_model(uri, tracking_uri)
-        return cls(path, providers, source=uri, version=version, spin=spin)
+        served = cls(path, providers, source=uri, version=version, spin=spin)
+        found = registered_candidates(path) if choose_for else {}
+        if not found:
+            served.candidate = {"served": "registered", "reason": "no other candidate registered" if choose_for
+                                else "candidate choice off"}  # fmt: skip
+            return served
+        loaded = {}
+        for name, file in found.items():
+            try:
+                loaded[name] = cls(file, providers, source=uri, version=version, spin=spin)
+            except InputError as exc:
+                log.warning("Candidate %s does not load here (%s); not considered", name, exc)
+        chosen, report = choose(served, loaded, choose_for)
+        chosen.candidate = report
+        return chosen
 
     def warm_up(self, batch_sizes: tuple[int, ...] = (1,)) -> None:
         """Runs zero images through the graph once per batch size (first-run allocations, kernel picks)."""
@@ -265,6 +290,8 @@ class OnnxClassifier:
             "num_classes": len(self.class_names),
             "input": {"name": self.input_name, "shape": ["batch", *self.input_shape], "dtype": "float32"},
             "providers": self.providers_used,
+            "candidate": self.candidate,
+            "file": self.path.name,
             "dataset": self.metadata.get("dataset", ""),
             "test_accuracy": self.metadata.get("test_accuracy", ""),
             "mlflow_run_id": self.metadata.get("mlflow_run_id", ""),

@@ -53,7 +53,6 @@ from vit_consumer.classifier import (
     _plain,
     alias_version,
     registry_target,
-    resolve_model,
 )
 from vit_consumer.metrics import Metrics
 from vit_consumer.settings import DEFAULT_MAX_BYTES, Settings
@@ -273,11 +272,11 @@ class Service:
         name, _ = registry_target(source)
 
         def load() -> OnnxClassifier:
-            path = resolve_model(f"models:/{name}/{version}", self.settings.tracking_uri)
             providers = list(self.settings.providers) if self.settings.providers else None
-            return self.warm(
-                OnnxClassifier(path, providers, source=source, version=version, spin=self.settings.spin)
-            )
+            clf = OnnxClassifier.from_uri(f"models:/{name}/{version}", self.settings.tracking_uri, providers,
+                                          spin=self.settings.spin, choose_for=self.settings.choose_for)  # fmt: skip
+            clf.source, clf.version = source, version
+            return self.warm(clf)
 
         started = time.perf_counter()
         try:
@@ -421,7 +420,11 @@ def settings_from_env(**overrides: Any) -> Settings:
     values = {}
     for name, default in settings.__dict__.items():
         raw = os.environ.get(f"VIT_{name.upper()}")
-        if raw is not None and not isinstance(default, tuple):
+        if raw is None or isinstance(default, tuple):
+            continue
+        if isinstance(default, bool):  # bool("false") is True
+            values[name] = raw.strip().lower() in ("1", "true", "yes", "on")
+        else:
             values[name] = type(default)(raw) if default is not None else raw
     return replace(settings, **values, **overrides)
 
@@ -431,5 +434,5 @@ def app_from_env() -> FastAPI:
     uri = os.environ["VIT_MODEL_URI"]
     tracking = os.environ.get("MLFLOW_TRACKING_URI")
     settings = settings_from_env(tracking_uri=tracking)
-    classifier = OnnxClassifier.from_uri(uri, tracking, spin=settings.spin)
+    classifier = OnnxClassifier.from_uri(uri, tracking, spin=settings.spin, choose_for=settings.choose_for)
     return create_app(classifier, settings)

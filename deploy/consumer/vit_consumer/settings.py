@@ -33,3 +33,10 @@ class Settings:
     reload_seconds: float = 0.0
     tracking_uri: str | None = None
     providers: tuple[str, ...] | None = None
+    # Time the registered serving candidates at start-up and serve the fastest (vit_consumer.candidates).
+    choose_candidate: bool = True
+
+    @property
+    def choose_for(self) -> tuple[int, ...] | None:
+        """Batch sizes the candidates are timed at: a lone request and a full batch."""
+        return (1, self.max_batch_size) if self.choose_candidate else None
