@@ -1,0 +1,141 @@
+"""ONNX Runtime, one session per (model file, provider).
+
+On CUDA and TensorRT the input is bound on the device once with IO binding, so
+host copies are not timed; TensorRT keeps an engine cache. The precision is read
+from the graph ONNX Runtime really runs (after its own fusions): int8 when its
+GEMMs are integer kernels (``MatMulIntegerToFloat``, ``QLinearMatMul``, ...).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vit_pipeline.benchmark.backends import batched
+
+PROVIDER_ALIASES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+INT8_OPS = {"MatMulIntegerToFloat", "QLinearMatMul", "MatMulInteger", "QGemm", "QAttention",
+            "DynamicQuantizeMatMul", "QLinearConv", "ConvInteger"}  # fmt: skip
+
+
+def session(path: str | Path, providers: list[Any] | None = None, threads: int | None = None,
+            optimized_path: str | None = None):  # fmt: skip
+    """An ``InferenceSession`` (CPU unless told), optionally saving the graph it really runs."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    if optimized_path:
+        options.optimized_model_filepath = optimized_path
+    return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
+
+
+def runtime_precision(path: str | Path) -> tuple[str, list[str]]:
+    """(precision, integer op types) of the graph ONNX Runtime's CPU provider runs for ``path``."""
+    import onnx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = str(Path(tmp) / "runtime.onnx")
+        session(path, optimized_path=out)
+        model = onnx.load(out, load_external_data=False)
+    ops = {n.op_type for n in model.graph.node}
+    int_ops = sorted(ops & INT8_OPS)
+    if int_ops:
+        return "int8", int_ops
+    halves = any(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer)
+    return ("fp16" if halves else "fp32"), []
+
+
+class OrtBackend:
+    """One ONNX Runtime session; reports the providers it really uses.
+
+    Args:
+        path: The ONNX file.
+        provider: Requested provider (full name); CPU is always the fallback.
+        variant: Name of the model variant, for the report.
+        cache_dir: TensorRT engine cache directory.
+        threads: intra-op threads (None: ONNX Runtime's default).
+    """
+
+    backend = "onnxruntime"
+
+    def __init__(self, path: str | Path, provider: str, variant: str, cache_dir: str | None = None,
+                 threads: int | None = None):  # fmt: skip
+        providers: list[Any] = []
+        if provider == "TensorrtExecutionProvider":
+            trt = {"trt_engine_cache_enable": True, "trt_engine_cache_path": cache_dir or "trt-cache",
+                   "trt_fp16_enable": variant == "fp16"}  # fmt: skip
+            providers.append((provider, trt))
+            providers.append("CUDAExecutionProvider")
+        elif provider != "CPUExecutionProvider":
+            providers.append(provider)
+        providers.append("CPUExecutionProvider")
+        self.path = Path(path)
+        self.session = session(path, providers, threads)
+        self.providers_used = self.session.get_providers()
+        # Name the row by what really runs, never by what was asked for.
+        self.provider = self.providers_used[0]
+        self.variant = variant
+        self.input = self.session.get_inputs()[0].name
+        self.output = self.session.get_outputs()[0].name
+        self.on_gpu = self.provider in GPU_PROVIDERS
+        if self.on_gpu:
+            self.precision = "fp16" if variant == "fp16" else "fp32"
+        else:
+            self.precision, self.integer_ops = runtime_precision(path)
+
+    def prepare(self, batch: np.ndarray) -> Callable[[], Any]:
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        if not self.on_gpu:
+            feed = {self.input: batch}
+            return lambda: self.session.run([self.output], feed)
+        import onnxruntime as ort
+
+        # IO binding: the input lives on the GPU before timing; outputs stay there.
+        binding = self.session.io_binding()
+        device_input = ort.OrtValue.ortvalue_from_numpy(batch, "cuda", 0)
+        binding.bind_ortvalue_input(self.input, device_input)
+        binding.bind_output(self.output, "cuda")
+
+        def run():
+            self.session.run_with_iobinding(binding)
+            binding.synchronize_outputs()
+
+        return run
+
+    def predict(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        return batched(lambda x: self.session.run([self.output], {self.input: x})[0], images, batch_size)
+
+
+def resolve_providers(requested: list[str] | None) -> list[str]:
+    """Providers to try: the requested ones, or every one this build offers.
+
+    Whether a provider really works is only known once a session runs; rows are
+    labelled with ``session.get_providers()[0]``, so a CUDA request that falls
+    back to CPU shows up as CPU (and is dropped as a duplicate).
+    """
+    import onnxruntime as ort
+
+    if requested:
+        return [PROVIDER_ALIASES.get(p.lower(), p) for p in requested]
+    # onnxruntime-gpu lists CUDA and TensorRT even without a GPU; probing them there
+    # only prints pages of load errors. Try them where an NVIDIA device exists.
+    gpu = Path("/dev/nvidiactl").exists()
+    wanted = (*(GPU_PROVIDERS if gpu else ()), "CPUExecutionProvider")
+    return [p for p in wanted if p in ort.get_available_providers()]
+
+
+def probe_provider(path: str | Path, provider: str) -> str:
+    """The provider a session requesting ``provider`` really runs on."""
+    fallback = [] if provider == "CPUExecutionProvider" else ["CPUExecutionProvider"]
+    return session(path, [provider, *fallback]).get_providers()[0]

@@ -1,0 +1,160 @@
+"""Training throughput on this machine, nanoGPT ``bench.py`` style.
+
+For each preset x XLA (off/on) x precision (float32, mixed_bfloat16), in a fresh
+child process (the precision policy is process-global): build the preset's model
+and optimizer, warm up, then time ``steps`` train steps on one batch that is
+already a tensor (compute only), and separately time the preset's input
+pipeline (``train.make_dataset``: shuffle, batch augmentation, casting) over
+the same number of batches (data only). The slower of the two bounds an epoch.
+
+Run: ``vit-pipeline train-benchmark --output docs/benchmarks/training/report.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vit_pipeline.fsutil import write_text
+
+PRECISIONS = ("float32", "mixed_bfloat16")
+
+
+@dataclass
+class TrainingRow:
+    preset: str
+    xla: bool
+    precision: str
+    batch_size: int
+    steps: int
+    compute_ips: float | None = None  # images/s of the train step alone
+    step_ms_p50: float | None = None
+    data_ips: float | None = None  # images/s of the input pipeline alone
+    compile_seconds: float | None = None  # first step (tracing, XLA compilation)
+    params: int | None = None
+    error: str | None = None
+
+
+@dataclass
+class TrainingReport:
+    environment: dict[str, Any]
+    results: list[TrainingRow]
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def save_json(self, path: str | Path) -> Path:
+        return write_text(path, json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> TrainingReport:
+        raw = json.loads(Path(path).read_text())
+        return cls(raw["environment"], [TrainingRow(**r) for r in raw["results"]], raw.get("settings", {}))
+
+    def to_markdown(self) -> str:
+        env = self.environment
+        lines = [
+            f"CPU: {env.get('cpu_model')} x{env.get('cpu_count')} ({', '.join(env.get('cpu_isa', [])) or '-'}); "
+            f"tensorflow {env.get('versions', {}).get('tensorflow', '-')}; {self.settings.get('steps')} timed steps "
+            f"after {self.settings.get('warmup')} warm-up steps",
+            "",
+            "| preset | XLA | precision | batch | train step img/s | step p50 ms | input pipeline img/s | "
+            "first step s | bound by |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in self.results:
+            if r.error:
+                lines.append(f"| {r.preset} | {'on' if r.xla else 'off'} | {r.precision} | {r.batch_size} | "
+                             f"failed: {r.error} | | | | |")  # fmt: skip
+                continue
+            bound = "compute" if r.compute_ips <= r.data_ips else "input pipeline"
+            lines.append(
+                f"| {r.preset} | {'on' if r.xla else 'off'} | {r.precision} | {r.batch_size} | {r.compute_ips:.1f} | "
+                f"{r.step_ms_p50:.0f} | {r.data_ips:.0f} | {r.compile_seconds:.1f} | {bound} |"
+            )
+        return "\n".join(lines) + "\n"
+
+
+def _child(spec: dict[str, Any]) -> dict[str, Any]:
+    import keras
+    import tensorflow as tf
+
+    from vit_pipeline.config import make_config
+    from vit_pipeline.model import build_vit
+    from vit_pipeline.train import compile_model, make_dataset
+
+    keras.mixed_precision.set_global_policy(spec["precision"])
+    cfg = make_config(spec["preset"])
+    bs, n_classes = cfg.batch_size, 100
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (max(4 * bs, 1024), cfg.input_size, cfg.input_size, 3), dtype=np.uint8)
+    labels = rng.integers(0, n_classes, len(images)).astype(np.int32)
+    model = build_vit(cfg, n_classes, images.shape[1:], train_images=images[:256])
+    compile_model(model, cfg, n_classes, steps_per_epoch=100)
+    model.jit_compile = spec["xla"]
+    x, y = next(iter(make_dataset(images, labels, cfg, n_classes, training=True)))
+    x, y = tf.constant(x), tf.constant(y)
+    t0 = time.perf_counter()
+    model.train_on_batch(x, y)
+    compile_seconds = time.perf_counter() - t0
+    for _ in range(spec["warmup"]):
+        model.train_on_batch(x, y)
+    samples = []
+    for _ in range(spec["steps"]):
+        t0 = time.perf_counter()
+        model.train_on_batch(x, y)
+        samples.append(time.perf_counter() - t0)
+    # The input pipeline alone, over as many batches, after one warm-up batch.
+    ds = make_dataset(images, labels, cfg, n_classes, training=True).repeat()
+    it = iter(ds)
+    next(it)
+    t0 = time.perf_counter()
+    for _ in range(spec["steps"]):
+        next(it)
+    data_seconds = time.perf_counter() - t0
+    return {"compute_ips": bs / float(np.mean(samples)), "step_ms_p50": 1000 * float(np.median(samples)),
+            "data_ips": bs * spec["steps"] / data_seconds, "compile_seconds": compile_seconds,
+            "params": int(model.count_params()), "batch_size": bs}  # fmt: skip
+
+
+def run_training_benchmark(presets: list[str], steps: int = 10, warmup: int = 3, xla: tuple[bool, ...] = (False, True),
+                           precisions: tuple[str, ...] = PRECISIONS, timeout: float = 1200) -> TrainingReport:  # fmt: skip
+    """Every combination in its own child process; a failing one is a row with its error."""
+    from vit_pipeline.benchmark.environment import environment
+    from vit_pipeline.config import make_config
+
+    rows = []
+    for preset in presets:
+        bs = make_config(preset).batch_size
+        for use_xla in xla:
+            for precision in precisions:
+                spec = {"preset": preset, "xla": use_xla, "precision": precision, "steps": steps, "warmup": warmup}
+                row = TrainingRow(preset, use_xla, precision, bs, steps)
+                env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+                try:
+                    out = subprocess.run([sys.executable, "-m", "vit_pipeline.benchmark.training", json.dumps(spec)],
+                                         capture_output=True, text=True, timeout=timeout, env=env)  # fmt: skip
+                    found = [line for line in out.stdout.splitlines() if line.startswith("TRAIN ")]
+                    if out.returncode != 0 or not found:
+                        tail = (out.stderr.strip().splitlines() or ["no output"])[-1]
+                        row.error = f"exit {out.returncode}: {tail[:160]}"
+                    else:
+                        for key, value in json.loads(found[-1][len("TRAIN ") :]).items():
+                            setattr(row, key, value)
+                except subprocess.TimeoutExpired:
+                    row.error = f"timed out after {timeout:.0f} s"
+                rows.append(row)
+                print(f"{preset} xla={use_xla} {precision}: "
+                      f"{row.error or f'{row.compute_ips:.1f} img/s (data {row.data_ips:.0f} img/s)'}", flush=True)  # fmt: skip
+    env = environment()
+    return TrainingReport(env, rows, {"steps": steps, "warmup": warmup, "data": "random uint8 images of input_size"})
+
+
+if __name__ == "__main__":
+    print("TRAIN " + json.dumps(_child(json.loads(sys.argv[1]))))
