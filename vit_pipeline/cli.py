@@ -8,12 +8,14 @@ under ``$VIT_PIPELINE_HOME/logs``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
@@ -23,6 +25,10 @@ from vit_pipeline.config import PRESETS, field_names, make_config
 from vit_pipeline.errors import ConfigError, PipelineError
 
 log = logging.getLogger("vit_pipeline")
+# Full tracebacks of CLI errors: to the log file only (the terminal gets one line). Prefect puts a
+# console handler on the root logger, so this logger must not propagate.
+trace_log = logging.getLogger("vit_pipeline.cli.traceback")
+trace_log.propagate = False
 
 
 def _config_options(func: Callable) -> Callable:
@@ -62,11 +68,17 @@ def _setup_logging() -> str:
         if old.baseFilename != str(path.resolve()):  # another home in the same process
             log.removeHandler(old)
             old.close()
+    for old in [h for h in trace_log.handlers if isinstance(h, logging.FileHandler)]:
+        if old.baseFilename != str(path.resolve()):
+            trace_log.removeHandler(old)
+            old.close()
     if not any(isinstance(h, logging.FileHandler) for h in log.handlers):
         handler = logging.FileHandler(path)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
+    if not any(isinstance(h, logging.FileHandler) for h in trace_log.handlers):
+        trace_log.addHandler(next(h for h in log.handlers if isinstance(h, logging.FileHandler)))
     return str(path)
 
 
@@ -87,7 +99,7 @@ def _friendly_errors(func: Callable) -> Callable:
         try:
             return func(*args, **kwargs)
         except PipelineError as exc:
-            log.exception("vit-pipeline failed")
+            trace_log.exception("vit-pipeline failed")
             click.echo(f"Error: {exc}", err=True)
             click.echo(f"(details: {log_path})", err=True)
             sys.exit(2 if isinstance(exc, ConfigError) else 1)
@@ -100,6 +112,11 @@ def _friendly_errors(func: Callable) -> Callable:
 def main() -> None:
     """Train, evaluate, export and serve a Vision Transformer."""
     from vit_pipeline.distribute import LOGICAL_CPUS_ENV
+
+    # TensorFlow's C++ log on a machine without an NVIDIA device is one ERROR line about
+    # cuInit plus INFO lines about CUDA it will not use: not errors of this run. Hidden unless
+    # asked for (TF_CPP_MIN_LOG_LEVEL=0); with a GPU, TensorFlow's errors stay visible.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2" if Path("/dev/nvidiactl").exists() else "3")
 
     if os.environ.get(LOGICAL_CPUS_ENV):  # must happen before any stage starts TensorFlow
         from vit_pipeline.distribute import configure_logical_cpus
@@ -131,12 +148,64 @@ _resume_option = click.option(
 @_friendly_errors
 def run(resume_run_id: str | None, **kwargs) -> None:
     """Run the whole pipeline as a Prefect flow (data, train, evaluate, export, register, benchmark)."""
+    from vit_pipeline.data import check_source
+
     preset, overrides = _split_config(kwargs)
-    make_config(preset, overrides)  # fail before Prefect or TensorFlow start
+    check_source(
+        make_config(preset, overrides)
+    )  # bad config, paths, archives: before Prefect or TensorFlow start
     from flows.train_pipeline import train_pipeline
 
-    result = train_pipeline(preset=preset, overrides=overrides, resume_run_id=resume_run_id)
+    with console_without_tracebacks():
+        result = train_pipeline(preset=preset, overrides=overrides, resume_run_id=resume_run_id)
     click.echo(json.dumps(result, indent=2))
+
+
+class _NoTraceback(logging.Formatter):
+    """Formats like the wrapped formatter, without exception tracebacks (one line per record)."""
+
+    def __init__(self, inner: logging.Formatter | None):
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        saved = record.exc_info, record.exc_text, record.stack_info
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        try:
+            text = self.inner.format(record)
+            # Errors may carry a formatted traceback in the message itself: keep their first line.
+            return text.splitlines()[0] if record.levelno >= logging.ERROR and text else text
+        finally:
+            record.exc_info, record.exc_text, record.stack_info = saved
+
+
+@contextlib.contextmanager
+def console_without_tracebacks():
+    """Prefect's terminal output without tracebacks while a flow runs from the CLI.
+
+    A failing task still fails the flow run, and the Prefect UI (the API log
+    handler) and our log file keep the full traceback; the terminal gets
+    Prefect's progress lines and our one ``Error:`` line with the log path.
+    """
+    names = ["", *(n for n in logging.Logger.manager.loggerDict if n.startswith("prefect"))]
+    handlers = {h for n in names for h in logging.getLogger(n).handlers
+                if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)}  # fmt: skip
+    saved = {h: h.formatter for h in handlers}
+    for h in handlers:
+        h.setFormatter(_NoTraceback(h.formatter))
+        h.addFilter(_prefect_errors)
+    try:
+        yield
+    finally:
+        for h, formatter in saved.items():
+            h.setFormatter(formatter)
+            h.removeFilter(_prefect_errors)
+
+
+def _prefect_errors(record: logging.LogRecord) -> bool:
+    """Drops Prefect's ERROR records (a failed task, the failed flow) from the terminal: they
+    repeat the error our ``Error:`` line states; the Prefect UI keeps them with tracebacks."""
+    return not (record.levelno >= logging.ERROR and record.name.startswith("prefect"))
 
 
 @main.command("proxy-experiment")
@@ -395,12 +464,18 @@ def benchmark(model_path, preset, keras_path, eval_data, eval_images, batch_size
 @click.option(
     "--output", default="benchmark/training.json", show_default=True, type=click.Path(dir_okay=False)
 )
+@click.option(
+    "--rerun-failed", is_flag=True, help="Keep the successful cells of --output; run the others again."
+)
 @_friendly_errors
-def train_benchmark(presets, steps, warmup, output) -> None:
+def train_benchmark(presets, steps, warmup, output, rerun_failed) -> None:
     """Training img/s on this machine: each preset with and without XLA and mixed_bfloat16."""
-    from vit_pipeline.benchmark.training import run_training_benchmark
+    from pathlib import Path
 
-    report = run_training_benchmark(list(presets), steps=steps, warmup=warmup)
+    from vit_pipeline.benchmark.training import TrainingReport, run_training_benchmark
+
+    keep = TrainingReport.from_json(output) if rerun_failed and Path(output).exists() else None
+    report = run_training_benchmark(list(presets), steps=steps, warmup=warmup, keep=keep)
     report.save_json(output)
     click.echo(report.to_markdown())
     click.echo(f"Wrote {output}")

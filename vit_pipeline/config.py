@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -52,7 +53,11 @@ class PipelineConfig:
             with a dependency), "cifar100" (downloaded once through Keras' cache,
             or read from ``data_path``), "image_folder" (one sub-folder per class).
         data_path: Local CIFAR-100 copy (a ``cifar-100-python`` directory or its
-            ``.tar.gz``) or the image folder root.
+            ``.tar.gz``) or the image folder root (``ROOT/<class>/...`` or
+            ``ROOT/{train,val|validation,test}/<class>/...``).
+        dataset_name: Name of the data in the experiment, the registered model
+            and the version tags (``vit-<name>``); None: the dataset (or, for an
+            image folder, the folder's name).
         label_mode: CIFAR-100 labels: "fine" (100 classes) or "coarse" (20).
         input_size: Side of the square images the model takes (raw pixels).
         validation_split: Fraction of the training images held out for validation.
@@ -136,6 +141,8 @@ class PipelineConfig:
             real test images, a candidate needs to be registered.
         candidate_images: Test images the candidate gate uses (up to all).
         int8_calibration_images: Training images int8-static is calibrated on.
+        system_metrics_seconds: Sampling interval of MLflow's system metrics
+            (CPU, memory, disk, network, NVIDIA GPU) for every run; 0: off.
         benchmark_variants: Comma-separated ONNX variants to time:
             fp32, optimized, int8, int8-static (CPU), fp16 (GPU only).
         benchmark_providers: Comma-separated providers (cpu, cuda, tensorrt);
@@ -146,6 +153,7 @@ class PipelineConfig:
 
     dataset: str = "cifar100"
     data_path: str | None = None
+    dataset_name: str | None = None
     label_mode: str = "fine"
     input_size: int = 32
     validation_split: float = 0.1
@@ -189,6 +197,7 @@ class PipelineConfig:
     tracking_uri: str | None = None
     run_name: str | None = None
     tracking_wait_seconds: float = 10.0
+    system_metrics_seconds: float = 10.0
     onnx_opset: int = 17
     parity_tolerance: float = 1e-3
     parity_images: int = 256
@@ -227,8 +236,10 @@ class PipelineConfig:
         """Short name of the data, e.g. ``cifar100`` or ``cifar100-coarse``."""
         if self.dataset == "cifar100" and self.label_mode == "coarse":
             return "cifar100-coarse"
+        if self.dataset_name:
+            return self.dataset_name
         if self.dataset == "image_folder" and self.data_path:
-            return "folder-" + _basename(self.data_path)
+            return folder_dataset_name(self.data_path)
         return self.dataset
 
     def to_dict(self) -> dict[str, Any]:
@@ -238,8 +249,19 @@ class PipelineConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
-def _basename(path: str) -> str:
-    return path.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1] or "root"
+SPLIT_FOLDER_NAMES = ("train", "val", "validation", "test")
+
+
+def folder_dataset_name(path: str) -> str:
+    """An image folder's dataset name: its base name (the parent's when it is a split folder
+    such as ``ROOT/train``), as a slug for experiment and registry names."""
+    import re
+
+    parts = [p for p in path.replace("\\", "/").rstrip("/").split("/") if p not in ("", ".")]
+    if len(parts) > 1 and parts[-1].lower() in SPLIT_FOLDER_NAMES:
+        parts = parts[:-1]
+    name = parts[-1] if parts else "images"
+    return re.sub(r"[^a-z0-9._-]+", "-", name.lower()).strip("-.") or "images"
 
 
 def cifar100_improved() -> dict[str, Any]:
@@ -481,6 +503,10 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
         bad(f"Expected onnx_opset in [13, 18]. Received: onnx_opset={cfg.onnx_opset}")
     if cfg.parity_tolerance <= 0:
         bad(f"Expected parity_tolerance to be positive. Received: parity_tolerance={cfg.parity_tolerance}")
+    if cfg.system_metrics_seconds < 0:
+        bad(
+            f"Expected system_metrics_seconds >= 0. Received: system_metrics_seconds={cfg.system_metrics_seconds}"
+        )
     if cfg.tracking_wait_seconds < 0:
         bad(
             f"Expected tracking_wait_seconds >= 0. Received: tracking_wait_seconds={cfg.tracking_wait_seconds}"
@@ -515,6 +541,13 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
         bad(
             "Expected benchmark_seconds and benchmark_rounds to be positive. Received: "
             f"benchmark_seconds={cfg.benchmark_seconds}, benchmark_rounds={cfg.benchmark_rounds}"
+        )
+    if cfg.dataset_name is not None and not re.fullmatch(
+        r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", cfg.dataset_name
+    ):
+        bad(
+            "Expected dataset_name of letters, digits, '.', '_' or '-' (at most 64). "
+            f"Received: dataset_name={cfg.dataset_name!r}"
         )
     if cfg.dataset == "image_folder" and not cfg.data_path:
         bad("Expected data_path for dataset='image_folder'. Received: data_path=None")

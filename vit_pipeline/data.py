@@ -7,7 +7,9 @@ Sources:
     directory or ``.tar.gz`` (``data_path``), or downloaded once into Keras' cache
     (the same file and checksum as ``keras.datasets.cifar100``).
   * ``image_folder``: one sub-folder per class with PNG/JPEG files of any size
-    and mode, converted to RGB and resized to ``input_size``.
+    and mode, converted to RGB and resized to ``input_size``; either
+    ``ROOT/<class>/...`` or ``ROOT/{train,val|validation,test}/<class>/...``
+    (given splits are used as they are, missing ones split off the training set).
 
 Pickles are read with a restricted unpickler that can only rebuild numpy arrays,
 so a tampered file cannot run code.
@@ -200,27 +202,61 @@ def _decode_batch(d: dict, what: str, label_key: str) -> tuple[np.ndarray, np.nd
     return np.ascontiguousarray(images), labels.astype(np.int32)
 
 
+def _archive_members(tar: tarfile.TarFile, path: Path) -> dict[str, tarfile.TarInfo]:
+    """The archive's cifar-100-python members by name; DataError if any is missing."""
+    members = {m.name.split("/")[-1]: m for m in tar.getmembers() if m.isfile()}
+    missing = [n for n in CIFAR100_MEMBERS if n not in members]
+    if missing:
+        raise DataError(
+            f"Archive {path} lacks the cifar-100-python members {missing} (found: {sorted(members)[:10]})"
+        )
+    return members
+
+
+def _cifar_dir(path: Path) -> Path:
+    base = path / "cifar-100-python" if (path / "cifar-100-python").is_dir() else path
+    for name in CIFAR100_MEMBERS:
+        if not (base / name).is_file():
+            raise DataError(f"Expected {base / name} in the cifar-100-python directory {path}")
+    return base
+
+
+def check_source(cfg: PipelineConfig, source_path: str | os.PathLike | None = None) -> None:
+    """What can be checked before any work starts, without decoding: paths, archive members.
+
+    A truncated or member-less archive, a missing path or an image folder
+    without class folders fails here, before Prefect or TensorFlow start
+    (``vit-pipeline run``). The pickles' contents are checked when they are read.
+    """
+    path = source_path or cfg.data_path
+    if cfg.dataset == "cifar100" and path:
+        path = Path(path)
+        if not path.exists():
+            raise DataError(f"CIFAR-100 path does not exist: {path}")
+        if path.is_dir():
+            _cifar_dir(path)
+            return
+        try:
+            with tarfile.open(path, "r:*") as tar:
+                _archive_members(tar, path)
+        except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
+            raise DataError(f"Could not read archive {path}: {exc} (truncated or corrupt?)") from exc
+    elif cfg.dataset == "image_folder":
+        image_folder_layout(Path(path))
+
+
 def _read_cifar_members(path: Path) -> dict[str, Any]:
     """Reads meta/train/test pickles from a directory or a .tar.gz archive."""
     out: dict[str, Any] = {}
     if path.is_dir():
-        base = path / "cifar-100-python" if (path / "cifar-100-python").is_dir() else path
+        base = _cifar_dir(path)
         for name in CIFAR100_MEMBERS:
-            member = base / name
-            if not member.is_file():
-                raise DataError(f"Expected {member} in the cifar-100-python directory {path}")
-            with open(member, "rb") as f:
-                out[name] = safe_unpickle(f, f"{member}")
+            with open(base / name, "rb") as f:
+                out[name] = safe_unpickle(f, f"{base / name}")
         return out
     try:
         with tarfile.open(path, "r:*") as tar:
-            members = {m.name.split("/")[-1]: m for m in tar.getmembers() if m.isfile()}
-            missing = [n for n in CIFAR100_MEMBERS if n not in members]
-            if missing:
-                raise DataError(
-                    f"Archive {path} lacks the cifar-100-python members {missing} "
-                    f"(found: {sorted(members)[:10]})"
-                )
+            members = _archive_members(tar, path)
             for name in CIFAR100_MEMBERS:
                 stream = tar.extractfile(members[name])
                 # Read fully first so a truncated archive fails here, not mid-pickle.
@@ -256,8 +292,55 @@ def read_cifar100(
     return x_train, y_train, x_test, y_test, class_names
 
 
-def read_image_folder(root: str | os.PathLike, size: int) -> tuple[np.ndarray, np.ndarray, list[str], int]:
-    """Reads ``root/<class>/*.png|jpg``: RGB, resized to ``size`` x ``size``.
+SPLIT_FOLDERS = {"train": "train", "val": "val", "validation": "val", "test": "test"}
+
+
+def _subdirs(path: Path) -> list[Path]:
+    return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def image_folder_layout(root: Path) -> dict[str, Path]:
+    """Which folders hold which split: ``{"all": root}`` for ``root/<class>/...``, or
+    ``{"train": ..., "val": ..., "test": ...}`` (val and test optional) for
+    ``root/{train,val|validation,test}/<class>/...`` (the Keras
+    ``image_dataset_from_directory`` / torchvision ``ImageFolder`` layout).
+
+    Raises:
+        DataError: no class folders, both val and validation, or splits whose class
+            folders differ (naming the difference).
+    """
+    if not root.is_dir():
+        raise DataError(f"Image folder does not exist or is not a directory: {root}")
+    subdirs = _subdirs(root)
+    if not subdirs:
+        raise DataError(f"Image folder {root} has no class sub-folders")
+    names = {p.name.lower() for p in subdirs}
+    if "train" not in names or not names <= set(SPLIT_FOLDERS):
+        return {"all": root}
+    layout: dict[str, Path] = {}
+    for p in subdirs:
+        split = SPLIT_FOLDERS[p.name.lower()]
+        if split in layout:
+            raise DataError(f"Image folder {root} has both {layout[split].name}/ and {p.name}/; keep one")
+        layout[split] = p
+    classes = {split: [c.name for c in _subdirs(p)] for split, p in layout.items()}
+    if not classes["train"]:
+        raise DataError(f"Image folder {layout['train']} has no class sub-folders")
+    for split, found in classes.items():
+        if found != classes["train"]:
+            missing = sorted(set(classes["train"]) - set(found))
+            extra = sorted(set(found) - set(classes["train"]))
+            raise DataError(
+                f"Class folders of {layout[split]} differ from {layout['train']}: "
+                f"missing {missing[:10]}, extra {extra[:10]}"
+            )
+    return layout
+
+
+def read_class_folders(
+    folder: Path, size: int, class_names: list[str] | None = None
+) -> tuple[np.ndarray, np.ndarray, list[str], int]:
+    """Reads ``folder/<class>/*``: RGB, resized to ``size`` x ``size``.
 
     Unreadable or non-image files are skipped and counted (logged), not fatal:
     one bad JPEG in a folder of thousands should not stop a training run.
@@ -267,14 +350,15 @@ def read_image_folder(root: str | os.PathLike, size: int) -> tuple[np.ndarray, n
     """
     from PIL import Image, UnidentifiedImageError
 
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"Image folder does not exist or is not a directory: {root}")
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folder.is_dir():
+        raise DataError(f"Image folder does not exist or is not a directory: {folder}")
+    class_dirs = _subdirs(folder)
     if not class_dirs:
-        raise DataError(f"Image folder {root} has no class sub-folders")
+        raise DataError(f"Image folder {folder} has no class sub-folders")
+    names = class_names or [p.name for p in class_dirs]
     images, labels, skipped = [], [], 0
-    for label, class_dir in enumerate(class_dirs):
+    for label, name in enumerate(names):
+        class_dir = folder / name
         files = sorted(p for p in class_dir.iterdir() if p.is_file() and not p.name.startswith("."))
         count = 0
         for file in files:
@@ -291,8 +375,13 @@ def read_image_folder(root: str | os.PathLike, size: int) -> tuple[np.ndarray, n
         if count == 0:
             raise DataError(f"Class folder {class_dir} has no readable images")
     if skipped:
-        log.warning("Skipped %d unreadable files in %s", skipped, root)
-    return np.stack(images), np.asarray(labels, dtype=np.int32), [p.name for p in class_dirs], skipped
+        log.warning("Skipped %d unreadable files in %s", skipped, folder)
+    return np.stack(images), np.asarray(labels, dtype=np.int32), names, skipped
+
+
+def read_image_folder(root: str | os.PathLike, size: int) -> tuple[np.ndarray, np.ndarray, list[str], int]:
+    """Reads ``root/<class>/*.png|jpg`` (one folder, no splits); see ``read_class_folders``."""
+    return read_class_folders(Path(root), size)
 
 
 # -------------------------------------------------------------------- splitting
@@ -341,6 +430,7 @@ def prepare(cfg: PipelineConfig, source_path: str | os.PathLike | None = None) -
             ``cfg.data_path``.
     """
     info: dict[str, Any] = {}
+    val: tuple[np.ndarray, np.ndarray] | None = None  # a validation split the source brings
     path = source_path or cfg.data_path
     if cfg.dataset == "digits":
         x, y, names = load_digits_rgb()
@@ -352,9 +442,22 @@ def prepare(cfg: PipelineConfig, source_path: str | os.PathLike | None = None) -
         x_rest, y_rest, x_test, y_test, names = read_cifar100(path, cfg.label_mode)
         source = str(Path(path).resolve())
     elif cfg.dataset == "image_folder":
-        x, y, names, skipped = read_image_folder(path, cfg.input_size)
-        info["skipped_files"] = skipped
-        x_rest, y_rest, x_test, y_test = _split(x, y, cfg.test_split, cfg.seed)
+        layout = image_folder_layout(Path(path))
+        given = {}
+        names = None
+        for split in ("all", "train", "val", "test"):
+            if split in layout:
+                x, y, names, skipped = read_class_folders(layout[split], cfg.input_size, names)
+                given[split] = (x, y)
+                info["skipped_files"] = info.get("skipped_files", 0) + skipped
+        info["splits_given"] = ",".join(s for s in ("train", "val", "test") if s in layout) or "none"
+        x_rest, y_rest = given.get("train", given.get("all"))
+        if "test" in given:
+            x_test, y_test = given["test"]
+        else:
+            x_rest, y_rest, x_test, y_test = _split(x_rest, y_rest, cfg.test_split, cfg.seed)
+        if "val" in given:
+            val = given["val"]
         source = str(Path(path).resolve())
     else:  # validated in config; kept for type checkers
         raise DataError(f"Unknown dataset {cfg.dataset!r}")
@@ -368,7 +471,11 @@ def prepare(cfg: PipelineConfig, source_path: str | os.PathLike | None = None) -
         )
     x_rest, y_rest = _cap(x_rest, y_rest, cfg.max_train_images, cfg.seed)
     x_test, y_test = _cap(x_test, y_test, cfg.max_test_images, cfg.seed)
-    x_train, y_train, x_val, y_val = _split(x_rest, y_rest, cfg.validation_split, cfg.seed)
+    if val is None:
+        x_train, y_train, x_val, y_val = _split(x_rest, y_rest, cfg.validation_split, cfg.seed)
+    else:  # the source's own validation split, as it is
+        (x_train, y_train), (x_val, y_val) = (x_rest, y_rest), val
+        validate_arrays(x_val, y_val, num_classes, "val")
     empty = [names[c] for c in range(num_classes) if not np.any(y_train == c)]
     if empty:
         raise DataError(f"{len(empty)} classes have no training images, e.g. {empty[:5]}")

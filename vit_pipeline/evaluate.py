@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import weakref
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -39,46 +40,65 @@ def predict_logits(model, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """Logits for uint8 images, in inference mode (no augmentation, no dropout)."""
     import tensorflow as tf
 
-    fn = tf.function(lambda batch: model(batch, training=False), reduce_retracing=True)
+    fn = _inference_fns.get(model)
+    if fn is None:  # one traced function per model: a new one per call retraces every time
+        ref = weakref.ref(model)  # the cache must not keep the model alive
+        spec = tf.TensorSpec([None, *model.inputs[0].shape[1:]], tf.float32)  # any batch size: one trace
+        fn = _inference_fns[model] = tf.function(
+            lambda batch: ref()(batch, training=False), input_signature=[spec]
+        )
     out = [fn(tf.constant(x[i : i + batch_size], tf.float32)).numpy() for i in range(0, len(x), batch_size)]
     return np.concatenate(out, axis=0)
 
 
+_inference_fns: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def topk_accuracy(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
-    k = min(k, logits.shape[1])
-    topk = np.argpartition(-logits, kth=k - 1, axis=1)[:, :k]
-    return float(np.mean(np.any(topk == labels[:, None], axis=1)))
+    """Share of rows whose label is among the ``k`` highest logits (scikit-learn)."""
+    from sklearn.metrics import accuracy_score, top_k_accuracy_score
+
+    num_classes = logits.shape[1]
+    if k >= num_classes:
+        return 1.0
+    if k == 1 or num_classes == 2:  # sklearn's binary case wants 1-D scores
+        return float(accuracy_score(labels, logits.argmax(axis=1)))
+    return float(top_k_accuracy_score(labels, logits, k=k, labels=np.arange(num_classes)))
 
 
 def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Mean softmax cross-entropy from logits (scikit-learn's log loss on the softmax)."""
+    from sklearn.metrics import log_loss
+
     shifted = logits - logits.max(axis=1, keepdims=True)
-    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-    return float(-np.mean(log_probs[np.arange(len(labels)), labels]))
+    probs = np.exp(shifted) / np.exp(shifted).sum(axis=1, keepdims=True)
+    return float(log_loss(labels, probs, labels=np.arange(logits.shape[1])))
 
 
 def confusion(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> np.ndarray:
-    cm = np.zeros((num_classes, num_classes), dtype=np.int64)
-    np.add.at(cm, (labels, preds), 1)
-    return cm
+    from sklearn.metrics import confusion_matrix
+
+    return confusion_matrix(labels, preds, labels=np.arange(num_classes))
 
 
 def per_class_rows(cm: np.ndarray, class_names: list[str]) -> list[dict[str, Any]]:
-    support = cm.sum(axis=1)
+    """Per class: support, correct, accuracy (= recall), precision, recall, F1 (scikit-learn)."""
+    from sklearn.metrics import precision_recall_fscore_support
+
+    classes = np.arange(len(class_names))
+    # Expand the confusion matrix back to (label, prediction) pairs, weighted by count.
+    true, pred = np.nonzero(cm)
+    weights = cm[true, pred]
+    precision, recall, f1, support = precision_recall_fscore_support(
+        true, pred, labels=classes, sample_weight=weights, zero_division=np.nan
+    )
     correct = np.diag(cm)
-    predicted = cm.sum(axis=0)
-    rows = []
-    for i, name in enumerate(class_names):
-        rows.append(
-            {
-                "class_index": i,
-                "class_name": name,
-                "support": int(support[i]),
-                "correct": int(correct[i]),
-                "accuracy": float(correct[i] / support[i]) if support[i] else float("nan"),
-                "precision": float(correct[i] / predicted[i]) if predicted[i] else float("nan"),
-            }
-        )
-    return rows
+    return [
+        {"class_index": i, "class_name": name, "support": int(cm[i].sum()), "correct": int(correct[i]),
+         "accuracy": float(recall[i]), "precision": float(precision[i]), "recall": float(recall[i]),
+         "f1": float(f1[i])}
+        for i, name in enumerate(class_names)
+    ]  # fmt: skip
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:

@@ -18,6 +18,7 @@ saved, and ``check_parity`` runs the saved file in ONNX Runtime against Keras.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -177,6 +178,29 @@ def export_onnx(model, path: str | Path, metadata: dict[str, str], opset: int = 
     log.info("Exported %s in %.1f s (opset %d, ops %s)", path, seconds, opset, ops)
     return {"path": str(path), "export_seconds": seconds, "opset": opset,
             "size_bytes": path.stat().st_size, "ops": ops}  # fmt: skip
+
+
+@contextlib.contextmanager
+def quiet_onnxruntime():
+    """Silences ONNX Runtime's and mlflow.onnx's provider-fallback messages inside the block.
+
+    MLflow checks a logged ONNX model by opening it with its default providers
+    (CUDA, then CPU); onnxruntime-gpu on a machine without CUDA libraries then
+    prints a red ERROR and MLflow a WARNING, although the CPU provider works and
+    nothing failed. The logged model keeps requesting CUDA first, so a GPU
+    machine that loads it later still gets the GPU.
+    """
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(4)  # FATAL only
+    mlflow_onnx = logging.getLogger("mlflow.onnx")
+    previous = mlflow_onnx.level
+    mlflow_onnx.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        ort.set_default_logger_severity(2)  # ONNX Runtime's default: WARNING
+        mlflow_onnx.setLevel(previous)
 
 
 def ort_session(path: str | Path, providers: list[str] | None = None):

@@ -276,17 +276,27 @@ def _log_and_register(cfg: PipelineConfig, run_id: str, onnx_path: str, example:
     logged model as ``extra_files/``, so ``models:/name@champion`` brings them along.
     """
     import mlflow
-    import mlflow.onnx
-    import onnx
-    import onnxruntime as ort
 
-    from vit_pipeline.export import INPUT_NAME, OUTPUT_NAME, ort_session, run_onnx
-    from vit_pipeline.mlflow_models import log_model
+    from vit_pipeline.export import INPUT_NAME, OUTPUT_NAME, ort_session, quiet_onnxruntime, run_onnx
 
     example = example.astype(np.float32)
     outputs = run_onnx(ort_session(onnx_path), example, len(example))
     signature = mlflow.models.infer_signature({INPUT_NAME: example}, {OUTPUT_NAME: outputs})
-    info = log_model(
+    with quiet_onnxruntime():
+        info = _log_onnx(cfg, run_id, onnx_path, signature, example, candidates)
+    return str(info.registered_model_version)
+
+
+def _log_onnx(cfg: PipelineConfig, run_id: str, onnx_path: str, signature, example: np.ndarray,
+              candidates: str | None):  # fmt: skip
+    import mlflow.onnx
+    import onnx
+    import onnxruntime as ort
+
+    from vit_pipeline.export import INPUT_NAME
+    from vit_pipeline.mlflow_models import log_model
+
+    return log_model(
         cfg,
         run_id,
         mlflow.onnx,
@@ -301,7 +311,6 @@ def _log_and_register(cfg: PipelineConfig, run_id: str, onnx_path: str, example:
         pip_requirements=[f"onnx=={onnx.__version__}", f"onnxruntime-gpu=={ort.__version__}"],
         **({"extra_files": _candidate_files(candidates)} if candidates else {}),
     )
-    return str(info.registered_model_version)
 
 
 def _candidate_tags(manifest: str | None) -> dict[str, str]:

@@ -168,6 +168,7 @@ def lifecycle(
     _claim(client, run_id)
     beat = _Heartbeat(client, run_id, heartbeat_seconds)
     beat.start()
+    monitor = _system_metrics(cfg, run_id)
     error: BaseException | None = None
     try:
         yield run_id
@@ -176,7 +177,28 @@ def lifecycle(
         raise
     finally:
         beat.stopped.set()
+        if monitor is not None:
+            monitor.finish()  # flushes the last samples while the run is still RUNNING
         _end(client, run_id, error)
+
+
+def _system_metrics(cfg: PipelineConfig, run_id: str):
+    """MLflow's system metrics (CPU, memory, disk, network; GPU through NVML where one exists)
+    for this run, sampled every ``cfg.system_metrics_seconds`` (0: off): the run page's
+    "System metrics" tab. A resumed run continues the step count."""
+    if cfg.system_metrics_seconds <= 0:
+        return None
+    import logging
+
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    from vit_pipeline import tracking
+
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no "Started monitoring" lines
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=cfg.system_metrics_seconds, resume_logging=True,
+                                   tracking_uri=tracking.tracking_uri(cfg))  # fmt: skip
+    monitor.start()
+    return monitor
 
 
 def _claim(client, run_id: str) -> None:

@@ -219,7 +219,8 @@ def reap_once(cfg: PipelineConfig) -> list[str]:
 def _operational(field: str) -> bool:
     """Fields that may change between a crash and its resume (they do not touch the model)."""
     # distribution_strategy too: a run may resume on a machine with other devices.
-    operational = ("tracking_uri", "tracking_wait_seconds", "run_name", "distribution_strategy")
+    operational = ("tracking_uri", "tracking_wait_seconds", "run_name", "distribution_strategy",
+                   "system_metrics_seconds")  # fmt: skip
     return field in operational or field.startswith("benchmark_")
 
 
@@ -241,6 +242,14 @@ def run_url(cfg: PipelineConfig, run_id: str) -> str:
     uri = tracking_uri(cfg)
     base = uri.rstrip("/") if not _is_local(uri) else "http://127.0.0.1:5000"
     return f"{base}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+
+
+def open_hint(cfg: PipelineConfig) -> str:
+    """How to open ``run_url`` when no tracking server is running (a local store); else ""."""
+    uri = tracking_uri(cfg)
+    if not _is_local(uri):
+        return ""
+    return f"(no MLflow server runs for a local store; open it with: mlflow ui --backend-store-uri {uri})"
 
 
 def log_epoch_metrics(cfg: PipelineConfig, run_id: str, epoch: int, logs: dict[str, float]) -> None:

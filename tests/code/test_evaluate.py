@@ -28,6 +28,14 @@ def test_confusion_and_per_class():
     rows = per_class_rows(cm, ["a", "b", "c"])
     assert [r["accuracy"] for r in rows] == [0.5, 1.0, 0.0]
     assert rows[1]["precision"] == 1 / 3
+    # The same figures as scikit-learn's report on the underlying labels.
+    from sklearn.metrics import precision_recall_fscore_support
+
+    p, r, f1, _ = precision_recall_fscore_support(
+        [0, 0, 1, 2], [0, 1, 1, 1], labels=[0, 1, 2], zero_division=0
+    )
+    assert [row["recall"] for row in rows] == list(r) and [row["f1"] for row in rows] == list(f1)
+    assert rows[0]["precision"] == p[0] == 1.0 and np.isnan(rows[2]["precision"])  # class c never predicted
 
 
 def test_plots_are_real_pngs(tmp_path):

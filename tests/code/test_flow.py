@@ -50,7 +50,8 @@ def test_train_pipeline_logs_everything(prefect_server, tiny_overrides, tmp_path
         assert [m.step for m in history] == [0, 1], key
     # Plots, CSVs and the model.
     arts = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
-    for name in ("per_class_accuracy.csv", "confusion_matrix.png", "learning_curves.png", "patches.png"):
+    for name in ("per_class_accuracy.csv", "confusion_matrix.png", "learning_curves.png", "patches.png",
+                 "per_class_metrics.json"):  # fmt: skip
         assert f"evaluation/{name}" in arts
     models = client.search_logged_models(experiment_ids=[exp.experiment_id])
     assert any(m.source_run_id == run.info.run_id and m.name == "keras-model" for m in models)

@@ -117,3 +117,19 @@ def test_runs_command_lists_and_reaps(cfg):
     out = CliRunner().invoke(main, ["runs", "--tracking-uri", cfg.tracking_uri])
     assert out.exit_code == 0, out.output
     assert f"Marked {run_id} KILLED" in out.output and '"status": "KILLED"' in out.output
+
+
+def test_system_metrics_are_logged_while_the_run_lives(tmp_path):
+    cfg = make_config("quickstart", {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+                                     "system_metrics_seconds": 0.3})  # fmt: skip
+    with runs.tracked_run(cfg, "quickstart") as run_id:
+        time.sleep(1.5)
+    client = tracking.client(cfg)
+    metrics = client.get_run(run_id).data.metrics
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(metrics)
+    steps = [m.step for m in client.get_metric_history(run_id, "system/cpu_utilization_percentage")]
+    assert len(steps) >= 2 and steps == sorted(steps)
+    off = make_config("quickstart", {"tracking_uri": cfg.tracking_uri, "system_metrics_seconds": 0})
+    with runs.tracked_run(off, "quickstart") as quiet:
+        time.sleep(0.5)
+    assert not any(k.startswith("system/") for k in client.get_run(quiet).data.metrics)

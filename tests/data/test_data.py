@@ -7,7 +7,7 @@ from PIL import Image
 from tests.conftest import CIFAR_CUT, cifar_members, write_cifar_dir, write_cifar_tar
 from vit_pipeline import data
 from vit_pipeline.config import make_config
-from vit_pipeline.errors import DataError
+from vit_pipeline.errors import ConfigError, DataError
 
 
 def test_digits_are_real_rgb_images():
@@ -133,6 +133,54 @@ def test_prepare_image_folder_end_to_end(tmp_path):
     assert len(splits.y_train) + len(splits.y_val) + len(splits.y_test) == 19
 
 
+def test_image_folder_with_its_own_splits(tmp_path):
+    """ROOT/{train,validation,test}/<class>/: the given splits are used as they are."""
+    root = tmp_path / "Flowers 2024"
+    for split in ("train", "validation", "test"):
+        _write_image_folder(root / split)
+    cfg = make_config("quickstart", {"dataset": "image_folder", "data_path": str(root)})
+    assert cfg.dataset_tag == "flowers-2024" and cfg.resolved_experiment_name == "vit-flowers-2024"
+    assert cfg.resolved_model_name == "vit-flowers-2024"
+    splits = data.prepare(cfg)
+    assert splits.class_names == ["cat", "dog", "eel"]  # not "train", "validation", "test"
+    assert len(splits.y_train) == len(splits.y_val) == len(splits.y_test) == 19
+    assert splits.info["splits_given"] == "train,val,test"
+    # Only train and test given: validation is split off the training images, test kept as given.
+    partial = tmp_path / "partial"
+    _write_image_folder(partial / "train")
+    _write_image_folder(partial / "test")
+    cfg = make_config("quickstart", {"dataset": "image_folder", "data_path": str(partial), "validation_split": 0.25,
+                                     "dataset_name": "my-data"})  # fmt: skip
+    assert cfg.dataset_tag == "my-data"
+    splits = data.prepare(cfg)
+    assert (
+        len(splits.y_test) == 19 and len(splits.y_train) + len(splits.y_val) == 19 and len(splits.y_val) >= 3
+    )
+    # Pointed at ROOT/train, the dataset keeps ROOT's name.
+    assert make_config(
+        "quickstart", {"dataset": "image_folder", "data_path": str(partial / "train")}
+    ).dataset_tag == ("partial")
+
+
+def test_image_folder_splits_must_have_the_same_classes(tmp_path):
+    root = tmp_path / "pets"
+    _write_image_folder(root / "train")
+    _write_image_folder(root / "val")
+    (root / "val" / "fox").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "val" / "fox" / "0.png")
+    import shutil
+
+    shutil.rmtree(root / "val" / "eel")
+    cfg = make_config("quickstart", {"dataset": "image_folder", "data_path": str(root)})
+    with pytest.raises(DataError, match=r"differ from .*train: missing \['eel'\], extra \['fox'\]"):
+        data.check_source(cfg)
+    (root / "validation").mkdir()
+    with pytest.raises(DataError, match="both"):
+        data.image_folder_layout(root)
+    with pytest.raises(ConfigError, match="dataset_name"):
+        make_config("quickstart", {"dataset_name": "no spaces please"})
+
+
 def test_split_is_deterministic_stratified_and_disjoint():
     cfg = make_config("quickstart")
     a, b = data.prepare(cfg), data.prepare(cfg)
@@ -253,3 +301,30 @@ def test_bad_input_on_the_cli_is_one_line_and_writes_nothing(tmp_path, pipeline_
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert [r.info.status for r in runs] == ["FAILED"] and client.search_registered_models() == []
     assert not os.path.exists(marker)
+
+
+@pytest.mark.parametrize(("case", "before_prefect"), [("truncated", True), ("no_members", True),
+                                                       ("empty_folder", True), ("pickle_payload", False)])  # fmt: skip
+def test_bad_input_under_run_is_one_line_too(tmp_path, pipeline_home, case, before_prefect):
+    """`vit-pipeline run`: what can be checked is checked before Prefect starts; a task's error is one line."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path, dataset, message = _bad_inputs(tmp_path)[case]
+    env = {**os.environ, "VIT_PIPELINE_HOME": str(pipeline_home), "TF_CPP_MIN_LOG_LEVEL": "2",
+           "PREFECT_HOME": str(tmp_path / "prefect")}  # fmt: skip
+    env.pop("PREFECT_API_URL", None)
+    cli = Path(sys.executable).parent / "vit-pipeline"
+    out = subprocess.run([str(cli), "run", "--dataset", dataset, "--data-path", str(path), "--epochs", "1",
+                          "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"], env=env, capture_output=True,
+                         text=True, timeout=300)  # fmt: skip
+    assert out.returncode == 1, out.stderr[-3000:]
+    text = out.stdout + out.stderr
+    errors = [line for line in text.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and message in errors[0], text[-3000:]
+    assert "Traceback" not in text and 'File "' not in text, text[-3000:]
+    assert f"(details: {pipeline_home / 'logs' / 'vit-pipeline.log'})" in out.stderr
+    started_prefect = "temporary server" in text.lower() or "Beginning flow run" in text
+    assert started_prefect != before_prefect, text[-2000:]

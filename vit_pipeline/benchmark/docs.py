@@ -35,7 +35,11 @@ def render(reports_dir: str | Path) -> str:
             report = BenchmarkReport.from_json(folder / "report.json")
             parts.append(report.to_markdown())
             if ratios := report.ratios():
-                parts.append("Ratios measured side by side in this run:\n\n" + "\n".join(f"- {r}" for r in ratios) + "\n")
+                parts.append(
+                    "Ratios measured side by side in this run:\n\n"
+                    + "\n".join(f"- {r}" for r in ratios)
+                    + "\n"
+                )
             if (folder / "throughput.png").exists():
                 parts.append(f"![throughput]({Path(reports_dir).name}/{folder.name}/throughput.png)\n")
         if (folder / "training.json").exists():

@@ -151,7 +151,9 @@ class BenchmarkReport:
             f"onnxruntime {versions.get('onnxruntime')}, openvino {versions.get('openvino', '-')}, "
             f"tensorflow {versions.get('tensorflow', '-')}",
             "Rooflines measured in this run: "
-            + "; ".join(f"{p} {v['gflops']:.0f} GFLOP/s ({v['method']})" for p, v in self.rooflines().items()),
+            + "; ".join(
+                f"{p} {v['gflops']:.0f} GFLOP/s ({v['method']})" for p, v in self.rooflines().items()
+            ),
         ]
         if missing := self.settings.get("backends_missing"):
             lines.append("Not measured: " + "; ".join(f"{k} ({v})" for k, v in missing.items()))
@@ -162,7 +164,9 @@ class BenchmarkReport:
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         order = {"keras": 0, "onnxruntime": 1, "openvino": 2}
-        for r in sorted(self.results, key=lambda r: (r.batch_size, order.get(r.backend, 9), r.provider, r.variant)):
+        for r in sorted(
+            self.results, key=lambda r: (r.batch_size, order.get(r.backend, 9), r.provider, r.variant)
+        ):
             base = self.baseline(r.batch_size)
             ratio = f"{r.throughput_ips / base.throughput_ips:.2f}x" if base else "-"
             lat = r.latency_ms
@@ -174,7 +178,10 @@ class BenchmarkReport:
                 f"{_fmt(r.top5, '.4f')} | {_fmt(r.top1_agreement, '.2%')} | {_fmt(rss, '.0f')} |"
             )
         if self.choice:
-            lines += ["", f"Served candidate: **{self.choice.get('label')}** ({self.choice.get('reason', '')})"]
+            lines += [
+                "",
+                f"Served candidate: **{self.choice.get('label')}** ({self.choice.get('reason', '')})",
+            ]
         return "\n".join(lines) + "\n"
 
     def rooflines(self) -> dict[str, dict[str, Any]]:
@@ -190,7 +197,9 @@ class BenchmarkReport:
             base = self.baseline(bs)
             for row in self.rows(bs, "onnxruntime") + self.rows(bs, "openvino"):
                 if base and row.provider in (CPU, OV_DEFAULT, OV_F32):
-                    out.append(f"batch {bs}: {row.label} / Keras = {row.throughput_ips / base.throughput_ips:.2f}x")
+                    out.append(
+                        f"batch {bs}: {row.label} / Keras = {row.throughput_ips / base.throughput_ips:.2f}x"
+                    )
             served = self.served(bs)
             if served:
                 for name, peer in self.peers(bs).items():

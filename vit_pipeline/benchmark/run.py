@@ -17,7 +17,12 @@ import numpy as np
 
 from vit_pipeline import variants as variants_mod
 from vit_pipeline.benchmark.backends.keras import KerasBackend
-from vit_pipeline.benchmark.backends.onnxruntime import GPU_PROVIDERS, OrtBackend, probe_provider, resolve_providers
+from vit_pipeline.benchmark.backends.onnxruntime import (
+    GPU_PROVIDERS,
+    OrtBackend,
+    probe_provider,
+    resolve_providers,
+)
 from vit_pipeline.benchmark.environment import environment
 from vit_pipeline.benchmark.memory import measure_memory
 from vit_pipeline.benchmark.report import CPU, BenchmarkReport, BenchmarkResult, LatencyStats
@@ -46,7 +51,8 @@ def run_benchmark(
     """
     roofs = rooflines(roofline_seconds)
     reference = next((b for b in backends if b.backend == "keras"), None) or next(
-        (b for b in backends if b.backend == "onnxruntime" and b.variant == "fp32" and b.provider == CPU), None
+        (b for b in backends if b.backend == "onnxruntime" and b.variant == "fp32" and b.provider == CPU),
+        None,
     )
     ref_logits = reference.predict(eval_images) if reference else None
     quality = [accuracy(b.predict(eval_images), eval_labels, ref_logits) for b in backends]
@@ -76,7 +82,9 @@ def run_benchmark(
     )  # fmt: skip
 
 
-def choose_served(report: BenchmarkReport, candidates: set[str], min_agreement: float = MIN_AGREEMENT) -> dict:
+def choose_served(
+    report: BenchmarkReport, candidates: set[str], min_agreement: float = MIN_AGREEMENT
+) -> dict:
     """The fastest candidate (geometric mean of img/s over the batch sizes) that keeps agreement.
 
     Args:
@@ -153,25 +161,42 @@ def _openvino_backends(paths: dict[str, Path], missing: dict[str, str]) -> list[
     if not ok:
         missing["openvino"] = why
         return []
-    out = [openvino.OpenVinoBackend(paths["fp32"], "fp32"), openvino.OpenVinoBackend(paths["fp32"], "fp32", f32=True)]
+    out = [
+        openvino.OpenVinoBackend(paths["fp32"], "fp32"),
+        openvino.OpenVinoBackend(paths["fp32"], "fp32", f32=True),
+    ]
     if "int8-static" in paths:  # OpenVINO runs QDQ files in int8 too
         out.append(openvino.OpenVinoBackend(paths["int8-static"], "int8-static"))
     return out
 
 
-def _memory(backends: list[Any], keras_path: str | None, input_shape: list[int], batch: int) -> dict[str, Any]:
+def _memory(
+    backends: list[Any], keras_path: str | None, input_shape: list[int], batch: int
+) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for b in backends:
-        label = BenchmarkResult(b.backend, b.provider, b.variant, 0, LatencyStats(0, 0, 0, 0, 0, 0), 0, 0).label
+        label = BenchmarkResult(
+            b.backend, b.provider, b.variant, 0, LatencyStats(0, 0, 0, 0, 0, 0), 0, 0
+        ).label
         if b.backend == "keras":
             if not keras_path:
                 out[label] = {"error": "no .keras file to load in a child process"}
                 continue
             spec = {"backend": "keras", "path": keras_path, "xla": b.provider.endswith("xla")}
         elif b.backend == "openvino":
-            spec = {"backend": "openvino", "path": str(b.path), "variant": b.variant, "f32": b.provider.endswith("f32")}
+            spec = {
+                "backend": "openvino",
+                "path": str(b.path),
+                "variant": b.variant,
+                "f32": b.provider.endswith("f32"),
+            }
         else:
-            spec = {"backend": "onnxruntime", "path": str(b.path), "provider": b.provider, "variant": b.variant}
+            spec = {
+                "backend": "onnxruntime",
+                "path": str(b.path),
+                "provider": b.provider,
+                "variant": b.variant,
+            }
         out[label] = measure_memory({**spec, "batch_size": batch, "input_shape": input_shape})
     return out
 
@@ -238,7 +263,9 @@ def benchmark_files(
     for provider in usable:
         for variant, path in paths.items():
             on_gpu = provider in GPU_PROVIDERS
-            if (variant in variants_mod.CPU_ONLY and on_gpu) or (variant in variants_mod.GPU_ONLY and not on_gpu):
+            if (variant in variants_mod.CPU_ONLY and on_gpu) or (
+                variant in variants_mod.GPU_ONLY and not on_gpu
+            ):
                 continue
             backends.append(OrtBackend(path, provider, variant, cache_dir=str(out_dir / "trt-cache")))
     missing: dict[str, str] = {}
@@ -254,7 +281,7 @@ def benchmark_files(
         {r.label for r in report.results if r.top1_agreement is not None and r.top1_agreement < min_agreement}
     )  # fmt: skip
     for label in report.settings["agreement_violations"]:
-        log.warning("%s top-1 agreement is below %.1f%%", label, 100 * min_agreement)
+        log.info("%s top-1 agreement is below %.1f%%: not a serving candidate", label, 100 * min_agreement)
     servable = {r.label for r in report.results if r.backend == "onnxruntime" and r.provider == CPU
                 and (r.variant in serve_candidates if serve_candidates else r.variant != "fp16")}  # fmt: skip
     report.choice = choose_served(report, servable, min_agreement)

@@ -56,7 +56,9 @@ def accuracy(logits: np.ndarray, labels: np.ndarray | None, reference: np.ndarra
     return out
 
 
-def time_cells(backends: list[Any], scenario: Scenario, images: np.ndarray) -> dict[tuple[int, int], list[float]]:
+def time_cells(
+    backends: list[Any], scenario: Scenario, images: np.ndarray
+) -> dict[tuple[int, int], list[float]]:
     """(backend index, batch size) -> latency samples in seconds, in alternating rounds."""
     samples: dict[tuple[int, int], list[float]] = {}
     for bs in scenario.batch_sizes:

@@ -96,6 +96,9 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
     images = rng.integers(0, 256, (max(4 * bs, 1024), cfg.input_size, cfg.input_size, 3), dtype=np.uint8)
     labels = rng.integers(0, n_classes, len(images)).astype(np.int32)
     model = build_vit(cfg, n_classes, images.shape[1:], train_images=images[:256])
+    if spec["precision"] != "float32":  # logits back to float32 for the loss and metrics (Keras guide)
+        logits = keras.layers.Activation("linear", dtype="float32")(model.outputs[0])
+        model = keras.Model(model.inputs, logits)
     compile_model(model, cfg, n_classes, steps_per_epoch=100)
     model.jit_compile = spec["xla"]
     x, y = next(iter(make_dataset(images, labels, cfg, n_classes, training=True)))
@@ -124,8 +127,15 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_training_benchmark(presets: list[str], steps: int = 10, warmup: int = 3, xla: tuple[bool, ...] = (False, True),
-                           precisions: tuple[str, ...] = PRECISIONS, timeout: float = 1200) -> TrainingReport:  # fmt: skip
-    """Every combination in its own child process; a failing one is a row with its error."""
+                           precisions: tuple[str, ...] = PRECISIONS, timeout: float = 1200,
+                           keep: TrainingReport | None = None) -> TrainingReport:  # fmt: skip
+    """Every combination in its own child process; a failing one is a row with its error.
+
+    Args:
+        keep: An earlier report of the same settings whose successful rows are
+            kept as they are (only missing or failed cells run again).
+    """
+    done = {(r.preset, r.xla, r.precision): r for r in (keep.results if keep else []) if not r.error}
     from vit_pipeline.benchmark.environment import environment
     from vit_pipeline.config import make_config
 
@@ -134,7 +144,16 @@ def run_training_benchmark(presets: list[str], steps: int = 10, warmup: int = 3,
         bs = make_config(preset).batch_size
         for use_xla in xla:
             for precision in precisions:
-                spec = {"preset": preset, "xla": use_xla, "precision": precision, "steps": steps, "warmup": warmup}
+                if (preset, use_xla, precision) in done:
+                    rows.append(done[(preset, use_xla, precision)])
+                    continue
+                spec = {
+                    "preset": preset,
+                    "xla": use_xla,
+                    "precision": precision,
+                    "steps": steps,
+                    "warmup": warmup,
+                }
                 row = TrainingRow(preset, use_xla, precision, bs, steps)
                 env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
                 try:
@@ -153,7 +172,9 @@ def run_training_benchmark(presets: list[str], steps: int = 10, warmup: int = 3,
                 print(f"{preset} xla={use_xla} {precision}: "
                       f"{row.error or f'{row.compute_ips:.1f} img/s (data {row.data_ips:.0f} img/s)'}", flush=True)  # fmt: skip
     env = environment()
-    return TrainingReport(env, rows, {"steps": steps, "warmup": warmup, "data": "random uint8 images of input_size"})
+    return TrainingReport(
+        env, rows, {"steps": steps, "warmup": warmup, "data": "random uint8 images of input_size"}
+    )
 
 
 if __name__ == "__main__":
