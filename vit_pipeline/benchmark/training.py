@@ -161,8 +161,9 @@ def run_training_benchmark(presets: list[str], steps: int = 10, warmup: int = 3,
                                          capture_output=True, text=True, timeout=timeout, env=env)  # fmt: skip
                     found = [line for line in out.stdout.splitlines() if line.startswith("TRAIN ")]
                     if out.returncode != 0 or not found:
-                        tail = (out.stderr.strip().splitlines() or ["no output"])[-1]
-                        row.error = f"exit {out.returncode}: {tail[:160]}"
+                        lines = out.stderr.strip().splitlines() or ["no output"]
+                        tail = next((ln for ln in reversed(lines) if "Error:" in ln), lines[-1]).strip()
+                        row.error = f"exit {out.returncode}: {tail[:200]}"
                     else:
                         for key, value in json.loads(found[-1][len("TRAIN ") :]).items():
                             setattr(row, key, value)
