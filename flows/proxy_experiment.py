@@ -60,6 +60,7 @@ def proxy_experiment(
         "registered_model_name": experiment_name,
         # A short benchmark: the experiment compares recipes, not runtimes.
         "benchmark_variants": "fp32,optimized",
+        "serve_candidates": "optimized",  # no int8 candidates for an experiment's models
         "benchmark_batch_sizes": (1, 64),
         "benchmark_seconds": 0.5,
         "benchmark_rounds": 1,

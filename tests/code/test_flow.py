@@ -182,6 +182,7 @@ def test_parity_gate_failure_fails_the_flow_and_registers_nothing(prefect_server
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     # float32 noise alone (about 1e-6) exceeds this tolerance: the gate must refuse.
     overrides = {**tiny_overrides, "epochs": 1, "data_path": str(CIFAR_CUT), "tracking_uri": uri,
+                 "serve_candidates": "optimized",
                  "parity_tolerance": 1e-12, "max_test_images": 100}  # fmt: skip
     with pytest.raises(ExportError, match="parity gate failed"):
         train_pipeline(preset="cifar100", overrides=overrides)
@@ -236,7 +237,8 @@ def test_proxy_experiment_compares_both_presets_in_one_experiment(prefect_server
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     overrides = {**tiny_overrides, "tracking_uri": uri, "label_mode": "coarse", "max_train_images": 200,
-                 "benchmark_batch_sizes": "1", "benchmark_seconds": 0.05, "benchmark_variants": "fp32"}  # fmt: skip
+                 "benchmark_batch_sizes": "1", "benchmark_seconds": 0.05, "benchmark_variants": "fp32",
+                 "serve_candidates": "optimized"}  # fmt: skip
     report = proxy_experiment(data_path=str(CIFAR_CUT), epochs=2, report_dir=str(tmp_path / "report"),
                               experiment_name="proxy-test", overrides=overrides)  # fmt: skip
     rows = report["rows"]

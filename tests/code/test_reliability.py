@@ -77,7 +77,7 @@ def test_sigkill_mid_training_then_resume(tmp_path):
 
     # --resume through the whole flow: trains the rest, registers one version, FINISHED.
     resume = [*_args(uri, epochs), "--resume", run_id, "--benchmark-batch-sizes", "1", "--benchmark-seconds", "0.05",
-              "--benchmark-variants", "fp32"]  # fmt: skip
+              "--benchmark-variants", "fp32", "--serve-candidates", "optimized"]  # fmt: skip
     resume[1] = "run"
     user_env = {k: v for k, v in env.items() if k != "TF_CPP_MIN_LOG_LEVEL"}  # as a user runs it
     resumed = subprocess.run(resume, env=user_env, capture_output=True, text=True, timeout=400)
@@ -164,7 +164,8 @@ def test_tracking_server_killed_mid_training(tmp_path):
     epochs = 30  # tiny epochs take well under a second: leave time to pull the plug
     try:
         wait_for_http(f"{uri}/health", server, timeout=90)
-        proc = subprocess.Popen([*_args(uri, epochs), "--tracking-wait-seconds", "2"], env=env,
+        short = ["--max-train-images", "300"]  # short epochs: the point is the server's absence, not training
+        proc = subprocess.Popen([*_args(uri, epochs), *short, "--tracking-wait-seconds", "2"], env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
         client = MlflowClient(tracking_uri=uri)
         run_id, deadline = None, time.monotonic() + 240
@@ -187,7 +188,7 @@ def test_tracking_server_killed_mid_training(tmp_path):
         # Server back: resume uploads the missing epochs without training again.
         server = _mlflow_server(port, tmp_path)
         wait_for_http(f"{uri}/health", server, timeout=90)
-        resumed = subprocess.run([*_args(uri, epochs), "--resume", run_id], env=env, capture_output=True,
+        resumed = subprocess.run([*_args(uri, epochs), *short, "--resume", run_id], env=env, capture_output=True,
                                  text=True, timeout=300)  # fmt: skip
         assert resumed.returncode == 0, resumed.stderr[-3000:]
         result = json.loads(resumed.stdout[resumed.stdout.index("{") :])

@@ -128,6 +128,8 @@ def test_deploy_schedule_worker_and_smoke_run(services):
     overrides = {
         "epochs": 2,
         "benchmark_batch_sizes": [1, 8],
+        "benchmark_variants": "fp32,optimized",
+        "serve_candidates": "optimized",  # int8 candidates: tests/code/test_flow.py
         "benchmark_seconds": 0.1,
         "benchmark_rounds": 1,
     }
@@ -168,6 +170,8 @@ def test_flow_resumes_after_the_worker_dies(services):
         "max_train_images": 300,
         "max_test_images": 100,
         "benchmark_batch_sizes": [1],
+        "benchmark_variants": "fp32",
+        "serve_candidates": "optimized",
         "benchmark_seconds": 0.05,
         "benchmark_rounds": 1,
     }

@@ -14,7 +14,8 @@ from vit_pipeline.sweep import best_trial, load_space, parse_space, trial_config
 REPO = Path(__file__).resolve().parents[2]
 
 TINY_FIXED = {"epochs": 2, "projection_dim": 16, "transformer_units": [32, 16], "num_heads": 2,
-              "transformer_layers": 1, "mlp_head_units": [32], "patch_size": 8}  # fmt: skip
+              "transformer_layers": 1, "mlp_head_units": [32], "patch_size": 8,
+              "serve_candidates": "optimized"}  # fmt: skip
 
 
 def test_grid_expands_every_combination_in_a_stable_order():
