@@ -219,8 +219,10 @@ def reap_once(cfg: PipelineConfig) -> list[str]:
 def _operational(field: str) -> bool:
     """Fields that may change between a crash and its resume (they do not touch the model)."""
     # distribution_strategy too: a run may resume on a machine with other devices.
+    # Fields that do not change what is trained: a resume may set them anew (export candidates too).
     operational = ("tracking_uri", "tracking_wait_seconds", "run_name", "distribution_strategy",
-                   "system_metrics_seconds")  # fmt: skip
+                   "system_metrics_seconds", "serve_candidates", "candidate_min_agreement", "candidate_images",
+                   "int8_calibration_images")  # fmt: skip
     return field in operational or field.startswith("benchmark_")
 
 
