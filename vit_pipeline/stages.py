@@ -206,15 +206,20 @@ def export_stage(
     info = export_onnx(model, out / "model.onnx", metadata, cfg.onnx_opset)
     candidates = [v for v in _names(cfg.serve_candidates) if v != cfg.serve_variant]
     calibration = calibration_sample(splits.x_train, cfg.int8_calibration_images, cfg.seed)
+    fusions: dict[str, int] = {}
     paths = {k: str(v) for k, v in build_variants(
-        info["path"], out, ["fp32", cfg.serve_variant, *candidates], calibration=calibration).items()}  # fmt: skip
-    fusions = _fusions(paths)
+        info["path"], out, ["fp32", cfg.serve_variant, *candidates], calibration=calibration,
+        fusions=fusions).items()}  # fmt: skip
+    # Keras logits once, for the parity images and the (larger) candidate gate alike.
+    all_logits = predict_logits(
+        model, splits.x_test[: max(cfg.parity_images, cfg.candidate_images if candidates else 0)]
+    )
     images = splits.x_test[: cfg.parity_images]
-    keras_logits = predict_logits(model, images)
+    keras_logits = all_logits[: len(images)]
     strict = {name: paths[name] for name in ("fp32", cfg.serve_variant)}
     reports = {name: check_parity(keras_logits, path, images, (1, 64), cfg.parity_tolerance)
                for name, path in strict.items()}  # fmt: skip
-    gated = _gate_candidates(cfg, model, splits, {v: paths[v] for v in candidates})
+    gated = _gate_candidates(cfg, all_logits, splits, {v: paths[v] for v in candidates})
     metrics = {"export_seconds": info["export_seconds"], "onnx_size_mb": info["size_bytes"] / 2**20}
     for name, report in reports.items():
         prefix = "parity" if name == "fp32" else f"parity_{name}"
@@ -287,33 +292,17 @@ def _names(csv: str) -> list[str]:
     return [v.strip() for v in csv.split(",") if v.strip()]
 
 
-def _fusions(paths: dict[str, str]) -> dict[str, int]:
-    """Op counts of the fused graph, if one was built (what the rewrites produced)."""
-    import collections
-
-    import onnx
-
-    if "optimized" not in paths:
-        return {}
-    ops = collections.Counter(
-        n.op_type for n in onnx.load(paths["optimized"], load_external_data=False).graph.node
-    )
-    return {op: ops[op] for op in ("LayerNormalization", "Gelu", "Attention") if ops[op]}
-
-
 def _gate_candidates(
-    cfg: PipelineConfig, model, splits: data.Splits, paths: dict[str, str]
+    cfg: PipelineConfig, keras_logits: np.ndarray, splits: data.Splits, paths: dict[str, str]
 ) -> dict[str, dict]:
     """Top-1 agreement with Keras and test accuracy of each candidate on real test images."""
-    from pathlib import Path
-
-    from vit_pipeline.evaluate import predict_logits, topk_accuracy
+    from vit_pipeline.evaluate import topk_accuracy
     from vit_pipeline.export import ort_session, run_onnx
 
     if not paths:
         return {}
     images, labels = splits.x_test[: cfg.candidate_images], splits.y_test[: cfg.candidate_images]
-    keras_top1 = predict_logits(model, images).argmax(1)
+    keras_top1 = keras_logits[: len(images)].argmax(1)
     out = {}
     for name, path in paths.items():
         logits = run_onnx(ort_session(path), images, 64)

@@ -161,11 +161,13 @@ def build_variants(
     names: list[str] | tuple[str, ...],
     gpu: bool = False,
     calibration: np.ndarray | None = None,
+    fusions: dict[str, int] | None = None,
 ) -> dict[str, Path]:
     """Writes the requested variants into ``out_dir``; returns name -> path.
 
     ``int8-static`` needs ``calibration`` images and is skipped (with a log line)
-    without them; ``fp16`` is made only when ``gpu``.
+    without them; ``fp16`` is made only when ``gpu``. ``fusions``, if given, receives
+    the fused graph's rewrite counts.
     """
     import onnx
 
@@ -185,6 +187,8 @@ def build_variants(
         with atomic_path(optimized_path) as tmp:
             onnx.save(optimized, str(tmp))
         log.info("Optimised graph: %s", report.to_dict())
+        if fusions is not None:  # the caller's record of what the rewrites did
+            fusions.update(report.to_dict())
     if "optimized" in names:
         paths["optimized"] = optimized_path
     builders = {
