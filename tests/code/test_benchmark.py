@@ -59,14 +59,22 @@ def test_every_cell_is_present_and_consistent(report_and_files):
         assert r.roofline_fraction == pytest.approx(r.gflops_per_s / r.roofline_gflops)
 
 
-def test_accuracy_and_agreement_per_variant(report_and_files):
-    report, _ = report_and_files
+def test_accuracy_and_agreement_per_variant(report_and_files, tiny_export, real_cut):
+    report, files = report_and_files
     rows = {r.variant: r for r in report.results if r.backend == "onnxruntime" and r.batch_size == 1}
     # Agreement is with the fp32 Keras model (the truth), on real images.
     assert report.settings["agreement_reference"] == "keras/fp32"
     assert rows["fp32"].top1_agreement == 1.0
     assert rows["optimized"].top1_agreement == 1.0 and rows["optimized"].top1 == rows["fp32"].top1
-    assert 0.5 <= rows["int8"].top1_agreement <= 1.0 and 0.5 <= rows["int8-static"].top1_agreement <= 1.0
+    # An untrained model's logits are nearly flat, so int8 noise flips many argmaxes: the figure
+    # itself is not predictable, but it must be the one recomputed here, independently.
+    images = real_cut[2][:48]
+    keras_top1 = np.asarray(tiny_export[0](images.astype(np.float32), training=False)).argmax(1)
+    for variant in ("int8", "int8-static"):
+        top1 = (
+            OrtBackend(files[f"variant_{variant}"], "CPUExecutionProvider", variant).predict(images).argmax(1)
+        )
+        assert rows[variant].top1_agreement == pytest.approx(float(np.mean(top1 == keras_top1)))
     keras_row = next(r for r in report.results if r.backend == "keras")
     assert keras_row.top1 == rows["fp32"].top1
 
