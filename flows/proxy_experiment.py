@@ -16,7 +16,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.train_pipeline import train_pipeline
 from vit_pipeline import tracking
-from vit_pipeline.config import make_config
+from vit_pipeline.config import ConfigOverrides, make_config
 from vit_pipeline.experiments import compare_runs
 
 PRESETS = ("cifar100", "cifar100-improved")
@@ -36,6 +36,7 @@ def proxy_experiment(
     experiment_name: str = "vit-cifar100-proxy",
     report_dir: str = "docs/experiments/proxy",
     presets: tuple[str, ...] = PRESETS,
+    config: ConfigOverrides = ConfigOverrides(),  # noqa: B008 (frozen: a shared default is safe)
     overrides: dict[str, Any] | None = None,
 ) -> dict:
     """Trains each preset with the same data, epochs and seed; compares them.
@@ -47,7 +48,8 @@ def proxy_experiment(
         experiment_name: The one MLflow experiment that holds every run.
         report_dir: Where ``table.md``, ``curves.png`` and ``runs.json`` go.
         presets: Presets to compare, in table order.
-        overrides: Further config fields applied to every preset.
+        config: Further typed config fields applied to every preset.
+        overrides: The untyped form of ``config`` (kept for old callers).
 
     Returns:
         The comparison rows and report paths.
@@ -65,6 +67,7 @@ def proxy_experiment(
         "benchmark_seconds": 0.5,
         "benchmark_rounds": 1,
         **(overrides or {}),
+        **config.model_dump(exclude_none=True),
     }
     for preset in presets:  # fail on a bad value before hours of training
         make_config(preset, {**shared, "run_name": preset})

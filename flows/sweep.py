@@ -29,7 +29,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.train_pipeline import _prefect_tags, evaluate_model, export_model, register_model
 from vit_pipeline import runs, stages, tracking
-from vit_pipeline.config import make_config
+from vit_pipeline.config import ConfigOverrides, make_config
 from vit_pipeline.errors import PipelineError
 from vit_pipeline.sweep import best_trial, load_space, parse_space, trial_configs
 
@@ -100,6 +100,7 @@ def sweep(
     dask_address: str | None = None,
     n_workers: int = 2,
     gpus_per_trial: float | None = None,
+    config: ConfigOverrides = ConfigOverrides(),  # noqa: B008 (frozen: a shared default is safe)
     overrides: dict[str, Any] | None = None,
 ) -> dict:
     """Runs a search space as parallel trials and registers the best one.
@@ -112,13 +113,14 @@ def sweep(
         n_workers: Worker processes of the local cluster.
         gpus_per_trial: GPUs each trial asks for; None: 1 when the cluster (or
             this machine, for a local cluster) has GPUs, else 0.
-        overrides: Config fields for every trial (e.g. ``tracking_uri``, ``data_path``).
+        config: Typed config fields for every trial (e.g. ``tracking_uri``, ``data_path``).
+        overrides: The untyped form of ``config`` (kept for old callers).
 
     Returns:
         The parent MLflow run, every trial's row, the best trial and the registry decision.
     """
     parsed = load_space(space_path) if space_path else parse_space(space)
-    shared = dict(overrides or {})
+    shared = {**(overrides or {}), **config.model_dump(exclude_none=True)}
     base = make_config(parsed.preset, {**parsed.fixed, **shared})
     shared["tracking_uri"] = tracking.tracking_uri(base)  # workers log to the same store
     trials = trial_configs(parsed, shared)  # every trial validated before any work

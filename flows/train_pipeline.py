@@ -20,7 +20,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from vit_pipeline import runs, stages, summary, tracking
-from vit_pipeline.config import make_config
+from vit_pipeline.config import ConfigOverrides, PresetName, make_config
 
 
 @task(name="fetch-data", retries=3, retry_delay_seconds=[10, 30, 60], cache_policy=NO_CACHE)
@@ -89,7 +89,7 @@ def mark_mlflow_killed(flow, flow_run, state) -> None:
     """Prefect state hook: a crashed or cancelled flow run leaves no RUNNING/FINISHED MLflow run."""
     params = flow_run.parameters or {}
     try:
-        cfg = make_config(params.get("preset", "quickstart"), params.get("overrides"))
+        cfg = make_config(params.get("preset", "quickstart"), params.get("overrides"), params.get("config"))
         killed = runs.mark_flow_run_killed(
             cfg, str(flow_run.id), f"Prefect flow run {state.type.value}: {state.message}"
         )
@@ -107,14 +107,21 @@ def mark_mlflow_killed(flow, flow_run, state) -> None:
     on_cancellation=[mark_mlflow_killed],
 )
 def train_pipeline(
-    preset: str = "quickstart", overrides: dict[str, Any] | None = None, resume_run_id: str | None = None
+    preset: PresetName = "quickstart",
+    config: ConfigOverrides = ConfigOverrides(),  # noqa: B008 (frozen: a shared default is safe)
+    overrides: dict[str, Any] | None = None,
+    resume_run_id: str | None = None,
 ) -> dict:
     """Trains, evaluates, exports and registers a ViT; everything lands in MLflow.
 
     Args:
-        preset: A named config preset ("quickstart", "cifar100").
-        overrides: Config field values that replace the preset's, e.g.
-            ``{"epochs": 5, "data_path": "/data/cifar-100-python.tar.gz"}``.
+        preset: A named config preset ("quickstart", "cifar100", ...).
+        config: Typed config fields that replace the preset's (null: the preset's
+            value); the Prefect UI shows each with its type and description, and
+            the server refuses an unknown field or an invalid value.
+        overrides: The untyped form of ``config`` (kept for old callers), e.g.
+            ``{"epochs": 5, "data_path": "/data/cifar-100-python.tar.gz"}``;
+            ``config`` wins where both set a field.
         resume_run_id: An MLflow run that crashed or was killed: continue it from
             its last finished epoch (same config required).
 
@@ -122,7 +129,7 @@ def train_pipeline(
         The MLflow run id, its URL, the headline metrics, the parity figures and
         the registry decision.
     """
-    cfg = make_config(preset, overrides)  # invalid values fail here, before any work
+    cfg = make_config(preset, overrides, config)  # invalid values fail here, before any work
     cfg_dict = cfg.to_dict()
     with runs.tracked_run(cfg, preset, _prefect_tags(), resume_run_id=resume_run_id) as run_id:
         source = fetch_data(cfg_dict)

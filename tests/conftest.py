@@ -289,3 +289,45 @@ def no_tf_env(tmp_path_factory):
     )
     assert check.returncode != 0 and "tensorflow is blocked" in check.stderr
     return env
+
+
+class PtyProcess:
+    """A child whose stdout and stderr are a pseudo-terminal (as on a user's screen).
+
+    A thread drains the terminal while the child runs (a full terminal buffer would
+    block the child's writes); ``output()`` is everything it printed so far.
+    """
+
+    def __init__(self, cmd: list[str], env: dict):
+        import pty
+        import subprocess
+        import threading
+
+        self._master, slave = pty.openpty()
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, env=env,
+                                     close_fds=True)  # fmt: skip
+        os.close(slave)
+        self._chunks: list[bytes] = []
+        self._reader = threading.Thread(target=self._drain, daemon=True)
+        self._reader.start()
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                data = os.read(self._master, 65536)
+            except OSError:  # EIO: the child closed its end
+                return
+            if not data:
+                return
+            self._chunks.append(data)
+
+    def wait(self, timeout: float) -> int:
+        code = self.proc.wait(timeout=timeout)
+        self._reader.join(timeout=10)
+        return code
+
+    def output(self) -> str:
+        """What the terminal received, without colour and cursor escapes."""
+        import re
+
+        return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", b"".join(self._chunks).decode(errors="replace"))

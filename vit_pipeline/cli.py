@@ -21,7 +21,7 @@ from typing import Any
 import click
 
 from vit_pipeline import __version__
-from vit_pipeline.config import PRESETS, field_names, make_config
+from vit_pipeline.config import PRESETS, field_description, field_metavar, field_names, make_config
 from vit_pipeline.errors import ConfigError, PipelineError
 
 log = logging.getLogger("vit_pipeline")
@@ -32,14 +32,18 @@ trace_log.propagate = False
 
 
 def _config_options(func: Callable) -> Callable:
-    """Adds ``--preset`` and one string option per config field."""
+    """Adds ``--preset`` and one option per config field, described by the field itself.
+
+    Values stay text here: the config model parses and checks them, so a bad value gets
+    the same one-line message from the CLI, a flow parameter or a sweep file.
+    """
     for name in reversed(field_names()):
         func = click.option(
             f"--{name.replace('_', '-')}",
             name,
             default=None,
-            metavar="VALUE",
-            help=f"Override config field {name} (see `vit-pipeline config`).",
+            metavar=field_metavar(name),
+            help=field_description(name),
         )(func)
     return click.option(
         "--preset",
@@ -148,6 +152,7 @@ _resume_option = click.option(
 @_friendly_errors
 def run(resume_run_id: str | None, **kwargs) -> None:
     """Run the whole pipeline as a Prefect flow (data, train, evaluate, export, register, benchmark)."""
+    from vit_pipeline.config import ConfigOverrides
     from vit_pipeline.data import check_source
 
     preset, overrides = _split_config(kwargs)
@@ -157,7 +162,9 @@ def run(resume_run_id: str | None, **kwargs) -> None:
     from flows.train_pipeline import train_pipeline
 
     with console_without_tracebacks():
-        result = train_pipeline(preset=preset, overrides=overrides, resume_run_id=resume_run_id)
+        result = train_pipeline(
+            preset=preset, config=ConfigOverrides(**overrides), resume_run_id=resume_run_id
+        )
     click.echo(json.dumps(result, indent=2))
 
 
@@ -387,7 +394,7 @@ def benchmark(model_path, preset, keras_path, eval_data, eval_images, batch_size
     from pathlib import Path
 
     from vit_pipeline import benchmark as bench
-    from vit_pipeline.config import parse_int_list
+    from vit_pipeline.config import parse_int_list, split_names
     from vit_pipeline.errors import DataError
     from vit_pipeline.variants import VARIANTS
 
@@ -397,7 +404,7 @@ def benchmark(model_path, preset, keras_path, eval_data, eval_images, batch_size
         sizes = ()
     if not sizes or min(sizes) < 1:
         raise ConfigError(f"Expected positive batch sizes. Received: batch_sizes={batch_sizes!r}")
-    names = tuple(v.strip() for v in variants.split(",") if v.strip())
+    names = tuple(split_names(variants))
     unknown = set(names) - set(VARIANTS)
     if unknown or not names:
         raise ConfigError(f"Expected variants from {', '.join(VARIANTS)}. Received: variants={variants!r}")
@@ -443,7 +450,7 @@ def benchmark(model_path, preset, keras_path, eval_data, eval_images, batch_size
     images, labels, calibration = _eval_data(eval_data, eval_images)
     report, files = bench.benchmark_files(
         model_path, out_dir, keras_model=keras_model, eval_images=images, eval_labels=labels,
-        variants=names, providers=providers.split(",") if providers else None,
+        variants=names, providers=split_names(providers or "") or None,
         scenario=bench.Scenario(batch_sizes=tuple(sizes), min_seconds=seconds, rounds=rounds),
         keras_xla=xla and keras_model is not None, model_info=info, calibration=calibration,
         keras_path=keras_file, openvino=openvino, memory=memory,

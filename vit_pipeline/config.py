@@ -1,39 +1,79 @@
 """One typed configuration for the whole pipeline, with named presets.
 
-Every field can be overridden from the CLI (``--field-name value``) and as a
-Prefect flow parameter (``overrides={"field_name": value}``). Values are
-validated before any work starts; errors name the field and the value.
+``PipelineConfig`` is a pydantic model and the one definition of every setting: its
+types and constraints validate values, its field docstrings are the descriptions, and
+from it come the CLI options (``--field-name value``), the typed ``ConfigOverrides``
+that the Prefect flows take as a parameter (so the Prefect UI's custom-run form shows
+every field with its type, default and description, and the Prefect server refuses an
+invalid value when a run is created) and the JSON schema. Errors name the field and
+the value, in one line.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
-import types
 import typing
-from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from vit_pipeline.errors import ConfigError
 
-DATASETS = ("digits", "cifar100", "image_folder")
-LABEL_MODES = ("fine", "coarse")
-FLIP_MODES = ("none", "horizontal", "vertical", "horizontal_and_vertical")
-PROMOTION_POLICIES = ("better_or_equal", "always", "never")
-SERVE_VARIANTS = ("optimized", "fp32")
-BENCHMARK_VARIANTS = ("fp32", "optimized", "int8", "int8-static", "fp16")  # vit_pipeline.variants.VARIANTS
 SERVE_CANDIDATES = ("optimized", "int8", "int8-static")
-POOLINGS = ("flatten", "gap", "class_token")
-PATCH_TOKENIZATIONS = ("standard", "shifted")
-ATTENTION_TYPES = ("standard", "lsa")
-LR_SCHEDULES = ("constant", "warmup_cosine")
-WEIGHT_DECAY_SCOPES = ("all", "kernels")
-DISTRIBUTION_STRATEGIES = ("default", "mirrored")
+BENCHMARK_VARIANTS = ("fp32", "optimized", "int8", "int8-static", "fp16")  # vit_pipeline.variants.VARIANTS
 
 
-@dataclass(frozen=True)
-class PipelineConfig:
+def _names_pattern(names: tuple[str, ...], allow_empty: bool) -> str:
+    """A regular expression for a comma-separated list of ``names`` (JSON-schema checkable)."""
+    one = "(" + "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True)) + ")"
+    items = rf"\s*{one}\s*(,\s*{one}\s*)*"
+    return f"^({items})?$" if allow_empty else f"^{items}$"
+
+
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+NonNegativeFloat = Annotated[float, Field(ge=0)]
+Rate = Annotated[float, Field(ge=0, lt=1)]  # a probability or fraction that must leave something
+OpenFraction = Annotated[float, Field(gt=0, lt=1)]
+DatasetName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+ServeCandidates = Annotated[str, Field(pattern=_names_pattern(SERVE_CANDIDATES, allow_empty=True))]
+BenchmarkVariants = Annotated[str, Field(pattern=_names_pattern(BENCHMARK_VARIANTS, allow_empty=False))]
+
+# What a value must look like, for the fields whose constraint is a pattern (for the error message).
+_EXPECTED = {
+    "dataset_name": "letters, digits, '.', '_' or '-' (at most 64)",
+    "serve_candidates": f"a comma-separated list from {SERVE_CANDIDATES}",
+    "benchmark_variants": f"a non-empty comma-separated list from {BENCHMARK_VARIANTS}",
+}
+
+
+def split_names(value: str) -> list[str]:
+    """``"a, b,c"`` -> ``["a", "b", "c"]`` (the comma-separated variant lists)."""
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+class _Fields(BaseModel):
+    """Parses text (CLI options, YAML) into the declared types before pydantic checks them."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _from_text(cls, value: Any, info: Any) -> Any:
+        return _parse(info.field_name, cls.model_fields[info.field_name].annotation, value)
+
+
+class PipelineConfig(_Fields):
     """Everything a pipeline run needs to know. Defaults are the seed recipe.
 
     The defaults reproduce the keras-io example "Image classification with Vision
@@ -48,171 +88,186 @@ class PipelineConfig:
     ``weight_decay = 1e-4 / 1e-3 = 0.1`` here. Passing 1e-4 to Keras would decay
     1000x less than the seed did.
 
-    Attributes:
-        dataset: Data source: "digits" (scikit-learn's 8x8 digits, upscaled, ships
-            with a dependency), "cifar100" (downloaded once through Keras' cache,
-            or read from ``data_path``), "image_folder" (one sub-folder per class).
-        data_path: Local CIFAR-100 copy (a ``cifar-100-python`` directory or its
-            ``.tar.gz``) or the image folder root (``ROOT/<class>/...`` or
-            ``ROOT/{train,val|validation,test}/<class>/...``).
-        dataset_name: Name of the data in the experiment, the registered model
-            and the version tags (``vit-<name>``); None: the dataset (or, for an
-            image folder, the folder's name).
-        label_mode: CIFAR-100 labels: "fine" (100 classes) or "coarse" (20).
-        input_size: Side of the square images the model takes (raw pixels).
-        validation_split: Fraction of the training images held out for validation.
-        test_split: Fraction held out for test, for sources without a test split.
-        max_train_images: Stratified cap on training images (None: all).
-        max_test_images: Stratified cap on test images (None: all).
-        image_size: Side the model resizes images to before cutting patches.
-        patch_size: Side of each square patch; must divide ``image_size``.
-        projection_dim: Width of the patch embeddings.
-        num_heads: Attention heads per transformer block.
-        transformer_layers: Number of transformer blocks.
-        transformer_units: Hidden sizes of each block's MLP; the last must equal
-            ``projection_dim`` (residual connection).
-        mlp_head_units: Hidden sizes of the classification head's MLP (may be
-            empty: a single Dense to the logits).
-        pooling: How the head reads the tokens: "flatten" (the seed: all tokens
-            concatenated, 18.9 M of the seed's 21.8 M parameters), "gap" (global
-            average pooling) or "class_token" (a learned token prepended, ViT/DeiT).
-        head_dim: Width of each attention head; None means ``projection_dim``
-            (the seed's choice: 4 heads of 64 on a 64-wide embedding).
-        patch_tokenization: "standard" or "shifted" (Shifted Patch Tokenization:
-            each patch also sees its diagonal neighbours, Lee et al. 2021).
-        attention_type: "standard" (Keras MultiHeadAttention) or "lsa" (Locality
-            Self-Attention: learned temperature, no attention to oneself).
-        stochastic_depth_rate: Drop-path rate of the last block; rates rise
-            linearly from 0 in the first block (training only).
-        attention_dropout: Dropout inside multi-head attention.
-        mlp_dropout: Dropout after each block-MLP layer.
-        head_dropout: Dropout before and inside the head MLP.
-        random_flip: Training-only flip augmentation mode.
-        random_rotation: Training-only rotation factor (fraction of 2*pi).
-        random_zoom: Training-only zoom factor.
-        epochs: Training epochs.
-        batch_size: Training batch size per replica (the global batch is
-            ``batch_size * num_replicas``; one replica unless mirrored).
-        distribution_strategy: "default" (one device) or "mirrored"
-            (``tf.distribute.MirroredStrategy`` over every local GPU, or every
-            logical CPU device without GPUs); see ``vit_pipeline.distribute``.
-        learning_rate: AdamW (peak) learning rate.
-        lr_schedule: "constant" (the seed) or "warmup_cosine" (linear warm-up from
-            0 to ``learning_rate``, then cosine decay to 0 at the last step).
-        warmup_fraction: Share of all training steps spent warming up (0.1 = 10 of
-            100 epochs); scales with ``epochs`` so short runs keep the shape.
-        label_smoothing: Label smoothing of the cross-entropy (0: none).
-        rand_augment_ops: RandAugment operations per image (0: off). Training
-            only, applied in the input pipeline, never part of the model.
-        rand_augment_factor: RandAugment strength in [0, 1].
-        random_erasing: Probability of erasing a random rectangle of an image
-            (training only, input pipeline).
-        mixup_alpha: MixUp Beta(alpha, alpha) parameter (0: off).
-        cutmix_alpha: CutMix Beta(alpha, alpha) parameter (0: off). With MixUp
-            also on, each batch gets one of the two, with equal odds (DeiT).
-        weight_decay: AdamW weight decay, Keras semantics (see above).
-        weight_decay_scope: Which weights decay: "all" (the seed: tensorflow-addons
-            decayed every variable) or "kernels" (DeiT/timm practice: biases, norm
-            scales and offsets, position embeddings, the class token and LSA's
-            temperature are excluded; see ``train.no_decay_variables``).
-        seed: Seed for the split, weight initialisation and augmentation.
-        experiment_name: MLflow experiment; None means ``vit-<dataset>``.
-        tracking_uri: MLflow tracking URI; None means ``$MLFLOW_TRACKING_URI`` or
-            the local SQLite store under ``$VIT_PIPELINE_HOME``.
-        run_name: MLflow run name; None lets MLflow pick one.
-        tracking_wait_seconds: How long to wait for an HTTP tracking server to
-            answer before failing (before any training starts).
-        onnx_opset: ONNX opset of the export.
-        parity_tolerance: Largest allowed |Keras - ONNX Runtime| logit difference.
-        parity_images: How many test images the parity gate compares (at most).
-        registered_model_name: MLflow registry name; None means ``vit-<dataset>``.
-        promotion_policy: When the ``champion`` alias moves to a new version:
-            "better_or_equal" (test accuracy at least the champion's, same
-            dataset), "always" or "never".
-        serve_variant: Which ONNX graph is registered and served: "optimized"
-            (fused LayerNorm/GELU/attention for ONNX Runtime; parity-gated like
-            the plain export) or "fp32" (the plain, portable tf2onnx export).
-        benchmark_batch_sizes: Batch sizes of the benchmark stage.
-        serve_candidates: Comma-separated variants built at export, gated and
-            registered beside the served file for the consumer to choose from
-            on its own CPU (``vit_pipeline.variants``): optimized, int8,
-            int8-static (calibrated on real training images).
-        candidate_min_agreement: Top-1 agreement with the fp32 Keras model, on
-            real test images, a candidate needs to be registered.
-        candidate_images: Test images the candidate gate uses (up to all).
-        int8_calibration_images: Training images int8-static is calibrated on.
-        system_metrics_seconds: Sampling interval of MLflow's system metrics
-            (CPU, memory, disk, network, NVIDIA GPU) for every run; 0: off.
-        benchmark_variants: Comma-separated ONNX variants to time:
-            fp32, optimized, int8, int8-static (CPU), fp16 (GPU only).
-        benchmark_providers: Comma-separated providers (cpu, cuda, tensorrt);
-            None: every provider this onnxruntime build has.
-        benchmark_seconds: Timing budget per cell and round.
-        benchmark_rounds: Alternating rounds over all cells.
+    Each field's docstring is its description (CLI ``--help``, Prefect UI, JSON schema).
     """
 
-    dataset: str = "cifar100"
+    dataset: Literal["digits", "cifar100", "image_folder"] = "cifar100"
+    """Data source: "digits" (scikit-learn's 8x8 digits, upscaled, ships with a dependency), "cifar100"
+    (downloaded once through Keras' cache, or read from ``data_path``), "image_folder" (one sub-folder
+    per class)."""
     data_path: str | None = None
-    dataset_name: str | None = None
-    label_mode: str = "fine"
-    input_size: int = 32
-    validation_split: float = 0.1
-    test_split: float = 0.2
-    max_train_images: int | None = None
-    max_test_images: int | None = None
-    image_size: int = 72
-    patch_size: int = 6
-    projection_dim: int = 64
-    num_heads: int = 4
-    transformer_layers: int = 8
-    transformer_units: tuple[int, ...] = (128, 64)
-    mlp_head_units: tuple[int, ...] = (2048, 1024)
-    pooling: str = "flatten"
-    head_dim: int | None = None
-    patch_tokenization: str = "standard"
-    attention_type: str = "standard"
-    stochastic_depth_rate: float = 0.0
-    attention_dropout: float = 0.1
-    mlp_dropout: float = 0.1
-    head_dropout: float = 0.5
-    random_flip: str = "horizontal"
-    random_rotation: float = 0.02
-    random_zoom: float = 0.2
-    epochs: int = 100
-    batch_size: int = 256
-    distribution_strategy: str = "default"
-    learning_rate: float = 1e-3
-    lr_schedule: str = "constant"
-    warmup_fraction: float = 0.0
-    weight_decay: float = 0.1
-    weight_decay_scope: str = "all"
-    label_smoothing: float = 0.0
-    rand_augment_ops: int = 0
-    rand_augment_factor: float = 0.5
-    random_erasing: float = 0.0
-    mixup_alpha: float = 0.0
-    cutmix_alpha: float = 0.0
+    """Local CIFAR-100 copy (a ``cifar-100-python`` directory or its ``.tar.gz``) or the image folder
+    root (``ROOT/<class>/...`` or ``ROOT/{train,val|validation,test}/<class>/...``)."""
+    dataset_name: DatasetName | None = None
+    """Name of the data in the experiment, the registered model and the version tags (``vit-<name>``);
+    None: the dataset (or, for an image folder, the folder's name)."""
+    label_mode: Literal["fine", "coarse"] = "fine"
+    """CIFAR-100 labels: "fine" (100 classes) or "coarse" (20)."""
+    input_size: PositiveInt = 32
+    """Side of the square images the model takes (raw pixels)."""
+    validation_split: OpenFraction = 0.1
+    """Fraction of the training images held out for validation."""
+    test_split: OpenFraction = 0.2
+    """Fraction held out for test, for sources without a test split."""
+    max_train_images: PositiveInt | None = None
+    """Stratified cap on training images (None: all)."""
+    max_test_images: PositiveInt | None = None
+    """Stratified cap on test images (None: all)."""
+    image_size: PositiveInt = 72
+    """Side the model resizes images to before cutting patches."""
+    patch_size: PositiveInt = 6
+    """Side of each square patch; must divide ``image_size``."""
+    projection_dim: PositiveInt = 64
+    """Width of the patch embeddings."""
+    num_heads: PositiveInt = 4
+    """Attention heads per transformer block."""
+    transformer_layers: PositiveInt = 8
+    """Number of transformer blocks."""
+    transformer_units: Annotated[tuple[PositiveInt, ...], Field(min_length=1)] = (128, 64)
+    """Hidden sizes of each block's MLP; the last must equal ``projection_dim`` (residual connection)."""
+    mlp_head_units: tuple[PositiveInt, ...] = (2048, 1024)
+    """Hidden sizes of the classification head's MLP (may be empty: a single Dense to the logits)."""
+    pooling: Literal["flatten", "gap", "class_token"] = "flatten"
+    """How the head reads the tokens: "flatten" (the seed: all tokens concatenated, 18.9 M of the seed's
+    21.8 M parameters), "gap" (global average pooling) or "class_token" (a learned token prepended,
+    ViT/DeiT)."""
+    head_dim: PositiveInt | None = None
+    """Width of each attention head; None means ``projection_dim`` (the seed's choice: 4 heads of 64 on
+    a 64-wide embedding)."""
+    patch_tokenization: Literal["standard", "shifted"] = "standard"
+    """"standard" or "shifted" (Shifted Patch Tokenization: each patch also sees its diagonal
+    neighbours, Lee et al. 2021)."""
+    attention_type: Literal["standard", "lsa"] = "standard"
+    """"standard" (Keras MultiHeadAttention) or "lsa" (Locality Self-Attention: learned temperature, no
+    attention to oneself)."""
+    stochastic_depth_rate: Rate = 0.0
+    """Drop-path rate of the last block; rates rise linearly from 0 in the first block (training only)."""
+    attention_dropout: Rate = 0.1
+    """Dropout inside multi-head attention."""
+    mlp_dropout: Rate = 0.1
+    """Dropout after each block-MLP layer."""
+    head_dropout: Rate = 0.5
+    """Dropout before and inside the head MLP."""
+    random_flip: Literal["none", "horizontal", "vertical", "horizontal_and_vertical"] = "horizontal"
+    """Training-only flip augmentation mode."""
+    random_rotation: Rate = 0.02
+    """Training-only rotation factor (fraction of 2*pi)."""
+    random_zoom: Rate = 0.2
+    """Training-only zoom factor."""
+    epochs: PositiveInt = 100
+    """Training epochs."""
+    batch_size: PositiveInt = 256
+    """Training batch size per replica (the global batch is ``batch_size * num_replicas``; one replica
+    unless mirrored)."""
+    distribution_strategy: Literal["default", "mirrored"] = "default"
+    """"default" (one device) or "mirrored" (``tf.distribute.MirroredStrategy`` over every local GPU, or
+    every logical CPU device without GPUs); see ``vit_pipeline.distribute``."""
+    learning_rate: PositiveFloat = 1e-3
+    """AdamW (peak) learning rate."""
+    lr_schedule: Literal["constant", "warmup_cosine"] = "constant"
+    """"constant" (the seed) or "warmup_cosine" (linear warm-up from 0 to ``learning_rate``, then cosine
+    decay to 0 at the last step)."""
+    warmup_fraction: Rate = 0.0
+    """Share of all training steps spent warming up (0.1 = 10 of 100 epochs); scales with ``epochs`` so
+    short runs keep the shape."""
+    weight_decay: NonNegativeFloat = 0.1
+    """AdamW weight decay, Keras semantics (see above)."""
+    weight_decay_scope: Literal["all", "kernels"] = "all"
+    """Which weights decay: "all" (the seed: tensorflow-addons decayed every variable) or "kernels"
+    (DeiT/timm practice: biases, norm scales and offsets, position embeddings, the class token and LSA's
+    temperature are excluded; see ``train.no_decay_variables``)."""
+    label_smoothing: Rate = 0.0
+    """Label smoothing of the cross-entropy (0: none)."""
+    rand_augment_ops: NonNegativeInt = 0
+    """RandAugment operations per image (0: off). Training only, applied in the input pipeline, never
+    part of the model."""
+    rand_augment_factor: Annotated[float, Field(ge=0, le=1)] = 0.5
+    """RandAugment strength in [0, 1]."""
+    random_erasing: Rate = 0.0
+    """Probability of erasing a random rectangle of an image (training only, input pipeline)."""
+    mixup_alpha: NonNegativeFloat = 0.0
+    """MixUp Beta(alpha, alpha) parameter (0: off)."""
+    cutmix_alpha: NonNegativeFloat = 0.0
+    """CutMix Beta(alpha, alpha) parameter (0: off). With MixUp also on, each batch gets one of the two,
+    with equal odds (DeiT)."""
     seed: int = 42
+    """Seed for the split, weight initialisation and augmentation."""
     experiment_name: str | None = None
+    """MLflow experiment; None means ``vit-<dataset>``."""
     tracking_uri: str | None = None
+    """MLflow tracking URI; None means ``$MLFLOW_TRACKING_URI`` or the local SQLite store under
+    ``$VIT_PIPELINE_HOME``."""
     run_name: str | None = None
-    tracking_wait_seconds: float = 10.0
-    system_metrics_seconds: float = 10.0
-    onnx_opset: int = 17
-    parity_tolerance: float = 1e-3
-    parity_images: int = 256
+    """MLflow run name; None lets MLflow pick one."""
+    tracking_wait_seconds: NonNegativeFloat = 10.0
+    """How long to wait for an HTTP tracking server to answer before failing (before any training
+    starts)."""
+    system_metrics_seconds: NonNegativeFloat = 10.0
+    """Sampling interval of MLflow's system metrics (CPU, memory, disk, network, NVIDIA GPU) for every
+    run; 0: off."""
+    onnx_opset: Annotated[int, Field(ge=13, le=18)] = 17
+    """ONNX opset of the export."""
+    parity_tolerance: PositiveFloat = 1e-3
+    """Largest allowed |Keras - ONNX Runtime| logit difference."""
+    parity_images: PositiveInt = 256
+    """How many test images the parity gate compares (at most)."""
     registered_model_name: str | None = None
-    promotion_policy: str = "better_or_equal"
-    serve_variant: str = "optimized"
-    serve_candidates: str = "optimized,int8-static"
-    candidate_min_agreement: float = 0.995
-    candidate_images: int = 2000
-    int8_calibration_images: int = 256
-    benchmark_batch_sizes: tuple[int, ...] = (1, 8, 64, 256)
-    benchmark_variants: str = "fp32,optimized,int8,int8-static,fp16"
+    """MLflow registry name; None means ``vit-<dataset>``."""
+    promotion_policy: Literal["better_or_equal", "always", "never"] = "better_or_equal"
+    """When the ``champion`` alias moves to a new version: "better_or_equal" (test accuracy at least the
+    champion's, same dataset), "always" or "never"."""
+    serve_variant: Literal["optimized", "fp32"] = "optimized"
+    """Which ONNX graph is registered and served: "optimized" (fused LayerNorm/GELU/attention for ONNX
+    Runtime; parity-gated like the plain export) or "fp32" (the plain, portable tf2onnx export)."""
+    serve_candidates: ServeCandidates = "optimized,int8-static"
+    """Comma-separated variants built at export, gated and registered beside the served file for the
+    consumer to choose from on its own CPU (``vit_pipeline.variants``): optimized, int8, int8-static
+    (calibrated on real training images)."""
+    candidate_min_agreement: Annotated[float, Field(gt=0, le=1)] = 0.995
+    """Top-1 agreement with the fp32 Keras model, on real test images, a candidate needs to be
+    registered."""
+    candidate_images: PositiveInt = 2000
+    """Test images the candidate gate uses (up to all)."""
+    int8_calibration_images: PositiveInt = 256
+    """Training images int8-static is calibrated on."""
+    benchmark_batch_sizes: Annotated[tuple[PositiveInt, ...], Field(min_length=1)] = (1, 8, 64, 256)
+    """Batch sizes of the benchmark stage."""
+    benchmark_variants: BenchmarkVariants = "fp32,optimized,int8,int8-static,fp16"
+    """Comma-separated ONNX variants to time: fp32, optimized, int8, int8-static (CPU), fp16 (GPU only)."""
     benchmark_providers: str | None = None
-    benchmark_seconds: float = 1.0
-    benchmark_rounds: int = 3
+    """Comma-separated providers (cpu, cuda, tensorrt); None: every provider this onnxruntime build has."""
+    benchmark_seconds: PositiveFloat = 1.0
+    """Timing budget per cell and round."""
+    benchmark_rounds: PositiveInt = 3
+    """Alternating rounds over all cells."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PipelineConfig:
+        """The rules that span fields (a JSON schema cannot state them)."""
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                "Expected patch_size to divide image_size. "
+                f"Received: patch_size={self.patch_size}, image_size={self.image_size}"
+            )
+        if self.transformer_units[-1] != self.projection_dim:
+            raise ValueError(
+                "Expected the last of transformer_units to equal projection_dim (the block's residual "
+                f"connection). Received: transformer_units={list(self.transformer_units)}, "
+                f"projection_dim={self.projection_dim}"
+            )
+        if self.warmup_fraction > 0 and self.lr_schedule == "constant":
+            raise ValueError(
+                "Expected lr_schedule='warmup_cosine' when warmup_fraction > 0. "
+                f"Received: lr_schedule='constant', warmup_fraction={self.warmup_fraction}"
+            )
+        if self.dataset == "image_folder" and not self.data_path:
+            raise ValueError("Expected data_path for dataset='image_folder'. Received: data_path=None")
+        if self.dataset in ("digits", "cifar100") and self.input_size != 32:
+            raise ValueError(
+                f"Expected input_size=32 for dataset={self.dataset!r} (its native size). "
+                f"Received: input_size={self.input_size}"
+            )
+        return self
 
     @property
     def num_patches(self) -> int:
@@ -242,8 +297,18 @@ class PipelineConfig:
             return folder_dataset_name(self.data_path)
         return self.dataset
 
+    @property
+    def serve_candidate_list(self) -> list[str]:
+        """``serve_candidates`` as a list of variant names."""
+        return split_names(self.serve_candidates)
+
+    @property
+    def benchmark_variant_list(self) -> list[str]:
+        """``benchmark_variants`` as a list of variant names."""
+        return split_names(self.benchmark_variants)
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return self.model_dump()
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -388,55 +453,63 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def field_names() -> list[str]:
-    return [f.name for f in dataclasses.fields(PipelineConfig)]
+    return list(PipelineConfig.model_fields)
 
 
-def field_type(name: str) -> Any:
-    """The annotated type of a config field, as a real type object."""
-    return typing.get_type_hints(PipelineConfig)[name]
+def field_description(name: str) -> str:
+    """A field's description (its docstring), on one line."""
+    return " ".join((PipelineConfig.model_fields[name].description or "").split())
 
 
-def _is_optional(tp: Any) -> tuple[bool, Any]:
+def field_metavar(name: str) -> str:
+    """How a field's value is written on the command line, e.g. ``INTEGER`` or ``[fine|coarse]``."""
+    optional, tp = _optional(PipelineConfig.model_fields[name].annotation)
+    tp = _base(tp)
+    if typing.get_origin(tp) is Literal:
+        text = "[" + "|".join(typing.get_args(tp)) + "]"
+    elif typing.get_origin(tp) is tuple:
+        text = "INT,INT,..."
+    else:
+        text = {int: "INTEGER", float: "FLOAT"}.get(tp, "TEXT")
+    return f"{text}|none" if optional else text
+
+
+def _optional(tp: Any) -> tuple[bool, Any]:
     """Returns (optional, inner type) for ``X | None`` annotations."""
-    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return True, args[0]
+    args = typing.get_args(tp)
+    if type(None) in args:
+        return True, next(a for a in args if a is not type(None))
     return False, tp
 
 
-def coerce(name: str, value: Any) -> Any:
-    """Converts a CLI string or a JSON value to the field's type.
+def _base(tp: Any) -> Any:
+    """``Annotated[int, ...]`` -> ``int``; other types as they are."""
+    return typing.get_args(tp)[0] if typing.get_origin(tp) is Annotated else tp
 
-    Raises:
-        ConfigError: if the field is unknown or the value has the wrong type.
-    """
-    if name not in field_names():
-        raise ConfigError(f"Unknown config field {name!r}. Known fields: {', '.join(field_names())}")
-    optional, tp = _is_optional(field_type(name))
-    if value is None or (optional and isinstance(value, str) and value.lower() in ("", "none", "null")):
-        if optional:
-            return None
-        raise ConfigError(f"Expected a value for {name}. Received: {name}=None")
+
+def _parse(name: str, annotation: Any, value: Any) -> Any:
+    """Text to the field's type; anything it cannot parse goes on to pydantic's own error."""
+    optional, tp = _optional(annotation)
+    tp = _base(tp)
+    if optional and (
+        value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null"))
+    ):
+        return None
+    if isinstance(value, bool) and tp in (int, float):  # pydantic would take True for 1
+        raise ValueError(f"Expected {name} to be a number. Received: {name}={value!r}")
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
     try:
         if typing.get_origin(tp) is tuple:
-            return parse_int_list(value)
+            return parse_int_list(text)
         if tp is int:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            if isinstance(value, bool):
-                raise ValueError
-            return int(value)
+            return int(text)
         if tp is float:
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        if tp is str:
-            return str(value)
-    except (TypeError, ValueError):
+            return float(text)
+    except ValueError:
         pass
-    else:
-        raise AssertionError(f"unhandled type {tp} for {name}")
-    raise ConfigError(f"Expected {name} to be of type {_type_label(tp)}. Received: {name}={value!r}")
+    return value
 
 
 def parse_int_list(value: Any) -> tuple[int, ...]:
@@ -448,196 +521,132 @@ def parse_int_list(value: Any) -> tuple[int, ...]:
     return tuple(int(p) for p in parts)
 
 
-def _type_label(tp: Any) -> str:
-    if typing.get_origin(tp) is tuple:
-        return "a comma-separated list of integers"
-    return getattr(tp, "__name__", str(tp))
+_BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
 
 
-def validate(cfg: PipelineConfig) -> PipelineConfig:
-    """Checks every value; raises ConfigError naming the first bad field."""
-
-    def bad(msg: str) -> None:
-        raise ConfigError(msg)
-
-    if cfg.dataset not in DATASETS:
-        bad(f"Unknown dataset. Expected one of {DATASETS}. Received: dataset={cfg.dataset!r}")
-    if cfg.label_mode not in LABEL_MODES:
-        bad(f"Expected label_mode in {LABEL_MODES}. Received: label_mode={cfg.label_mode!r}")
-    if cfg.random_flip not in FLIP_MODES:
-        bad(f"Expected random_flip in {FLIP_MODES}. Received: random_flip={cfg.random_flip!r}")
-    for name, allowed in (
-        ("pooling", POOLINGS),
-        ("patch_tokenization", PATCH_TOKENIZATIONS),
-        ("attention_type", ATTENTION_TYPES),
-        ("lr_schedule", LR_SCHEDULES),
-        ("weight_decay_scope", WEIGHT_DECAY_SCOPES),
-        ("distribution_strategy", DISTRIBUTION_STRATEGIES),
-    ):
-        if getattr(cfg, name) not in allowed:
-            bad(f"Expected {name} in {allowed}. Received: {name}={getattr(cfg, name)!r}")
-    if cfg.head_dim is not None and cfg.head_dim <= 0:
-        bad(f"Expected head_dim to be positive or None. Received: head_dim={cfg.head_dim}")
-    for name in ("stochastic_depth_rate", "label_smoothing", "random_erasing", "warmup_fraction"):
-        value = getattr(cfg, name)
-        if not 0.0 <= value < 1.0:
-            bad(f"Expected {name} in [0, 1). Received: {name}={value}")
-    if not 0.0 <= cfg.rand_augment_factor <= 1.0:
-        bad(
-            f"Expected rand_augment_factor in [0, 1]. Received: rand_augment_factor={cfg.rand_augment_factor}"
-        )
-    for name in ("rand_augment_ops", "mixup_alpha", "cutmix_alpha"):
-        if getattr(cfg, name) < 0:
-            bad(f"Expected {name} >= 0. Received: {name}={getattr(cfg, name)}")
-    if cfg.warmup_fraction > 0 and cfg.lr_schedule == "constant":
-        bad(
-            "Expected lr_schedule='warmup_cosine' when warmup_fraction > 0. "
-            f"Received: lr_schedule='constant', warmup_fraction={cfg.warmup_fraction}"
-        )
-    if cfg.promotion_policy not in PROMOTION_POLICIES:
-        bad(
-            f"Expected promotion_policy in {PROMOTION_POLICIES}. "
-            f"Received: promotion_policy={cfg.promotion_policy!r}"
-        )
-    if not 13 <= cfg.onnx_opset <= 18:  # tf2onnx 1.17 supports opsets up to 18
-        bad(f"Expected onnx_opset in [13, 18]. Received: onnx_opset={cfg.onnx_opset}")
-    if cfg.parity_tolerance <= 0:
-        bad(f"Expected parity_tolerance to be positive. Received: parity_tolerance={cfg.parity_tolerance}")
-    if cfg.system_metrics_seconds < 0:
-        bad(
-            f"Expected system_metrics_seconds >= 0. Received: system_metrics_seconds={cfg.system_metrics_seconds}"
-        )
-    if cfg.tracking_wait_seconds < 0:
-        bad(
-            f"Expected tracking_wait_seconds >= 0. Received: tracking_wait_seconds={cfg.tracking_wait_seconds}"
-        )
-    if cfg.parity_images <= 0:
-        bad(f"Expected parity_images to be positive. Received: parity_images={cfg.parity_images}")
-    if cfg.serve_variant not in SERVE_VARIANTS:
-        bad(f"Expected serve_variant in {SERVE_VARIANTS}. Received: serve_variant={cfg.serve_variant!r}")
-    candidates = [v.strip() for v in cfg.serve_candidates.split(",") if v.strip()]
-    if set(candidates) - set(SERVE_CANDIDATES):
-        bad(
-            f"Expected serve_candidates from {SERVE_CANDIDATES}. Received: serve_candidates={cfg.serve_candidates!r}"
-        )
-    if not 0.0 < cfg.candidate_min_agreement <= 1.0:
-        bad(
-            "Expected candidate_min_agreement in (0, 1]. "
-            f"Received: candidate_min_agreement={cfg.candidate_min_agreement}"
-        )
-    for name in ("candidate_images", "int8_calibration_images"):
-        if getattr(cfg, name) <= 0:
-            bad(f"Expected {name} to be positive. Received: {name}={getattr(cfg, name)}")
-    variants = [v.strip() for v in cfg.benchmark_variants.split(",") if v.strip()]
-    if not variants or set(variants) - set(BENCHMARK_VARIANTS):
-        bad(
-            f"Expected benchmark_variants from {BENCHMARK_VARIANTS}. Received: benchmark_variants={cfg.benchmark_variants!r}"
-        )
-    if not cfg.benchmark_batch_sizes or min(cfg.benchmark_batch_sizes) <= 0:
-        bad(
-            f"Expected positive benchmark_batch_sizes. Received: benchmark_batch_sizes={list(cfg.benchmark_batch_sizes)}"
-        )
-    if cfg.benchmark_seconds <= 0 or cfg.benchmark_rounds <= 0:
-        bad(
-            "Expected benchmark_seconds and benchmark_rounds to be positive. Received: "
-            f"benchmark_seconds={cfg.benchmark_seconds}, benchmark_rounds={cfg.benchmark_rounds}"
-        )
-    if cfg.dataset_name is not None and not re.fullmatch(
-        r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", cfg.dataset_name
-    ):
-        bad(
-            "Expected dataset_name of letters, digits, '.', '_' or '-' (at most 64). "
-            f"Received: dataset_name={cfg.dataset_name!r}"
-        )
-    if cfg.dataset == "image_folder" and not cfg.data_path:
-        bad("Expected data_path for dataset='image_folder'. Received: data_path=None")
-    if cfg.dataset in ("digits", "cifar100") and cfg.input_size != 32:
-        bad(
-            f"Expected input_size=32 for dataset={cfg.dataset!r} (its native size). "
-            f"Received: input_size={cfg.input_size}"
-        )
-    positive = [
-        "input_size",
-        "image_size",
-        "patch_size",
-        "projection_dim",
-        "num_heads",
-        "transformer_layers",
-        "epochs",
-        "batch_size",
-    ]
-    for name in positive:
-        if getattr(cfg, name) <= 0:
-            bad(f"Expected {name} to be positive. Received: {name}={getattr(cfg, name)}")
-    for name in ("max_train_images", "max_test_images"):
-        value = getattr(cfg, name)
-        if value is not None and value <= 0:
-            bad(f"Expected {name} to be positive or None. Received: {name}={value}")
-    for name in ("validation_split", "test_split"):
-        value = getattr(cfg, name)
-        if not 0.0 < value < 1.0:
-            bad(f"Expected {name} in the open interval (0, 1). Received: {name}={value}")
-    for name in ("attention_dropout", "mlp_dropout", "head_dropout"):
-        value = getattr(cfg, name)
-        if not 0.0 <= value < 1.0:
-            bad(f"Expected {name} in [0, 1). Received: {name}={value}")
-    for name in ("random_rotation", "random_zoom"):
-        value = getattr(cfg, name)
-        if not 0.0 <= value < 1.0:
-            bad(f"Expected {name} in [0, 1). Received: {name}={value}")
-    if cfg.learning_rate <= 0:
-        bad(f"Expected learning_rate to be positive. Received: learning_rate={cfg.learning_rate}")
-    if cfg.weight_decay < 0:
-        bad(f"Expected weight_decay >= 0. Received: weight_decay={cfg.weight_decay}")
-    if cfg.image_size % cfg.patch_size:
-        bad(
-            "Expected patch_size to divide image_size. "
-            f"Received: patch_size={cfg.patch_size}, image_size={cfg.image_size}"
-        )
-    for name in ("transformer_units", "mlp_head_units"):
-        units = getattr(cfg, name)
-        if any(u <= 0 for u in units):
-            bad(f"Expected {name} to be positive integers. Received: {name}={list(units)}")
-    if not cfg.transformer_units or cfg.transformer_units[-1] != cfg.projection_dim:
-        bad(
-            "Expected the last of transformer_units to equal projection_dim "
-            "(the block's residual connection). Received: "
-            f"transformer_units={list(cfg.transformer_units)}, "
-            f"projection_dim={cfg.projection_dim}"
-        )
-    return cfg
+def _message(error: dict[str, Any]) -> str:
+    """One pydantic error as this project's one-line "Expected ... Received: ..." message."""
+    loc = [str(part) for part in error["loc"]]
+    name = loc[0] if loc else ""
+    value = error.get("input")
+    ctx = error.get("ctx") or {}
+    kind = error["type"]
+    if kind == "value_error":  # raised by a validator here: already a full message
+        return str(ctx.get("error", error["msg"]))
+    if kind == "extra_forbidden":
+        return f"Unknown config field {name!r}. Known fields: {', '.join(field_names())}"
+    what = name if len(loc) == 1 else f"every item of {name}"
+    received = f"Received: {name}{''.join(f'[{i}]' for i in loc[1:])}={value!r}"
+    if kind in _BOUNDS:
+        bound = next(iter(ctx.values()))
+        return f"Expected {what} {_BOUNDS[kind]} {bound}. {received}"
+    if kind == "literal_error":
+        return f"Expected {name} in {ctx.get('expected')}. {received}"
+    if kind == "string_pattern_mismatch":
+        return f"Expected {name} to be {_EXPECTED.get(name, 'of the pattern ' + str(ctx.get('pattern')))}. {received}"
+    if kind.startswith(("int_", "float_")):
+        return f"Expected {what} to be {'an integer' if kind.startswith('int_') else 'a number'}. {received}"
+    if kind in ("tuple_type", "list_type", "too_short"):
+        return f"Expected {name} to be a comma-separated list of integers. {received}"
+    return f"Expected {name}: {error['msg']}. {received}"
 
 
-def make_config(preset: str = "quickstart", overrides: dict[str, Any] | None = None) -> PipelineConfig:
-    """Builds and validates a config from a preset and field overrides.
+def config_error(exc: ValidationError) -> ConfigError:
+    """The first problem of a ValidationError as a ConfigError (one line)."""
+    return ConfigError(_message(exc.errors(include_url=False)[0]))
+
+
+def _overrides_model() -> type[BaseModel]:
+    """``PipelineConfig`` with every field optional: None keeps the preset's value.
+
+    The same types, constraints and descriptions; each description ends with the
+    seed's default and the presets that change it.
+    """
+    fields: dict[str, Any] = {}
+    for name, info in PipelineConfig.model_fields.items():
+        tp = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
+        changed = [f"{p}: {_show(values[name])}" for p, values in PRESETS.items() if name in values]
+        default = f"Default: the preset's; seed {_show(info.default)}" + (
+            f" ({', '.join(changed)})" if changed else ""
+        )
+        fields[name] = (tp | None, Field(default=None, description=f"{field_description(name)} {default}."))
+    return create_model(
+        "ConfigOverrides",
+        __base__=_Fields,
+        __doc__="Config fields that replace the preset's values (null or absent: the preset's).",
+        **fields,
+    )
+
+
+def _show(value: Any) -> str:
+    return json.dumps(list(value) if isinstance(value, tuple) else value)
+
+
+ConfigOverrides = _overrides_model()
+PresetName = Literal[tuple(PRESETS)]  # type: ignore[valid-type]
+
+
+def coerce(name: str, value: Any) -> Any:
+    """Converts a CLI string or a JSON value to the field's type (field constraints checked).
+
+    Raises:
+        ConfigError: if the field is unknown or the value has the wrong type.
+    """
+    try:
+        return getattr(ConfigOverrides(**{name: value}), name)
+    except ValidationError as exc:
+        raise config_error(exc) from None
+
+
+def _as_dict(values: BaseModel | dict[str, Any] | None) -> dict[str, Any]:
+    if values is None:
+        return {}
+    if isinstance(values, BaseModel):
+        return values.model_dump(exclude_none=True)
+    return dict(values)
+
+
+def make_config(
+    preset: str = "quickstart",
+    overrides: dict[str, Any] | None = None,
+    config: BaseModel | dict[str, Any] | None = None,
+) -> PipelineConfig:
+    """Builds and validates a config from a preset and field values.
 
     Args:
         preset: A key of ``PRESETS``.
-        overrides: Field name to value; strings are parsed to the field's type.
+        overrides: Field name to value; strings are parsed to the field's type (the
+            untyped compatibility path of the flows).
+        config: A ``ConfigOverrides`` (or its dict): set fields replace the preset's,
+            and ``overrides``.
 
     Raises:
         ConfigError: unknown preset or field, wrong type, or invalid value.
     """
     if preset not in PRESETS:
         raise ConfigError(f"Unknown preset. Expected one of {tuple(PRESETS)}. Received: preset={preset!r}")
-    values: dict[str, Any] = dict(PRESETS[preset])
-    for name, value in (overrides or {}).items():
-        values[name] = coerce(name, value)
-    return validate(PipelineConfig(**values))
+    typed = {k: v for k, v in _as_dict(config).items() if v is not None}
+    try:
+        return PipelineConfig(**{**PRESETS[preset], **_as_dict(overrides), **typed})
+    except ValidationError as exc:
+        raise config_error(exc) from None
 
 
 def from_dict(values: dict[str, Any]) -> PipelineConfig:
     """Rebuilds a config from ``to_dict()`` output (e.g. passed between tasks)."""
-    return validate(PipelineConfig(**{k: coerce(k, v) for k, v in values.items()}))
+    try:
+        return PipelineConfig(**values)
+    except ValidationError as exc:
+        raise config_error(exc) from None
 
 
 __all__ = [
-    "DATASETS",
     "PRESETS",
+    "ConfigOverrides",
     "PipelineConfig",
+    "PresetName",
     "coerce",
     "field_names",
     "from_dict",
     "make_config",
-    "validate",
 ]

@@ -10,6 +10,8 @@ Sources:
     and mode, converted to RGB and resized to ``input_size``; either
     ``ROOT/<class>/...`` or ``ROOT/{train,val|validation,test}/<class>/...``
     (given splits are used as they are, missing ones split off the training set).
+    Folders are split on their file lists and decoded into ``.npy`` shards
+    (``vit_pipeline.shards``), so a folder of any size fits in bounded memory.
 
 Pickles are read with a restricted unpickler that can only rebuild numpy arrays,
 so a tampered file cannot run code.
@@ -33,6 +35,7 @@ import numpy as np
 from vit_pipeline.config import PipelineConfig
 from vit_pipeline.errors import DataError
 from vit_pipeline.fsutil import atomic_path
+from vit_pipeline.shards import ShardedImages, update_digest, write_shards
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +44,8 @@ CIFAR100_ORIGIN = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 CIFAR100_CACHE_NAME = "cifar-100-python-target"
 CIFAR100_SHA256 = "85cd44d02ba6437773c5bbd22e183051d648de2e7d6b014e1ef29b855ba677a7"
 CIFAR100_MEMBERS = ("meta", "train", "test")
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+# What counts as an image in a folder (Keras' image_dataset_from_directory takes the first five).
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 # The only globals a numpy array pickle needs (numpy 1.x and 2.x spellings).
 _ALLOWED_GLOBALS = frozenset(
@@ -77,15 +81,23 @@ def safe_unpickle(stream: BinaryIO, what: str) -> Any:
         raise DataError(f"Could not read {what}: corrupt pickle ({exc})") from exc
 
 
+Images = np.ndarray | ShardedImages
+IMAGE_KEYS = ("x_train", "x_val", "x_test")
+
+
 @dataclass
 class Splits:
-    """A prepared dataset: uint8 images (N, H, W, 3), int32 labels, class names."""
+    """A prepared dataset: uint8 images (N, H, W, 3), int32 labels, class names.
 
-    x_train: np.ndarray
+    Images are numpy arrays (digits, CIFAR-100) or ``ShardedImages`` (image
+    folders), which index like arrays and read only the shards they touch.
+    """
+
+    x_train: Images
     y_train: np.ndarray
-    x_val: np.ndarray
+    x_val: Images
     y_val: np.ndarray
-    x_test: np.ndarray
+    x_test: Images
     y_test: np.ndarray
     class_names: list[str]
     source: str = ""
@@ -103,8 +115,7 @@ class Splits:
         """SHA-256 over all images, labels and class names (content identity)."""
         h = hashlib.sha256()
         for arr in (self.x_train, self.y_train, self.x_val, self.y_val, self.x_test, self.y_test):
-            h.update(str(arr.shape).encode())
-            h.update(np.ascontiguousarray(arr).tobytes())
+            update_digest(h, arr)  # shard by shard for a sharded split
         h.update("\n".join(self.class_names).encode())
         return h.hexdigest()
 
@@ -121,26 +132,38 @@ class Splits:
         }
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Saves to ``.npz`` atomically (no pickles inside)."""
+        """Saves to ``.npz`` atomically (no pickles inside); a sharded split as its shard list."""
+        import json
+
+        base = Path(path).parent
+        images = {}
+        for key in IMAGE_KEYS:
+            x = getattr(self, key)
+            if isinstance(x, ShardedImages):
+                images[f"{key}_shards"] = np.array(json.dumps(x.to_manifest(base)))
+            else:
+                images[key] = x
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
             np.savez(
-                f,
-                x_train=self.x_train,
-                y_train=self.y_train,
-                x_val=self.x_val,
-                y_val=self.y_val,
-                x_test=self.x_test,
-                y_test=self.y_test,
-                class_names=np.array(self.class_names, dtype=str),
-                source=np.array(self.source),
-            )
+                f, **images, y_train=self.y_train, y_val=self.y_val, y_test=self.y_test,
+                class_names=np.array(self.class_names, dtype=str), source=np.array(self.source),
+            )  # fmt: skip
         return Path(path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Splits:
+        import json
+
+        base = Path(path).parent
         with np.load(path, allow_pickle=False) as z:
+            images = {
+                key: ShardedImages.from_manifest(json.loads(str(z[f"{key}_shards"])), base)
+                if f"{key}_shards" in z else z[key]
+                for key in IMAGE_KEYS
+            }  # fmt: skip
             return cls(
-                **{k: z[k] for k in ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")},
+                **images,
+                **{k: z[k] for k in ("y_train", "y_val", "y_test")},
                 class_names=[str(c) for c in z["class_names"]],
                 source=str(z["source"]),
             )
@@ -242,7 +265,10 @@ def check_source(cfg: PipelineConfig, source_path: str | os.PathLike | None = No
         except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
             raise DataError(f"Could not read archive {path}: {exc} (truncated or corrupt?)") from exc
     elif cfg.dataset == "image_folder":
-        image_folder_layout(Path(path))
+        layout = image_folder_layout(Path(path))
+        names = None
+        for folder in layout.values():  # a listing, no decoding: quick even for large folders
+            names = list_class_files(folder, names)[2]
 
 
 def _read_cifar_members(path: Path) -> dict[str, Any]:
@@ -337,51 +363,85 @@ def image_folder_layout(root: Path) -> dict[str, Path]:
     return layout
 
 
-def read_class_folders(
-    folder: Path, size: int, class_names: list[str] | None = None
-) -> tuple[np.ndarray, np.ndarray, list[str], int]:
-    """Reads ``folder/<class>/*``: RGB, resized to ``size`` x ``size``.
-
-    Unreadable or non-image files are skipped and counted (logged), not fatal:
-    one bad JPEG in a folder of thousands should not stop a training run.
+def list_class_files(
+    folder: Path, class_names: list[str] | None = None
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """The image files (by suffix, ``IMAGE_SUFFIXES``) of ``folder/<class>/*`` and their labels, undecoded.
 
     Returns:
-        ``(images, labels, class_names, skipped)``.
+        ``(paths as strings, labels, class_names)``.
     """
-    from PIL import Image, UnidentifiedImageError
-
     if not folder.is_dir():
         raise DataError(f"Image folder does not exist or is not a directory: {folder}")
     class_dirs = _subdirs(folder)
     if not class_dirs:
         raise DataError(f"Image folder {folder} has no class sub-folders")
     names = class_names or [p.name for p in class_dirs]
-    images, labels, skipped = [], [], 0
+    files: list[str] = []
+    labels: list[int] = []
     for label, name in enumerate(names):
         class_dir = folder / name
-        files = sorted(p for p in class_dir.iterdir() if p.is_file() and not p.name.startswith("."))
-        count = 0
-        for file in files:
-            try:
-                with Image.open(file) as img:
-                    rgb = img.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
-                    images.append(np.asarray(rgb, dtype=np.uint8))
-            except (UnidentifiedImageError, OSError, ValueError) as exc:
-                skipped += 1
-                log.warning("Skipping unreadable image %s: %s", file, exc)
-                continue
-            labels.append(label)
-            count += 1
-        if count == 0:
+        found = sorted(str(p) for p in class_dir.iterdir()
+                       if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES)  # fmt: skip
+        if not found:
             raise DataError(f"Class folder {class_dir} has no readable images")
-    if skipped:
-        log.warning("Skipped %d unreadable files in %s", skipped, folder)
-    return np.stack(images), np.asarray(labels, dtype=np.int32), names, skipped
+        files += found
+        labels += [label] * len(found)
+    return np.array(files), np.asarray(labels, dtype=np.int32), names
+
+
+def read_class_folders(
+    folder: Path, size: int, class_names: list[str] | None = None
+) -> tuple[np.ndarray, np.ndarray, list[str], int]:
+    """Reads ``folder/<class>/*`` into memory: RGB, resized to ``size`` x ``size``.
+
+    Unreadable or non-image files are skipped and counted (logged), not fatal:
+    one bad JPEG in a folder of thousands should not stop a training run. For
+    folders of any size, ``prepare`` decodes into shards instead.
+
+    Returns:
+        ``(images, labels, class_names, skipped)``.
+    """
+    from vit_pipeline.shards import decode_image
+
+    files, labels, names = list_class_files(folder, class_names)
+    decoded = [decode_image(Path(f), size) for f in files]
+    keep = [i for i, img in enumerate(decoded) if img is not None]
+    _check_classes_readable(labels[keep], names, folder)
+    return np.stack([decoded[i] for i in keep]), labels[keep], names, len(files) - len(keep)
+
+
+def _check_classes_readable(labels: np.ndarray, names: list[str], folder: Path) -> None:
+    counts = np.bincount(labels, minlength=len(names))
+    if (counts == 0).any():
+        raise DataError(f"Class folder {folder / names[int(np.argmin(counts))]} has no readable images")
 
 
 def read_image_folder(root: str | os.PathLike, size: int) -> tuple[np.ndarray, np.ndarray, list[str], int]:
     """Reads ``root/<class>/*.png|jpg`` (one folder, no splits); see ``read_class_folders``."""
     return read_class_folders(Path(root), size)
+
+
+def _shard_splits(
+    cfg: PipelineConfig, splits: dict[str, tuple[np.ndarray, np.ndarray]], out_dir: Path
+) -> tuple[dict[str, tuple[ShardedImages, np.ndarray]], int]:
+    """Decodes each split's file list into shards; returns the splits and the files skipped."""
+    from vit_pipeline.progress import task
+
+    out: dict[str, tuple[ShardedImages, np.ndarray]] = {}
+    skipped = 0
+    total = sum(len(files) for files, _ in splits.values())
+    with task(f"Decoding {total} images into shards ({cfg.input_size}x{cfg.input_size})", total) as shown:
+        for split, (files, labels) in splits.items():
+            # Shuffled (seeded) so that every shard mixes the classes: training reads shard by shard.
+            order = np.random.default_rng([cfg.seed, len(out)]).permutation(len(files))
+            images, kept, bad = write_shards([Path(f) for f in files[order]], labels[order], out_dir, split,
+                                             cfg.input_size, shown=shown)  # fmt: skip
+            skipped += bad
+            out[split] = (images, kept)
+    if skipped:
+        log.warning("Skipped %d unreadable files in %s", skipped, cfg.data_path)
+    return out, skipped
 
 
 # -------------------------------------------------------------------- splitting
@@ -421,14 +481,22 @@ def validate_arrays(x: np.ndarray, y: np.ndarray, num_classes: int, what: str) -
         )
 
 
-def prepare(cfg: PipelineConfig, source_path: str | os.PathLike | None = None) -> Splits:
+def prepare(
+    cfg: PipelineConfig,
+    source_path: str | os.PathLike | None = None,
+    shard_dir: str | os.PathLike | None = None,
+) -> Splits:
     """Loads the configured source and returns validated train/val/test splits.
 
     Args:
         cfg: The pipeline config.
         source_path: Where a fetched dataset lies (from ``fetch``); overrides
             ``cfg.data_path``.
+        shard_dir: Where an image folder's shards go (the run's work directory);
+            None: a new temporary directory.
     """
+    if cfg.dataset == "image_folder":
+        return _prepare_folder(cfg, Path(source_path or cfg.data_path), shard_dir)
     info: dict[str, Any] = {}
     val: tuple[np.ndarray, np.ndarray] | None = None  # a validation split the source brings
     path = source_path or cfg.data_path
@@ -440,24 +508,6 @@ def prepare(cfg: PipelineConfig, source_path: str | os.PathLike | None = None) -
         if path is None:
             path = fetch_cifar100()
         x_rest, y_rest, x_test, y_test, names = read_cifar100(path, cfg.label_mode)
-        source = str(Path(path).resolve())
-    elif cfg.dataset == "image_folder":
-        layout = image_folder_layout(Path(path))
-        given = {}
-        names = None
-        for split in ("all", "train", "val", "test"):
-            if split in layout:
-                x, y, names, skipped = read_class_folders(layout[split], cfg.input_size, names)
-                given[split] = (x, y)
-                info["skipped_files"] = info.get("skipped_files", 0) + skipped
-        info["splits_given"] = ",".join(s for s in ("train", "val", "test") if s in layout) or "none"
-        x_rest, y_rest = given.get("train", given.get("all"))
-        if "test" in given:
-            x_test, y_test = given["test"]
-        else:
-            x_rest, y_rest, x_test, y_test = _split(x_rest, y_rest, cfg.test_split, cfg.seed)
-        if "val" in given:
-            val = given["val"]
         source = str(Path(path).resolve())
     else:  # validated in config; kept for type checkers
         raise DataError(f"Unknown dataset {cfg.dataset!r}")
@@ -483,3 +533,41 @@ def prepare(cfg: PipelineConfig, source_path: str | os.PathLike | None = None) -
         x_train, y_train.astype(np.int32), x_val, y_val.astype(np.int32),
         x_test, y_test.astype(np.int32), list(names), source=source, info=info,
     )  # fmt: skip
+
+
+def _prepare_folder(cfg: PipelineConfig, root: Path, shard_dir: str | os.PathLike | None) -> Splits:
+    """An image folder: split on the file lists, then decoded split by split into shards."""
+    import tempfile
+
+    layout = image_folder_layout(root)
+    listed: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    names = None
+    for split in ("all", "train", "val", "test"):
+        if split in layout:
+            files, labels, names = list_class_files(layout[split], names)
+            listed[split] = (files, labels)
+    files_rest, y_rest = listed.get("train", listed.get("all"))
+    if "test" in listed:
+        files_test, y_test = listed["test"]
+    else:
+        files_rest, y_rest, files_test, y_test = _split(files_rest, y_rest, cfg.test_split, cfg.seed)
+    files_rest, y_rest = _cap(files_rest, y_rest, cfg.max_train_images, cfg.seed)
+    files_test, y_test = _cap(files_test, y_test, cfg.max_test_images, cfg.seed)
+    if "val" in listed:
+        (files_train, y_train), (files_val, y_val) = (files_rest, y_rest), listed["val"]
+    else:
+        files_train, y_train, files_val, y_val = _split(files_rest, y_rest, cfg.validation_split, cfg.seed)
+    out_dir = Path(shard_dir) if shard_dir else Path(tempfile.mkdtemp(prefix="vit-shards-"))
+    decoded, skipped = _shard_splits(
+        cfg, {"train": (files_train, y_train), "val": (files_val, y_val), "test": (files_test, y_test)},
+        out_dir,
+    )  # fmt: skip
+    (x_train, y_train), (x_val, y_val), (x_test, y_test) = decoded["train"], decoded["val"], decoded["test"]
+    _check_classes_readable(y_train, names, layout.get("train", layout.get("all")))
+    for y, what in ((y_train, "train"), (y_val, "val"), (y_test, "test")):
+        if len(y) == 0:
+            raise DataError(f"{what} split is empty")
+    info = {"splits_given": ",".join(s for s in ("train", "val", "test") if s in layout) or "none",
+            "skipped_files": skipped, "shards": len(x_train.paths) + len(x_val.paths) + len(x_test.paths)}  # fmt: skip
+    return Splits(x_train, y_train, x_val, y_val, x_test, y_test, list(names), source=str(root.resolve()),
+                  info=info)  # fmt: skip

@@ -161,9 +161,12 @@ def export_onnx(model, path: str | Path, metadata: dict[str, str], opset: int = 
     Returns:
         ``{"path", "export_seconds", "opset", "size_bytes", "ops"}``.
     """
+    from vit_pipeline.progress import task
+
     start = time.perf_counter()
-    proto = convert(model, opset)
-    check_graph(proto)
+    with task(f"Export: Keras -> ONNX (tf2onnx, opset {opset})"):
+        proto = convert(model, opset)
+        check_graph(proto)
     del proto.metadata_props[:]
     for key, value in metadata.items():
         entry = proto.metadata_props.add()
@@ -213,11 +216,13 @@ def ort_session(path: str | Path, providers: list[str] | None = None):
         raise ExportError(f"ONNX Runtime cannot load {path}: {exc}") from exc
 
 
-def run_onnx(session, images: np.ndarray, batch_size: int) -> np.ndarray:
-    out = [
-        session.run([OUTPUT_NAME], {INPUT_NAME: images[i : i + batch_size].astype(np.float32)})[0]
-        for i in range(0, len(images), batch_size)
-    ]
+def run_onnx(session, images: np.ndarray, batch_size: int, shown=None) -> np.ndarray:
+    """Logits of ``images`` in batches; ``shown`` (a progress tracker) advances per image."""
+    out = []
+    for i in range(0, len(images), batch_size):
+        out.append(session.run([OUTPUT_NAME], {INPUT_NAME: images[i : i + batch_size].astype(np.float32)})[0])
+        if shown is not None:
+            shown.advance(len(out[-1]))
     return np.concatenate(out, axis=0)
 
 
@@ -237,15 +242,20 @@ def check_parity(
         batch_sizes: ONNX Runtime is run at each of these batch sizes.
         tolerance: Largest allowed absolute logit difference.
     """
+    from vit_pipeline.progress import task
+
     session = ort_session(onnx_path)
     ref_top1 = keras_logits.argmax(axis=1)
     per_batch: dict[str, dict[str, float]] = {}
-    for bs in batch_sizes:
-        logits = run_onnx(session, images, bs)
-        per_batch[str(bs)] = {
-            "max_abs_diff": float(np.abs(logits - keras_logits).max()),
-            "top1_agreement": float(np.mean(logits.argmax(axis=1) == ref_top1)),
-        }
+    with task(
+        f"Parity: Keras vs ONNX Runtime, {Path(onnx_path).name}", len(images) * len(batch_sizes)
+    ) as shown:
+        for bs in batch_sizes:
+            logits = run_onnx(session, images, bs, shown)
+            per_batch[str(bs)] = {
+                "max_abs_diff": float(np.abs(logits - keras_logits).max()),
+                "top1_agreement": float(np.mean(logits.argmax(axis=1) == ref_top1)),
+            }
     return ParityReport(
         num_images=int(len(images)),
         batch_sizes=list(batch_sizes),

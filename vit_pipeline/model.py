@@ -81,7 +81,7 @@ def build_vit(
     inputs = keras.Input(shape=input_shape, name="images")
     norm = Normalization(name="normalization")
     if train_images is not None:
-        norm.adapt(np.asarray(train_images, dtype=np.float32))
+        norm.adapt(_adapt_data(train_images))
     x = norm(inputs)
     if cfg.image_size != input_shape[0] or cfg.image_size != input_shape[1]:
         x = layers.Resizing(cfg.image_size, cfg.image_size, name="resizing")(x)
@@ -120,3 +120,15 @@ def build_vit(
 def load_model(path: str) -> keras.Model:
     """Loads a saved ``.keras`` ViT (this module registers the custom layers)."""
     return keras.saving.load_model(path)
+
+
+def _adapt_data(images):
+    """What Normalization adapts on: the array itself, or a sharded split batch by batch."""
+    if isinstance(images, np.ndarray):
+        return images.astype(np.float32)
+    import tensorflow as tf
+
+    return tf.data.Dataset.from_generator(
+        lambda: (shard.astype(np.float32) for shard in images.iter_shards()),
+        output_signature=tf.TensorSpec((None, *images.shape[1:]), tf.float32),
+    )

@@ -77,7 +77,7 @@ class Registration:
 class TestSplit:
     """The images every candidate is judged on, and the classes they are labelled with."""
 
-    images: np.ndarray
+    images: np.ndarray  # or ShardedImages: indexed like an array
     labels: np.ndarray
     class_names: list[str]
     data_digest: str = ""  # the whole prepared dataset's, for the version tag
@@ -91,7 +91,10 @@ class TestSplit:
         """SHA-256 of the test images and labels: the same digest means the same split."""
         import hashlib
 
-        h = hashlib.sha256(np.ascontiguousarray(self.images).tobytes())
+        from vit_pipeline.shards import update_bytes
+
+        h = hashlib.sha256()
+        update_bytes(h, self.images)  # shard by shard for a sharded split
         h.update(np.asarray(self.labels, np.int64).tobytes())
         return h.hexdigest()
 

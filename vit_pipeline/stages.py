@@ -42,7 +42,7 @@ def prepare_stage(cfg: PipelineConfig | dict[str, Any], run_id: str, source_path
         splits = data.Splits.load(path)
         log.info("Reusing prepared data %s", path)
         return {"data_path": str(path), "summary": splits.summary(), "class_names": splits.class_names}
-    splits = data.prepare(cfg, source_path)
+    splits = data.prepare(cfg, source_path, shard_dir=path.parent / "shards")
     path = splits.save(path)
     summary = splits.summary()
     with warnings.catch_warnings():  # "source can be interpreted in multiple ways"
@@ -204,7 +204,7 @@ def export_stage(
     )  # fmt: skip
     out = tracking.work_dir(run_id)
     info = export_onnx(model, out / "model.onnx", metadata, cfg.onnx_opset)
-    candidates = [v for v in _names(cfg.serve_candidates) if v != cfg.serve_variant]
+    candidates = [v for v in cfg.serve_candidate_list if v != cfg.serve_variant]
     calibration = calibration_sample(splits.x_train, cfg.int8_calibration_images, cfg.seed)
     fusions: dict[str, int] = {}
     paths = {k: str(v) for k, v in build_variants(
@@ -288,10 +288,6 @@ def _registered_variants(cfg: PipelineConfig, work: Path) -> tuple[str, ...]:
     return (cfg.serve_variant, *passed)
 
 
-def _names(csv: str) -> list[str]:
-    return [v.strip() for v in csv.split(",") if v.strip()]
-
-
 def _gate_candidates(
     cfg: PipelineConfig, keras_logits: np.ndarray, splits: data.Splits, paths: dict[str, str]
 ) -> dict[str, dict]:
@@ -303,9 +299,12 @@ def _gate_candidates(
         return {}
     images, labels = splits.x_test[: cfg.candidate_images], splits.y_test[: cfg.candidate_images]
     keras_top1 = keras_logits[: len(images)].argmax(1)
+    from vit_pipeline.progress import task
+
     out = {}
     for name, path in paths.items():
-        logits = run_onnx(ort_session(path), images, 64)
+        with task(f"Candidate gate: {name} vs Keras", len(images)) as shown:
+            logits = run_onnx(ort_session(path), images, 64, shown)
         agreement = float(np.mean(logits.argmax(1) == keras_top1))
         out[name] = {
             "path": path, "top1_agreement": agreement, "test_accuracy": topk_accuracy(logits, labels, 1),
@@ -335,9 +334,9 @@ def benchmark_stage(
     splits = data.Splits.load(data_path)
     work = tracking.work_dir(run_id)
     out = work / "benchmark"
-    variants = tuple(_names(cfg.benchmark_variants))
+    variants = tuple(cfg.benchmark_variant_list)
     built = {v: work / file_name(v) for v in variants if (work / file_name(v)).exists()}
-    providers = cfg.benchmark_providers.split(",") if cfg.benchmark_providers else None
+    providers = config_mod.split_names(cfg.benchmark_providers or "") or None
     report, files = bench.benchmark_files(
         fp32_onnx, out, keras_model=load_model(model_path), eval_images=splits.x_test[:512],
         eval_labels=splits.y_test[:512], variants=variants, providers=providers,
@@ -442,8 +441,8 @@ def benchmark_champion_stage(champion: dict, tracking_uri: str | None, options: 
         export_onnx(model, fp32, build_metadata(classes, shape))
         report, files = bench.benchmark_files(
             fp32, out, keras_model=model,
-            variants=tuple(v.strip() for v in options["variants"].split(",") if v.strip()),
-            providers=options["providers"].split(",") if options.get("providers") else None,
+            variants=tuple(config_mod.split_names(options["variants"])),
+            providers=config_mod.split_names(options.get("providers") or "") or None,
             scenario=bench.Scenario(batch_sizes=tuple(options["batch_sizes"]), min_seconds=options["seconds"],
                                     rounds=options["rounds"]),
             model_info={"name": f"{champion['name']} v{champion['version']}"},

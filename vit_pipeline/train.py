@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from vit_pipeline import progress
 from vit_pipeline.config import PipelineConfig
 from vit_pipeline.data import Splits
 from vit_pipeline.fsutil import atomic_path
@@ -51,7 +52,7 @@ def make_dataset(
     training: bool,
     batch_size: int | None = None,
 ):
-    """tf.data pipeline: uint8 images in memory, float32 batches of ``batch_size``.
+    """tf.data pipeline: uint8 images (in memory or in shards), float32 batches of ``batch_size``.
 
     ``batch_size`` defaults to ``cfg.batch_size``; under a multi-replica strategy
     it is the global batch, which Keras splits across the replicas.
@@ -63,10 +64,14 @@ def make_dataset(
     import tensorflow as tf
 
     from vit_pipeline.augment import batch_augmenter, model_batch
+    from vit_pipeline.shards import ShardedImages, dataset
 
-    ds = tf.data.Dataset.from_tensor_slices((x, y))
-    if training:
-        ds = ds.shuffle(len(x), seed=cfg.seed, reshuffle_each_iteration=True)
+    if isinstance(x, ShardedImages):  # streamed shard by shard: memory does not grow with the folder
+        ds = dataset(x, y, cfg.seed, shuffle=training)
+    else:
+        ds = tf.data.Dataset.from_tensor_slices((x, y))
+        if training:
+            ds = ds.shuffle(len(x), seed=cfg.seed, reshuffle_each_iteration=True)
     augment = batch_augmenter(cfg, num_classes) if training else None
 
     def cast(images, labels):
@@ -381,12 +386,17 @@ def _train(cfg: PipelineConfig, splits: Splits, out_dir: Path, run_id: str | Non
     backup = own[-1]
     train_ds = make_dataset(splits.x_train, splits.y_train, cfg, splits.num_classes, True, global_batch)
     val_ds = make_dataset(splits.x_val, splits.y_val, cfg, splits.num_classes, False, global_batch)
+    shown = progress.keras_callback(cfg.epochs, steps_per_epoch)
     start = time.perf_counter()
-    # shuffle=False: the tf.data pipeline already shuffles (seeded) each epoch.
-    model.fit(
-        train_ds, validation_data=val_ds, epochs=cfg.epochs, callbacks=[*own, *(callbacks or [])], verbose=2,
-        shuffle=False,
-    )  # fmt: skip
+    # shuffle=False: the tf.data pipeline already shuffles (seeded) each epoch. verbose=0: the
+    # progress callback draws a bar on a terminal and prints one line per epoch.
+    try:
+        model.fit(
+            train_ds, validation_data=val_ds, epochs=cfg.epochs, callbacks=[*own, *(callbacks or []), shown],
+            verbose=0, shuffle=False,
+        )  # fmt: skip
+    finally:
+        shown.close()
     seconds = time.perf_counter() - start
     hist = epoch_log.history()  # every epoch, also those before a crash
     best = read_best(best_path)

@@ -89,17 +89,21 @@ def quantize_int8(src: str | Path, dst: str | Path) -> Path:
 class _Calibration:
     """Feeds real images to ONNX Runtime's calibrator in fixed batches."""
 
-    def __init__(self, images: np.ndarray, input_name: str, batch_size: int = 32):
+    def __init__(self, images: np.ndarray, input_name: str, batch_size: int = 32, shown=None):
         self.batches = [np.ascontiguousarray(images[i : i + batch_size], dtype=np.float32)
                         for i in range(0, len(images), batch_size)]  # fmt: skip
         self.input_name = input_name
         self.position = 0
+        self.shown = shown  # a progress tracker, advanced per image handed out
 
     def get_next(self):
         if self.position >= len(self.batches):
             return None
         self.position += 1
-        return {self.input_name: self.batches[self.position - 1]}
+        batch = self.batches[self.position - 1]
+        if self.shown is not None:
+            self.shown.advance(len(batch))
+        return {self.input_name: batch}
 
     def rewind(self) -> None:
         self.position = 0
@@ -128,14 +132,19 @@ def quantize_static_int8(src: str | Path, dst: str | Path, calibration: np.ndarr
     model = onnx.load(str(src))
     nodes = weight_gemms(model)
     input_name = model.graph.input[0].name
-    with tempfile.TemporaryDirectory() as work, atomic_path(dst) as tmp, _quiet_quantizer():
+    from vit_pipeline.progress import task
+
+    shown = task(
+        f"int8 calibration: {len(nodes)} GEMMs on {len(calibration)} training images", len(calibration)
+    )
+    with shown as tracker, tempfile.TemporaryDirectory() as work, atomic_path(dst) as tmp, _quiet_quantizer():
         # Symbolic shape inference knows ONNX Runtime's contrib ops (Gelu, Attention), so
         # the quantiser sees every tensor's type; the graph itself is left as it is.
         inferred = Path(work) / "inferred.onnx"
         quant_pre_process(str(src), str(inferred), skip_optimization=True, skip_onnx_shape=False,
                           skip_symbolic_shape=False)  # fmt: skip
         quantize_static(
-            str(inferred), str(tmp), _Calibration(calibration, input_name), quant_format=QuantFormat.QDQ,
+            str(inferred), str(tmp), _Calibration(calibration, input_name, shown=tracker), quant_format=QuantFormat.QDQ,
             per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
             nodes_to_quantize=nodes, calibrate_method=CalibrationMethod.MinMax,
             extra_options={"CalibTensorRangeSymmetric": False},
@@ -183,7 +192,10 @@ def build_variants(
         paths["fp32"] = Path(fp32_path)
     optimized_path = out_dir / file_name("optimized")
     if set(names) - {"fp32"}:
-        optimized, report = optimize(onnx.load(str(fp32_path)))
+        from vit_pipeline.progress import task
+
+        with task("Graph fusions for ONNX Runtime (LayerNorm, GELU, attention)"):
+            optimized, report = optimize(onnx.load(str(fp32_path)))
         with atomic_path(optimized_path) as tmp:
             onnx.save(optimized, str(tmp))
         log.info("Optimised graph: %s", report.to_dict())

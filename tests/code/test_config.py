@@ -2,7 +2,7 @@ import pytest
 from click.testing import CliRunner
 
 from vit_pipeline.cli import main
-from vit_pipeline.config import PRESETS, PipelineConfig, coerce, make_config
+from vit_pipeline.config import PRESETS, ConfigOverrides, PipelineConfig, coerce, field_names, make_config
 from vit_pipeline.errors import ConfigError
 
 
@@ -91,3 +91,51 @@ def test_cli_run_rejects_bad_config_before_any_work(pipeline_home):
     assert result.exit_code == 2
     assert "validation_split=2.0" in result.output
     assert not (pipeline_home / "mlflow.db").exists()
+
+
+def test_every_field_has_a_type_a_description_and_a_schema():
+    schema = ConfigOverrides.model_json_schema()
+    assert schema["additionalProperties"] is False and list(schema["properties"]) == field_names()
+    for name, prop in schema["properties"].items():
+        assert prop["default"] is None and len(prop["description"]) > 30, name
+        assert {"type": "null"} in prop["anyOf"] and len(prop["anyOf"]) == 2, name
+    assert {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1} in schema["properties"][
+        "validation_split"
+    ]["anyOf"]
+    assert "seed 72 (cifar100-improved: 32" in schema["properties"]["image_size"]["description"]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"epochs": 0}, {"epochs": 2.5}, {"dataset": "mnist"}, {"validation_split": 1.0}, {"no_such_field": 1},
+     {"serve_candidates": "int8,fp64"}, {"benchmark_variants": ""}, {"mlp_head_units": [0]},
+     {"dataset_name": "a b"}, {"onnx_opset": 19}],
+)  # fmt: skip
+def test_the_json_schema_refuses_what_the_model_refuses(bad):
+    """What the Prefect server checks at run creation (the JSON schema) agrees with the model."""
+    import jsonschema
+
+    schema = ConfigOverrides.model_json_schema()
+    jsonschema.validate(make_config("cifar100").model_dump(mode="json"), schema)
+    with pytest.raises(ConfigError):
+        make_config("cifar100", config=bad)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, schema)
+
+
+def test_typed_config_wins_over_untyped_overrides():
+    cfg = make_config("quickstart", {"epochs": 3, "seed": 1}, ConfigOverrides(epochs=5))
+    assert (cfg.epochs, cfg.seed, cfg.batch_size) == (5, 1, PRESETS["quickstart"]["batch_size"])
+    assert make_config("quickstart", config={"epochs": None}).epochs == PRESETS["quickstart"]["epochs"]
+
+
+def test_cli_help_describes_every_field():
+    result = CliRunner().invoke(main, ["config", "--help"], terminal_width=200)
+    assert (
+        "--validation-split FLOAT" in result.output
+        and "Fraction of the training images held out" in result.output
+    )
+    assert (
+        "--label-mode [fine|coarse]" in result.output and "--max-train-images INTEGER|none" in result.output
+    )
+    assert all(f"--{name.replace('_', '-')}" in result.output for name in field_names())

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import TINY, free_port
+from tests.conftest import TINY, PtyProcess, free_port
 
 BIN = Path(sys.executable).parent
 
@@ -41,9 +41,9 @@ def test_sigkill_mid_training_then_resume(tmp_path):
     env = {**os.environ, "VIT_PIPELINE_HOME": str(home), "TF_CPP_MIN_LOG_LEVEL": "2"}
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     epochs = 8
-    proc = subprocess.Popen(
-        _args(uri, epochs), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    # On a terminal, as a user starts it: the progress bar is checked below.
+    term = PtyProcess(_args(uri, epochs), {**env, "TERM": "xterm", "COLUMNS": "160"})
+    proc = term.proc
     meta, alive_status = None, None
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
@@ -58,8 +58,17 @@ def test_sigkill_mid_training_then_resume(tmp_path):
                 proc.send_signal(signal.SIGKILL)
                 break
         time.sleep(0.05)
-    proc.wait(timeout=30)
+    term.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL, "training finished before it could be killed"
+    # A per-step bar with its ETA, redrawn in place, and a summary line per finished epoch.
+    shown = term.output()
+    assert f"Epoch 1/{epochs}" in shown and "ETA" in shown and "\r" in shown, shown[-2000:]
+    from vit_pipeline import data
+    from vit_pipeline.config import make_config
+
+    steps = -(-len(data.prepare(make_config("quickstart")).y_train) // 64)
+    assert f"/{steps} " in shown  # the step counter: the training digits in batches of 64
+    assert f"Epoch 1/{epochs}: " in shown and "val_accuracy" in shown, shown[-2000:]
     assert alive_status == "RUNNING"
     run_id, after_kill = _run_status(uri, home)
     assert after_kill == "RUNNING"  # nobody could say otherwise yet; certainly not FINISHED

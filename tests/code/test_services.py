@@ -122,6 +122,7 @@ def test_deploy_schedule_worker_and_smoke_run(services):
     assert sweep["schedules"][0]["schedule"]["cron"] == "0 2 1 * *"
     assert sweep["parameters"]["space_path"] == "sweeps/cifar100-improved.yaml"
     assert all(d["work_pool_name"] == "vit-pipeline" for d in deployments)
+    _typed_parameters_are_enforced_by_the_server(api, by_name["quickstart-smoke"])
 
     worker = _start([str(BIN / "prefect"), "worker", "start", "--pool", "vit-pipeline"], env, logs["worker"])
     procs.append(worker)
@@ -135,7 +136,7 @@ def test_deploy_schedule_worker_and_smoke_run(services):
     }
     started = time.monotonic()
     out = _cli(["deployment", "run", "train-pipeline/quickstart-smoke", "--param",
-                f"overrides={json.dumps(overrides)}", "--watch", "--watch-timeout", "600"], env, timeout=660)  # fmt: skip
+                f"config={json.dumps(overrides)}", "--watch", "--watch-timeout", "600"], env, timeout=660)  # fmt: skip
     elapsed = time.monotonic() - started
     assert "Completed" in out
     print(f"smoke deployment: trigger to completion {elapsed:.1f} s")
@@ -154,6 +155,33 @@ def test_deploy_schedule_worker_and_smoke_run(services):
         f"{api}/artifacts/filter", json={"artifacts": {"key": {"any_": ["train-pipeline-summary"]}}}
     ).json()
     assert any(f"{env['MLFLOW_TRACKING_URI']}/#/experiments/" in a["data"] for a in artifacts)
+
+
+def _typed_parameters_are_enforced_by_the_server(api: str, deployment: dict) -> None:
+    """The Prefect UI's form comes from this schema; the server checks runs against it."""
+    from vit_pipeline.config import PRESETS, field_names
+
+    assert deployment["enforce_parameter_schema"] is True
+    schema = deployment["parameter_openapi_schema"]
+    assert schema["properties"]["preset"]["enum"] == list(PRESETS)
+    fields = schema["definitions"]["ConfigOverrides"]
+    assert fields["additionalProperties"] is False and set(fields["properties"]) == set(field_names())
+    epochs = fields["properties"]["epochs"]
+    assert {"type": "integer", "exclusiveMinimum": 0} in epochs["anyOf"]
+    assert epochs["description"].startswith("Training epochs.") and "seed 100" in epochs["description"]
+    assert {"enum": ["digits", "cifar100", "image_folder"], "type": "string"} in fields["properties"][
+        "dataset"
+    ]["anyOf"]
+    for bad in ({"config": {"epoch": 5}}, {"config": {"epochs": 0}}, {"config": {"epochs": "five"}},
+                {"config": {"dataset": "mnist"}}, {"preset": "nope"}):  # fmt: skip
+        response = httpx.post(
+            f"{api}/deployments/{deployment['id']}/create_flow_run", json={"parameters": bad}
+        )
+        assert response.status_code == 409 and "Validation failed" in response.text, (bad, response.text)
+    created = httpx.post(
+        f"{api}/flow_runs/filter", json={"deployments": {"id": {"any_": [deployment["id"]]}}}
+    )
+    assert created.json() == []  # nothing was created (the scheduled deployments have their own runs)
 
 
 def test_flow_resumes_after_the_worker_dies(services):

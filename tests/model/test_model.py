@@ -74,13 +74,19 @@ def test_inference_is_deterministic_and_training_is_not(tiny_overrides):
     assert not np.allclose(model(x, training=True), model(x, training=True))
 
 
-def test_two_epochs_on_real_images_reduce_the_loss(tmp_path, tiny_overrides):
+def test_two_epochs_on_real_images_reduce_the_loss(tmp_path, tiny_overrides, capsys, monkeypatch):
+    monkeypatch.delenv("VIT_PIPELINE_PROGRESS", raising=False)
     cfg = make_config("cifar100", {**tiny_overrides, "data_path": str(CIFAR_CUT), "label_mode": "coarse"})
     splits = data.prepare(cfg)
     result = train(cfg, splits, tmp_path)
     history = json.loads(Path(result.history_path).read_text())
     assert len(history["loss"]) == 2
     assert history["loss"][1] < history["loss"][0]
+    # Not a terminal: exactly one line per epoch, nothing redrawn.
+    out = capsys.readouterr()
+    lines = [line for line in out.out.splitlines() if line.startswith("Epoch ")]
+    assert [line.split(":")[0] for line in lines] == ["Epoch 1/2", "Epoch 2/2"], out.out
+    assert "val_accuracy" in lines[0] and "\r" not in out.out + out.err
     assert (tmp_path / "model.keras").is_file() and (tmp_path / "best.weights.h5").is_file()
     # The best-validation weights are the ones restored and saved.
     model = load_model(result.model_path)

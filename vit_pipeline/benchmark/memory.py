@@ -24,7 +24,7 @@ def _rss_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def _peak_mib() -> float:
+def peak_rss_mib() -> float:
     """Peak RSS of this process image: VmHWM. (``ru_maxrss`` survives execve on Linux, so a
     child started from a big parent would report the parent's peak.)"""
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -65,7 +65,7 @@ def child(spec: dict[str, Any]) -> dict[str, float]:
     run = backend.prepare(batch)
     for _ in range(spec.get("runs", 5)):
         run()
-    return {"peak_rss_mib": _peak_mib(), "engine_rss_mib": before, "batch_size": spec["batch_size"]}
+    return {"peak_rss_mib": peak_rss_mib(), "engine_rss_mib": before, "batch_size": spec["batch_size"]}
 
 
 def measure_memory(spec: dict[str, Any], timeout: float = 600) -> dict[str, Any]:

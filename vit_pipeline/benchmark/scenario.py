@@ -60,13 +60,20 @@ def time_cells(
     backends: list[Any], scenario: Scenario, images: np.ndarray
 ) -> dict[tuple[int, int], list[float]]:
     """(backend index, batch size) -> latency samples in seconds, in alternating rounds."""
+    from vit_pipeline.progress import task
+
     samples: dict[tuple[int, int], list[float]] = {}
-    for bs in scenario.batch_sizes:
-        batch = np.resize(images, (bs, *images.shape[1:])).astype(np.float32)
-        runners = [b.prepare(batch) for b in backends]
-        for _ in range(scenario.rounds):
-            for i, run in enumerate(runners):
-                samples.setdefault((i, bs), []).extend(
-                    measure(run, scenario.warmup, scenario.min_runs, scenario.min_seconds)
-                )
+    cells = len(scenario.batch_sizes) * scenario.rounds * len(backends)
+    with task(
+        f"Benchmark: {len(backends)} backends x {len(scenario.batch_sizes)} batch sizes", cells
+    ) as shown:
+        for bs in scenario.batch_sizes:
+            batch = np.resize(images, (bs, *images.shape[1:])).astype(np.float32)
+            runners = [b.prepare(batch) for b in backends]
+            for _ in range(scenario.rounds):
+                for i, run in enumerate(runners):
+                    samples.setdefault((i, bs), []).extend(
+                        measure(run, scenario.warmup, scenario.min_runs, scenario.min_seconds)
+                    )
+                    shown.advance(info=f"{backends[i].backend} {backends[i].variant} b{bs}")
     return samples
