@@ -128,7 +128,11 @@ def _adapt_data(images):
         return images.astype(np.float32)
     import tensorflow as tf
 
+    def batches(size: int = 256):  # float32 is 4x the shard: convert a few images at a time
+        for shard in images.iter_shards():
+            for i in range(0, len(shard), size):
+                yield shard[i : i + size].astype(np.float32)
+
     return tf.data.Dataset.from_generator(
-        lambda: (shard.astype(np.float32) for shard in images.iter_shards()),
-        output_signature=tf.TensorSpec((None, *images.shape[1:]), tf.float32),
+        batches, output_signature=tf.TensorSpec((None, *images.shape[1:]), tf.float32)
     )

@@ -44,6 +44,9 @@ class TrainResult:
         return asdict(self)
 
 
+STREAM_RAM_BUDGET = 256 * 2**20  # bytes tf.data's autotuning may buffer for a sharded split
+
+
 def make_dataset(
     x: np.ndarray,
     y: np.ndarray,
@@ -78,6 +81,11 @@ def make_dataset(
         return model_batch(images, labels, cfg, num_classes)
 
     ds = ds.batch(batch_size or cfg.batch_size).map(augment or cast, num_parallel_calls=tf.data.AUTOTUNE)
+    if isinstance(x, ShardedImages):
+        # A fixed number of batches ahead: AUTOTUNE may grow its buffers towards half the RAM.
+        options = tf.data.Options()
+        options.autotune.ram_budget = STREAM_RAM_BUDGET
+        return ds.prefetch(2).with_options(options)
     return ds.prefetch(tf.data.AUTOTUNE)
 
 

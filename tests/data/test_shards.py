@@ -84,3 +84,22 @@ def test_the_training_stream_yields_every_image_once_per_epoch_in_a_new_order(fo
     assert epochs[0] != epochs[1]
     plain = [int(lab) for _, lab in dataset(sharded, kept, seed=0, shuffle=False)]
     assert plain == kept.tolist()  # validation and test: in order
+
+
+def test_a_sharded_folder_trains_and_evaluates_like_an_array(folder, tmp_path, tiny_overrides):
+    from vit_pipeline.evaluate import predict_logits
+    from vit_pipeline.model import load_model
+    from vit_pipeline.train import train
+
+    cfg = make_config("quickstart", {**tiny_overrides, "dataset": "image_folder", "data_path": str(folder),
+                                     "epochs": 1, "batch_size": 4, "test_split": 0.25})  # fmt: skip
+    splits = data.prepare(cfg, shard_dir=tmp_path / "shards")
+    result = train(cfg, splits, tmp_path / "train")  # streamed from the shards
+    assert result.epochs_run == 1 and 0 <= result.best_val_accuracy <= 1
+    model = load_model(result.model_path)
+    # The model's Normalization was adapted on the training shards: the mean of the training images.
+    mean = np.asarray(splits.x_train, np.float64).mean(axis=(0, 1, 2))
+    np.testing.assert_allclose(np.ravel(model.get_layer("normalization").mean), mean, rtol=1e-4)
+    np.testing.assert_allclose(
+        predict_logits(model, splits.x_test), predict_logits(model, np.asarray(splits.x_test))
+    )

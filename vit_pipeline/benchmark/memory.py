@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 
-def _rss_mib() -> float:
+def current_rss_mib() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
@@ -58,7 +58,7 @@ def _import_engine(kind: str) -> None:
 
 def child(spec: dict[str, Any]) -> dict[str, float]:
     _import_engine(spec["backend"])
-    before = _rss_mib()
+    before = current_rss_mib()
     backend = build(spec)
     shape = spec["input_shape"]
     batch = np.random.default_rng(0).uniform(0, 255, (spec["batch_size"], *shape)).astype(np.float32)
