@@ -91,6 +91,8 @@ def _quiet_telemetry() -> None:
     for var in ("PREFECT_SERVER_ANALYTICS_ENABLED",):
         os.environ.setdefault(var, "false")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    # Prefect gives its temporary API server 20 s to start; a busy 2-core machine needs more.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
 def _friendly_errors(func: Callable) -> Callable:
@@ -162,9 +164,17 @@ def run(resume_run_id: str | None, **kwargs) -> None:
     from flows.train_pipeline import train_pipeline
 
     with console_without_tracebacks():
-        result = train_pipeline(
-            preset=preset, config=ConfigOverrides(**overrides), resume_run_id=resume_run_id
-        )
+        try:
+            result = train_pipeline(
+                preset=preset, config=ConfigOverrides(**overrides), resume_run_id=resume_run_id
+            )
+        except RuntimeError as exc:  # Prefect's own, untyped
+            if "ephemeral Prefect API server" not in str(exc):
+                raise
+            raise PipelineError(
+                f"{exc} Start one (`prefect server start`) and set PREFECT_API_URL, or raise "
+                "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+            ) from exc
     click.echo(json.dumps(result, indent=2))
 
 

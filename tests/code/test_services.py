@@ -97,7 +97,12 @@ def _cli(args, env, timeout=300):
     return out.stdout
 
 
-def test_deploy_schedule_worker_and_smoke_run(services):
+def test_deploy_schedule_worker_crash_and_resume(services):
+    """prefect.yaml deployed; a smoke run whose worker dies mid-training; a new run resumes and registers it.
+
+    One flow run serves both checks (deployment and crash recovery): each full flow run on
+    2 CPU cores costs most of a minute of CI.
+    """
     from mlflow.tracking import MlflowClient
 
     env, procs, logs, root = services
@@ -124,32 +129,63 @@ def test_deploy_schedule_worker_and_smoke_run(services):
     assert all(d["work_pool_name"] == "vit-pipeline" for d in deployments)
     _typed_parameters_are_enforced_by_the_server(api, by_name["quickstart-smoke"])
 
-    worker = _start([str(BIN / "prefect"), "worker", "start", "--pool", "vit-pipeline"], env, logs["worker"])
-    procs.append(worker)
-    overrides = {
-        "epochs": 2,
+    epochs = 10
+    config = {
+        "epochs": epochs,
+        # Short epochs (a fraction of a second): the kill still lands mid-training, the resume is quick.
+        "max_train_images": 300,
+        "max_test_images": 100,
         "benchmark_batch_sizes": [1, 8],
         "benchmark_variants": "fp32,optimized",
         "serve_candidates": "optimized",  # int8 candidates: tests/code/test_flow.py
-        "benchmark_seconds": 0.1,
+        "benchmark_seconds": 0.05,
         "benchmark_rounds": 1,
     }
-    started = time.monotonic()
-    out = _cli(["deployment", "run", "train-pipeline/quickstart-smoke", "--param",
-                f"config={json.dumps(overrides)}", "--watch", "--watch-timeout", "600"], env, timeout=660)  # fmt: skip
-    elapsed = time.monotonic() - started
-    assert "Completed" in out
-    print(f"smoke deployment: trigger to completion {elapsed:.1f} s")
-
+    worker = _start([str(BIN / "prefect"), "worker", "start", "--pool", "vit-pipeline"], env, logs["worker"])
+    # The typed parameter, as the UI's form sends it.
+    _cli(
+        ["deployment", "run", "train-pipeline/quickstart-smoke", "--param", f"config={json.dumps(config)}"],
+        env,
+    )
+    deadline, meta = time.monotonic() + 300, None
+    while time.monotonic() < deadline and meta is None:
+        for path in (root / "vit" / "work").glob("*/backup/training_metadata.json"):
+            try:
+                if json.loads(path.read_text())["epoch"] >= 2:
+                    meta = path
+            except (json.JSONDecodeError, OSError):
+                pass
+        time.sleep(0.1)
+    assert meta is not None, "training never reached epoch 2"
+    # A worker's machine going down takes its flow runs with it (killed first: the flow run,
+    # in its own session, would train on while the worker shuts down).
+    _kill_flow_runs(root)
+    _stop(worker)
+    run_id = meta.parents[1].name
+    done = len((meta.parents[1] / "epochs.jsonl").read_text().splitlines())
+    assert 2 <= done < epochs
     client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])  # through the server's HTTP API
-    exp = client.get_experiment_by_name("vit-digits")
-    (run,) = client.search_runs([exp.experiment_id])
-    assert run.info.status == "FINISHED" and run.data.metrics["test_accuracy"] > 0.5
-    assert run.data.params["epochs"] == "2"
+    assert client.get_run(run_id).info.status != "FINISHED"  # its flow run crashed with the worker
+
+    worker = _start([str(BIN / "prefect"), "worker", "start", "--pool", "vit-pipeline"], env, logs["worker"])
+    procs.append(worker)
+    started = time.monotonic()
+    # The untyped overrides of earlier versions still work.
+    out = _cli(["deployment", "run", "train-pipeline/quickstart-smoke", "--param", f"overrides={json.dumps(config)}",
+                "--param", f"resume_run_id={run_id}", "--watch", "--watch-timeout", "600"], env, timeout=660)  # fmt: skip
+    assert "Completed" in out
+    print(f"resumed smoke deployment: trigger to completion {time.monotonic() - started:.1f} s")
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.metrics["resumed_from_epoch"] >= 2
+    # The resumed flow run found the dead owner first (KILLED), then owned the run itself.
+    assert run.data.tags["vit_pipeline.previous_end"].startswith("Marked KILLED")
+    steps = [m.step for m in client.get_metric_history(run_id, "loss")]
+    assert sorted(steps) == list(range(epochs))
+    assert run.data.params["epochs"] == str(epochs) and run.data.metrics["test_accuracy"] > 0.3  # chance: 0.1
     assert run.data.tags["prefect.flow_run_url"].startswith(api.removesuffix("/api"))
-    champion = client.get_model_version_by_alias("vit-digits", "champion")
-    assert champion.run_id == run.info.run_id
-    assert any(a.path == "benchmark/report.json" for a in client.list_artifacts(run.info.run_id, "benchmark"))
+    (version,) = client.search_model_versions("name = 'vit-digits'")  # one version for the resumed run
+    assert client.get_model_version_by_alias("vit-digits", "champion").run_id == run_id == version.run_id
+    assert any(a.path == "benchmark/report.json" for a in client.list_artifacts(run_id, "benchmark"))
     # The Prefect summary links back to the MLflow UI on the tracking server.
     artifacts = httpx.post(
         f"{api}/artifacts/filter", json={"artifacts": {"key": {"any_": ["train-pipeline-summary"]}}}
@@ -182,71 +218,6 @@ def _typed_parameters_are_enforced_by_the_server(api: str, deployment: dict) -> 
         f"{api}/flow_runs/filter", json={"deployments": {"id": {"any_": [deployment["id"]]}}}
     )
     assert created.json() == []  # nothing was created (the scheduled deployments have their own runs)
-
-
-def test_flow_resumes_after_the_worker_dies(services):
-    """Kill the worker (and its flow run) mid-training; a new run with resume_run_id finishes the job."""
-    from mlflow.tracking import MlflowClient
-
-    env, procs, logs, root = services
-    _cli(["work-pool", "create", "vit-pipeline", "--type", "process", "--overwrite"], env)
-    _cli(["--no-prompt", "deploy", "--name", "quickstart-smoke"], env)
-    epochs = 10
-    overrides = {
-        "epochs": epochs,
-        # Short epochs (a fraction of a second): the kill still lands mid-training, the resume is quick.
-        "max_train_images": 300,
-        "max_test_images": 100,
-        "benchmark_batch_sizes": [1],
-        "benchmark_variants": "fp32",
-        "serve_candidates": "optimized",
-        "benchmark_seconds": 0.05,
-        "benchmark_rounds": 1,
-    }
-    worker = _start([str(BIN / "prefect"), "worker", "start", "--pool", "vit-pipeline"], env, logs["worker"])
-    before = set((root / "vit" / "work").glob("*"))
-    _cli(
-        [
-            "deployment",
-            "run",
-            "train-pipeline/quickstart-smoke",
-            "--param",
-            f"overrides={json.dumps(overrides)}",
-        ],
-        env,
-    )
-    deadline, meta = time.monotonic() + 300, None
-    while time.monotonic() < deadline and meta is None:
-        for path in (root / "vit" / "work").glob("*/backup/training_metadata.json"):
-            if path.parents[1] not in before:
-                try:
-                    if json.loads(path.read_text())["epoch"] >= 2:
-                        meta = path
-                except (json.JSONDecodeError, OSError):
-                    pass
-        time.sleep(0.1)
-    assert meta is not None, "training never reached epoch 2"
-    # A worker's machine going down takes its flow runs with it (killed first: the flow run,
-    # in its own session, would train on while the worker shuts down).
-    _kill_flow_runs(root)
-    _stop(worker)
-    run_id = meta.parents[1].name
-    done = len((meta.parents[1] / "epochs.jsonl").read_text().splitlines())
-    assert 2 <= done < epochs
-    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
-    assert client.get_run(run_id).info.status != "FINISHED"  # its flow run crashed with the worker
-
-    worker = _start([str(BIN / "prefect"), "worker", "start", "--pool", "vit-pipeline"], env, logs["worker"])
-    procs.append(worker)
-    out = _cli(["deployment", "run", "train-pipeline/quickstart-smoke", "--param", f"overrides={json.dumps(overrides)}",
-                "--param", f"resume_run_id={run_id}", "--watch", "--watch-timeout", "600"], env, timeout=660)  # fmt: skip
-    assert "Completed" in out
-    run = client.get_run(run_id)
-    assert run.info.status == "FINISHED" and run.data.metrics["resumed_from_epoch"] >= 2
-    # The resumed flow run found the dead owner first (KILLED), then owned the run itself.
-    assert run.data.tags["vit_pipeline.previous_end"].startswith("Marked KILLED")
-    steps = [m.step for m in client.get_metric_history(run_id, "loss")]
-    assert sorted(steps) == list(range(epochs))
 
 
 def test_registrations_on_other_hosts_are_serialised_by_prefect(services, tmp_path):
