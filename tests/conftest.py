@@ -6,6 +6,7 @@ import io
 import os
 import pickle
 import tarfile
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,9 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 # `mlflow server` otherwise starts seven huey job consumers (GenAI jobs this project does not use):
 # measured 51 CPU-s against 11 CPU-s for a server start here, on a 2-core CI machine.
 os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+# Each pytest process (each xdist worker) has its own Prefect home, so the temporary Prefect
+# servers that `vit-pipeline run` starts in tests never share one SQLite database.
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="vit-tests-prefect-")
 
 ASSETS = Path(__file__).parent / "assets"
 CIFAR_CUT = ASSETS / "cifar-100-cut.tar.gz"
