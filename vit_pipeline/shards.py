@@ -194,7 +194,9 @@ def dataset(images: ShardedImages, labels: np.ndarray, seed: int, shuffle: bool)
             yield x, y
 
     spec = (tf.TensorSpec((None, *images.shape[1:]), tf.uint8), tf.TensorSpec((None,), tf.int32))
+    # The size is known: saying so lets Keras count steps (and not warn at the first epoch's end).
     ds = tf.data.Dataset.from_generator(shards, output_signature=spec).unbatch()
+    ds = ds.apply(tf.data.experimental.assert_cardinality(len(images)))
     if shuffle:
         ds = ds.shuffle(max(images.counts, default=1), seed=seed, reshuffle_each_iteration=True)
     return ds
