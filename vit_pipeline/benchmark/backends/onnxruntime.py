@@ -37,6 +37,9 @@ def session(path: str | Path, providers: list[Any] | None = None, threads: int |
         options.intra_op_num_threads = threads
     if optimized_path:
         options.optimized_model_filepath = optimized_path
+        # Saving the optimised graph makes ORT warn that it is hardware specific: this copy is only
+        # read to learn which kernels run, never served.
+        options.log_severity_level = 3
     return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
 
 
