@@ -16,7 +16,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.train_pipeline import train_pipeline
 from vit_pipeline import tracking
-from vit_pipeline.config import ConfigOverrides, make_config
+from vit_pipeline.config import ConfigOverrides, make_config, merged_overrides
 from vit_pipeline.experiments import compare_runs
 
 PRESETS = ("cifar100", "cifar100-improved")
@@ -66,8 +66,7 @@ def proxy_experiment(
         "benchmark_batch_sizes": (1, 64),
         "benchmark_seconds": 0.5,
         "benchmark_rounds": 1,
-        **(overrides or {}),
-        **config.model_dump(exclude_none=True),
+        **merged_overrides(overrides, config),
     }
     for preset in presets:  # fail on a bad value before hours of training
         make_config(preset, {**shared, "run_name": preset})

@@ -29,7 +29,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.train_pipeline import _prefect_tags, evaluate_model, export_model, register_model
 from vit_pipeline import runs, stages, tracking
-from vit_pipeline.config import ConfigOverrides, make_config
+from vit_pipeline.config import ConfigOverrides, make_config, merged_overrides
 from vit_pipeline.errors import PipelineError
 from vit_pipeline.sweep import best_trial, load_space, parse_space, trial_configs
 
@@ -120,7 +120,7 @@ def sweep(
         The parent MLflow run, every trial's row, the best trial and the registry decision.
     """
     parsed = load_space(space_path) if space_path else parse_space(space)
-    shared = {**(overrides or {}), **config.model_dump(exclude_none=True)}
+    shared = merged_overrides(overrides, config)
     base = make_config(parsed.preset, {**parsed.fixed, **shared})
     shared["tracking_uri"] = tracking.tracking_uri(base)  # workers log to the same store
     trials = trial_configs(parsed, shared)  # every trial validated before any work

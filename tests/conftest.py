@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import io
 import os
 import pickle
+import shutil
 import tarfile
 import tempfile
 from pathlib import Path
@@ -21,6 +23,7 @@ os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
 # Each pytest process (each xdist worker) has its own Prefect home, so the temporary Prefect
 # servers that `vit-pipeline run` starts in tests never share one SQLite database.
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="vit-tests-prefect-")
+atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], ignore_errors=True)
 
 ASSETS = Path(__file__).parent / "assets"
 CIFAR_CUT = ASSETS / "cifar-100-cut.tar.gz"

@@ -307,6 +307,11 @@ class PipelineConfig(_Fields):
         """``benchmark_variants`` as a list of variant names."""
         return split_names(self.benchmark_variants)
 
+    @property
+    def benchmark_provider_list(self) -> list[str] | None:
+        """``benchmark_providers`` as a list (None: every provider this onnxruntime has)."""
+        return split_names(self.benchmark_providers or "") or None
+
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump()
 
@@ -320,8 +325,6 @@ SPLIT_FOLDER_NAMES = ("train", "val", "validation", "test")
 def folder_dataset_name(path: str) -> str:
     """An image folder's dataset name: its base name (the parent's when it is a split folder
     such as ``ROOT/train``), as a slug for experiment and registry names."""
-    import re
-
     parts = [p for p in path.replace("\\", "/").rstrip("/").split("/") if p not in ("", ".")]
     if len(parts) > 1 and parts[-1].lower() in SPLIT_FOLDER_NAMES:
         parts = parts[:-1]
@@ -598,12 +601,12 @@ def coerce(name: str, value: Any) -> Any:
         raise config_error(exc) from None
 
 
-def _as_dict(values: BaseModel | dict[str, Any] | None) -> dict[str, Any]:
-    if values is None:
-        return {}
-    if isinstance(values, BaseModel):
-        return values.model_dump(exclude_none=True)
-    return dict(values)
+def merged_overrides(
+    overrides: dict[str, Any] | None = None, config: BaseModel | dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Untyped ``overrides`` with the set fields of a typed ``config`` on top (config wins)."""
+    typed = config.model_dump() if isinstance(config, BaseModel) else dict(config or {})
+    return {**(overrides or {}), **{k: v for k, v in typed.items() if v is not None}}
 
 
 def make_config(
@@ -625,9 +628,8 @@ def make_config(
     """
     if preset not in PRESETS:
         raise ConfigError(f"Unknown preset. Expected one of {tuple(PRESETS)}. Received: preset={preset!r}")
-    typed = {k: v for k, v in _as_dict(config).items() if v is not None}
     try:
-        return PipelineConfig(**{**PRESETS[preset], **_as_dict(overrides), **typed})
+        return PipelineConfig(**{**PRESETS[preset], **merged_overrides(overrides, config)})
     except ValidationError as exc:
         raise config_error(exc) from None
 

@@ -32,7 +32,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from vit_pipeline.config import PipelineConfig
+from vit_pipeline.config import SPLIT_FOLDER_NAMES, PipelineConfig
 from vit_pipeline.errors import DataError
 from vit_pipeline.fsutil import atomic_path
 from vit_pipeline.shards import ShardedImages, update_digest, write_shards
@@ -102,6 +102,7 @@ class Splits:
     class_names: list[str]
     source: str = ""
     info: dict[str, Any] = field(default_factory=dict)
+    _digest: str | None = field(default=None, repr=False, compare=False)  # computed once, saved with it
 
     @property
     def num_classes(self) -> int:
@@ -113,11 +114,13 @@ class Splits:
 
     def digest(self) -> str:
         """SHA-256 over all images, labels and class names (content identity)."""
-        h = hashlib.sha256()
-        for arr in (self.x_train, self.y_train, self.x_val, self.y_val, self.x_test, self.y_test):
-            update_digest(h, arr)  # shard by shard for a sharded split
-        h.update("\n".join(self.class_names).encode())
-        return h.hexdigest()
+        if self._digest is None:  # a sharded split is read from disk to hash it: once
+            h = hashlib.sha256()
+            for arr in (self.x_train, self.y_train, self.x_val, self.y_val, self.x_test, self.y_test):
+                update_digest(h, arr)
+            h.update("\n".join(self.class_names).encode())
+            self._digest = h.hexdigest()
+        return self._digest
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -147,6 +150,7 @@ class Splits:
             np.savez(
                 f, **images, y_train=self.y_train, y_val=self.y_val, y_test=self.y_test,
                 class_names=np.array(self.class_names, dtype=str), source=np.array(self.source),
+                digest=np.array(self.digest()),
             )  # fmt: skip
         return Path(path)
 
@@ -166,6 +170,7 @@ class Splits:
                 **{k: z[k] for k in ("y_train", "y_val", "y_test")},
                 class_names=[str(c) for c in z["class_names"]],
                 source=str(z["source"]),
+                _digest=str(z["digest"]) if "digest" in z else None,  # files of earlier versions: recomputed
             )
 
 
@@ -265,10 +270,7 @@ def check_source(cfg: PipelineConfig, source_path: str | os.PathLike | None = No
         except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
             raise DataError(f"Could not read archive {path}: {exc} (truncated or corrupt?)") from exc
     elif cfg.dataset == "image_folder":
-        layout = image_folder_layout(Path(path))
-        names = None
-        for folder in layout.values():  # a listing, no decoding: quick even for large folders
-            names = list_class_files(folder, names)[2]
+        list_splits(image_folder_layout(Path(path)))  # a listing, no decoding: quick even for large folders
 
 
 def _read_cifar_members(path: Path) -> dict[str, Any]:
@@ -318,7 +320,8 @@ def read_cifar100(
     return x_train, y_train, x_test, y_test, class_names
 
 
-SPLIT_FOLDERS = {"train": "train", "val": "val", "validation": "val", "test": "test"}
+# config.SPLIT_FOLDER_NAMES -> the split each holds ("validation" is "val").
+SPLIT_FOLDERS = {name: "val" if name == "validation" else name for name in SPLIT_FOLDER_NAMES}
 
 
 def _subdirs(path: Path) -> list[Path]:
@@ -388,6 +391,17 @@ def list_class_files(
         files += found
         labels += [label] * len(found)
     return np.array(files), np.asarray(labels, dtype=np.int32), names
+
+
+def list_splits(layout: dict[str, Path]) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[str]]:
+    """``list_class_files`` of every folder of an ``image_folder_layout``, with one class list."""
+    listed: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    names = None
+    for split in ("all", "train", "val", "test"):
+        if split in layout:
+            files, labels, names = list_class_files(layout[split], names)
+            listed[split] = (files, labels)
+    return listed, names
 
 
 def read_class_folders(
@@ -498,7 +512,6 @@ def prepare(
     if cfg.dataset == "image_folder":
         return _prepare_folder(cfg, Path(source_path or cfg.data_path), shard_dir)
     info: dict[str, Any] = {}
-    val: tuple[np.ndarray, np.ndarray] | None = None  # a validation split the source brings
     path = source_path or cfg.data_path
     if cfg.dataset == "digits":
         x, y, names = load_digits_rgb()
@@ -521,11 +534,7 @@ def prepare(
         )
     x_rest, y_rest = _cap(x_rest, y_rest, cfg.max_train_images, cfg.seed)
     x_test, y_test = _cap(x_test, y_test, cfg.max_test_images, cfg.seed)
-    if val is None:
-        x_train, y_train, x_val, y_val = _split(x_rest, y_rest, cfg.validation_split, cfg.seed)
-    else:  # the source's own validation split, as it is
-        (x_train, y_train), (x_val, y_val) = (x_rest, y_rest), val
-        validate_arrays(x_val, y_val, num_classes, "val")
+    x_train, y_train, x_val, y_val = _split(x_rest, y_rest, cfg.validation_split, cfg.seed)
     empty = [names[c] for c in range(num_classes) if not np.any(y_train == c)]
     if empty:
         raise DataError(f"{len(empty)} classes have no training images, e.g. {empty[:5]}")
@@ -540,12 +549,7 @@ def _prepare_folder(cfg: PipelineConfig, root: Path, shard_dir: str | os.PathLik
     import tempfile
 
     layout = image_folder_layout(root)
-    listed: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    names = None
-    for split in ("all", "train", "val", "test"):
-        if split in layout:
-            files, labels, names = list_class_files(layout[split], names)
-            listed[split] = (files, labels)
+    listed, names = list_splits(layout)
     files_rest, y_rest = listed.get("train", listed.get("all"))
     if "test" in listed:
         files_test, y_test = listed["test"]

@@ -218,11 +218,13 @@ def ort_session(path: str | Path, providers: list[str] | None = None):
 
 def run_onnx(session, images: np.ndarray, batch_size: int, shown=None) -> np.ndarray:
     """Logits of ``images`` in batches; ``shown`` (a progress tracker) advances per image."""
+    from vit_pipeline.progress import quiet
+
+    shown = shown or quiet()
     out = []
     for i in range(0, len(images), batch_size):
         out.append(session.run([OUTPUT_NAME], {INPUT_NAME: images[i : i + batch_size].astype(np.float32)})[0])
-        if shown is not None:
-            shown.advance(len(out[-1]))
+        shown.advance(len(out[-1]))
     return np.concatenate(out, axis=0)
 
 

@@ -118,6 +118,11 @@ class Tracker:
             print(text, flush=True)
 
 
+def quiet() -> Tracker:
+    """A tracker for callers not inside a reported stage: it only counts."""
+    return Tracker("", None)
+
+
 @contextlib.contextmanager
 def task(description: str, total: float | None = None) -> Iterator[Tracker]:
     """Reports one stage of work while the block runs.
@@ -149,7 +154,7 @@ def task(description: str, total: float | None = None) -> Iterator[Tracker]:
         log.info("%s: done in %.1f s%s", tracker.description, seconds, steps)
 
 
-def keras_callback(epochs: int, steps_per_epoch: int, initial_epoch: int = 0):
+def keras_callback(epochs: int, steps_per_epoch: int):
     """A Keras callback: a per-step bar with ETA on a terminal; one line per epoch always.
 
     Replaces Keras' own ``verbose`` output (two lines per epoch, or a bar that
@@ -161,7 +166,7 @@ def keras_callback(epochs: int, steps_per_epoch: int, initial_epoch: int = 0):
         _stage = None
 
         def on_train_begin(self, logs=None):
-            self._stage = task(f"Epoch {initial_epoch + 1}/{epochs}", total=steps_per_epoch)
+            self._stage = task(f"Training ({epochs} epochs)", total=steps_per_epoch)
             self._tracker = self._stage.__enter__()
 
         def on_epoch_begin(self, epoch, logs=None):
@@ -185,7 +190,6 @@ def keras_callback(epochs: int, steps_per_epoch: int, initial_epoch: int = 0):
         def close(self) -> None:
             """Ends the bar (also when training raised, which skips ``on_train_end``)."""
             if self._stage is not None:
-                self._tracker.update(description=f"Training ({epochs} epochs)")
                 stage, self._stage = self._stage, None
                 stage.__exit__(None, None, None)
 

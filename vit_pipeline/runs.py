@@ -168,9 +168,10 @@ def lifecycle(
     _claim(client, run_id)
     beat = _Heartbeat(client, run_id, heartbeat_seconds)
     beat.start()
-    monitor = _system_metrics(cfg, run_id)
+    monitor = None
     error: BaseException | None = None
     try:
+        monitor = _system_metrics(cfg, run_id)  # inside: a monitor that fails to start still ends the run
         yield run_id
     except BaseException as exc:
         error = exc
@@ -188,8 +189,6 @@ def _system_metrics(cfg: PipelineConfig, run_id: str):
     "System metrics" tab. A resumed run continues the step count."""
     if cfg.system_metrics_seconds <= 0:
         return None
-    import logging
-
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
     from vit_pipeline import tracking

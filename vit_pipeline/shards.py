@@ -66,10 +66,14 @@ class ShardedImages:
     def __repr__(self) -> str:
         return f"ShardedImages(shape={self.shape}, shards={len(self.paths)})"
 
+    def load(self, i: int) -> np.ndarray:
+        """Shard ``i`` read from disk (no pickles)."""
+        return np.load(self.paths[i], allow_pickle=False)
+
     def shard(self, i: int) -> np.ndarray:
         """Shard ``i`` in memory (the last one read is kept for the next slice)."""
         if self._cached is None or self._cached[0] != i:
-            self._cached = (i, np.load(self.paths[i], allow_pickle=False))
+            self._cached = (i, self.load(i))
         return self._cached[1]
 
     def __getitem__(self, index: Any) -> np.ndarray:
@@ -110,7 +114,7 @@ class ShardedImages:
 
     def iter_shards(self) -> Iterator[np.ndarray]:
         for i in range(len(self.paths)):
-            yield np.load(self.paths[i], allow_pickle=False)
+            yield self.load(i)
 
     def to_manifest(self, base: Path) -> dict[str, Any]:
         return {"shards": [str(p.relative_to(base)) for p in self.paths], "counts": self.counts,
@@ -151,6 +155,9 @@ def write_shards(
     Returns:
         ``(images, labels of the images kept, number skipped)``.
     """
+    from vit_pipeline.progress import quiet
+
+    shown = shown or quiet()
     out_dir.mkdir(parents=True, exist_ok=True)
     paths, counts, kept, skipped = [], [], [], 0
     workers = workers or min(8, os.cpu_count() or 1)
@@ -160,8 +167,7 @@ def write_shards(
             decoded = list(pool.map(lambda f: decode_image(f, size), chunk))
             good = [i for i, img in enumerate(decoded) if img is not None]
             skipped += len(chunk) - len(good)
-            if shown is not None:
-                shown.advance(len(chunk))
+            shown.advance(len(chunk))
             if not good:
                 continue
             path = out_dir / f"{split}-{len(paths):05d}.npy"
@@ -186,7 +192,7 @@ def dataset(images: ShardedImages, labels: np.ndarray, seed: int, shuffle: bool)
         epoch[0] += 1
         order = rng.permutation(len(images.paths)) if shuffle else range(len(images.paths))
         for s in order:
-            x = np.load(images.paths[s], allow_pickle=False)
+            x = images.load(s)
             y = labels[images.offsets[s] : images.offsets[s + 1]]
             if shuffle:
                 perm = rng.permutation(len(x))

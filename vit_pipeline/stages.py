@@ -294,13 +294,13 @@ def _gate_candidates(
     """Top-1 agreement with Keras and test accuracy of each candidate on real test images."""
     from vit_pipeline.evaluate import topk_accuracy
     from vit_pipeline.export import ort_session, run_onnx
+    from vit_pipeline.progress import task
 
     if not paths:
         return {}
     images, labels = splits.x_test[: cfg.candidate_images], splits.y_test[: cfg.candidate_images]
     keras_top1 = keras_logits[: len(images)].argmax(1)
-    from vit_pipeline.progress import task
-
+    keras_accuracy = float(np.mean(keras_top1 == labels))
     out = {}
     for name, path in paths.items():
         with task(f"Candidate gate: {name} vs Keras", len(images)) as shown:
@@ -308,7 +308,7 @@ def _gate_candidates(
         agreement = float(np.mean(logits.argmax(1) == keras_top1))
         out[name] = {
             "path": path, "top1_agreement": agreement, "test_accuracy": topk_accuracy(logits, labels, 1),
-            "keras_test_accuracy": float(np.mean(keras_top1 == labels)), "images": int(len(labels)),
+            "keras_test_accuracy": keras_accuracy, "images": int(len(labels)),
             "size_mb": Path(path).stat().st_size / 2**20, "passed": agreement >= cfg.candidate_min_agreement,
         }  # fmt: skip
         log.info("Candidate %s: agreement %.4f with Keras on %d test images (%s)", name, agreement, len(labels),
@@ -336,7 +336,7 @@ def benchmark_stage(
     out = work / "benchmark"
     variants = tuple(cfg.benchmark_variant_list)
     built = {v: work / file_name(v) for v in variants if (work / file_name(v)).exists()}
-    providers = config_mod.split_names(cfg.benchmark_providers or "") or None
+    providers = cfg.benchmark_provider_list
     report, files = bench.benchmark_files(
         fp32_onnx, out, keras_model=load_model(model_path), eval_images=splits.x_test[:512],
         eval_labels=splits.y_test[:512], variants=variants, providers=providers,

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from vit_pipeline.fsutil import atomic_path
+from vit_pipeline.progress import quiet
 
 log = logging.getLogger(__name__)
 
@@ -94,15 +95,14 @@ class _Calibration:
                         for i in range(0, len(images), batch_size)]  # fmt: skip
         self.input_name = input_name
         self.position = 0
-        self.shown = shown  # a progress tracker, advanced per image handed out
+        self.shown = shown or quiet()  # a progress tracker, advanced per image handed out
 
     def get_next(self):
         if self.position >= len(self.batches):
             return None
         self.position += 1
         batch = self.batches[self.position - 1]
-        if self.shown is not None:
-            self.shown.advance(len(batch))
+        self.shown.advance(len(batch))
         return {self.input_name: batch}
 
     def rewind(self) -> None:

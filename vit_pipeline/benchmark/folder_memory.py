@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from vit_pipeline.benchmark.environment import environment
+from vit_pipeline.config import parse_int_list
 from vit_pipeline.fsutil import write_text
 
 PHOTO = (500, 375)
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="docs/benchmarks/3-large-folder")
     args = parser.parse_args(argv)
     rows = []
-    for n in (int(v) for v in args.images.split(",")):
+    for n in parse_int_list(args.images):
         started = time.perf_counter()
         root = make_folder(Path(args.folders) / f"jpeg-{n}", n)
         print(f"folder of {n} JPEGs ready ({time.perf_counter() - started:.0f} s)", flush=True)
