@@ -233,11 +233,14 @@ def test_recipe_models_export_with_parity(overrides, real_cut, tmp_path):
     assert not set(ops) & {"Dropout", "RandomUniform", "RandomUniformLike", "RandomNormal"}
     images = real_cut[2][:128]
     keras_logits = predict_logits(model, images)
-    parity = check_parity(keras_logits, path, images, (1, 64), 1e-4)
+    # The pipeline's own gate (parity_tolerance 1e-3). 1e-4 was too tight for fp32: summation order
+    # differs between TensorFlow and ONNX Runtime, and a fresh-clone run measured 2.0e-4 here.
+    tolerance = make_config("cifar100").parity_tolerance
+    parity = check_parity(keras_logits, path, images, (1, 64), tolerance)
     assert parity.passed, parity.to_dict()
     optimized, _ = optimize(proto)
     onnx.save(optimized, tmp_path / "opt.onnx")
-    parity = check_parity(keras_logits, tmp_path / "opt.onnx", images, (1, 64), 1e-4)
+    parity = check_parity(keras_logits, tmp_path / "opt.onnx", images, (1, 64), tolerance)
     assert parity.passed, parity.to_dict()
 
 
