@@ -12,9 +12,13 @@
    service, so its CPU use is reported beside the service's.
 3. The ratios the targets are stated in: service req/s at the highest client
    count over engine img/s at the batch size; p50 at one client minus (engine
-   batch-1 latency + decode).
+   batch-1 latency + decode); and the floor Little's law puts under the mean
+   latency of N clients that each wait for their answer: N / (engine img/s).
 
-Bounded: ``--seconds`` per level (and ``--max-requests``). Writes ``--output``
+Side by side: ``--rounds`` rounds, each timing the engine, the decoder and then
+every client level, so a shared VM's drift hits both sides alike; latencies are
+pooled over the rounds, the per-round figures kept in the report. Bounded:
+``--seconds`` per level and round (and ``--max-requests``). Writes ``--output``
 (JSON) and prints a markdown table.
 """
 
@@ -61,8 +65,8 @@ def load_images(args) -> list[bytes]:
     return out
 
 
-def time_engine(clf, batch: np.ndarray, seconds: float) -> dict:
-    """Warm up, then time ``clf.run(batch)`` for ``seconds``: img/s and per-call latency."""
+def time_engine(clf, batch: np.ndarray, seconds: float) -> tuple[list[float], float]:
+    """Warm up, then time ``clf.run(batch)`` for ``seconds``: (per-call latencies, wall seconds)."""
     for _ in range(3):
         clf.run(batch)
     lat, start = [], time.perf_counter()
@@ -70,12 +74,17 @@ def time_engine(clf, batch: np.ndarray, seconds: float) -> dict:
         t = time.perf_counter()
         clf.run(batch)
         lat.append(time.perf_counter() - t)
-    total = time.perf_counter() - start
-    return {"batch": len(batch), "images_per_s": len(batch) * len(lat) / total,
-            "p50_ms": percentile(lat, 50) * 1e3, "calls": len(lat)}  # fmt: skip
+    return lat, time.perf_counter() - start
+
+
+def engine_summary(batch: int, lat: list[float], wall: float) -> dict:
+    return {"batch": batch, "images_per_s": batch * len(lat) / wall, "p50_ms": percentile(lat, 50) * 1e3,
+            "calls": len(lat)}  # fmt: skip
 
 
 def decode_ms(clf, payloads: list[bytes]) -> float:
+    for p in payloads[:8]:
+        clf.decode_image(p)
     start = time.perf_counter()
     for p in payloads:
         clf.decode_image(p)
@@ -118,6 +127,7 @@ async def client(
 async def load_level(
     port: int, requests: list[bytes], clients: int, seconds: float, max_requests: int
 ) -> dict:
+    """``clients`` closed-loop clients for ``seconds`` after a short warm-up: latencies and CPU."""
     warm_stop = time.perf_counter() + min(1.0, seconds / 4)
     await asyncio.gather(*(client(port, requests, warm_stop, [10**9], [], []) for _ in range(clients)))
     lat: list[float] = []
@@ -126,11 +136,23 @@ async def load_level(
     cpu0, t0 = time.process_time(), time.perf_counter()
     stop_at = t0 + seconds
     await asyncio.gather(*(client(port, requests, stop_at, budget, lat, errors) for _ in range(clients)))
-    wall = time.perf_counter() - t0
-    return {"clients": clients, "requests": len(lat), "errors": len(errors), "seconds": wall,
-            "req_per_s": len(lat) / wall, "p50_ms": percentile(lat, 50) * 1e3, "p90_ms": percentile(lat, 90) * 1e3,
-            "p99_ms": percentile(lat, 99) * 1e3,
-            "loadgen_cpu_cores": (time.process_time() - cpu0) / wall}  # fmt: skip
+    return {"latencies": lat, "errors": errors, "seconds": time.perf_counter() - t0,
+            "loadgen_cpu": time.process_time() - cpu0}  # fmt: skip
+
+
+def level_summary(clients: int, rounds: list[dict]) -> dict:
+    """One client level over all rounds: pooled latencies, req/s, CPU, mean batch, per-round figures."""
+    lat = [x for r in rounds for x in r["latencies"]]
+    wall = sum(r["seconds"] for r in rounds)
+    return {"clients": clients, "requests": len(lat), "errors": sum(len(r["errors"]) for r in rounds),
+            "seconds": wall, "req_per_s": len(lat) / wall, "p50_ms": percentile(lat, 50) * 1e3,
+            "p90_ms": percentile(lat, 90) * 1e3, "p99_ms": percentile(lat, 99) * 1e3,
+            "loadgen_cpu_cores": sum(r["loadgen_cpu"] for r in rounds) / wall,
+            "service_cpu_cores": sum(r["service_cpu"] for r in rounds) / sum(r["service_wall"] for r in rounds),
+            "mean_batch_size": sum(r["images"] for r in rounds) / max(sum(r["batches"] for r in rounds), 1),
+            "per_round": [{"requests": len(r["latencies"]), "req_per_s": len(r["latencies"]) / r["seconds"],
+                           "p50_ms": percentile(r["latencies"], 50) * 1e3,
+                           "p99_ms": percentile(r["latencies"], 99) * 1e3} for r in rounds]}  # fmt: skip
 
 
 def batch_stats(url: str) -> tuple[float, float]:
@@ -194,9 +216,24 @@ def markdown(report: dict) -> str:
                      f"{r['p99_ms']:.1f} | {r['mean_batch_size']:.1f} | {r['errors']} | {r['loadgen_cpu_cores']:.2f} | "
                      f"{r['service_cpu_cores']:.2f} |")  # fmt: skip
     lines += ["", f"Engine alone: {e1['images_per_s']:.0f} img/s at batch 1 (p50 {e1['p50_ms']:.2f} ms), "
-              f"{eb['images_per_s']:.0f} img/s at batch {eb['batch']}; JPEG decode {report['decode_ms']:.3f} ms/image.",
+              f"{eb['images_per_s']:.0f} img/s at batch {eb['batch']}; JPEG decode {report['decode_ms']:.3f} ms/image "
+              f"({report['settings']['rounds']} rounds side by side, latencies pooled).",
               ""] + [f"- {line}" for line in report["ratios"]]  # fmt: skip
     return "\n".join(lines)
+
+
+def ratios(engine: list[dict], decode: float, levels: list[dict]) -> list[str]:
+    """The figures the targets are stated in (deploy/consumer/README.md)."""
+    (e1, eb), top, one = engine, levels[-1], levels[0]
+    return [
+        f"service at {top['clients']} clients / engine at batch {eb['batch']}: "
+        f"{top['req_per_s'] / eb['images_per_s']:.2f}x ({top['req_per_s']:.0f} vs {eb['images_per_s']:.0f} img/s)",
+        f"p99 at {top['clients']} clients: {top['p99_ms']:.1f} ms; floor under the mean latency of "
+        f"{top['clients']} waiting clients (Little's law, a server as fast as the engine alone at batch "
+        f"{eb['batch']}): {top['clients'] / eb['images_per_s'] * 1e3:.0f} ms",
+        f"p50 at {one['clients']} client - (engine batch-1 p50 + decode): "
+        f"{one['p50_ms'] - e1['p50_ms'] - decode:+.2f} ms ({one['p50_ms']:.2f} vs {e1['p50_ms']:.2f} + {decode:.3f})",
+    ]
 
 
 def main() -> int:
@@ -209,62 +246,75 @@ def main() -> int:
     src.add_argument("--cifar", help="a cifar-100-python archive/folder: its test images, written as JPEGs")
     parser.add_argument("--num-images", type=int, default=256)
     parser.add_argument("--clients", default="1,8,32")
-    parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per client level")
-    parser.add_argument("--max-requests", type=int, default=20000, help="per client level")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="rounds of engine + every client level, side by side"
+    )
+    parser.add_argument(
+        "--seconds", type=float, default=5.0, help="measured seconds per client level and round"
+    )
+    parser.add_argument("--max-requests", type=int, default=20000, help="per client level and round")
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--max-queue-delay-ms", type=float, default=2.0)
-    parser.add_argument("--engine-seconds", type=float, default=5.0)
+    parser.add_argument("--engine-seconds", type=float, default=2.0, help="per batch size and round")
     parser.add_argument("--serve-option", action="append", default=[],
                         help="extra option for `serve`, e.g. --serve-option=--decode-threads=1 (repeatable)")  # fmt: skip
     parser.add_argument("--output", default="deploy/consumer/bench.json")
     args = parser.parse_args()
+    clients = [int(c) for c in args.clients.split(",")]
+    if args.rounds < 1 or not clients or min(clients) < 1:
+        sys.exit(f"Error: expected --rounds >= 1 and client counts >= 1. Received: --rounds {args.rounds} "
+                 f"--clients {args.clients}")  # fmt: skip
 
     from vit_consumer.classifier import OnnxClassifier
 
     payloads = load_images(args)
-    clf = OnnxClassifier(args.model, ["CPUExecutionProvider"])
+    clf = OnnxClassifier(args.model, ["CPUExecutionProvider"])  # ONNX Runtime's defaults: the engine alone
     decoded = np.stack([clf.decode_image(p) for p in payloads])
-    engine = [time_engine(clf, decoded[:1], args.engine_seconds),
-              time_engine(clf, decoded[: args.max_batch_size], args.engine_seconds)]  # fmt: skip
-    decode = decode_ms(clf, payloads)
-    del clf  # the service gets the CPU to itself (with the load generator)
-
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "vit_consumer", "--model", args.model, "--providers", "CPUExecutionProvider",
            "serve", "--port", str(port), "--max-batch-size", str(args.max_batch_size),
            "--max-queue-delay-ms", str(args.max_queue_delay_ms), *args.serve_option]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    levels = []
+    batches = (1, args.max_batch_size)
+    engine_rounds: dict[int, list] = {b: [] for b in batches}
+    decodes: list[float] = []
+    service_rounds: dict[int, list] = {c: [] for c in clients}
     try:
         wait_ready(url, proc)
         requests = [request_bytes(port, p) for p in payloads]
-        for clients in (int(c) for c in args.clients.split(",")):
-            cpu0, batches0 = cpu_seconds(proc.pid), batch_stats(url)
-            level = asyncio.run(load_level(port, requests, clients, args.seconds, args.max_requests))
-            level["service_cpu_cores"] = (cpu_seconds(proc.pid) - cpu0) / level["seconds"]  # includes warm-up
-            batches1 = batch_stats(url)
-            level["mean_batch_size"] = (batches1[0] - batches0[0]) / max(batches1[1] - batches0[1], 1)
-            levels.append(level)
-            print(f"{clients} clients: {level['req_per_s']:.0f} req/s, p50 {level['p50_ms']:.1f} ms, "
-                  f"p99 {level['p99_ms']:.1f} ms", file=sys.stderr)  # fmt: skip
+        for r in range(args.rounds):
+            # The service is idle (its threads asleep) while the engine is timed, and the reverse.
+            for b in batches:
+                engine_rounds[b].append(time_engine(clf, decoded[:b], args.engine_seconds))
+            decodes.append(decode_ms(clf, payloads))
+            for c in clients:
+                cpu0, batches0, wall0 = cpu_seconds(proc.pid), batch_stats(url), time.perf_counter()
+                level = asyncio.run(load_level(port, requests, c, args.seconds, args.max_requests))
+                level["service_cpu"] = cpu_seconds(proc.pid) - cpu0  # includes the warm-up
+                level["service_wall"] = time.perf_counter() - wall0
+                batches1 = batch_stats(url)
+                level["images"], level["batches"] = batches1[0] - batches0[0], batches1[1] - batches0[1]
+                service_rounds[c].append(level)
+                print(f"round {r + 1}/{args.rounds}, {c} clients: {len(level['latencies']) / level['seconds']:.0f} "
+                      f"req/s, p50 {percentile(level['latencies'], 50) * 1e3:.1f} ms", file=sys.stderr)  # fmt: skip
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-    top, one = levels[-1], levels[0]
-    ratios = [
-        f"service at {top['clients']} clients / engine at batch {engine[1]['batch']}: "
-        f"{top['req_per_s'] / engine[1]['images_per_s']:.2f}x ({top['req_per_s']:.0f} vs "
-        f"{engine[1]['images_per_s']:.0f} img/s)",
-        f"p99 at {top['clients']} clients: {top['p99_ms']:.1f} ms",
-        f"p50 at {one['clients']} client - (engine batch-1 p50 + decode): "
-        f"{one['p50_ms'] - engine[0]['p50_ms'] - decode:+.2f} ms "
-        f"({one['p50_ms']:.2f} vs {engine[0]['p50_ms']:.2f} + {decode:.3f})",
-    ]
+    engine = []
+    for b in batches:
+        lat = [x for run, _ in engine_rounds[b] for x in run]
+        summary = engine_summary(b, lat, sum(wall for _, wall in engine_rounds[b]))
+        summary["per_round"] = [engine_summary(b, run, wall) for run, wall in engine_rounds[b]]
+        engine.append(summary)
+    decode = float(np.median(decodes))
+    levels = [level_summary(c, service_rounds[c]) for c in clients]
     report = {"environment": environment(), "model": args.model, "images": len(payloads),
               "settings": {"max_batch_size": args.max_batch_size, "max_queue_delay_ms": args.max_queue_delay_ms,
-                           "seconds": args.seconds, "command": " ".join(sys.argv)},
-              "engine": engine, "decode_ms": decode, "service": levels, "ratios": ratios}  # fmt: skip
+                           "rounds": args.rounds, "seconds": args.seconds, "engine_seconds": args.engine_seconds,
+                           "serve_options": args.serve_option, "command": " ".join(sys.argv)},
+              "engine": engine, "decode_ms": decode, "decode_ms_per_round": decodes, "service": levels,
+              "ratios": ratios(engine, decode, levels)}  # fmt: skip
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(report, indent=1))
     print(markdown(report))

@@ -225,3 +225,25 @@ def test_registered_candidates_are_timed_here_and_the_fastest_serves(
     assert choice["served"] == max(scores, key=scores.get)
     assert doc["file"] == ("model.onnx" if choice["served"] == "registered" else built["int8-static"].name)
     assert doc["version"] == reg.version
+
+
+def test_spin_modes_set_onnx_runtime_waiting_and_refuse_others(tiny_export, real_cut):
+    from vit_consumer import OnnxClassifier
+    from vit_consumer.classifier import InputError, spin_options
+
+    assert spin_options("run") == {"session.intra_op.allow_spinning": "1", "session.force_spinning_stop": "1"}
+    assert spin_options("never")["session.intra_op.allow_spinning"] == "0"
+    assert spin_options("always") == {
+        "session.intra_op.allow_spinning": "1",
+        "session.force_spinning_stop": "0",
+    }
+    with pytest.raises(
+        InputError, match="Expected spin to be one of never, run, always. Received: spin='often'"
+    ):
+        spin_options("often")
+    _, path, _ = tiny_export
+    images = real_cut[2][:4].astype(np.float32)
+    logits = [
+        OnnxClassifier(path, ["CPUExecutionProvider"], spin=mode).run(images) for mode in ("never", "run")
+    ]
+    np.testing.assert_array_equal(logits[0], logits[1])  # how threads wait never changes the answer

@@ -202,6 +202,63 @@ def test_each_malformed_request_gets_a_4xx_with_one_plain_line(strict_server, bo
     assert httpx.get(f"{strict_server}/health/live").status_code == 200
 
 
+def test_a_client_gone_mid_body_leaves_the_service_serving(strict_server):
+    import socket
+
+    port = int(strict_server.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                     b"Content-Length: 100000\r\n\r\n" + b"\x89PNG" * 10)  # fmt: skip
+    deadline = time.monotonic() + 10
+    while (
+        _metric(strict_server, "vit_consumer_requests_total", '{code="400"}') < 1
+        and time.monotonic() < deadline
+    ):
+        time.sleep(0.05)
+    ok = httpx.post(f"{strict_server}/predict", content=_png(np.zeros((32, 32, 3), np.uint8)),
+                    headers={"Content-Type": "image/png"}, timeout=30)  # fmt: skip
+    assert ok.status_code == 200 and httpx.get(f"{strict_server}/health/live").status_code == 200
+
+
+def test_get_on_predict_is_405_and_openapi_keeps_documenting_it(strict_server):
+    # POST /predict is served by a lean ASGI path (server.PredictPath); everything else stays FastAPI's.
+    assert httpx.get(f"{strict_server}/predict").status_code == 405
+    assert "post" in httpx.get(f"{strict_server}/openapi.json").json()["paths"]["/predict"]
+
+
+def test_load_benchmark_rounds_side_by_side(tmp_path, no_tf_env, real_cut):
+    from pathlib import Path
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, image in enumerate(real_cut[2][:12]):
+        (folder / f"{i}.jpg").write_bytes(_jpeg(image))
+    model = constant_classifier(tmp_path / "constant.onnx", 100, favoured=7)
+    out = tmp_path / "bench.json"
+    bench = Path(__file__).resolve().parents[2] / "deploy" / "consumer" / "bench.py"
+    done = subprocess.run([sys.executable, str(bench), "--model", str(model), "--images", str(folder),
+                           "--clients", "1,3", "--rounds", "2", "--seconds", "0.5", "--engine-seconds", "0.1",
+                           "--max-batch-size", "8", "--output", str(out)], env=no_tf_env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["settings"]["rounds"] == 2 and report["images"] == 12
+    assert [e["batch"] for e in report["engine"]] == [1, 8]
+    for engine in report["engine"]:
+        assert len(engine["per_round"]) == 2 and engine["calls"] == sum(
+            r["calls"] for r in engine["per_round"]
+        )
+    assert [level["clients"] for level in report["service"]] == [1, 3]
+    for level in report["service"]:
+        assert (
+            level["errors"] == 0 and level["requests"] == sum(r["requests"] for r in level["per_round"]) > 0
+        )
+        assert level["p50_ms"] <= level["p90_ms"] <= level["p99_ms"] and level["mean_batch_size"] >= 1
+    assert len(report["decode_ms_per_round"]) == 2 and report["decode_ms"] > 0
+    assert "Little's law" in report["ratios"][1] and report["ratios"][2].startswith("p50 at 1 client")
+    assert "| 3 |" in done.stdout and "2 rounds side by side" in done.stdout
+
+
 def test_memory_stays_bounded_under_16_clients_with_the_largest_requests(tiny_export, no_tf_env):
     """16 clients send the largest allowed requests at once; the service's RSS stays within its budget.
 

@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from vit_consumer.classifier import InputError, OnnxClassifier
+from vit_consumer.classifier import SPIN_MODES, InputError, OnnxClassifier
 from vit_consumer.settings import Settings
 
 
@@ -41,8 +41,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="check a models:/name@alias source this often and switch to new versions (0: off)")  # fmt: skip
     serve.add_argument("--decode-threads", type=int, default=defaults.decode_threads,
                        help="threads that read and decode request bodies")  # fmt: skip
-    serve.add_argument("--spin", action="store_true",
-                       help="let ONNX Runtime's threads spin between runs (off: the CPU goes to HTTP and decoding)")  # fmt: skip
+    serve.add_argument("--spin", choices=SPIN_MODES, default=defaults.spin,
+                       help="when ONNX Runtime's threads spin: only while a run is in progress (run), also between "
+                            "runs (always: the CPU HTTP and decoding need), or never")  # fmt: skip
     serve.add_argument("--no-choose", dest="choose", action="store_false",
                        help="serve the registered file; do not time the registered candidates (int8, ...) here")  # fmt: skip
     predict = sub.add_parser("predict", help="classify image files")
@@ -55,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     providers = args.providers.split(",") if args.providers else None
     try:
-        # The service keeps ONNX Runtime's threads from spinning (see Settings.spin); one-off predictions may.
-        spin = args.command != "serve" or args.spin
+        # The service keeps ONNX Runtime's threads from spinning between runs (Settings.spin).
+        spin = args.spin if args.command == "serve" else "always"
         serving = args.command == "serve"
         choose_for = (1, args.max_batch_size) if serving and args.choose else None
         clf = OnnxClassifier.from_uri(

@@ -104,6 +104,27 @@ def resolve_model(uri: str, tracking_uri: str | None = None) -> Path:
     return local
 
 
+SPIN_MODES = ("never", "run", "always")
+
+
+def spin_options(spin: str) -> dict[str, str]:
+    """ONNX Runtime session entries for how its worker threads wait for work.
+
+    ``always`` (ONNX Runtime's default) spins between runs too: fastest for
+    back-to-back calls in one process, but the spinning cores are taken from
+    whatever else runs (a server's HTTP and decoding). ``run`` spins only while a
+    run is in progress, so the threads meet quickly between the graph's parallel
+    sections, and stops when the run ends (``session.force_spinning_stop``).
+    ``never`` sleeps between sections too: each one pays a wake-up.
+    """
+    if spin not in SPIN_MODES:
+        raise InputError(f"Expected spin to be one of {', '.join(SPIN_MODES)}. Received: spin={spin!r}")
+    return {
+        "session.intra_op.allow_spinning": "0" if spin == "never" else "1",
+        "session.force_spinning_stop": "1" if spin == "run" else "0",
+    }
+
+
 class OnnxClassifier:
     """An ONNX Runtime session plus the class names and input contract from metadata.
 
@@ -119,7 +140,7 @@ class OnnxClassifier:
         providers: list[str] | None = None,
         source: str | None = None,
         version: str | None = None,
-        spin: bool = True,
+        spin: str = "always",
     ):
         import onnxruntime as ort
 
@@ -129,9 +150,8 @@ class OnnxClassifier:
         self.candidate: dict[str, Any] = {"served": "registered"}  # which registered file serves, and why
         requested = providers or _default_providers()
         options = ort.SessionOptions()
-        # ONNX Runtime's worker threads spin between runs by default: fastest for
-        # back-to-back calls, but a server needs those cycles for HTTP and decoding.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+        for key, value in spin_options(spin).items():
+            options.add_session_config_entry(key, value)
         try:
             self.session = ort.InferenceSession(str(self.path), options, providers=requested)
         except Exception as exc:  # onnxruntime raises untyped errors for bad files
@@ -155,7 +175,7 @@ class OnnxClassifier:
 
     @classmethod
     def from_uri(cls, uri: str, tracking_uri: str | None = None, providers: list[str] | None = None,
-                 spin: bool = True, choose_for: tuple[int, ...] | None = None):  # fmt: skip
+                 spin: str = "always", choose_for: tuple[int, ...] | None = None):  # fmt: skip
         """Loads a file, or a registry URI; ``models:/name@alias`` is pinned to its current version.
 
         Args:

@@ -37,9 +37,11 @@ import json
 import logging
 import os
 import time
+from collections.abc import AsyncIterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
+from urllib.parse import parse_qs
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -294,40 +296,43 @@ class Service:
         log.info("Switched %s from v%s to v%s (loaded and warmed in %.1f s)", name, old, version,
                  time.perf_counter() - started)  # fmt: skip
 
-    async def predict(self, request: Request) -> Response:
+    async def predict(
+        self, top_k_raw: str | None, headers: Mapping[str, str], body: AsyncIterator[bytes]
+    ) -> tuple[int, dict[str, Any], dict[str, str]]:
+        """One ``POST /predict``: (status, JSON document, extra headers), whatever the transport.
+
+        Args:
+            top_k_raw: The ``top_k`` query parameter as sent (None: absent).
+            headers: Request headers, lower-case names.
+            body: The body's chunks as they arrive.
+        """
         started = time.perf_counter()
         code, reserved = 200, 0
-        headers: dict[str, str] = {}
         try:
             if not self.ready:
-                headers["Retry-After"] = "1"
                 raise InputError("The model is not ready yet", 503)
-            top_k = _top_k(request.query_params.get("top_k"))
-            content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-            reserved = self._reserve(request.headers.get("content-length"))
-            body = await self._read_body(request)
+            top_k = _top_k(top_k_raw)
+            content_type = headers.get("content-type", "").split(";")[0].strip().lower()
+            reserved = self._reserve(headers.get("content-length"))
+            data = await self._read_body(body)
             engine = self.engine  # this request finishes on this version, whatever reloads meanwhile
-            logits = await asyncio.wait_for(self._infer(engine, content_type, body), self.settings.timeout_s)
-            del body
-            doc = {"predictions": engine.top_k(logits, top_k), "model": engine.source, "version": engine.version,
-                   "providers": engine.providers_used}  # fmt: skip
-            return JSONResponse(doc)
+            logits = await asyncio.wait_for(self._infer(engine, content_type, data), self.settings.timeout_s)
+            del data
+            return 200, {"predictions": engine.top_k(logits, top_k), "model": engine.source,
+                         "version": engine.version, "providers": engine.providers_used}, {}  # fmt: skip
         except InputError as exc:
             code = exc.status
-            return JSONResponse({"detail": str(exc)}, status_code=code, headers=headers)
+            return code, {"detail": str(exc)}, {"Retry-After": "1"} if code == 503 else {}
         except QueueFull as exc:
             code = 503
-            return JSONResponse({"detail": f"Busy: {exc}; retry later"}, status_code=503,
-                                headers={"Retry-After": "1"})  # fmt: skip
+            return code, {"detail": f"Busy: {exc}; retry later"}, {"Retry-After": "1"}
         except TimeoutError:
             code = 504
-            return JSONResponse(
-                {"detail": f"Not answered within {self.settings.timeout_s:g} s"}, status_code=504
-            )
+            return code, {"detail": f"Not answered within {self.settings.timeout_s:g} s"}, {}
         except Exception as exc:  # an engine failure: say so in one line, keep serving
             code = 500
             log.exception("Inference failed")
-            return JSONResponse({"detail": f"Inference failed: {_plain(exc)}"}, status_code=500)
+            return code, {"detail": f"Inference failed: {_plain(exc)}"}, {}
         finally:
             self.admission.give(reserved)
             self.metrics.requests.labels(str(code)).inc()
@@ -357,16 +362,54 @@ class Service:
             raise QueueFull(f"{self.admission.used} bytes of requests are being handled")
         return size
 
-    async def _read_body(self, request: Request) -> bytes:
+    async def _read_body(self, chunks: AsyncIterator[bytes]) -> bytes:
         limit = self.settings.max_bytes
         body = bytearray()
-        async for chunk in request.stream():
+        async for chunk in chunks:
             body += chunk
             if len(body) > limit:
                 raise InputError(f"Payload exceeds the limit of {limit} bytes", 413)
         if not body:
             raise InputError("Empty request body")
         return bytes(body)
+
+
+class PredictPath:
+    """ASGI middleware: ``POST /predict`` goes straight to ``Service.predict``.
+
+    FastAPI's request handling (routing, its middleware stack, the endpoint
+    wrapper) costs about as much as decoding a small image, on every request;
+    this path skips it. Every other request, and the OpenAPI description of
+    ``/predict``, stay FastAPI's.
+    """
+
+    def __init__(self, app, service: Service):
+        self.app, self.service = app, service
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["path"] != "/predict" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        headers = {
+            name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope["headers"]
+        }
+        top_k = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("top_k", [None])[-1]
+
+        async def chunks() -> AsyncIterator[bytes]:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":  # counted as nginx's 499; nobody reads the answer
+                    raise InputError("The client closed the connection before sending its body", 499)
+                yield message.get("body", b"")
+                if not message.get("more_body", False):
+                    return
+
+        code, doc, extra = await self.service.predict(top_k, headers, chunks())
+        body = json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
+        head = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        head += [(k.lower().encode(), v.encode()) for k, v in extra.items()]
+        await send({"type": "http.response.start", "status": code, "headers": head})
+        await send({"type": "http.response.body", "body": body})
 
 
 def create_app(classifier: OnnxClassifier, settings: Settings | int | None = None) -> FastAPI:
@@ -408,8 +451,12 @@ def create_app(classifier: OnnxClassifier, settings: Settings | int | None = Non
 
     @app.post("/predict", response_model=PredictResponse, responses=ERRORS, openapi_extra=PREDICT_OPENAPI,
               summary="Classify images", description=__doc__.split("Endpoints:")[1].split("* ``GET")[0].strip())  # fmt: skip
-    async def predict(request: Request) -> Response:
-        return await service.predict(request)
+    async def predict(request: Request) -> Response:  # documents /predict; PredictPath serves it
+        code, doc, extra = await service.predict(request.query_params.get("top_k"), request.headers,
+                                                 request.stream())  # fmt: skip
+        return JSONResponse(doc, status_code=code, headers=extra)
+
+    app.add_middleware(PredictPath, service=service)
 
     return app
 

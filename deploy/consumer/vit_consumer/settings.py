@@ -28,8 +28,9 @@ class Settings:
     max_json_depth: int = 8
     max_json_numbers: int = 1_048_576
     decode_threads: int = 2
-    # ONNX Runtime threads spinning between runs take the CPU the event loop and decoding need.
-    spin: bool = False
+    # ONNX Runtime's threads spin while a run is in progress, never between runs: those
+    # cycles belong to HTTP and decoding (vit_consumer.classifier.spin_options).
+    spin: str = "run"
     reload_seconds: float = 0.0
     tracking_uri: str | None = None
     providers: tuple[str, ...] | None = None
