@@ -79,7 +79,7 @@ def time_engine(clf, batch: np.ndarray, seconds: float) -> tuple[list[float], fl
 
 def engine_summary(batch: int, lat: list[float], wall: float) -> dict:
     return {"batch": batch, "images_per_s": batch * len(lat) / wall, "p50_ms": percentile(lat, 50) * 1e3,
-            "calls": len(lat)}  # fmt: skip
+            "mean_ms": float(np.mean(lat)) * 1e3, "calls": len(lat)}  # fmt: skip
 
 
 def decode_ms(clf, payloads: list[bytes]) -> float:
@@ -150,19 +150,28 @@ def level_summary(clients: int, rounds: list[dict]) -> dict:
             "loadgen_cpu_cores": sum(r["loadgen_cpu"] for r in rounds) / wall,
             "service_cpu_cores": sum(r["service_cpu"] for r in rounds) / sum(r["service_wall"] for r in rounds),
             "mean_batch_size": sum(r["images"] for r in rounds) / max(sum(r["batches"] for r in rounds), 1),
+            "compute_ms_per_batch": sum(r["compute_seconds"] for r in rounds) * 1e3
+            / max(sum(r["batches"] for r in rounds), 1),
             "per_round": [{"requests": len(r["latencies"]), "req_per_s": len(r["latencies"]) / r["seconds"],
                            "p50_ms": percentile(r["latencies"], 50) * 1e3,
                            "p99_ms": percentile(r["latencies"], 99) * 1e3} for r in rounds]}  # fmt: skip
 
 
-def batch_stats(url: str) -> tuple[float, float]:
-    """(images run, session.run calls) so far, from the service's /metrics."""
+SERVICE_COUNTERS = (
+    "vit_consumer_batch_size_sum",
+    "vit_consumer_batch_size_count",
+    "vit_consumer_compute_seconds_sum",
+)
+
+
+def service_counters(url: str) -> dict[str, float]:
+    """Images run, session.run calls and their seconds so far, from the service's /metrics."""
     with urllib.request.urlopen(f"{url}/metrics", timeout=5) as resp:
         text = resp.read().decode()
     values = {
         line.split()[0]: float(line.split()[-1]) for line in text.splitlines() if line and line[0] != "#"
     }
-    return values.get("vit_consumer_batch_size_sum", 0.0), values.get("vit_consumer_batch_size_count", 0.0)
+    return {name: values.get(name, 0.0) for name in SERVICE_COUNTERS}
 
 
 def cpu_seconds(pid: int) -> float:
@@ -209,12 +218,12 @@ def environment() -> dict:
 
 def markdown(report: dict) -> str:
     e1, eb = report["engine"]
-    lines = ["| clients | req/s | p50 ms | p90 ms | p99 ms | mean batch | errors | load generator CPU (cores) | "
-             "service CPU (cores) |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| clients | req/s | p50 ms | p90 ms | p99 ms | mean batch | session.run ms/batch | errors | "
+             "load generator CPU (cores) | service CPU (cores) |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in report["service"]:
         lines.append(f"| {r['clients']} | {r['req_per_s']:.0f} | {r['p50_ms']:.1f} | {r['p90_ms']:.1f} | "
-                     f"{r['p99_ms']:.1f} | {r['mean_batch_size']:.1f} | {r['errors']} | {r['loadgen_cpu_cores']:.2f} | "
-                     f"{r['service_cpu_cores']:.2f} |")  # fmt: skip
+                     f"{r['p99_ms']:.1f} | {r['mean_batch_size']:.1f} | {r['compute_ms_per_batch']:.1f} | {r['errors']} | "
+                     f"{r['loadgen_cpu_cores']:.2f} | {r['service_cpu_cores']:.2f} |")  # fmt: skip
     lines += ["", f"Engine alone: {e1['images_per_s']:.0f} img/s at batch 1 (p50 {e1['p50_ms']:.2f} ms), "
               f"{eb['images_per_s']:.0f} img/s at batch {eb['batch']}; JPEG decode {report['decode_ms']:.3f} ms/image "
               f"({report['settings']['rounds']} rounds side by side, latencies pooled).",
@@ -232,7 +241,9 @@ def ratios(engine: list[dict], decode: float, levels: list[dict]) -> list[str]:
         f"{top['clients']} waiting clients (Little's law, a server as fast as the engine alone at batch "
         f"{eb['batch']}): {top['clients'] / eb['images_per_s'] * 1e3:.0f} ms",
         f"p50 at {one['clients']} client - (engine batch-1 p50 + decode): "
-        f"{one['p50_ms'] - e1['p50_ms'] - decode:+.2f} ms ({one['p50_ms']:.2f} vs {e1['p50_ms']:.2f} + {decode:.3f})",
+        f"{one['p50_ms'] - e1['p50_ms'] - decode:+.2f} ms ({one['p50_ms']:.2f} vs {e1['p50_ms']:.2f} + {decode:.3f}); "
+        f"of it, session.run in the service over the engine alone (means): "
+        f"{one['compute_ms_per_batch'] - e1['mean_ms']:+.2f} ms ({one['compute_ms_per_batch']:.2f} vs {e1['mean_ms']:.2f})",
     ]
 
 
@@ -289,12 +300,16 @@ def main() -> int:
                 engine_rounds[b].append(time_engine(clf, decoded[:b], args.engine_seconds))
             decodes.append(decode_ms(clf, payloads))
             for c in clients:
-                cpu0, batches0, wall0 = cpu_seconds(proc.pid), batch_stats(url), time.perf_counter()
+                cpu0, counters0, wall0 = cpu_seconds(proc.pid), service_counters(url), time.perf_counter()
                 level = asyncio.run(load_level(port, requests, c, args.seconds, args.max_requests))
                 level["service_cpu"] = cpu_seconds(proc.pid) - cpu0  # includes the warm-up
                 level["service_wall"] = time.perf_counter() - wall0
-                batches1 = batch_stats(url)
-                level["images"], level["batches"] = batches1[0] - batches0[0], batches1[1] - batches0[1]
+                counters = {
+                    k: v - counters0[k] for k, v in service_counters(url).items()
+                }  # includes the warm-up
+                level["images"] = counters["vit_consumer_batch_size_sum"]
+                level["batches"] = counters["vit_consumer_batch_size_count"]
+                level["compute_seconds"] = counters["vit_consumer_compute_seconds_sum"]
                 service_rounds[c].append(level)
                 print(f"round {r + 1}/{args.rounds}, {c} clients: {len(level['latencies']) / level['seconds']:.0f} "
                       f"req/s, p50 {percentile(level['latencies'], 50) * 1e3:.1f} ms", file=sys.stderr)  # fmt: skip

@@ -52,7 +52,7 @@ class DynamicBatcher:
         max_batch_size: Most images in one ``session.run`` (a larger request runs alone).
         max_queue_delay_ms: How long a non-full batch that already has company waits for more.
         max_queue: Most requests waiting; ``submit`` raises ``QueueFull`` beyond it.
-        on_batch: Called with (batch size, seconds each request waited) after each batch.
+        on_batch: Called with (batch size, seconds each request waited, seconds the run took) after each batch.
     """
 
     def __init__(
@@ -60,7 +60,7 @@ class DynamicBatcher:
         max_batch_size: int = 32,
         max_queue_delay_ms: float = 2.0,
         max_queue: int = 256,
-        on_batch: Callable[[int, list[float]], None] | None = None,
+        on_batch: Callable[[int, list[float], float], None] | None = None,
     ):
         if max_batch_size < 1 or max_queue < 1 or max_queue_delay_ms < 0:
             raise ValueError(
@@ -93,17 +93,19 @@ class DynamicBatcher:
         """Logits at once if nothing waits and the engine is idle (any thread); else None: submit it."""
         if self.depth() or len(images) > self.max_batch_size or not self._engine_lock.acquire(blocking=False):
             return None
+        started = time.perf_counter()
         try:
             logits = engine.run(images)
         finally:
             self._engine_lock.release()
         if self.on_batch is not None:
-            self.on_batch(len(images), [0.0])
+            self.on_batch(len(images), [0.0], time.perf_counter() - started)
         return logits
 
-    def _locked_run(self, engine, images: np.ndarray) -> np.ndarray:
+    def _locked_run(self, engine, images: np.ndarray) -> tuple[np.ndarray, float]:
         with self._engine_lock:
-            return engine.run(images)
+            started = time.perf_counter()
+            return engine.run(images), time.perf_counter() - started
 
     async def submit(self, engine, images: np.ndarray) -> np.ndarray:
         """Queues ``images`` for ``engine``; returns their logits (raises ``QueueFull``)."""
@@ -149,17 +151,19 @@ class DynamicBatcher:
             batch = await self._collect()
             if not batch:
                 continue
-            started = time.perf_counter()
+            started = time.perf_counter()  # the queue wait ends here: the batch is formed
             images = np.concatenate([r.images for r in batch]) if len(batch) > 1 else batch[0].images
             try:
-                logits = await loop.run_in_executor(self._executor, self._locked_run, batch[0].engine, images)
+                logits, seconds = await loop.run_in_executor(
+                    self._executor, self._locked_run, batch[0].engine, images
+                )
             except Exception as exc:  # one bad batch fails its requests, not the service
                 for r in batch:
                     if not r.future.done():
                         r.future.set_exception(exc)
                 continue
             if self.on_batch is not None:
-                self.on_batch(len(images), [started - r.enqueued for r in batch])
+                self.on_batch(len(images), [started - r.enqueued for r in batch], seconds)
             offset = 0
             for r in batch:
                 n = len(r.images)

@@ -273,7 +273,7 @@ class OnnxClassifier:
             )
         if not 1 <= len(arr) <= MAX_BATCH:
             raise InputError(f"Expected 1 to {MAX_BATCH} images. Received: {len(arr)}", 413)
-        arr = arr.astype(np.float32)
+        arr = np.ascontiguousarray(arr, dtype=np.float32)  # copies only when needed
         if not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 255:
             raise InputError("Expected raw pixel values in [0, 255]")
         return arr

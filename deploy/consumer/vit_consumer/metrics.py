@@ -9,7 +9,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
 class Metrics:
-    """Requests by status code, latency, queue wait, batch sizes, inferences, the model loaded, reloads."""
+    """Requests by status code, latency, queue wait, compute, batch sizes, inferences, the model, reloads."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -23,6 +23,8 @@ class Metrics:
                                     buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
         self.batch_size = Histogram("vit_consumer_batch_size", "Images per session.run", buckets=BATCH_BUCKETS,
                                     registry=r)  # fmt: skip
+        self.compute = Histogram("vit_consumer_compute_seconds", "Time of one session.run (a batch)",
+                                 buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
         self.inferences = Counter("vit_consumer_inferences", "Images run through the model", registry=r)
         self.batches = Counter("vit_consumer_batches", "session.run calls", registry=r)
         self.queue_depth = Gauge("vit_consumer_queue_depth", "Requests waiting for a batch", registry=r)
@@ -34,8 +36,9 @@ class Metrics:
         self.ready = Gauge("vit_consumer_ready", "1 once a model is loaded and warmed up", registry=r)
         self._model_labels: tuple[str, str] | None = None
 
-    def observe_batch(self, size: int, waits: list[float]) -> None:
+    def observe_batch(self, size: int, waits: list[float], seconds: float) -> None:
         self.batch_size.observe(size)
+        self.compute.observe(seconds)
         self.inferences.inc(size)
         self.batches.inc()
         for wait in waits:

@@ -169,8 +169,9 @@ def json_shape_problem(body: bytes, max_depth: int, max_numbers: int) -> InputEr
 
 def parse_body(clf: OnnxClassifier, content_type: str, body: bytes, settings: Settings) -> np.ndarray:
     """Request body -> checked float32 images [N, H, W, 3] (runs in the decode pool)."""
+    # Decoded images need no check_array: the decoder makes them [N, H, W, 3] float32 in 0-255.
     if content_type in ("image/png", "image/jpeg", "image/jpg"):
-        return clf.check_array(clf.decode_images([body], settings.pixel_budget))
+        return clf.decode_images([body], settings.pixel_budget)
     if content_type == "application/x-npy":
         try:
             array = np.load(io.BytesIO(body), allow_pickle=False)
@@ -200,7 +201,7 @@ def parse_body(clf: OnnxClassifier, content_type: str, body: bytes, settings: Se
                 raw = [base64.b64decode(s, validate=True) for s in doc["images_b64"]]
             except (binascii.Error, TypeError, ValueError) as exc:
                 raise InputError("'images_b64' must hold base64 strings") from exc
-            return clf.check_array(clf.decode_images(raw, settings.pixel_budget))
+            return clf.decode_images(raw, settings.pixel_budget)
         raise InputError('Expected JSON {"instances": [...]} or {"images_b64": [...]}')
     raise InputError(
         f"Unsupported Content-Type {content_type[:80]!r}; use image/png, image/jpeg, application/json or "
