@@ -226,23 +226,38 @@ def markdown(report: dict) -> str:
                      f"{r['loadgen_cpu_cores']:.2f} | {r['service_cpu_cores']:.2f} |")  # fmt: skip
     lines += ["", f"Engine alone: {e1['images_per_s']:.0f} img/s at batch 1 (p50 {e1['p50_ms']:.2f} ms), "
               f"{eb['images_per_s']:.0f} img/s at batch {eb['batch']}; JPEG decode {report['decode_ms']:.3f} ms/image "
-              f"({report['settings']['rounds']} rounds side by side, latencies pooled).",
+              f"({report['settings']['rounds']} rounds side by side, latencies pooled). Batch-1 p50 by `--spin`: "
+              + ", ".join(f"{mode} {ms:.2f} ms" for mode, ms in report["engine_b1_p50_ms_by_spin"].items()) + ".",
               ""] + [f"- {line}" for line in report["ratios"]]  # fmt: skip
     return "\n".join(lines)
 
 
-def ratios(engine: list[dict], decode: float, levels: list[dict]) -> list[str]:
-    """The figures the targets are stated in (deploy/consumer/README.md)."""
+def ratios(engine: list[dict], decodes: list[float], levels: list[dict]) -> list[str]:
+    """The figures the targets are stated in (deploy/consumer/README.md): pooled, then per round."""
     (e1, eb), top, one = engine, levels[-1], levels[0]
+    decode = float(np.median(decodes))
+    speed = [
+        s["req_per_s"] / e["images_per_s"] for s, e in zip(top["per_round"], eb["per_round"], strict=True)
+    ]
+    gaps = [
+        s["p50_ms"] - e["p50_ms"] - d
+        for s, e, d in zip(one["per_round"], e1["per_round"], decodes, strict=True)
+    ]
+
+    def each(values: list[float], fmt: str) -> str:
+        return f"per round {', '.join(format(v, fmt) for v in values)} (median {format(float(np.median(values)), fmt)})"
+
     return [
         f"service at {top['clients']} clients / engine at batch {eb['batch']}: "
-        f"{top['req_per_s'] / eb['images_per_s']:.2f}x ({top['req_per_s']:.0f} vs {eb['images_per_s']:.0f} img/s)",
+        f"{top['req_per_s'] / eb['images_per_s']:.2f}x ({top['req_per_s']:.0f} vs {eb['images_per_s']:.0f} img/s); "
+        + each(speed, ".2f"),
         f"p99 at {top['clients']} clients: {top['p99_ms']:.1f} ms; floor under the mean latency of "
         f"{top['clients']} waiting clients (Little's law, a server as fast as the engine alone at batch "
         f"{eb['batch']}): {top['clients'] / eb['images_per_s'] * 1e3:.0f} ms",
         f"p50 at {one['clients']} client - (engine batch-1 p50 + decode): "
         f"{one['p50_ms'] - e1['p50_ms'] - decode:+.2f} ms ({one['p50_ms']:.2f} vs {e1['p50_ms']:.2f} + {decode:.3f}); "
-        f"of it, session.run in the service over the engine alone (means): "
+        + each(gaps, "+.2f")
+        + f"; session.run in the service over the engine alone (means): "
         f"{one['compute_ms_per_batch'] - e1['mean_ms']:+.2f} ms ({one['compute_ms_per_batch']:.2f} vs {e1['mean_ms']:.2f})",
     ]
 
@@ -258,15 +273,15 @@ def main() -> int:
     parser.add_argument("--num-images", type=int, default=256)
     parser.add_argument("--clients", default="1,8,32")
     parser.add_argument(
-        "--rounds", type=int, default=3, help="rounds of engine + every client level, side by side"
+        "--rounds", type=int, default=5, help="rounds of engine + every client level, side by side"
     )
     parser.add_argument(
-        "--seconds", type=float, default=5.0, help="measured seconds per client level and round"
+        "--seconds", type=float, default=3.0, help="measured seconds per client level and round"
     )
     parser.add_argument("--max-requests", type=int, default=20000, help="per client level and round")
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--max-queue-delay-ms", type=float, default=2.0)
-    parser.add_argument("--engine-seconds", type=float, default=2.0, help="per batch size and round")
+    parser.add_argument("--engine-seconds", type=float, default=1.5, help="per batch size and round")
     parser.add_argument("--serve-option", action="append", default=[],
                         help="extra option for `serve`, e.g. --serve-option=--decode-threads=1 (repeatable)")  # fmt: skip
     parser.add_argument("--output", default="deploy/consumer/bench.json")
@@ -280,6 +295,10 @@ def main() -> int:
 
     payloads = load_images(args)
     clf = OnnxClassifier(args.model, ["CPUExecutionProvider"])  # ONNX Runtime's defaults: the engine alone
+    # The same file with the service's other ways for threads to wait (``serve --spin``), timed at batch 1.
+    by_spin = {
+        mode: OnnxClassifier(args.model, ["CPUExecutionProvider"], spin=mode) for mode in ("run", "never")
+    }
     decoded = np.stack([clf.decode_image(p) for p in payloads])
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -290,6 +309,7 @@ def main() -> int:
     batches = (1, args.max_batch_size)
     engine_rounds: dict[int, list] = {b: [] for b in batches}
     decodes: list[float] = []
+    spin_rounds: dict[str, list] = {mode: [] for mode in by_spin}
     service_rounds: dict[int, list] = {c: [] for c in clients}
     try:
         wait_ready(url, proc)
@@ -298,6 +318,8 @@ def main() -> int:
             # The service is idle (its threads asleep) while the engine is timed, and the reverse.
             for b in batches:
                 engine_rounds[b].append(time_engine(clf, decoded[:b], args.engine_seconds))
+            for mode, other in by_spin.items():
+                spin_rounds[mode].append(time_engine(other, decoded[:1], args.engine_seconds))
             decodes.append(decode_ms(clf, payloads))
             for c in clients:
                 cpu0, counters0, wall0 = cpu_seconds(proc.pid), service_counters(url), time.perf_counter()
@@ -323,13 +345,27 @@ def main() -> int:
         summary["per_round"] = [engine_summary(b, run, wall) for run, wall in engine_rounds[b]]
         engine.append(summary)
     decode = float(np.median(decodes))
+    spin = {"always": engine[0]["p50_ms"]}
+    spin.update(
+        {
+            mode: percentile([x for run, _ in rounds for x in run], 50) * 1e3
+            for mode, rounds in spin_rounds.items()
+        }
+    )
+    spin = {"always": engine[0]["p50_ms"]}
+    spin.update(
+        {
+            mode: percentile([x for run, _ in rounds for x in run], 50) * 1e3
+            for mode, rounds in spin_rounds.items()
+        }
+    )
     levels = [level_summary(c, service_rounds[c]) for c in clients]
     report = {"environment": environment(), "model": args.model, "images": len(payloads),
               "settings": {"max_batch_size": args.max_batch_size, "max_queue_delay_ms": args.max_queue_delay_ms,
                            "rounds": args.rounds, "seconds": args.seconds, "engine_seconds": args.engine_seconds,
                            "serve_options": args.serve_option, "command": " ".join(sys.argv)},
-              "engine": engine, "decode_ms": decode, "decode_ms_per_round": decodes, "service": levels,
-              "ratios": ratios(engine, decode, levels)}  # fmt: skip
+              "engine": engine, "engine_b1_p50_ms_by_spin": spin, "decode_ms": decode, "decode_ms_per_round": decodes, "service": levels,
+              "ratios": ratios(engine, decodes, levels)}  # fmt: skip
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(report, indent=1))
     print(markdown(report))

@@ -257,6 +257,7 @@ def test_load_benchmark_rounds_side_by_side(tmp_path, no_tf_env, real_cut):
         )
         assert level["p50_ms"] <= level["p90_ms"] <= level["p99_ms"] and level["mean_batch_size"] >= 1
     assert len(report["decode_ms_per_round"]) == 2 and report["decode_ms"] > 0
+    assert set(report["engine_b1_p50_ms_by_spin"]) == {"always", "run", "never"}
     assert "Little's law" in report["ratios"][1] and report["ratios"][2].startswith("p50 at 1 client")
     assert "| 3 |" in done.stdout and "2 rounds side by side" in done.stdout
 
