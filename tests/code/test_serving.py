@@ -88,7 +88,8 @@ def test_concurrent_requests_share_batches_and_get_their_own_rows(batching_serve
     images_run = _metric(batching_server, "vit_consumer_inferences_total")
     singles = _metric(batching_server, "vit_consumer_batch_size_bucket", '{le="1.0"}')
     assert images_run >= 48 and batches < images_run and singles < batches  # batches of more than one image
-    assert _metric(batching_server, "vit_consumer_compute_seconds_count") == batches  # one time per session.run
+    # One compute time per session.run:
+    assert _metric(batching_server, "vit_consumer_compute_seconds_count") == batches
     assert _metric(batching_server, "vit_consumer_compute_seconds_sum") > 0
     assert _metric(batching_server, "vit_consumer_requests_total", '{code="200"}') >= 48
 
