@@ -68,21 +68,19 @@ def _setup_logging() -> str:
     logs = home() / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     path = logs / "vit-pipeline.log"
-    for old in [h for h in log.handlers if isinstance(h, logging.FileHandler)]:
-        if old.baseFilename != str(path.resolve()):  # another home in the same process
-            log.removeHandler(old)
-            old.close()
-    for old in [h for h in trace_log.handlers if isinstance(h, logging.FileHandler)]:
-        if old.baseFilename != str(path.resolve()):
-            trace_log.removeHandler(old)
-            old.close()
-    if not any(isinstance(h, logging.FileHandler) for h in log.handlers):
+    for logger in (log, trace_log):
+        for old in [h for h in logger.handlers if isinstance(h, logging.FileHandler)]:
+            if old.baseFilename != str(path.resolve()):  # another home in the same process
+                logger.removeHandler(old)
+                old.close()
+    handler = next((h for h in log.handlers if isinstance(h, logging.FileHandler)), None)
+    if handler is None:
         handler = logging.FileHandler(path)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
     if not any(isinstance(h, logging.FileHandler) for h in trace_log.handlers):
-        trace_log.addHandler(next(h for h in log.handlers if isinstance(h, logging.FileHandler)))
+        trace_log.addHandler(handler)
     return str(path)
 
 

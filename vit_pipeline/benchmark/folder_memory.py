@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+from vit_pipeline.benchmark.child import run_child
 from vit_pipeline.benchmark.environment import environment
 from vit_pipeline.config import parse_int_list
 from vit_pipeline.fsutil import write_text
@@ -59,7 +59,7 @@ else:
 out["seconds"] = time.perf_counter() - start
 out["peak_mib"] = peak_rss_mib()
 out["growth_mib"] = out["peak_mib"] - out["baseline_mib"]
-print(json.dumps(out))
+print("FOLDER " + json.dumps(out))
 """
 
 
@@ -86,11 +86,10 @@ def make_folder(root: Path, images: int, seed: int = 0) -> Path:
 
 def measure(mode: str, root: Path, size: int, work: Path) -> dict:
     work.mkdir(parents=True, exist_ok=True)
-    out = subprocess.run([sys.executable, "-c", _CHILD, mode, str(root), str(size), str(work)],
-                         capture_output=True, text=True, check=False)  # fmt: skip
-    if out.returncode:
-        raise RuntimeError(f"{mode} on {root} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    result = run_child(["-c", _CHILD, mode, str(root), str(size), str(work)], "FOLDER ", timeout=3600)
+    if "error" in result:
+        raise RuntimeError(f"{mode} on {root} failed: {result['error']}")
+    return result
 
 
 def main(argv: list[str] | None = None) -> None:

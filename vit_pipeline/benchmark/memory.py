@@ -11,12 +11,15 @@ from __future__ import annotations
 import json
 import os
 import resource
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from vit_pipeline.benchmark.child import report, run_child
+
+MARKER = "MEMORY "
 
 
 def current_rss_mib() -> float:
@@ -70,18 +73,8 @@ def child(spec: dict[str, Any]) -> dict[str, float]:
 
 def measure_memory(spec: dict[str, Any], timeout: float = 600) -> dict[str, Any]:
     """Runs ``child(spec)`` in a fresh Python; returns its figures or ``{"error": ...}``."""
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    try:
-        out = subprocess.run([sys.executable, "-m", "vit_pipeline.benchmark.memory", json.dumps(spec)],
-                             capture_output=True, text=True, timeout=timeout, env=env)  # fmt: skip
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f} s"}
-    lines = [line for line in out.stdout.splitlines() if line.startswith("MEMORY ")]
-    if out.returncode != 0 or not lines:
-        tail = (out.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"error": f"exit {out.returncode}: {tail[:200]}"}
-    return json.loads(lines[-1][len("MEMORY ") :])
+    return run_child(["-m", "vit_pipeline.benchmark.memory", json.dumps(spec)], MARKER, timeout)
 
 
 if __name__ == "__main__":
-    print("MEMORY " + json.dumps(child(json.loads(sys.argv[1]))))
+    report(MARKER, child(json.loads(sys.argv[1])))

@@ -13,8 +13,6 @@ Run: ``vit-pipeline train-benchmark --output docs/benchmarks/training/report.jso
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -23,7 +21,10 @@ from typing import Any
 
 import numpy as np
 
+from vit_pipeline.benchmark.child import report, run_child
 from vit_pipeline.fsutil import write_text
+
+MARKER = "TRAIN "
 
 PRECISIONS = ("float32", "mixed_bfloat16")
 
@@ -155,20 +156,12 @@ def run_training_benchmark(presets: list[str], steps: int = 10, warmup: int = 3,
                     "warmup": warmup,
                 }
                 row = TrainingRow(preset, use_xla, precision, bs, steps)
-                env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-                try:
-                    out = subprocess.run([sys.executable, "-m", "vit_pipeline.benchmark.training", json.dumps(spec)],
-                                         capture_output=True, text=True, timeout=timeout, env=env)  # fmt: skip
-                    found = [line for line in out.stdout.splitlines() if line.startswith("TRAIN ")]
-                    if out.returncode != 0 or not found:
-                        lines = out.stderr.strip().splitlines() or ["no output"]
-                        tail = next((ln for ln in reversed(lines) if "Error:" in ln), lines[-1]).strip()
-                        row.error = f"exit {out.returncode}: {tail[:200]}"
-                    else:
-                        for key, value in json.loads(found[-1][len("TRAIN ") :]).items():
-                            setattr(row, key, value)
-                except subprocess.TimeoutExpired:
-                    row.error = f"timed out after {timeout:.0f} s"
+                result = run_child(
+                    ["-m", "vit_pipeline.benchmark.training", json.dumps(spec)], MARKER, timeout
+                )
+                row.error = result.pop("error", None)
+                for key, value in result.items():
+                    setattr(row, key, value)
                 rows.append(row)
                 print(f"{preset} xla={use_xla} {precision}: "
                       f"{row.error or f'{row.compute_ips:.1f} img/s (data {row.data_ips:.0f} img/s)'}", flush=True)  # fmt: skip
@@ -179,4 +172,4 @@ def run_training_benchmark(presets: list[str], steps: int = 10, warmup: int = 3,
 
 
 if __name__ == "__main__":
-    print("TRAIN " + json.dumps(_child(json.loads(sys.argv[1]))))
+    report(MARKER, _child(json.loads(sys.argv[1])))
