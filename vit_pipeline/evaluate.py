@@ -6,7 +6,7 @@ import csv
 import io
 import json
 import weakref
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,8 @@ class EvalResult:
     test_loss: float
     num_test_images: int
     artifacts: dict[str, str]
+    # The per-class rows of per_class_accuracy.csv, for the MLflow table; not in to_dict (flow results).
+    per_class: list[dict[str, Any]] = field(default_factory=list, repr=False)
 
     def metrics(self) -> dict[str, float]:
         return {
@@ -33,7 +35,9 @@ class EvalResult:
         }
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        del out["per_class"]
+        return out
 
 
 def predict_logits(model, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
@@ -218,9 +222,8 @@ def evaluate(
         artifacts={},
     )
     arts = result.artifacts
-    arts["per_class_accuracy"] = str(
-        write_csv(out_dir / "per_class_accuracy.csv", per_class_rows(cm, class_names))
-    )
+    result.per_class = per_class_rows(cm, class_names)
+    arts["per_class_accuracy"] = str(write_csv(out_dir / "per_class_accuracy.csv", result.per_class))
     arts["confusion_matrix_csv"] = str(write_text(out_dir / "confusion_matrix.csv",
                                                   _matrix_csv(cm, class_names)))  # fmt: skip
     arts["confusion_matrix"] = str(plot_confusion(cm, class_names, out_dir / "confusion_matrix.png"))

@@ -165,15 +165,15 @@ def evaluate_stage(
     )  # fmt: skip
     tracking.log_metrics(cfg, run_id, result.metrics())
     tracking.log_artifacts(cfg, run_id, result.artifacts.values(), "evaluation")
-    _log_per_class_table(cfg, run_id, Path(result.artifacts["per_class_accuracy"]))
+    _log_per_class_table(cfg, run_id, result.per_class)
     return result.to_dict()
 
 
-def _log_per_class_table(cfg: PipelineConfig, run_id: str, csv_path: Path) -> None:
-    """The per-class CSV as an MLflow table too (the run page's artifact view shows it as a grid)."""
+def _log_per_class_table(cfg: PipelineConfig, run_id: str, rows: list[dict[str, Any]]) -> None:
+    """The per-class CSV's rows as an MLflow table too (the run page's artifact view shows it as a grid)."""
     import pandas as pd
 
-    tracking.client(cfg).log_table(run_id, pd.read_csv(csv_path), "evaluation/per_class_metrics.json")
+    tracking.client(cfg).log_table(run_id, pd.DataFrame(rows), "evaluation/per_class_metrics.json")
 
 
 def export_stage(

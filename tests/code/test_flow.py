@@ -1,6 +1,7 @@
 """The train_pipeline flow on a real (test) Prefect server and a real MLflow SQLite store."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -53,6 +54,20 @@ def test_train_pipeline_logs_everything(prefect_server, tiny_overrides, tmp_path
     for name in ("per_class_accuracy.csv", "confusion_matrix.png", "learning_curves.png", "patches.png",
                  "per_class_metrics.json"):  # fmt: skip
         assert f"evaluation/{name}" in arts
+    # The MLflow table holds the CSV's rows, one per class.
+    import csv
+
+    got = tmp_path / "arts"
+    got.mkdir()
+    csv_path = client.download_artifacts(run.info.run_id, "evaluation/per_class_accuracy.csv", str(got))
+    csv_rows = list(csv.DictReader(Path(csv_path).read_text().splitlines()))
+    table_path = client.download_artifacts(run.info.run_id, "evaluation/per_class_metrics.json", str(got))
+    table = json.loads(Path(table_path).read_text())
+    rows = [dict(zip(table["columns"], row, strict=True)) for row in table["data"]]
+    assert len(rows) == len(csv_rows) == 20
+    assert [(r["class_name"], r["support"], r["correct"]) for r in rows] == [
+        (r["class_name"], int(r["support"]), int(r["correct"])) for r in csv_rows
+    ]
     models = client.search_logged_models(experiment_ids=[exp.experiment_id])
     assert any(m.source_run_id == run.info.run_id and m.name == "keras-model" for m in models)
     # Dataset input with its content digest.

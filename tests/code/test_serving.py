@@ -190,6 +190,9 @@ def test_pixel_budget_counts_all_images_of_a_request(strict_server):
         (b"GIF89a" + b"\0" * 20, "image/png", "", 400, "Could not decode"),
         (b"x", "image/png", "?top_k=abc", 400, "top_k"),
         (b"x", "image/png", "?top_k=0", 400, "top_k"),
+        (b"x", "image/png", "?top_k=", 400, "top_k"),
+        (b"x", "image/png", "?top_k=3&top_k=", 400, "top_k"),
+        (b"x", "image/png", "?top_k=%C2%B2", 400, "top_k"),
         (b"x" * 3_000_001, "image/png", "", 413, "exceeds the limit"),
         (b"x", "text/html", "", 415, "Unsupported Content-Type"),
     ],
@@ -205,22 +208,35 @@ def test_each_malformed_request_gets_a_4xx_with_one_plain_line(strict_server, bo
     assert httpx.get(f"{strict_server}/health/live").status_code == 200
 
 
-def test_a_client_gone_mid_body_leaves_the_service_serving(strict_server):
+def test_a_client_gone_mid_body_is_a_499_and_the_service_keeps_serving(strict_server):
     import socket
 
+    def count(code: str) -> float:
+        return _metric(strict_server, "vit_consumer_requests_total", f'{{code="{code}"}}')
+
+    before_499, before_500 = count("499"), count("500")
     port = int(strict_server.rsplit(":", 1)[1])
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
                      b"Content-Length: 100000\r\n\r\n" + b"\x89PNG" * 10)  # fmt: skip
     deadline = time.monotonic() + 10
-    while (
-        _metric(strict_server, "vit_consumer_requests_total", '{code="400"}') < 1
-        and time.monotonic() < deadline
-    ):
+    while count("499") == before_499 and time.monotonic() < deadline:
         time.sleep(0.05)
+    assert count("499") == before_499 + 1 and count("500") == before_500  # client closed request, no 500
     ok = httpx.post(f"{strict_server}/predict", content=_png(np.zeros((32, 32, 3), np.uint8)),
                     headers={"Content-Type": "image/png"}, timeout=30)  # fmt: skip
     assert ok.status_code == 200 and httpx.get(f"{strict_server}/health/live").status_code == 200
+
+
+def test_the_lean_path_sees_predict_under_a_root_path():
+    from vit_consumer.server import _route_path
+
+    assert _route_path({"path": "/predict", "root_path": ""}) == "/predict"
+    assert (
+        _route_path({"path": "/api/predict", "root_path": "/api"}) == "/predict"
+    )  # uvicorn --root-path /api
+    assert _route_path({"path": "/api", "root_path": "/api"}) == "/"
+    assert _route_path({"path": "/other/predict", "root_path": "/api"}) == "/other/predict"
 
 
 def test_get_on_predict_is_405_and_openapi_keeps_documenting_it(strict_server):
@@ -240,7 +256,7 @@ def test_load_benchmark_rounds_side_by_side(tmp_path, no_tf_env, real_cut):
     out = tmp_path / "bench.json"
     bench = Path(__file__).resolve().parents[2] / "deploy" / "consumer" / "bench.py"
     done = subprocess.run([sys.executable, str(bench), "--model", str(model), "--images", str(folder),
-                           "--clients", "1,3", "--rounds", "2", "--seconds", "0.5", "--engine-seconds", "0.1",
+                           "--clients", "3,1", "--rounds", "2", "--seconds", "0.5", "--engine-seconds", "0.1",
                            "--max-batch-size", "8", "--output", str(out)], env=no_tf_env,
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
@@ -251,7 +267,7 @@ def test_load_benchmark_rounds_side_by_side(tmp_path, no_tf_env, real_cut):
         assert len(engine["per_round"]) == 2 and engine["calls"] == sum(
             r["calls"] for r in engine["per_round"]
         )
-    assert [level["clients"] for level in report["service"]] == [1, 3]
+    assert [level["clients"] for level in report["service"]] == [3, 1]
     for level in report["service"]:
         assert (
             level["errors"] == 0 and level["requests"] == sum(r["requests"] for r in level["per_round"]) > 0
@@ -260,6 +276,17 @@ def test_load_benchmark_rounds_side_by_side(tmp_path, no_tf_env, real_cut):
     assert len(report["decode_ms_per_round"]) == 2 and report["decode_ms"] > 0
     assert set(report["engine_b1_p50_ms_by_spin"]) == {"always", "run", "never"}
     assert "Little's law" in report["ratios"][1] and report["ratios"][2].startswith("p50 at 1 client")
+    # The target figures, recomputed from the rows: the most clients for speed, one client for the p50 gap.
+    top, one = report["service"]
+    e1, eb = report["engine"]
+    speed = [
+        s["req_per_s"] / e["images_per_s"] for s, e in zip(top["per_round"], eb["per_round"], strict=True)
+    ]
+    assert f"per round {', '.join(f'{v:.2f}' for v in speed)} " in report["ratios"][0]
+    gaps = [s["p50_ms"] - e["p50_ms"] - d
+            for s, e, d in zip(one["per_round"], e1["per_round"], report["decode_ms_per_round"], strict=True)]  # fmt: skip
+    assert f"per round {', '.join(f'{g:+.2f}' for g in gaps)} " in report["ratios"][2]
+    assert f": {3 / eb['images_per_s'] * 1e3:.0f} ms" in report["ratios"][1]
     assert "| 3 |" in done.stdout and "2 rounds side by side" in done.stdout
 
 

@@ -41,9 +41,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="check a models:/name@alias source this often and switch to new versions (0: off)")  # fmt: skip
     serve.add_argument("--decode-threads", type=int, default=defaults.decode_threads,
                        help="threads that read and decode request bodies")  # fmt: skip
-    serve.add_argument("--spin", choices=SPIN_MODES, default=defaults.spin,
+    serve.add_argument("--spin", choices=SPIN_MODES, default=defaults.spin, nargs="?", const="always",
                        help="when ONNX Runtime's threads spin: only while a run is in progress (run), also between "
-                            "runs (always: the CPU HTTP and decoding need), or never")  # fmt: skip
+                            "runs (always, also a bare --spin: the CPU HTTP and decoding need), or never")  # fmt: skip
     serve.add_argument("--no-choose", dest="choose", action="store_false",
                        help="serve the registered file; do not time the registered candidates (int8, ...) here")  # fmt: skip
     predict = sub.add_parser("predict", help="classify image files")

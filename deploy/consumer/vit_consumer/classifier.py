@@ -107,7 +107,7 @@ def resolve_model(uri: str, tracking_uri: str | None = None) -> Path:
 SPIN_MODES = ("never", "run", "always")
 
 
-def spin_options(spin: str) -> dict[str, str]:
+def spin_options(spin: str | bool) -> dict[str, str]:
     """ONNX Runtime session entries for how its worker threads wait for work.
 
     ``always`` (ONNX Runtime's default) spins between runs too: fastest for
@@ -117,6 +117,10 @@ def spin_options(spin: str) -> dict[str, str]:
     sections, and stops when the run ends (``session.force_spinning_stop``).
     ``never`` sleeps between sections too: each one pays a wake-up.
     """
+    # Before the modes, spinning was a yes/no setting (serve --spin, VIT_SPIN=1): yes was ``always``.
+    legacy = {True: "always", False: "never", "1": "always", "true": "always", "yes": "always", "on": "always",
+              "0": "never", "false": "never", "no": "never", "off": "never"}  # fmt: skip
+    spin = legacy.get(spin.strip().lower() if isinstance(spin, str) else spin, spin)
     if spin not in SPIN_MODES:
         raise InputError(f"Expected spin to be one of {', '.join(SPIN_MODES)}. Received: spin={spin!r}")
     return {

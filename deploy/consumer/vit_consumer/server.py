@@ -41,12 +41,12 @@ from collections.abc import AsyncIterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
-from urllib.parse import parse_qs
 
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
+from starlette.datastructures import Headers, QueryParams
 
 from vit_consumer.batching import DynamicBatcher, QueueFull
 from vit_consumer.classifier import (
@@ -213,7 +213,7 @@ def parse_body(clf: OnnxClassifier, content_type: str, body: bytes, settings: Se
 def _top_k(raw: str | None) -> int:
     if raw is None:
         return 5
-    if not raw.isdigit() or not 1 <= int(raw) <= 1000:
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= 1000:
         raise InputError(f"Expected top_k to be an integer from 1 to 1000. Received: top_k={raw[:20]!r}")
     return int(raw)
 
@@ -375,6 +375,34 @@ class Service:
         return bytes(body)
 
 
+def request_inputs(scope, receive) -> tuple[str | None, Mapping[str, str], AsyncIterator[bytes]]:
+    """What ``Service.predict`` reads from an ASGI request: ``top_k`` as sent, the headers, the body's chunks.
+
+    Starlette's own parsers (the last ``top_k``, blank values kept; the first of
+    a repeated header), so both ways in behave alike. A client that goes away
+    before its body has arrived is a 499 (nginx's "client closed request").
+    """
+
+    async def chunks() -> AsyncIterator[bytes]:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise InputError("The client closed the connection before sending its body", 499)
+            yield message.get("body", b"")
+            if not message.get("more_body", False):
+                return
+
+    return QueryParams(scope.get("query_string", b"")).get("top_k"), Headers(scope=scope), chunks()
+
+
+def _json(code: int, doc: dict[str, Any]) -> tuple[int, bytes]:
+    """The answer's bytes; non-finite numbers (a broken model's logits) are a 500, never invalid JSON."""
+    try:
+        return code, json.dumps(doc, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+    except ValueError:
+        return 500, b'{"detail":"Inference failed: the model returned non-finite values"}'
+
+
 class PredictPath:
     """ASGI middleware: ``POST /predict`` goes straight to ``Service.predict``.
 
@@ -388,29 +416,23 @@ class PredictPath:
         self.app, self.service = app, service
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or scope["path"] != "/predict" or scope["method"] != "POST":
+        if scope["type"] != "http" or scope["method"] != "POST" or _route_path(scope) != "/predict":
             await self.app(scope, receive, send)
             return
-        headers = {
-            name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope["headers"]
-        }
-        top_k = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("top_k", [None])[-1]
-
-        async def chunks() -> AsyncIterator[bytes]:
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":  # counted as nginx's 499; nobody reads the answer
-                    raise InputError("The client closed the connection before sending its body", 499)
-                yield message.get("body", b"")
-                if not message.get("more_body", False):
-                    return
-
-        code, doc, extra = await self.service.predict(top_k, headers, chunks())
-        body = json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
+        code, doc, extra = await self.service.predict(*request_inputs(scope, receive))
+        code, body = _json(code, doc)
         head = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         head += [(k.lower().encode(), v.encode()) for k, v in extra.items()]
         await send({"type": "http.response.start", "status": code, "headers": head})
         await send({"type": "http.response.body", "body": body})
+
+
+def _route_path(scope) -> str:
+    """The path as the app's routes see it: without the ``root_path`` the server or a mount put in front."""
+    path, root = scope["path"], scope.get("root_path", "")
+    if root and path.startswith(root):
+        return path[len(root) :] or "/"
+    return path
 
 
 def create_app(classifier: OnnxClassifier, settings: Settings | int | None = None) -> FastAPI:
@@ -453,9 +475,9 @@ def create_app(classifier: OnnxClassifier, settings: Settings | int | None = Non
     @app.post("/predict", response_model=PredictResponse, responses=ERRORS, openapi_extra=PREDICT_OPENAPI,
               summary="Classify images", description=__doc__.split("Endpoints:")[1].split("* ``GET")[0].strip())  # fmt: skip
     async def predict(request: Request) -> Response:  # documents /predict; PredictPath serves it
-        code, doc, extra = await service.predict(request.query_params.get("top_k"), request.headers,
-                                                 request.stream())  # fmt: skip
-        return JSONResponse(doc, status_code=code, headers=extra)
+        code, doc, extra = await service.predict(*request_inputs(request.scope, request.receive))
+        code, body = _json(code, doc)
+        return Response(body, status_code=code, headers=extra, media_type="application/json")
 
     app.add_middleware(PredictPath, service=service)
 
