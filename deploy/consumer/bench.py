@@ -127,11 +127,16 @@ async def client(
 
 
 async def load_level(
-    port: int, requests: list[bytes], clients: int, seconds: float, max_requests: int
+    port: int, requests: list[bytes], clients: int, seconds: float, max_requests: int, snapshot=lambda: None
 ) -> dict:
-    """``clients`` closed-loop clients for ``seconds`` after a short warm-up: latencies and CPU."""
+    """``clients`` closed-loop clients for ``seconds`` after a short warm-up: latencies and CPU.
+
+    ``snapshot()`` runs between the warm-up and the measurement (no request in
+    flight then); its value is returned as ``before``.
+    """
     warm_stop = time.perf_counter() + min(1.0, seconds / 4)
     await asyncio.gather(*(client(port, requests, warm_stop, [10**9], [], []) for _ in range(clients)))
+    before = snapshot()
     lat: list[float] = []
     errors: list[int] = []
     budget = [max_requests]
@@ -139,7 +144,7 @@ async def load_level(
     stop_at = t0 + seconds
     await asyncio.gather(*(client(port, requests, stop_at, budget, lat, errors) for _ in range(clients)))
     return {"latencies": lat, "errors": errors, "seconds": time.perf_counter() - t0,
-            "loadgen_cpu": time.process_time() - cpu0}  # fmt: skip
+            "loadgen_cpu": time.process_time() - cpu0, "before": before}  # fmt: skip
 
 
 def level_summary(clients: int, rounds: list[dict]) -> dict:
@@ -154,6 +159,13 @@ def level_summary(clients: int, rounds: list[dict]) -> dict:
             "mean_batch_size": sum(r["images"] for r in rounds) / max(sum(r["batches"] for r in rounds), 1),
             "compute_ms_per_batch": sum(r["compute_seconds"] for r in rounds) * 1e3
             / max(sum(r["batches"] for r in rounds), 1),
+            # Means per request, from the service's own histograms.
+            "service_ms_per_request": {
+                part: sum(r[f"{part}_seconds"] for r in rounds) * 1e3 / max(sum(r["handled"] for r in rounds), 1)
+                for part in ("handler", "decode")
+            },
+            "client_mean_ms": float(np.mean(lat)) * 1e3 if lat else float("nan"),
+            "service_requests": int(sum(r["handled"] for r in rounds)),  # the service's count of the same window
             "per_round": [{"requests": len(r["latencies"]), "req_per_s": len(r["latencies"]) / r["seconds"],
                            "p50_ms": percentile(r["latencies"], 50) * 1e3,
                            "p99_ms": percentile(r["latencies"], 99) * 1e3} for r in rounds]}  # fmt: skip
@@ -163,11 +175,14 @@ SERVICE_COUNTERS = (
     "vit_consumer_batch_size_sum",
     "vit_consumer_batch_size_count",
     "vit_consumer_compute_seconds_sum",
+    "vit_consumer_decode_seconds_sum",
+    "vit_consumer_request_latency_seconds_sum",
+    "vit_consumer_request_latency_seconds_count",
 )
 
 
 def service_counters(url: str) -> dict[str, float]:
-    """Images run, session.run calls and their seconds so far, from the service's /metrics."""
+    """Images run, session.run calls, decode and handler seconds so far, from the service's /metrics."""
     with urllib.request.urlopen(f"{url}/metrics", timeout=5) as resp:
         text = resp.read().decode()
     values = {
@@ -262,7 +277,20 @@ def ratios(engine: list[dict], decodes: list[float], levels: list[dict]) -> list
         + each(gaps, "+.2f")
         + f"; session.run in the service over the engine alone (means): "
         f"{one['compute_ms_per_batch'] - e1['mean_ms']:+.2f} ms ({one['compute_ms_per_batch']:.2f} vs {e1['mean_ms']:.2f})",
+        breakdown(one, e1, decode),
     ]
+
+
+def breakdown(one: dict, e1: dict, decode: float) -> str:
+    """Where a lone request's time goes (means): the client's view, the service's handler and its parts."""
+    handler, decoding = one["service_ms_per_request"]["handler"], one["service_ms_per_request"]["decode"]
+    compute = one["compute_ms_per_batch"]
+    return (
+        f"at {one['clients']} client, means: {one['client_mean_ms']:.2f} ms at the client = "
+        f"{one['client_mean_ms'] - handler:.2f} HTTP (both ends) + {handler:.2f} in the service's handler: "
+        f"decode {decoding:.2f} (warm loop {decode:.2f}), session.run {compute:.2f} (engine alone {e1['mean_ms']:.2f}), "
+        f"hand-offs and the rest {handler - decoding - compute:.2f}"
+    )
 
 
 def main() -> int:
@@ -328,16 +356,21 @@ def main() -> int:
             engine_rounds[1].append(time_engine(clf, decoded[: args.max_batch_size], args.engine_seconds))
             decodes.append(decode_ms(clf, payloads))
             for c in clients:
-                cpu0, counters0, wall0 = cpu_seconds(proc.pid), service_counters(url), time.perf_counter()
-                level = asyncio.run(load_level(port, requests, c, args.seconds, args.max_requests))
-                level["service_cpu"] = cpu_seconds(proc.pid) - cpu0  # includes the warm-up
+                # The service's CPU and counters over the measured window only (after the warm-up).
+                def snapshot():
+                    return cpu_seconds(proc.pid), service_counters(url), time.perf_counter()
+
+                level = asyncio.run(load_level(port, requests, c, args.seconds, args.max_requests, snapshot))
+                cpu0, counters0, wall0 = level.pop("before")
+                level["service_cpu"] = cpu_seconds(proc.pid) - cpu0
                 level["service_wall"] = time.perf_counter() - wall0
-                counters = {
-                    k: v - counters0[k] for k, v in service_counters(url).items()
-                }  # includes the warm-up
+                counters = {k: v - counters0[k] for k, v in service_counters(url).items()}
                 level["images"] = counters["vit_consumer_batch_size_sum"]
                 level["batches"] = counters["vit_consumer_batch_size_count"]
                 level["compute_seconds"] = counters["vit_consumer_compute_seconds_sum"]
+                level["decode_seconds"] = counters["vit_consumer_decode_seconds_sum"]
+                level["handler_seconds"] = counters["vit_consumer_request_latency_seconds_sum"]
+                level["handled"] = counters["vit_consumer_request_latency_seconds_count"]
                 service_rounds[c].append(level)
                 print(f"round {r + 1}/{args.rounds}, {c} clients: {len(level['latencies']) / level['seconds']:.0f} "
                       f"req/s, p50 {percentile(level['latencies'], 50) * 1e3:.1f} ms", file=sys.stderr)  # fmt: skip

@@ -101,6 +101,7 @@ def test_health_metrics_and_openapi(batching_server):
     assert health["status"] == "ok" and health["input"]["shape"] == ["batch", 32, 32, 3]
     text = httpx.get(f"{batching_server}/metrics").text
     for name in ("vit_consumer_request_latency_seconds_bucket", "vit_consumer_queue_wait_seconds_bucket",
+                 "vit_consumer_decode_seconds_bucket", "vit_consumer_compute_seconds_bucket",
                  "vit_consumer_batch_size_bucket", "vit_consumer_model_info", "vit_consumer_ready 1.0"):  # fmt: skip
         assert name in text, name
     spec = httpx.get(f"{batching_server}/openapi.json").json()["paths"]["/predict"]["post"]
@@ -287,6 +288,10 @@ def test_load_benchmark_rounds_side_by_side(tmp_path, no_tf_env, real_cut):
             for s, e, d in zip(one["per_round"], e1["per_round"], report["decode_ms_per_round"], strict=True)]  # fmt: skip
     assert f"per round {', '.join(f'{g:+.2f}' for g in gaps)} " in report["ratios"][2]
     assert f": {3 / eb['images_per_s'] * 1e3:.0f} ms" in report["ratios"][1]
+    # The lone request's time, split by the service's own histograms: the parts fit inside the handler.
+    parts = one["service_ms_per_request"]
+    assert parts["decode"] > 0 and parts["decode"] + one["compute_ms_per_batch"] <= parts["handler"]
+    assert parts["handler"] <= one["client_mean_ms"] and report["ratios"][3].startswith("at 1 client, means:")
     assert "| 3 |" in done.stdout and "2 rounds side by side" in done.stdout
 
 

@@ -9,7 +9,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
 class Metrics:
-    """Requests by status code, latency, queue wait, compute, batch sizes, inferences, the model, reloads."""
+    """Requests by code, latency, decode, queue wait, compute, batch sizes, inferences, the model, reloads."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -23,6 +23,8 @@ class Metrics:
                                     buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
         self.batch_size = Histogram("vit_consumer_batch_size", "Images per session.run", buckets=BATCH_BUCKETS,
                                     registry=r)  # fmt: skip
+        self.decode = Histogram("vit_consumer_decode_seconds", "Reading a request's images: parse, decode, checks",
+                                buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
         self.compute = Histogram("vit_consumer_compute_seconds", "Time of one session.run (a batch)",
                                  buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
         self.inferences = Counter("vit_consumer_inferences", "Images run through the model", registry=r)

@@ -343,7 +343,9 @@ class Service:
         """Decodes in the pool; runs there too when the engine is idle, else joins the batcher."""
 
         def decode_and_maybe_run():
+            started = time.perf_counter()
             images = parse_body(engine, content_type, body, self.settings)
+            self.metrics.decode.observe(time.perf_counter() - started)
             return images, self.batcher.run_now(engine, images)
 
         loop = asyncio.get_running_loop()
