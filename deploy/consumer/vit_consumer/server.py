@@ -340,7 +340,7 @@ class Service:
             self.metrics.latency.observe(time.perf_counter() - started)
 
     async def _infer(self, engine: OnnxClassifier, content_type: str, body: bytes) -> np.ndarray:
-        """Decodes in the pool; runs there too when the engine is idle, else joins the batcher."""
+        """Decodes in the pool, then starts at once when the engine is idle, else joins the batcher."""
 
         def decode_and_maybe_run():
             started = time.perf_counter()
@@ -349,9 +349,9 @@ class Service:
             return images, self.batcher.run_now(engine, images)
 
         loop = asyncio.get_running_loop()
-        images, logits = await loop.run_in_executor(self.decode_pool, decode_and_maybe_run)
-        if logits is not None:
-            return logits
+        images, running = await loop.run_in_executor(self.decode_pool, decode_and_maybe_run)
+        if running is not None:
+            return await asyncio.wrap_future(running)
         self.metrics.queue_depth.set(self.batcher.depth())
         return await self.batcher.submit(engine, images)
 
