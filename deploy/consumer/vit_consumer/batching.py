@@ -17,8 +17,8 @@ version they started with.
 hands it straight to the inference thread when nothing waits and the engine is
 free, skipping the batcher's queue and its event-loop round trip. Every
 ``session.run`` happens on that one thread, fast path or batch: run from
-alternating threads (the decode pool's), the same batch-1 call measured about
-a millisecond slower on the 2-core machine of deploy/consumer/README.md.
+alternating threads (the decode pool's), batch-1 calls ran slower in a
+side-by-side trial on the 2-core machine of deploy/consumer/README.md.
 """
 
 from __future__ import annotations
