@@ -145,6 +145,16 @@ def test_peak_memory_is_measured_per_backend_in_its_own_process(tiny_export, rea
         assert figures["peak_rss_mib"] > figures["engine_rss_mib"] > 10, figures
 
 
+def test_the_precision_probe_session_opens_only_when_the_precision_is_read(tiny_export):
+    # A memory child builds a backend and runs it; a second (probe) session would count in its peak RSS.
+    from vit_pipeline.benchmark.backends.onnxruntime import OrtBackend
+
+    _, path, _ = tiny_export
+    backend = OrtBackend(path, "CPUExecutionProvider", "fp32")
+    assert "_runtime" not in backend.__dict__
+    assert backend.precision == "fp32" and backend.integer_ops == [] and "_runtime" in backend.__dict__
+
+
 def test_int8_is_flagged_below_the_agreement_threshold(tiny_export, real_cut, tmp_path):
     model, path, _ = tiny_export
     quick = Scenario(batch_sizes=(2,), warmup=1, min_runs=2, min_seconds=0.01, rounds=1)
@@ -183,3 +193,15 @@ def test_nchw_models_get_transposed_inputs():
     x = np.zeros((2, 32, 32, 3), np.float32)
     assert fit_to_input(x, ["N", 3, 32, 32]).shape == (2, 3, 32, 32)
     assert fit_to_input(x, ["N", 32, 32, 3]).shape == (2, 32, 32, 3)
+
+
+def test_benchmark_docs_page_is_rendered_from_every_committed_report():
+    from pathlib import Path
+
+    from vit_pipeline.benchmark.docs import render
+
+    root = Path(__file__).resolve().parents[2]
+    page = render(root / "docs" / "benchmarks")
+    assert "| backend | provider | variant | precision |" in page  # the inference report
+    assert "Peak memory (VmHWM of a fresh process)" in page  # the large-folder report, its own markdown
+    assert page == (root / "docs" / "benchmarks.md").read_text()  # the committed page is not edited by hand

@@ -2,13 +2,15 @@
 
 Each folder under ``docs/benchmarks/`` holds one run: ``about.md`` (what was run,
 with the exact command) and ``report.json`` (an inference report) or
-``training.json`` (a training-throughput report). The page is the folders in
+``training.json`` (a training-throughput report), or a ``report.md`` its own
+script rendered from its ``report.json`` (the large-folder memory benchmark). The page is the folders in
 name order: their prose, then the tables and ratios rendered from the JSON, so
 no figure on the page is typed by hand.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from vit_pipeline.fsutil import write_text
@@ -31,7 +33,11 @@ def render(reports_dir: str | Path) -> str:
     for folder in sorted(p for p in Path(reports_dir).iterdir() if p.is_dir()):
         about = folder / "about.md"
         parts.append(about.read_text().strip() + "\n" if about.exists() else f"## {folder.name}\n")
-        if (folder / "report.json").exists():
+        if (folder / "report.json").exists() and "results" not in json.loads(
+            (folder / "report.json").read_text()
+        ):
+            parts.append((folder / "report.md").read_text().strip() + "\n")  # rendered by its own script
+        elif (folder / "report.json").exists():
             report = BenchmarkReport.from_json(folder / "report.json")
             parts.append(report.to_markdown())
             if ratios := report.ratios():

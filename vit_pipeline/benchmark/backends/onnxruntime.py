@@ -8,6 +8,7 @@ GEMMs are integer kernels (``MatMulIntegerToFloat``, ``QLinearMatMul``, ...).
 
 from __future__ import annotations
 
+import functools
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -92,10 +93,22 @@ class OrtBackend:
         self.input = self.session.get_inputs()[0].name
         self.output = self.session.get_outputs()[0].name
         self.on_gpu = self.provider in GPU_PROVIDERS
+
+    @functools.cached_property
+    def _runtime(self) -> tuple[str, list[str]]:
+        # Read on first use: the probe opens a second session, which a memory measurement must not hold.
         if self.on_gpu:
-            self.precision = "fp16" if variant == "fp16" else "fp32"
-        else:
-            self.precision, self.integer_ops = runtime_precision(path)
+            return ("fp16" if self.variant == "fp16" else "fp32"), []
+        return runtime_precision(self.path)
+
+    @property
+    def precision(self) -> str:
+        """fp32, fp16 or int8: what ONNX Runtime really runs (its optimised graph), not the file's name."""
+        return self._runtime[0]
+
+    @property
+    def integer_ops(self) -> list[str]:
+        return self._runtime[1]
 
     def prepare(self, batch: np.ndarray) -> Callable[[], Any]:
         batch = np.ascontiguousarray(batch, dtype=np.float32)
