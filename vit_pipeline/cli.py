@@ -101,7 +101,15 @@ def _friendly_errors(func: Callable) -> Callable:
         log_path = _setup_logging()
         _quiet_telemetry()
         try:
-            return func(*args, **kwargs)
+            try:
+                return func(*args, **kwargs)
+            except RuntimeError as exc:  # Prefect's own, untyped: its temporary API server did not start
+                if "ephemeral Prefect API server" not in str(exc):
+                    raise
+                raise PipelineError(
+                    f"{exc} Start one (`prefect server start`) and set PREFECT_API_URL, or raise "
+                    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+                ) from exc
         except PipelineError as exc:
             trace_log.exception("vit-pipeline failed")
             click.echo(f"Error: {exc}", err=True)
@@ -162,17 +170,9 @@ def run(resume_run_id: str | None, **kwargs) -> None:
     from flows.train_pipeline import train_pipeline
 
     with console_without_tracebacks():
-        try:
-            result = train_pipeline(
-                preset=preset, config=ConfigOverrides(**overrides), resume_run_id=resume_run_id
-            )
-        except RuntimeError as exc:  # Prefect's own, untyped
-            if "ephemeral Prefect API server" not in str(exc):
-                raise
-            raise PipelineError(
-                f"{exc} Start one (`prefect server start`) and set PREFECT_API_URL, or raise "
-                "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
-            ) from exc
+        result = train_pipeline(
+            preset=preset, config=ConfigOverrides(**overrides), resume_run_id=resume_run_id
+        )
     click.echo(json.dumps(result, indent=2))
 
 

@@ -220,9 +220,9 @@ def evaluate(
         test_loss=cross_entropy(logits, y_test),
         num_test_images=int(len(y_test)),
         artifacts={},
+        per_class=per_class_rows(cm, class_names),
     )
     arts = result.artifacts
-    result.per_class = per_class_rows(cm, class_names)
     arts["per_class_accuracy"] = str(write_csv(out_dir / "per_class_accuracy.csv", result.per_class))
     arts["confusion_matrix_csv"] = str(write_text(out_dir / "confusion_matrix.csv",
                                                   _matrix_csv(cm, class_names)))  # fmt: skip

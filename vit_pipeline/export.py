@@ -31,6 +31,7 @@ import numpy as np
 from vit_pipeline import __version__
 from vit_pipeline.errors import PipelineError
 from vit_pipeline.fsutil import atomic_path
+from vit_pipeline.progress import quiet, task
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +162,6 @@ def export_onnx(model, path: str | Path, metadata: dict[str, str], opset: int = 
     Returns:
         ``{"path", "export_seconds", "opset", "size_bytes", "ops"}``.
     """
-    from vit_pipeline.progress import task
 
     start = time.perf_counter()
     with task(f"Export: Keras -> ONNX (tf2onnx, opset {opset})"):
@@ -218,7 +218,6 @@ def ort_session(path: str | Path, providers: list[str] | None = None):
 
 def run_onnx(session, images: np.ndarray, batch_size: int, shown=None) -> np.ndarray:
     """Logits of ``images`` in batches; ``shown`` (a progress tracker) advances per image."""
-    from vit_pipeline.progress import quiet
 
     shown = shown or quiet()
     out = []
@@ -244,7 +243,6 @@ def check_parity(
         batch_sizes: ONNX Runtime is run at each of these batch sizes.
         tolerance: Largest allowed absolute logit difference.
     """
-    from vit_pipeline.progress import task
 
     session = ort_session(onnx_path)
     ref_top1 = keras_logits.argmax(axis=1)

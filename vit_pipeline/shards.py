@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from vit_pipeline.fsutil import atomic_path
+from vit_pipeline.progress import quiet
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +156,6 @@ def write_shards(
     Returns:
         ``(images, labels of the images kept, number skipped)``.
     """
-    from vit_pipeline.progress import quiet
 
     shown = shown or quiet()
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -79,6 +79,11 @@ def time_engine(clf, batch: np.ndarray, seconds: float) -> tuple[list[float], fl
     return lat, time.perf_counter() - start
 
 
+def pooled(rounds: list[tuple[list[float], float]]) -> list[float]:
+    """The latencies of all rounds of ``time_engine`` together."""
+    return [x for lat, _ in rounds for x in lat]
+
+
 def engine_summary(batch: int, lat: list[float], wall: float) -> dict:
     return {"batch": batch, "images_per_s": batch * len(lat) / wall, "p50_ms": percentile(lat, 50) * 1e3,
             "mean_ms": float(np.mean(lat)) * 1e3, "calls": len(lat)}  # fmt: skip
@@ -127,7 +132,7 @@ async def client(
 
 
 async def load_level(
-    port: int, requests: list[bytes], clients: int, seconds: float, max_requests: int, snapshot=lambda: None
+    port: int, requests: list[bytes], clients: int, seconds: float, max_requests: int, snapshot
 ) -> dict:
     """``clients`` closed-loop clients for ``seconds`` after a short warm-up: latencies and CPU.
 
@@ -150,35 +155,35 @@ async def load_level(
 def level_summary(clients: int, rounds: list[dict]) -> dict:
     """One client level over all rounds: pooled latencies, req/s, CPU, mean batch, per-round figures."""
     lat = [x for r in rounds for x in r["latencies"]]
-    wall = sum(r["seconds"] for r in rounds)
+    total = {k: sum(r[k] for r in rounds) for k in ("seconds", "loadgen_cpu", "service_cpu", "service_wall",
+                                                    *SERVICE_COUNTERS)}  # fmt: skip
+    batches, handled = max(total["batches"], 1), max(total["handled"], 1)
     return {"clients": clients, "requests": len(lat), "errors": sum(len(r["errors"]) for r in rounds),
-            "seconds": wall, "req_per_s": len(lat) / wall, "p50_ms": percentile(lat, 50) * 1e3,
-            "p90_ms": percentile(lat, 90) * 1e3, "p99_ms": percentile(lat, 99) * 1e3,
-            "loadgen_cpu_cores": sum(r["loadgen_cpu"] for r in rounds) / wall,
-            "service_cpu_cores": sum(r["service_cpu"] for r in rounds) / sum(r["service_wall"] for r in rounds),
-            "mean_batch_size": sum(r["images"] for r in rounds) / max(sum(r["batches"] for r in rounds), 1),
-            "compute_ms_per_batch": sum(r["compute_seconds"] for r in rounds) * 1e3
-            / max(sum(r["batches"] for r in rounds), 1),
+            "seconds": total["seconds"], "req_per_s": len(lat) / total["seconds"],
+            "p50_ms": percentile(lat, 50) * 1e3, "p90_ms": percentile(lat, 90) * 1e3,
+            "p99_ms": percentile(lat, 99) * 1e3,
+            "loadgen_cpu_cores": total["loadgen_cpu"] / total["seconds"],
+            "service_cpu_cores": total["service_cpu"] / total["service_wall"],
+            "mean_batch_size": total["images"] / batches,
+            "compute_ms_per_batch": total["compute_seconds"] * 1e3 / batches,
             # Means per request, from the service's own histograms.
-            "service_ms_per_request": {
-                part: sum(r[f"{part}_seconds"] for r in rounds) * 1e3 / max(sum(r["handled"] for r in rounds), 1)
-                for part in ("handler", "decode")
-            },
+            "service_ms_per_request": {part: total[f"{part}_seconds"] * 1e3 / handled for part in ("handler", "decode")},
             "client_mean_ms": float(np.mean(lat)) * 1e3 if lat else float("nan"),
-            "service_requests": int(sum(r["handled"] for r in rounds)),  # the service's count of the same window
+            "service_requests": int(total["handled"]),  # the service's count of the same window
             "per_round": [{"requests": len(r["latencies"]), "req_per_s": len(r["latencies"]) / r["seconds"],
                            "p50_ms": percentile(r["latencies"], 50) * 1e3,
                            "p99_ms": percentile(r["latencies"], 99) * 1e3} for r in rounds]}  # fmt: skip
 
 
-SERVICE_COUNTERS = (
-    "vit_consumer_batch_size_sum",
-    "vit_consumer_batch_size_count",
-    "vit_consumer_compute_seconds_sum",
-    "vit_consumer_decode_seconds_sum",
-    "vit_consumer_request_latency_seconds_sum",
-    "vit_consumer_request_latency_seconds_count",
-)
+# A level's figure <- the service's /metrics counter it is the growth of.
+SERVICE_COUNTERS = {
+    "images": "vit_consumer_batch_size_sum",
+    "batches": "vit_consumer_batch_size_count",
+    "compute_seconds": "vit_consumer_compute_seconds_sum",
+    "decode_seconds": "vit_consumer_decode_seconds_sum",
+    "handler_seconds": "vit_consumer_request_latency_seconds_sum",
+    "handled": "vit_consumer_request_latency_seconds_count",
+}
 
 
 def service_counters(url: str) -> dict[str, float]:
@@ -188,7 +193,7 @@ def service_counters(url: str) -> dict[str, float]:
     values = {
         line.split()[0]: float(line.split()[-1]) for line in text.splitlines() if line and line[0] != "#"
     }
-    return {name: values.get(name, 0.0) for name in SERVICE_COUNTERS}
+    return {field: values.get(metric, 0.0) for field, metric in SERVICE_COUNTERS.items()}
 
 
 def cpu_seconds(pid: int) -> float:
@@ -249,11 +254,10 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def ratios(engine: list[dict], decodes: list[float], levels: list[dict]) -> list[str]:
+def ratios(engine: list[dict], decode: float, decodes: list[float], levels: list[dict]) -> list[str]:
     """The figures the targets are stated in (deploy/consumer/README.md): pooled, then per round."""
     (e1, eb) = engine
     top, one = max(levels, key=lambda r: r["clients"]), min(levels, key=lambda r: r["clients"])
-    decode = float(np.median(decodes))
     speed = [
         s["req_per_s"] / e["images_per_s"] for s, e in zip(top["per_round"], eb["per_round"], strict=True)
     ]
@@ -338,13 +342,17 @@ def main() -> int:
            "--max-queue-delay-ms", str(args.max_queue_delay_ms), *args.serve_option]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     batches = (1, args.max_batch_size)
-    engine_rounds: list[list] = [[], []]  # per round (latencies, wall) at batches[0] and batches[1]
+    engine_bn: list = []  # per round (latencies, wall) at the service's batch size; batch 1: spin "always"
     decodes: list[float] = []
     spin_rounds: dict[str, list] = {mode: [] for mode in SPIN_ORDER}
     service_rounds: dict[int, list] = {c: [] for c in clients}
     try:
         wait_ready(url, proc)
         requests = [request_bytes(port, p) for p in payloads]
+
+        def snapshot():  # the service's CPU and counters over the measured window only (after the warm-up)
+            return cpu_seconds(proc.pid), service_counters(url), time.perf_counter()
+
         for r in range(args.rounds):
             # The service is idle (its threads asleep) while the engine is timed, and the reverse. At
             # batch 1 the three spin modes take turns (ONNX Runtime's default, "always", is the reference);
@@ -352,25 +360,14 @@ def main() -> int:
             turn = SPIN_ORDER[r % 3 :] + SPIN_ORDER[: r % 3]
             for mode in turn:
                 spin_rounds[mode].append(time_engine(sessions[mode], decoded[:1], args.engine_seconds))
-            engine_rounds[0].append(spin_rounds["always"][-1])
-            engine_rounds[1].append(time_engine(clf, decoded[: args.max_batch_size], args.engine_seconds))
+            engine_bn.append(time_engine(clf, decoded[: args.max_batch_size], args.engine_seconds))
             decodes.append(decode_ms(clf, payloads))
             for c in clients:
-                # The service's CPU and counters over the measured window only (after the warm-up).
-                def snapshot():
-                    return cpu_seconds(proc.pid), service_counters(url), time.perf_counter()
-
                 level = asyncio.run(load_level(port, requests, c, args.seconds, args.max_requests, snapshot))
                 cpu0, counters0, wall0 = level.pop("before")
                 level["service_cpu"] = cpu_seconds(proc.pid) - cpu0
                 level["service_wall"] = time.perf_counter() - wall0
-                counters = {k: v - counters0[k] for k, v in service_counters(url).items()}
-                level["images"] = counters["vit_consumer_batch_size_sum"]
-                level["batches"] = counters["vit_consumer_batch_size_count"]
-                level["compute_seconds"] = counters["vit_consumer_compute_seconds_sum"]
-                level["decode_seconds"] = counters["vit_consumer_decode_seconds_sum"]
-                level["handler_seconds"] = counters["vit_consumer_request_latency_seconds_sum"]
-                level["handled"] = counters["vit_consumer_request_latency_seconds_count"]
+                level |= {k: v - counters0[k] for k, v in service_counters(url).items()}
                 service_rounds[c].append(level)
                 print(f"round {r + 1}/{args.rounds}, {c} clients: {len(level['latencies']) / level['seconds']:.0f} "
                       f"req/s, p50 {percentile(level['latencies'], 50) * 1e3:.1f} ms", file=sys.stderr)  # fmt: skip
@@ -378,23 +375,19 @@ def main() -> int:
         proc.terminate()
         proc.wait(timeout=30)
     engine = []
-    for b, rounds in zip(batches, engine_rounds, strict=True):
-        lat = [x for run, _ in rounds for x in run]
-        summary = engine_summary(b, lat, sum(wall for _, wall in rounds))
+    for b, rounds in zip(batches, (spin_rounds["always"], engine_bn), strict=True):
+        summary = engine_summary(b, pooled(rounds), sum(wall for _, wall in rounds))
         summary["per_round"] = [engine_summary(b, run, wall) for run, wall in rounds]
         engine.append(summary)
     decode = float(np.median(decodes))
-    spin = {
-        mode: percentile([x for run, _ in rounds for x in run], 50) * 1e3
-        for mode, rounds in spin_rounds.items()
-    }
+    spin = {mode: percentile(pooled(rounds), 50) * 1e3 for mode, rounds in spin_rounds.items()}
     levels = [level_summary(c, service_rounds[c]) for c in clients]
     report = {"environment": environment(), "model": args.model, "images": len(payloads),
               "settings": {"max_batch_size": args.max_batch_size, "max_queue_delay_ms": args.max_queue_delay_ms,
                            "rounds": args.rounds, "seconds": args.seconds, "engine_seconds": args.engine_seconds,
                            "serve_options": args.serve_option, "command": " ".join(sys.argv)},
               "engine": engine, "engine_b1_p50_ms_by_spin": spin, "decode_ms": decode, "decode_ms_per_round": decodes, "service": levels,
-              "ratios": ratios(engine, decodes, levels)}  # fmt: skip
+              "ratios": ratios(engine, decode, decodes, levels)}  # fmt: skip
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(report, indent=1))
     print(markdown(report))

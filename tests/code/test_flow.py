@@ -1,5 +1,6 @@
 """The train_pipeline flow on a real (test) Prefect server and a real MLflow SQLite store."""
 
+import csv
 import json
 from pathlib import Path
 
@@ -55,8 +56,6 @@ def test_train_pipeline_logs_everything(prefect_server, tiny_overrides, tmp_path
                  "per_class_metrics.json"):  # fmt: skip
         assert f"evaluation/{name}" in arts
     # The MLflow table holds the CSV's rows, one per class.
-    import csv
-
     got = tmp_path / "arts"
     got.mkdir()
     csv_path = client.download_artifacts(run.info.run_id, "evaluation/per_class_accuracy.csv", str(got))

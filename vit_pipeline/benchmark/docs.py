@@ -33,12 +33,11 @@ def render(reports_dir: str | Path) -> str:
     for folder in sorted(p for p in Path(reports_dir).iterdir() if p.is_dir()):
         about = folder / "about.md"
         parts.append(about.read_text().strip() + "\n" if about.exists() else f"## {folder.name}\n")
-        if (folder / "report.json").exists() and "results" not in json.loads(
-            (folder / "report.json").read_text()
-        ):
+        raw = json.loads((folder / "report.json").read_text()) if (folder / "report.json").exists() else None
+        if raw is not None and "results" not in raw:
             parts.append((folder / "report.md").read_text().strip() + "\n")  # rendered by its own script
-        elif (folder / "report.json").exists():
-            report = BenchmarkReport.from_json(folder / "report.json")
+        elif raw is not None:
+            report = BenchmarkReport.from_dict(raw)
             parts.append(report.to_markdown())
             if ratios := report.ratios():
                 parts.append(

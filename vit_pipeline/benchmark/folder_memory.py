@@ -29,14 +29,16 @@ from vit_pipeline.fsutil import write_text
 PHOTO = (500, 375)
 CLASSES = 10
 
+MARKER = "FOLDER "
 _CHILD = r"""
-import json, sys, time
+import sys, time
 from pathlib import Path
 mode, root, size, work = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])
 # The same imports in every mode, before the baseline, so the growth is the data's.
 import rich.progress, sklearn.model_selection, PIL.Image
 from vit_pipeline import data, shards
 from vit_pipeline.config import make_config
+from vit_pipeline.benchmark.child import report
 from vit_pipeline.benchmark.memory import current_rss_mib, peak_rss_mib
 if mode == "prepare+train":
     import keras, tensorflow
@@ -59,7 +61,7 @@ else:
 out["seconds"] = time.perf_counter() - start
 out["peak_mib"] = peak_rss_mib()
 out["growth_mib"] = out["peak_mib"] - out["baseline_mib"]
-print("FOLDER " + json.dumps(out))
+report(sys.argv[5], out)  # the marker measure() reads
 """
 
 
@@ -86,7 +88,7 @@ def make_folder(root: Path, images: int, seed: int = 0) -> Path:
 
 def measure(mode: str, root: Path, size: int, work: Path) -> dict:
     work.mkdir(parents=True, exist_ok=True)
-    result = run_child(["-c", _CHILD, mode, str(root), str(size), str(work)], "FOLDER ", timeout=3600)
+    result = run_child(["-c", _CHILD, mode, str(root), str(size), str(work), MARKER], MARKER, timeout=3600)
     if "error" in result:
         raise RuntimeError(f"{mode} on {root} failed: {result['error']}")
     return result

@@ -102,15 +102,12 @@ class DynamicBatcher:
                 return None
             self._busy += 1
         running = self._executor.submit(self._fast_run, engine, images)
-        # Cancelled before it started (a request timeout), _fast_run never runs to say it is done.
-        running.add_done_callback(lambda f: self._done() if f.cancelled() else None)
+        # Done, failed or cancelled before it started (a request timeout): the engine is free again.
+        running.add_done_callback(lambda _: self._done())
         return running
 
     def _fast_run(self, engine, images: np.ndarray) -> np.ndarray:
-        try:
-            logits, seconds = self._timed_run(engine, images)
-        finally:
-            self._done()
+        logits, seconds = self._timed_run(engine, images)
         if self.on_batch is not None:
             self.on_batch(len(images), [0.0], seconds)
         return logits

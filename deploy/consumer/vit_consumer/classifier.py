@@ -105,6 +105,9 @@ def resolve_model(uri: str, tracking_uri: str | None = None) -> Path:
 
 
 SPIN_MODES = ("never", "run", "always")
+# Before the modes, spinning was a yes/no setting (serve --spin, VIT_SPIN=1): yes was ``always``.
+_LEGACY_SPIN = {True: "always", False: "never", "1": "always", "true": "always", "yes": "always", "on": "always",
+                "0": "never", "false": "never", "no": "never", "off": "never"}  # fmt: skip
 
 
 def spin_options(spin: str | bool) -> dict[str, str]:
@@ -117,10 +120,7 @@ def spin_options(spin: str | bool) -> dict[str, str]:
     sections, and stops when the run ends (``session.force_spinning_stop``).
     ``never`` sleeps between sections too: each one pays a wake-up.
     """
-    # Before the modes, spinning was a yes/no setting (serve --spin, VIT_SPIN=1): yes was ``always``.
-    legacy = {True: "always", False: "never", "1": "always", "true": "always", "yes": "always", "on": "always",
-              "0": "never", "false": "never", "no": "never", "off": "never"}  # fmt: skip
-    spin = legacy.get(spin.strip().lower() if isinstance(spin, str) else spin, spin)
+    spin = _LEGACY_SPIN.get(spin.strip().lower() if isinstance(spin, str) else spin, spin)
     if spin not in SPIN_MODES:
         raise InputError(f"Expected spin to be one of {', '.join(SPIN_MODES)}. Received: spin={spin!r}")
     return {

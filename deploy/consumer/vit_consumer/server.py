@@ -397,12 +397,20 @@ def request_inputs(scope, receive) -> tuple[str | None, Mapping[str, str], Async
     return QueryParams(scope.get("query_string", b"")).get("top_k"), Headers(scope=scope), chunks()
 
 
-def _json(code: int, doc: dict[str, Any]) -> tuple[int, bytes]:
-    """The answer's bytes; non-finite numbers (a broken model's logits) are a 500, never invalid JSON."""
+async def answer(service: Service, scope, receive) -> tuple[int, bytes, dict[str, str]]:
+    """One ``POST /predict`` from ASGI in to JSON bytes out: (status, body, extra headers).
+
+    Non-finite numbers (a broken model's logits) are a 500, never invalid JSON.
+    """
+    code, doc, extra = await service.predict(*request_inputs(scope, receive))
     try:
-        return code, json.dumps(doc, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+        return (
+            code,
+            json.dumps(doc, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode(),
+            extra,
+        )
     except ValueError:
-        return 500, b'{"detail":"Inference failed: the model returned non-finite values"}'
+        return 500, b'{"detail":"Inference failed: the model returned non-finite values"}', extra
 
 
 class PredictPath:
@@ -421,8 +429,7 @@ class PredictPath:
         if scope["type"] != "http" or scope["method"] != "POST" or _route_path(scope) != "/predict":
             await self.app(scope, receive, send)
             return
-        code, doc, extra = await self.service.predict(*request_inputs(scope, receive))
-        code, body = _json(code, doc)
+        code, body, extra = await answer(self.service, scope, receive)
         head = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         head += [(k.lower().encode(), v.encode()) for k, v in extra.items()]
         await send({"type": "http.response.start", "status": code, "headers": head})
@@ -477,8 +484,7 @@ def create_app(classifier: OnnxClassifier, settings: Settings | int | None = Non
     @app.post("/predict", response_model=PredictResponse, responses=ERRORS, openapi_extra=PREDICT_OPENAPI,
               summary="Classify images", description=__doc__.split("Endpoints:")[1].split("* ``GET")[0].strip())  # fmt: skip
     async def predict(request: Request) -> Response:  # documents /predict; PredictPath serves it
-        code, doc, extra = await service.predict(*request_inputs(request.scope, request.receive))
-        code, body = _json(code, doc)
+        code, body, extra = await answer(service, request.scope, request.receive)
         return Response(body, status_code=code, headers=extra, media_type="application/json")
 
     app.add_middleware(PredictPath, service=service)
