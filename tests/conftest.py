@@ -46,23 +46,15 @@ TINY = {
 def pipeline_home(tmp_path, monkeypatch):
     """Every test gets its own VIT_PIPELINE_HOME and local MLflow store.
 
-    ``mlflow.set_tracking_uri`` / ``set_registry_uri`` (called by the pipeline)
-    set process globals and environment variables; both are reset after each
-    test, so no test talks to another test's (stopped) server.
+    The pipeline sets no process-wide MLflow state (``tracking.fluent_store`` sets
+    it for one block and puts it back), so nothing of MLflow is reset here
+    (``test_runs`` checks that a run through the pipeline leaves none behind).
     """
-    import sys
-
     home = tmp_path / "home"
     monkeypatch.setenv("VIT_PIPELINE_HOME", str(home))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
-    yield home
-    if "mlflow" in sys.modules:
-        from mlflow.tracking._model_registry import utils as registry_utils
-        from mlflow.tracking._tracking_service import utils as tracking_utils
-
-        tracking_utils._tracking_uri = None
-        registry_utils._registry_uri = None
+    return home
 
 
 def cifar_members(n_train: int = 20, n_test: int = 10, num_classes: int = 5, seed: int = 0) -> dict:

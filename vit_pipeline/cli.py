@@ -167,7 +167,7 @@ def run(resume_run_id: str | None, **kwargs) -> None:
     check_source(
         make_config(preset, overrides)
     )  # bad config, paths, archives: before Prefect or TensorFlow start
-    from flows.train_pipeline import train_pipeline
+    from vit_pipeline.flows.train_pipeline import train_pipeline
 
     with console_without_tracebacks():
         result = train_pipeline(
@@ -239,7 +239,7 @@ def proxy_experiment(data_path, epochs, seed, experiment_name, report_dir, track
     shared = {"data_path": data_path, "epochs": epochs, "seed": seed, "experiment_name": experiment_name}
     for preset in presets:
         make_config(preset, {**shared, **overrides})  # fail before Prefect or TensorFlow start
-    from flows.proxy_experiment import proxy_experiment as flow
+    from vit_pipeline.flows.proxy_experiment import proxy_experiment as flow
 
     report = flow(data_path=data_path, epochs=epochs, seed=seed, experiment_name=experiment_name,
                   report_dir=report_dir, presets=tuple(presets), overrides=overrides)  # fmt: skip
@@ -263,7 +263,7 @@ def sweep(space_path, dask_address, workers, gpus_per_trial, tracking_uri, data_
 
     overrides = {k: v for k, v in (("tracking_uri", tracking_uri), ("data_path", data_path)) if v}
     trial_configs(load_space(space_path), overrides)  # fail before Prefect, Dask or TensorFlow start
-    from flows.sweep import sweep as sweep_flow
+    from vit_pipeline.flows.sweep import sweep as sweep_flow
 
     result = sweep_flow(space_path=space_path, dask_address=dask_address, n_workers=workers,
                         gpus_per_trial=gpus_per_trial, overrides=overrides)  # fmt: skip
@@ -277,7 +277,9 @@ def sweep(space_path, dask_address, workers, gpus_per_trial, tracking_uri, data_
 @_friendly_errors
 def train(resume_run_id: str | None, **kwargs) -> None:
     """Prepare data and train, without Prefect; logs to a new (or resumed) MLflow run."""
-    from vit_pipeline import runs, stages
+    from vit_pipeline import data, runs
+    from vit_pipeline import train as train_stage
+    from vit_pipeline.context import StageContext
 
     preset, overrides = _split_config(kwargs)
     cfg = make_config(preset, overrides)
@@ -285,9 +287,12 @@ def train(resume_run_id: str | None, **kwargs) -> None:
         cfg, preset, {"vit_pipeline.command": "train"}, resume_run_id=resume_run_id
     ) as run_id:
         click.echo(f"MLflow run {run_id} (resume with --resume {run_id})", err=True)
-        prepared = stages.prepare_stage(cfg, run_id, stages.fetch_stage(cfg))
-        trained = stages.train_stage(cfg, run_id, prepared["data_path"])
-    click.echo(json.dumps({"mlflow_run_id": run_id, "data_path": prepared["data_path"], **trained}, indent=2))
+        ctx = StageContext.open(cfg, run_id)
+        prepared = data.run(ctx, data.fetch(cfg))
+        trained = train_stage.run(ctx, prepared.data_path)
+    click.echo(
+        json.dumps({"mlflow_run_id": run_id, "data_path": prepared.data_path, **trained.to_dict()}, indent=2)
+    )
 
 
 @main.command("runs")
@@ -301,7 +306,7 @@ def list_runs(tracking_uri: str | None, experiments: tuple[str, ...], limit: int
 
     cfg = make_config("quickstart", {"tracking_uri": tracking_uri})
     tracking.check_reachable(cfg)
-    for run_id in tracking.reap_once(cfg):
+    for run_id in runs.reap_once(cfg):
         click.echo(f"Marked {run_id} KILLED: its process is gone", err=True)
     for row in runs.recent(tracking.client(cfg), list(experiments), limit):
         click.echo(json.dumps(row))
@@ -315,7 +320,9 @@ def evaluate(model_path: str, **kwargs) -> None:
     """Evaluate a saved .keras MODEL_PATH on the config's test split; logs to MLflow."""
     from pathlib import Path
 
-    from vit_pipeline import runs, stages
+    from vit_pipeline import data, runs
+    from vit_pipeline import evaluate as evaluate_stage
+    from vit_pipeline.context import StageContext
     from vit_pipeline.errors import DataError
 
     if not Path(model_path).is_file():
@@ -325,9 +332,10 @@ def evaluate(model_path: str, **kwargs) -> None:
     with runs.tracked_run(
         cfg, preset, {"vit_pipeline.command": "evaluate", "model_path": model_path}
     ) as run_id:
-        prepared = stages.prepare_stage(cfg, run_id, stages.fetch_stage(cfg))
-        result = stages.evaluate_stage(cfg, run_id, prepared["data_path"], model_path, None)
-    click.echo(json.dumps({"mlflow_run_id": run_id, **result}, indent=2))
+        ctx = StageContext.open(cfg, run_id)
+        prepared = data.run(ctx, data.fetch(cfg))
+        result = evaluate_stage.run(ctx, prepared.data_path, model_path, None)
+    click.echo(json.dumps({"mlflow_run_id": run_id, **result.to_dict()}, indent=2))
 
 
 @main.command()
@@ -357,6 +365,43 @@ def predict(images: tuple[str, ...], model_uri: str, tracking_uri: str | None, t
             click.echo(json.dumps({"image": image, "predictions": preds}))
     except InputError as exc:
         raise DataError(str(exc)) from exc
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                                "help_option_names": []})  # fmt: skip
+@click.pass_context
+def serve(ctx: click.Context) -> None:
+    """Serve a model over HTTP: the TF-free consumer (vit-consumer), the same options.
+
+    ``vit-pipeline serve --model models:/vit-digits@champion [--port 8000 ...]``;
+    ``vit-pipeline serve --help`` lists them all.
+    """
+    from vit_consumer.__main__ import main as consumer_main
+
+    args = list(ctx.args)
+    if "--help" in args or "-h" in args:
+        sys.exit(consumer_main(["--model", "-", "serve", "--help"]))
+    # The consumer's global options (--model, --tracking-uri, --providers) come before its subcommand.
+    globals_, rest = _split_consumer_args(args)
+    sys.exit(consumer_main([*globals_, "serve", *rest]))
+
+
+_GLOBAL = ("--model", "--tracking-uri", "--providers")
+
+
+def _split_consumer_args(args: list[str]) -> tuple[list[str], list[str]]:
+    """(the consumer's global options with their values, everything else)."""
+    globals_, rest, i = [], [], 0
+    while i < len(args):
+        name = args[i].split("=", 1)[0]
+        if name in _GLOBAL:
+            take = 1 if "=" in args[i] else 2
+            globals_ += args[i : i + take]
+            i += take
+        else:
+            rest.append(args[i])
+            i += 1
+    return globals_, rest
 
 
 @main.command()
@@ -402,8 +447,8 @@ def benchmark(model_path, preset, keras_path, eval_data, eval_images, batch_size
     from pathlib import Path
 
     from vit_pipeline import benchmark as bench
+    from vit_pipeline.benchmark.stage import models_to_time
     from vit_pipeline.config import parse_int_list, split_names
-    from vit_pipeline.errors import DataError
     from vit_pipeline.variants import VARIANTS
 
     try:
@@ -416,52 +461,15 @@ def benchmark(model_path, preset, keras_path, eval_data, eval_images, batch_size
     unknown = set(names) - set(VARIANTS)
     if unknown or not names:
         raise ConfigError(f"Expected variants from {', '.join(VARIANTS)}. Received: variants={variants!r}")
-    if sum((model_path is not None, preset is not None, model_path is None and keras_path is not None)) != 1:
-        raise ConfigError("Expected exactly one of MODEL_PATH, --preset, or --keras alone (exported here)")
     out_dir = Path(output).parent
-    keras_model, info, keras_file = None, {}, keras_path
-    if model_path is None:
-        from vit_pipeline.export import build_metadata, export_onnx
-
-        if preset is not None:
-            keras_model = bench.fresh_keras_model(make_config(preset))
-            info = {"name": f"{preset} preset architecture, fresh weights"}
-            keras_file = str(out_dir / "model.keras")
-            out_dir.mkdir(parents=True, exist_ok=True)
-            keras_model.save(keras_file)
-        else:
-            from vit_pipeline.model import load_model
-
-            if not Path(keras_path).is_file():
-                raise DataError(f"Keras model file does not exist: {keras_path}")
-            keras_model = load_model(keras_path)
-            info = {"name": Path(keras_path).name}
-        info["params"] = int(keras_model.count_params())
-        shape = tuple(keras_model.inputs[0].shape[1:])
-        classes = [f"class_{i}" for i in range(keras_model.outputs[0].shape[-1])]
-        model_path = str(out_dir / "model.onnx")
-        export_onnx(keras_model, model_path, build_metadata(classes, shape))
-    else:
-        if not Path(model_path).is_file():
-            raise DataError(f"Model file does not exist: {model_path}")
-        from vit_pipeline.export import ort_session
-
-        try:
-            ort_session(model_path)
-        except PipelineError as exc:
-            raise DataError(f"{model_path} is not a loadable ONNX model") from exc
-        info = {"name": Path(model_path).name}
-        if keras_path:
-            from vit_pipeline.model import load_model
-
-            keras_model = load_model(keras_path)
+    models = models_to_time(model_path, preset, keras_path, out_dir)
     images, labels, calibration = _eval_data(eval_data, eval_images)
     report, files = bench.benchmark_files(
-        model_path, out_dir, keras_model=keras_model, eval_images=images, eval_labels=labels,
+        models.onnx_path, out_dir, keras_model=models.keras_model, eval_images=images, eval_labels=labels,
         variants=names, providers=split_names(providers or "") or None,
         scenario=bench.Scenario(batch_sizes=tuple(sizes), min_seconds=seconds, rounds=rounds),
-        keras_xla=xla and keras_model is not None, model_info=info, calibration=calibration,
-        keras_path=keras_file, openvino=openvino, memory=memory,
+        keras_xla=xla and models.keras_model is not None, model_info=models.info, calibration=calibration,
+        keras_path=models.keras_path, openvino=openvino, memory=memory,
     )  # fmt: skip
     if Path(output) != files["json"]:
         Path(output).write_text(files["json"].read_text())

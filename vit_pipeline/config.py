@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 import typing
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -332,127 +333,39 @@ def folder_dataset_name(path: str) -> str:
     return re.sub(r"[^a-z0-9._-]+", "-", name.lower()).strip("-.") or "images"
 
 
-def cifar100_improved() -> dict[str, Any]:
-    """The ``cifar100-improved`` preset: a small-dataset ViT with a DeiT-style recipe.
+PRESETS_DIR = Path(__file__).parent / "presets"
 
-    Modelled on Lee, Lee & Song 2021, "Vision Transformer for Small-Size Datasets"
-    (arXiv:2112.13492; 73.8% top-1 on CIFAR-100 in 100 epochs with SPT + LSA) and
-    on DeiT (Touvron et al. 2021, arXiv:2012.12877) for the regularisation. Each
-    choice and its source:
 
-    - Native 32x32 input, patches of 4 (64 tokens), no resize: Lee et al. (the
-      seed's resize to 72 costs compute without adding information).
-    - Width 192, 9 blocks, 12 heads of 16, MLP ratio 2 (384): Lee et al.'s ViT
-      (about 2.7 M parameters against the seed's 21.8 M).
-    - Shifted Patch Tokenization and Locality Self-Attention: Lee et al.
-    - Class-token head with a single linear layer, no head MLP: ViT
-      (Dosovitskiy et al. 2021) and Lee et al.; removes the seed's 18.9 M
-      parameter Flatten head.
-    - No dropout, stochastic depth 0.1: Lee et al. (``--sd 0.1``) and DeiT.
-    - AdamW, peak learning rate 1e-3 at batch 128, weight decay 0.05: Lee et al.
-      Their PyTorch AdamW decays by ``lr * wd * w`` like Keras, so 0.05 is taken
-      as is (unlike the seed's tensorflow-addons value, see PipelineConfig).
-    - No weight decay on biases, norm scales and offsets, position embeddings,
-      the class token and LSA's temperature (``weight_decay_scope="kernels"``):
-      DeiT and timm's ``param_groups_weight_decay`` (1-D parameters and
-      ``no_weight_decay()`` names are excluded).
-    - Linear warm-up over the first 10% of steps, then cosine decay: Lee et al.
-      (10 warm-up epochs of 100); expressed as a fraction so shorter runs keep the
-      same shape.
-    - Label smoothing 0.1: Lee et al. and DeiT.
-    - RandAugment, 2 ops at Keras' default strength 0.5: DeiT uses RandAugment
-      (Lee et al. use AutoAugment, which Keras does not ship); the strength is
-      Keras' default rather than DeiT's ImageNet magnitude 9.
-    - Random erasing with probability 0.25: Lee et al. and DeiT.
-    - MixUp (alpha 0.8) or CutMix (alpha 1.0), one of them per batch: DeiT.
-    - Horizontal flips in the model (as the seed); no rotation/zoom, which
-      RandAugment's geometric operations replace.
+def _load_presets(folder: Path = PRESETS_DIR) -> dict[str, dict[str, Any]]:
+    """Named presets from ``folder/<name>.yaml``: values applied on top of the seed defaults.
+
+    A file holds ``description``, ``values`` and optionally ``extends`` (another
+    preset whose values it starts from); its comments give each choice's source.
     """
-    return {
-        "image_size": 32,
-        "patch_size": 4,
-        "projection_dim": 192,
-        "num_heads": 12,
-        "head_dim": 16,
-        "transformer_layers": 9,
-        "transformer_units": (384, 192),
-        "mlp_head_units": (),
-        "pooling": "class_token",
-        "patch_tokenization": "shifted",
-        "attention_type": "lsa",
-        "attention_dropout": 0.0,
-        "mlp_dropout": 0.0,
-        "head_dropout": 0.0,
-        "stochastic_depth_rate": 0.1,
-        "random_flip": "horizontal",
-        "random_rotation": 0.0,
-        "random_zoom": 0.0,
-        "batch_size": 128,
-        "learning_rate": 1e-3,
-        "weight_decay": 0.05,
-        "weight_decay_scope": "kernels",
-        "lr_schedule": "warmup_cosine",
-        "warmup_fraction": 0.1,
-        "label_smoothing": 0.1,
-        "rand_augment_ops": 2,
-        "rand_augment_factor": 0.5,
-        "random_erasing": 0.25,
-        "mixup_alpha": 0.8,
-        "cutmix_alpha": 1.0,
+    import yaml
+
+    docs = {
+        p.stem: yaml.safe_load(p.read_text()) or {}
+        for p in sorted(folder.glob("*.yaml"), key=lambda p: p.stem)
     }
 
+    def values(name: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
+        doc = docs.get(name)
+        if doc is None or name in seen:
+            raise ConfigError(
+                f"Preset {seen[-1]!r} extends {name!r}, which is {'a cycle' if doc else 'unknown'}"
+            )
+        unknown = set(doc) - {"description", "values", "extends"}
+        if unknown:
+            raise ConfigError(f"Preset file {folder / name}.yaml has unknown keys {sorted(unknown)}")
+        base = values(doc["extends"], (*seen, name)) if doc.get("extends") else {}
+        return {**base, **(doc.get("values") or {})}
 
-def cifar100_improved_light() -> dict[str, Any]:
-    """``cifar100-improved`` without the batch augmentation: for short budgets.
-
-    Same model, optimizer, warm-up + cosine schedule, label smoothing and
-    stochastic depth; no RandAugment, random erasing, MixUp or CutMix. Measured
-    in docs/experiments.md: with 10 epochs on 9,000 CIFAR-100 images the full
-    recipe's augmentation under-fits (12.3% test top-1, below the seed's 14.3%),
-    while this variant reaches 24.1%. For 100 epochs on the full data the
-    literature recipe (``cifar100-improved``) is the one to use.
-    """
-    return {
-        **cifar100_improved(),
-        "rand_augment_ops": 0,
-        "random_erasing": 0.0,
-        "mixup_alpha": 0.0,
-        "cutmix_alpha": 0.0,
-    }
+    return {name: values(name) for name in docs}
 
 
-# Named presets: overrides applied on top of the seed defaults.
-PRESETS: dict[str, dict[str, Any]] = {
-    # The keras-io seed recipe on CIFAR-100, exactly.
-    "cifar100": {},
-    # A stronger recipe for the same data; sources in cifar100_improved().
-    "cifar100-improved": cifar100_improved(),
-    # The same without batch augmentation, for short training budgets.
-    "cifar100-improved-light": cifar100_improved_light(),
-    # Small enough to run the whole pipeline in well under 3 minutes on 2 CPU
-    # cores, on real images that ship with scikit-learn (no network).
-    "quickstart": {
-        "dataset": "digits",
-        "image_size": 32,
-        "patch_size": 4,
-        "projection_dim": 32,
-        "num_heads": 2,
-        "transformer_layers": 2,
-        "transformer_units": (64, 32),
-        "mlp_head_units": (128,),
-        "head_dropout": 0.2,
-        # Mirrored digits are other symbols; flips would hurt, not help.
-        "random_flip": "none",
-        "random_rotation": 0.02,
-        "random_zoom": 0.1,
-        "epochs": 12,
-        "batch_size": 64,
-        "learning_rate": 2e-3,
-        "benchmark_batch_sizes": (1, 64),
-        "benchmark_seconds": 0.3,
-        "benchmark_rounds": 1,
-    },
-}
+# Named presets (vit_pipeline/presets/*.yaml): overrides applied on top of the seed defaults.
+PRESETS: dict[str, dict[str, Any]] = _load_presets()
 
 
 def field_names() -> list[str]:

@@ -28,7 +28,7 @@ import tarfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 
@@ -36,6 +36,9 @@ from vit_pipeline.config import SPLIT_FOLDER_NAMES, PipelineConfig
 from vit_pipeline.errors import DataError
 from vit_pipeline.fsutil import atomic_path
 from vit_pipeline.shards import ShardedImages, update_digest, write_shards
+
+if TYPE_CHECKING:
+    from vit_pipeline.context import StageContext
 
 log = logging.getLogger(__name__)
 
@@ -575,3 +578,66 @@ def _prepare_folder(cfg: PipelineConfig, root: Path, shard_dir: str | os.PathLik
             "skipped_files": skipped, "shards": len(x_train.paths) + len(x_val.paths) + len(x_test.paths)}  # fmt: skip
     return Splits(x_train, y_train, x_val, y_val, x_test, y_test, list(names), source=str(root.resolve()),
                   info=info)  # fmt: skip
+
+
+# --------------------------------------------------------------------- the stage
+@dataclass(frozen=True)
+class Prepared:
+    """What the data stage hands on: the saved split, its summary and the class names."""
+
+    data_path: str
+    summary: dict[str, Any]
+    class_names: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"data_path": self.data_path, "summary": self.summary, "class_names": self.class_names}
+
+
+def fetch(cfg: PipelineConfig) -> str | None:
+    """Makes sure the raw data is local; returns its path (None: built in).
+
+    The only step of the stage worth retrying (a download); the flow retries it alone.
+    """
+    if cfg.dataset == "cifar100" and not cfg.data_path:
+        return str(fetch_cifar100())
+    return cfg.data_path
+
+
+def run(ctx: StageContext, source_path: str | None = None) -> Prepared:
+    """The data stage: loads, splits and validates the data, saves it, logs the dataset to MLflow.
+
+    A resumed run keeps the split it started with (and its logged input).
+    """
+    path = ctx.work_dir / "data.npz"
+    if path.exists():
+        splits = Splits.load(path)
+        log.info("Reusing prepared data %s", path)
+        return Prepared(str(path), splits.summary(), splits.class_names)
+    splits = prepare(ctx.cfg, source_path, shard_dir=path.parent / "shards")
+    path = splits.save(path)
+    summary = splits.summary()
+    _log_dataset(ctx, splits, summary)
+    log.info("Prepared %s: %s", ctx.cfg.dataset_tag, summary)
+    return Prepared(str(path), summary, splits.class_names)
+
+
+def _log_dataset(ctx: StageContext, splits: Splits, summary: dict[str, Any]) -> None:
+    """The dataset as an MLflow dataset input (source, digest), its sizes as params, its summary as JSON."""
+    import warnings
+
+    import mlflow
+    from mlflow.entities import DatasetInput, InputTag
+
+    with warnings.catch_warnings():  # "source can be interpreted in multiple ways"
+        warnings.simplefilter("ignore", UserWarning)
+        dataset = mlflow.data.from_numpy(
+            splits.x_train[:64], targets=splits.y_train[:64], source=summary["source"],
+            name=ctx.cfg.dataset_tag, digest=summary["digest"][:16],
+        )  # fmt: skip
+    context = InputTag(key="mlflow.data.context", value="training")
+    ctx.log.client.log_inputs(
+        ctx.run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=[context])]
+    )
+    sizes = ("source", "num_classes", "train_size", "val_size", "test_size", "digest", "skipped_files")
+    ctx.log.params({f"data.{key}": summary[key] for key in sizes if key in summary})
+    ctx.log.dict({"class_names": splits.class_names, **summary}, "data/dataset.json")

@@ -8,11 +8,14 @@ import json
 import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from vit_pipeline.fsutil import atomic_path, write_text
+
+if TYPE_CHECKING:
+    from vit_pipeline.context import StageContext
 
 
 @dataclass
@@ -68,6 +71,21 @@ def topk_accuracy(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
     if k == 1 or num_classes == 2:  # sklearn's binary case wants 1-D scores
         return float(accuracy_score(labels, logits.argmax(axis=1)))
     return float(top_k_accuracy_score(labels, logits, k=k, labels=np.arange(num_classes)))
+
+
+def scores(logits: np.ndarray, labels: np.ndarray | None = None, reference: np.ndarray | None = None) -> dict:
+    """top-1/top-5 against ``labels`` and top-1 agreement with ``reference`` logits (each where given).
+
+    The one place the export's candidate gate, the registry's champion rule and the
+    benchmark score a file's logits.
+    """
+    out: dict[str, float] = {}
+    if labels is not None:
+        out["top1"] = topk_accuracy(logits, labels, 1)
+        out["top5"] = topk_accuracy(logits, labels, 5)
+    if reference is not None:
+        out["top1_agreement"] = float(np.mean(logits.argmax(1) == reference.argmax(1)))
+    return out
 
 
 def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
@@ -244,3 +262,22 @@ def _matrix_csv(cm: np.ndarray, class_names: list[str]) -> str:
     for name, row in zip(class_names, cm, strict=True):
         writer.writerow([name, *row.tolist()])
     return buf.getvalue()
+
+
+# --------------------------------------------------------------------- the stage
+def run(ctx: StageContext, data_path: str, model_path: str, history_path: str | None = None) -> EvalResult:
+    """The evaluation stage: test metrics, per-class table, confusion matrix, learning curves, patch picture."""
+    from vit_pipeline.data import Splits
+    from vit_pipeline.model import load_model
+
+    cfg = ctx.cfg
+    splits = Splits.load(data_path)
+    history = json.loads(Path(history_path).read_text()) if history_path else None
+    result = evaluate(
+        load_model(model_path), splits.x_test, splits.y_test, splits.class_names, ctx.work_dir / "evaluation",
+        history=history, image_size=cfg.image_size, patch_size=cfg.patch_size,
+    )  # fmt: skip
+    ctx.log.metrics(result.metrics())
+    ctx.log.artifacts(result.artifacts.values(), "evaluation")
+    ctx.log.table(result.per_class, "evaluation/per_class_metrics.json")
+    return result

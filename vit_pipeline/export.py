@@ -19,24 +19,27 @@ saved, and ``check_parity`` runs the saved file in ONNX Runtime against Keras.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from vit_consumer import contract
 
 from vit_pipeline import __version__
 from vit_pipeline.errors import PipelineError
 from vit_pipeline.fsutil import atomic_path
 from vit_pipeline.progress import quiet, task
 
+if TYPE_CHECKING:
+    from vit_pipeline.context import StageContext
+    from vit_pipeline.data import Splits
+
 log = logging.getLogger(__name__)
 
-INPUT_NAME = "images"
-OUTPUT_NAME = "logits"
+INPUT_NAME, OUTPUT_NAME = contract.INPUT_NAME, contract.OUTPUT_NAME
 # Ops that must never be in a served graph: training-time randomness.
 FORBIDDEN_OPS = {
     "Dropout",
@@ -72,14 +75,6 @@ class ParityReport:
         return {**asdict(self), "passed": self.passed}
 
 
-def input_contract(input_shape: tuple[int, int, int]) -> str:
-    h, w, c = input_shape
-    return (
-        f"{INPUT_NAME}: float32 [batch, {h}, {w}, {c}] NHWC, raw RGB pixel values 0-255 "
-        "(normalization and resizing are inside the graph), dynamic batch"
-    )
-
-
 def build_metadata(
     class_names: list[str],
     input_shape: tuple[int, int, int],
@@ -88,22 +83,9 @@ def build_metadata(
     run_id: str | None = None,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, str]:
-    """The ``metadata_props`` written into the ONNX file (all values are strings)."""
-    meta = {
-        "class_names": json.dumps(list(class_names)),
-        "num_classes": str(len(class_names)),
-        "input_name": INPUT_NAME,
-        "input_shape": json.dumps([None, *input_shape]),
-        "input_contract": input_contract(input_shape),
-        "output_name": OUTPUT_NAME,
-        "output_contract": f"{OUTPUT_NAME}: float32 [batch, {len(class_names)}], unnormalised logits",
-        "dataset": dataset,
-        "test_accuracy": "" if test_accuracy is None else f"{test_accuracy:.6f}",
-        "mlflow_run_id": run_id or "",
-        "vit_pipeline_version": __version__,
-    }
-    meta.update({k: str(v) for k, v in (extra or {}).items()})
-    return meta
+    """The ``metadata_props`` written into the ONNX file (``vit_consumer.contract`` states them)."""
+    return contract.build_metadata(class_names, input_shape, producer_version=__version__, dataset=dataset,
+                                   test_accuracy=test_accuracy, run_id=run_id, extra=extra)  # fmt: skip
 
 
 def convert(model, opset: int = 17):
@@ -219,12 +201,7 @@ def ort_session(path: str | Path, providers: list[str] | None = None):
 def run_onnx(session, images: np.ndarray, batch_size: int, shown=None) -> np.ndarray:
     """Logits of ``images`` in batches; ``shown`` (a progress tracker) advances per image."""
 
-    shown = shown or quiet()
-    out = []
-    for i in range(0, len(images), batch_size):
-        out.append(session.run([OUTPUT_NAME], {INPUT_NAME: images[i : i + batch_size].astype(np.float32)})[0])
-        shown.advance(len(out[-1]))
-    return np.concatenate(out, axis=0)
+    return contract.run_batches(session, images, batch_size, (shown or quiet()).advance)
 
 
 def check_parity(
@@ -275,3 +252,137 @@ def parity_gate(report: ParityReport) -> None:
             f"{report.max_abs_diff:.3g} (tolerance {report.tolerance:g}), top-1 agreement "
             f"{report.top1_agreement:.2%} (required 100%); nothing registered"
         )
+
+
+# --------------------------------------------------------------------- the stage
+@dataclass(frozen=True)
+class ExportResult:
+    """What the export stage hands on: the served file, the plain export, and what their gates measured."""
+
+    path: str  # the served file (``serve_variant``)
+    fp32_path: str  # the plain tf2onnx export every variant is built from
+    variant: str
+    export_seconds: float
+    opset: int
+    size_bytes: int
+    ops: list[str]
+    fusions: dict[str, int]
+    candidates: dict[str, dict[str, Any]]  # the serving candidates that passed their gate
+    parity: dict[str, float]  # worst max_abs_diff and top1_agreement over the strict files; num_images
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def run(ctx: StageContext, data_path: str, model_path: str, test_accuracy: float) -> ExportResult:
+    """The export stage: exports to ONNX, builds the serving candidates once, and gates them all.
+
+    The plain export and the served file (the fused graph by default) must pass
+    the strict parity gate; the figures are logged before the gate decides, so a
+    failure is visible in MLflow. Each other serving candidate (``serve_candidates``,
+    e.g. int8-static) must keep ``candidate_min_agreement`` top-1 agreement with
+    Keras on real test images, or it is dropped (its figures logged). The ones that
+    pass are listed in the candidates manifest (``vit_consumer.contract``) beside the
+    served file; the register stage registers them with it.
+
+    Raises:
+        ExportError: a strict gate failed (nothing may be registered).
+    """
+    from vit_pipeline.data import Splits
+    from vit_pipeline.evaluate import predict_logits
+    from vit_pipeline.model import load_model
+    from vit_pipeline.variants import build_variants, calibration_sample
+
+    cfg = ctx.cfg
+    splits = Splits.load(data_path)
+    model = load_model(model_path)
+    metadata = build_metadata(
+        splits.class_names, splits.input_shape, dataset=cfg.dataset_tag, test_accuracy=test_accuracy,
+        run_id=ctx.run_id, extra={"data_digest": splits.digest(), "image_size": cfg.image_size,
+                                  "patch_size": cfg.patch_size, "opset": cfg.onnx_opset},
+    )  # fmt: skip
+    out = ctx.work_dir
+    info = export_onnx(model, out / "model.onnx", metadata, cfg.onnx_opset)
+    candidates = [v for v in cfg.serve_candidate_list if v != cfg.serve_variant]
+    calibration = calibration_sample(splits.x_train, cfg.int8_calibration_images, cfg.seed)
+    fusions: dict[str, int] = {}
+    paths = {k: str(v) for k, v in build_variants(
+        info["path"], out, ["fp32", cfg.serve_variant, *candidates], calibration=calibration,
+        fusions=fusions).items()}  # fmt: skip
+    # Keras logits once, for the parity images and the (larger) candidate gate alike.
+    all_logits = predict_logits(
+        model, splits.x_test[: max(cfg.parity_images, cfg.candidate_images if candidates else 0)]
+    )
+    images = splits.x_test[: cfg.parity_images]
+    strict = {name: paths[name] for name in ("fp32", cfg.serve_variant)}
+    reports = {name: check_parity(all_logits[: len(images)], path, images, (1, 64), cfg.parity_tolerance)
+               for name, path in strict.items()}  # fmt: skip
+    gated = gate_candidates(cfg, all_logits, splits, {v: paths[v] for v in candidates})
+    _log_gates(ctx, info, reports, gated, fusions)
+    for report in reports.values():
+        parity_gate(report)
+    passed = {n: c for n, c in gated.items() if c["passed"]}
+    manifest = {n: {**{k: v for k, v in c.items() if k != "path"}, "file": Path(c["path"]).name}
+                for n, c in passed.items()}  # fmt: skip
+    contract.CandidatesManifest(cfg.serve_variant, cfg.candidate_min_agreement, manifest).write(out)
+    return ExportResult(
+        path=paths[cfg.serve_variant], fp32_path=paths["fp32"], variant=cfg.serve_variant,
+        export_seconds=info["export_seconds"], opset=info["opset"], size_bytes=info["size_bytes"], ops=info["ops"],
+        fusions=fusions, candidates=passed,
+        parity={"max_abs_diff": max(r.max_abs_diff for r in reports.values()),
+                "top1_agreement": min(r.top1_agreement for r in reports.values()),
+                "num_images": reports[cfg.serve_variant].num_images},
+    )  # fmt: skip
+
+
+def _log_gates(ctx: StageContext, info: dict, reports: dict[str, ParityReport], gated: dict[str, dict],
+               fusions: dict[str, int]) -> None:  # fmt: skip
+    """Every gate's figures as metrics, the whole report as ``export/parity.json``, the verdicts as tags."""
+    metrics = {"export_seconds": info["export_seconds"], "onnx_size_mb": info["size_bytes"] / 2**20}
+    for name, report in reports.items():
+        prefix = "parity" if name == "fp32" else f"parity_{name}"
+        metrics[f"{prefix}_max_abs_diff"] = report.max_abs_diff
+        metrics[f"{prefix}_top1_agreement"] = report.top1_agreement
+    for name, c in gated.items():
+        key = name.replace("-", "_")
+        metrics |= {f"candidate_{key}_top1_agreement": c["top1_agreement"],
+                    f"candidate_{key}_test_accuracy": c["test_accuracy"], f"candidate_{key}_size_mb": c["size_mb"]}  # fmt: skip
+    ctx.log.metrics(metrics)
+    ctx.log.dict({name: r.to_dict() for name, r in reports.items()}
+                 | {"ops": info["ops"], "fusions": fusions, "candidates": gated}, "export/parity.json")  # fmt: skip
+    ctx.log.tags({
+        "export.parity": "passed" if all(r.passed for r in reports.values()) else "failed",
+        "export.serve_variant": ctx.cfg.serve_variant,
+        "export.candidates": ",".join(n for n, c in gated.items() if c["passed"]) or "none",
+    })  # fmt: skip
+
+
+def gate_candidates(cfg, keras_logits: np.ndarray, splits: Splits, paths: dict[str, str]) -> dict[str, dict]:
+    """Top-1 agreement with Keras and test accuracy of each serving candidate on real test images."""
+    from vit_pipeline.evaluate import scores
+
+    if not paths:
+        return {}
+    images, labels = splits.x_test[: cfg.candidate_images], splits.y_test[: cfg.candidate_images]
+    reference = keras_logits[: len(images)]
+    keras_accuracy = scores(reference, labels)["top1"]
+    out = {}
+    for name, path in paths.items():
+        with task(f"Candidate gate: {name} vs Keras", len(images)) as shown:
+            logits = run_onnx(ort_session(path), images, 64, shown)
+        score = scores(logits, labels, reference)
+        agreement = score["top1_agreement"]
+        out[name] = {
+            "path": path, "top1_agreement": agreement, "test_accuracy": score["top1"],
+            "keras_test_accuracy": keras_accuracy, "images": int(len(labels)),
+            "size_mb": Path(path).stat().st_size / 2**20, "passed": agreement >= cfg.candidate_min_agreement,
+        }  # fmt: skip
+        log.info("Candidate %s: agreement %.4f with Keras on %d test images (%s)", name, agreement, len(labels),
+                 "passed" if out[name]["passed"] else f"below {cfg.candidate_min_agreement}")  # fmt: skip
+    return out
+
+
+def registered_variants(cfg, folder: str | Path) -> tuple[str, ...]:
+    """The served variant and the candidates the export listed beside it in ``folder``."""
+    manifest = contract.CandidatesManifest.find(folder)
+    return (cfg.serve_variant, *(manifest.candidates if manifest else ()))

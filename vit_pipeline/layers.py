@@ -20,6 +20,12 @@ from keras import layers, ops
 PACKAGE = "vit_pipeline"
 
 
+def custom_objects() -> dict:
+    """Every custom layer and function of this module by its registered name (``vit_pipeline>Patches``),
+    for ``keras.saving.load_model(path, custom_objects=...)`` or ``mlflow.keras.load_model(uri, custom_objects=...)``."""
+    return {k: v for k, v in keras.saving.get_custom_objects().items() if k.startswith(f"{PACKAGE}>")}
+
+
 @keras.saving.register_keras_serializable(package=PACKAGE)
 def gelu_erf(x):
     """Exact GELU written with ``erf``: ``0.5 * x * (1 + erf(x / sqrt(2)))``.

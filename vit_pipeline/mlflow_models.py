@@ -1,18 +1,19 @@
-"""The Keras model in MLflow: logged so that it loads the MLflow way, anywhere.
+"""The models in MLflow: logged so that they load the MLflow way, with no global hook.
 
-A logged ``.keras`` file names the pipeline's custom layers
-(``vit_pipeline>Patches``, ``vit_pipeline>Normalization``, ...). Keras finds them
-only after ``vit_pipeline.layers`` has run its ``register_keras_serializable``
-decorators, so ``mlflow.pyfunc.load_model(uri)`` or ``mlflow.keras.load_model(uri)``
-in a fresh Python failed with "Could not locate class 'Normalization'".
+A logged ``.keras`` file names the pipeline's custom layers (``vit_pipeline>Patches``,
+``vit_pipeline>Normalization``, ...); Keras finds them only once
+``vit_pipeline.layers`` has run its ``register_keras_serializable`` decorators.
 
-The fix needs nothing from the user but an installed vit-pipeline: the package
-declares an MLflow plugin (entry point ``mlflow.run_context_provider``, which
-MLflow loads at ``import mlflow``). The plugin adds no tags to any run; creating
-it registers a post-import hook (``wrapt``) that imports ``vit_pipeline.layers``
-as soon as Keras itself is imported, whoever imports it. MLflow's Keras loader
-imports Keras before it reads the file, so the layers are known in time. Nothing
-heavy is imported at ``import mlflow``: the hook fires only with Keras.
+* ``mlflow.pyfunc.load_model(uri)``, in a Python that imports nothing but ``mlflow``:
+  the Keras model is logged with MLflow's Keras flavour, and its ``python_function``
+  flavour names this module as its loader (``mlflow.pyfunc.add_to_model``, MLflow's
+  documented mechanism for custom flavours). MLflow imports the loader, which
+  imports the layers and then hands over to MLflow's own Keras loader.
+* ``mlflow.keras.load_model(uri, custom_objects=vit_pipeline.layers.custom_objects())``:
+  the Keras flavour itself, with the layers given explicitly.
+
+vit-pipeline must be installed where a model is loaded (the logged requirements
+say so). Nothing runs at ``import mlflow``.
 """
 
 from __future__ import annotations
@@ -32,25 +33,28 @@ def log_model(cfg: PipelineConfig, run_id: str, flavor, name: str, **kwargs):
     Without an active fluent run, ``Model.log`` would create the LoggedModel in
     the fluent default experiment; creating it first with the client keeps it
     beside its run (and its artifacts under that experiment's location).
+    ``Model.log`` uploads through MLflow's process-wide store, set for this call only.
     """
     from mlflow.models import Model
 
     from vit_pipeline import tracking
 
-    client = tracking.client(cfg)  # also the global tracking URI Model.log uploads to
+    client = tracking.client(cfg)
     run = client.get_run(run_id)
     logged = client.create_logged_model(
         experiment_id=run.info.experiment_id, name=name, source_run_id=run_id, params=dict(run.data.params)
     )
-    return Model.log(
-        artifact_path=None, name=name, flavor=flavor, run_id=run_id, model_id=logged.model_id, **kwargs
-    )
+    with tracking.fluent_store(cfg):
+        return Model.log(
+            artifact_path=None, name=name, flavor=flavor, run_id=run_id, model_id=logged.model_id, **kwargs
+        )
 
 
 def log_keras_model(cfg: PipelineConfig, run_id: str, model, signature):
-    """Logs ``model`` to ``run_id`` with MLflow's Keras flavour (also a pyfunc); returns the ModelInfo."""
+    """Logs ``model`` to ``run_id`` (Keras flavour; its pyfunc loads through this module)."""
+    import sys
+
     import keras
-    import mlflow.keras
     import tensorflow as tf
 
     from vit_pipeline import __version__
@@ -58,7 +62,7 @@ def log_keras_model(cfg: PipelineConfig, run_id: str, model, signature):
     return log_model(
         cfg,
         run_id,
-        mlflow.keras,
+        sys.modules[__name__],  # this module is the flavour: save_model below
         KERAS_ARTIFACT,
         model=model,
         signature=signature,
@@ -69,39 +73,36 @@ def log_keras_model(cfg: PipelineConfig, run_id: str, model, signature):
             f"vit-pipeline=={__version__}",
         ],  # fmt: skip
         metadata={
-            "custom_layers": "vit_pipeline.layers (registered on import of keras by the vit-pipeline plugin)"
+            "custom_layers": "vit_pipeline.layers (imported by the pyfunc loader vit_pipeline.mlflow_models)"
         },
     )
 
 
-def _register_layers(_keras_module) -> None:
-    try:
-        import vit_pipeline.layers  # noqa: F401  (its decorators register the custom layers)
-    except Exception as exc:  # never break the user's `import keras`
-        log.warning("vit-pipeline could not register its Keras layers: %s", exc)
+def save_model(path, mlflow_model, **kwargs) -> None:
+    """MLflow's Keras ``save_model``, with this module as the ``python_function`` loader.
+
+    ``Model.log`` calls it (this module is the flavour it is given). The Keras
+    flavour is untouched, so ``mlflow.keras.load_model`` reads the same files.
+    """
+    import os
+
+    import mlflow.keras
+    from mlflow import pyfunc
+    from mlflow.models.model import MLMODEL_FILE_NAME
+
+    mlflow.keras.save_model(path=path, mlflow_model=mlflow_model, **kwargs)
+    # The same python_function flavour MLflow's Keras save_model writes, with this module as its loader.
+    env = mlflow_model.flavors[pyfunc.FLAVOR_NAME][pyfunc.ENV]
+    pyfunc.add_to_model(
+        mlflow_model, loader_module=__name__, conda_env=env["conda"], python_env=env["virtualenv"]
+    )
+    mlflow_model.save(os.path.join(path, MLMODEL_FILE_NAME))
 
 
-def install_keras_hook() -> None:
-    """Imports ``vit_pipeline.layers`` right after Keras is imported (at once if it already is)."""
-    import wrapt
+def _load_pyfunc(path):
+    """MLflow's pyfunc entry (the ``loader_module`` of a logged Keras model): the layers, then Keras' loader."""
+    import mlflow.keras
 
-    wrapt.register_post_import_hook(_register_layers, "keras")
+    import vit_pipeline.layers  # noqa: F401  (its decorators register the custom layers)
 
-
-try:
-    from mlflow.tracking.context.abstract_context import RunContextProvider
-except ImportError:  # mlflow-skinny-free installs (the consumer app) never load the plugin
-    RunContextProvider = object  # type: ignore[assignment,misc]
-
-
-class KerasLayersPlugin(RunContextProvider):
-    """The MLflow plugin object: MLflow creates one at ``import mlflow``; it adds no run tags."""
-
-    def __init__(self):
-        install_keras_hook()
-
-    def in_context(self) -> bool:
-        return False
-
-    def tags(self) -> dict[str, str]:
-        return {}
+    return mlflow.keras._load_pyfunc(path)  # the Keras flavour's own pyfunc entry

@@ -31,18 +31,24 @@ one (found by run id) reuses it, and one whose decision is recorded returns it.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
+import os
 import re
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from vit_consumer.contract import INPUT_NAME, MANIFEST_NAME, OUTPUT_NAME, CandidatesManifest
+from vit_consumer.contract import class_names as contract_class_names
 
 from vit_pipeline.config import PipelineConfig
 from vit_pipeline.errors import PipelineError
+
+if TYPE_CHECKING:
+    from vit_pipeline.context import StageContext
 
 log = logging.getLogger(__name__)
 
@@ -101,19 +107,17 @@ class TestSplit:
 
 def onnx_accuracy(path: str | Path, split: TestSplit, batch_size: int = 256) -> dict[str, float]:
     """Top-1 and top-5 of an ONNX file on ``split`` (ONNX Runtime, CPU)."""
-    from vit_pipeline.evaluate import topk_accuracy
+    from vit_pipeline.evaluate import scores
     from vit_pipeline.export import ort_session, run_onnx
 
-    logits = run_onnx(ort_session(path), split.images, batch_size)
-    return {"top1": topk_accuracy(logits, split.labels, 1), "top5": topk_accuracy(logits, split.labels, 5)}
+    return scores(run_onnx(ort_session(path), split.images, batch_size), split.labels)
 
 
 def onnx_class_names(path: str | Path) -> list[str] | None:
     """The ``class_names`` metadata of an exported file (None if it has none)."""
     from vit_pipeline.export import ort_session
 
-    meta = ort_session(path).get_modelmeta().custom_metadata_map
-    return json.loads(meta["class_names"]) if "class_names" in meta else None
+    return contract_class_names(ort_session(path).get_modelmeta().custom_metadata_map)
 
 
 def current_champion(client, name: str, alias: str = CHAMPION):
@@ -147,12 +151,20 @@ def current_champion(client, name: str, alias: str = CHAMPION):
     raise RegistryError(problem) from first
 
 
-def champion_accuracy(champion, split: TestSplit) -> tuple[float | None, str | None]:
-    """The champion's ONNX file on the challenger's split: (top-1, None) or (None, why not)."""
+def champion_accuracy(
+    champion, split: TestSplit, tracking_uri: str | None = None
+) -> tuple[float | None, str | None]:
+    """The champion's ONNX file on the challenger's split: (top-1, None) or (None, why not).
+
+    ``tracking_uri``: the store the champion is registered in (downloads of ``models:/`` URIs
+    go through MLflow's process-wide store, set for the download only).
+    """
     import mlflow
+    from vit_consumer.mlflow_store import store_uris
 
     try:
-        folder = Path(mlflow.artifacts.download_artifacts(f"models:/{champion.name}/{champion.version}"))
+        with store_uris(tracking_uri):
+            folder = Path(mlflow.artifacts.download_artifacts(f"models:/{champion.name}/{champion.version}"))
         path = next(folder.rglob("*.onnx"))
         names = onnx_class_names(path)
         if names is not None and names != split.class_names:
@@ -164,7 +176,8 @@ def champion_accuracy(champion, split: TestSplit) -> tuple[float | None, str | N
         ]
 
 
-def decide(policy: str, new_accuracy: float, dataset: str, champion, split: TestSplit | None = None):
+def decide(policy: str, new_accuracy: float, dataset: str, champion, split: TestSplit | None = None,
+           tracking_uri: str | None = None):  # fmt: skip
     """Whether the new version becomes champion: (promoted, reason, champion's accuracy on the split)."""
     if policy == "always":
         return True, "policy 'always'", None
@@ -177,7 +190,7 @@ def decide(policy: str, new_accuracy: float, dataset: str, champion, split: Test
         return False, f"champion v{champion.version} was trained on {champ_dataset!r}, not {dataset!r}", None
     if split is None:
         raise ValueError("Expected a test split to evaluate the champion on. Received: split=None")
-    champ_acc, problem = champion_accuracy(champion, split)
+    champ_acc, problem = champion_accuracy(champion, split, tracking_uri)
     if champ_acc is None:
         return False, f"{problem}; not replaced", None
     same = f"on the same {len(split.labels)} test images"
@@ -267,8 +280,8 @@ def _candidate_files(manifest: str | None) -> list[str]:
     """The manifest and the candidate files it names (all beside it)."""
     if not manifest:
         return []
-    doc = json.loads(Path(manifest).read_text())
-    return [manifest, *(str(Path(manifest).parent / c["file"]) for c in doc["candidates"].values())]
+    files = CandidatesManifest.read(manifest).files(Path(manifest).parent)
+    return [manifest, *(str(f) for f in files.values())]
 
 
 def _log_and_register(cfg: PipelineConfig, run_id: str, onnx_path: str, example: np.ndarray,
@@ -280,7 +293,7 @@ def _log_and_register(cfg: PipelineConfig, run_id: str, onnx_path: str, example:
     """
     import mlflow
 
-    from vit_pipeline.export import INPUT_NAME, OUTPUT_NAME, ort_session, quiet_onnxruntime, run_onnx
+    from vit_pipeline.export import ort_session, quiet_onnxruntime, run_onnx
 
     example = example.astype(np.float32)
     outputs = run_onnx(ort_session(onnx_path), example, len(example))
@@ -296,7 +309,6 @@ def _log_onnx(cfg: PipelineConfig, run_id: str, onnx_path: str, signature, examp
     import onnx
     import onnxruntime as ort
 
-    from vit_pipeline.export import INPUT_NAME
     from vit_pipeline.mlflow_models import log_model
 
     return log_model(
@@ -319,9 +331,9 @@ def _log_onnx(cfg: PipelineConfig, run_id: str, onnx_path: str, signature, examp
 def _candidate_tags(manifest: str | None) -> dict[str, str]:
     if not manifest:
         return {}
-    doc = json.loads(Path(manifest).read_text())
-    tags = {"candidates": ",".join(doc["candidates"]) or "none"}
-    for name, c in doc["candidates"].items():
+    candidates = CandidatesManifest.read(manifest).candidates
+    tags = {"candidates": ",".join(candidates) or "none"}
+    for name, c in candidates.items():
         tags[f"candidate.{name}.top1_agreement"] = f"{c['top1_agreement']:.6f}"
         tags[f"candidate.{name}.test_accuracy"] = f"{c['test_accuracy']:.6f}"
     return tags
@@ -374,11 +386,19 @@ def register_onnx(
         client.set_model_version_tag(name, version, key, value)
     with registry_lock(name):
         champion = current_champion(client, name)
+        # Test hook (default 0 s): holds the lock between reading the champion and moving the alias, so
+        # that racing registrations in tests/code/test_registry.py would overlap here without the lock.
+        time.sleep(float(os.environ.get("VIT_PIPELINE_REGISTRY_HOLD_SECONDS") or 0))
         if champion is not None and str(champion.version) == version:
             promoted, reason, champ_acc = True, "already the champion", served["top1"]
         else:
             promoted, reason, champ_acc = decide(
-                cfg.promotion_policy, served["top1"], cfg.dataset_tag, champion, split
+                cfg.promotion_policy,
+                served["top1"],
+                cfg.dataset_tag,
+                champion,
+                split,
+                tracking.tracking_uri(cfg),
             )
         if promoted:
             _move_alias(client, name, version)
@@ -391,9 +411,9 @@ def register_onnx(
                 "registry.served_test_accuracy": f"{served['top1']:.6f}"}  # fmt: skip
     if champ_acc is not None:
         run_tags["registry.champion_test_accuracy_same_split"] = f"{champ_acc:.6f}"
-    tracking.set_tags(cfg, run_id, run_tags)
-    tracking.log_metrics(cfg, run_id, {"served_test_accuracy": served["top1"],
-                                       "served_test_top5_accuracy": served["top5"]})  # fmt: skip
+    logger = tracking.RunLogger(client, run_id)
+    logger.tags(run_tags)
+    logger.metrics({"served_test_accuracy": served["top1"], "served_test_top5_accuracy": served["top5"]})
     log.info("Registered %s v%s: %s (%s)", name, version, decision, reason)
     return Registration(name, version, f"models:/{name}/{version}", promoted, reason, champion_version,
                         served["top1"], champ_acc, len(split.labels))  # fmt: skip
@@ -425,3 +445,52 @@ def _recorded(client, name: str, version) -> Registration:
         str(champion.version) if champion else None, float(served) if served else None,
         float(champ) if champ else None, int(version.tags.get("test_images", 0)),
     )  # fmt: skip
+
+
+# --------------------------------------------------------------------- the stage
+def run(ctx: StageContext, data_path: str, onnx_path: str, test_accuracy: float) -> Registration:
+    """The register stage: registers the served file (with the candidates the export listed beside it);
+    the champion policy judges it on the full test split."""
+    from vit_pipeline.data import Splits
+
+    split = TestSplit.from_splits(Splits.load(data_path))
+    folder = Path(onnx_path).parent
+    manifest = folder / MANIFEST_NAME if CandidatesManifest.find(folder) else None
+    return register_onnx(ctx.cfg, ctx.run_id, onnx_path, split, keras_test_accuracy=test_accuracy,
+                         candidates=str(manifest) if manifest else None)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Champion:
+    """The registry version behind an alias and the run that produced it."""
+
+    name: str
+    version: str
+    run_id: str
+    test_accuracy: str | None
+    dataset: str | None
+    keras_model_uri: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def champion(model_name: str, alias: str = CHAMPION, tracking_uri: str | None = None) -> Champion:
+    """Finds the version holding ``alias`` (runs of dead processes are reaped first).
+
+    Raises:
+        PipelineError: no version holds the alias.
+    """
+    from vit_pipeline import runs, tracking
+    from vit_pipeline.config import make_config
+    from vit_pipeline.train import KERAS_MODEL_TAG
+
+    cfg = make_config("quickstart", {"tracking_uri": tracking_uri})
+    client = tracking.client(cfg)
+    runs.reap_once(cfg)
+    version = current_champion(client, model_name, alias)
+    if version is None:
+        raise PipelineError(f"No version of {model_name!r} holds the alias {alias!r}")
+    tags = client.get_run(version.run_id).data.tags
+    return Champion(model_name, str(version.version), version.run_id, version.tags.get("test_accuracy"),
+                    version.tags.get("dataset"), tags.get(KERAS_MODEL_TAG, f"runs:/{version.run_id}/keras-model"))  # fmt: skip

@@ -34,6 +34,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from vit_pipeline import __version__, tracking
 from vit_pipeline.config import PipelineConfig
 
 log = logging.getLogger(__name__)
@@ -129,6 +130,90 @@ def reap(client) -> list[str]:
     return killed
 
 
+def create_run(cfg: PipelineConfig, preset: str | None = None, tags: dict[str, str] | None = None) -> str:
+    """Creates a run in the config's experiment, logs every config value; returns its id."""
+    from mlflow.utils.mlflow_tags import MLFLOW_RUN_NAME
+
+    tracking.check_reachable(cfg)
+    c = tracking.client(cfg)
+    reap_once(cfg)
+    exp_id = tracking.experiment_id(cfg, c)
+    all_tags = {"vit_pipeline.version": __version__, "dataset": cfg.dataset_tag, **(tags or {})}
+    if cfg.run_name:
+        all_tags[MLFLOW_RUN_NAME] = cfg.run_name
+    run = c.create_run(exp_id, run_name=cfg.run_name, tags={**all_tags, **owner_tags()})
+    logger = tracking.RunLogger(c, run.info.run_id)
+    logger.params(tracking.config_params(cfg, preset))
+    logger.tags({"mlflow.note.content": _note(cfg, preset)})
+    return logger.run_id
+
+
+def resume_run(cfg: PipelineConfig, run_id: str) -> str:
+    """Checks that ``run_id`` may be continued after a crash with ``cfg``.
+
+    A run whose owner died is first marked KILLED (``reap``); one whose owner
+    is still alive is refused. ``lifecycle`` then sets it RUNNING again.
+
+    Raises:
+        ConfigError: unknown run, or a config value that differs from the run's.
+        TrainingInProgress: the run's owner process is alive.
+    """
+    from mlflow.exceptions import MlflowException
+
+    from vit_pipeline.errors import ConfigError, TrainingInProgress
+
+    tracking.check_reachable(cfg)
+    c = tracking.client(cfg)
+    reap_once(cfg)
+    try:
+        run = c.get_run(run_id)
+    except MlflowException as exc:
+        raise ConfigError(f"Cannot resume: no MLflow run {run_id!r} at {tracking.tracking_uri(cfg)}") from exc
+    logged = run.data.params
+    for key, value in tracking.config_params(cfg).items():
+        if key in logged and logged[key] != value and not _operational(key):
+            raise ConfigError(
+                f"Cannot resume run {run_id}: {key} differs. Received: {key}={value}, run has {logged[key]}"
+            )
+    if run.info.status == "RUNNING" and (verdict := liveness(run.data.tags)).alive:
+        raise TrainingInProgress(f"Cannot resume run {run_id}: it is RUNNING ({verdict.reason})")
+    return run_id
+
+
+_reaped: set[str] = set()
+
+
+def reap_once(cfg: PipelineConfig) -> list[str]:
+    """``reap`` the first time this process opens a store (a warning if it cannot)."""
+    uri = tracking.tracking_uri(cfg)
+    if uri in _reaped:
+        return []
+    _reaped.add(uri)
+    try:
+        return reap(tracking.client(cfg))
+    except Exception as exc:  # never block the caller's own work on it
+        log.warning("Could not check %s for runs of dead processes: %s", uri, exc)
+        return []
+
+
+def _operational(field: str) -> bool:
+    """Fields that may change between a crash and its resume (they do not touch the model)."""
+    # distribution_strategy too: a run may resume on a machine with other devices.
+    # Fields that do not change what is trained: a resume may set them anew (export candidates too).
+    operational = ("tracking_uri", "tracking_wait_seconds", "run_name", "distribution_strategy",
+                   "system_metrics_seconds", "serve_candidates", "candidate_min_agreement", "candidate_images",
+                   "int8_calibration_images")  # fmt: skip
+    return field in operational or field.startswith("benchmark_")
+
+
+def _note(cfg: PipelineConfig, preset: str | None) -> str:
+    return (
+        f"ViT on `{cfg.dataset_tag}` (preset `{preset or 'custom'}`): image {cfg.image_size}, "
+        f"patch {cfg.patch_size}, dim {cfg.projection_dim}, {cfg.transformer_layers} blocks, "
+        f"{cfg.epochs} epochs."
+    )
+
+
 class _Heartbeat(threading.Thread):
     """Refreshes the run's heartbeat tag until stopped; a tracking server that is away is skipped."""
 
@@ -162,8 +247,6 @@ def lifecycle(
     (with a warning): the run then stays RUNNING there until ``reap`` or
     ``--resume`` settles it, never FINISHED by mistake.
     """
-    from vit_pipeline import tracking
-
     client = tracking.client(cfg)
     _claim(client, run_id)
     beat = _Heartbeat(client, run_id, heartbeat_seconds)
@@ -190,8 +273,6 @@ def _system_metrics(cfg: PipelineConfig, run_id: str):
     if cfg.system_metrics_seconds <= 0:
         return None
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-    from vit_pipeline import tracking
 
     logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no "Started monitoring" lines
     monitor = SystemMetricsMonitor(run_id, sampling_interval=cfg.system_metrics_seconds, resume_logging=True,
@@ -259,22 +340,18 @@ def tracked_run(
     The one way every entry point (CLI, flows, sweep trials, benchmarks) opens a
     run. A resumed run gets ``tags`` too (e.g. the new Prefect flow run's link).
     """
-    from vit_pipeline import tracking
-
     if resume_run_id:
-        run_id = tracking.resume_run(cfg, resume_run_id)
+        run_id = resume_run(cfg, resume_run_id)
         if tags:
             tracking.client(cfg).log_batch(run_id, tags=_run_tags(tags))
     else:
-        run_id = tracking.create_run(cfg, preset, tags)
+        run_id = create_run(cfg, preset, tags)
     with lifecycle(cfg, run_id):
         yield run_id
 
 
 def mark_flow_run_killed(cfg: PipelineConfig, flow_run_id: str, reason: str) -> list[str]:
     """Marks KILLED the RUNNING MLflow runs linked to a Prefect flow run (its crash hook)."""
-    from vit_pipeline import tracking
-
     client = tracking.client(cfg)
     runs = client.search_runs(
         [tracking.experiment_id(cfg)],

@@ -163,3 +163,47 @@ def best_trial(results: list[dict[str, Any]], metric: str) -> dict[str, Any] | N
     """The finished trial with the highest ``metric`` (None if every trial failed)."""
     ok = [r for r in results if r.get("status") == "ok"]
     return max(ok, key=lambda r: r[metric]) if ok else None
+
+
+def run_trial(
+    preset: str, cfg: dict[str, Any], parent_run_id: str, index: int, varying: dict[str, Any]
+) -> dict:
+    """One sweep trial: its own MLflow run nested under the sweep's, data, training.
+
+    Returns metrics and paths, never the model. A failed trial's MLflow run ends
+    FAILED with the error as a tag (``runs.lifecycle``), and the error is raised
+    again so the orchestrator records the trial as failed.
+    """
+    import os
+    import socket
+    import time
+
+    import keras
+
+    from vit_pipeline import data, runs, train
+    from vit_pipeline.config import from_dict
+    from vit_pipeline.context import StageContext
+
+    cfg = from_dict(cfg)  # the sweep's sub-flow parameters are JSON: the config arrives as its dict
+    keras.backend.clear_session()  # a worker process runs trial after trial
+    tags = {"mlflow.parentRunId": parent_run_id, "sweep.trial": str(index),
+            **{f"sweep.param.{k}": str(v) for k, v in varying.items()}}  # fmt: skip
+    start = time.time()
+    where = {"pid": os.getpid(), "host": socket.gethostname()}
+    with runs.tracked_run(cfg, preset, tags) as run_id:
+        ctx = StageContext.open(cfg, run_id)
+        prepared = data.run(ctx, data.fetch(cfg))
+        trained = train.run(ctx, prepared.data_path)
+    return {
+        "status": "ok",
+        "index": index,
+        "run_id": run_id,
+        "params": varying,
+        "best_val_accuracy": trained.best_val_accuracy,
+        "model_path": trained.model_path,
+        "history_path": trained.history_path,
+        "data_path": prepared.data_path,
+        "start": start,
+        "end": time.time(),
+        **where,
+    }

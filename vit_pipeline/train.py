@@ -11,7 +11,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -19,6 +19,9 @@ from vit_pipeline import progress
 from vit_pipeline.config import PipelineConfig
 from vit_pipeline.data import Splits
 from vit_pipeline.fsutil import atomic_path
+
+if TYPE_CHECKING:
+    from vit_pipeline.context import StageContext
 
 log = logging.getLogger(__name__)
 
@@ -228,6 +231,7 @@ def _callbacks(cfg: PipelineConfig, out_dir: Path, run_id: str | None, epoch_log
 
     from vit_pipeline import tracking
 
+    mlflow_run = tracking.RunLogger.open(cfg, run_id) if run_id else None
     best = read_best(out_dir / "best.weights.h5")
     if best is not None:
         log.info("Resuming: best %s so far %.4f (epoch %d)", MONITOR, best["value"], best["epoch"] + 1)
@@ -244,13 +248,13 @@ def _callbacks(cfg: PipelineConfig, out_dir: Path, run_id: str | None, epoch_log
 
         def on_epoch_end(self, epoch, logs=None):
             epoch_log.append(epoch, logs or {})
-            if not run_id:
+            if mlflow_run is None:
                 return
             if not tracking.server_up(cfg):
                 log.warning("MLflow unreachable; epoch %d kept in %s for later", epoch, epoch_log.path)
                 return
             try:
-                tracking.sync_epochs(cfg, run_id, epoch_log.read())
+                mlflow_run.sync_epochs(epoch_log.read())
             except Exception as exc:  # server dropped mid-request; keep training
                 log.warning("MLflow logging failed (%s); epochs kept in %s", exc, epoch_log.path)
 
@@ -435,3 +439,71 @@ def _train(cfg: PipelineConfig, splits: Splits, out_dir: Path, run_id: str | Non
     # Only now is the backup no longer needed: model.keras and the result file say "done".
     shutil.rmtree(out_dir / "backup", ignore_errors=True)
     return result
+
+
+# --------------------------------------------------------------------- the stage
+KERAS_MODEL_TAG = "train.keras_model_uri"
+
+
+def run(ctx: StageContext, data_path: str) -> TrainResult:
+    """The training stage: trains (or resumes), logs per-epoch metrics, the best epoch and the Keras model.
+
+    Raises:
+        TrackingUnavailable: training finished but MLflow is away (a retry only uploads).
+    """
+    cfg = ctx.cfg
+    splits = Splits.load(data_path)
+    out = ctx.work_dir
+    result = train(cfg, splits, out, run_id=ctx.run_id)
+    _sync_or_fail(ctx, out, result.model_path)
+    trained_now = result.epochs_run - result.resumed_from_epoch
+    ctx.log.metrics({
+        "best_val_accuracy": result.best_val_accuracy,
+        "best_epoch": result.best_epoch + 1,
+        "train_seconds": result.train_seconds,
+        "train_images_per_second": len(splits.y_train) * trained_now / max(result.train_seconds, 1e-9),
+        "resumed_from_epoch": result.resumed_from_epoch,
+        # Metrics, not params: a resumed run may train on another device count.
+        "num_replicas": result.num_replicas,
+        "global_batch_size": result.global_batch_size,
+    })  # fmt: skip
+    ctx.log.tags({"train.distribution": f"{cfg.distribution_strategy} x{result.num_replicas}"})
+    ctx.log.params({"num_params": result.num_params})
+    ctx.log.artifacts([result.history_path], "training")
+    if KERAS_MODEL_TAG not in ctx.log.run().data.tags:  # a resume logs it once
+        _log_keras_model(ctx, result.model_path, splits.x_test[:2])
+    return result
+
+
+def _log_keras_model(ctx: StageContext, model_path: str, example: np.ndarray) -> None:
+    """The trained model in MLflow with its signature; its URI as a run tag."""
+    import mlflow
+
+    from vit_pipeline.evaluate import predict_logits
+    from vit_pipeline.mlflow_models import log_keras_model
+    from vit_pipeline.model import load_model
+
+    model = load_model(model_path)
+    example = example.astype(np.float32)
+    signature = mlflow.models.infer_signature(example, predict_logits(model, example))
+    info = log_keras_model(ctx.cfg, ctx.run_id, model, signature)
+    ctx.log.tags({KERAS_MODEL_TAG: info.model_uri})
+
+
+def _sync_or_fail(ctx: StageContext, out: Path, model_path: str) -> None:
+    """Sends epochs MLflow missed while it was away; fails clearly if it is still away."""
+    from vit_pipeline import tracking
+    from vit_pipeline.errors import TrackingUnavailable
+
+    epochs = EpochLog(out / "epochs.jsonl").read()
+    try:
+        tracking.check_reachable(ctx.cfg)
+        sent = ctx.log.sync_epochs(epochs)
+    except Exception as exc:
+        raise TrackingUnavailable(
+            f"Training finished (model: {model_path}; per-epoch metrics: {out / 'epochs.jsonl'}) but MLflow at "
+            f"{tracking.tracking_uri(ctx.cfg)} is unreachable; rerun with --resume {ctx.run_id} to upload without "
+            "training again"
+        ) from exc
+    if sent:
+        log.warning("Sent epochs %s to MLflow after it was away", sent)

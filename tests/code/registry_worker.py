@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from tests.conftest import constant_classifier
-from vit_pipeline import tracking
+from vit_pipeline import runs, tracking
 from vit_pipeline.config import make_config
 from vit_pipeline.registry import TestSplit, register_onnx
 
@@ -25,7 +25,7 @@ def main(uri: str, name: str, favoured: int, split_path: str, ready: str, go: st
     num_classes = int(labels.max()) + 1
     split = TestSplit(data["images"], labels, [f"class{i}" for i in range(num_classes)], "digest")
     cfg = make_config("cifar100", {"tracking_uri": uri, "registered_model_name": name})
-    run_id = tracking.create_run(cfg, "race")
+    run_id = runs.create_run(cfg, "race")
     path = constant_classifier(Path(ready).with_suffix(".onnx"), num_classes, favoured)
     tracking.client(cfg).get_experiment_by_name(cfg.resolved_experiment_name)  # warm the HTTP session
     Path(ready).touch()

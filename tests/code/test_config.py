@@ -139,3 +139,24 @@ def test_cli_help_describes_every_field():
         "--label-mode [fine|coarse]" in result.output and "--max-train-images INTEGER|none" in result.output
     )
     assert all(f"--{name.replace('_', '-')}" in result.output for name in field_names())
+
+
+def test_presets_are_data_files_and_extends_resolves(tmp_path):
+    from vit_pipeline.config import PRESETS_DIR, _load_presets
+    from vit_pipeline.errors import ConfigError
+
+    assert sorted(PRESETS) == sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+    light, full = PRESETS["cifar100-improved-light"], PRESETS["cifar100-improved"]
+    assert (
+        light["projection_dim"] == full["projection_dim"]
+        and light["mixup_alpha"] == 0.0 < full["mixup_alpha"]
+    )
+    (tmp_path / "a.yaml").write_text("values: {epochs: 3}\n")
+    (tmp_path / "b.yaml").write_text("extends: a\nvalues: {seed: 7}\n")
+    assert _load_presets(tmp_path) == {"a": {"epochs": 3}, "b": {"epochs": 3, "seed": 7}}
+    (tmp_path / "c.yaml").write_text("extends: nowhere\n")
+    with pytest.raises(ConfigError, match="extends 'nowhere', which is unknown"):
+        _load_presets(tmp_path)
+    (tmp_path / "c.yaml").write_text("value: {}\n")
+    with pytest.raises(ConfigError, match=r"unknown keys \['value'\]"):
+        _load_presets(tmp_path)

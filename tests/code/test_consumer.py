@@ -135,7 +135,7 @@ def test_champion_from_a_real_mlflow_server(tiny_export, no_tf_env, real_cut, tm
     """Register through HTTP, then the TF-free consumer fetches models:/...@champion."""
     from vit_pipeline.config import make_config
     from vit_pipeline.registry import TestSplit, register_onnx
-    from vit_pipeline.tracking import create_run
+    from vit_pipeline.runs import create_run
 
     model, path, _ = tiny_export
     uri = mlflow_server
@@ -192,7 +192,7 @@ def test_registered_candidates_are_timed_here_and_the_fastest_serves(
 
     from vit_pipeline.config import make_config
     from vit_pipeline.registry import TestSplit, register_onnx
-    from vit_pipeline.tracking import create_run
+    from vit_pipeline.runs import create_run
     from vit_pipeline.variants import build_variants
 
     _, path, _ = tiny_export

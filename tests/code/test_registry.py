@@ -5,6 +5,7 @@ split is known in advance (``constant_classifier``: always one class), so every
 expected decision follows from the labels.
 """
 
+import itertools
 import json
 import os
 import subprocess
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import constant_classifier, free_port, labelled_split
-from vit_pipeline import tracking
+from vit_pipeline import runs, tracking
 from vit_pipeline.config import make_config
 from vit_pipeline.registry import CHAMPION, RegistryError, register_onnx
 
@@ -29,7 +30,7 @@ def _register(cfg, tmp_path, favoured, split, run_id=None):
     path = constant_classifier(
         tmp_path / f"const{favoured}-{time.monotonic_ns()}.onnx", len(split.class_names), favoured
     )
-    run_id = run_id or tracking.create_run(cfg, "test")
+    run_id = run_id or runs.create_run(cfg, "test")
     return register_onnx(cfg, run_id, str(path), split, keras_test_accuracy=0.5), run_id
 
 
@@ -109,7 +110,8 @@ def test_other_classes_other_dataset_and_policies(cfg, tmp_path):
     # The registered artifact is the served ONNX model, loadable by MLflow's onnx flavour.
     import mlflow.onnx
 
-    loaded = mlflow.onnx.load_model("models:/vit-cifar100@champion")
+    with tracking.fluent_store(cfg):  # the pipeline leaves MLflow's process-wide store alone
+        loaded = mlflow.onnx.load_model("models:/vit-cifar100@champion")
     assert [i.name for i in loaded.graph.input] == ["images"]
 
 
@@ -204,12 +206,58 @@ def test_server_failing_during_the_champion_read_promotes_nothing(mlflow_server,
 
 
 WORKER = Path(__file__).with_name("registry_worker.py")
+# Each worker holds the registry lock this long between reading the champion and moving the alias
+# (registry.py's test hook). The barrier releases the workers before `register_onnx`, whose logging
+# spreads their arrival at the lock (0.2-0.5 s measured); a longer hold makes unserialised critical
+# sections overlap, so without the lock two workers read the same champion and `race` says so.
+HOLD_SECONDS = 1.5
+
+
+def _champion_now(tracking_uri: str, name: str, labels) -> tuple[str, float] | None:
+    """(version, accuracy on the split) of the champion, from its ``favoured`` tag; None without one."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        champion = MlflowClient(tracking_uri=tracking_uri).get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None
+    return str(champion.version), float((labels == int(champion.tags["favoured"])).mean())
+
+
+def _one_at_a_time(start, results: list[dict], labels):
+    """An order of the workers that, deciding one at a time from ``start``, gives what each one reported.
+
+    Returns the order and the champion it ends with, or (None, None) when no order does: two workers
+    decided on the same champion (the read-compare-set was not serialised).
+    """
+    for order in itertools.permutations(results):
+        current = start
+        for r in order:
+            accuracy = float((labels == r["favoured"]).mean())
+            promoted = current is None or accuracy >= current[1]
+            seen = None if current is None else pytest.approx(current[1])
+            if r["promoted"] != promoted or r["champion_test_accuracy"] != seen:
+                break
+            if promoted:
+                current = (r["version"], accuracy)
+        else:
+            return [r["version"] for r in order], current
+    return None, None
 
 
 def race(
     tracking_uri: str, name: str, favoured: list[int], split_path: Path, tmp_path: Path, env: dict
 ) -> list[dict]:
-    """Registers one constant model per entry of ``favoured``, each in its own process, released together."""
+    """Registers one constant model per entry of ``favoured``, each in its own process, released together.
+
+    Checks that the decisions were serialised: some one-at-a-time order of the workers explains what
+    each one saw as champion and decided, and the champion afterwards is the one that order leaves.
+    """
+    import numpy as np
+
+    labels = np.load(split_path)["labels"]
+    start = _champion_now(tracking_uri, name, labels)
     go = tmp_path / f"go-{time.monotonic_ns()}"
     procs = []
     for i, cls in enumerate(favoured):
@@ -224,7 +272,8 @@ def race(
             str(ready),
             str(go),
         ]
-        procs.append((subprocess.Popen(args, env=env(i), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
+        held = {**env(i), "VIT_PIPELINE_REGISTRY_HOLD_SECONDS": str(HOLD_SECONDS)}
+        procs.append((subprocess.Popen(args, env=held, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
                       ready))  # fmt: skip
     try:
         deadline = time.monotonic() + 180
@@ -240,12 +289,15 @@ def race(
             out, err = proc.communicate(timeout=180)
             assert proc.returncode == 0, err[-3000:]
             results.append(json.loads(out.strip().splitlines()[-1]))
-        return results
     finally:
         for proc, _ in procs:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(timeout=10)
+    order, end = _one_at_a_time(start, results, labels)
+    assert order is not None, f"no one-at-a-time order explains these decisions from {start}: {results}"
+    assert _champion_now(tracking_uri, name, labels) == end, (order, results)
+    return results
 
 
 def test_concurrent_registrations_leave_the_best_champion(mlflow_server, tmp_path):

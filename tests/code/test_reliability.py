@@ -122,10 +122,10 @@ def test_sigkill_mid_training_then_resume(tmp_path):
 def test_resume_refuses_a_different_config(tmp_path):
     env = {**os.environ, "VIT_PIPELINE_HOME": str(tmp_path / "home"), "TF_CPP_MIN_LOG_LEVEL": "2"}
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    from vit_pipeline import tracking
+    from vit_pipeline import runs
     from vit_pipeline.config import make_config
 
-    run_id = tracking.create_run(make_config("quickstart", {"tracking_uri": uri, "epochs": 3}), "quickstart")
+    run_id = runs.create_run(make_config("quickstart", {"tracking_uri": uri, "epochs": 3}), "quickstart")
     out = subprocess.run([str(BIN / "vit-pipeline"), "train", "--epochs", "4", "--tracking-uri", uri, "--resume",
                           run_id], env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert out.returncode == 2

@@ -45,11 +45,11 @@ def test_an_error_fails_the_run_and_an_interruption_kills_it(cfg):
 
 def test_reap_marks_a_dead_owner_killed_and_leaves_the_living(cfg):
     client = tracking.client(cfg)
-    alive = tracking.create_run(cfg)  # owned by this (living) process; this process opened the store
+    alive = runs.create_run(cfg)  # owned by this (living) process; this process opened the store
     # A real process that owned a run and died without a word.
     code = (
-        "import sys; from vit_pipeline import tracking; from vit_pipeline.config import make_config; "
-        f"print(tracking.create_run(make_config('quickstart', {{'tracking_uri': {cfg.tracking_uri!r}}})))"
+        "import sys; from vit_pipeline import runs; from vit_pipeline.config import make_config; "
+        f"print(runs.create_run(make_config('quickstart', {{'tracking_uri': {cfg.tracking_uri!r}}})))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     dead = out.stdout.strip().splitlines()[-1]
@@ -62,7 +62,7 @@ def test_reap_marks_a_dead_owner_killed_and_leaves_the_living(cfg):
 
 def test_a_reused_pid_is_not_the_owner(cfg):
     client = tracking.client(cfg)
-    run_id = tracking.create_run(cfg)
+    run_id = runs.create_run(cfg)
     client.set_tag(run_id, runs.OWNER_STARTED, "12.34")  # our pid, but a process that started long ago
     assert runs.reap(client) == [run_id]
     assert "another" in client.get_run(run_id).data.tags[runs.END_REASON]
@@ -71,7 +71,7 @@ def test_a_reused_pid_is_not_the_owner(cfg):
 def test_other_hosts_are_judged_by_their_heartbeat(cfg, monkeypatch):
     client = tracking.client(cfg)
     monkeypatch.setenv(runs.STALE_ENV, "60")
-    fresh, stale = tracking.create_run(cfg), tracking.create_run(cfg)
+    fresh, stale = runs.create_run(cfg), runs.create_run(cfg)
     for run_id, age in ((fresh, 5), (stale, 3600)):
         client.set_tag(run_id, runs.OWNER_HOST, "gpu-node-7")
         client.set_tag(run_id, runs.HEARTBEAT, f"{time.time() - age:.0f}")
@@ -100,9 +100,9 @@ def test_resume_reopens_a_killed_run_and_keeps_its_history(cfg):
 def test_resume_refuses_a_run_whose_owner_lives(cfg):
     from vit_pipeline.errors import TrainingInProgress
 
-    run_id = tracking.create_run(cfg)  # RUNNING, owned by this living process
+    run_id = runs.create_run(cfg)  # RUNNING, owned by this living process
     with pytest.raises(TrainingInProgress, match=f"pid {os.getpid()}"):
-        tracking.resume_run(cfg, run_id)
+        runs.resume_run(cfg, run_id)
 
 
 def test_runs_command_lists_and_reaps(cfg):
@@ -111,9 +111,9 @@ def test_runs_command_lists_and_reaps(cfg):
     from vit_pipeline.cli import main
 
     client = tracking.client(cfg)
-    run_id = tracking.create_run(cfg)
+    run_id = runs.create_run(cfg)
     client.set_tag(run_id, runs.OWNER_STARTED, "12.34")
-    tracking._reaped.clear()  # a new command: it opens the store anew
+    runs._reaped.clear()  # a new command: it opens the store anew
     out = CliRunner().invoke(main, ["runs", "--tracking-uri", cfg.tracking_uri])
     assert out.exit_code == 0, out.output
     assert f"Marked {run_id} KILLED" in out.output and '"status": "KILLED"' in out.output
@@ -133,3 +133,25 @@ def test_system_metrics_are_logged_while_the_run_lives(tmp_path):
     with runs.tracked_run(off, "quickstart") as quiet:
         time.sleep(0.5)
     assert not any(k.startswith("system/") for k in client.get_run(quiet).data.metrics)
+
+
+def test_a_run_leaves_no_process_wide_mlflow_store(cfg):
+    """Stages log through explicit clients; MLflow's fluent store is set for one block only."""
+    import mlflow
+
+    from vit_pipeline.mlflow_models import log_model
+
+    before = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    with runs.tracked_run(cfg, "quickstart") as run_id:
+        import mlflow.pyfunc
+
+        class Echo(mlflow.pyfunc.PythonModel):
+            def predict(self, context, model_input):
+                return model_input
+
+        info = log_model(cfg, run_id, mlflow.pyfunc, "echo", python_model=Echo(), pip_requirements=[])
+    assert info.model_uri.startswith("models:/")
+    assert (mlflow.get_tracking_uri(), mlflow.get_registry_uri()) == before
+    assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_REGISTRY_URI" not in os.environ
+    # The model landed in the run's store, not in the default one.
+    assert tracking.client(cfg).get_logged_model(info.model_id).source_run_id == run_id

@@ -9,6 +9,7 @@ reload against a real ``mlflow server``.
 import base64
 import io
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -362,17 +363,18 @@ def test_reload_follows_the_champion_and_refuses_a_broken_version(
 
     _, path, _ = tiny_export
     uri = mlflow_server
+    from vit_consumer.mlflow_store import store_uris
+
     consumer = None
+    client = MlflowClient(uri)
     try:
-        mlflow.set_tracking_uri(uri)
-        mlflow.set_registry_uri(uri)
-        client = MlflowClient(uri)
         exp = client.create_experiment("serving")
 
         def register(onnx_path) -> str:
             run = client.create_run(exp)
-            info = mlflow.onnx.log_model(onnx.load(str(onnx_path)), name="m", registered_model_name="served",
-                                         run_id=run.info.run_id, save_as_external_data=False)  # fmt: skip
+            with store_uris(uri):  # mlflow.onnx.log_model writes through the process-wide store
+                info = mlflow.onnx.log_model(onnx.load(str(onnx_path)), name="m", registered_model_name="served",
+                                             run_id=run.info.run_id, save_as_external_data=False)  # fmt: skip
             return str(info.registered_model_version)
 
         client.set_registered_model_alias("served", "champion", register(path))
@@ -432,3 +434,28 @@ def test_reload_follows_the_champion_and_refuses_a_broken_version(
     finally:
         if consumer is not None:
             stop(consumer)
+
+
+def test_vit_pipeline_serve_is_the_consumer_with_its_options(tiny_export):
+    """``vit-pipeline serve`` from the pipeline's install: the consumer's own options pass through."""
+    from pathlib import Path
+
+    _, path, _ = tiny_export
+    port = free_port()
+    cli = Path(sys.executable).parent / "vit-pipeline"
+    proc = subprocess.Popen([str(cli), "serve", "--model", str(path), "--port", str(port), "--max-batch-size", "4",
+                             "--no-choose"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for_http(f"{url}/health/ready", proc, timeout=120)
+        health = httpx.get(f"{url}/health").json()
+        assert health["file"] == Path(path).name and health["candidate"]["served"] == "registered"
+        image = np.zeros((32, 32, 3), np.uint8)
+        answer = httpx.post(f"{url}/predict", content=_jpeg(image), headers={"Content-Type": "image/jpeg"})
+        assert answer.status_code == 200 and answer.json()["predictions"][0]
+    finally:
+        stop(proc)
+    bad = subprocess.run([str(cli), "serve", "--model", str(path)], env={**os.environ,
+                         "VIT_MAX_BATCH_SIZE": "zero"}, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1].startswith("Error: Invalid settings")
+    assert "Traceback" not in bad.stderr

@@ -123,7 +123,7 @@ def test_sweep_runs_trials_in_parallel_on_dask_and_registers_the_winner(dask_clu
     from mlflow import MlflowClient
     from prefect.testing.utilities import prefect_test_harness
 
-    from flows.sweep import sweep
+    from vit_pipeline.flows.sweep import sweep
 
     address, workers = dask_cluster
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -62,7 +62,7 @@ def main(out: Path) -> None:
     configure_logical_cpus()  # first thing: reading the data may start TensorFlow
     import tensorflow as tf
 
-    from vit_pipeline import data, tracking
+    from vit_pipeline import data, runs, tracking
     from vit_pipeline.config import make_config
     from vit_pipeline.train import train
 
@@ -79,7 +79,7 @@ def main(out: Path) -> None:
         float(np.abs(a - b).max()) for a, b in zip(one, two, strict=True)
     )
 
-    run_id = tracking.create_run(mirrored, "test")
+    run_id = runs.create_run(mirrored, "test")
     try:
         train(mirrored, splits, out / "mirrored", run_id=run_id, callbacks=[CrashAfterFirstEpoch()])
     except RuntimeError as exc:

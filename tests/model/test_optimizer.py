@@ -28,8 +28,36 @@ def test_one_keras_adamw_step_equals_tfa_with_wd_over_lr():
     v_hat = (1 - b2) * g**2 / (1 - b2)
     tfa = w0 - lr * m_hat / (np.sqrt(v_hat) + eps) - wd * w0
     np.testing.assert_allclose(keras.ops.convert_to_numpy(var), tfa, rtol=0, atol=1e-6)
-    # The old mistake (Keras weight_decay = 1e-4) decays 1000x less than the seed.
-    assert np.abs(tfa - (w0 - lr * m_hat / (np.sqrt(v_hat) + eps))).max() > 1e-5
+
+
+def test_the_optimizer_the_training_code_builds_decays_like_the_seed():
+    """The seed's tfa AdamW (lr 1e-3, wd 1e-4, betas 0.9/0.999, eps 1e-7), one step by hand, against the
+    optimizer ``compile_model`` builds from the seed config (which must turn wd 1e-4 into Keras' 0.1).
+
+    Every weight decays in the seed (LayerNorm scales are 1, so a decay 1000x too weak is 1e-4 off).
+    """
+    lr, wd, b1, b2, eps = 1e-3, 1e-4, 0.9, 0.999, 1e-7  # the seed's tensorflow-addons AdamW
+    cfg = make_config("cifar100", TINY)
+    model = build_vit(cfg, num_classes=5, input_shape=(32, 32, 3))
+    compile_model(model, cfg, 5)
+    rng = np.random.default_rng(0)
+    variables = model.trainable_variables
+    before = [keras.ops.convert_to_numpy(v).astype(np.float64) for v in variables]
+    # Gradients away from 0, so where Keras and tfa put epsilon changes nothing measurable.
+    grads = [rng.choice([-1.0, 1.0], w.shape) * rng.uniform(0.5, 1.5, w.shape) for w in before]
+    model.optimizer.apply_gradients(
+        [
+            (keras.ops.convert_to_tensor(g.astype(np.float32)), v)
+            for g, v in zip(grads, variables, strict=True)
+        ]
+    )
+    worst = 0.0
+    for v, w0, g in zip(variables, before, grads, strict=True):
+        m_hat = (1 - b1) * g / (1 - b1)
+        v_hat = (1 - b2) * g**2 / (1 - b2)
+        expected = w0 - lr * m_hat / (np.sqrt(v_hat) + eps) - wd * w0
+        worst = max(worst, float(np.abs(keras.ops.convert_to_numpy(v) - expected).max()))
+    assert worst < 1e-6, f"one step of the project's AdamW is {worst:.2g} away from the seed's tfa AdamW"
 
 
 def test_tfa_equivalent_param_says_what_is_true_for_the_schedule():

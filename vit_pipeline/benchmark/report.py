@@ -190,6 +190,34 @@ class BenchmarkReport:
             return {"fp32": self.roofline}
         return self.roofline
 
+    def mlflow_metrics(self) -> dict[str, float]:
+        """The report as MLflow metrics, named one way wherever a report is logged.
+
+        ``bench_<backend>_<provider>_<variant>_b<batch>_ips`` and ``..._p50_ms`` per row
+        (e.g. ``bench_onnxruntime_cpu_optimized_b1_ips``); ``agreement_<provider>_<variant>``
+        at the first batch size; the GEMM rooflines (``sgemm_roofline_gflops``, ...).
+        """
+        metrics = {}
+        for r in self.results:
+            provider = r.provider.replace("ExecutionProvider", "").lower()
+            key = f"bench_{r.backend}_{provider}_{r.variant}_b{r.batch_size}".replace("-", "_")
+            metrics[f"{key}_ips"] = r.throughput_ips
+            metrics[f"{key}_p50_ms"] = r.latency_ms.p50
+            if r.top1_agreement is not None and r.batch_size == self.settings["batch_sizes"][0]:
+                metrics[f"agreement_{provider}_{r.variant}".replace("-", "_")] = r.top1_agreement
+        for precision, roof in self.rooflines().items():
+            metrics[f"{'s' if precision == 'fp32' else precision + '_'}gemm_roofline_gflops"] = roof["gflops"]
+        return metrics
+
+    def table_rows(self) -> list[dict[str, Any]]:
+        """The results as rows for people (a Prefect table artifact)."""
+        return [
+            {"backend": r.backend, "provider": r.provider, "variant": r.variant, "precision": r.precision,
+             "batch": r.batch_size, "p50_ms": round(r.latency_ms.p50, 3), "p99_ms": round(r.latency_ms.p99, 3),
+             "img_per_s": round(r.throughput_ips, 1), "top1": r.top1, "agreement": r.top1_agreement}
+            for r in self.results
+        ]  # fmt: skip
+
     def ratios(self) -> list[str]:
         """Human-readable speed ratios measured side by side in this run."""
         out = []

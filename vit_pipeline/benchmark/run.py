@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from vit_consumer.contract import fastest
 
 from vit_pipeline import variants as variants_mod
 from vit_pipeline.benchmark.backends.keras import KerasBackend
@@ -90,7 +91,7 @@ def choose_served(
     Args:
         candidates: Row labels that may be served (``onnxruntime/optimized``, ...).
     """
-    scores, refused = {}, {}
+    ips, refused = {}, {}
     for label in sorted(candidates):
         rows = [r for r in report.results if r.label == label]
         if not rows:
@@ -99,10 +100,10 @@ def choose_served(
         if agreement is not None and agreement < min_agreement:
             refused[label] = f"agreement {agreement:.2%} < {min_agreement:.1%}"
             continue
-        scores[label] = float(np.exp(np.mean([np.log(r.throughput_ips) for r in rows])))
-    if not scores:
+        ips[label] = [r.throughput_ips for r in rows]
+    if not ips:
         return {"label": None, "reason": "no candidate passed", "refused": refused}
-    best = max(scores, key=scores.get)
+    best, scores = fastest(ips)
     return {"label": best, "scores_ips_geomean": scores, "refused": refused, "min_agreement": min_agreement,
             "reason": f"fastest candidate passing the agreement gate ({scores[best]:.0f} img/s geometric mean "
                       f"over batch sizes {list(report.settings.get('batch_sizes', []))})"}  # fmt: skip

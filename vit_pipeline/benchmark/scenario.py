@@ -44,16 +44,10 @@ def measure(
 
 
 def accuracy(logits: np.ndarray, labels: np.ndarray | None, reference: np.ndarray | None) -> dict[str, float]:
-    """top-1/top-5 against labels and top-1 agreement with reference logits."""
-    from vit_pipeline.evaluate import topk_accuracy
+    """top-1/top-5 against labels and top-1 agreement with reference logits (``evaluate.scores``)."""
+    from vit_pipeline.evaluate import scores
 
-    out: dict[str, float] = {}
-    if labels is not None:
-        out["top1"] = topk_accuracy(logits, labels, 1)
-        out["top5"] = topk_accuracy(logits, labels, 5)
-    if reference is not None:
-        out["top1_agreement"] = float(np.mean(logits.argmax(1) == reference.argmax(1)))
-    return out
+    return scores(logits, labels, reference)
 
 
 def time_cells(

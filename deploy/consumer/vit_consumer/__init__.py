@@ -7,4 +7,4 @@ uvicorn, loading from the MLflow registry adds mlflow-skinny.
 from vit_consumer.classifier import InputError, OnnxClassifier
 
 __all__ = ["InputError", "OnnxClassifier"]
-__version__ = "0.2.0"
+__version__ = "0.3.0"

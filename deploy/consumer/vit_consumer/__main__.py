@@ -53,7 +53,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    try:
+        # The serve options' defaults are the settings, VIT_* variables included: a bad one is one line.
+        parser = _parser()
+    except InputError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     providers = args.providers.split(",") if args.providers else None
     try:
         # The service keeps ONNX Runtime's threads from spinning between runs (Settings.spin).

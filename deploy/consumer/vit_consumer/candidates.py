@@ -12,7 +12,6 @@ fastest one serves.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -20,23 +19,22 @@ from typing import Any
 
 import numpy as np
 
-log = logging.getLogger(__name__)
+from vit_consumer.contract import REGISTERED_DIR, CandidatesManifest, fastest
 
-MANIFEST = Path("extra_files") / "candidates.json"
+log = logging.getLogger(__name__)
 
 
 def registered_candidates(model_path: Path) -> dict[str, Path]:
     """Candidate name -> file beside ``model_path`` (none for a plain .onnx file)."""
-    manifest = model_path.parent / MANIFEST
-    if not manifest.is_file():
-        return {}
+    folder = model_path.parent / REGISTERED_DIR
     try:
-        doc = json.loads(manifest.read_text())
-        found = {name: manifest.parent / c["file"] for name, c in doc["candidates"].items()}
-    except (ValueError, KeyError, TypeError) as exc:
-        log.warning("Ignoring an unreadable %s: %s", manifest, exc)
+        manifest = CandidatesManifest.find(folder)
+    except ValueError as exc:
+        log.warning("Ignoring an unreadable manifest: %s", exc)
         return {}
-    return {name: path for name, path in found.items() if path.is_file()}
+    if manifest is None:
+        return {}
+    return {name: path for name, path in manifest.files(folder).items() if path.is_file()}
 
 
 def throughput(classifier, batch_sizes: tuple[int, ...], seconds: float) -> dict[int, float]:
@@ -75,9 +73,10 @@ def choose(served, candidates: dict[str, Any], batch_sizes: tuple[int, ...], sec
     for _ in range(2):
         for name, clf in pool.items():
             rounds[name].append(throughput(clf, batch_sizes, seconds))
-    scores = {name: float(np.exp(np.mean([np.log(max(r[bs] for r in runs)) for bs in batch_sizes])))
-              for name, runs in rounds.items()}  # fmt: skip
-    best = max(scores, key=scores.get)
+    # Each file's best round per batch size: the machine's noise only ever slows a round down.
+    best, scores = fastest(
+        {name: [max(r[bs] for r in runs) for bs in batch_sizes] for name, runs in rounds.items()}
+    )
     report = {"served": best, "scores_ips_geomean": {k: round(v, 1) for k, v in scores.items()},
               "batch_sizes": list(batch_sizes),
               "reason": f"fastest on this CPU at start-up ({scores[best]:.0f} img/s geometric mean)"}  # fmt: skip

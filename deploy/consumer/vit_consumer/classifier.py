@@ -9,13 +9,14 @@ resized to the model's input size (bilinear, as the training pipeline does).
 from __future__ import annotations
 
 import io
-import json
 import logging
 import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from vit_consumer import contract
 
 log = logging.getLogger(__name__)
 
@@ -32,21 +33,6 @@ class InputError(ValueError):
         self.status = status
 
 
-def _default_providers() -> list[str]:
-    import onnxruntime as ort
-
-    wanted = os.environ.get("VIT_CONSUMER_PROVIDERS")
-    if wanted:
-        return [p.strip() for p in wanted.split(",") if p.strip()]
-    available = ort.get_available_providers()
-    # onnxruntime-gpu lists CUDA even on machines without a GPU and then falls back
-    # to CPU with a page of errors; ask for CUDA only where an NVIDIA device exists.
-    # providers_used always reports what the session really runs on.
-    gpu = Path("/dev/nvidiactl").exists() and os.environ.get("CUDA_VISIBLE_DEVICES", "0") not in ("", "-1")
-    wanted = ("CUDAExecutionProvider", "CPUExecutionProvider") if gpu else ("CPUExecutionProvider",)
-    return [p for p in wanted if p in available]
-
-
 def registry_target(uri: str) -> tuple[str, str] | None:
     """``(name, alias)`` for ``models:/name@alias``; None for any other URI."""
     if uri.startswith("models:/") and "@" in uri:
@@ -55,25 +41,21 @@ def registry_target(uri: str) -> tuple[str, str] | None:
     return None
 
 
-def _mlflow(tracking_uri: str | None):
+def _mlflow():
     try:
         import mlflow
     except ImportError as exc:  # pragma: no cover - depends on the install
         raise InputError("Loading from the MLflow registry needs mlflow-skinny installed") from exc
-    if tracking_uri:
-        # models:/ URIs resolve through the *registry* URI, which the
-        # download_artifacts(tracking_uri=...) argument does not set.
-        mlflow.set_tracking_uri(tracking_uri)
-        mlflow.set_registry_uri(tracking_uri)
     return mlflow
 
 
 def alias_version(uri: str, tracking_uri: str | None = None) -> str:
     """The version number that ``models:/name@alias`` points at right now."""
     name, alias = registry_target(uri)
-    mlflow = _mlflow(tracking_uri)
+    mlflow = _mlflow()
     try:
-        return str(mlflow.MlflowClient().get_model_version_by_alias(name, alias).version)
+        client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        return str(client.get_model_version_by_alias(name, alias).version)
     except Exception as exc:  # MlflowException or a connection error
         where = tracking_uri or mlflow.get_tracking_uri()
         raise InputError(f"Could not read {uri} from MLflow at {where}: {exc}".splitlines()[0]) from exc
@@ -82,11 +64,16 @@ def alias_version(uri: str, tracking_uri: str | None = None) -> str:
 def resolve_model(uri: str, tracking_uri: str | None = None) -> Path:
     """A local ``.onnx`` path for a file, a directory, or an MLflow ``models:/`` / ``runs:/`` URI."""
     if uri.startswith(("models:/", "runs:/", "mlflow-artifacts:/")):
-        mlflow = _mlflow(tracking_uri)
+        mlflow = _mlflow()
         from mlflow.exceptions import MlflowException
 
+        from vit_consumer.mlflow_store import store_uris
+
         try:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+            # models:/ URIs resolve through the *registry* URI, which download_artifacts'
+            # tracking_uri argument does not set: both, for this call only.
+            with store_uris(tracking_uri):
+                local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
         except (MlflowException, OSError) as exc:
             where = tracking_uri or mlflow.get_tracking_uri()
             raise InputError(f"Could not fetch {uri} from MLflow at {where}: {exc}".splitlines()[0]) from exc
@@ -152,7 +139,7 @@ class OnnxClassifier:
         self.source = source or str(path)
         self.version = version  # the registry version, for models:/ sources
         self.candidate: dict[str, Any] = {"served": "registered"}  # which registered file serves, and why
-        requested = providers or _default_providers()
+        requested = list(providers) if providers else contract.default_providers()
         options = ort.SessionOptions()
         for key, value in spin_options(spin).items():
             options.add_session_config_entry(key, value)
@@ -168,9 +155,10 @@ class OnnxClassifier:
                 "Requested providers %s are not usable here; running on %s", missing, self.providers_used
             )
         meta = self.session.get_modelmeta().custom_metadata_map
-        if "class_names" not in meta:
+        names = contract.class_names(meta)
+        if names is None:
             raise InputError(f"{self.path} has no class_names metadata; was it exported by vit-pipeline?")
-        self.class_names: list[str] = json.loads(meta["class_names"])
+        self.class_names: list[str] = names
         self.metadata = dict(meta)
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
@@ -296,16 +284,7 @@ class OnnxClassifier:
 
     def top_k(self, logits: np.ndarray, top_k: int = 5) -> list[list[dict[str, Any]]]:
         """Top-k classes with softmax probabilities for each row of logits."""
-        shifted = logits - logits.max(axis=1, keepdims=True)
-        probs = np.exp(shifted) / np.exp(shifted).sum(axis=1, keepdims=True)
-        k = max(1, min(top_k, probs.shape[1]))
-        out = []
-        for row in probs:
-            idx = np.argsort(-row, kind="stable")[:k]
-            out.append(
-                [{"index": int(i), "label": self.class_names[i], "probability": float(row[i])} for i in idx]
-            )
-        return out
+        return contract.top_k(logits, self.class_names, top_k)
 
     def describe(self) -> dict[str, Any]:
         return {

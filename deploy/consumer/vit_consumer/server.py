@@ -39,7 +39,6 @@ import os
 import time
 from collections.abc import AsyncIterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -48,6 +47,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from starlette.datastructures import Headers, QueryParams
 
+from vit_consumer import __version__
 from vit_consumer.batching import DynamicBatcher, QueueFull
 from vit_consumer.classifier import (
     InputError,
@@ -57,11 +57,18 @@ from vit_consumer.classifier import (
     registry_target,
 )
 from vit_consumer.metrics import Metrics
-from vit_consumer.settings import DEFAULT_MAX_BYTES, Settings
+from vit_consumer.settings import DEFAULT_MAX_BYTES, Settings, SettingsError
 
 log = logging.getLogger("vit_consumer")
 
-__all__ = ["DEFAULT_MAX_BYTES", "Settings", "create_app"]
+__all__ = [
+    "DEFAULT_MAX_BYTES",
+    "Settings",
+    "SettingsError",
+    "app_from_env",
+    "create_app",
+    "settings_from_env",
+]
 
 
 class Prediction(BaseModel):
@@ -456,7 +463,7 @@ def create_app(classifier: OnnxClassifier, settings: Settings | int | None = Non
         yield
         await service.stop()
 
-    app = FastAPI(title="vit-consumer", version="0.2.0", lifespan=lifespan,
+    app = FastAPI(title="vit-consumer", version=__version__, lifespan=lifespan,
                   description="Image classification with a ViT exported by vit-pipeline (ONNX Runtime).")  # fmt: skip
     app.state.service = service
 
@@ -493,24 +500,29 @@ def create_app(classifier: OnnxClassifier, settings: Settings | int | None = Non
 
 
 def settings_from_env(**overrides: Any) -> Settings:
-    """Settings from ``VIT_*`` variables (``VIT_MAX_BYTES``, ``VIT_MAX_BATCH_SIZE``, ...)."""
-    settings = Settings()
-    values = {}
-    for name, default in settings.__dict__.items():
-        raw = os.environ.get(f"VIT_{name.upper()}")
-        if raw is None or isinstance(default, tuple):
-            continue
-        if isinstance(default, bool):  # bool("false") is True
-            values[name] = raw.strip().lower() in ("1", "true", "yes", "on")
-        else:
-            values[name] = type(default)(raw) if default is not None else raw
-    return replace(settings, **values, **overrides)
+    """``Settings(**overrides)``, kept for callers: the class itself reads the ``VIT_*`` variables.
+
+    Keyword overrides win over the environment; see ``vit_consumer.settings``.
+    """
+    return Settings(**overrides)
 
 
 def app_from_env() -> FastAPI:
-    """For ``uvicorn vit_consumer.server:app_from_env --factory``: reads VIT_MODEL_URI."""
-    uri = os.environ["VIT_MODEL_URI"]
-    tracking = os.environ.get("MLFLOW_TRACKING_URI")
-    settings = settings_from_env(tracking_uri=tracking)
-    classifier = OnnxClassifier.from_uri(uri, tracking, spin=settings.spin, choose_for=settings.choose_for)
+    """For ``uvicorn vit_consumer.server:app_from_env --factory``: the model from ``VIT_MODEL_URI``.
+
+    Everything else comes from ``Settings`` (``VIT_*``; the tracking URI from
+    ``VIT_TRACKING_URI``, else ``MLFLOW_TRACKING_URI``).
+
+    Raises:
+        SettingsError: ``VIT_MODEL_URI`` is not set, or a ``VIT_*`` value is invalid.
+    """
+    uri = os.environ.get("VIT_MODEL_URI", "").strip()
+    if not uri:
+        raise SettingsError(
+            "VIT_MODEL_URI is not set: the model to serve, a .onnx file or models:/<name>@<alias>"
+        )
+    settings = Settings()
+    providers = list(settings.providers) if settings.providers else None
+    classifier = OnnxClassifier.from_uri(uri, settings.tracking_uri, providers, spin=settings.spin,
+                                         choose_for=settings.choose_for)  # fmt: skip
     return create_app(classifier, settings)

@@ -1,43 +1,166 @@
-"""The service's limits and batching (no FastAPI needed to read them)."""
+"""The service's limits and batching (no FastAPI needed to read them).
+
+``Settings`` is a ``pydantic_settings.BaseSettings``: every field is also read
+from a ``VIT_<FIELD>`` environment variable (``VIT_MAX_BYTES``, ``VIT_SPIN``,
+...), the MLflow tracking URI from ``VIT_TRACKING_URI`` or else
+``MLFLOW_TRACKING_URI``. Keyword arguments win over the environment, and a blank
+variable counts as unset.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from typing import Annotated, Any
 
-from vit_consumer.classifier import DEFAULT_PIXEL_BUDGET
+from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from vit_consumer.classifier import _LEGACY_SPIN, DEFAULT_PIXEL_BUDGET, SPIN_MODES, InputError
 
 DEFAULT_MAX_BYTES = 8 * 2**20
+ENV_PREFIX = "VIT_"
 
 
-@dataclass(frozen=True)
-class Settings:
-    """Limits and batching of the service; every field is a ``serve`` option.
+class SettingsError(InputError):
+    """A setting's value is invalid; the message is one line naming the variable and the value.
+
+    An ``InputError``, so the command line reports it as one line too, as it does
+    its other bad inputs.
+    """
+
+
+class Settings(BaseSettings):
+    """Limits and batching of the service: each field a ``VIT_<FIELD>`` variable, most a ``serve`` option.
 
     ``max_batch_size`` 32: on the 2-core machine of deploy/consumer/README.md the
     seed graph's throughput grows little past batch 32 (that table), while
     latency grows with it.
+
+    Raises:
+        SettingsError: A value, passed or read from the environment, is invalid.
     """
 
-    max_bytes: int = DEFAULT_MAX_BYTES
-    max_inflight_bytes: int = 128 * 2**20
-    max_batch_size: int = 32
-    max_queue_delay_ms: float = 2.0
-    max_queue: int = 256
-    timeout_s: float = 10.0
-    pixel_budget: int = DEFAULT_PIXEL_BUDGET
-    max_json_depth: int = 8
-    max_json_numbers: int = 1_048_576
-    decode_threads: int = 2
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        frozen=True,
+        extra="forbid",
+        use_attribute_docstrings=True,
+        # `Settings(tracking_uri=...)` in code, although the variables it is read from are aliases.
+        populate_by_name=True,
+        # `VIT_PROVIDERS=` (compose files, `env -u` being awkward) means unset, not an invalid value.
+        env_ignore_empty=True,
+    )
+
+    max_bytes: int = Field(DEFAULT_MAX_BYTES, gt=0)
+    """Largest request body in bytes (beyond: 413)."""
+    max_inflight_bytes: int = Field(128 * 2**20, gt=0)
+    """Bytes of all request bodies being handled at once (beyond: 503 with Retry-After)."""
+    max_batch_size: int = Field(32, gt=0)
+    """Most images per ``session.run``."""
+    max_queue_delay_ms: float = Field(2.0, ge=0)
+    """How long a batch with company waits for more, in ms (a lone request never waits)."""
+    max_queue: int = Field(256, gt=0)
+    """Requests waiting for the engine (beyond: 503 with Retry-After)."""
+    timeout_s: float = Field(10.0, gt=0)
+    """Seconds a request may take (then 504)."""
+    pixel_budget: int = Field(DEFAULT_PIXEL_BUDGET, gt=0)
+    """Decoded pixels of all images of one request together (beyond: 413)."""
+    max_json_depth: int = Field(8, gt=0)
+    """Deepest nesting of a JSON body (beyond: 400)."""
+    max_json_numbers: int = Field(1_048_576, gt=0)
+    """Most values in a JSON body (beyond: 413)."""
+    decode_threads: int = Field(2, gt=0)
+    """Threads that read and decode request bodies."""
     # ONNX Runtime's threads spin while a run is in progress, never between runs: those
     # cycles belong to HTTP and decoding (vit_consumer.classifier.spin_options).
     spin: str = "run"
-    reload_seconds: float = 0.0
-    tracking_uri: str | None = None
-    providers: tuple[str, ...] | None = None
-    # Time the registered serving candidates at start-up and serve the fastest (vit_consumer.candidates).
+    """When ONNX Runtime's threads spin: never, run (only during a run) or always; legacy yes/no values too."""
+    reload_seconds: float = Field(0.0, ge=0)
+    """How often to check a ``models:/name@alias`` source and switch to a new version (0: never)."""
+    tracking_uri: str | None = Field(
+        None, validation_alias=AliasChoices("VIT_TRACKING_URI", "MLFLOW_TRACKING_URI")
+    )
+    """MLflow tracking URI for ``models:/`` sources: ``VIT_TRACKING_URI``, else ``MLFLOW_TRACKING_URI``."""
+    # NoDecode: the variable is a comma-separated list, not the JSON pydantic-settings expects by default.
+    providers: Annotated[tuple[str, ...] | None, NoDecode] = None
+    """ONNX Runtime execution providers to request, in order (None: the classifier's default)."""
     choose_candidate: bool = True
+    """Time the registered serving candidates at start-up and serve the fastest (vit_consumer.candidates)."""
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            # pydantic's report is a page per error; a service that will not start needs one line.
+            raise SettingsError(_one_line(exc, values)) from None
+
+    @field_validator("spin", mode="before")
+    @classmethod
+    def _spin_mode(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = value.strip().lower()
+        if isinstance(value, (str, bool)):
+            value = _LEGACY_SPIN.get(value, value)
+        if value not in SPIN_MODES:
+            raise PydanticCustomError(
+                "spin_mode",
+                "expected one of {modes}, or a legacy yes/no value (1/0, true/false, yes/no, on/off)",
+                {"modes": ", ".join(SPIN_MODES)},
+            )
+        return value
+
+    @field_validator("providers", mode="before")
+    @classmethod
+    def _provider_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [name.strip() for name in value.split(",") if name.strip()]
+        if isinstance(value, (list, tuple)) and not value:
+            return None  # no names: the classifier's default, as when unset
+        return value
+
+    @field_validator("tracking_uri", mode="before")
+    @classmethod
+    def _blank_uri(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
 
     @property
     def choose_for(self) -> tuple[int, ...] | None:
         """Batch sizes the candidates are timed at: a lone request and a full batch."""
         return (1, self.max_batch_size) if self.choose_candidate else None
+
+
+def _one_line(exc: ValidationError, passed: Mapping[str, Any]) -> str:
+    """Each error of ``exc`` as ``WHERE=VALUE: problem``, WHERE the keyword or the variable it came from."""
+    fields = {
+        alias: name
+        for name, info in Settings.model_fields.items()
+        for alias in (name, *getattr(info.validation_alias, "choices", ()))
+    }
+    problems = []
+    for error in exc.errors(include_url=False):
+        key = str(error["loc"][0]) if error["loc"] else "?"
+        name = fields.get(key)
+        if name is None:
+            problems.append(f"unknown setting {key!r}")
+            continue
+        if name in passed or key in passed:
+            where = name
+        else:  # from the environment: name the variable itself
+            where = key if key != name else f"{ENV_PREFIX}{name.upper()}"
+        value = repr(error.get("input"))
+        value = value if len(value) <= 80 else value[:77] + "..."
+        field = "" if where == name else f" (Settings.{name})"
+        problems.append(f"{where}={value}{field}: {error['msg']}")
+    return "Invalid settings: " + "; ".join(problems)
+
+
+def settings_table() -> str:
+    """The variables as a Markdown table (variable, default, meaning), as deploy/consumer/README.md shows them."""
+    rows = []
+    for name, info in Settings.model_fields.items():
+        alias = info.validation_alias
+        names = getattr(alias, "choices", None) or [f"VIT_{name.upper()}"]
+        meaning = " ".join((info.description or "").split())
+        rows.append(f"| {' or '.join(f'`{n}`' for n in names)} | `{info.default!r}` | {meaning} |")
+    return "\n".join(rows)

@@ -15,15 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from vit_consumer import contract
 
 from vit_pipeline.benchmark.backends import batched
 
-PROVIDER_ALIASES = {
-    "cpu": "CPUExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
-    "tensorrt": "TensorrtExecutionProvider",
-}
-GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+PROVIDER_ALIASES = {"cpu": contract.CPU, "cuda": contract.CUDA, "tensorrt": contract.TENSORRT}
+GPU_PROVIDERS = (contract.TENSORRT, contract.CUDA)
 INT8_OPS = {"MatMulIntegerToFloat", "QLinearMatMul", "MatMulInteger", "QGemm", "QAttention",
             "DynamicQuantizeMatMul", "QLinearConv", "ConvInteger"}  # fmt: skip
 
@@ -140,15 +137,10 @@ def resolve_providers(requested: list[str] | None) -> list[str]:
     labelled with ``session.get_providers()[0]``, so a CUDA request that falls
     back to CPU shows up as CPU (and is dropped as a duplicate).
     """
-    import onnxruntime as ort
-
     if requested:
         return [PROVIDER_ALIASES.get(p.lower(), p) for p in requested]
-    # onnxruntime-gpu lists CUDA and TensorRT even without a GPU; probing them there
-    # only prints pages of load errors. Try them where an NVIDIA device exists.
-    gpu = Path("/dev/nvidiactl").exists()
-    wanted = (*(GPU_PROVIDERS if gpu else ()), "CPUExecutionProvider")
-    return [p for p in wanted if p in ort.get_available_providers()]
+    # Every GPU provider where an NVIDIA device is visible (the benchmark compares them), then CPU.
+    return contract.default_providers(GPU_PROVIDERS, use_env=False)
 
 
 def probe_provider(path: str | Path, provider: str) -> str:

@@ -14,10 +14,10 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.train_pipeline import train_pipeline
 from vit_pipeline import tracking
 from vit_pipeline.config import ConfigOverrides, make_config, merged_overrides
 from vit_pipeline.experiments import compare_runs
+from vit_pipeline.flows.train_pipeline import train_pipeline
 
 PRESETS = ("cifar100", "cifar100-improved")
 

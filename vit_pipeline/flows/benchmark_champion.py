@@ -6,19 +6,22 @@ from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from vit_pipeline import stages
+from vit_pipeline import registry
+from vit_pipeline.benchmark import stage as benchmark_stage
+from vit_pipeline.benchmark.stage import BenchmarkOutcome
+from vit_pipeline.registry import Champion
 
 
 @task(name="find-champion", retries=3, retry_delay_seconds=[5, 30, 60], cache_policy=NO_CACHE)
-def find_champion(model_name: str, alias: str, tracking_uri: str | None) -> dict:
-    return stages.champion_stage(model_name, alias, tracking_uri)
+def find_champion(model_name: str, alias: str, tracking_uri: str | None) -> Champion:
+    return registry.champion(model_name, alias, tracking_uri)
 
 
 @task(name="export-and-benchmark", cache_policy=NO_CACHE)
-def export_and_benchmark(champion: dict, tracking_uri: str | None, options: dict) -> dict:
-    result = stages.benchmark_champion_stage(champion, tracking_uri, options)
-    create_table_artifact(key="champion-benchmark", table=result["rows"],
-                          description=f"{champion['name']} v{champion['version']}: Keras vs ONNX Runtime")  # fmt: skip
+def export_and_benchmark(champion: Champion, tracking_uri: str | None, options: dict) -> BenchmarkOutcome:
+    result = benchmark_stage.run_champion(champion, tracking_uri, options)
+    create_table_artifact(key="champion-benchmark", table=result.rows,
+                          description=f"{champion.name} v{champion.version}: Keras vs ONNX Runtime")  # fmt: skip
     return result
 
 
@@ -38,6 +41,6 @@ def benchmark_champion(
     options = {"batch_sizes": batch_sizes or [1, 8, 64, 256], "variants": variants, "providers": providers,
                "seconds": seconds, "rounds": rounds}  # fmt: skip
     result = export_and_benchmark(champion, tracking_uri, options)
-    for line in result["ratios"]:
+    for line in result.ratios:
         print(line)
-    return {**result, "champion": champion}
+    return {**result.to_dict(), "champion": champion.to_dict()}

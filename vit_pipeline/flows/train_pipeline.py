@@ -19,19 +19,25 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from vit_pipeline import runs, stages, summary, tracking
-from vit_pipeline.config import ConfigOverrides, PresetName, make_config
+from vit_pipeline import data, evaluate, export, registry, runs, summary, tracking, train
+from vit_pipeline.benchmark import stage as benchmark_stage
+from vit_pipeline.benchmark.stage import BenchmarkOutcome
+from vit_pipeline.config import ConfigOverrides, PipelineConfig, PresetName, make_config
+from vit_pipeline.context import StageContext
+from vit_pipeline.evaluate import EvalResult
+from vit_pipeline.registry import Registration
 
 
+# Each task is one stage's entry, wrapped; stages take the run's StageContext and return typed results.
 @task(name="fetch-data", retries=3, retry_delay_seconds=[10, 30, 60], cache_policy=NO_CACHE)
-def fetch_data(cfg: dict) -> str | None:
+def fetch_data(cfg: PipelineConfig) -> str | None:
     # Only the download is worth retrying; everything else fails the same way twice.
-    return stages.fetch_stage(cfg)
+    return data.fetch(cfg)
 
 
 @task(name="prepare-data", cache_policy=NO_CACHE)
-def prepare_data(cfg: dict, run_id: str, source_path: str | None) -> dict:
-    return stages.prepare_stage(cfg, run_id, source_path)
+def prepare_data(ctx: StageContext, source_path: str | None) -> data.Prepared:
+    return data.run(ctx, source_path)
 
 
 def tracking_was_down(task, task_run, state) -> bool:
@@ -48,29 +54,33 @@ def tracking_was_down(task, task_run, state) -> bool:
 # finished, only uploads what MLflow missed), so it costs at most one epoch.
 @task(name="train", retries=2, retry_delay_seconds=[30, 120], retry_condition_fn=tracking_was_down,
       cache_policy=NO_CACHE)  # fmt: skip
-def train_model(cfg: dict, run_id: str, data_path: str) -> dict:
-    return stages.train_stage(cfg, run_id, data_path)
+def train_model(ctx: StageContext, data_path: str) -> train.TrainResult:
+    return train.run(ctx, data_path)
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
-def evaluate_model(cfg: dict, run_id: str, data_path: str, model_path: str, history_path: str) -> dict:
-    return stages.evaluate_stage(cfg, run_id, data_path, model_path, history_path)
+def evaluate_model(
+    ctx: StageContext, data_path: str, model_path: str, history_path: str | None
+) -> EvalResult:
+    return evaluate.run(ctx, data_path, model_path, history_path)
 
 
 @task(name="export-onnx", cache_policy=NO_CACHE)
-def export_model(cfg: dict, run_id: str, data_path: str, model_path: str, test_accuracy: float) -> dict:
-    return stages.export_stage(cfg, run_id, data_path, model_path, test_accuracy)
+def export_model(
+    ctx: StageContext, data_path: str, model_path: str, test_accuracy: float
+) -> export.ExportResult:
+    return export.run(ctx, data_path, model_path, test_accuracy)
 
 
 @task(name="register", cache_policy=NO_CACHE)
-def register_model(cfg: dict, run_id: str, data_path: str, onnx_path: str, test_accuracy: float) -> dict:
-    return stages.register_stage(cfg, run_id, data_path, onnx_path, test_accuracy)
+def register_model(ctx: StageContext, data_path: str, onnx_path: str, test_accuracy: float) -> Registration:
+    return registry.run(ctx, data_path, onnx_path, test_accuracy)
 
 
 @task(name="benchmark", cache_policy=NO_CACHE)
-def benchmark_model(cfg: dict, run_id: str, data_path: str, model_path: str, fp32_onnx: str) -> dict:
-    result = stages.benchmark_stage(cfg, run_id, data_path, model_path, fp32_onnx)
-    create_table_artifact(key="inference-benchmark", table=result["rows"],
+def benchmark_model(ctx: StageContext, data_path: str, model_path: str, fp32_onnx: str) -> BenchmarkOutcome:
+    result = benchmark_stage.run(ctx, data_path, model_path, fp32_onnx)
+    create_table_artifact(key="inference-benchmark", table=result.rows,
                           description="Keras vs ONNX Runtime: latency, throughput, accuracy")  # fmt: skip
     return result
 
@@ -130,36 +140,31 @@ def train_pipeline(
         the registry decision.
     """
     cfg = make_config(preset, overrides, config)  # invalid values fail here, before any work
-    cfg_dict = cfg.to_dict()
     with runs.tracked_run(cfg, preset, _prefect_tags(), resume_run_id=resume_run_id) as run_id:
-        source = fetch_data(cfg_dict)
-        prepared = prepare_data(cfg_dict, run_id, source)
-        trained = train_model(cfg_dict, run_id, prepared["data_path"])
-        evaluated = evaluate_model(
-            cfg_dict, run_id, prepared["data_path"], trained["model_path"], trained["history_path"]
-        )
-        accuracy = evaluated["test_accuracy"]
+        ctx = StageContext.open(cfg, run_id)
+        prepared = prepare_data(ctx, fetch_data(cfg))
+        trained = train_model(ctx, prepared.data_path)
+        evaluated = evaluate_model(ctx, prepared.data_path, trained.model_path, trained.history_path)
+        accuracy = evaluated.test_accuracy
         # The export task raises if the parity gate fails: nothing gets registered.
-        exported = export_model(cfg_dict, run_id, prepared["data_path"], trained["model_path"], accuracy)
-        registered = register_model(cfg_dict, run_id, prepared["data_path"], exported["path"], accuracy)
-        benchmarked = benchmark_model(
-            cfg_dict, run_id, prepared["data_path"], trained["model_path"], exported["fp32_path"]
-        )
+        exported = export_model(ctx, prepared.data_path, trained.model_path, accuracy)
+        registered = register_model(ctx, prepared.data_path, exported.path, accuracy)
+        benchmarked = benchmark_model(ctx, prepared.data_path, trained.model_path, exported.fp32_path)
         result = {
             "mlflow_run_id": run_id,
             "mlflow_run_url": tracking.run_url(cfg, run_id),
-            "test_accuracy": evaluated["test_accuracy"],
-            "test_top5_accuracy": evaluated["test_top5_accuracy"],
-            "best_val_accuracy": trained["best_val_accuracy"],
-            "train_seconds": trained["train_seconds"],
-            "onnx_path": exported["path"],
-            "parity": {k: exported["parity"][k] for k in ("max_abs_diff", "top1_agreement", "num_images")},
-            "registry": registered,
-            "benchmark": benchmarked["ratios"],
+            "test_accuracy": evaluated.test_accuracy,
+            "test_top5_accuracy": evaluated.test_top5_accuracy,
+            "best_val_accuracy": trained.best_val_accuracy,
+            "train_seconds": trained.train_seconds,
+            "onnx_path": exported.path,
+            "parity": {k: exported.parity[k] for k in ("max_abs_diff", "top1_agreement", "num_images")},
+            "registry": registered.to_dict(),
+            "benchmark": benchmarked.ratios,
         }
         create_markdown_artifact(
             key="train-pipeline-summary",
-            markdown=summary.run_markdown(cfg, preset, result, prepared["summary"]),
+            markdown=summary.run_markdown(cfg, preset, result, prepared.summary),
             description="ViT training run summary",
         )
     print(
@@ -167,7 +172,7 @@ def train_pipeline(
         f"top-5 {result['test_top5_accuracy']:.4f} -> {result['mlflow_run_url']} {tracking.open_hint(cfg)}".rstrip()
     )
     print(
-        f"Registered {registered['model_uri']}: {'champion' if registered['promoted'] else 'not promoted'} "
-        f"({registered['reason']})"
+        f"Registered {registered.model_uri}: {'champion' if registered.promoted else 'not promoted'} "
+        f"({registered.reason})"
     )
     return result

@@ -27,16 +27,18 @@ from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.train_pipeline import _prefect_tags, evaluate_model, export_model, register_model
-from vit_pipeline import runs, stages, tracking
+from vit_pipeline import runs, tracking
+from vit_pipeline import sweep as sweep_mod
 from vit_pipeline.config import ConfigOverrides, make_config, merged_overrides
+from vit_pipeline.context import StageContext
 from vit_pipeline.errors import PipelineError
+from vit_pipeline.flows.train_pipeline import _prefect_tags, evaluate_model, export_model, register_model
 from vit_pipeline.sweep import best_trial, load_space, parse_space, trial_configs
 
 
 @task(name="trial", cache_policy=NO_CACHE)
 def run_trial(preset: str, cfg: dict, parent_run_id: str, index: int, varying: dict) -> dict:
-    return stages.trial_stage(preset, cfg, parent_run_id, index, varying)
+    return sweep_mod.run_trial(preset, cfg, parent_run_id, index, varying)
 
 
 @flow(name="sweep-trials")
@@ -132,7 +134,8 @@ def sweep(
     parent_tags = {**_prefect_tags(), "sweep.method": parsed.method, "sweep.num_trials": str(len(trials)),
                    "sweep.role": "parent"}  # fmt: skip
     with runs.tracked_run(parent_cfg, parsed.preset, parent_tags) as parent:
-        client = tracking.client(parent_cfg)
+        parent_log = tracking.RunLogger.open(parent_cfg, parent)
+        client = parent_log.client
         client.log_dict(parent, {"preset": parsed.preset, "method": parsed.method, "metric": parsed.metric,
                                  "fixed": parsed.fixed, "parameters": parsed.parameters}, "sweep/space.json")  # fmt: skip
         start = time.time()
@@ -149,27 +152,24 @@ def sweep(
         rows = [_row(r) for r in results]
         client.log_table(parent, {k: [row[k] for row in rows] for k in rows[0]}, "sweep/trials.json")
         ok = [r for r in results if r["status"] == "ok"]
-        tracking.log_metrics(parent_cfg, parent, {"trials_finished": len(ok), "trials_failed": len(results) - len(ok),
-                                                  "trials_seconds": trials_seconds})  # fmt: skip
+        parent_log.metrics({"trials_finished": len(ok), "trials_failed": len(results) - len(ok),
+                            "trials_seconds": trials_seconds})  # fmt: skip
         create_table_artifact(key="sweep-trials", table=rows, description="Sweep trials")
         best = best_trial(results, parsed.metric)
         if best is None:
             raise PipelineError(f"Every one of the {len(results)} trials failed; see MLflow run {parent}")
-        cfg = dict(trials[best["index"]][1].to_dict())
+        winner = trials[best["index"]][1]
         # The winner's run is RUNNING again while its remaining stages log into it.
-        with runs.lifecycle(trials[best["index"]][1], best["run_id"]):
-            evaluated = evaluate_model(
-                cfg, best["run_id"], best["data_path"], best["model_path"], best["history_path"]
-            )
-            accuracy = evaluated["test_accuracy"]
-            exported = export_model(cfg, best["run_id"], best["data_path"], best["model_path"], accuracy)
-            registered = register_model(cfg, best["run_id"], best["data_path"], exported["path"], accuracy)
-        tracking.log_metrics(parent_cfg, parent, {f"best_{parsed.metric}": best[parsed.metric],
-                                                  "best_test_accuracy": accuracy,
-                                                  "sweep_seconds": time.time() - start})  # fmt: skip
-        tracking.set_tags(parent_cfg, parent, {"sweep.best_run_id": best["run_id"],
-                                               "sweep.best_params": str(best["params"])})  # fmt: skip
+        with runs.lifecycle(winner, best["run_id"]):
+            ctx = StageContext.open(winner, best["run_id"])
+            evaluated = evaluate_model(ctx, best["data_path"], best["model_path"], best["history_path"])
+            accuracy = evaluated.test_accuracy
+            exported = export_model(ctx, best["data_path"], best["model_path"], accuracy)
+            registered = register_model(ctx, best["data_path"], exported.path, accuracy)
+        parent_log.metrics({f"best_{parsed.metric}": best[parsed.metric], "best_test_accuracy": accuracy,
+                            "sweep_seconds": time.time() - start})  # fmt: skip
+        parent_log.tags({"sweep.best_run_id": best["run_id"], "sweep.best_params": str(best["params"])})
     print(f"Sweep {parent}: {len(ok)}/{len(results)} trials finished; best {best['params']} "
-          f"{parsed.metric}={best[parsed.metric]:.4f}, test accuracy {accuracy:.4f}; {registered['model_uri']}")  # fmt: skip
+          f"{parsed.metric}={best[parsed.metric]:.4f}, test accuracy {accuracy:.4f}; {registered.model_uri}")  # fmt: skip
     return {"parent_run_id": parent, "trials": results, "best": best, "test_accuracy": accuracy,
-            "registry": registered, "trials_seconds": trials_seconds, "seconds": time.time() - start}  # fmt: skip
+            "registry": registered.to_dict(), "trials_seconds": trials_seconds, "seconds": time.time() - start}  # fmt: skip

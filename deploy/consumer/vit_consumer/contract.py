@@ -1,0 +1,266 @@
+"""The serving contract, stated once: what an exported model is and how it is served.
+
+Both sides of the TensorFlow-free boundary import this module: vit-pipeline's
+export, registry and benchmark write and check what it states, and the consumer
+reads it. It needs numpy only (ONNX Runtime where a function says so).
+
+* **Tensors.** Input ``images``: float32 ``[batch, H, W, 3]``, NHWC, raw RGB pixel
+  values 0-255 (normalisation and resizing are inside the graph), dynamic batch.
+  Output ``logits``: float32 ``[batch, num_classes]``, unnormalised.
+* **Metadata** (the file's ``metadata_props``, all strings): the ``META_*`` keys.
+* **Serving candidates.** Other files that passed the export's agreement gate
+  travel with the served one, listed in a manifest (``CandidatesManifest``); the
+  machine that serves times them and serves the fastest (``fastest``).
+* **Providers.** Which ONNX Runtime execution providers to ask for
+  (``default_providers``; one environment variable, ``VIT_PROVIDERS``).
+* **Probabilities.** ``softmax`` and ``top_k`` turn logits into answers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+INPUT_NAME = "images"
+OUTPUT_NAME = "logits"
+
+# metadata_props keys of an exported file.
+META_CLASS_NAMES = "class_names"
+META_NUM_CLASSES = "num_classes"
+META_INPUT_NAME = "input_name"
+META_INPUT_SHAPE = "input_shape"
+META_INPUT_CONTRACT = "input_contract"
+META_OUTPUT_NAME = "output_name"
+META_OUTPUT_CONTRACT = "output_contract"
+META_DATASET = "dataset"
+META_TEST_ACCURACY = "test_accuracy"
+META_RUN_ID = "mlflow_run_id"
+META_VERSION = "vit_pipeline_version"
+
+
+def input_contract(input_shape: Sequence[int]) -> str:
+    """The input's contract in words, for the metadata and people."""
+    h, w, c = input_shape
+    return (
+        f"{INPUT_NAME}: float32 [batch, {h}, {w}, {c}] NHWC, raw RGB pixel values 0-255 "
+        "(normalization and resizing are inside the graph), dynamic batch"
+    )
+
+
+def build_metadata(
+    class_names: Sequence[str],
+    input_shape: Sequence[int],
+    *,
+    producer_version: str,
+    dataset: str = "",
+    test_accuracy: float | None = None,
+    run_id: str | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, str]:
+    """The ``metadata_props`` an exported file carries (all values are strings)."""
+    meta = {
+        META_CLASS_NAMES: json.dumps(list(class_names)),
+        META_NUM_CLASSES: str(len(class_names)),
+        META_INPUT_NAME: INPUT_NAME,
+        META_INPUT_SHAPE: json.dumps([None, *input_shape]),
+        META_INPUT_CONTRACT: input_contract(input_shape),
+        META_OUTPUT_NAME: OUTPUT_NAME,
+        META_OUTPUT_CONTRACT: f"{OUTPUT_NAME}: float32 [batch, {len(class_names)}], unnormalised logits",
+        META_DATASET: dataset,
+        META_TEST_ACCURACY: "" if test_accuracy is None else f"{test_accuracy:.6f}",
+        META_RUN_ID: run_id or "",
+        META_VERSION: producer_version,
+    }
+    meta.update({k: str(v) for k, v in (extra or {}).items()})
+    return meta
+
+
+def class_names(metadata: Mapping[str, str]) -> list[str] | None:
+    """The class names a file's metadata declares (None: not a vit-pipeline export)."""
+    return json.loads(metadata[META_CLASS_NAMES]) if META_CLASS_NAMES in metadata else None
+
+
+def run_batches(session, images: np.ndarray, batch_size: int, on_batch=None) -> np.ndarray:
+    """Logits of ``images`` from an ONNX Runtime session, ``batch_size`` at a time.
+
+    Args:
+        on_batch: Called with the number of images after each batch (progress).
+    """
+    out = []
+    for i in range(0, len(images), batch_size):
+        chunk = np.ascontiguousarray(images[i : i + batch_size], dtype=np.float32)
+        out.append(session.run([OUTPUT_NAME], {INPUT_NAME: chunk})[0])
+        if on_batch is not None:
+            on_batch(len(chunk))
+    return np.concatenate(out, axis=0)
+
+
+# ------------------------------------------------------------------ candidates
+MANIFEST_NAME = "candidates.json"
+# Where the registered model keeps the candidates and their manifest (MLflow's extra_files).
+REGISTERED_DIR = "extra_files"
+
+
+@dataclass(frozen=True)
+class CandidatesManifest:
+    """The serving candidates registered beside the served file, and what their gate measured.
+
+    Attributes:
+        served_variant: The variant of the registered (default) file.
+        min_agreement: The top-1 agreement with Keras each candidate needed.
+        candidates: Variant name -> its gate figures, with ``file`` (a name in the
+            manifest's folder).
+    """
+
+    served_variant: str
+    min_agreement: float
+    candidates: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def write(self, folder: str | Path) -> Path:
+        """Writes ``folder/candidates.json`` atomically; returns its path."""
+        path = Path(folder) / MANIFEST_NAME
+        doc = {"served_variant": self.served_variant, "min_agreement": self.min_agreement,
+               "candidates": self.candidates}  # fmt: skip
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(doc, indent=2))
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def read(cls, path: str | Path) -> CandidatesManifest:
+        """Reads a manifest; ValueError (with the path) if it is not one."""
+        try:
+            doc = json.loads(Path(path).read_text())
+            candidates = {str(n): dict(c) for n, c in doc["candidates"].items()}
+            if not all(isinstance(c.get("file"), str) for c in candidates.values()):
+                raise ValueError("a candidate without a file name")
+            return cls(str(doc["served_variant"]), float(doc["min_agreement"]), candidates)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"Not a candidates manifest: {path} ({exc})") from exc
+
+    @classmethod
+    def find(cls, folder: str | Path) -> CandidatesManifest | None:
+        """The manifest in ``folder``, None if there is none."""
+        path = Path(folder) / MANIFEST_NAME
+        return cls.read(path) if path.is_file() else None
+
+    def files(self, folder: str | Path) -> dict[str, Path]:
+        """Candidate name -> its file in ``folder`` (where the manifest lies)."""
+        return {name: Path(folder) / c["file"] for name, c in self.candidates.items()}
+
+
+def geometric_mean(values: Iterable[float]) -> float:
+    """The geometric mean of positive values (how throughput over batch sizes is scored)."""
+    arr = np.asarray(list(values), dtype=np.float64)
+    if arr.size == 0 or (arr <= 0).any():
+        raise ValueError(f"Expected positive values. Received: {arr.tolist()}")
+    return float(np.exp(np.log(arr).mean()))
+
+
+def fastest(throughputs: Mapping[str, Iterable[float]]) -> tuple[str, dict[str, float]]:
+    """The fastest of several files: the highest geometric mean of img/s over batch sizes.
+
+    The geometric mean weighs a lone request and a full batch alike (an arithmetic
+    mean would let the large batch decide alone).
+
+    Args:
+        throughputs: Name -> img/s at each batch size (the same sizes for all).
+
+    Returns:
+        (the fastest name, every name's score).
+    """
+    scores = {name: geometric_mean(ips) for name, ips in throughputs.items()}
+    if not scores:
+        raise ValueError("Expected at least one candidate to choose from")
+    return max(scores, key=scores.get), scores
+
+
+# ------------------------------------------------------------------- providers
+PROVIDERS_ENV = "VIT_PROVIDERS"
+_OLD_PROVIDERS_ENV = "VIT_CONSUMER_PROVIDERS"  # read with a deprecation warning
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+TENSORRT = "TensorrtExecutionProvider"
+
+
+def split_providers(value: str | Sequence[str] | None) -> tuple[str, ...] | None:
+    """``"CUDAExecutionProvider, CPUExecutionProvider"`` (or a sequence) -> a tuple; blank -> None."""
+    if value is None:
+        return None
+    items = value.split(",") if isinstance(value, str) else list(value)
+    names = tuple(p.strip() for p in items if p.strip())
+    return names or None
+
+
+def gpu_visible() -> bool:
+    """Whether an NVIDIA device is there to use (driver node present, not hidden by CUDA_VISIBLE_DEVICES).
+
+    onnxruntime-gpu lists CUDA and TensorRT even on machines without a GPU and then
+    falls back to CPU with a page of errors: ask for them only where this is true.
+    """
+    return Path("/dev/nvidiactl").exists() and os.environ.get("CUDA_VISIBLE_DEVICES", "0") not in ("", "-1")
+
+
+def requested_providers() -> tuple[str, ...] | None:
+    """Providers named by ``VIT_PROVIDERS`` (None: not set)."""
+    wanted = split_providers(os.environ.get(PROVIDERS_ENV))
+    if wanted is None and os.environ.get(_OLD_PROVIDERS_ENV):
+        warnings.warn(
+            f"{_OLD_PROVIDERS_ENV} is deprecated; set {PROVIDERS_ENV}", DeprecationWarning, stacklevel=2
+        )
+        wanted = split_providers(os.environ[_OLD_PROVIDERS_ENV])
+    return wanted
+
+
+def default_providers(gpu_providers: Sequence[str] = (CUDA,), use_env: bool = True) -> list[str]:
+    """Execution providers to request when the caller names none.
+
+    ``VIT_PROVIDERS`` when set (and ``use_env``); otherwise ``gpu_providers`` where an
+    NVIDIA device is visible, then CPU, each only if this ONNX Runtime build has it.
+    What a session really runs on is ``session.get_providers()``, never this list.
+    """
+    import onnxruntime as ort
+
+    if use_env and (wanted := requested_providers()):
+        return list(wanted)
+    candidates = (*(gpu_providers if gpu_visible() else ()), CPU)
+    return [p for p in candidates if p in ort.get_available_providers()]
+
+
+# --------------------------------------------------------------- probabilities
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Row-wise softmax of ``logits / temperature`` (stable: the row maximum is subtracted)."""
+    if not temperature > 0:
+        raise ValueError(f"Expected temperature > 0. Received: temperature={temperature}")
+    scaled = np.asarray(logits)
+    if not np.issubdtype(scaled.dtype, np.floating):
+        scaled = scaled.astype(np.float32)
+    if temperature != 1.0:
+        scaled = scaled / np.asarray(temperature, dtype=scaled.dtype)
+    scaled = scaled - scaled.max(axis=-1, keepdims=True)
+    exp = np.exp(scaled)
+    return exp / exp.sum(axis=-1, keepdims=True)
+
+
+def top_k(logits: np.ndarray, names: Sequence[str], k: int = 5, temperature: float = 1.0) -> list[list[dict]]:
+    """The ``k`` most probable classes of each row: index, label and softmax probability.
+
+    Ties keep the lower class index first (a stable sort), so answers are reproducible.
+    """
+    probs = softmax(logits, temperature)
+    k = max(1, min(k, probs.shape[1]))
+    out = []
+    for row in probs:
+        idx = np.argsort(-row, kind="stable")[:k]
+        out.append([{"index": int(i), "label": names[i], "probability": float(row[i])} for i in idx])
+    return out

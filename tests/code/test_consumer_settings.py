@@ -1,0 +1,192 @@
+"""The consumer's settings from the environment (vit_consumer.settings): no server, no TensorFlow."""
+
+from __future__ import annotations
+
+import pytest
+from vit_consumer.server import settings_from_env
+from vit_consumer.settings import Settings
+
+FIELDS = ("max_bytes", "max_inflight_bytes", "max_batch_size", "max_queue_delay_ms", "max_queue", "timeout_s",
+          "pixel_budget", "max_json_depth", "max_json_numbers", "decode_threads", "spin", "reload_seconds",
+          "tracking_uri", "providers", "choose_candidate")  # fmt: skip
+TWO_PROVIDERS = "CUDAExecutionProvider,CPUExecutionProvider"
+
+# (variables, field, parsed value): the value's type is checked as well as its value.
+CASES = [
+    ({"VIT_MAX_BYTES": "1024"}, "max_bytes", 1024),
+    ({"VIT_MAX_INFLIGHT_BYTES": "4096"}, "max_inflight_bytes", 4096),
+    ({"VIT_MAX_BATCH_SIZE": "8"}, "max_batch_size", 8),
+    ({"VIT_MAX_QUEUE_DELAY_MS": "0.5"}, "max_queue_delay_ms", 0.5),
+    ({"VIT_MAX_QUEUE": "4"}, "max_queue", 4),
+    ({"VIT_TIMEOUT_S": "2.5"}, "timeout_s", 2.5),
+    ({"VIT_PIXEL_BUDGET": "1000000"}, "pixel_budget", 1_000_000),
+    ({"VIT_MAX_JSON_DEPTH": "3"}, "max_json_depth", 3),
+    ({"VIT_MAX_JSON_NUMBERS": "100"}, "max_json_numbers", 100),
+    ({"VIT_DECODE_THREADS": "4"}, "decode_threads", 4),
+    *[({"VIT_SPIN": mode}, "spin", mode) for mode in ("never", "run", "always")],
+    ({"VIT_SPIN": " Always "}, "spin", "always"),
+    # Before the modes, VIT_SPIN was yes/no: yes spun always, no never.
+    *[({"VIT_SPIN": raw}, "spin", "always") for raw in ("1", "true", "yes", "on")],
+    *[({"VIT_SPIN": raw}, "spin", "never") for raw in ("0", "false", "no", "off")],
+    ({"VIT_RELOAD_SECONDS": "30"}, "reload_seconds", 30.0),
+    ({"VIT_TRACKING_URI": "http://vit:5000"}, "tracking_uri", "http://vit:5000"),
+    ({"MLFLOW_TRACKING_URI": "http://mlflow:5000"}, "tracking_uri", "http://mlflow:5000"),
+    (
+        {"VIT_TRACKING_URI": "http://vit:5000", "MLFLOW_TRACKING_URI": "http://mlflow:5000"},
+        "tracking_uri",
+        "http://vit:5000",
+    ),  # fmt: skip
+    ({"VIT_PROVIDERS": TWO_PROVIDERS}, "providers", ("CUDAExecutionProvider", "CPUExecutionProvider")),
+    ({"VIT_PROVIDERS": " CPUExecutionProvider , "}, "providers", ("CPUExecutionProvider",)),
+    ({"VIT_PROVIDERS": ""}, "providers", None),
+    ({"VIT_CHOOSE_CANDIDATE": "false"}, "choose_candidate", False),
+    ({"VIT_CHOOSE_CANDIDATE": "0"}, "choose_candidate", False),
+    ({"VIT_CHOOSE_CANDIDATE": "true"}, "choose_candidate", True),
+]
+
+READERS = {"Settings()": lambda: Settings(), "settings_from_env()": lambda: settings_from_env()}
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch):
+    """No setting comes from the environment the tests run in."""
+    for name in FIELDS:
+        monkeypatch.delenv(f"VIT_{name.upper()}", raising=False)
+    for name in ("MLFLOW_TRACKING_URI", "VIT_MODEL_URI", "VIT_CONSUMER_PROVIDERS"):
+        monkeypatch.delenv(name, raising=False)
+    yield
+    # Gone before tests/conftest.py checks that no test leaves MLflow's store set (monkeypatch itself
+    # undoes only after that check); undoing in reverse order still restores the original.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+def test_every_field_has_a_case():
+    assert set(vars(Settings())) == set(FIELDS)
+    assert {field for _, field, _ in CASES} == set(FIELDS)
+
+
+@pytest.mark.parametrize("read", READERS.values(), ids=READERS.keys())
+@pytest.mark.parametrize(("env", "field", "expected"), CASES, ids=lambda v: "+".join(f"{k}={v[k]}" for k in v)
+                         if isinstance(v, dict) else None)  # fmt: skip
+def test_each_variable_is_read_and_typed(monkeypatch, read, env, field, expected):
+    defaults = vars(Settings())
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    settings = read()
+    value = getattr(settings, field)
+    assert type(value) is type(expected) and value == expected
+    if field == "choose_candidate":
+        assert settings.choose_for == ((1, settings.max_batch_size) if expected else None)
+    # The variable sets its field and no other.
+    assert {k: v for k, v in vars(settings).items() if k != field} == {
+        k: v for k, v in defaults.items() if k != field
+    }
+
+
+@pytest.mark.parametrize(
+    ("variable", "raw"),
+    [
+        ("VIT_MAX_BATCH_SIZE", "eight"),  # int
+        ("VIT_MAX_QUEUE", "0"),  # int, out of range
+        ("VIT_TIMEOUT_S", "fast"),  # float
+        ("VIT_CHOOSE_CANDIDATE", "maybe"),  # bool
+        ("VIT_SPIN", "sometimes"),  # spin
+    ],
+)
+def test_an_invalid_value_is_one_line_naming_the_variable_and_the_value(monkeypatch, variable, raw):
+    monkeypatch.setenv(variable, raw)
+    with pytest.raises(ValueError) as caught:
+        settings_from_env()
+    message = str(caught.value)
+    assert "\n" not in message and variable in message and repr(raw) in message
+    assert variable.removeprefix("VIT_").lower() in message  # the field too
+
+
+def test_an_invalid_keyword_names_the_keyword():
+    with pytest.raises(
+        ValueError, match=r"^Invalid settings: spin='sometimes': expected one of never, run, always"
+    ):
+        Settings(spin="sometimes")
+    with pytest.raises(ValueError, match="unknown setting 'max_byte'"):
+        Settings(max_byte=5)  # extra fields are forbidden: a typo is not silently ignored
+
+
+def test_keywords_win_over_the_environment(monkeypatch):
+    monkeypatch.setenv("VIT_MAX_BYTES", "5")
+    monkeypatch.setenv("VIT_MAX_BATCH_SIZE", "3")
+    monkeypatch.setenv("VIT_TRACKING_URI", "http://vit:5000")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    monkeypatch.setenv("VIT_PROVIDERS", TWO_PROVIDERS)
+    settings = Settings(max_bytes=7, tracking_uri="http://kw:5000", providers=("CPUExecutionProvider",))
+    assert (settings.max_bytes, settings.tracking_uri, settings.providers) == (
+        7, "http://kw:5000", ("CPUExecutionProvider",))  # fmt: skip
+    assert settings.max_batch_size == 3  # a field the caller did not pass comes from the environment
+    assert settings_from_env(max_bytes=9, tracking_uri=None).max_bytes == 9
+    assert settings_from_env(tracking_uri=None).tracking_uri is None
+
+
+def test_settings_are_frozen_and_every_field_is_documented():
+    settings = Settings()
+    with pytest.raises(ValueError):
+        settings.max_bytes = 1
+    assert all(info.description for info in Settings.model_fields.values())
+
+
+@pytest.fixture
+def model_env(monkeypatch, tmp_path):
+    """VIT_MODEL_URI naming a tiny ONNX classifier (no TensorFlow), loaded on the CPU without timing."""
+    from tests.conftest import constant_classifier
+
+    monkeypatch.setenv("VIT_MODEL_URI", str(constant_classifier(tmp_path / "model.onnx", 3, favoured=1)))
+    monkeypatch.setenv("VIT_CHOOSE_CANDIDATE", "false")
+
+
+def _service_from_env():
+    from vit_consumer.server import app_from_env
+
+    service = app_from_env().state.service
+    service.decode_pool.shutdown()  # never started: nothing to wait for
+    return service
+
+
+@pytest.mark.parametrize("mlflow_too", [False, True], ids=["VIT_TRACKING_URI", "both"])
+def test_app_from_env_takes_the_vit_tracking_uri_without_a_type_error(monkeypatch, model_env, mlflow_too):
+    monkeypatch.setenv("VIT_TRACKING_URI", "http://vit:5000")
+    if mlflow_too:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    monkeypatch.setenv("VIT_MAX_BATCH_SIZE", "4")
+    settings = _service_from_env().settings
+    assert (settings.tracking_uri, settings.max_batch_size, settings.choose_for) == (
+        "http://vit:5000",
+        4,
+        None,
+    )
+
+
+def test_app_from_env_falls_back_to_mlflow_tracking_uri(monkeypatch, model_env):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    assert _service_from_env().settings.tracking_uri == "http://mlflow:5000"
+
+
+def test_app_from_env_loads_the_model_with_vit_providers(monkeypatch, model_env):
+    monkeypatch.setenv("VIT_PROVIDERS", "CPUExecutionProvider")
+    service = _service_from_env()
+    assert service.settings.providers == ("CPUExecutionProvider",)
+    assert service.engine.providers_requested == ["CPUExecutionProvider"]
+
+
+def test_app_from_env_without_a_model_is_one_clear_error(monkeypatch):
+    from vit_consumer.server import app_from_env
+
+    with pytest.raises(ValueError, match=r"^VIT_MODEL_URI is not set") as caught:
+        app_from_env()
+    assert "\n" not in str(caught.value)
+
+
+def test_the_readme_table_is_the_settings_class():
+    from pathlib import Path
+
+    from vit_consumer.settings import settings_table
+
+    readme = (Path(__file__).parents[2] / "deploy" / "consumer" / "README.md").read_text()
+    assert settings_table() in readme, "regenerate the table with vit_consumer.settings.settings_table()"

@@ -1,0 +1,110 @@
+"""The serving contract (vit_consumer.contract): one statement, imported on both sides."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from vit_consumer import contract
+
+
+def test_metadata_states_the_tensors_and_the_classes():
+    meta = contract.build_metadata(["cat", "dog"], (32, 32, 3), producer_version="9.9", dataset="pets",
+                                   test_accuracy=0.5, run_id="r1", extra={"opset": 17})  # fmt: skip
+    assert all(isinstance(v, str) for v in meta.values())
+    assert contract.class_names(meta) == ["cat", "dog"]
+    assert json.loads(meta[contract.META_INPUT_SHAPE]) == [None, 32, 32, 3]
+    assert meta[contract.META_INPUT_NAME] == "images" and meta[contract.META_OUTPUT_NAME] == "logits"
+    assert meta[contract.META_TEST_ACCURACY] == "0.500000" and meta["opset"] == "17"
+    assert contract.class_names({}) is None
+
+
+def test_pipeline_export_writes_the_contracts_metadata():
+    from vit_pipeline import __version__
+    from vit_pipeline.export import build_metadata
+
+    meta = build_metadata(["a", "b"], (8, 8, 3), dataset="d")
+    assert meta == contract.build_metadata(["a", "b"], (8, 8, 3), producer_version=__version__, dataset="d")
+
+
+def test_manifest_round_trip_and_bad_files(tmp_path):
+    manifest = contract.CandidatesManifest(
+        "optimized", 0.995, {"int8-static": {"file": "x.onnx", "top1_agreement": 1.0}}
+    )
+    path = manifest.write(tmp_path)
+    assert path.name == contract.MANIFEST_NAME
+    assert contract.CandidatesManifest.read(path) == manifest
+    assert contract.CandidatesManifest.find(tmp_path) == manifest
+    assert manifest.files(tmp_path) == {"int8-static": tmp_path / "x.onnx"}
+    assert contract.CandidatesManifest.find(tmp_path / "none") is None
+    for text in (
+        "not json",
+        '{"candidates": {}}',
+        '{"served_variant": "o", "min_agreement": 1, "candidates": {"a": {}}}',
+    ):
+        path.write_text(text)
+        with pytest.raises(ValueError, match="Not a candidates manifest"):
+            contract.CandidatesManifest.read(path)
+
+
+def test_fastest_is_the_highest_geometric_mean():
+    # b at batch 1 is 4x slower but 5x faster at batch 64: the geometric mean weighs both.
+    best, scores = contract.fastest({"a": [100.0, 200.0], "b": [25.0, 1000.0]})
+    assert best == "b"
+    assert scores["a"] == pytest.approx((100 * 200) ** 0.5) and scores["b"] == pytest.approx(
+        (25 * 1000) ** 0.5
+    )
+    with pytest.raises(ValueError, match="positive"):
+        contract.geometric_mean([1.0, 0.0])
+    with pytest.raises(ValueError, match="at least one"):
+        contract.fastest({})
+
+
+def test_softmax_and_top_k():
+    logits = np.array([[1.0, 3.0, 2.0], [0.0, 0.0, 0.0]], np.float32)
+    probs = contract.softmax(logits)
+    expected = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    np.testing.assert_allclose(probs, expected, rtol=1e-6)
+    cooler = contract.softmax(logits, temperature=2.0)
+    np.testing.assert_allclose(cooler, contract.softmax(logits / 2.0), rtol=1e-6)
+    assert contract.softmax(np.array([[1000.0, 0.0]])).tolist() == [[1.0, 0.0]]  # no overflow
+    top = contract.top_k(logits, ["a", "b", "c"], k=2)
+    assert [[p["label"] for p in row] for row in top] == [["b", "c"], ["a", "b"]]  # ties: lower index first
+    assert len(contract.top_k(logits, ["a", "b", "c"], k=99)[0]) == 3
+    with pytest.raises(ValueError, match="temperature"):
+        contract.softmax(logits, temperature=0)
+
+
+def test_providers_env_and_its_old_name(monkeypatch):
+    monkeypatch.delenv(contract.PROVIDERS_ENV, raising=False)
+    monkeypatch.delenv("VIT_CONSUMER_PROVIDERS", raising=False)
+    assert contract.requested_providers() is None
+    monkeypatch.setenv(contract.PROVIDERS_ENV, " CUDAExecutionProvider , CPUExecutionProvider ")
+    assert contract.requested_providers() == ("CUDAExecutionProvider", "CPUExecutionProvider")
+    assert contract.default_providers() == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.delenv(contract.PROVIDERS_ENV)
+    monkeypatch.setenv("VIT_CONSUMER_PROVIDERS", "CPUExecutionProvider")
+    with pytest.warns(DeprecationWarning, match="VIT_PROVIDERS"):
+        assert contract.requested_providers() == ("CPUExecutionProvider",)
+
+
+def test_gpu_providers_only_where_a_gpu_is_visible(monkeypatch, tmp_path):
+    """The detection reads the device node and CUDA_VISIBLE_DEVICES, not the build's provider list."""
+    import onnxruntime as ort
+
+    monkeypatch.delenv(contract.PROVIDERS_ENV, raising=False)
+    monkeypatch.delenv("VIT_CONSUMER_PROVIDERS", raising=False)
+    every = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(ort, "get_available_providers", lambda: every)  # what onnxruntime-gpu lists anywhere
+    monkeypatch.setattr(contract, "gpu_visible", lambda: False)
+    assert contract.default_providers() == ["CPUExecutionProvider"]
+    monkeypatch.setattr(contract, "gpu_visible", lambda: True)
+    assert contract.default_providers() == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert contract.default_providers((contract.TENSORRT, contract.CUDA)) == every
+    monkeypatch.undo()
+    node = contract.Path("/dev/nvidiactl").exists()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
+    assert contract.gpu_visible() is False
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    assert contract.gpu_visible() is node
