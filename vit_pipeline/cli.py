@@ -123,12 +123,14 @@ def _friendly_errors(func: Callable) -> Callable:
 @click.version_option(__version__, prog_name="vit-pipeline")
 def main() -> None:
     """Train, evaluate, export and serve a Vision Transformer."""
-    from vit_pipeline.distribute import LOGICAL_CPUS_ENV
-
     # TensorFlow's C++ log on a machine without an NVIDIA device is one ERROR line about
     # cuInit plus INFO lines about CUDA it will not use: not errors of this run. Hidden unless
     # asked for (TF_CPP_MIN_LOG_LEVEL=0); with a GPU, TensorFlow's errors stay visible.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2" if Path("/dev/nvidiactl").exists() else "3")
+    from vit_consumer.contract import gpu_visible
+
+    from vit_pipeline.distribute import LOGICAL_CPUS_ENV
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2" if gpu_visible() else "3")
 
     if os.environ.get(LOGICAL_CPUS_ENV):  # must happen before any stage starts TensorFlow
         from vit_pipeline.distribute import configure_logical_cpus
@@ -318,7 +320,6 @@ def list_runs(tracking_uri: str | None, experiments: tuple[str, ...], limit: int
 @_friendly_errors
 def evaluate(model_path: str, **kwargs) -> None:
     """Evaluate a saved .keras MODEL_PATH on the config's test split; logs to MLflow."""
-    from pathlib import Path
 
     from vit_pipeline import data, runs
     from vit_pipeline import evaluate as evaluate_stage
@@ -349,7 +350,6 @@ def evaluate(model_path: str, **kwargs) -> None:
 @_friendly_errors
 def predict(images: tuple[str, ...], model_uri: str, tracking_uri: str | None, top_k: int) -> None:
     """Classify IMAGES (PNG/JPEG) with an exported ONNX model (ONNX Runtime only)."""
-    from pathlib import Path
 
     from vit_consumer import InputError, OnnxClassifier
 
@@ -383,6 +383,10 @@ def serve(ctx: click.Context) -> None:
         sys.exit(consumer_main(["--model", "-", "serve", "--help"]))
     # The consumer's global options (--model, --tracking-uri, --providers) come before its subcommand.
     globals_, rest = _split_consumer_args(args)
+    if not any(a.split("=", 1)[0] == "--tracking-uri" for a in globals_):
+        from vit_pipeline.tracking import tracking_uri
+
+        globals_ += ["--tracking-uri", tracking_uri()]  # the pipeline's store, as for `predict`
     sys.exit(consumer_main([*globals_, "serve", *rest]))
 
 
@@ -444,7 +448,6 @@ def benchmark(model_path, preset, keras_path, eval_data, eval_images, batch_size
     and variant, OpenVINO (when installed) the same files. Prints the table, the
     served candidate and the speed ratios measured side by side.
     """
-    from pathlib import Path
 
     from vit_pipeline import benchmark as bench
     from vit_pipeline.benchmark.stage import models_to_time
@@ -493,7 +496,6 @@ def benchmark(model_path, preset, keras_path, eval_data, eval_images, batch_size
 @_friendly_errors
 def train_benchmark(presets, steps, warmup, output, rerun_failed) -> None:
     """Training img/s on this machine: each preset with and without XLA and mixed_bfloat16."""
-    from pathlib import Path
 
     from vit_pipeline.benchmark.training import TrainingReport, run_training_benchmark
 
@@ -510,7 +512,6 @@ def train_benchmark(presets, steps, warmup, output, rerun_failed) -> None:
 @_friendly_errors
 def benchmark_docs(reports, output) -> None:
     """Regenerate docs/benchmarks.md from the committed reports."""
-    from pathlib import Path
 
     from vit_pipeline.benchmark.docs import write
     from vit_pipeline.errors import DataError
@@ -527,7 +528,6 @@ def _eval_data(path: str | None, limit: int):
     """
     if path is None:
         return None, None, None
-    from pathlib import Path
 
     from vit_pipeline import data
 

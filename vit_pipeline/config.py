@@ -365,6 +365,7 @@ def _load_presets(folder: Path = PRESETS_DIR) -> dict[str, dict[str, Any]]:
 
 
 # Named presets (vit_pipeline/presets/*.yaml): overrides applied on top of the seed defaults.
+# Read at import: the typed flow parameters (ConfigOverrides) describe each field with the presets' values.
 PRESETS: dict[str, dict[str, Any]] = _load_presets()
 
 

@@ -91,10 +91,9 @@ def scores(logits: np.ndarray, labels: np.ndarray | None = None, reference: np.n
 def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
     """Mean softmax cross-entropy from logits (scikit-learn's log loss on the softmax)."""
     from sklearn.metrics import log_loss
+    from vit_consumer.contract import softmax
 
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    probs = np.exp(shifted) / np.exp(shifted).sum(axis=1, keepdims=True)
-    return float(log_loss(labels, probs, labels=np.arange(logits.shape[1])))
+    return float(log_loss(labels, softmax(logits), labels=np.arange(logits.shape[1])))
 
 
 def confusion(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> np.ndarray:

@@ -198,6 +198,14 @@ def ort_session(path: str | Path, providers: list[str] | None = None):
         raise ExportError(f"ONNX Runtime cannot load {path}: {exc}") from exc
 
 
+def onnx_scores(path: str | Path, images: np.ndarray, labels: np.ndarray | None = None,
+                reference: np.ndarray | None = None, batch_size: int = 64, shown=None) -> dict[str, float]:  # fmt: skip
+    """An ONNX file's top-1/top-5 on labelled images and its agreement with reference logits (CPU)."""
+    from vit_pipeline.evaluate import scores
+
+    return scores(run_onnx(ort_session(path), images, batch_size, shown), labels, reference)
+
+
 def run_onnx(session, images: np.ndarray, batch_size: int, shown=None) -> np.ndarray:
     """Logits of ``images`` in batches; ``shown`` (a progress tracker) advances per image."""
 
@@ -221,8 +229,9 @@ def check_parity(
         tolerance: Largest allowed absolute logit difference.
     """
 
+    from vit_pipeline.evaluate import scores
+
     session = ort_session(onnx_path)
-    ref_top1 = keras_logits.argmax(axis=1)
     per_batch: dict[str, dict[str, float]] = {}
     with task(
         f"Parity: Keras vs ONNX Runtime, {Path(onnx_path).name}", len(images) * len(batch_sizes)
@@ -231,7 +240,7 @@ def check_parity(
             logits = run_onnx(session, images, bs, shown)
             per_batch[str(bs)] = {
                 "max_abs_diff": float(np.abs(logits - keras_logits).max()),
-                "top1_agreement": float(np.mean(logits.argmax(axis=1) == ref_top1)),
+                "top1_agreement": scores(logits, reference=keras_logits)["top1_agreement"],
             }
     return ParityReport(
         num_images=int(len(images)),
@@ -369,8 +378,7 @@ def gate_candidates(cfg, keras_logits: np.ndarray, splits: Splits, paths: dict[s
     out = {}
     for name, path in paths.items():
         with task(f"Candidate gate: {name} vs Keras", len(images)) as shown:
-            logits = run_onnx(ort_session(path), images, 64, shown)
-        score = scores(logits, labels, reference)
+            score = onnx_scores(path, images, labels, reference, shown=shown)
         agreement = score["top1_agreement"]
         out[name] = {
             "path": path, "top1_agreement": agreement, "test_accuracy": score["top1"],

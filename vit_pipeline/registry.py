@@ -107,10 +107,9 @@ class TestSplit:
 
 def onnx_accuracy(path: str | Path, split: TestSplit, batch_size: int = 256) -> dict[str, float]:
     """Top-1 and top-5 of an ONNX file on ``split`` (ONNX Runtime, CPU)."""
-    from vit_pipeline.evaluate import scores
-    from vit_pipeline.export import ort_session, run_onnx
+    from vit_pipeline.export import onnx_scores
 
-    return scores(run_onnx(ort_session(path), split.images, batch_size), split.labels)
+    return onnx_scores(path, split.images, split.labels, batch_size=batch_size)
 
 
 def onnx_class_names(path: str | Path) -> list[str] | None:
@@ -276,12 +275,9 @@ def version_of_run(client, name: str, run_id: str):
     return min(versions, key=lambda v: int(v.version)) if versions else None
 
 
-def _candidate_files(manifest: str | None) -> list[str]:
-    """The manifest and the candidate files it names (all beside it)."""
-    if not manifest:
-        return []
-    files = CandidatesManifest.read(manifest).files(Path(manifest).parent)
-    return [manifest, *(str(f) for f in files.values())]
+def _candidate_files(path: str, manifest: CandidatesManifest) -> list[str]:
+    """The manifest (at ``path``) and the candidate files it names (all beside it)."""
+    return [path, *(str(f) for f in manifest.files(Path(path).parent).values())]
 
 
 def _log_and_register(cfg: PipelineConfig, run_id: str, onnx_path: str, example: np.ndarray,
@@ -324,14 +320,18 @@ def _log_onnx(cfg: PipelineConfig, run_id: str, onnx_path: str, signature, examp
         save_as_external_data=False,
         # The GPU build carries the CPU provider; never pull plain onnxruntime beside it.
         pip_requirements=[f"onnx=={onnx.__version__}", f"onnxruntime-gpu=={ort.__version__}"],
-        **({"extra_files": _candidate_files(candidates)} if candidates else {}),
+        **(
+            {"extra_files": _candidate_files(candidates, CandidatesManifest.read(candidates))}
+            if candidates
+            else {}
+        ),
     )
 
 
-def _candidate_tags(manifest: str | None) -> dict[str, str]:
-    if not manifest:
+def _candidate_tags(manifest: CandidatesManifest | None) -> dict[str, str]:
+    if manifest is None:
         return {}
-    candidates = CandidatesManifest.read(manifest).candidates
+    candidates = manifest.candidates
     tags = {"candidates": ",".join(candidates) or "none"}
     for name, c in candidates.items():
         tags[f"candidate.{name}.top1_agreement"] = f"{c['top1_agreement']:.6f}"
@@ -380,7 +380,7 @@ def register_onnx(
         "data_digest": split.data_digest,
         "mlflow_run_id": run_id,
         **({"keras_test_accuracy": f"{keras_test_accuracy:.6f}"} if keras_test_accuracy is not None else {}),
-        **_candidate_tags(candidates),
+        **_candidate_tags(CandidatesManifest.read(candidates) if candidates else None),
     }
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
@@ -454,10 +454,9 @@ def run(ctx: StageContext, data_path: str, onnx_path: str, test_accuracy: float)
     from vit_pipeline.data import Splits
 
     split = TestSplit.from_splits(Splits.load(data_path))
-    folder = Path(onnx_path).parent
-    manifest = folder / MANIFEST_NAME if CandidatesManifest.find(folder) else None
+    manifest = Path(onnx_path).parent / MANIFEST_NAME  # the export's, when it listed candidates
     return register_onnx(ctx.cfg, ctx.run_id, onnx_path, split, keras_test_accuracy=test_accuracy,
-                         candidates=str(manifest) if manifest else None)  # fmt: skip
+                         candidates=str(manifest) if manifest.is_file() else None)  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from vit_consumer import contract
 
 from vit_pipeline.fsutil import write_text
 
 SCHEMA_VERSION = 2
-CPU = "CPUExecutionProvider"
+CPU = contract.CPU
 OV_DEFAULT = "openvino-CPU"  # OpenVINO as it comes (its own precision choice)
 OV_F32 = "openvino-CPU-f32"  # with INFERENCE_PRECISION_HINT=f32
 

@@ -9,19 +9,24 @@ import sys
 from pathlib import Path
 
 from vit_consumer.classifier import SPIN_MODES, InputError, OnnxClassifier
+from vit_consumer.contract import split_providers
 from vit_consumer.settings import Settings
 
 
 def _parser() -> argparse.ArgumentParser:
+    # Every default is the settings' value: VIT_* variables (and MLFLOW_TRACKING_URI) apply, options win.
+    defaults = Settings()
     parser = argparse.ArgumentParser(prog="vit-consumer", description=__doc__)
     parser.add_argument("--model", required=True, help="model.onnx, or models:/vit-cifar100@champion")
-    parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for models:/ URIs")
-    parser.add_argument("--providers", default=None, help="comma-separated ONNX Runtime providers")
+    parser.add_argument(
+        "--tracking-uri", default=defaults.tracking_uri, help="MLflow tracking URI for models:/ URIs"
+    )
+    parser.add_argument("--providers", default=",".join(defaults.providers or ()) or None,
+                        help="comma-separated ONNX Runtime providers")  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the HTTP service")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
-    defaults = Settings()
     serve.add_argument("--max-bytes", type=int, default=defaults.max_bytes, help="largest request body")
     serve.add_argument("--max-inflight-bytes", type=int, default=defaults.max_inflight_bytes,
                        help="all request bodies being handled at once (beyond: 503)")  # fmt: skip
@@ -37,14 +42,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--pixel-budget", type=int, default=defaults.pixel_budget,
                        help="decoded pixels of all images of one request together")  # fmt: skip
-    serve.add_argument("--reload-seconds", type=float, default=0.0,
+    serve.add_argument("--reload-seconds", type=float, default=defaults.reload_seconds,
                        help="check a models:/name@alias source this often and switch to new versions (0: off)")  # fmt: skip
     serve.add_argument("--decode-threads", type=int, default=defaults.decode_threads,
                        help="threads that read and decode request bodies")  # fmt: skip
     serve.add_argument("--spin", choices=SPIN_MODES, default=defaults.spin, nargs="?", const="always",
                        help="when ONNX Runtime's threads spin: only while a run is in progress (run), also between "
                             "runs (always, also a bare --spin: the CPU HTTP and decoding need), or never")  # fmt: skip
-    serve.add_argument("--no-choose", dest="choose", action="store_false",
+    serve.add_argument("--no-choose", dest="choose", action="store_false", default=defaults.choose_candidate,
                        help="serve the registered file; do not time the registered candidates (int8, ...) here")  # fmt: skip
     predict = sub.add_parser("predict", help="classify image files")
     predict.add_argument("images", nargs="+", type=Path)
@@ -60,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Error: {exc}", file=sys.stderr)
         return 2
     args = parser.parse_args(argv)
-    providers = args.providers.split(",") if args.providers else None
+    providers = list(split_providers(args.providers) or ()) or None
     try:
         # The service keeps ONNX Runtime's threads from spinning between runs (Settings.spin).
         spin = args.spin if args.command == "serve" else "always"

@@ -160,10 +160,13 @@ class CandidatesManifest:
 
 
 def geometric_mean(values: Iterable[float]) -> float:
-    """The geometric mean of positive values (how throughput over batch sizes is scored)."""
+    """The geometric mean of throughputs (how a file is scored over batch sizes); 0 if any is 0
+    (a file that did not run at one batch size cannot be the fastest)."""
     arr = np.asarray(list(values), dtype=np.float64)
-    if arr.size == 0 or (arr <= 0).any():
-        raise ValueError(f"Expected positive values. Received: {arr.tolist()}")
+    if arr.size == 0 or (arr < 0).any() or not np.isfinite(arr).all():
+        raise ValueError(f"Expected finite throughputs >= 0. Received: {arr.tolist()}")
+    if (arr == 0).any():
+        return 0.0
     return float(np.exp(np.log(arr).mean()))
 
 

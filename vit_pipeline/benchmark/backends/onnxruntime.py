@@ -38,7 +38,7 @@ def session(path: str | Path, providers: list[Any] | None = None, threads: int |
         # Saving the optimised graph makes ORT warn that it is hardware specific: this copy is only
         # read to learn which kernels run, never served.
         options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), options, providers=providers or [contract.CPU])
 
 
 def runtime_precision(path: str | Path) -> tuple[str, list[str]]:
@@ -73,14 +73,14 @@ class OrtBackend:
     def __init__(self, path: str | Path, provider: str, variant: str, cache_dir: str | None = None,
                  threads: int | None = None):  # fmt: skip
         providers: list[Any] = []
-        if provider == "TensorrtExecutionProvider":
+        if provider == contract.TENSORRT:
             trt = {"trt_engine_cache_enable": True, "trt_engine_cache_path": cache_dir or "trt-cache",
                    "trt_fp16_enable": variant == "fp16"}  # fmt: skip
             providers.append((provider, trt))
-            providers.append("CUDAExecutionProvider")
-        elif provider != "CPUExecutionProvider":
+            providers.append(contract.CUDA)
+        elif provider != contract.CPU:
             providers.append(provider)
-        providers.append("CPUExecutionProvider")
+        providers.append(contract.CPU)
         self.path = Path(path)
         self.session = session(path, providers, threads)
         self.providers_used = self.session.get_providers()
@@ -145,5 +145,5 @@ def resolve_providers(requested: list[str] | None) -> list[str]:
 
 def probe_provider(path: str | Path, provider: str) -> str:
     """The provider a session requesting ``provider`` really runs on."""
-    fallback = [] if provider == "CPUExecutionProvider" else ["CPUExecutionProvider"]
+    fallback = [] if provider == contract.CPU else [contract.CPU]
     return session(path, [provider, *fallback]).get_providers()[0]
