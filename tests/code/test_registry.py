@@ -22,6 +22,8 @@ from vit_pipeline import runs, tracking
 from vit_pipeline.config import make_config
 from vit_pipeline.registry import CHAMPION, RegistryError, register_onnx
 
+pytestmark = pytest.mark.integration  # real processes or servers: not in the fast tier
+
 # Class c is counts[c] of the 100 test images: always predicting c scores counts[c] %.
 COUNTS = [10, 20, 30, 40]
 

@@ -13,6 +13,8 @@ from mlflow.tracking import MlflowClient
 
 from tests.conftest import TINY, PtyProcess, free_port
 
+pytestmark = pytest.mark.integration  # real processes or servers: not in the fast tier
+
 BIN = Path(sys.executable).parent
 
 

@@ -262,6 +262,7 @@ def _bad_inputs(tmp_path):
     return cases
 
 
+@pytest.mark.integration  # the CLI as a process, for each case
 @pytest.mark.parametrize(
     "case",
     [
@@ -303,6 +304,7 @@ def test_bad_input_on_the_cli_is_one_line_and_writes_nothing(tmp_path, pipeline_
     assert not os.path.exists(marker)
 
 
+@pytest.mark.integration  # `vit-pipeline run` as a process, Prefect included
 @pytest.mark.parametrize(("case", "before_prefect"), [("truncated", True), ("no_members", True),
                                                        ("empty_folder", True), ("pickle_payload", False)])  # fmt: skip
 def test_bad_input_under_run_is_one_line_too(tmp_path, pipeline_home, case, before_prefect):

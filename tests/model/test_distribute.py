@@ -11,6 +11,8 @@ import pytest
 from vit_pipeline.config import make_config
 from vit_pipeline.errors import ConfigError
 
+pytestmark = pytest.mark.integration  # real processes or servers: not in the fast tier
+
 ROOT = Path(__file__).resolve().parents[2]
 
 

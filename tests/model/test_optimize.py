@@ -72,6 +72,7 @@ def test_flop_count_matches_the_architecture(perturbed):
     assert count_gflop_per_image(path) == pytest.approx(2 * macs / 1e9, rel=1e-9)
 
 
+@pytest.mark.integration
 def test_seed_architecture_flops(tmp_path):
     """0.40 GFLOP per image for the seed (FACTS.md): the benchmark's count on the exported seed model,
     against the seed's architecture written out by hand (72x72 images, patches of 6, 8 blocks of 4 heads

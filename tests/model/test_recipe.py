@@ -244,6 +244,7 @@ def test_recipe_models_export_with_parity(overrides, real_cut, tmp_path):
     assert parity.passed, parity.to_dict()
 
 
+@pytest.mark.integration
 def test_improved_recipe_trains_and_follows_its_schedule(tmp_path):
     overrides = {
         **TINY_IMPROVED,
