@@ -74,23 +74,8 @@ class _Fields(BaseModel):
         return _parse(info.field_name, cls.model_fields[info.field_name].annotation, value)
 
 
-class PipelineConfig(_Fields):
-    """Everything a pipeline run needs to know. Defaults are the seed recipe.
-
-    The defaults reproduce the keras-io example "Image classification with Vision
-    Transformer" (CIFAR-100): images resized to 72, patches of 6, projection 64,
-    4 heads, 8 blocks, head MLP [2048, 1024], AdamW lr 1e-3, batch 256, 100
-    epochs, 10% validation.
-
-    Weight decay uses Keras semantics. ``keras.optimizers.AdamW`` decays weights by
-    ``learning_rate * weight_decay * w`` each step, whereas the seed's
-    tensorflow-addons AdamW decayed by ``weight_decay * w`` (not scaled by the
-    learning rate). The seed's ``wd=1e-4`` at ``lr=1e-3`` is therefore
-    ``weight_decay = 1e-4 / 1e-3 = 0.1`` here. Passing 1e-4 to Keras would decay
-    1000x less than the seed did.
-
-    Each field's docstring is its description (CLI ``--help``, Prefect UI, JSON schema).
-    """
+class DataConfig(_Fields):
+    """Where the images come from and how they are split."""
 
     dataset: Literal["digits", "cifar100", "image_folder"] = "cifar100"
     """Data source: "digits" (scikit-learn's 8x8 digits, upscaled, ships with a dependency), "cifar100"
@@ -114,6 +99,11 @@ class PipelineConfig(_Fields):
     """Stratified cap on training images (None: all)."""
     max_test_images: PositiveInt | None = None
     """Stratified cap on test images (None: all)."""
+
+
+class ModelConfig(_Fields):
+    """The ViT's architecture, and the training-only augmentation layers it carries."""
+
     image_size: PositiveInt = 72
     """Side the model resizes images to before cutting patches."""
     patch_size: PositiveInt = 6
@@ -155,6 +145,12 @@ class PipelineConfig(_Fields):
     """Training-only rotation factor (fraction of 2*pi)."""
     random_zoom: Rate = 0.2
     """Training-only zoom factor."""
+
+
+class OptimizerConfig(_Fields):
+    """How the model is trained: epochs, batches, AdamW and its schedule, the loss and the input pipeline's
+    augmentation, the seed."""
+
     epochs: PositiveInt = 100
     """Training epochs."""
     batch_size: PositiveInt = 256
@@ -193,6 +189,11 @@ class PipelineConfig(_Fields):
     with equal odds (DeiT)."""
     seed: int = 42
     """Seed for the split, weight initialisation and augmentation."""
+
+
+class TrackingConfig(_Fields):
+    """Where a run is recorded (MLflow); nothing here changes what is trained."""
+
     experiment_name: str | None = None
     """MLflow experiment; None means ``vit-<dataset>``."""
     tracking_uri: str | None = None
@@ -206,6 +207,11 @@ class PipelineConfig(_Fields):
     system_metrics_seconds: NonNegativeFloat = 10.0
     """Sampling interval of MLflow's system metrics (CPU, memory, disk, network, NVIDIA GPU) for every
     run; 0: off."""
+
+
+class ExportConfig(_Fields):
+    """The ONNX export, its gates, the serving candidates and the registry's champion rule."""
+
     onnx_opset: Annotated[int, Field(ge=13, le=18)] = 17
     """ONNX opset of the export."""
     parity_tolerance: PositiveFloat = 1e-3
@@ -231,6 +237,11 @@ class PipelineConfig(_Fields):
     """Test images the candidate gate uses (up to all)."""
     int8_calibration_images: PositiveInt = 256
     """Training images int8-static is calibrated on."""
+
+
+class BenchmarkConfig(_Fields):
+    """The inference benchmark stage."""
+
     benchmark_batch_sizes: Annotated[tuple[PositiveInt, ...], Field(min_length=1)] = (1, 8, 64, 256)
     """Batch sizes of the benchmark stage."""
     benchmark_variants: BenchmarkVariants = "fp32,optimized,int8,int8-static,fp16"
@@ -241,6 +252,62 @@ class PipelineConfig(_Fields):
     """Timing budget per cell and round."""
     benchmark_rounds: PositiveInt = 3
     """Alternating rounds over all cells."""
+
+
+class PipelineConfig(BaseModel):
+    """Everything a pipeline run needs to know. Defaults are the seed recipe.
+
+    The defaults reproduce the keras-io example "Image classification with Vision
+    Transformer" (CIFAR-100): images resized to 72, patches of 6, projection 64,
+    4 heads, 8 blocks, head MLP [2048, 1024], AdamW lr 1e-3, batch 256, 100
+    epochs, 10% validation.
+
+    Weight decay uses Keras semantics. ``keras.optimizers.AdamW`` decays weights by
+    ``learning_rate * weight_decay * w`` each step, whereas the seed's
+    tensorflow-addons AdamW decayed by ``weight_decay * w`` (not scaled by the
+    learning rate). The seed's ``wd=1e-4`` at ``lr=1e-3`` is therefore
+    ``weight_decay = 1e-4 / 1e-3 = 0.1`` here. Passing 1e-4 to Keras would decay
+    1000x less than the seed did.
+
+    The settings live in sections (``cfg.data``, ``cfg.model``, ``cfg.optimizer``,
+    ``cfg.tracking``, ``cfg.export``, ``cfg.benchmark``); every field name is unique
+    across them, so a field is also read, written in presets, CLI options, sweep
+    files, flow parameters and MLflow params by its flat name (``cfg.epochs`` is
+    ``cfg.optimizer.epochs``). Each field's docstring is its description (CLI
+    ``--help``, Prefect UI, JSON schema).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
+
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    export: ExportConfig = ExportConfig()
+    benchmark: BenchmarkConfig = BenchmarkConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sections_from_flat_names(cls, values: Any) -> Any:
+        """Flat field names (presets, CLI, flow parameters, ``to_dict``) go to their sections."""
+        if not isinstance(values, dict):
+            return values
+        nested: dict[str, Any] = {}
+        for key, value in values.items():
+            section = _SECTION_OF.get(key)
+            if section is None:
+                nested[key] = value  # a section given whole, or an unknown name (refused below)
+            else:
+                nested.setdefault(section, {})
+                if isinstance(nested[section], dict):
+                    nested[section][key] = value
+        return nested
+
+    def __getattr__(self, name: str) -> Any:
+        section = _SECTION_OF.get(name)
+        if section is not None:
+            return getattr(self.__dict__[section], name)
+        return super().__getattr__(name)
 
     @model_validator(mode="after")
     def _consistent(self) -> PipelineConfig:
@@ -314,11 +381,22 @@ class PipelineConfig(_Fields):
         return split_names(self.benchmark_providers or "") or None
 
     def to_dict(self) -> dict[str, Any]:
-        return self.model_dump()
+        """Every field by its flat name, in declaration order (MLflow params, flow parameters, ``from_dict``)."""
+        return {name: getattr(getattr(self, section), name) for name, section in _SECTION_OF.items()}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
+
+SECTIONS: dict[str, type[_Fields]] = {
+    "data": DataConfig, "model": ModelConfig, "optimizer": OptimizerConfig, "tracking": TrackingConfig,
+    "export": ExportConfig, "benchmark": BenchmarkConfig,
+}  # fmt: skip
+# Flat field name -> its section, in declaration order (the order of CLI options and MLflow params).
+_SECTION_OF: dict[str, str] = {
+    name: section for section, model in SECTIONS.items() for name in model.model_fields
+}
+PipelineConfig.model_rebuild()
 
 SPLIT_FOLDER_NAMES = ("train", "val", "validation", "test")
 
@@ -370,17 +448,23 @@ PRESETS: dict[str, dict[str, Any]] = _load_presets()
 
 
 def field_names() -> list[str]:
-    return list(PipelineConfig.model_fields)
+    """Every config field's flat name, in declaration order."""
+    return list(_SECTION_OF)
+
+
+def field_info(name: str):
+    """A field's pydantic ``FieldInfo`` (type, constraints, default, description), by its flat name."""
+    return SECTIONS[_SECTION_OF[name]].model_fields[name]
 
 
 def field_description(name: str) -> str:
     """A field's description (its docstring), on one line."""
-    return " ".join((PipelineConfig.model_fields[name].description or "").split())
+    return " ".join((field_info(name).description or "").split())
 
 
 def field_metavar(name: str) -> str:
     """How a field's value is written on the command line, e.g. ``INTEGER`` or ``[fine|coarse]``."""
-    optional, tp = _optional(PipelineConfig.model_fields[name].annotation)
+    optional, tp = _optional(field_info(name).annotation)
     tp = _base(tp)
     if typing.get_origin(tp) is Literal:
         text = "[" + "|".join(typing.get_args(tp)) + "]"
@@ -444,6 +528,8 @@ _BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "l
 def _message(error: dict[str, Any]) -> str:
     """One pydantic error as this project's one-line "Expected ... Received: ..." message."""
     loc = [str(part) for part in error["loc"]]
+    if len(loc) > 1 and loc[0] in SECTIONS:  # a field of a section: named by its flat name
+        loc = loc[1:]
     name = loc[0] if loc else ""
     value = error.get("input")
     ctx = error.get("ctx") or {}
@@ -480,7 +566,8 @@ def _overrides_model() -> type[BaseModel]:
     seed's default and the presets that change it.
     """
     fields: dict[str, Any] = {}
-    for name, info in PipelineConfig.model_fields.items():
+    for name in field_names():
+        info = field_info(name)
         tp = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
         changed = [f"{p}: {_show(values[name])}" for p, values in PRESETS.items() if name in values]
         default = f"Default: the preset's; seed {_show(info.default)}" + (

@@ -35,7 +35,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from vit_pipeline import __version__, tracking
-from vit_pipeline.config import PipelineConfig
+from vit_pipeline.config import SECTIONS, PipelineConfig
 
 log = logging.getLogger(__name__)
 
@@ -139,9 +139,9 @@ def create_run(cfg: PipelineConfig, preset: str | None = None, tags: dict[str, s
     reap_once(cfg)
     exp_id = tracking.experiment_id(cfg, c)
     all_tags = {"vit_pipeline.version": __version__, "dataset": cfg.dataset_tag, **(tags or {})}
-    if cfg.run_name:
-        all_tags[MLFLOW_RUN_NAME] = cfg.run_name
-    run = c.create_run(exp_id, run_name=cfg.run_name, tags={**all_tags, **owner_tags()})
+    if cfg.tracking.run_name:
+        all_tags[MLFLOW_RUN_NAME] = cfg.tracking.run_name
+    run = c.create_run(exp_id, run_name=cfg.tracking.run_name, tags={**all_tags, **owner_tags()})
     logger = tracking.RunLogger(c, run.info.run_id)
     logger.params(tracking.config_params(cfg, preset))
     logger.tags({"mlflow.note.content": _note(cfg, preset)})
@@ -203,7 +203,7 @@ def _operational(field: str) -> bool:
     operational = ("tracking_uri", "tracking_wait_seconds", "run_name", "distribution_strategy",
                    "system_metrics_seconds", "serve_candidates", "candidate_min_agreement", "candidate_images",
                    "int8_calibration_images")  # fmt: skip
-    return field in operational or field.startswith("benchmark_")
+    return field in operational or field in SECTIONS["benchmark"].model_fields
 
 
 def _note(cfg: PipelineConfig, preset: str | None) -> str:
@@ -268,14 +268,14 @@ def lifecycle(
 
 def _system_metrics(cfg: PipelineConfig, run_id: str):
     """MLflow's system metrics (CPU, memory, disk, network; GPU through NVML where one exists)
-    for this run, sampled every ``cfg.system_metrics_seconds`` (0: off): the run page's
+    for this run, sampled every ``cfg.tracking.system_metrics_seconds`` (0: off): the run page's
     "System metrics" tab. A resumed run continues the step count."""
-    if cfg.system_metrics_seconds <= 0:
+    if cfg.tracking.system_metrics_seconds <= 0:
         return None
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
     logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no "Started monitoring" lines
-    monitor = SystemMetricsMonitor(run_id, sampling_interval=cfg.system_metrics_seconds, resume_logging=True,
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=cfg.tracking.system_metrics_seconds, resume_logging=True,
                                    tracking_uri=tracking.tracking_uri(cfg))  # fmt: skip
     monitor.start()
     return monitor

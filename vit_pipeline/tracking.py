@@ -36,8 +36,8 @@ def work_dir(run_id: str) -> Path:
 
 def tracking_uri(cfg: PipelineConfig | None = None) -> str:
     """Config field, then ``$MLFLOW_TRACKING_URI``, then the local SQLite store."""
-    if cfg is not None and cfg.tracking_uri:
-        return cfg.tracking_uri
+    if cfg is not None and cfg.tracking.tracking_uri:
+        return cfg.tracking.tracking_uri
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
     return f"sqlite:///{home() / 'mlflow.db'}"
@@ -116,7 +116,7 @@ def weight_decay_tfa_equivalent(cfg: PipelineConfig) -> str:
 def check_reachable(cfg: PipelineConfig) -> None:
     """Fails fast, before any training, if an HTTP tracking server does not answer.
 
-    Retries for ``cfg.tracking_wait_seconds`` (a server that is just starting);
+    Retries for ``cfg.tracking.tracking_wait_seconds`` (a server that is just starting);
     MLflow's own client would otherwise retry each request for minutes.
 
     Raises:
@@ -127,11 +127,11 @@ def check_reachable(cfg: PipelineConfig) -> None:
     from vit_pipeline.errors import TrackingUnavailable
 
     uri = tracking_uri(cfg)
-    deadline = time.monotonic() + cfg.tracking_wait_seconds
+    deadline = time.monotonic() + cfg.tracking.tracking_wait_seconds
     while (problem := _health_problem(uri, timeout=5.0)) is not None:
         if time.monotonic() >= deadline:
             raise TrackingUnavailable(
-                f"MLflow tracking server {uri} is unreachable ({problem}) after {cfg.tracking_wait_seconds:g} s; "
+                f"MLflow tracking server {uri} is unreachable ({problem}) after {cfg.tracking.tracking_wait_seconds:g} s; "
                 "nothing was trained. Start it, or set --tracking-uri / MLFLOW_TRACKING_URI."
             )
         time.sleep(1.0)

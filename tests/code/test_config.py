@@ -1,3 +1,5 @@
+import json
+
 import pytest
 from click.testing import CliRunner
 
@@ -116,7 +118,7 @@ def test_the_json_schema_refuses_what_the_model_refuses(bad):
     import jsonschema
 
     schema = ConfigOverrides.model_json_schema()
-    jsonschema.validate(make_config("cifar100").model_dump(mode="json"), schema)
+    jsonschema.validate(json.loads(make_config("cifar100").to_json()), schema)
     with pytest.raises(ConfigError):
         make_config("cifar100", config=bad)
     with pytest.raises(jsonschema.ValidationError):
@@ -160,3 +162,21 @@ def test_presets_are_data_files_and_extends_resolves(tmp_path):
     (tmp_path / "c.yaml").write_text("value: {}\n")
     with pytest.raises(ConfigError, match=r"unknown keys \['value'\]"):
         _load_presets(tmp_path)
+
+
+def test_config_sections_and_flat_names():
+    from vit_pipeline.config import SECTIONS, field_names
+
+    cfg = make_config("quickstart", {"epochs": 3, "tracking_uri": "sqlite:///x.db"})
+    assert cfg.optimizer.epochs == cfg.epochs == 3 and cfg.tracking.tracking_uri == "sqlite:///x.db"
+    assert cfg.model.patch_size == 4 and cfg.data.dataset == "digits"
+    names = [n for section in SECTIONS.values() for n in section.model_fields]
+    assert len(names) == len(set(names)) == len(field_names())  # a flat name is one field
+    assert list(cfg.to_dict()) == field_names()
+    # The tracking section holds where a run is recorded, nothing of the model or its training.
+    assert set(SECTIONS["tracking"].model_fields) == {"experiment_name", "tracking_uri", "run_name",
+                                                     "tracking_wait_seconds", "system_metrics_seconds"}  # fmt: skip
+    nested = PipelineConfig(optimizer={"epochs": 3}, tracking={"tracking_uri": "sqlite:///x.db"})
+    assert nested.epochs == 3 and nested == PipelineConfig(epochs=3, tracking_uri="sqlite:///x.db")
+    with pytest.raises(AttributeError):
+        _ = cfg.no_such_field
