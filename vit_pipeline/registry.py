@@ -281,10 +281,10 @@ def _candidate_files(path: str, manifest: CandidatesManifest) -> list[str]:
 
 
 def _log_and_register(cfg: PipelineConfig, run_id: str, onnx_path: str, example: np.ndarray,
-                      candidates: str | None = None) -> str:  # fmt: skip
+                      extra_files: list[str]) -> str:  # fmt: skip
     """Logs the ONNX file to the run with MLflow's onnx flavour and registers it; returns the version.
 
-    Serving candidates (``candidates``: their manifest) travel inside the same
+    Serving candidates and their manifest (``extra_files``) travel inside the same
     logged model as ``extra_files/``, so ``models:/name@champion`` brings them along.
     """
     import mlflow
@@ -295,12 +295,12 @@ def _log_and_register(cfg: PipelineConfig, run_id: str, onnx_path: str, example:
     outputs = run_onnx(ort_session(onnx_path), example, len(example))
     signature = mlflow.models.infer_signature({INPUT_NAME: example}, {OUTPUT_NAME: outputs})
     with quiet_onnxruntime():
-        info = _log_onnx(cfg, run_id, onnx_path, signature, example, candidates)
+        info = _log_onnx(cfg, run_id, onnx_path, signature, example, extra_files)
     return str(info.registered_model_version)
 
 
 def _log_onnx(cfg: PipelineConfig, run_id: str, onnx_path: str, signature, example: np.ndarray,
-              candidates: str | None):  # fmt: skip
+              extra_files: list[str]):  # fmt: skip
     import mlflow.onnx
     import onnx
     import onnxruntime as ort
@@ -320,11 +320,7 @@ def _log_onnx(cfg: PipelineConfig, run_id: str, onnx_path: str, signature, examp
         save_as_external_data=False,
         # The GPU build carries the CPU provider; never pull plain onnxruntime beside it.
         pip_requirements=[f"onnx=={onnx.__version__}", f"onnxruntime-gpu=={ort.__version__}"],
-        **(
-            {"extra_files": _candidate_files(candidates, CandidatesManifest.read(candidates))}
-            if candidates
-            else {}
-        ),
+        **({"extra_files": extra_files} if extra_files else {}),
     )
 
 
@@ -360,12 +356,19 @@ def register_onnx(
 
     client = tracking.client(cfg)
     name = cfg.resolved_model_name
+    manifest = CandidatesManifest.read(candidates) if candidates else None  # read once
     served = onnx_accuracy(onnx_path, split)
     existing = version_of_run(client, name, run_id)
     version = (
         str(existing.version)
         if existing
-        else _log_and_register(cfg, run_id, onnx_path, split.images[:1], candidates)
+        else _log_and_register(
+            cfg,
+            run_id,
+            onnx_path,
+            split.images[:1],
+            _candidate_files(candidates, manifest) if manifest else [],
+        )
     )
     if existing is not None and "promotion" in existing.tags:  # a resumed run that had already decided
         log.info("Run %s already registered %s v%s (%s)", run_id, name, version, existing.tags["promotion"])
@@ -380,7 +383,7 @@ def register_onnx(
         "data_digest": split.data_digest,
         "mlflow_run_id": run_id,
         **({"keras_test_accuracy": f"{keras_test_accuracy:.6f}"} if keras_test_accuracy is not None else {}),
-        **_candidate_tags(CandidatesManifest.read(candidates) if candidates else None),
+        **_candidate_tags(manifest),
     }
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)

@@ -28,7 +28,8 @@ from vit_pipeline.benchmark.environment import environment
 from vit_pipeline.benchmark.memory import measure_memory
 from vit_pipeline.benchmark.report import CPU, BenchmarkReport, BenchmarkResult, LatencyStats
 from vit_pipeline.benchmark.roofline import count_gflop_per_image, rooflines
-from vit_pipeline.benchmark.scenario import Scenario, accuracy, time_cells
+from vit_pipeline.benchmark.scenario import Scenario, time_cells
+from vit_pipeline.evaluate import scores
 from vit_pipeline.fsutil import atomic_path, write_text
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ def run_benchmark(
         None,
     )
     ref_logits = reference.predict(eval_images) if reference else None
-    quality = [accuracy(b.predict(eval_images), eval_labels, ref_logits) for b in backends]
+    quality = [scores(b.predict(eval_images), eval_labels, ref_logits) for b in backends]
     samples = time_cells(backends, scenario, eval_images)
     results = []
     for i, b in enumerate(backends):

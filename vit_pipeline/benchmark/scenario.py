@@ -43,13 +43,6 @@ def measure(
     return samples
 
 
-def accuracy(logits: np.ndarray, labels: np.ndarray | None, reference: np.ndarray | None) -> dict[str, float]:
-    """top-1/top-5 against labels and top-1 agreement with reference logits (``evaluate.scores``)."""
-    from vit_pipeline.evaluate import scores
-
-    return scores(logits, labels, reference)
-
-
 def time_cells(
     backends: list[Any], scenario: Scenario, images: np.ndarray
 ) -> dict[tuple[int, int], list[float]]:
