@@ -23,6 +23,10 @@ setup(
         CONSUMER_REQUIREMENT,
         "tensorflow>=2.21,<2.22",
         "keras>=3.15,<4",
+        # Fine-tuning (vit_pipeline.finetune): Keras-Hub's ViTBackbone, its presets and its converter for
+        # Hugging Face ViT checkpoints (safetensors).
+        "keras-hub>=0.32,<0.33",
+        "safetensors>=0.4",
         "tf2onnx>=1.17,<1.18",
         "onnx>=1.17,<2",
         # The GPU build carries the CPU provider too; never install plain onnxruntime beside it.

@@ -248,6 +248,49 @@ def proxy_experiment(data_path, epochs, seed, experiment_name, report_dir, track
     click.echo(json.dumps(report, indent=2))
 
 
+@main.command("transfer-experiment")
+@click.option("--data-path", required=True, help="CIFAR-100 copy (cifar-100-python folder or .tar.gz).")
+@click.option(
+    "--source", default=None, help="Checkpoint to fine-tune from (any --init-from); default: pre-train one."
+)
+@click.option(
+    "--target-folder", default=None, help="Your own target image folder (default: held-out classes)."
+)
+@click.option(
+    "--pretrain-preset",
+    default="cifar100-improved-light",
+    show_default=True,
+    type=click.Choice(list(PRESETS)),
+)
+@click.option("--pretrain-epochs", default=15, show_default=True, type=click.IntRange(1))
+@click.option("--seed-preset", default="cifar100", show_default=True, type=click.Choice(list(PRESETS)))
+@click.option("--time-budget-minutes", default=None, type=click.FloatRange(min=0, min_open=True),
+              help="Also train each approach for about this long: time-to-accuracy at 5, 10, 30 min.")  # fmt: skip
+@click.option(
+    "--epochs", default=30, show_default=True, type=click.IntRange(1), help="Epochs of both target runs."
+)
+@click.option("--seed", default=42, show_default=True, type=int)
+@click.option(
+    "--split-seed", default=0, show_default=True, type=int, help="Seed of the target classes and images."
+)
+@click.option("--target-classes", default=10, show_default=True, type=click.IntRange(1))
+@click.option("--train-per-class", default=50, show_default=True, type=click.IntRange(1))
+@click.option(
+    "--work-dir", default="vit-runs/transfer", show_default=True, help="Where the split folders go."
+)
+@click.option("--experiment-name", default="vit-transfer", show_default=True)
+@click.option("--report-dir", default="docs/experiments/transfer", show_default=True)
+@click.option("--tracking-uri", default=None, help="MLflow tracking URI (default: the local SQLite store).")
+@_friendly_errors
+def transfer_experiment(**options) -> None:
+    """Fine-tune from a model pre-trained on other classes vs the same budget from scratch (table + curves)."""
+    from vit_pipeline.flows.transfer_experiment import transfer_experiment as flow
+
+    if options["source"]:  # a checkpoint that cannot be used fails here, before any training
+        make_config("finetune", {"init_from": options["source"], "tracking_uri": options["tracking_uri"]})
+    click.echo(json.dumps(flow(**options), indent=2, default=str))
+
+
 @main.command()
 @click.argument("space_path", type=click.Path(dir_okay=False))
 @click.option("--dask-address", default=None, metavar="tcp://HOST:PORT",

@@ -102,7 +102,20 @@ class DataConfig(_Fields):
 
 
 class ModelConfig(_Fields):
-    """The ViT's architecture, and the training-only augmentation layers it carries."""
+    """The ViT's architecture, where its first weights come from, and the training-only augmentation layers it
+    carries."""
+
+    init_from: str | None = None
+    """Start from pre-trained weights instead of random ones (``vit_pipeline.finetune``): a model of this
+    project (``models:/<name>@<alias>``, ``models:/<name>/<version>``, ``runs:/<run id>/keras-model`` or a
+    ``.keras`` file), a Keras-Hub ViT preset (a name, downloaded when online, or a local preset folder) or
+    a Hugging Face ViT checkpoint folder (``config.json`` + ``model.safetensors``). The architecture fields
+    not set explicitly are taken from the checkpoint; the head is new unless the class names match; the
+    position embeddings are interpolated when ``image_size`` gives another patch grid."""
+    backbone: Literal["vit_pipeline", "keras_hub"] = "vit_pipeline"
+    """Which ViT implementation: "vit_pipeline" (this project's layers, ``vit_pipeline.layers``) or
+    "keras_hub" (``keras_hub.models.ViTBackbone``: class token, standard attention; set by ``init_from``
+    for a Keras-Hub or Hugging Face checkpoint)."""
 
     image_size: PositiveInt = 72
     """Side the model resizes images to before cutting patches."""
@@ -187,6 +200,16 @@ class OptimizerConfig(_Fields):
     cutmix_alpha: NonNegativeFloat = 0.0
     """CutMix Beta(alpha, alpha) parameter (0: off). With MixUp also on, each batch gets one of the two,
     with equal odds (DeiT)."""
+    max_train_minutes: PositiveFloat | None = None
+    """Stop after the first epoch that ends past this many minutes of training (epoch wall time,
+    validation included; the best checkpoint is kept); None: run every epoch. For time-to-accuracy
+    budgets; the schedule still spans ``epochs``."""
+    linear_probe_epochs: NonNegativeInt = 0
+    """Head-only epochs first (a linear probe: the backbone's learning rate is 0), then the whole network
+    (LP-FT, Kumar et al. 2022). Counted within ``epochs``."""
+    layer_decay: Annotated[float, Field(gt=0, le=1)] = 1.0
+    """Layer-wise learning-rate decay: block ``b`` of ``L`` learns at ``layer_decay ** (L + 1 - b)`` times the
+    rate, the embeddings at ``layer_decay ** (L + 1)``, the head at the full rate (BEiT, MAE); 1: off."""
     seed: int = 42
     """Seed for the split, weight initialisation and augmentation."""
 
@@ -328,6 +351,37 @@ class PipelineConfig(BaseModel):
                 "Expected lr_schedule='warmup_cosine' when warmup_fraction > 0. "
                 f"Received: lr_schedule='constant', warmup_fraction={self.warmup_fraction}"
             )
+        if self.linear_probe_epochs >= self.epochs:
+            raise ValueError(
+                "Expected linear_probe_epochs < epochs (the whole network must train at least one epoch). "
+                f"Received: linear_probe_epochs={self.linear_probe_epochs}, epochs={self.epochs}"
+            )
+        if self.backbone == "keras_hub":
+            for name, value, allowed in (
+                ("patch_tokenization", self.patch_tokenization, "standard"),
+                ("attention_type", self.attention_type, "standard"),
+            ):
+                if value != allowed:
+                    raise ValueError(
+                        f"Expected {name}={allowed!r} with backbone='keras_hub' (a Keras-Hub ViT has no other). "
+                        f"Received: {name}={value!r}"
+                    )
+            if self.pooling == "flatten":
+                raise ValueError(
+                    "Expected pooling 'class_token' or 'gap' with backbone='keras_hub'. Received: pooling='flatten'"
+                )
+            if self.stochastic_depth_rate > 0:
+                raise ValueError(
+                    "Expected stochastic_depth_rate=0 with backbone='keras_hub' (a Keras-Hub ViT has no drop path). "
+                    f"Received: stochastic_depth_rate={self.stochastic_depth_rate}"
+                )
+            if (self.head_dim or self.projection_dim) * self.num_heads != self.projection_dim:
+                raise ValueError(
+                    "Expected head_dim * num_heads == projection_dim with backbone='keras_hub' (its heads split "
+                    "the width). "
+                    f"Received: head_dim={self.head_dim}, num_heads={self.num_heads}, "
+                    f"projection_dim={self.projection_dim}"
+                )
         if self.dataset == "image_folder" and not self.data_path:
             raise ValueError("Expected data_path for dataset='image_folder'. Received: data_path=None")
         if self.dataset in ("digits", "cifar100") and self.input_size != 32:
@@ -629,8 +683,14 @@ def make_config(
     """
     if preset not in PRESETS:
         raise ConfigError(f"Unknown preset. Expected one of {tuple(PRESETS)}. Received: preset={preset!r}")
+    explicit = merged_overrides(overrides, config)
+    values = {**PRESETS[preset], **explicit}
     try:
-        return PipelineConfig(**{**PRESETS[preset], **merged_overrides(overrides, config)})
+        if values.get("init_from"):  # the checkpoint's architecture, where the user did not set it
+            from vit_pipeline.finetune import adopt
+
+            values = adopt(values, set(explicit))
+        return PipelineConfig(**values)
     except ValidationError as exc:
         raise config_error(exc) from None
 

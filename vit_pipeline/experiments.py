@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from vit_pipeline.fsutil import atomic_path, write_text
 
 CURVES = (("val_accuracy", "validation top-1"), ("val_top5_accuracy", "validation top-5"),
@@ -118,3 +120,111 @@ def compare_runs(client, run_ids: list[str], out_dir: str | Path) -> dict[str, A
         out / "runs.json", json.dumps({"rows": [asdict(r) for r in rows], "curves": histories}, indent=1)
     )
     return {"rows": [asdict(r) for r in rows], "table": str(table), "curves": str(curves), "runs": str(runs)}
+
+
+# ------------------------------------------------------------------ transfer and time-to-accuracy
+TIME_MARKS_MINUTES = (5, 10, 30)
+
+
+@dataclass
+class TransferRow:
+    """One run of the transfer experiment."""
+
+    label: str
+    run_id: str
+    init_from: str
+    epochs: int
+    train_images: int
+    first_epoch_seconds: float
+    train_minutes: float
+    test_accuracy: float
+    test_top5_accuracy: float
+    reached: dict[str, float | None]  # minutes -> best validation top-1 reached by then (None: ran shorter)
+
+
+def top1_by_minutes(epoch_seconds: list[float], val_accuracy: list[float], marks=TIME_MARKS_MINUTES):
+    """Best validation top-1 reached within each mark (minutes of training, validation included).
+
+    A mark past the run's end is None: the run did not train that long, so it says nothing there.
+    """
+    elapsed = np.cumsum(epoch_seconds) / 60 if epoch_seconds else np.array([])
+    out: dict[str, float | None] = {}
+    for mark in marks:
+        if not len(elapsed) or elapsed[-1] < mark:
+            out[str(mark)] = None
+            continue
+        done = [acc for t, acc in zip(elapsed, val_accuracy, strict=False) if t <= mark]
+        out[str(mark)] = max(done) if done else 0.0
+    return out
+
+
+def _history(client, run_id: str, key: str) -> list[float]:
+    return [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+
+
+def transfer_row(client, label: str, run_id: str) -> TransferRow:
+    run = client.get_run(run_id)
+    m, p = run.data.metrics, run.data.params
+    seconds = _history(client, run_id, "epoch_seconds")
+    val = _history(client, run_id, "val_accuracy")
+    return TransferRow(
+        label=label,
+        run_id=run_id,
+        init_from=p.get("init_from", "None"),
+        epochs=int(p["epochs"]),
+        train_images=int(p.get("data.train_size", 0)),
+        first_epoch_seconds=seconds[0] if seconds else float("nan"),
+        train_minutes=m.get("train_seconds", float("nan")) / 60,
+        test_accuracy=m.get("test_accuracy", float("nan")),
+        test_top5_accuracy=m.get("test_top5_accuracy", float("nan")),
+        reached=top1_by_minutes(seconds, val),
+    )
+
+
+def transfer_markdown(rows: list[TransferRow]) -> str:
+    """The transfer table, the gain of each fine-tuned row over the from-scratch row, and time-to-accuracy."""
+    lines = [
+        "| run | init_from | epochs | first epoch (s) | train time (min) | test top-1 | test top-5 | MLflow run |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.label} | `{r.init_from}` | {r.epochs} | {r.first_epoch_seconds:.1f} | {r.train_minutes:.1f} "
+            f"| {100 * r.test_accuracy:.2f}% | {100 * r.test_top5_accuracy:.2f}% | `{r.run_id}` |"
+        )
+    scratch = next((r for r in rows if r.init_from == "None"), None)
+    if scratch is not None:
+        lines.append("")
+        for r in rows:
+            if r.init_from != "None":
+                gain = 100 * (r.test_accuracy - scratch.test_accuracy)
+                ratio = r.first_epoch_seconds / scratch.first_epoch_seconds
+                lines.append(
+                    f"- {r.label} vs {scratch.label}: **{gain:+.2f} points** test top-1; "
+                    f"first epoch {ratio:.2f}x the from-scratch epoch's time."
+                )
+    lines += ["", "Best validation top-1 reached within each budget (training and validation wall time):", ""]
+    marks = list(rows[0].reached) if rows else [str(m) for m in TIME_MARKS_MINUTES]
+    lines.append("| run | " + " | ".join(f"{m} min" for m in marks) + " | run ended at (min) |")
+    lines.append("|---|" + "---:|" * (len(marks) + 1))
+    for r in rows:
+        cells = [
+            "not run that long" if r.reached.get(m) is None else f"{100 * r.reached[m]:.2f}%" for m in marks
+        ]
+        lines.append(f"| {r.label} | " + " | ".join(cells) + f" | {r.train_minutes:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def transfer_report(client, runs: dict[str, str], out_dir: str | Path) -> dict[str, Any]:
+    """Writes ``table.md``, ``curves.png`` and ``runs.json`` for the labelled runs (label -> run id)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [transfer_row(client, label, run_id) for label, run_id in runs.items()]
+    histories = {
+        label: {key: _history(client, run_id, key) for key, _ in CURVES} for label, run_id in runs.items()
+    }
+    table = write_text(out / "table.md", transfer_markdown(rows))
+    curves = plot_curves(histories, out / "curves.png")
+    data = {"rows": [asdict(r) for r in rows], "curves": histories}
+    runs_file = write_text(out / "runs.json", json.dumps(data, indent=1))
+    return {"rows": data["rows"], "table": str(table), "curves": str(curves), "runs": str(runs_file)}

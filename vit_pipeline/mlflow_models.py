@@ -104,5 +104,25 @@ def _load_pyfunc(path):
     import mlflow.keras
 
     import vit_pipeline.layers  # noqa: F401  (its decorators register the custom layers)
+    import vit_pipeline.optimizer  # noqa: F401  (and the fine-tuning optimizer a model may be compiled with)
 
     return mlflow.keras._load_pyfunc(path)  # the Keras flavour's own pyfunc entry
+
+
+def load_keras(model_uri: str):
+    """A logged Keras model, loaded by ``vit_pipeline.model.load_model`` (Keras-Hub layers, exportable GELU).
+
+    Call inside ``tracking.fluent_store(cfg)`` (``models:/`` and ``runs:/`` resolve against it).
+    """
+    import tempfile
+    from pathlib import Path
+
+    import mlflow
+
+    from vit_pipeline.model import load_model
+
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tempfile.mkdtemp()))
+    files = [local] if local.suffix == ".keras" else sorted(local.rglob("*.keras"))
+    if not files:
+        raise FileNotFoundError(f"No .keras file in {model_uri}")
+    return load_model(str(files[0]))

@@ -60,11 +60,30 @@ def _drop_path_rates(cfg: PipelineConfig) -> list[float]:
     return [cfg.stochastic_depth_rate * b / (n - 1) for b in range(n)]
 
 
+def keras_hub_backbone(cfg: PipelineConfig, name: str = "backbone"):
+    """A fresh ``keras_hub.models.ViTBackbone`` of the config's architecture (``backbone="keras_hub"``)."""
+    import keras_hub
+
+    return keras_hub.models.ViTBackbone(
+        image_shape=(cfg.image_size, cfg.image_size, 3),
+        patch_size=cfg.patch_size,
+        num_layers=cfg.transformer_layers,
+        num_heads=cfg.num_heads,
+        hidden_dim=cfg.projection_dim,
+        mlp_dim=cfg.transformer_units[0],
+        dropout_rate=cfg.mlp_dropout,
+        attention_dropout=cfg.attention_dropout,
+        use_class_token=cfg.pooling == "class_token",
+        name=name,
+    )
+
+
 def build_vit(
     cfg: PipelineConfig,
     num_classes: int,
     input_shape: tuple[int, int, int] = (32, 32, 3),
     train_images: np.ndarray | None = None,
+    backbone: keras.Model | None = None,
 ) -> keras.Model:
     """Builds the ViT: raw pixels (0-255) in, logits out.
 
@@ -77,6 +96,8 @@ def build_vit(
         input_shape: ``(H, W, 3)`` of the raw images.
         train_images: If given, the Normalization layer is adapted on them
             (the seed adapts on the training images).
+        backbone: With ``backbone="keras_hub"``, the ``ViTBackbone`` to use (e.g. one initialised
+            from a checkpoint by ``vit_pipeline.finetune``); None builds a fresh one.
     """
     inputs = keras.Input(shape=input_shape, name="images")
     norm = Normalization(name="normalization")
@@ -91,6 +112,16 @@ def build_vit(
         x = layers.RandomRotation(cfg.random_rotation, seed=cfg.seed, name="random_rotation")(x)
     if cfg.random_zoom > 0:
         x = layers.RandomZoom(cfg.random_zoom, cfg.random_zoom, seed=cfg.seed, name="random_zoom")(x)
+    if cfg.backbone == "keras_hub":
+        # The Keras-Hub encoder ends with its own LayerNorm; token 0 is its class token.
+        backbone = backbone or keras_hub_backbone(cfg)
+        make_exportable(backbone)
+        rep = backbone(x)
+        if cfg.pooling == "class_token":
+            rep = ClassTokenOutput(name="head_class_token")(rep)
+        else:
+            rep = layers.GlobalAveragePooling1D(name="head_pool")(rep)
+        return _head(rep, cfg, num_classes, inputs)
     encoded = _tokens(x, cfg)
     drop_rates = _drop_path_rates(cfg)
     for b in range(cfg.transformer_layers):
@@ -111,15 +142,48 @@ def build_vit(
         rep = layers.GlobalAveragePooling1D(name="head_pool")(rep)
     else:  # class_token: token 0
         rep = ClassTokenOutput(name="head_class_token")(rep)
+    return _head(rep, cfg, num_classes, inputs)
+
+
+def _head(rep, cfg: PipelineConfig, num_classes: int, inputs) -> keras.Model:
     rep = layers.Dropout(cfg.head_dropout, name="head_dropout")(rep)
     features = _mlp(rep, cfg.mlp_head_units, cfg.head_dropout, name="head_mlp")
     logits = layers.Dense(num_classes, name="logits")(features)
     return keras.Model(inputs=inputs, outputs=logits, name="vit")
 
 
+def make_exportable(model: keras.Layer) -> keras.Layer:
+    """Fixes, in place, what keeps a Keras-Hub ViT from a clean tf2onnx export; returns ``model``.
+
+    * Keras' exact ``gelu`` lowers to ``Erfc``, which tf2onnx cannot convert: every Dense gets the
+      same function in its erf form (``layers.gelu_erf``).
+    * ``ViTPatchingAndEmbedding`` keeps its position ids as an eager tensor made in ``build()``;
+      a traced function captures it as an extra graph input. As a NumPy array it is traced as a
+      constant instead.
+
+    Keras-Hub's layers rebuild both in ``build()``, so a saved model gets them back on load:
+    :func:`load_model` calls this again.
+    """
+    for layer in model._flatten_layers(include_self=True, recursive=True):
+        if isinstance(layer, layers.Dense) and layer.activation is keras.activations.gelu:
+            layer.activation = gelu_erf
+        ids = getattr(layer, "position_ids", None)
+        if ids is not None and not isinstance(ids, np.ndarray):
+            layer.position_ids = np.asarray(keras.ops.convert_to_numpy(ids), dtype=np.int32)
+    return model
+
+
 def load_model(path: str) -> keras.Model:
-    """Loads a saved ``.keras`` ViT (this module registers the custom layers)."""
-    return keras.saving.load_model(path)
+    """Loads a saved ``.keras`` ViT (this module registers the custom layers; Keras-Hub's when it has them)."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        uses_keras_hub = b"keras_hub" in z.read("config.json")
+    if uses_keras_hub:
+        import keras_hub  # noqa: F401  (registers its layers for deserialisation)
+    import vit_pipeline.optimizer  # noqa: F401  (a fine-tuned model was compiled with its ScaledAdamW)
+
+    return make_exportable(keras.saving.load_model(path))
 
 
 def _adapt_data(images):

@@ -335,6 +335,12 @@ def _candidate_tags(manifest: CandidatesManifest | None) -> dict[str, str]:
     return tags
 
 
+def _lineage_tags(run_tags: dict[str, str]) -> dict[str, str]:
+    """Where a fine-tuned model's first weights came from (``init.*`` run tags, see ``vit_pipeline.finetune``):
+    ``models:/vit-cifar100/3`` on the run becomes the lineage of ``models:/vit-flowers/1``."""
+    return {k: v for k, v in run_tags.items() if k.startswith("init.")}
+
+
 def register_onnx(
     cfg: PipelineConfig,
     run_id: str,
@@ -384,6 +390,7 @@ def register_onnx(
         "mlflow_run_id": run_id,
         **({"keras_test_accuracy": f"{keras_test_accuracy:.6f}"} if keras_test_accuracy is not None else {}),
         **_candidate_tags(manifest),
+        **_lineage_tags(client.get_run(run_id).data.tags),
     }
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)

@@ -42,6 +42,8 @@ class TrainResult:
     resumed_from_epoch: int = 0  # epochs already done when this process started
     num_replicas: int = 1  # devices that trained in sync (MirroredStrategy)
     global_batch_size: int = 0
+    init: dict[str, Any] | None = None  # finetune.InitReport.to_dict() when init_from is set
+    time_budget_spent: bool = False  # stopped by max_train_minutes before the last epoch
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -132,12 +134,27 @@ def compile_model(model, cfg: PipelineConfig, num_classes: int, steps_per_epoch:
             keras.metrics.SparseCategoricalAccuracy(name="accuracy"),
             keras.metrics.SparseTopKCategoricalAccuracy(k=k, name="top5_accuracy"),
         ]
-    optimizer = keras.optimizers.AdamW(
-        learning_rate=learning_rate(cfg, steps_per_epoch), weight_decay=cfg.weight_decay
-    )
+    optimizer = make_optimizer(model, cfg, steps_per_epoch)
     if cfg.weight_decay_scope == "kernels":  # before the optimizer is built
         optimizer.exclude_from_weight_decay(var_list=no_decay_variables(model))
     model.compile(optimizer=optimizer, loss=loss, metrics=metrics)
+
+
+def make_optimizer(model, cfg: PipelineConfig, steps_per_epoch: int):
+    """AdamW; with layer-wise rate decay or a head-only start, the per-variable ``ScaledAdamW``."""
+    import keras
+
+    from vit_pipeline.optimizer import ScaledAdamW, rate_scales
+
+    rate = learning_rate(cfg, steps_per_epoch)
+    if cfg.layer_decay == 1.0 and cfg.linear_probe_epochs == 0:
+        return keras.optimizers.AdamW(learning_rate=rate, weight_decay=cfg.weight_decay)
+    return ScaledAdamW(
+        rate_scales=rate_scales(model.trainable_variables, cfg.transformer_layers, cfg.layer_decay),
+        frozen_steps=cfg.linear_probe_epochs * steps_per_epoch,
+        learning_rate=rate,
+        weight_decay=cfg.weight_decay,
+    )
 
 
 NO_DECAY_NAMES = ("position_embedding", "class_token")
@@ -280,15 +297,32 @@ def _callbacks(cfg: PipelineConfig, out_dir: Path, run_id: str | None, epoch_log
                 meta.write_text(json.dumps({"epoch": epoch, "value": self.best}))
 
     class LearningRate(keras.callbacks.Callback):
-        """Adds the rate the epoch ended with to its logs (MLflow curve of the schedule)."""
+        """Adds the rate the epoch ended with, and the epoch's wall time (training and validation), to its
+        logs: the MLflow curves of the schedule and of time-to-accuracy."""
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.started = time.perf_counter()
 
         def on_epoch_end(self, epoch, logs=None):
             if logs is not None:
                 opt = self.model.optimizer
                 logs["learning_rate"] = float(keras.ops.convert_to_numpy(opt.learning_rate))
+                logs["epoch_seconds"] = time.perf_counter() - self.started
+
+    class TimeBudget(keras.callbacks.Callback):
+        """Stops after the epoch that passes ``max_train_minutes`` (counting epochs before a resume too)."""
+
+        def on_epoch_end(self, epoch, logs=None):
+            spent = sum(rec.get("epoch_seconds", 0.0) for rec in epoch_log.read().values())
+            if cfg.max_train_minutes is not None and spent >= 60 * cfg.max_train_minutes:
+                log.info(
+                    "Time budget of %.1f min spent after epoch %d; stopping", cfg.max_train_minutes, epoch + 1
+                )
+                self.model.stop_training = True
 
     checkpoint = BestWeights(out_dir / "best.weights.h5", None if best is None else best["value"])
-    return [LearningRate(), checkpoint, Bookkeeping(), backup_callback(out_dir / "backup")]
+    # TimeBudget after the epoch log (it reads the epoch just written), before the backup.
+    return [LearningRate(), checkpoint, Bookkeeping(), TimeBudget(), backup_callback(out_dir / "backup")]
 
 
 def _finished(cfg: PipelineConfig, out_dir: Path) -> TrainResult | None:
@@ -297,7 +331,7 @@ def _finished(cfg: PipelineConfig, out_dir: Path) -> TrainResult | None:
     if not result_path.exists() or not (out_dir / "model.keras").exists():
         return None
     result = TrainResult(**json.loads(result_path.read_text()))
-    if result.epochs_run != cfg.epochs:
+    if result.epochs_run != cfg.epochs and not result.time_budget_spent:
         return None
     log.info("Training already completed in %s; not training again", out_dir)
     return TrainResult(**{**result.to_dict(), "resumed_from_epoch": result.epochs_run, "train_seconds": 0.0})
@@ -376,7 +410,7 @@ def _train(cfg: PipelineConfig, splits: Splits, out_dir: Path, run_id: str | Non
     import keras
 
     from vit_pipeline.distribute import make_strategy
-    from vit_pipeline.model import build_vit
+    from vit_pipeline.finetune import build_model
 
     finished = _finished(cfg, out_dir)
     if finished is not None:  # resumed after training completed (e.g. MLflow was down at the end)
@@ -390,8 +424,13 @@ def _train(cfg: PipelineConfig, splits: Splits, out_dir: Path, run_id: str | Non
     keras.utils.set_random_seed(cfg.seed)
     steps_per_epoch = math.ceil(len(splits.x_train) / global_batch)
     with strategy.scope():  # variables (model and optimizer) are mirrored on every replica
-        model = build_vit(cfg, splits.num_classes, splits.input_shape, train_images=splits.x_train)
+        model, init = build_model(cfg, splits)  # fresh, or from init_from's checkpoint
         compile_model(model, cfg, splits.num_classes, steps_per_epoch)
+    if init is not None:
+        log.info(
+            "Initialised from %s: %d tensors copied, %d interpolated, %d new (head %s)", init.source.uri,
+            len(init.copied), len(init.interpolated), len(init.new), init.head,
+        )  # fmt: skip
     best_path = out_dir / "best.weights.h5"
     epoch_log = EpochLog(out_dir / "epochs.jsonl")
     own = _callbacks(cfg, out_dir, run_id, epoch_log)
@@ -433,6 +472,8 @@ def _train(cfg: PipelineConfig, splits: Splits, out_dir: Path, run_id: str | Non
         resumed_from_epoch=backup.restored_epoch,
         num_replicas=replicas,
         global_batch_size=global_batch,
+        init=None if init is None else init.to_dict(),
+        time_budget_spent=len(hist[MONITOR]) < cfg.epochs,
     )
     with atomic_path(out_dir / "train_result.json") as tmp:
         tmp.write_text(json.dumps(result.to_dict(), indent=1))
@@ -469,6 +510,13 @@ def run(ctx: StageContext, data_path: str) -> TrainResult:
     })  # fmt: skip
     ctx.log.tags({"train.distribution": f"{cfg.distribution_strategy} x{result.num_replicas}"})
     ctx.log.params({"num_params": result.num_params})
+    if result.init:  # where the first weights came from: params to compare, tags for lineage
+        from vit_pipeline.finetune import InitReport
+
+        report = InitReport.from_dict(result.init)
+        ctx.log.params(report.params())
+        ctx.log.tags(report.tags())
+        ctx.log.dict(result.init, "training/init.json")
     ctx.log.artifacts([result.history_path], "training")
     if KERAS_MODEL_TAG not in ctx.log.run().data.tags:  # a resume logs it once
         _log_keras_model(ctx, result.model_path, splits.x_test[:2])

@@ -82,15 +82,13 @@ def run_champion(champion: Champion, tracking_uri: str | None, options: dict[str
     The champion's run keeps its Keras model (``keras-model``); exporting it again
     gives the plain fp32 graph every variant is built from, and Keras as baseline.
     """
-    import mlflow.keras
-
     from vit_pipeline import runs, tracking
     from vit_pipeline.config import make_config, split_names
-    from vit_pipeline.layers import custom_objects
+    from vit_pipeline.mlflow_models import load_keras
 
     cfg = make_config("quickstart", {"tracking_uri": tracking_uri, "experiment_name": "vit-benchmarks"})
     with tracking.fluent_store(cfg):
-        model = mlflow.keras.load_model(champion.keras_model_uri, custom_objects=custom_objects())
+        model = load_keras(champion.keras_model_uri)
     tags = {
         "registry.model": f"{champion.name}/{champion.version}",
         "vit_pipeline.command": "benchmark-champion",
