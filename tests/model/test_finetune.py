@@ -335,3 +335,24 @@ def test_compile_uses_the_scaled_optimizer_only_when_the_recipe_asks(hub_preset)
     assert scales[embed] == pytest.approx(0.75**3)  # 2 blocks: embeddings at decay^(L+1)
     plain = make_optimizer(model, make_config("quickstart"), 5)
     assert type(plain) is keras.optimizers.AdamW
+
+
+def test_an_unknown_keras_hub_preset_fails_with_one_line():
+    with pytest.raises(ConfigError) as err:
+        make_config("quickstart", {"init_from": "vit_no_such_preset"})
+    assert "Could not fetch the Keras-Hub preset init_from='vit_no_such_preset'" in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_a_time_budget_stops_training_after_the_epoch_that_spends_it(tmp_path):
+    from tests.conftest import TINY
+    from vit_pipeline.train import EpochLog, train
+
+    cfg = make_config("quickstart", {**TINY, "epochs": 50, "max_train_minutes": 1e-6})
+    result = train(cfg, splits(), tmp_path / "out")
+    assert result.epochs_run == 1 and result.time_budget_spent
+    record = EpochLog(tmp_path / "out" / "epochs.jsonl").read()[0]
+    assert record["epoch_seconds"] > 0
+    # Resuming a run that stopped on its budget does not train again.
+    again = train(cfg, splits(), tmp_path / "out")
+    assert again.train_seconds == 0.0 and again.epochs_run == 1

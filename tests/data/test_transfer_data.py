@@ -1,0 +1,45 @@
+"""The class split of the transfer experiment: disjoint classes, capped target images, image folders."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.conftest import CIFAR_CUT
+from vit_pipeline.data import read_cifar100, read_image_folder
+from vit_pipeline.errors import DataError
+from vit_pipeline.experiments import top1_by_minutes
+from vit_pipeline.transfer_data import pick_target_classes, split_by_classes
+
+
+def test_target_and_source_classes_are_disjoint_and_the_target_is_capped(tmp_path):
+    x_train, y_train, x_test, y_test, names = read_cifar100(CIFAR_CUT)
+    split = split_by_classes(CIFAR_CUT, tmp_path, target_classes=3, target_train_per_class=2, seed=0)
+    assert not set(split.source_classes) & set(split.target_classes)
+    assert sorted(split.source_classes + split.target_classes) == sorted(set(names))
+    images, labels, target_names, skipped = read_image_folder(split.target_root / "train", 32)
+    assert sorted(target_names) == split.target_classes and skipped == 0
+    assert np.bincount(labels).max() <= 2
+    # Pixels survive the PNG round trip exactly; test images of the target classes are all kept.
+    test_images, test_labels, _, _ = read_image_folder(split.target_root / "test", 32)
+    wanted = np.isin(np.array(names)[y_test], split.target_classes)
+    assert len(test_labels) == wanted.sum()
+    assert {img.tobytes() for img in test_images} == {img.tobytes() for img in x_test[wanted]}
+    source_images, _, source_names, _ = read_image_folder(split.source_root / "train", 32)
+    assert sorted(source_names) == sorted(split.source_classes)
+    assert len(source_images) == np.isin(np.array(names)[y_train], split.source_classes).sum()
+
+
+def test_the_draw_is_seeded_and_bounded():
+    names = [f"c{i}" for i in range(20)]
+    assert pick_target_classes(names, 5, 1) == pick_target_classes(names, 5, 1)
+    assert pick_target_classes(names, 5, 1) != pick_target_classes(names, 5, 2)
+    with pytest.raises(DataError, match="target classes"):
+        pick_target_classes(names, 20, 0)
+
+
+def test_time_to_accuracy_reads_the_best_within_each_budget():
+    seconds = [120.0, 120.0, 120.0, 120.0, 120.0, 300.0]  # minutes 2, 4, 6, 8, 10, 15
+    val = [0.1, 0.3, 0.2, 0.4, 0.35, 0.5]
+    assert top1_by_minutes(seconds, val, marks=(5, 10, 30)) == {"5": 0.3, "10": 0.4, "30": None}
+    assert top1_by_minutes([], [], marks=(5,)) == {"5": None}
