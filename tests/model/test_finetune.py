@@ -356,3 +356,15 @@ def test_a_time_budget_stops_training_after_the_epoch_that_spends_it(tmp_path):
     # Resuming a run that stopped on its budget does not train again.
     again = train(cfg, splits(), tmp_path / "out")
     assert again.train_seconds == 0.0 and again.epochs_run == 1
+
+
+def test_a_keras_hub_presets_image_converter_sets_the_input_statistics(hub_preset):
+    import keras_hub
+
+    path, _ = hub_preset
+    keras_hub.layers.ViTImageConverter(image_size=(32, 32), scale=1 / 127.5, offset=-1.0).save_to_preset(str(path))
+    model, report = finetune.build_model(make_config("quickstart", {"init_from": str(path)}), splits())
+    norm = model.get_layer("normalization")
+    np.testing.assert_allclose(norm.adapt_mean.numpy().ravel(), [127.5] * 3, rtol=1e-6)
+    np.testing.assert_allclose(np.sqrt(norm.adapt_variance.numpy().ravel()), [127.5] * 3, rtol=1e-6)
+    assert report.normalization == "checkpoint"
