@@ -362,7 +362,9 @@ def test_a_keras_hub_presets_image_converter_sets_the_input_statistics(hub_prese
     import keras_hub
 
     path, _ = hub_preset
-    keras_hub.layers.ViTImageConverter(image_size=(32, 32), scale=1 / 127.5, offset=-1.0).save_to_preset(str(path))
+    keras_hub.layers.ViTImageConverter(image_size=(32, 32), scale=1 / 127.5, offset=-1.0).save_to_preset(
+        str(path)
+    )
     model, report = finetune.build_model(make_config("quickstart", {"init_from": str(path)}), splits())
     norm = model.get_layer("normalization")
     np.testing.assert_allclose(norm.adapt_mean.numpy().ravel(), [127.5] * 3, rtol=1e-6)
