@@ -43,3 +43,23 @@ def test_time_to_accuracy_reads_the_best_within_each_budget():
     val = [0.1, 0.3, 0.2, 0.4, 0.35, 0.5]
     assert top1_by_minutes(seconds, val, marks=(5, 10, 30)) == {"5": 0.3, "10": 0.4, "30": None}
     assert top1_by_minutes([], [], marks=(5,)) == {"5": None}
+
+
+def test_transfer_table_states_the_gain_against_the_first_from_scratch_row():
+    from vit_pipeline.experiments import TransferRow, transfer_markdown
+
+    def row(label, init, acc, first, median):
+        return TransferRow(
+            label, f"id-{label}", init, 30, 450, first, median, 5.0, acc, 0.9, {"5": 0.4, "10": None}
+        )
+
+    table = transfer_markdown([
+        row("scratch", "None", 0.40, 20.0, 8.0), row("seed", "None", 0.30, 30.0, 9.0),
+        row("tuned", "models:/src/1", 0.575, 22.0, 7.6),
+    ])  # fmt: skip
+    assert (
+        "- tuned vs scratch: **+17.50 points** test top-1; first epoch 1.10x, later epochs (median) 0.95x"
+        in table
+    )
+    assert "seed vs" not in table  # only fine-tuned rows are compared
+    assert "| tuned | 40.00% | not run that long | 5.0 |" in table
