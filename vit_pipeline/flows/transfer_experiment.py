@@ -118,11 +118,13 @@ def transfer_experiment(
     if (
         time_budget_minutes
     ):  # time-to-accuracy: each approach for about that long, epochs sized from the above
-        first_epoch = {row["label"]: row["first_epoch_seconds"] for row in result["rows"]}
+        # Sized by the later epochs (the first one carries graph tracing), plus 10%: the budget, not the
+        # epoch count, ends the run (max_train_minutes), with the schedule almost complete.
+        epoch_seconds = {row["label"]: row["median_epoch_seconds"] for row in result["rows"]}
         timed = {
             f"{label}, {time_budget_minutes:g} min": train_pipeline(preset=preset, overrides={
                 **on_target, **extra, "max_train_minutes": time_budget_minutes, "run_name": f"{label}, timed",
-                "epochs": max(epochs, math.ceil(1.1 * 60 * time_budget_minutes / first_epoch[label])),
+                "epochs": max(epochs, math.ceil(1.1 * 60 * time_budget_minutes / epoch_seconds[label])),
             })["mlflow_run_id"]
             for label, (preset, extra) in approaches.items()
         }  # fmt: skip
