@@ -183,53 +183,84 @@ def transfer_row(client, label: str, run_id: str) -> TransferRow:
     )
 
 
-def transfer_markdown(rows: list[TransferRow]) -> str:
-    """The transfer table, the gain of each fine-tuned row over the from-scratch row, and time-to-accuracy."""
-    lines = [
-        "| run | init_from | epochs | first epoch (s) | median later epoch (s) | train time (min) | test top-1 "
-        "| test top-5 | MLflow run |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r.label} | `{r.init_from}` | {r.epochs} | {r.first_epoch_seconds:.1f} | {r.median_epoch_seconds:.1f} "
-            f"| {r.train_minutes:.1f} "
-            f"| {100 * r.test_accuracy:.2f}% | {100 * r.test_top5_accuracy:.2f}% | `{r.run_id}` |"
-        )
+def _seconds(value: float) -> str:
+    return "-" if np.isnan(value) else f"{value:.1f}"  # "-": the run logged no epoch_seconds
+
+
+def _gains(rows: list[TransferRow]) -> list[str]:
+    """Each fine-tuned row against the group's first from-scratch row (same budget)."""
     scratch = next((r for r in rows if r.init_from == "None"), None)
-    if scratch is not None:
-        lines.append("")
-        for r in rows:
-            if r.init_from != "None":
-                gain = 100 * (r.test_accuracy - scratch.test_accuracy)
-                first = r.first_epoch_seconds / scratch.first_epoch_seconds
-                later = r.median_epoch_seconds / scratch.median_epoch_seconds
-                lines.append(
-                    f"- {r.label} vs {scratch.label}: **{gain:+.2f} points** test top-1; first epoch "
-                    f"{first:.2f}x, later epochs (median) {later:.2f}x the from-scratch run's."
-                )
-    lines += ["", "Best validation top-1 reached within each budget (training and validation wall time):", ""]
-    marks = list(rows[0].reached) if rows else [str(m) for m in TIME_MARKS_MINUTES]
-    lines.append("| run | " + " | ".join(f"{m} min" for m in marks) + " | run ended at (min) |")
-    lines.append("|---|" + "---:|" * (len(marks) + 1))
+    lines = []
     for r in rows:
-        cells = [
-            "not run that long" if r.reached.get(m) is None else f"{100 * r.reached[m]:.2f}%" for m in marks
+        if scratch is not None and r.init_from != "None":
+            gain = 100 * (r.test_accuracy - scratch.test_accuracy)
+            first = r.first_epoch_seconds / scratch.first_epoch_seconds
+            later = r.median_epoch_seconds / scratch.median_epoch_seconds
+            lines.append(
+                f"- {r.label} vs {scratch.label}: **{gain:+.2f} points** test top-1; first epoch "
+                f"{first:.2f}x, later epochs (median) {later:.2f}x the from-scratch run's."
+            )
+    return lines
+
+
+def transfer_markdown(groups: dict[str, list[TransferRow]]) -> str:
+    """Per group (a budget): the runs, the gain of each fine-tuned run over the first from-scratch run; then
+    time-to-accuracy for the runs that trained past a mark."""
+    lines: list[str] = []
+    for group, rows in groups.items():
+        lines += [
+            f"### {group}",
+            "",
+            "| run | init_from | epochs | first epoch (s) | median later epoch (s) | train time (min) | test top-1 "
+            "| test top-5 | MLflow run |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---|",
         ]
-        lines.append(f"| {r.label} | " + " | ".join(cells) + f" | {r.train_minutes:.1f} |")
-    return "\n".join(lines) + "\n"
+        for r in rows:
+            lines.append(
+                f"| {r.label} | `{r.init_from}` | {r.epochs} | {_seconds(r.first_epoch_seconds)} "
+                f"| {_seconds(r.median_epoch_seconds)} | {r.train_minutes:.1f} | {100 * r.test_accuracy:.2f}% "
+                f"| {100 * r.test_top5_accuracy:.2f}% | `{r.run_id}` |"
+            )
+        gains = _gains(rows)
+        lines += ["", *gains, ""] if gains else [""]
+    timed = [r for rows in groups.values() for r in rows if any(v is not None for v in r.reached.values())]
+    if timed:
+        marks = list(timed[0].reached)
+        lines += [
+            "### Time-to-accuracy",
+            "",
+            "Best validation top-1 reached within each budget (training and validation wall time):",
+            "",
+            "| run | " + " | ".join(f"{m} min" for m in marks) + " | run ended at (min) |",
+            "|---|" + "---:|" * (len(marks) + 1),
+        ]
+        for r in timed:
+            cells = [
+                "not run that long" if r.reached.get(m) is None else f"{100 * r.reached[m]:.2f}%"
+                for m in marks
+            ]
+            lines.append(f"| {r.label} | " + " | ".join(cells) + f" | {r.train_minutes:.1f} |")
+        lines.append("")
+    return "\n".join(lines)
 
 
-def transfer_report(client, runs: dict[str, str], out_dir: str | Path) -> dict[str, Any]:
-    """Writes ``table.md``, ``curves.png`` and ``runs.json`` for the labelled runs (label -> run id)."""
+def transfer_report(client, groups: dict[str, dict[str, str]], out_dir: str | Path) -> dict[str, Any]:
+    """Writes ``table.md``, ``curves.png`` and ``runs.json`` for labelled runs in groups
+    (group -> label -> run id; a group is one budget, its first from-scratch run the baseline)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rows = [transfer_row(client, label, run_id) for label, run_id in runs.items()]
+    rows = {
+        g: [transfer_row(client, label, run_id) for label, run_id in runs.items()]
+        for g, runs in groups.items()
+    }
     histories = {
-        label: {key: _history(client, run_id, key) for key, _ in CURVES} for label, run_id in runs.items()
+        label: {key: _history(client, run_id, key) for key, _ in CURVES}
+        for runs in groups.values()
+        for label, run_id in runs.items()
     }
     table = write_text(out / "table.md", transfer_markdown(rows))
     curves = plot_curves(histories, out / "curves.png")
-    data = {"rows": [asdict(r) for r in rows], "curves": histories}
+    data = {"groups": {g: [asdict(r) for r in rs] for g, rs in rows.items()}, "curves": histories}
     runs_file = write_text(out / "runs.json", json.dumps(data, indent=1))
-    return {"rows": data["rows"], "table": str(table), "curves": str(curves), "runs": str(runs_file)}
+    flat = [asdict(r) for rs in rows.values() for r in rs]
+    return {"rows": flat, "table": str(table), "curves": str(curves), "runs": str(runs_file)}

@@ -53,13 +53,15 @@ def test_transfer_table_states_the_gain_against_the_first_from_scratch_row():
             label, f"id-{label}", init, 30, 450, first, median, 5.0, acc, 0.9, {"5": 0.4, "10": None}
         )
 
-    table = transfer_markdown([
-        row("scratch", "None", 0.40, 20.0, 8.0), row("seed", "None", 0.30, 30.0, 9.0),
-        row("tuned", "models:/src/1", 0.575, 22.0, 7.6),
-    ])  # fmt: skip
+    table = transfer_markdown({
+        "30 epochs": [row("scratch", "None", 0.40, 20.0, 8.0), row("seed", "None", 0.30, 30.0, 9.0),
+                      row("tuned", "models:/src/1", 0.575, 22.0, 7.6)],
+        "budget": [row("scratch b", "None", 0.5, 20.0, 8.0), row("tuned b", "models:/src/1", 0.52, 20.0, 8.0)],
+    })  # fmt: skip
     assert (
         "- tuned vs scratch: **+17.50 points** test top-1; first epoch 1.10x, later epochs (median) 0.95x"
         in table
     )
+    assert "- tuned b vs scratch b: **+2.00 points**" in table  # each budget against its own baseline
     assert "seed vs" not in table  # only fine-tuned rows are compared
     assert "| tuned | 40.00% | not run that long | 5.0 |" in table

@@ -46,9 +46,9 @@ def split(data_path: str, work_dir: str, target_classes: int, train_per_class: i
 
 
 @task(name="transfer-report", cache_policy=NO_CACHE)
-def report(tracking_uri: str | None, runs: dict[str, str], report_dir: str) -> dict:
+def report(tracking_uri: str | None, groups: dict[str, dict[str, str]], report_dir: str) -> dict:
     cfg = make_config("quickstart", {"tracking_uri": tracking_uri})
-    return transfer_report(tracking.client(cfg), runs, report_dir)
+    return transfer_report(tracking.client(cfg), groups, report_dir)
 
 
 @flow(name="transfer-experiment", log_prints=True)
@@ -114,7 +114,8 @@ def transfer_experiment(
         })["mlflow_run_id"]
         for label, (preset, extra) in approaches.items()
     }  # fmt: skip
-    result = report(tracking_uri, {**runs, **pretrain}, report_dir)
+    groups = {f"{epochs} epochs": runs, **({"Pre-training": pretrain} if pretrain else {})}
+    result = report(tracking_uri, groups, report_dir)
     if (
         time_budget_minutes
     ):  # time-to-accuracy: each approach for about that long, epochs sized from the above
@@ -128,7 +129,9 @@ def transfer_experiment(
             })["mlflow_run_id"]
             for label, (preset, extra) in approaches.items()
         }  # fmt: skip
-        result = report(tracking_uri, {**runs, **timed, **pretrain}, report_dir)
+        groups = {f"{epochs} epochs": runs, f"{time_budget_minutes:g}-minute budget": timed,
+                  **({"Pre-training": pretrain} if pretrain else {})}  # fmt: skip
+        result = report(tracking_uri, groups, report_dir)
     table = Path(result["table"]).read_text()
     create_markdown_artifact(key="transfer-experiment", markdown=table, description="Fine-tuning vs scratch")
     print(table)
