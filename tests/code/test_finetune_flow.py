@@ -115,3 +115,34 @@ def test_keras_hub_preset_trains_and_a_mismatch_fails_before_training(prefect_se
     )
     assert "projection_dim=64," in errors[0] and "checkpoint projection_dim=16 " in errors[0]
     assert "Traceback" not in cli.stderr
+
+
+def test_transfer_experiment_pretrains_then_compares_in_one_experiment(
+    prefect_server, tiny_overrides, tmp_path
+):
+    from mlflow.tracking import MlflowClient
+
+    from vit_pipeline.flows.transfer_experiment import transfer_experiment
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tiny = {k: v for k, v in tiny_overrides.items() if k != "epochs"}
+    result = transfer_experiment(
+        data_path=str(CIFAR_CUT), work_dir=str(tmp_path / "split"), pretrain_epochs=1, epochs=2,
+        target_classes=3, train_per_class=4, report_dir=str(tmp_path / "report"), tracking_uri=uri,
+        overrides=tiny,
+    )  # fmt: skip
+    labels = [r["label"] for r in result["rows"]]
+    assert labels == ["from scratch (cifar100-improved-light)", "from scratch (cifar100)", "fine-tuned",
+                      "pre-training (source classes)"]  # fmt: skip
+    tuned = result["rows"][2]
+    assert tuned["init_from"] == result["source"] and result["source"].startswith(
+        "models:/vit-transfer-source/"
+    )
+    assert len(result["target_classes"]) == 3 and all(r["epochs"] == 2 for r in result["rows"][:3])
+    table = (tmp_path / "report" / "table.md").read_text()
+    assert "- fine-tuned vs from scratch (cifar100-improved-light): **" in table
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("vit-transfer").experiment_id])
+    assert {r.info.run_id for r in runs} == {r["run_id"] for r in result["rows"]}
+    finetuned = client.get_run(tuned["run_id"])
+    assert finetuned.data.params["init.head"] == "new" and finetuned.data.tags["export.parity"] == "passed"

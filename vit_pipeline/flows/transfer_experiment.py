@@ -69,6 +69,7 @@ def transfer_experiment(
     report_dir: str = "docs/experiments/transfer",
     tracking_uri: str | None = None,
     time_budget_minutes: float | None = None,
+    overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Pre-trains (unless ``source``), then fine-tunes and trains from scratch on the target; compares.
 
@@ -90,10 +91,12 @@ def transfer_experiment(
         tracking_uri: MLflow store (None: the pipeline's default).
         time_budget_minutes: Also train each approach for about this long (``max_train_minutes``) and
             report the top-1 reached after 5, 10 and 30 minutes (time-to-accuracy); None: skip.
+        overrides: Further config fields for every run (e.g. a smaller architecture for a smoke test).
     """
     folders = split(data_path, work_dir, target_classes, train_per_class, split_seed)
     target = target_folder or folders["target"]
-    common = {"seed": seed, "experiment_name": experiment_name, "tracking_uri": tracking_uri, **QUIET}
+    common = {"seed": seed, "experiment_name": experiment_name, "tracking_uri": tracking_uri, **QUIET,
+              **(overrides or {})}  # fmt: skip
     pretrain: dict[str, str] = {}
     if source is None:
         pre = train_pipeline(preset=pretrain_preset, overrides={
