@@ -322,6 +322,11 @@ def _run_class_names(run_id: str, dst: Path) -> tuple[str, ...] | None:
 # --------------------------------------------------------------------------- 2. adopt
 def architecture(source: Source) -> dict[str, Any]:
     """The config fields the checkpoint fixes, as the checkpoint has them."""
+    return dict(_architecture(source))
+
+
+@functools.lru_cache(maxsize=8)  # every make_config of a run reads it: load a (large) checkpoint once
+def _architecture(source: Source) -> dict[str, Any]:
     if source.kind == KERAS_HUB:
         return _keras_hub_architecture(_load_keras_hub_backbone(source))
     return _own_architecture(_load_own(source))
