@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from vit_pipeline.errors import ConfigError
+from vit_pipeline.mlflow_models import keras_file
 
 if TYPE_CHECKING:
     import keras
@@ -53,9 +54,6 @@ KERAS_HUB = "keras_hub"  # a Keras-Hub ViTBackbone (its own presets and Hugging 
 
 # Architecture fields a checkpoint may differ in: the grid is interpolated, the head is rebuilt.
 BRIDGEABLE = ("image_size", "mlp_head_units")
-HEAD_LAYER = re.compile(
-    r"^(head_(?!ln)|logits$)"
-)  # the head's Dense layers (head_ln is the encoder's last norm)
 
 
 @dataclass(frozen=True)
@@ -189,9 +187,9 @@ def _resolve_local(requested: str, path: Path) -> Source:
                 f"Received: init_from={requested!r} (a {path.suffix or 'suffix-less'} file)"
             )
         return Source(requested, str(path), OWN, "keras", str(path), digest(path))
-    keras_files = sorted(path.rglob("*.keras"))
-    if (path / "MLmodel").exists() and keras_files:  # a downloaded MLflow Keras model
-        return Source(requested, str(path), OWN, "keras", str(keras_files[0]), digest(keras_files[0]))
+    file = keras_file(path) if (path / "MLmodel").exists() else None
+    if file is not None:  # a downloaded MLflow Keras model
+        return Source(requested, str(path), OWN, "keras", str(file), digest(file))
     config_file = path / "config.json"
     if not config_file.exists():
         raise ConfigError(
@@ -284,12 +282,11 @@ def _resolve_mlflow(requested: str, tracking_uri: str) -> Source:
         raise ConfigError(
             f"Could not fetch init_from={requested!r} from {tracking_uri}: {' '.join(str(exc).split())[:300]}"
         ) from None
-    keras_files = [local] if local.suffix == ".keras" else sorted(local.rglob("*.keras"))
-    if not keras_files:
+    file = keras_file(local)
+    if file is None:
         raise ConfigError(
             f"Expected a Keras model at init_from={requested!r}. Received: no .keras file in {keras_uri}"
         )
-    file = keras_files[0]
     return Source(requested, pinned, OWN, "keras", str(file), digest(file), names, run_id)
 
 
@@ -344,9 +341,7 @@ def _own_architecture(model: keras.Model) -> dict[str, Any]:
         return by_name[name]
 
     pooling = "flatten" if "head_flatten" in by_name else "gap" if "head_pool" in by_name else "class_token"
-    head_units = tuple(
-        by_name[n].units for n in sorted(n for n in by_name if re.fullmatch(r"head_mlp_dense\d+", n))
-    )
+    head_units = _numbered_units(by_name, "head_mlp_dense")
     if (
         "backbone" in by_name and type(by_name["backbone"]).__name__ == "ViTBackbone"
     ):  # fine-tuned from Keras-Hub
@@ -360,9 +355,7 @@ def _own_architecture(model: keras.Model) -> dict[str, Any]:
     attention = need("block0_attention")
     lsa = type(attention).__name__ == "LocalitySelfAttention"
     head_dim = attention.head_dim if lsa else attention.key_dim
-    units = tuple(
-        by_name[n].units for n in sorted(n for n in by_name if re.fullmatch(r"block0_mlp_dense\d+", n))
-    )
+    units = _numbered_units(by_name, "block0_mlp_dense")
     image_size = by_name["resizing"].height if "resizing" in by_name else model.input_shape[1]
     return {
         "backbone": OWN,
@@ -378,6 +371,14 @@ def _own_architecture(model: keras.Model) -> dict[str, Any]:
         "patch_tokenization": "shifted" if "shifted_images" in by_name else "standard",
         "attention_type": "lsa" if lsa else "standard",
     }
+
+
+def _numbered_units(by_name: dict[str, Any], prefix: str) -> tuple[int, ...]:
+    """Widths of the Dense layers ``<prefix>0``, ``<prefix>1``, ... in index order (10 after 9)."""
+    found = {
+        int(m.group(1)): layer for n, layer in by_name.items() if (m := re.fullmatch(rf"{prefix}(\d+)", n))
+    }
+    return tuple(int(found[i].units) for i in sorted(found))
 
 
 def _keras_hub_architecture(backbone) -> dict[str, Any]:
@@ -459,6 +460,7 @@ def build_model(cfg: PipelineConfig, splits: Splits) -> tuple[keras.Model, InitR
 
 def _from_own(cfg: PipelineConfig, splits: Splits, source: Source, keep_head: bool):
     from vit_pipeline.model import build_vit
+    from vit_pipeline.optimizer import is_head
 
     src = _load_own(source)
     model = build_vit(cfg, splits.num_classes, splits.input_shape, train_images=None)
@@ -467,7 +469,7 @@ def _from_own(cfg: PipelineConfig, splits: Splits, source: Source, keep_head: bo
     for layer in model.layers:
         if not layer.weights:
             continue
-        head = bool(HEAD_LAYER.match(layer.name))
+        head = is_head(f"{layer.name}/")  # the optimizer's definition: the head's Dense layers, not head_ln
         other = src_layers.get(layer.name)
         theirs = {_relative(w.path, other.name): w for w in other.weights} if other is not None else {}
         for w in layer.weights:

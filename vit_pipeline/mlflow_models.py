@@ -122,7 +122,16 @@ def load_keras(model_uri: str):
     from vit_pipeline.model import load_model
 
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tempfile.mkdtemp()))
-    files = [local] if local.suffix == ".keras" else sorted(local.rglob("*.keras"))
-    if not files:
+    file = keras_file(local)
+    if file is None:
         raise FileNotFoundError(f"No .keras file in {model_uri}")
-    return load_model(str(files[0]))
+    return load_model(str(file))
+
+
+def keras_file(path):
+    """The ``.keras`` file a downloaded Keras model (an MLflow model folder) holds, or ``path`` itself."""
+    from pathlib import Path
+
+    path = Path(path)
+    files = [path] if path.suffix == ".keras" else sorted(path.rglob("*.keras"))
+    return files[0] if files else None
