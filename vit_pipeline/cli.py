@@ -536,14 +536,24 @@ def benchmark(model_path, preset, keras_path, eval_data, eval_images, batch_size
 @click.option(
     "--rerun-failed", is_flag=True, help="Keep the successful cells of --output; run the others again."
 )
+@click.option("--finetune-optimizer-rounds", default=0, show_default=True, type=click.IntRange(0),
+              help="Instead: time the first --preset with its own optimizer and with the fine-tuning one "
+                   "(layer decay, head-only start), alternating, this many rounds.")  # fmt: skip
 @_friendly_errors
-def train_benchmark(presets, steps, warmup, output, rerun_failed) -> None:
+def train_benchmark(presets, steps, warmup, output, rerun_failed, finetune_optimizer_rounds) -> None:
     """Training img/s on this machine: each preset with and without XLA and mixed_bfloat16."""
 
-    from vit_pipeline.benchmark.training import TrainingReport, run_training_benchmark
+    from vit_pipeline.benchmark.training import (
+        TrainingReport,
+        compare_finetune_optimizer,
+        run_training_benchmark,
+    )
 
     keep = TrainingReport.from_json(output) if rerun_failed and Path(output).exists() else None
-    report = run_training_benchmark(list(presets), steps=steps, warmup=warmup, keep=keep)
+    if finetune_optimizer_rounds:
+        report = compare_finetune_optimizer(presets[0], finetune_optimizer_rounds, steps=steps, warmup=warmup)
+    else:
+        report = run_training_benchmark(list(presets), steps=steps, warmup=warmup, keep=keep)
     report.save_json(output)
     click.echo(report.to_markdown())
     click.echo(f"Wrote {output}")

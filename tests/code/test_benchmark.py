@@ -253,3 +253,26 @@ def test_benchmark_docs_page_is_rendered_from_every_committed_report():
     assert "| backend | provider | variant | precision |" in page  # the inference report
     assert "Peak memory (VmHWM of a fresh process)" in page  # the large-folder report, its own markdown
     assert page == (root / "docs" / "benchmarks.md").read_text()  # the committed page is not edited by hand
+
+
+def test_finetune_optimizer_ratios_pair_the_rows_of_each_round():
+    from vit_pipeline.benchmark.training import TrainingReport, TrainingRow, optimizer_ratios
+
+    def row(optimizer, index, first, p50):
+        return TrainingRow("finetune", False, "float32", 128, 5, compute_ips=128 / p50 * 1000, step_ms_p50=p50,
+                           data_ips=1e4, compile_seconds=first, optimizer=optimizer, round=index)  # fmt: skip
+
+    rows = [row("preset", 0, 10.0, 1000), row("finetune", 0, 12.0, 1000),  # 1.2x first step
+            row("finetune", 1, 11.0, 2000), row("preset", 1, 10.0, 1000),  # 1.1x, a slow step
+            row("preset", 2, 10.0, 1000), row("finetune", 2, 9.0, 1000),  # 0.9x
+            row("preset", 3, 1.0, 1.0)]  # fmt: skip  # a round without its pair is left out
+    report = TrainingReport({}, rows, {"steps": 5, "steps_per_epoch": 3})
+    q = optimizer_ratios(report)
+    assert q["rounds"] == 3
+    assert q["first_step"] == pytest.approx(1.1)
+    assert q["step_p50"] == pytest.approx(1.0)
+    # Epochs of 3 steps: (12+2)/(10+2), (11+4)/(10+2), (9+2)/(10+2) -> median 14/12.
+    assert q["first_epoch"] == pytest.approx(14 / 12)
+    assert "first step 1.10x, step p50 1.00x, first epoch of 3 steps 1.17x" in report.to_markdown()
+    with pytest.raises(ValueError, match="Expected at least one round with both optimizers"):
+        optimizer_ratios(TrainingReport({}, rows[-1:], {"steps_per_epoch": 3}))

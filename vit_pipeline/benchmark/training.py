@@ -41,6 +41,8 @@ class TrainingRow:
     data_ips: float | None = None  # images/s of the input pipeline alone
     compile_seconds: float | None = None  # first step (tracing, XLA compilation)
     params: int | None = None
+    optimizer: str = "preset"  # "preset", or "finetune": the fine-tuning optimizer on the same model
+    round: int = 0
     error: str | None = None
 
 
@@ -65,20 +67,24 @@ class TrainingReport:
             f"tensorflow {env.get('versions', {}).get('tensorflow', '-')}; {self.settings.get('steps')} timed steps "
             f"after {self.settings.get('warmup')} warm-up steps",
             "",
-            "| preset | XLA | precision | batch | train step img/s | step p50 ms | input pipeline img/s | "
-            "first step s | bound by |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| preset | optimizer | XLA | precision | batch | train step img/s | step p50 ms | "
+            "input pipeline img/s | first step s | bound by |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in self.results:
+            head = f"| {r.preset} | {r.optimizer} | {'on' if r.xla else 'off'} | {r.precision} | {r.batch_size} |"
             if r.error:
-                lines.append(f"| {r.preset} | {'on' if r.xla else 'off'} | {r.precision} | {r.batch_size} | "
-                             f"failed: {r.error} | | | | |")  # fmt: skip
+                lines.append(f"{head} failed: {r.error} | | | | |")
                 continue
             bound = "compute" if r.compute_ips <= r.data_ips else "input pipeline"
             lines.append(
-                f"| {r.preset} | {'on' if r.xla else 'off'} | {r.precision} | {r.batch_size} | {r.compute_ips:.1f} | "
-                f"{r.step_ms_p50:.0f} | {r.data_ips:.0f} | {r.compile_seconds:.1f} | {bound} |"
+                f"{head} {r.compute_ips:.1f} | {r.step_ms_p50:.0f} | {r.data_ips:.0f} | {r.compile_seconds:.1f} | {bound} |"
             )
+        if "steps_per_epoch" in self.settings:
+            q = optimizer_ratios(self)
+            lines += ["", f"Fine-tuning / preset optimizer, median of {q['rounds']} alternating rounds: first step "
+                      f"{q['first_step']:.2f}x, step p50 {q['step_p50']:.2f}x, first epoch of "
+                      f"{self.settings['steps_per_epoch']} steps {q['first_epoch']:.2f}x"]  # fmt: skip
         return "\n".join(lines) + "\n"
 
 
@@ -91,7 +97,7 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
     from vit_pipeline.train import compile_model, make_dataset
 
     keras.mixed_precision.set_global_policy(spec["precision"])
-    cfg = make_config(spec["preset"])
+    cfg = make_config(spec["preset"], spec.get("overrides"))
     bs, n_classes = cfg.batch_size, 100
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (max(4 * bs, 1024), cfg.input_size, cfg.input_size, 3), dtype=np.uint8)
@@ -169,6 +175,79 @@ def run_training_benchmark(presets: list[str], steps: int = 10, warmup: int = 3,
     return TrainingReport(
         env, rows, {"steps": steps, "warmup": warmup, "data": "random uint8 images of input_size"}
     )
+
+
+# The fine-tuning optimizer of presets/finetune.yaml: layer-wise rate decay and a head-only start
+# (ScaledAdamW). Loading a checkpoint happens before training; what can make a fine-tuning epoch
+# slower than a from-scratch one is this optimizer's graph, so it is what is compared.
+FINETUNE_OPTIMIZER = {"layer_decay": 0.75, "linear_probe_epochs": 1}
+
+
+def compare_finetune_optimizer(preset: str, rounds: int = 3, steps: int = 10, warmup: int = 3,
+                               steps_per_epoch: int = 4, timeout: float = 1200) -> TrainingReport:  # fmt: skip
+    """The preset's optimizer against the fine-tuning one, alternating, each child a fresh process.
+
+    Alternating the pair in every round (A B, B A, ...) keeps a machine's drift out of
+    the ratio. The first step (tracing) is what a first epoch adds to a later one.
+
+    Args:
+        steps_per_epoch: The epoch the first-epoch ratio is estimated for (4: the
+            transfer experiment's 450 training images at batch 128).
+    """
+    from vit_pipeline.benchmark.environment import environment
+    from vit_pipeline.config import make_config
+
+    bs = make_config(preset).batch_size
+    rows = []
+    for index in range(rounds):
+        order = ("preset", "finetune") if index % 2 == 0 else ("finetune", "preset")
+        for optimizer in order:
+            overrides = (
+                FINETUNE_OPTIMIZER
+                if optimizer == "finetune"
+                else {"layer_decay": 1.0, "linear_probe_epochs": 0}
+            )
+            spec = {"preset": preset, "xla": False, "precision": "float32", "steps": steps, "warmup": warmup,
+                    "overrides": overrides}  # fmt: skip
+            row = TrainingRow(preset, False, "float32", bs, steps, optimizer=optimizer, round=index)
+            result = run_child(["-m", "vit_pipeline.benchmark.training", json.dumps(spec)], MARKER, timeout)
+            row.error = result.pop("error", None)
+            for key, value in result.items():
+                setattr(row, key, value)
+            rows.append(row)
+            figures = (
+                row.error or f"first step {row.compile_seconds:.2f} s, step p50 {row.step_ms_p50:.0f} ms"
+            )
+            print(f"round {index} {optimizer}: {figures}", flush=True)
+    settings = {"steps": steps, "warmup": warmup, "rounds": rounds, "steps_per_epoch": steps_per_epoch,
+                "finetune_optimizer": FINETUNE_OPTIMIZER, "data": "random uint8 images of input_size"}  # fmt: skip
+    return TrainingReport(environment(), rows, settings)
+
+
+def optimizer_ratios(report: TrainingReport) -> dict[str, float]:
+    """Median over rounds of fine-tuning / preset optimizer: first step, step p50, first epoch.
+
+    The first epoch is estimated for one epoch of ``steps_per_epoch`` steps as first step
+    plus the rest at p50 (the shape of a real first epoch: tracing, then steady steps).
+    """
+    by_round: dict[int, dict[str, TrainingRow]] = {}
+    for r in report.results:
+        if not r.error:
+            by_round.setdefault(r.round, {})[r.optimizer] = r
+    pairs = [(d["finetune"], d["preset"]) for d in by_round.values() if {"finetune", "preset"} <= set(d)]
+    if not pairs:
+        raise ValueError("Expected at least one round with both optimizers. Received: none without an error")
+    steps = int(report.settings["steps_per_epoch"])
+
+    def epoch(r: TrainingRow) -> float:
+        return r.compile_seconds + (steps - 1) * r.step_ms_p50 / 1000
+
+    return {
+        "first_step": float(np.median([f.compile_seconds / p.compile_seconds for f, p in pairs])),
+        "step_p50": float(np.median([f.step_ms_p50 / p.step_ms_p50 for f, p in pairs])),
+        "first_epoch": float(np.median([epoch(f) / epoch(p) for f, p in pairs])),
+        "rounds": len(pairs),
+    }
 
 
 if __name__ == "__main__":
