@@ -39,7 +39,11 @@ setup(
         "pyyaml>=6,<7",
         "scikit-learn>=1.5,<2",
         "matplotlib>=3.8,<4",
-        "numpy>=1.26,<3",
+        "numpy>=2,<3",  # np.bitwise_count (leakage: Hamming distances of perceptual hashes)
+        # The gates (vit_pipeline.data_validation, .robustness): perceptual hashes for near-duplicate test
+        # images; the CIFAR-100-C corruptions from the maintained fork of Hendrycks' imagecorruptions.
+        "ImageHash>=4.3,<5",
+        "imagecorruptions-imaug>=1.1.5,<2",
         "pillow>=10,<14",
         "click>=8.1,<9",
         "pydantic>=2.7,<3",  # the typed config (field docstrings as descriptions: 2.7)

@@ -277,6 +277,28 @@ class BenchmarkConfig(_Fields):
     """Alternating rounds over all cells."""
 
 
+class GatesConfig(_Fields):
+    """The gates a model passes before it ships (data validation, drift, leakage, ...)."""
+
+    schema_path: str | None = None
+    """The dataset's schema (JSON, editable); None: $VIT_PIPELINE_HOME/schemas/<dataset>.json. Inferred on
+    the dataset's first run."""
+    min_class_fraction: OpenFraction = 0.5
+    """When a schema is inferred: each class's minimum image count per split, as a share of its count then."""
+    drift_channel_threshold: Annotated[float, Field(gt=0, le=1)] = 0.1
+    """Largest Jensen-Shannon distance (base 2) of a channel histogram from the champion's training data."""
+    drift_class_threshold: Annotated[float, Field(gt=0, le=1)] = 0.05
+    """Largest L-infinity distance of the class distribution from the champion's training data."""
+    drift_blocks_promotion: bool = True
+    """Whether drift above a threshold keeps the new version from becoming champion."""
+    leakage_max_distance: Annotated[int, Field(ge=0, le=32)] = 4
+    """A test image within this many bits (of 64) of a training image's perceptual hash is a near duplicate."""
+    drop_leaked_test: bool = False
+    """Remove exact and near duplicates of training images from the test split before evaluation."""
+    ece_bins: Annotated[int, Field(ge=2, le=100)] = 15
+    """Equal-width confidence bins of the expected calibration error and the reliability diagram."""
+
+
 class PipelineConfig(BaseModel):
     """Everything a pipeline run needs to know. Defaults are the seed recipe.
 
@@ -308,6 +330,7 @@ class PipelineConfig(BaseModel):
     tracking: TrackingConfig = TrackingConfig()
     export: ExportConfig = ExportConfig()
     benchmark: BenchmarkConfig = BenchmarkConfig()
+    gates: GatesConfig = GatesConfig()
 
     @model_validator(mode="before")
     @classmethod
@@ -444,7 +467,7 @@ class PipelineConfig(BaseModel):
 
 SECTIONS: dict[str, type[_Fields]] = {
     "data": DataConfig, "model": ModelConfig, "optimizer": OptimizerConfig, "tracking": TrackingConfig,
-    "export": ExportConfig, "benchmark": BenchmarkConfig,
+    "export": ExportConfig, "benchmark": BenchmarkConfig, "gates": GatesConfig,
 }  # fmt: skip
 # Flat field name -> its section, in declaration order (the order of CLI options and MLflow params).
 _SECTION_OF: dict[str, str] = {

@@ -283,7 +283,8 @@ class ExportResult:
         return asdict(self)
 
 
-def run(ctx: StageContext, data_path: str, model_path: str, test_accuracy: float) -> ExportResult:
+def run(ctx: StageContext, data_path: str, model_path: str, test_accuracy: float,
+        temperature: float = 1.0) -> ExportResult:  # fmt: skip
     """The export stage: exports to ONNX, builds the serving candidates once, and gates them all.
 
     The plain export and the served file (the fused graph by default) must pass
@@ -293,6 +294,9 @@ def run(ctx: StageContext, data_path: str, model_path: str, test_accuracy: float
     Keras on real test images, or it is dropped (its figures logged). The ones that
     pass are listed in the candidates manifest (``vit_consumer.contract``) beside the
     served file; the register stage registers them with it.
+
+    ``temperature`` (the calibration stage's) goes into the files' metadata, for the
+    probabilities a consumer returns; the logits, and so parity, do not depend on it.
 
     Raises:
         ExportError: a strict gate failed (nothing may be registered).
@@ -308,7 +312,8 @@ def run(ctx: StageContext, data_path: str, model_path: str, test_accuracy: float
     metadata = build_metadata(
         splits.class_names, splits.input_shape, dataset=cfg.dataset_tag, test_accuracy=test_accuracy,
         run_id=ctx.run_id, extra={"data_digest": splits.digest(), "image_size": cfg.image_size,
-                                  "patch_size": cfg.patch_size, "opset": cfg.onnx_opset},
+                                  "patch_size": cfg.patch_size, "opset": cfg.onnx_opset,
+                                  contract.META_TEMPERATURE: f"{temperature:.6g}"},
     )  # fmt: skip
     out = ctx.work_dir
     info = export_onnx(model, out / "model.onnx", metadata, cfg.onnx_opset)

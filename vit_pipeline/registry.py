@@ -337,8 +337,18 @@ def _candidate_tags(manifest: CandidatesManifest | None) -> dict[str, str]:
 
 def _lineage_tags(run_tags: dict[str, str]) -> dict[str, str]:
     """Where a fine-tuned model's first weights came from (``init.*`` run tags, see ``vit_pipeline.finetune``):
-    ``models:/vit-cifar100/3`` on the run becomes the lineage of ``models:/vit-flowers/1``."""
-    return {k: v for k, v in run_tags.items() if k.startswith("init.")}
+    ``models:/vit-cifar100/3`` on the run becomes the lineage of ``models:/vit-flowers/1``; and what each gate
+    found (``gate.*`` run tags: data validation, drift, leakage, ...)."""
+    return {k: v for k, v in run_tags.items() if k.startswith(("init.", "gate."))}
+
+
+def blocking_gates(cfg: PipelineConfig, run_tags: dict[str, str]) -> list[str]:
+    """The gates whose outcome (a ``gate.*`` run tag) keeps this version from becoming champion."""
+    blocked = []
+    drift = run_tags.get("gate.drift", "")
+    if cfg.drift_blocks_promotion and drift.startswith("above"):
+        blocked.append(f"data drift {drift}")
+    return blocked
 
 
 def register_onnx(
@@ -390,8 +400,9 @@ def register_onnx(
         "mlflow_run_id": run_id,
         **({"keras_test_accuracy": f"{keras_test_accuracy:.6f}"} if keras_test_accuracy is not None else {}),
         **_candidate_tags(manifest),
-        **_lineage_tags(client.get_run(run_id).data.tags),
+        **_lineage_tags(run_tags := client.get_run(run_id).data.tags),
     }
+    blockers = blocking_gates(cfg, run_tags)
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
     with registry_lock(name):
@@ -401,6 +412,8 @@ def register_onnx(
         time.sleep(float(os.environ.get("VIT_PIPELINE_REGISTRY_HOLD_SECONDS") or 0))
         if champion is not None and str(champion.version) == version:
             promoted, reason, champ_acc = True, "already the champion", served["top1"]
+        elif blockers:
+            promoted, reason, champ_acc = False, f"blocked by {'; '.join(blockers)}", None
         else:
             promoted, reason, champ_acc = decide(
                 cfg.promotion_policy,

@@ -203,7 +203,8 @@ def _operational(field: str) -> bool:
     operational = ("tracking_uri", "tracking_wait_seconds", "run_name", "distribution_strategy",
                    "system_metrics_seconds", "serve_candidates", "candidate_min_agreement", "candidate_images",
                    "int8_calibration_images")  # fmt: skip
-    return field in operational or field in SECTIONS["benchmark"].model_fields
+    # The gates judge a model and its data; they never change what is trained.
+    return field in operational or any(field in SECTIONS[s].model_fields for s in ("benchmark", "gates"))
 
 
 def _note(cfg: PipelineConfig, preset: str | None) -> str:

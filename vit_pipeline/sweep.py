@@ -180,7 +180,7 @@ def run_trial(
 
     import keras
 
-    from vit_pipeline import data, runs, train
+    from vit_pipeline import data, data_validation, runs, train
     from vit_pipeline.config import from_dict
     from vit_pipeline.context import StageContext
 
@@ -193,7 +193,8 @@ def run_trial(
     with runs.tracked_run(cfg, preset, tags) as run_id:
         ctx = StageContext.open(cfg, run_id)
         prepared = data.run(ctx, data.fetch(cfg))
-        trained = train.run(ctx, prepared.data_path)
+        validated = data_validation.run(ctx, prepared.data_path)  # the winner's gate tags go to its version
+        trained = train.run(ctx, validated.data_path)
     return {
         "status": "ok",
         "index": index,
@@ -202,7 +203,7 @@ def run_trial(
         "best_val_accuracy": trained.best_val_accuracy,
         "model_path": trained.model_path,
         "history_path": trained.history_path,
-        "data_path": prepared.data_path,
+        "data_path": validated.data_path,
         "start": start,
         "end": time.time(),
         **where,

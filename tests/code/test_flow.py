@@ -100,6 +100,25 @@ def test_train_pipeline_logs_everything(prefect_server, tiny_overrides, tmp_path
     )
     assert float(champion.tags["keras_test_accuracy"]) == pytest.approx(result["test_accuracy"], abs=1e-6)
     assert champion.tags["test_images"] == params["data.test_size"]
+    # The gates: outcomes as run tags, copied to the version; their figures and plots in the run.
+    assert (
+        run.data.tags["gate.data_validation"].startswith("passed")
+        and "schema inferred" in (run.data.tags["gate.data_validation"])
+    )
+    assert champion.tags["gate.drift"] == run.data.tags["gate.drift"] == "not computed: no champion of " \
+        "'vit-cifar100-coarse' yet"  # fmt: skip
+    assert champion.tags["gate.calibration"].startswith("temperature ")
+    assert metrics["temperature"] > 0 and metrics["test_ece"] >= 0 and "data.test_near_duplicates" in metrics
+    data_arts = {a.path for a in client.list_artifacts(run.info.run_id, "data")}
+    assert {"data/statistics.json", "data/schema.json", "data/drift.json", "data/leakage.json",
+            "data/channel_histograms.png"} <= data_arts  # fmt: skip
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "calibration")} == {
+        "calibration/calibration.json", "calibration/reliability_diagram.png"}  # fmt: skip
+    # The temperature travels in the served file's metadata, for the consumer's probabilities.
+    from vit_consumer.classifier import OnnxClassifier
+
+    served = OnnxClassifier(result["onnx_path"])
+    assert served.temperature == pytest.approx(metrics["temperature"], rel=1e-5)
     # The run ended after its last stage, not when it was created.
     last_logged = max(m.timestamp for key in metrics for m in client.get_metric_history(run.info.run_id, key))
     assert run.info.end_time >= last_logged

@@ -32,7 +32,13 @@ from vit_pipeline import sweep as sweep_mod
 from vit_pipeline.config import ConfigOverrides, make_config, merged_overrides
 from vit_pipeline.context import StageContext
 from vit_pipeline.errors import PipelineError
-from vit_pipeline.flows.train_pipeline import _prefect_tags, evaluate_model, export_model, register_model
+from vit_pipeline.flows.train_pipeline import (
+    _prefect_tags,
+    calibrate_model,
+    evaluate_model,
+    export_model,
+    register_model,
+)
 from vit_pipeline.sweep import best_trial, load_space, parse_space, trial_configs
 
 
@@ -164,7 +170,10 @@ def sweep(
             ctx = StageContext.open(winner, best["run_id"])
             evaluated = evaluate_model(ctx, best["data_path"], best["model_path"], best["history_path"])
             accuracy = evaluated.test_accuracy
-            exported = export_model(ctx, best["data_path"], best["model_path"], accuracy)
+            calibrated = calibrate_model(ctx, best["data_path"], best["model_path"])
+            exported = export_model(
+                ctx, best["data_path"], best["model_path"], accuracy, calibrated.temperature
+            )
             registered = register_model(ctx, best["data_path"], exported.path, accuracy)
         parent_log.metrics({f"best_{parsed.metric}": best[parsed.metric], "best_test_accuracy": accuracy,
                             "sweep_seconds": time.time() - start})  # fmt: skip

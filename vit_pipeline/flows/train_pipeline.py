@@ -19,7 +19,18 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from vit_pipeline import data, evaluate, export, registry, runs, summary, tracking, train
+from vit_pipeline import (
+    calibration,
+    data,
+    data_validation,
+    evaluate,
+    export,
+    registry,
+    runs,
+    summary,
+    tracking,
+    train,
+)
 from vit_pipeline.benchmark import stage as benchmark_stage
 from vit_pipeline.benchmark.stage import BenchmarkOutcome
 from vit_pipeline.config import ConfigOverrides, PipelineConfig, PresetName, make_config
@@ -38,6 +49,11 @@ def fetch_data(cfg: PipelineConfig) -> str | None:
 @task(name="prepare-data", cache_policy=NO_CACHE)
 def prepare_data(ctx: StageContext, source_path: str | None) -> data.Prepared:
     return data.run(ctx, source_path)
+
+
+@task(name="validate-data", cache_policy=NO_CACHE)
+def validate_data(ctx: StageContext, data_path: str) -> data_validation.DataValidation:
+    return data_validation.run(ctx, data_path)
 
 
 def tracking_was_down(task, task_run, state) -> bool:
@@ -65,11 +81,16 @@ def evaluate_model(
     return evaluate.run(ctx, data_path, model_path, history_path)
 
 
+@task(name="calibrate", cache_policy=NO_CACHE)
+def calibrate_model(ctx: StageContext, data_path: str, model_path: str) -> calibration.Calibration:
+    return calibration.run(ctx, data_path, model_path)
+
+
 @task(name="export-onnx", cache_policy=NO_CACHE)
 def export_model(
-    ctx: StageContext, data_path: str, model_path: str, test_accuracy: float
+    ctx: StageContext, data_path: str, model_path: str, test_accuracy: float, temperature: float = 1.0
 ) -> export.ExportResult:
-    return export.run(ctx, data_path, model_path, test_accuracy)
+    return export.run(ctx, data_path, model_path, test_accuracy, temperature)
 
 
 @task(name="register", cache_policy=NO_CACHE)
@@ -146,13 +167,17 @@ def train_pipeline(
     with runs.tracked_run(cfg, preset, _prefect_tags(), resume_run_id=resume_run_id) as run_id:
         ctx = StageContext.open(cfg, run_id)
         prepared = prepare_data(ctx, fetch_data(cfg))
-        trained = train_model(ctx, prepared.data_path)
-        evaluated = evaluate_model(ctx, prepared.data_path, trained.model_path, trained.history_path)
+        # Anomalies against the dataset's schema fail here, before any training.
+        validated = validate_data(ctx, prepared.data_path)
+        data_path = validated.data_path  # without leaked test images when drop_leaked_test
+        trained = train_model(ctx, data_path)
+        evaluated = evaluate_model(ctx, data_path, trained.model_path, trained.history_path)
         accuracy = evaluated.test_accuracy
+        calibrated = calibrate_model(ctx, data_path, trained.model_path)
         # The export task raises if the parity gate fails: nothing gets registered.
-        exported = export_model(ctx, prepared.data_path, trained.model_path, accuracy)
-        registered = register_model(ctx, prepared.data_path, exported.path, accuracy)
-        benchmarked = benchmark_model(ctx, prepared.data_path, trained.model_path, exported.fp32_path)
+        exported = export_model(ctx, data_path, trained.model_path, accuracy, calibrated.temperature)
+        registered = register_model(ctx, data_path, exported.path, accuracy)
+        benchmarked = benchmark_model(ctx, data_path, trained.model_path, exported.fp32_path)
         result = {
             "mlflow_run_id": run_id,
             "mlflow_run_url": tracking.run_url(cfg, run_id),
@@ -163,6 +188,11 @@ def train_pipeline(
             "onnx_path": exported.path,
             "parity": {k: exported.parity[k] for k in ("max_abs_diff", "top1_agreement", "num_images")},
             "registry": registered.to_dict(),
+            "gates": {
+                "drift": validated.drift.outcome,
+                "leakage": validated.leakage.outcome,
+                "calibration": calibrated.outcome,
+            },
             "benchmark": benchmarked.ratios,
         }
         create_markdown_artifact(

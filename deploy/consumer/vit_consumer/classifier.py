@@ -160,6 +160,10 @@ class OnnxClassifier:
             raise InputError(f"{self.path} has no class_names metadata; was it exported by vit-pipeline?")
         self.class_names: list[str] = names
         self.metadata = dict(meta)
+        try:
+            self.temperature = contract.temperature(meta)
+        except ValueError as exc:
+            raise InputError(f"{self.path}: {exc}") from None
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
         self.output_name = self.session.get_outputs()[0].name
@@ -283,8 +287,8 @@ class OnnxClassifier:
         return self.top_k(self.logits(batch), top_k)
 
     def top_k(self, logits: np.ndarray, top_k: int = 5) -> list[list[dict[str, Any]]]:
-        """Top-k classes with softmax probabilities for each row of logits."""
-        return contract.top_k(logits, self.class_names, top_k)
+        """Top-k classes with softmax probabilities (at the file's calibrated temperature) for each row of logits."""
+        return contract.top_k(logits, self.class_names, top_k, self.temperature)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -297,6 +301,7 @@ class OnnxClassifier:
             "file": self.path.name,
             "dataset": self.metadata.get("dataset", ""),
             "test_accuracy": self.metadata.get("test_accuracy", ""),
+            "temperature": self.temperature,
             "mlflow_run_id": self.metadata.get("mlflow_run_id", ""),
         }
 

@@ -13,7 +13,8 @@ reads it. It needs numpy only (ONNX Runtime where a function says so).
   machine that serves times them and serves the fastest (``fastest``).
 * **Providers.** Which ONNX Runtime execution providers to ask for
   (``default_providers``; one environment variable, ``VIT_PROVIDERS``).
-* **Probabilities.** ``softmax`` and ``top_k`` turn logits into answers.
+* **Probabilities.** ``softmax`` and ``top_k`` turn logits into answers, at the file's
+  calibrated temperature (``temperature``).
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ META_DATASET = "dataset"
 META_TEST_ACCURACY = "test_accuracy"
 META_RUN_ID = "mlflow_run_id"
 META_VERSION = "vit_pipeline_version"
+# The softmax temperature fitted on validation data (vit_pipeline.calibration): probabilities are
+# softmax(logits / T). Absent (older files): 1. The logits, and so the graph, do not depend on it.
+META_TEMPERATURE = "temperature"
 
 
 def input_contract(input_shape: Sequence[int]) -> str:
@@ -83,6 +87,24 @@ def build_metadata(
     }
     meta.update({k: str(v) for k, v in (extra or {}).items()})
     return meta
+
+
+def temperature(metadata: Mapping[str, str]) -> float:
+    """The softmax temperature a file's metadata declares (1 when it declares none).
+
+    Raises:
+        ValueError: the value is not a finite number > 0.
+    """
+    raw = metadata.get(META_TEMPERATURE, "")
+    try:
+        value = float(raw) if raw != "" else 1.0
+    except ValueError:
+        value = float("nan")
+    if not (np.isfinite(value) and value > 0):
+        raise ValueError(
+            f"Expected a finite {META_TEMPERATURE} > 0 in the model's metadata. Received: {raw!r}"
+        )
+    return value
 
 
 def class_names(metadata: Mapping[str, str]) -> list[str] | None:

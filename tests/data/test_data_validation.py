@@ -1,0 +1,195 @@
+"""The data-validation gate on real CIFAR-100 images written as image folders.
+
+Each case is a real folder (PNG/JPEG files) prepared by the pipeline's own data stage
+and checked by the gate against the schema the first run of the dataset left behind.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vit_pipeline import data, data_validation, runs, tracking
+from vit_pipeline.config import make_config
+from vit_pipeline.context import StageContext
+from vit_pipeline.data import Splits
+
+CLASSES = 5
+
+
+@pytest.fixture(scope="module")
+def originals(real_cut):
+    """Six real images of each of the first CLASSES classes (the cut's train and test pooled)."""
+    x_train, y_train, x_test, y_test, names = real_cut
+    x, y = np.concatenate([x_train, x_test]), np.concatenate([y_train, y_test])
+    return {names[c]: x[y == c] for c in range(CLASSES)}
+
+
+@pytest.fixture(scope="module")
+def by_class(originals):
+    """Twelve images a class: the originals and their mirror images (enough for every split)."""
+    return {name: np.concatenate([imgs, imgs[:, :, ::-1]]) for name, imgs in originals.items()}
+
+
+def write_folder(root: Path, images: dict[str, np.ndarray], fmt: str = "PNG", shift=None) -> Path:
+    for name, imgs in images.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i, img in enumerate(imgs):
+            if shift is not None:
+                img = np.clip(img.astype(np.int16) + shift, 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(root / name / f"{i:03d}.{fmt.lower()}", fmt)
+    return root
+
+
+def folder_cfg(root: Path, **extra):
+    # One dataset name for every variant of the folder: they are runs of the same dataset.
+    return make_config("quickstart", {"dataset": "image_folder", "data_path": str(root), "dataset_name": "pets",
+                                      "test_split": 0.34, **extra})  # fmt: skip
+
+
+def validate(cfg) -> tuple[str, data_validation.DataValidation | Exception]:
+    with runs.tracked_run(cfg) as run_id:
+        ctx = StageContext.open(cfg, run_id)
+        prepared = data.run(ctx, cfg.data_path)
+        try:
+            return run_id, data_validation.run(ctx, prepared.data_path)
+        except data_validation.DataValidationError as exc:
+            return run_id, exc
+
+
+def test_statistics_count_classes_channels_and_constant_images(real_cut):
+    x, y, _, _, names = real_cut
+    x = x.copy()
+    x[7] = 0  # an all-black frame
+    stats = data_validation.split_statistics(x, y, names)
+    assert stats.count == len(y) and sum(stats.class_counts.values()) == len(y)
+    assert stats.class_counts[names[0]] == int(np.sum(y == 0))
+    np.testing.assert_allclose(stats.channel_mean, x.reshape(-1, 3).mean(0), atol=1e-3)
+    np.testing.assert_allclose(stats.channel_std, x.reshape(-1, 3).std(0), atol=1e-3)
+    assert all(abs(sum(h) - 1) < 1e-4 for h in stats.channel_histograms)
+    assert stats.constant_images == 1 and stats.constant_examples == [7]
+
+
+def test_first_run_writes_the_schema_later_runs_are_held_to_it(tmp_path, by_class, pipeline_home):
+    base = write_folder(tmp_path / "v1", by_class)
+    run_id, first = validate(folder_cfg(base))
+    assert isinstance(first, data_validation.DataValidation) and first.schema_created
+    schema = json.loads(Path(first.schema_path).read_text())
+    assert Path(first.schema_path) == pipeline_home / "schemas" / "pets.json"
+    assert schema["class_names"] == sorted(by_class) and schema["source_modes"] == ["RGB"]
+    tags = tracking.client(folder_cfg(base)).get_run(run_id).data.tags
+    assert tags["gate.data_validation"].startswith("passed") and tags["gate.drift"].startswith("not computed")
+
+    # A class removed: the class list changed.
+    removed = dict(by_class)
+    gone = sorted(by_class)[2]
+    del removed[gone]
+    run_id, failed = validate(folder_cfg(write_folder(tmp_path / "removed", removed)))
+    assert isinstance(failed, data_validation.DataValidationError)
+    assert f"class list changed (missing [{gone!r}]" in str(failed) and "\n" not in str(failed)
+    assert (
+        tracking.client(folder_cfg(base))
+        .get_run(run_id)
+        .data.tags["gate.data_validation"]
+        .startswith("failed")
+    )
+
+    # A class that lost most of its images: under its minimum.
+    thinned = {**by_class, gone: by_class[gone][:3]}
+    _, failed = validate(folder_cfg(write_folder(tmp_path / "thinned", thinned)))
+    assert isinstance(failed, data_validation.DataValidationError)
+    assert "classes under their minimum in train" in str(failed) and f"{gone!r} has" in str(failed)
+
+    # Grayscale files: a mode the schema has not seen.
+    gray = tmp_path / "gray"
+    write_folder(gray, by_class)
+    for f in (gray / gone).iterdir():
+        Image.open(f).convert("L").save(f)
+    _, failed = validate(folder_cfg(gray))
+    assert "new image modes ['L']" in str(failed)
+
+    # The same folder again passes; an edited schema is what is checked.
+    _, again = validate(folder_cfg(base))
+    assert isinstance(again, data_validation.DataValidation) and not again.schema_created
+    schema["min_class_images"]["train"][gone] = 99
+    Path(first.schema_path).write_text(json.dumps(schema))
+    _, failed = validate(folder_cfg(base))
+    assert f"{gone!r} has" in str(failed) and "(minimum 99)" in str(failed)
+
+
+def test_an_emptied_class_folder_fails_in_one_line(tmp_path, by_class):
+    root = write_folder(tmp_path / "emptied", by_class)
+    gone = sorted(by_class)[1]
+    for f in (root / gone).iterdir():
+        f.unlink()
+    with pytest.raises(data.DataError, match=f"Class folder .*{gone} has no readable images"):
+        validate(folder_cfg(root))
+
+
+def test_renamed_reencoded_copies_in_the_test_split_are_found_and_can_be_dropped(tmp_path, originals):
+    by_class = originals
+    root = tmp_path / "leaky"
+    train = {name: imgs[:4] for name, imgs in by_class.items()}
+    test = {name: imgs[4:] for name, imgs in by_class.items()}
+    write_folder(root / "train", train)
+    write_folder(root / "test", test)
+    # Copies of training images in the test split: one byte-identical PNG, two re-encoded as JPEG.
+    names = sorted(by_class)
+    shutil.copy(root / "train" / names[0] / "000.png", root / "test" / names[0] / "copy-of-a-train-image.png")
+    for k, name in enumerate(names[1:3]):
+        buf = io.BytesIO()
+        Image.fromarray(train[name][k]).save(buf, "JPEG", quality=90)
+        (root / "test" / name / f"renamed-{k}.jpg").write_bytes(buf.getvalue())
+    cfg = folder_cfg(root, leakage_max_distance=6)
+    run_id, found = validate(cfg)
+    assert found.leakage.exact == 1 and found.leakage.near == 2, found.leakage.pairs
+    assert found.leakage.dropped == 0
+    client = tracking.client(cfg)
+    assert client.get_run(run_id).data.metrics["data.test_near_duplicates"] == 2
+    listed = json.loads(Path(client.download_artifacts(run_id, "data/leakage.json")).read_text())
+    assert {p["kind"] for p in listed["pairs"]} == {"exact", "near"}
+
+    _, dropped = validate(folder_cfg(root, leakage_max_distance=6, drop_leaked_test=True))
+    assert dropped.leakage.dropped == 3
+    before = len(test[names[0]]) * len(names) + 3
+    assert len(Splits.load(dropped.data_path).y_test) == before - 3
+
+
+def test_colour_shift_against_the_champion_is_recorded_and_blocks_promotion(tmp_path, by_class):
+    from tests.conftest import constant_classifier
+    from vit_pipeline import registry
+
+    base = write_folder(tmp_path / "base", by_class)
+    cfg = folder_cfg(base, promotion_policy="always")
+    run_id, first = validate(cfg)
+    assert first.drift.computed is False
+    # That run's model becomes champion (a real ONNX file, registered by the pipeline).
+    split = registry.TestSplit.from_splits(Splits.load(first.data_path))
+    onnx = constant_classifier(tmp_path / "c.onnx", CLASSES, 0, split.class_names)
+    assert registry.register_onnx(cfg, run_id, str(onnx), split).promoted
+
+    # The same data: drift recorded, within the thresholds.
+    _, same = validate(cfg)
+    assert same.drift.computed and not same.drift.above and max(same.drift.channel_js) < 0.05
+    # A new camera: every image 60 levels redder.
+    shifted = write_folder(tmp_path / "shifted", by_class, shift=np.array([60, 0, 0], np.int16))
+    run_id, moved = validate(folder_cfg(shifted, promotion_policy="always"))
+    assert moved.drift.above and moved.drift.channel_js[0] > 0.1 >= moved.drift.channel_js[2]
+    client = tracking.client(cfg)
+    run = client.get_run(run_id)
+    assert run.data.tags["gate.drift"].startswith("above") and run.data.metrics["drift.channel_js_max"] > 0.1
+    registered = registry.register_onnx(cfg, run_id, str(onnx), split)
+    assert not registered.promoted and registered.reason.startswith("blocked by data drift above")
+    version = client.get_model_version(registered.name, registered.version)
+    assert version.tags["gate.drift"].startswith("above")
+    # drift_blocks_promotion=False: recorded, not blocking.
+    lenient = folder_cfg(shifted, promotion_policy="always", drift_blocks_promotion=False)
+    run_id, recorded = validate(lenient)
+    assert recorded.drift.above
+    assert registry.register_onnx(lenient, run_id, str(onnx), split).promoted

@@ -1,0 +1,497 @@
+"""The data-validation stage (after prepare): statistics, schema, anomalies, drift and leakage.
+
+TFX's StatisticsGen, SchemaGen and ExampleValidator, for image datasets:
+
+* **Statistics** of each split (``DatasetStatistics``): image count, per-class counts, image
+  shape, per-channel pixel mean, std and 32-bin histogram, constant images (one value
+  everywhere, e.g. an all-black frame); for image folders also the source files' sizes and
+  modes (read from the headers). Logged as ``data/statistics.json`` and a histogram plot.
+* **Schema** (``Schema``): what a dataset is expected to look like, inferred from the first
+  run of a dataset name and stored at ``$VIT_PIPELINE_HOME/schemas/<dataset>.json`` (or
+  ``schema_path``), a JSON file the user may edit: the class list, the image shape, a minimum
+  image count per class and split (``min_class_fraction`` of the count it was inferred from),
+  the largest number of constant images, the source image modes. Every run logs the schema it
+  was checked against.
+* **Anomalies** (class list changed, a class under its minimum, too many constant images, a
+  wrong shape, a new image mode) fail the stage with one line naming each.
+* **Drift** against the champion's training statistics, recorded on every run: the
+  Jensen-Shannon distance (``scipy.spatial.distance.jensenshannon``, base 2, in [0, 1]) of
+  each channel's histogram and the L-infinity distance of the class distributions. Above
+  ``drift_channel_threshold`` / ``drift_class_threshold`` the registry does not promote (when
+  ``drift_blocks_promotion``), and the reason says so.
+* **Leakage**: exact (identical pixels) and near duplicates (perceptual hash) between the
+  training/validation images and the test images, counted and listed; ``drop_leaked_test``
+  removes them from the test split before evaluation. Perceptual hashes come from
+  ``ImageHash`` (maintained since 2013, the DCT hash of Zauner 2010 that duplicate finders
+  use): a test image is a near duplicate when its 64-bit pHash is within
+  ``leakage_max_distance`` bits of a training image's, which catches renamed, re-encoded and
+  lightly resized copies that byte hashes miss.
+
+Outcomes are run tags (``gate.data_validation``, ``gate.drift``, ``gate.leakage``) that the
+register stage copies to the model version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from vit_pipeline.errors import DataError
+from vit_pipeline.fsutil import write_text
+
+if TYPE_CHECKING:
+    from vit_pipeline.config import PipelineConfig
+    from vit_pipeline.context import StageContext
+    from vit_pipeline.data import Splits
+
+log = logging.getLogger(__name__)
+
+BINS = 32  # histogram bins over 0..255 per channel
+SPLITS = ("train", "val", "test")
+CHUNK = 1024  # images read at a time (a sharded split is never loaded whole)
+STATISTICS_ARTIFACT = "data/statistics.json"
+
+
+class DataValidationError(DataError):
+    """The data broke its schema; the message names every anomaly."""
+
+
+# ------------------------------------------------------------------ statistics
+@dataclass
+class SplitStatistics:
+    """One split's figures (pixel values 0-255)."""
+
+    count: int
+    class_counts: dict[str, int]
+    image_shape: list[int]
+    channel_mean: list[float]
+    channel_std: list[float]
+    channel_histograms: list[list[float]]  # per channel, BINS shares summing to 1
+    constant_images: int
+    constant_examples: list[int] = field(default_factory=list)  # indices of the first few
+
+
+@dataclass
+class DatasetStatistics:
+    dataset: str
+    class_names: list[str]
+    splits: dict[str, SplitStatistics]
+    source_files: dict[str, Any] = field(default_factory=dict)  # image folders: sizes and modes
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> DatasetStatistics:
+        splits = {k: SplitStatistics(**v) for k, v in raw["splits"].items()}
+        return cls(raw["dataset"], list(raw["class_names"]), splits, dict(raw.get("source_files") or {}))
+
+    def class_distribution(self, split: str = "train") -> dict[str, float]:
+        counts = self.splits[split].class_counts
+        total = max(1, sum(counts.values()))
+        return {name: n / total for name, n in counts.items()}
+
+
+def split_statistics(images, labels: np.ndarray, class_names: list[str]) -> SplitStatistics:
+    """Counts, channel moments and histograms of one split, read ``CHUNK`` images at a time."""
+    n = len(labels)
+    hist = np.zeros((3, BINS), np.int64)
+    total = np.zeros(3, np.float64)
+    total_sq = np.zeros(3, np.float64)
+    constant: list[int] = []
+    for start in range(0, n, CHUNK):
+        x = np.asarray(images[start : start + CHUNK])
+        flat = x.reshape(len(x), -1, 3).astype(np.float64)
+        total += flat.sum(axis=(0, 1))
+        total_sq += (flat**2).sum(axis=(0, 1))
+        for c in range(3):
+            hist[c] += np.bincount(x[..., c].ravel() // (256 // BINS), minlength=BINS)
+        per_image = x.reshape(len(x), -1)
+        same = per_image.min(axis=1) == per_image.max(axis=1)
+        constant += (np.flatnonzero(same) + start).tolist()
+    pixels = max(1, n * int(np.prod(images.shape[1:3])))
+    mean = total / pixels
+    std = np.sqrt(np.maximum(total_sq / pixels - mean**2, 0.0))
+    counts = np.bincount(labels, minlength=len(class_names))
+    return SplitStatistics(
+        count=int(n),
+        class_counts={name: int(counts[i]) for i, name in enumerate(class_names)},
+        image_shape=[int(s) for s in images.shape[1:]],
+        channel_mean=[round(float(v), 4) for v in mean],
+        channel_std=[round(float(v), 4) for v in std],
+        channel_histograms=[(h / max(1, h.sum())).round(6).tolist() for h in hist],
+        constant_images=len(constant),
+        constant_examples=constant[:20],
+    )
+
+
+def source_file_statistics(root: str | Path) -> dict[str, Any]:
+    """Sizes and modes of an image folder's files, from their headers (PIL opens lazily)."""
+    from collections import Counter
+
+    from PIL import Image
+
+    from vit_pipeline.data import image_folder_layout, list_splits
+
+    listed, _ = list_splits(image_folder_layout(Path(root)))
+    sizes: Counter = Counter()
+    modes: Counter = Counter()
+    unreadable = 0
+    for files, _labels in listed.values():
+        for f in files:
+            try:
+                with Image.open(f) as img:
+                    sizes[f"{img.width}x{img.height}"] += 1
+                    modes[img.mode] += 1
+            except Exception:  # counted; prepare already skipped (and logged) the same files
+                unreadable += 1
+    widths = [int(s.split("x")[0]) for s in sizes.elements()] or [0]
+    heights = [int(s.split("x")[1]) for s in sizes.elements()] or [0]
+    return {"files": sum(sizes.values()) + unreadable, "unreadable": unreadable, "modes": dict(modes),
+            "sizes_top": dict(sizes.most_common(10)), "min_side": min(min(widths), min(heights)),
+            "median_width": float(np.median(widths)), "median_height": float(np.median(heights))}  # fmt: skip
+
+
+def statistics(splits: Splits, dataset: str, folder: str | None = None) -> DatasetStatistics:
+    """Statistics of every split (and, for an image folder, of its source files)."""
+    parts = {
+        "train": split_statistics(splits.x_train, splits.y_train, splits.class_names),
+        "val": split_statistics(splits.x_val, splits.y_val, splits.class_names),
+        "test": split_statistics(splits.x_test, splits.y_test, splits.class_names),
+    }
+    return DatasetStatistics(dataset, list(splits.class_names), parts,
+                             source_file_statistics(folder) if folder else {})  # fmt: skip
+
+
+# ---------------------------------------------------------------------- schema
+@dataclass
+class Schema:
+    """What a dataset must look like (a JSON file the user may edit)."""
+
+    dataset: str
+    class_names: list[str]
+    image_shape: list[int]
+    min_class_images: dict[str, dict[str, int]]  # split -> class -> minimum count
+    max_constant_images: dict[str, int]  # split -> largest number of constant images
+    source_modes: list[str] | None = None  # image folders: the PIL modes allowed
+    inferred_from_run: str = ""
+
+    @classmethod
+    def infer(cls, stats: DatasetStatistics, min_class_fraction: float, run_id: str) -> Schema:
+        mins = {
+            split: {name: int(np.floor(min_class_fraction * n)) for name, n in s.class_counts.items()}
+            for split, s in stats.splits.items()
+        }
+        modes = sorted(stats.source_files.get("modes", {})) or None
+        return cls(stats.dataset, list(stats.class_names), list(stats.splits["train"].image_shape), mins,
+                   {split: s.constant_images for split, s in stats.splits.items()}, modes, run_id)  # fmt: skip
+
+    @classmethod
+    def read(cls, path: str | Path) -> Schema:
+        try:
+            raw = json.loads(Path(path).read_text())
+            return cls(**raw)
+        except (OSError, ValueError, TypeError) as exc:
+            raise DataError(f"Expected a data schema (JSON) at {path}. Received: {exc}") from None
+
+    def write(self, path: str | Path) -> Path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        return write_text(path, json.dumps(asdict(self), indent=1))
+
+
+def schema_path(cfg: PipelineConfig) -> Path:
+    from vit_pipeline.tracking import home
+
+    return Path(cfg.schema_path) if cfg.schema_path else home() / "schemas" / f"{cfg.dataset_tag}.json"
+
+
+def anomalies(stats: DatasetStatistics, schema: Schema) -> list[str]:
+    """Each way ``stats`` breaks ``schema``, in words (empty: none)."""
+    found: list[str] = []
+    if stats.class_names != schema.class_names:
+        missing = [c for c in schema.class_names if c not in stats.class_names]
+        extra = [c for c in stats.class_names if c not in schema.class_names]
+        what = (
+            f"missing {missing[:10]}, new {extra[:10]}" if missing or extra else "same classes, other order"
+        )
+        found.append(f"class list changed ({what})")
+    for split, s in stats.splits.items():
+        if s.image_shape != schema.image_shape:
+            found.append(f"{split} images are {s.image_shape}, schema {schema.image_shape}")
+        under = [(name, n, schema.min_class_images.get(split, {}).get(name, 0))
+                 for name, n in s.class_counts.items()]  # fmt: skip
+        under = [u for u in under if u[1] < u[2]]
+        if under:
+            shown = ", ".join(f"{name!r} has {n} (minimum {m})" for name, n, m in under[:5])
+            found.append(f"{len(under)} classes under their minimum in {split}: {shown}")
+        limit = schema.max_constant_images.get(split, 0)
+        if s.constant_images > limit:
+            found.append(f"{s.constant_images} constant images in {split} (at most {limit}; e.g. index "
+                         f"{s.constant_examples[:3]})")  # fmt: skip
+    modes = set(stats.source_files.get("modes", {}))
+    if schema.source_modes is not None and modes - set(schema.source_modes):
+        found.append(
+            f"new image modes {sorted(modes - set(schema.source_modes))} (schema {schema.source_modes})"
+        )
+    return found
+
+
+# ----------------------------------------------------------------------- drift
+@dataclass
+class Drift:
+    """This run's training data against the champion's."""
+
+    computed: bool
+    reason: str = ""
+    channel_js: list[float] = field(default_factory=list)  # R, G, B
+    class_linf: float | None = None
+    channel_threshold: float = 0.0
+    class_threshold: float = 0.0
+    against_run: str | None = None
+
+    @property
+    def above(self) -> bool:
+        return self.computed and (
+            max(self.channel_js) > self.channel_threshold or (self.class_linf or 0) > self.class_threshold
+        )
+
+    @property
+    def outcome(self) -> str:
+        if not self.computed:
+            return f"not computed: {self.reason}"
+        figures = f"channel JS max {max(self.channel_js):.4f}, class L-inf {self.class_linf:.4f}"
+        limits = f"thresholds {self.channel_threshold:g} / {self.class_threshold:g}"
+        return f"{'above' if self.above else 'within'}: {figures} ({limits})"
+
+
+def drift(current: DatasetStatistics, reference: DatasetStatistics, channel_threshold: float,
+          class_threshold: float, against_run: str | None = None) -> Drift:  # fmt: skip
+    """Jensen-Shannon distance of each channel histogram, L-infinity of the class distributions."""
+    from scipy.spatial.distance import jensenshannon
+
+    a, b = current.splits["train"], reference.splits["train"]
+    js = [float(jensenshannon(np.asarray(p), np.asarray(q), base=2)) for p, q in
+          zip(a.channel_histograms, b.channel_histograms, strict=True)]  # fmt: skip
+    p, q = current.class_distribution(), reference.class_distribution()
+    linf = max(abs(p.get(name, 0.0) - q.get(name, 0.0)) for name in set(p) | set(q))
+    return Drift(True, "", [round(v, 6) for v in js], round(float(linf), 6), channel_threshold, class_threshold,
+                 against_run)  # fmt: skip
+
+
+def champion_statistics(cfg: PipelineConfig) -> tuple[DatasetStatistics | None, str, str | None]:
+    """The champion's training statistics: (statistics, why not, its run id)."""
+    from vit_pipeline import tracking
+    from vit_pipeline.registry import current_champion
+
+    client = tracking.client(cfg)
+    champion = current_champion(client, cfg.resolved_model_name)
+    if champion is None:
+        return None, f"no champion of {cfg.resolved_model_name!r} yet", None
+    if champion.tags.get("dataset") != cfg.dataset_tag:
+        return None, f"the champion was trained on {champion.tags.get('dataset')!r}", champion.run_id
+    try:
+        path = client.download_artifacts(champion.run_id, STATISTICS_ARTIFACT)
+        return DatasetStatistics.from_dict(json.loads(Path(path).read_text())), "", champion.run_id
+    except Exception as exc:  # an older champion without statistics, or an unreadable file
+        return None, f"the champion's run has no readable {STATISTICS_ARTIFACT} ({type(exc).__name__})", None
+
+
+# --------------------------------------------------------------------- leakage
+@dataclass
+class Leakage:
+    """Test images that also appear (exactly or nearly) among the training/validation images."""
+
+    max_distance: int
+    exact: int
+    near: int
+    pairs: list[dict[str, Any]]  # test index, split and index of its closest copy, distance
+    dropped: int = 0
+
+    @property
+    def leaked(self) -> int:
+        return self.exact + self.near
+
+    @property
+    def outcome(self) -> str:
+        dropped = f", {self.dropped} dropped from the test split" if self.dropped else ""
+        return f"{self.exact} exact and {self.near} near duplicates of training images in the test split{dropped}"
+
+
+def perceptual_hashes(images) -> np.ndarray:
+    """64-bit pHash of every image (uint64), ``CHUNK`` images read at a time."""
+    import imagehash
+    from PIL import Image
+
+    out = np.empty(len(images), np.uint64)
+    for start in range(0, len(images), CHUNK):
+        for i, img in enumerate(np.asarray(images[start : start + CHUNK]), start):
+            bits = imagehash.phash(Image.fromarray(img)).hash.ravel()
+            out[i] = np.packbits(bits).view(">u8")[0]
+    return out
+
+
+def byte_hashes(images) -> list[bytes]:
+    out: list[bytes] = []
+    for start in range(0, len(images), CHUNK):
+        out += [hashlib.blake2b(img.tobytes(), digest_size=16).digest()
+                for img in np.asarray(images[start : start + CHUNK])]  # fmt: skip
+    return out
+
+
+def leakage(splits: Splits, max_distance: int) -> Leakage:
+    """Each test image's closest training or validation image by pHash; exact copies by their bytes."""
+    sources = [("train", splits.x_train), ("val", splits.x_val)]
+    ref_hash = np.concatenate([perceptual_hashes(x) for _, x in sources])
+    ref_where = [(name, i) for name, x in sources for i in range(len(x))]
+    ref_bytes = {h: ref_where[i] for i, h in enumerate(b for _, x in sources for b in byte_hashes(x))}
+    test_hash = perceptual_hashes(splits.x_test)
+    test_bytes = byte_hashes(splits.x_test)
+    pairs: list[dict[str, Any]] = []
+    exact = near = 0
+    for start in range(0, len(test_hash), 256):  # (256, N) distances at a time
+        dist = np.bitwise_count(test_hash[start : start + 256, None] ^ ref_hash[None, :])
+        closest = dist.argmin(axis=1)
+        for row, j in enumerate(closest):
+            i = start + row
+            d = int(dist[row, j])
+            if test_bytes[i] in ref_bytes:
+                split, index = ref_bytes[test_bytes[i]]
+                exact += 1
+                pairs.append(
+                    {"test_index": i, "split": split, "index": index, "distance": 0, "kind": "exact"}
+                )
+            elif d <= max_distance:
+                split, index = ref_where[int(j)]
+                near += 1
+                pairs.append({"test_index": i, "split": split, "index": index, "distance": d, "kind": "near"})
+    return Leakage(max_distance, exact, near, pairs)
+
+
+def drop_test_images(splits: Splits, indices: list[int]) -> Splits:
+    """The splits without those test images (the rest of the test split read into memory)."""
+    from dataclasses import replace
+
+    keep = np.setdiff1d(np.arange(len(splits.y_test)), np.asarray(indices, np.int64))
+    if len(keep) == 0:
+        raise DataError("Every test image is a duplicate of a training image; nothing is left to evaluate on")
+    return replace(splits, x_test=np.asarray(splits.x_test[keep]), y_test=splits.y_test[keep], _digest=None)
+
+
+# ------------------------------------------------------------------------ plots
+def plot_histograms(stats: DatasetStatistics, reference: DatasetStatistics | None, path: Path) -> Path:
+    """Channel histograms of each split, and of the champion's training data when there is one."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from vit_pipeline.evaluate import _save_fig
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8), sharey=True)
+    centers = (np.arange(BINS) + 0.5) * (256 / BINS)
+    for c, (ax, colour) in enumerate(zip(axes, ("red", "green", "blue"), strict=True)):
+        for split, style in (("train", "-"), ("val", ":"), ("test", "--")):
+            ax.plot(centers, stats.splits[split].channel_histograms[c], style, label=split)
+        if reference is not None:
+            ax.plot(centers, reference.splits["train"].channel_histograms[c], "k-", alpha=0.4,
+                    label="champion's train")  # fmt: skip
+        ax.set_title(f"{colour} channel")
+        ax.set_xlabel("pixel value")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("share of pixels")
+    axes[0].legend()
+    return _save_fig(fig, path)
+
+
+def plot_leaks(splits: Splits, leaks: Leakage, path: Path, limit: int = 8) -> Path | None:
+    """The first duplicate pairs side by side (test image above, its training copy below)."""
+    if not leaks.pairs:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from vit_pipeline.evaluate import _save_fig
+
+    shown = leaks.pairs[:limit]
+    fig, axes = plt.subplots(2, len(shown), figsize=(1.6 * len(shown), 3.6), squeeze=False)
+    source = {"train": splits.x_train, "val": splits.x_val}
+    for k, pair in enumerate(shown):
+        axes[0, k].imshow(splits.x_test[pair["test_index"]])
+        axes[0, k].set_title(f"test {pair['test_index']}", fontsize=7)
+        axes[1, k].imshow(source[pair["split"]][pair["index"]])
+        axes[1, k].set_title(f"{pair['split']} {pair['index']} (d={pair['distance']})", fontsize=7)
+        for ax in axes[:, k]:
+            ax.axis("off")
+    return _save_fig(fig, path)
+
+
+# ------------------------------------------------------------------- the stage
+@dataclass
+class DataValidation:
+    """What the stage found (anomalies fail it before it returns)."""
+
+    schema_path: str
+    schema_created: bool
+    drift: Drift
+    leakage: Leakage
+    data_path: str  # the prepared data to train on (rewritten when leaked test images were dropped)
+
+    def tags(self) -> dict[str, str]:
+        created = " (schema inferred from this run)" if self.schema_created else ""
+        return {"gate.data_validation": f"passed: no anomalies against {self.schema_path}{created}",
+                "gate.drift": self.drift.outcome, "gate.leakage": self.leakage.outcome}  # fmt: skip
+
+
+def run(ctx: StageContext, data_path: str) -> DataValidation:
+    """Statistics, schema check (anomalies raise), drift, leakage; logs all of it to the run."""
+    from vit_pipeline.data import Splits
+
+    cfg = ctx.cfg
+    out = ctx.work_dir / "data-validation"
+    splits = Splits.load(data_path)
+    folder = cfg.data_path if cfg.dataset == "image_folder" else None
+    stats = statistics(splits, cfg.dataset_tag, folder)
+    write_text(out / "statistics.json", json.dumps(stats.to_dict(), indent=1))
+    path = schema_path(cfg)
+    created = not path.exists()
+    if created:  # the first run of this dataset name states what later runs must match
+        Schema.infer(stats, cfg.min_class_fraction, ctx.run_id).write(path)
+    schema = Schema.read(path)
+    write_text(out / "schema.json", path.read_text())
+    found = anomalies(stats, schema)
+    write_text(out / "anomalies.json", json.dumps(found, indent=1))
+    ctx.log.artifacts([out / "statistics.json", out / "schema.json", out / "anomalies.json"], "data")
+    if found:
+        ctx.log.tags({"gate.data_validation": f"failed: {'; '.join(found)}"[:5000]})
+        raise DataValidationError(f"Data validation failed against {path}: {'; '.join(found)}")
+
+    reference, why, champion_run = champion_statistics(cfg)
+    drifted = (drift(stats, reference, cfg.drift_channel_threshold, cfg.drift_class_threshold, champion_run)
+               if reference is not None else Drift(False, why))  # fmt: skip
+    leaks = leakage(splits, cfg.leakage_max_distance)
+    plots = [plot_histograms(stats, reference, out / "channel_histograms.png"),
+             plot_leaks(splits, leaks, out / "leaked_pairs.png")]  # fmt: skip
+    if cfg.drop_leaked_test and leaks.leaked:
+        splits = drop_test_images(splits, [p["test_index"] for p in leaks.pairs])
+        leaks.dropped = leaks.leaked
+        data_path = str(splits.save(data_path))
+    write_text(out / "drift.json", json.dumps(asdict(drifted) | {"outcome": drifted.outcome}, indent=1))
+    write_text(out / "leakage.json", json.dumps(asdict(leaks) | {"outcome": leaks.outcome}, indent=1))
+    ctx.log.artifacts([out / "drift.json", out / "leakage.json", *[p for p in plots if p]], "data")
+    metrics = {"data.test_exact_duplicates": leaks.exact, "data.test_near_duplicates": leaks.near,
+               "data.test_duplicates_dropped": leaks.dropped}  # fmt: skip
+    if drifted.computed:
+        metrics |= {"drift.channel_js_max": max(drifted.channel_js), "drift.class_linf": drifted.class_linf}
+    ctx.log.metrics(metrics)
+    result = DataValidation(str(path), created, drifted, leaks, data_path)
+    ctx.log.tags(result.tags())
+    log.info("Data validation: %s", "; ".join(result.tags().values()))
+    return result
