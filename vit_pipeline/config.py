@@ -295,6 +295,18 @@ class GatesConfig(_Fields):
     """A test image within this many bits (of 64) of a training image's perceptual hash is a near duplicate."""
     drop_leaked_test: bool = False
     """Remove exact and near duplicates of training images from the test split before evaluation."""
+    min_test_accuracy: Annotated[float, Field(ge=0, le=1)] | None = None
+    """Value threshold: the served file's top-1 on the test split must reach this to become champion."""
+    min_class_recall: Annotated[float, Field(ge=0, le=1)] | None = None
+    """Value threshold: every class with at least class_min_support test images must reach this recall."""
+    max_accuracy_drop: NonNegativeFloat = 0.0
+    """Change threshold: points of top-1 the new version may lose against the champion on the same test images
+    (0: at least the champion's)."""
+    max_class_recall_drop: NonNegativeFloat | None = 30.0
+    """Change threshold: points of recall a class with at least class_min_support test images may lose against
+    the champion (None: no per-class check)."""
+    class_min_support: PositiveInt = 50
+    """Test images a class needs for its per-class thresholds (fewer: too noisy to judge)."""
     ece_bins: Annotated[int, Field(ge=2, le=100)] = 15
     """Equal-width confidence bins of the expected calibration error and the reliability diagram."""
 

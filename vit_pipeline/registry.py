@@ -36,7 +36,7 @@ import os
 import re
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +44,7 @@ import numpy as np
 from vit_consumer.contract import INPUT_NAME, MANIFEST_NAME, OUTPUT_NAME, CandidatesManifest
 from vit_consumer.contract import class_names as contract_class_names
 
+from vit_pipeline import thresholds
 from vit_pipeline.config import PipelineConfig
 from vit_pipeline.errors import PipelineError
 
@@ -105,11 +106,11 @@ class TestSplit:
         return h.hexdigest()
 
 
-def onnx_accuracy(path: str | Path, split: TestSplit, batch_size: int = 256) -> dict[str, float]:
-    """Top-1 and top-5 of an ONNX file on ``split`` (ONNX Runtime, CPU)."""
-    from vit_pipeline.export import onnx_scores
+def onnx_logits(path: str | Path, split: TestSplit, batch_size: int = 256) -> np.ndarray:
+    """An ONNX file's logits on ``split`` (ONNX Runtime, CPU)."""
+    from vit_pipeline.export import ort_session, run_onnx
 
-    return onnx_scores(path, split.images, split.labels, batch_size=batch_size)
+    return run_onnx(ort_session(path), split.images, batch_size)
 
 
 def onnx_class_names(path: str | Path) -> list[str] | None:
@@ -150,10 +151,10 @@ def current_champion(client, name: str, alias: str = CHAMPION):
     raise RegistryError(problem) from first
 
 
-def champion_accuracy(
+def champion_logits(
     champion, split: TestSplit, tracking_uri: str | None = None
-) -> tuple[float | None, str | None]:
-    """The champion's ONNX file on the challenger's split: (top-1, None) or (None, why not).
+) -> tuple[np.ndarray | None, str | None]:
+    """The champion's ONNX file on the challenger's split: (logits, None) or (None, why not).
 
     ``tracking_uri``: the store the champion is registered in (downloads of ``models:/`` URIs
     go through MLflow's process-wide store, set for the download only).
@@ -168,42 +169,55 @@ def champion_accuracy(
         names = onnx_class_names(path)
         if names is not None and names != split.class_names:
             return None, f"champion v{champion.version} predicts other classes than this run's test split"
-        return onnx_accuracy(path, split)["top1"], None
+        return onnx_logits(path, split), None
     except Exception as exc:  # whatever breaks, the champion was not evaluated
         return None, f"champion v{champion.version} could not be evaluated ({type(exc).__name__}: {exc})"[
             :1000
         ]
 
 
-def decide(policy: str, new_accuracy: float, dataset: str, champion, split: TestSplit | None = None,
-           tracking_uri: str | None = None):  # fmt: skip
-    """Whether the new version becomes champion: (promoted, reason, champion's accuracy on the split)."""
-    if policy == "always":
-        return True, "policy 'always'", None
-    if policy == "never":
-        return False, "policy 'never'", None
-    if champion is None:
-        return True, "no champion yet", None
+@dataclass
+class Decision:
+    """Whether a version becomes champion, why, and every threshold checked on the way."""
+
+    promoted: bool
+    reason: str
+    champion_accuracy: float | None = None
+    checks: list[thresholds.Check] = field(default_factory=list)
+
+
+def decide(cfg: PipelineConfig, logits: np.ndarray, split: TestSplit, champion,
+           tracking_uri: str | None = None) -> Decision:  # fmt: skip
+    """The promotion policy and thresholds (``vit_pipeline.thresholds``) applied to the served file's logits."""
+    if cfg.promotion_policy == "never":
+        return Decision(False, "policy 'never'")
+    checks = thresholds.value_checks(cfg, logits, split.labels, split.class_names)
+    if cfg.promotion_policy == "always" or champion is None:
+        why = "policy 'always'" if cfg.promotion_policy == "always" else "no champion yet"
+        return _judged(why, checks)
     champ_dataset = champion.tags.get("dataset")
-    if champ_dataset != dataset:
-        return False, f"champion v{champion.version} was trained on {champ_dataset!r}, not {dataset!r}", None
-    if split is None:
-        raise ValueError("Expected a test split to evaluate the champion on. Received: split=None")
-    champ_acc, problem = champion_accuracy(champion, split, tracking_uri)
-    if champ_acc is None:
-        return False, f"{problem}; not replaced", None
-    same = f"on the same {len(split.labels)} test images"
-    if new_accuracy >= champ_acc:
-        return (
-            True,
-            f"served top-1 {new_accuracy:.4f} >= champion v{champion.version}'s {champ_acc:.4f} {same}",
-            champ_acc,
-        )
-    return (
-        False,
-        f"served top-1 {new_accuracy:.4f} < champion v{champion.version}'s {champ_acc:.4f} {same}",
-        champ_acc,
+    if champ_dataset != cfg.dataset_tag:
+        return Decision(False, f"champion v{champion.version} was trained on {champ_dataset!r}, not "
+                               f"{cfg.dataset_tag!r}", None, checks)  # fmt: skip
+    champ, problem = champion_logits(champion, split, tracking_uri)
+    if champ is None:
+        return Decision(False, f"{problem}; not replaced", None, checks)
+    checks += thresholds.change_checks(cfg, logits, champ, split.labels, split.class_names)
+    new, old = (
+        float(np.mean(logits.argmax(1) == split.labels)),
+        float(np.mean(champ.argmax(1) == split.labels)),
     )
+    compare = ">=" if new >= old else "<"
+    why = f"served top-1 {new:.4f} {compare} champion v{champion.version}'s {old:.4f} on the same " \
+          f"{len(split.labels)} test images"  # fmt: skip
+    return _judged(why, checks, old)
+
+
+def _judged(why: str, checks: list[thresholds.Check], champion_accuracy: float | None = None) -> Decision:
+    bad = thresholds.failed(checks)
+    if bad:
+        why += "; failed " + "; ".join(f"{c.name} ({c.detail})" for c in bad)
+    return Decision(not bad, why, champion_accuracy, checks)
 
 
 @contextlib.contextmanager
@@ -372,8 +386,11 @@ def register_onnx(
 
     client = tracking.client(cfg)
     name = cfg.resolved_model_name
+    from vit_pipeline.evaluate import scores
+
     manifest = CandidatesManifest.read(candidates) if candidates else None  # read once
-    served = onnx_accuracy(onnx_path, split)
+    logits = onnx_logits(onnx_path, split)
+    served = scores(logits, split.labels)
     existing = version_of_run(client, name, run_id)
     version = (
         str(existing.version)
@@ -411,31 +428,33 @@ def register_onnx(
         # that racing registrations in tests/code/test_registry.py would overlap here without the lock.
         time.sleep(float(os.environ.get("VIT_PIPELINE_REGISTRY_HOLD_SECONDS") or 0))
         if champion is not None and str(champion.version) == version:
-            promoted, reason, champ_acc = True, "already the champion", served["top1"]
+            decision = Decision(True, "already the champion", served["top1"])
         elif blockers:
-            promoted, reason, champ_acc = False, f"blocked by {'; '.join(blockers)}", None
+            decision = Decision(False, f"blocked by {'; '.join(blockers)}")
         else:
-            promoted, reason, champ_acc = decide(
-                cfg.promotion_policy,
-                served["top1"],
-                cfg.dataset_tag,
-                champion,
-                split,
-                tracking.tracking_uri(cfg),
-            )
+            decision = decide(cfg, logits, split, champion, tracking.tracking_uri(cfg))
+        promoted, reason, champ_acc = decision.promoted, decision.reason, decision.champion_accuracy
         if promoted:
             _move_alias(client, name, version)
     champion_version = version if promoted else (str(champion.version) if champion else None)
+    checks = decision.checks
     decision = "promoted" if promoted else "not promoted"
     if champ_acc is not None:
         client.set_model_version_tag(name, version, "champion_test_accuracy_same_split", f"{champ_acc:.6f}")
     client.set_model_version_tag(name, version, "promotion", f"{decision}: {reason}")
+    if checks:
+        client.set_model_version_tag(name, version, "gate.thresholds", thresholds.outcome(checks)[:5000])
     run_tags = {"registry.model": f"{name}/{version}", "registry.decision": decision, "registry.reason": reason,
                 "registry.served_test_accuracy": f"{served['top1']:.6f}"}  # fmt: skip
+    if checks:
+        run_tags["gate.thresholds"] = thresholds.outcome(checks)[:5000]
     if champ_acc is not None:
         run_tags["registry.champion_test_accuracy_same_split"] = f"{champ_acc:.6f}"
     logger = tracking.RunLogger(client, run_id)
     logger.tags(run_tags)
+    if checks:
+        logger.dict({"checks": [c.to_dict() for c in checks], "outcome": thresholds.outcome(checks)},
+                    "registry/thresholds.json")  # fmt: skip
     logger.metrics({"served_test_accuracy": served["top1"], "served_test_top5_accuracy": served["top5"]})
     log.info("Registered %s v%s: %s (%s)", name, version, decision, reason)
     return Registration(name, version, f"models:/{name}/{version}", promoted, reason, champion_version,

@@ -1,0 +1,122 @@
+"""Promotion thresholds: value and change bounds, per class, recorded on the run and the version."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from vit_pipeline import data, registry, runs, thresholds, tracking
+from vit_pipeline.config import make_config
+
+
+def _logits(preds: list[int], n: int) -> np.ndarray:
+    return np.eye(n)[preds] * 5.0
+
+
+def test_value_and_change_checks_name_the_class_that_got_worse():
+    cfg = make_config("quickstart", {"min_test_accuracy": 0.5, "min_class_recall": 0.3, "class_min_support": 4,
+                                     "max_class_recall_drop": 30})  # fmt: skip
+    labels = np.array([0] * 4 + [1] * 4 + [2] * 2)
+    names = ["cat", "dog", "eel"]
+    champion = _logits([0, 0, 0, 1, 1, 1, 1, 0, 0, 0], 3)  # cat 3/4, dog 3/4: top-1 0.6
+    candidate = _logits([0, 0, 0, 0, 1, 1, 1, 1, 0, 0], 3)  # cat 4/4, dog 3/4 (eel 0/2: too few to judge)
+    checks = thresholds.value_checks(cfg, candidate, labels, names) + thresholds.change_checks(
+        cfg, candidate, champion, labels, names
+    )
+    assert all(c.held for c in checks), checks
+    collapsed = _logits([0, 0, 0, 0, 0, 0, 0, 1, 2, 2], 3)  # top-1 0.7, better, but dog 1/4: 50 points lost
+    checks = thresholds.change_checks(cfg, collapsed, champion, labels, names)
+    (bad,) = thresholds.failed(checks)
+    assert bad.name == "max_class_recall_drop" and "'dog' 0.75 -> 0.25" in bad.detail
+    assert thresholds.outcome(checks).startswith("failed: max_class_recall_drop (1 of 2 classes")
+    low = thresholds.value_checks(cfg, collapsed, labels, names)
+    assert [c.name for c in thresholds.failed(low)] == ["min_class_recall"] and "'dog' 0.25" in low[1].detail
+    # A drop allowance: 10 points lower is allowed when max_accuracy_drop is 10, not when it is 5.
+    worse = _logits([0, 0, 1, 1, 1, 1, 0, 0, 0, 0], 3)  # 0.4 against the champion's 0.6 -> 20 points
+    allowed = make_config("quickstart", {"max_accuracy_drop": 20})
+    assert thresholds.change_checks(allowed, worse, champion, labels, names)[0].held
+    strict = make_config("quickstart", {"max_accuracy_drop": 5})
+    assert not thresholds.change_checks(strict, worse, champion, labels, names)[0].held
+
+
+def _with_logit_offset(src: Path, dst: Path, offsets: np.ndarray) -> Path:
+    """The same model, with ``offsets`` added to its logits (a graph edit: one Add node)."""
+    model = onnx.load(str(src))
+    graph = model.graph
+    out = graph.output[0].name
+    for node in graph.node:
+        node.output[:] = [f"{o}_raw" if o == out else o for o in node.output]
+    graph.initializer.append(numpy_helper.from_array(offsets.astype(np.float32), "logit_offsets"))
+    graph.node.append(helper.make_node("Add", [f"{out}_raw", "logit_offsets"], [out]))
+    onnx.save(model, str(dst))
+    return dst
+
+
+@pytest.mark.integration
+def test_a_better_candidate_that_collapses_one_class_is_blocked(tmp_path, tiny_overrides):
+    """Real models trained on real digits: one slow epoch (the champion) and six (the candidate)."""
+    from vit_pipeline.export import build_metadata, export_onnx
+    from vit_pipeline.model import load_model
+    from vit_pipeline.train import train
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    base = {
+        **tiny_overrides,
+        "patch_size": 4,
+        "learning_rate": 0.003,
+        "tracking_uri": uri,
+        "class_min_support": 20,
+    }
+    cfg = make_config("quickstart", {**base, "epochs": 6})
+    splits = data.prepare(cfg)
+    split = registry.TestSplit.from_splits(splits)
+    files = {}
+    for name, epochs, rate in (("champion", 1, 3e-4), ("candidate", 6, 3e-3)):
+        run_cfg = make_config("quickstart", {**base, "epochs": epochs, "learning_rate": rate})
+        model = load_model(train(run_cfg, splits, tmp_path / name).model_path)
+        meta = build_metadata(splits.class_names, splits.input_shape, dataset=cfg.dataset_tag)
+        files[name] = export_onnx(model, tmp_path / f"{name}.onnx", meta)["path"]
+    champion = registry.register_onnx(cfg, runs.create_run(cfg, "test"), str(files["champion"]), split)
+    assert champion.promoted
+
+    # The candidate loses the class the champion knew best: it never predicts it any more.
+    champ_recall, support = thresholds.class_recall(
+        registry.onnx_logits(files["champion"], split), split.labels, 10
+    )
+    cand_logits = registry.onnx_logits(files["candidate"], split)
+    cand_recall, _ = thresholds.class_recall(cand_logits, split.labels, 10)
+    k = int(np.nanargmax(np.where(support >= 20, np.minimum(champ_recall, cand_recall), -1)))
+    offsets = np.zeros(10)
+    offsets[k] = -1e4
+    collapsed = _with_logit_offset(Path(files["candidate"]), tmp_path / "collapsed.onnx", offsets)
+    collapsed_top1 = float(np.mean((cand_logits + offsets).argmax(1) == split.labels))
+    assert collapsed_top1 > champion.served_test_accuracy  # better overall ...
+    assert champ_recall[k] > 0.3  # ... though a class the champion knew is gone
+
+    run_id = runs.create_run(cfg, "test")
+    blocked = registry.register_onnx(cfg, run_id, str(collapsed), split)
+    assert not blocked.promoted
+    assert "failed max_class_recall_drop (1 of" in blocked.reason and splits.class_names[k] in blocked.reason
+    client = tracking.client(cfg)
+    version = client.get_model_version(blocked.name, blocked.version)
+    assert version.tags["gate.thresholds"].startswith("failed: max_class_recall_drop")
+    run = client.get_run(run_id)
+    assert run.data.tags["gate.thresholds"] == version.tags["gate.thresholds"]
+    recorded = json.loads(Path(client.download_artifacts(run_id, "registry/thresholds.json")).read_text())
+    assert {c["name"]: c["held"] for c in recorded["checks"]} == {"max_accuracy_drop": True,
+                                                                  "max_class_recall_drop": False}  # fmt: skip
+    # The same candidate without the collapse becomes champion; a value floor it misses stops it.
+    floor = make_config("quickstart", {**base, "min_test_accuracy": 0.999})
+    assert not registry.register_onnx(
+        floor, runs.create_run(cfg, "test"), str(files["candidate"]), split
+    ).promoted
+    whole = registry.register_onnx(cfg, runs.create_run(cfg, "test"), str(files["candidate"]), split)
+    assert (
+        whole.promoted
+        and "held" in client.get_model_version(whole.name, whole.version).tags["gate.thresholds"]
+    )

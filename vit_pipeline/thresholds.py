@@ -1,0 +1,108 @@
+"""Promotion thresholds, in the style of TFMA's ``MetricThreshold``: a value bound and a change bound.
+
+The register stage judges the file that will be served (ONNX Runtime) on the new run's full
+test split, and the champion's file on the same images. Each threshold is a config field:
+
+* **Value** (the candidate alone): ``min_test_accuracy`` (top-1, 0-1) and
+  ``min_class_recall`` (0-1, every class with at least ``class_min_support`` test images).
+* **Change** (against a comparable champion): the candidate's top-1 may be below the
+  champion's by at most ``max_accuracy_drop`` points (0: "at least the champion's", the
+  default rule), and no class with at least ``class_min_support`` test images may lose more
+  than ``max_class_recall_drop`` points of recall. One class collapsing while the mean
+  improves is exactly what a single top-1 figure hides.
+
+Per-class figures on few images are noisy (the recall of a 20-image class moves in steps of
+5 points, and between two models by about 15 points for no reason): ``class_min_support``
+keeps such classes out of the per-class checks rather than letting noise block promotion.
+Every check is recorded, held or not, with its figures (``registry/thresholds.json``, tag
+``gate.thresholds``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from vit_pipeline.config import PipelineConfig
+
+
+@dataclass(frozen=True)
+class Check:
+    """One threshold and whether it held."""
+
+    name: str
+    held: bool
+    detail: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def class_recall(logits: np.ndarray, labels: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per class: recall of the top-1 prediction and support (NaN recall where support is 0)."""
+    support = np.bincount(labels, minlength=num_classes)
+    hits = np.bincount(labels, weights=logits.argmax(1) == labels, minlength=num_classes)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return hits / support, support
+
+
+def value_checks(
+    cfg: PipelineConfig, logits: np.ndarray, labels: np.ndarray, class_names: list[str]
+) -> list[Check]:
+    """The candidate's own floors (none configured: no checks)."""
+    checks = []
+    top1 = float(np.mean(logits.argmax(1) == labels))
+    if cfg.min_test_accuracy is not None:
+        checks.append(Check("min_test_accuracy", top1 >= cfg.min_test_accuracy,
+                            f"top-1 {top1:.4f} (minimum {cfg.min_test_accuracy:.4f})"))  # fmt: skip
+    if cfg.min_class_recall is not None:
+        recall, support = class_recall(logits, labels, len(class_names))
+        judged = np.flatnonzero(support >= cfg.class_min_support)
+        under = [i for i in judged if recall[i] < cfg.min_class_recall]
+        shown = ", ".join(f"{class_names[i]!r} {recall[i]:.2f}" for i in under[:5])
+        checks.append(Check("min_class_recall", not under,
+                            f"{len(under)} of {len(judged)} classes with >= {cfg.class_min_support} test images under "
+                            f"recall {cfg.min_class_recall:.2f}{': ' + shown if under else ''}"))  # fmt: skip
+    return checks
+
+
+def change_checks(cfg: PipelineConfig, logits: np.ndarray, champion_logits: np.ndarray, labels: np.ndarray,
+                  class_names: list[str]) -> list[Check]:  # fmt: skip
+    """The candidate against the champion on the same images."""
+    new = float(np.mean(logits.argmax(1) == labels))
+    old = float(np.mean(champion_logits.argmax(1) == labels))
+    drop = 100 * (old - new)
+    checks = [Check("max_accuracy_drop", drop <= cfg.max_accuracy_drop + 1e-9,
+                    f"top-1 {new:.4f} vs champion's {old:.4f}: {max(drop, 0):.2f} points lower "
+                    f"(at most {cfg.max_accuracy_drop:g})")]  # fmt: skip
+    if cfg.max_class_recall_drop is not None:
+        n = len(class_names)
+        (r_new, support), (r_old, _) = (
+            class_recall(logits, labels, n),
+            class_recall(champion_logits, labels, n),
+        )
+        judged = np.flatnonzero(support >= cfg.class_min_support)
+        drops = 100 * (r_old - r_new)
+        worse = sorted((i for i in judged if drops[i] > cfg.max_class_recall_drop), key=lambda i: -drops[i])
+        shown = ", ".join(f"{class_names[i]!r} {r_old[i]:.2f} -> {r_new[i]:.2f}" for i in worse[:5])
+        checks.append(Check("max_class_recall_drop", not worse,
+                            f"{len(worse)} of {len(judged)} classes with >= {cfg.class_min_support} test images lost "
+                            f"more than {cfg.max_class_recall_drop:g} points of recall{': ' + shown if worse else ''}"))  # fmt: skip
+    return checks
+
+
+def failed(checks: list[Check]) -> list[Check]:
+    return [c for c in checks if not c.held]
+
+
+def outcome(checks: list[Check]) -> str:
+    """``held: ...`` or ``failed: ...`` (the run and version tag)."""
+    if not checks:
+        return "none configured"
+    bad = failed(checks)
+    if bad:
+        return "failed: " + "; ".join(f"{c.name} ({c.detail})" for c in bad)
+    return "held: " + ", ".join(c.name for c in checks)
