@@ -31,6 +31,12 @@ from vit_pipeline.errors import ConfigError
 
 SERVE_CANDIDATES = ("optimized", "int8", "int8-static")
 BENCHMARK_VARIANTS = ("fp32", "optimized", "int8", "int8-static", "fp16")  # vit_pipeline.variants.VARIANTS
+# imagecorruptions.get_corruption_names("all"): Hendrycks and Dietterich's 15 and their 4 extra.
+CORRUPTIONS = (
+    "gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur", "zoom_blur",
+    "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate", "jpeg_compression",
+    "speckle_noise", "gaussian_blur", "spatter", "saturate",
+)  # fmt: skip
 
 
 def _names_pattern(names: tuple[str, ...], allow_empty: bool) -> str:
@@ -49,12 +55,14 @@ OpenFraction = Annotated[float, Field(gt=0, lt=1)]
 DatasetName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
 ServeCandidates = Annotated[str, Field(pattern=_names_pattern(SERVE_CANDIDATES, allow_empty=True))]
 BenchmarkVariants = Annotated[str, Field(pattern=_names_pattern(BENCHMARK_VARIANTS, allow_empty=False))]
+Corruptions = Annotated[str, Field(pattern=_names_pattern(CORRUPTIONS, allow_empty=False))]
 
 # What a value must look like, for the fields whose constraint is a pattern (for the error message).
 _EXPECTED = {
     "dataset_name": "letters, digits, '.', '_' or '-' (at most 64)",
     "serve_candidates": f"a comma-separated list from {SERVE_CANDIDATES}",
     "benchmark_variants": f"a non-empty comma-separated list from {BENCHMARK_VARIANTS}",
+    "corruptions": f"a non-empty comma-separated list from {CORRUPTIONS}",
 }
 
 
@@ -309,6 +317,14 @@ class GatesConfig(_Fields):
     """Test images a class needs for its per-class thresholds (fewer: too noisy to judge)."""
     ece_bins: Annotated[int, Field(ge=2, le=100)] = 15
     """Equal-width confidence bins of the expected calibration error and the reliability diagram."""
+    corruptions: Corruptions = "gaussian_noise,defocus_blur,jpeg_compression,brightness,contrast"
+    """Comma-separated CIFAR-100-C corruptions (imagecorruptions names) the robustness stage applies."""
+    corruption_severities: Annotated[tuple[Annotated[int, Field(ge=1, le=5)], ...], Field(min_length=1)] = (
+        1, 2, 3, 4, 5,
+    )  # fmt: skip
+    """Severities (1-5) of every corruption."""
+    robustness_images: PositiveInt = 1000
+    """Test images (the first ones of the stored split) the robustness stage corrupts."""
 
 
 class PipelineConfig(BaseModel):
@@ -463,6 +479,11 @@ class PipelineConfig(BaseModel):
     def benchmark_variant_list(self) -> list[str]:
         """``benchmark_variants`` as a list of variant names."""
         return split_names(self.benchmark_variants)
+
+    @property
+    def corruption_list(self) -> list[str]:
+        """``corruptions`` as a list of names."""
+        return split_names(self.corruptions)
 
     @property
     def benchmark_provider_list(self) -> list[str] | None:

@@ -114,6 +114,11 @@ def test_train_pipeline_logs_everything(prefect_server, tiny_overrides, tmp_path
             "data/channel_histograms.png"} <= data_arts  # fmt: skip
     assert {a.path for a in client.list_artifacts(run.info.run_id, "calibration")} == {
         "calibration/calibration.json", "calibration/reliability_diagram.png"}  # fmt: skip
+    assert champion.tags["gate.robustness"].startswith("mean corruption accuracy")
+    assert 0 <= metrics["robustness_mean_accuracy"] <= 1 and "robustness_jpeg_compression_accuracy" in metrics
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "robustness")} == {
+        "robustness/robustness.csv", "robustness/robustness.png", "robustness/corrupted_examples.png",
+        "robustness/robustness_table.json"}  # fmt: skip
     # The temperature travels in the served file's metadata, for the consumer's probabilities.
     from vit_consumer.classifier import OnnxClassifier
 

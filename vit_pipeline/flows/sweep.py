@@ -37,6 +37,7 @@ from vit_pipeline.flows.train_pipeline import (
     calibrate_model,
     evaluate_model,
     export_model,
+    measure_robustness,
     register_model,
 )
 from vit_pipeline.sweep import best_trial, load_space, parse_space, trial_configs
@@ -171,6 +172,7 @@ def sweep(
             evaluated = evaluate_model(ctx, best["data_path"], best["model_path"], best["history_path"])
             accuracy = evaluated.test_accuracy
             calibrated = calibrate_model(ctx, best["data_path"], best["model_path"])
+            measure_robustness(ctx, best["data_path"], best["model_path"])
             exported = export_model(
                 ctx, best["data_path"], best["model_path"], accuracy, calibrated.temperature
             )

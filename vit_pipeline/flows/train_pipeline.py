@@ -26,6 +26,7 @@ from vit_pipeline import (
     evaluate,
     export,
     registry,
+    robustness,
     runs,
     summary,
     tracking,
@@ -84,6 +85,11 @@ def evaluate_model(
 @task(name="calibrate", cache_policy=NO_CACHE)
 def calibrate_model(ctx: StageContext, data_path: str, model_path: str) -> calibration.Calibration:
     return calibration.run(ctx, data_path, model_path)
+
+
+@task(name="robustness", cache_policy=NO_CACHE)
+def measure_robustness(ctx: StageContext, data_path: str, model_path: str) -> robustness.Robustness:
+    return robustness.run(ctx, data_path, model_path)
 
 
 @task(name="export-onnx", cache_policy=NO_CACHE)
@@ -174,6 +180,7 @@ def train_pipeline(
         evaluated = evaluate_model(ctx, data_path, trained.model_path, trained.history_path)
         accuracy = evaluated.test_accuracy
         calibrated = calibrate_model(ctx, data_path, trained.model_path)
+        robust = measure_robustness(ctx, data_path, trained.model_path)
         # The export task raises if the parity gate fails: nothing gets registered.
         exported = export_model(ctx, data_path, trained.model_path, accuracy, calibrated.temperature)
         registered = register_model(ctx, data_path, exported.path, accuracy)
@@ -192,6 +199,7 @@ def train_pipeline(
                 "drift": validated.drift.outcome,
                 "leakage": validated.leakage.outcome,
                 "calibration": calibrated.outcome,
+                "robustness": robust.outcome,
             },
             "benchmark": benchmarked.ratios,
         }
