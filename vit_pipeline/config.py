@@ -325,6 +325,10 @@ class GatesConfig(_Fields):
     """Severities (1-5) of every corruption."""
     robustness_images: PositiveInt = 1000
     """Test images (the first ones of the stored split) the robustness stage corrupts."""
+    infra_images: Annotated[int, Field(ge=1, le=256)] = 8
+    """Test images infra validation posts to the real consumer, as every content type it documents."""
+    infra_timeout_seconds: PositiveFloat = 120.0
+    """How long infra validation waits for the consumer to be ready (and for each answer)."""
 
 
 class PipelineConfig(BaseModel):

@@ -362,6 +362,9 @@ def blocking_gates(cfg: PipelineConfig, run_tags: dict[str, str]) -> list[str]:
     drift = run_tags.get("gate.drift", "")
     if cfg.drift_blocks_promotion and drift.startswith("above"):
         blocked.append(f"data drift {drift}")
+    infra = run_tags.get("gate.infra_validation", "")
+    if infra.startswith("failed"):
+        blocked.append(f"infra validation {infra}")
     return blocked
 
 

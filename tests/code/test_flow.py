@@ -119,6 +119,9 @@ def test_train_pipeline_logs_everything(prefect_server, tiny_overrides, tmp_path
     assert {a.path for a in client.list_artifacts(run.info.run_id, "robustness")} == {
         "robustness/robustness.csv", "robustness/robustness.png", "robustness/corrupted_examples.png",
         "robustness/robustness_table.json"}  # fmt: skip
+    # The consumer served the served file and the candidates before the alias moved.
+    assert champion.tags["gate.infra_validation"].startswith("passed: the consumer served")
+    assert metrics["infra_validation_passed"] == 1.0
     # The temperature travels in the served file's metadata, for the consumer's probabilities.
     from vit_consumer.classifier import OnnxClassifier
 

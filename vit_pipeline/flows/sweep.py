@@ -37,6 +37,7 @@ from vit_pipeline.flows.train_pipeline import (
     calibrate_model,
     evaluate_model,
     export_model,
+    infra_validate,
     measure_robustness,
     register_model,
 )
@@ -176,6 +177,7 @@ def sweep(
             exported = export_model(
                 ctx, best["data_path"], best["model_path"], accuracy, calibrated.temperature
             )
+            infra_validate(ctx, best["data_path"], exported.path)
             registered = register_model(ctx, best["data_path"], exported.path, accuracy)
         parent_log.metrics({f"best_{parsed.metric}": best[parsed.metric], "best_test_accuracy": accuracy,
                             "sweep_seconds": time.time() - start})  # fmt: skip

@@ -25,6 +25,7 @@ from vit_pipeline import (
     data_validation,
     evaluate,
     export,
+    infra_validation,
     registry,
     robustness,
     runs,
@@ -97,6 +98,11 @@ def export_model(
     ctx: StageContext, data_path: str, model_path: str, test_accuracy: float, temperature: float = 1.0
 ) -> export.ExportResult:
     return export.run(ctx, data_path, model_path, test_accuracy, temperature)
+
+
+@task(name="infra-validate", cache_policy=NO_CACHE)
+def infra_validate(ctx: StageContext, data_path: str, onnx_path: str) -> infra_validation.InfraValidation:
+    return infra_validation.run(ctx, data_path, onnx_path)
 
 
 @task(name="register", cache_policy=NO_CACHE)
@@ -183,6 +189,8 @@ def train_pipeline(
         robust = measure_robustness(ctx, data_path, trained.model_path)
         # The export task raises if the parity gate fails: nothing gets registered.
         exported = export_model(ctx, data_path, trained.model_path, accuracy, calibrated.temperature)
+        # The real consumer serves the files first; a failure keeps the version from becoming champion.
+        served = infra_validate(ctx, data_path, exported.path)
         registered = register_model(ctx, data_path, exported.path, accuracy)
         benchmarked = benchmark_model(ctx, data_path, trained.model_path, exported.fp32_path)
         result = {
@@ -200,6 +208,7 @@ def train_pipeline(
                 "leakage": validated.leakage.outcome,
                 "calibration": calibrated.outcome,
                 "robustness": robust.outcome,
+                "infra_validation": served.outcome,
             },
             "benchmark": benchmarked.ratios,
         }

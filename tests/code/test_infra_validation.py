@@ -1,0 +1,64 @@
+"""Infra validation: the real consumer, a separate process, serves the candidate before promotion."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from tests.conftest import constant_classifier, real_images
+from vit_pipeline import infra_validation, registry, runs, tracking
+from vit_pipeline.config import make_config
+
+pytestmark = pytest.mark.integration  # real consumer processes
+
+
+def _with_metadata(src: Path, dst: Path, **props: str) -> Path:
+    model = onnx.load(str(src))
+    meta = {p.key: p.value for p in model.metadata_props} | props
+    onnx.helper.set_model_props(model, meta)
+    onnx.save(model, str(dst))
+    return dst
+
+
+def test_a_real_export_is_served_and_answers_like_the_stage(tiny_export, tmp_path):
+    _, path, _ = tiny_export
+    calibrated = _with_metadata(path, tmp_path / "calibrated.onnx", temperature="0.5")
+    images = real_images(4)
+    result = infra_validation.validate([path, calibrated], images, tmp_path, timeout=120)
+    assert result.passed, result.reason
+    assert result.checked == {"image/png": 8, "image/jpeg": 8, "application/json": 8, "application/x-npy": 8}
+    assert result.outcome.startswith("passed: the consumer served 2 file(s) and answered 20 requests")
+
+
+def test_a_file_onnx_runtime_loads_but_the_consumer_refuses_blocks_promotion(tmp_path):
+    split_images = real_images(12)
+    labels = np.arange(12) % 3
+    split = registry.TestSplit(split_images, labels, ["a", "b", "c"], "d")
+    good = constant_classifier(tmp_path / "good.onnx", 3, 0, ["a", "b", "c"])
+    # Loads in ONNX Runtime (the export's parity check would pass), but its temperature is not > 0.
+    bad = _with_metadata(good, tmp_path / "bad.onnx", temperature="0")
+    from vit_pipeline.export import ort_session
+
+    assert ort_session(bad).get_modelmeta().custom_metadata_map["temperature"] == "0"
+    result = infra_validation.validate([bad], split_images[:4], tmp_path, timeout=120)
+    assert not result.passed
+    assert result.reason.startswith("bad.onnx: the consumer exited with 1: Error: ")
+    assert "Expected a finite temperature > 0" in result.reason and "\n" not in result.reason
+
+    # Through the stage's record: the version is registered, the alias does not move to it.
+    cfg = make_config("quickstart", {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"})
+    client = tracking.client(cfg)
+    first = registry.register_onnx(cfg, runs.create_run(cfg, "test"), str(good), split)
+    assert first.promoted
+    run_id = runs.create_run(cfg, "test")
+    client.set_tag(run_id, "gate.infra_validation", result.outcome)
+    blocked = registry.register_onnx(cfg, run_id, str(bad), split)
+    assert not blocked.promoted and blocked.reason.startswith("blocked by infra validation failed: bad.onnx")
+    assert blocked.version == "2" and blocked.champion_version == "1"
+    version = client.get_model_version(blocked.name, "2")
+    assert version.tags["gate.infra_validation"] == result.outcome
+    assert json.loads(json.dumps(result.to_dict()))["passed"] is False
