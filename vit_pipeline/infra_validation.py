@@ -194,7 +194,9 @@ def check_file(path: str | Path, images: np.ndarray, log_path: Path, timeout: fl
     png = [_encode(img, "PNG") for img in images]
     jpeg = [_encode(img, "JPEG") for img in images]
     checked = {}
-    with ConsumerProcess(path, log_path, timeout) as server:  # first: whether the consumer takes the file at all
+    with ConsumerProcess(
+        path, log_path, timeout
+    ) as server:  # first: whether the consumer takes the file at all
         try:
             wanted = expected(path, images)
             wanted_jpeg = expected(path, np.stack([_decoded(b) for b in jpeg]))
