@@ -44,6 +44,7 @@ setup(
         # images; the CIFAR-100-C corruptions from the maintained fork of Hendrycks' imagecorruptions.
         "ImageHash>=4.3,<5",
         "imagecorruptions-imaug>=1.1.5,<2",
+        "markdown>=3.4,<4",  # the model card's HTML (vit_pipeline.model_card)
         "pillow>=10,<14",
         "click>=8.1,<9",
         "pydantic>=2.7,<3",  # the typed config (field docstrings as descriptions: 2.7)

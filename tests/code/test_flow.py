@@ -122,6 +122,26 @@ def test_train_pipeline_logs_everything(prefect_server, tiny_overrides, tmp_path
     # The consumer served the served file and the candidates before the alias moved.
     assert champion.tags["gate.infra_validation"].startswith("passed: the consumer served")
     assert metrics["infra_validation_passed"] == 1.0
+    # The model card: a run artifact (Markdown and HTML) and the version's description.
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "model_card")} == {
+        "model_card/model_card.md", "model_card/model_card.html"}  # fmt: skip
+    card_md = Path(
+        client.download_artifacts(run.info.run_id, "model_card/model_card.md", str(got))
+    ).read_text()
+    for section in ("## Intended use", "## Data", "## Metrics", "## Calibration", "## Robustness",
+                    "## Thresholds and release checks", "## Speed on the training machine", "## Lineage",
+                    "## Limitations", "## Per class"):  # fmt: skip
+        assert section in card_md, section
+    assert f"Model card: vit-cifar100-coarse v{champion.version}" in card_md
+    assert (
+        f"{100 * metrics['temperature'] / 100:.3f}" in card_md
+        and "snake" not in card_md.split("## Per class")[0]
+    )
+    assert (
+        champion.description.startswith("# Model card: vit-cifar100-coarse v1")
+        and len(champion.description) <= 5000
+    )
+    assert "## Per class" not in champion.description
     # The temperature travels in the served file's metadata, for the consumer's probabilities.
     from vit_consumer.classifier import OnnxClassifier
 

@@ -40,6 +40,7 @@ from vit_pipeline.flows.train_pipeline import (
     infra_validate,
     measure_robustness,
     register_model,
+    write_model_card,
 )
 from vit_pipeline.sweep import best_trial, load_space, parse_space, trial_configs
 
@@ -179,6 +180,7 @@ def sweep(
             )
             infra_validate(ctx, best["data_path"], exported.path)
             registered = register_model(ctx, best["data_path"], exported.path, accuracy)
+            write_model_card(ctx, registered)
         parent_log.metrics({f"best_{parsed.metric}": best[parsed.metric], "best_test_accuracy": accuracy,
                             "sweep_seconds": time.time() - start})  # fmt: skip
         parent_log.tags({"sweep.best_run_id": best["run_id"], "sweep.best_params": str(best["params"])})

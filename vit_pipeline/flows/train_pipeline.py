@@ -26,6 +26,7 @@ from vit_pipeline import (
     evaluate,
     export,
     infra_validation,
+    model_card,
     registry,
     robustness,
     runs,
@@ -118,6 +119,11 @@ def benchmark_model(ctx: StageContext, data_path: str, model_path: str, fp32_onn
     return result
 
 
+@task(name="model-card", cache_policy=NO_CACHE)
+def write_model_card(ctx: StageContext, registration: Registration) -> dict[str, str]:
+    return model_card.run(ctx, registration)
+
+
 def _prefect_tags() -> dict[str, str]:
     run_id = flow_run.get_id()
     if not run_id:
@@ -193,6 +199,7 @@ def train_pipeline(
         served = infra_validate(ctx, data_path, exported.path)
         registered = register_model(ctx, data_path, exported.path, accuracy)
         benchmarked = benchmark_model(ctx, data_path, trained.model_path, exported.fp32_path)
+        card = write_model_card(ctx, registered)  # last: the card shows every stage's figures
         result = {
             "mlflow_run_id": run_id,
             "mlflow_run_url": tracking.run_url(cfg, run_id),
@@ -211,6 +218,7 @@ def train_pipeline(
                 "infra_validation": served.outcome,
             },
             "benchmark": benchmarked.ratios,
+            "model_card": card["html"],
         }
         create_markdown_artifact(
             key="train-pipeline-summary",

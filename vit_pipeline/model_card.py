@@ -1,0 +1,256 @@
+"""The model-card stage (last): one page per registered version, from what the run recorded.
+
+After Mitchell et al. (2019, "Model Cards for Model Reporting") and Google's Model Card
+Toolkit (which the TFX pipelines use; it is tied to TensorFlow 2 protobufs and unmaintained,
+so the sections are written here): intended use, data and its statistics, metrics overall
+and per class, calibration, robustness, the thresholds and which held, export parity, infra
+validation, the benchmark on the training machine, lineage, limitations.
+
+Everything on the card is read back from the MLflow run (params, metrics, tags, the gates'
+JSON and CSV artifacts), so ``card(client, run_id, name, version)`` writes the same page for
+any version later. The card is logged as ``model_card/model_card.md`` and ``.html``; the
+version's description is the card without the full per-class table (a registry description
+holds at most ``DESCRIPTION_LIMIT`` characters), which the MLflow UI renders on the version page.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from vit_pipeline.fsutil import write_text
+
+if TYPE_CHECKING:
+    from vit_pipeline.context import StageContext
+    from vit_pipeline.registry import Registration
+
+DESCRIPTION_LIMIT = 5000  # MLflow's model_versions.description column
+HTML_STYLE = """body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem;line-height:1.45}
+table{border-collapse:collapse;margin:.5rem 0}th,td{border:1px solid #ccc;padding:.2rem .5rem;text-align:left}
+th{background:#f3f3f3}code{background:#f6f6f6;padding:0 .2rem}h1{font-size:1.6rem}h2{margin-top:1.6rem}"""
+
+
+class RunRecord:
+    """A run's params, metrics, tags and (optional) artifacts, read once."""
+
+    def __init__(self, client, run_id: str):
+        self.client, self.run_id = client, run_id
+        run = client.get_run(run_id)
+        self.params, self.metrics, self.tags = run.data.params, run.data.metrics, run.data.tags
+        self._dir = Path(tempfile.mkdtemp(prefix="vit-card-"))
+
+    def artifact(self, path: str) -> Path | None:
+        try:
+            return Path(self.client.download_artifacts(self.run_id, path, str(self._dir)))
+        except Exception:  # an older run, or a stage that did not run: the card says so
+            return None
+
+    def json(self, path: str) -> Any:
+        found = self.artifact(path)
+        return json.loads(found.read_text()) if found else None
+
+    def csv(self, path: str) -> list[dict[str, str]]:
+        found = self.artifact(path)
+        return list(csv.DictReader(found.read_text().splitlines())) if found else []
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
+def _wilson(p: float, n: int) -> tuple[float, float]:
+    """The 95% Wilson interval of a proportion (scipy)."""
+    from scipy.stats import binomtest
+
+    ci = binomtest(int(round(p * n)), n).proportion_ci(0.95, method="wilson")
+    return float(ci.low), float(ci.high)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(str(c) for c in row) + " |" for row in rows), ""]  # fmt: skip
+
+
+def _data_section(rec: RunRecord) -> list[str]:
+    stats = rec.json("data/statistics.json")
+    p = rec.params
+    lines = ["## Data", "", f"Source `{p.get('data.source', '-')}`, content digest `{p.get('data.digest', '-')[:16]}`, "
+             f"{p.get('data.num_classes', '-')} classes.", ""]  # fmt: skip
+    if stats:
+        rows = [[split, s["count"], min(s["class_counts"].values()), max(s["class_counts"].values()),
+                 "x".join(map(str, s["image_shape"])), ", ".join(f"{v:.1f}" for v in s["channel_mean"]),
+                 ", ".join(f"{v:.1f}" for v in s["channel_std"]), s["constant_images"]]
+                for split, s in stats["splits"].items()]  # fmt: skip
+        lines += _table(["split", "images", "fewest a class", "most a class", "shape", "RGB mean", "RGB std",
+                         "constant images"], rows)  # fmt: skip
+        if stats.get("source_files"):
+            src = stats["source_files"]
+            lines += [f"Source files: {src['files']}, modes {src['modes']}, smallest side {src['min_side']} px, "
+                      f"median {src['median_width']:.0f}x{src['median_height']:.0f}.", ""]  # fmt: skip
+    for gate, label in (("gate.data_validation", "Schema"), ("gate.drift", "Drift against the champion's data"),
+                        ("gate.leakage", "Leakage")):  # fmt: skip
+        lines.append(f"- **{label}:** {rec.tags.get(gate, 'not run')}")
+    return [*lines, ""]
+
+
+def _metrics_section(rec: RunRecord, registration: Registration) -> tuple[list[str], list[str]]:
+    """The overall figures, and the full per-class table (kept apart: it is long)."""
+    m = rec.metrics
+    n = registration.test_images or int(float(rec.params.get("data.test_size", 0) or 0))
+    served = registration.served_test_accuracy
+    lines = ["## Metrics", ""]
+    if served is not None and n:
+        low, high = _wilson(served, n)
+        lines.append(f"Served file (ONNX Runtime) on {n} test images: top-1 **{_pct(served)}** "
+                     f"(95% interval {_pct(low)} to {_pct(high)}), top-5 {_pct(m.get('served_test_top5_accuracy'))}; "
+                     f"Keras top-1 {_pct(m.get('test_accuracy'))}, best validation {_pct(m.get('best_val_accuracy'))}.")  # fmt: skip
+    rows = rec.csv("evaluation/per_class_accuracy.csv")
+    per_class = []
+    if rows:
+        ordered = sorted(rows, key=lambda r: float(r["recall"]))
+        shown = ordered[:10]
+        lines += ["", f"Lowest recall of {len(rows)} classes (the full table is in the run's "
+                  "`model_card/model_card.md`):", ""]  # fmt: skip
+        lines += _table(["class", "test images", "recall", "precision", "F1"],
+                        [[r["class_name"], r["support"], f"{float(r['recall']):.3f}", f"{float(r['precision']):.3f}",
+                          f"{float(r['f1']):.3f}"] for r in shown])  # fmt: skip
+        per_class = ["## Per class", "", *_table(
+            ["class", "test images", "recall", "precision", "F1"],
+            [[r["class_name"], r["support"], f"{float(r['recall']):.3f}", f"{float(r['precision']):.3f}",
+              f"{float(r['f1']):.3f}"] for r in rows])]  # fmt: skip
+    return [*lines, ""], per_class
+
+
+def _gates_section(rec: RunRecord) -> list[str]:
+    m, t = rec.metrics, rec.tags
+    lines = ["## Calibration", ""]
+    if "temperature" in m:
+        lines += [f"Temperature **{m['temperature']:.3f}** (fitted on the validation split, applied by the consumer to "
+                  f"the probabilities it returns): test ECE {m['test_ece']:.4f} -> {m['test_ece_calibrated']:.4f}, "
+                  f"NLL {m['test_nll']:.4f} -> {m['test_nll_calibrated']:.4f}.", ""]  # fmt: skip
+    else:
+        lines += ["Not measured.", ""]
+    lines += ["## Robustness", ""]
+    robust = rec.csv("robustness/robustness.csv")
+    if robust:
+        names = list(dict.fromkeys(r["corruption"] for r in robust))
+        severities = sorted({int(r["severity"]) for r in robust})
+        cell = {(r["corruption"], int(r["severity"])): float(r["accuracy"]) for r in robust}
+        lines += [t.get("gate.robustness", ""), ""]
+        lines += _table(["corruption", *[f"severity {s}" for s in severities]],
+                        [[name, *[_pct(cell.get((name, s))) for s in severities]] for name in names])  # fmt: skip
+    else:
+        lines += ["Not measured.", ""]
+    lines += ["## Thresholds and release checks", ""]
+    checks = rec.json("registry/thresholds.json")
+    if checks:
+        lines += _table(["threshold", "held", "figures"],
+                        [[c["name"], "yes" if c["held"] else "**no**", c["detail"]] for c in checks["checks"]])  # fmt: skip
+    lines += [f"- **Promotion:** {t.get('registry.decision', '-')}: {t.get('registry.reason', '-')}",
+              f"- **Export parity** (ONNX Runtime against Keras, at most {rec.params.get('parity_images', '-')} test images): "
+              f"max |logit difference| {m.get('parity_max_abs_diff', float('nan')):.2e}, top-1 agreement "
+              f"{_pct(m.get('parity_top1_agreement'))}; served variant `{t.get('export.serve_variant', '-')}`, "
+              f"candidates `{t.get('export.candidates', '-')}`",
+              f"- **Infra validation:** {t.get('gate.infra_validation', 'not run')}", ""]  # fmt: skip
+    return lines
+
+
+def _benchmark_section(rec: RunRecord) -> list[str]:
+    report = rec.json("benchmark/report.json")
+    lines = ["## Speed on the training machine", ""]
+    if not report:
+        return [*lines, "Not measured.", ""]
+    from vit_pipeline.benchmark.report import BenchmarkReport
+
+    bench = BenchmarkReport.from_dict(report)
+    env = bench.environment
+    lines.append(f"CPU {env.get('cpu_model', '-')} x{env.get('cpu_count', '-')}; this machine would serve "
+                 f"`{rec.tags.get('benchmark.served_choice', '-')}`.")  # fmt: skip
+    rows = []
+    for bs in sorted({r.batch_size for r in bench.results}):
+        served = bench.served(bs)
+        if served is not None:
+            rows.append([bs, served.label, f"{served.throughput_ips:.1f}", f"{served.latency_ms.p50:.2f}"])
+    if rows:
+        lines += ["", *_table(["batch", "served engine", "images/s", "p50 latency (ms)"], rows)]
+    return [*lines, ""]
+
+
+def _lineage_and_limits(rec: RunRecord, registration: Registration) -> list[str]:
+    t, m, p = rec.tags, rec.metrics, rec.params
+    lines = ["## Lineage", ""]
+    init = {k: v for k, v in t.items() if k.startswith("init.")}
+    if init:
+        lines += [f"- `{k}`: {v}" for k, v in sorted(init.items())]
+    else:
+        lines.append("- Trained from random weights.")
+    lines += [f"- MLflow run `{rec.run_id}`, preset `{t.get('preset', p.get('preset', '-'))}`, "
+              f"{p.get('epochs', '-')} epochs, seed {p.get('seed', '-')}.", ""]  # fmt: skip
+    lines += ["## Limitations", ""]
+    n = registration.test_images
+    if registration.served_test_accuracy is not None and n:
+        low, high = _wilson(registration.served_test_accuracy, n)
+        lines.append(
+            f"- The test split holds {n} images: top-1 is known to about +/-{50 * (high - low):.1f} points."
+        )
+    lines.append("- It always answers one of its classes, also for an image of none of them; its probabilities "
+                 "were calibrated on data like its validation split, not on what it will be shown.")  # fmt: skip
+    if "robustness_relative_accuracy" in m:
+        lines.append(f"- Under common corruptions it keeps {_pct(m['robustness_relative_accuracy'])} of its clean "
+                     "accuracy (mean over the corruptions above).")  # fmt: skip
+    leaked = int(m.get("data.test_exact_duplicates", 0) + m.get("data.test_near_duplicates", 0))
+    if leaked and not m.get("data.test_duplicates_dropped"):
+        lines.append(f"- {leaked} test images duplicate training images and were kept: the test figures may "
+                     "flatter it slightly.")  # fmt: skip
+    if t.get("gate.drift", "").startswith("above"):
+        lines.append("- Its training data drifted from the champion's (see Data).")
+    return [*lines, ""]
+
+
+def card(client, run_id: str, registration: Registration) -> tuple[str, str]:
+    """(the full card, the card for the version description) as Markdown."""
+    rec = RunRecord(client, run_id)
+    classes = rec.json("data/dataset.json") or {}
+    names = classes.get("class_names", [])
+    shape = classes.get("input_shape", [])
+    head = [f"# Model card: {registration.name} v{registration.version}", "",
+            f"**Status:** {'champion' if registration.promoted else 'not promoted'}: {registration.reason}", "",
+            "## Intended use", "",
+            f"Classifies {'x'.join(map(str, shape[:2])) or 'RGB'} RGB images (raw pixels 0-255) of the dataset "
+            f"`{rec.tags.get('dataset', registration.name)}` into {len(names) or '-'} classes"
+            f"{': ' + ', '.join(names[:20]) + (', ...' if len(names) > 20 else '') if names else ''}. "
+            "Served as ONNX by `deploy/consumer` (no TensorFlow); answers are the top-k classes with calibrated "
+            "probabilities. Not for images of other kinds or decisions no person reviews.", ""]  # fmt: skip
+    data = _data_section(rec)
+    metrics, per_class = _metrics_section(rec, registration)
+    rest = _gates_section(rec) + _benchmark_section(rec) + _lineage_and_limits(rec, registration)
+    full = "\n".join(head + data + metrics + rest + per_class)
+    short = "\n".join(head + data + metrics + rest)
+    if len(short) > DESCRIPTION_LIMIT:
+        short = short[: DESCRIPTION_LIMIT - 80].rsplit("\n", 1)[0] + "\n\n(cut: the whole card is in the run)"
+    return full, short
+
+
+def to_html(markdown_text: str, title: str) -> str:
+    import markdown
+
+    body = markdown.markdown(markdown_text, extensions=["tables"])
+    return (f"<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{title}</title>"
+            f"<style>{HTML_STYLE}</style></head><body>\n{body}\n</body></html>\n")  # fmt: skip
+
+
+# ------------------------------------------------------------------- the stage
+def run(ctx: StageContext, registration: Registration) -> dict[str, str]:
+    """Writes the card, logs it to the run and sets it as the version's description."""
+    client = ctx.log.client
+    full, short = card(client, ctx.run_id, registration)
+    out = ctx.work_dir / "model_card"
+    paths = {"markdown": write_text(out / "model_card.md", full),
+             "html": write_text(out / "model_card.html", to_html(full, f"{registration.name} v{registration.version}"))}  # fmt: skip
+    ctx.log.artifacts(paths.values(), "model_card")
+    client.update_model_version(registration.name, registration.version, description=short)
+    ctx.log.tags({"model_card": f"model_card/model_card.html ({registration.model_uri})"})
+    return {k: str(v) for k, v in paths.items()}
