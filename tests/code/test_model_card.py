@@ -1,0 +1,28 @@
+"""The model card reads what a run recorded; a run without the gates' records still gets a card."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import constant_classifier, labelled_split
+from vit_pipeline import model_card, registry, runs, tracking
+from vit_pipeline.config import make_config
+
+pytestmark = pytest.mark.integration  # a real MLflow store and registry
+
+
+def test_a_bare_run_gets_a_card_that_says_what_was_not_measured(tmp_path):
+    cfg = make_config("quickstart", {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"})
+    split = labelled_split([30, 20, 10])
+    run_id = runs.create_run(cfg, "test")
+    onnx = constant_classifier(tmp_path / "c.onnx", 3, 0)
+    registration = registry.register_onnx(cfg, run_id, str(onnx), split)
+    full, short = model_card.card(tracking.client(cfg), run_id, registration)
+    assert full.startswith(f"# Model card: vit-digits v{registration.version}")
+    assert "**Status:** champion: no champion yet" in full
+    assert "top-1 **50.00%** (95% interval" in full  # class 0 is 30 of 60 images
+    assert full.count("Not measured.") == 3  # calibration, robustness, speed
+    assert "- **Infra validation:** not run" in full and "Trained from random weights." in full
+    assert short == full  # no per-class table to leave out
+    html = model_card.to_html(full, "t")
+    assert html.startswith("<!doctype html>") and "<h2>Limitations</h2>" in html and "<table>" not in html
