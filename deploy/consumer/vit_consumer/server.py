@@ -47,7 +47,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from starlette.datastructures import Headers, QueryParams
 
-from vit_consumer import __version__
+from vit_consumer import __version__, v2
 from vit_consumer.batching import DynamicBatcher, QueueFull
 from vit_consumer.classifier import (
     InputError,
@@ -324,8 +324,10 @@ class Service:
             reserved = self._reserve(headers.get("content-length"))
             data = await self._read_body(body)
             engine = self.engine  # this request finishes on this version, whatever reloads meanwhile
-            logits = await asyncio.wait_for(self._infer(engine, content_type, data), self.settings.timeout_s)
-            del data
+            logits = await asyncio.wait_for(
+                self._infer(engine, lambda: parse_body(engine, content_type, data, self.settings)),
+                self.settings.timeout_s,
+            )
             return 200, {"predictions": engine.top_k(logits, top_k), "model": engine.source,
                          "version": engine.version, "providers": engine.providers_used}, {}  # fmt: skip
         except InputError as exc:
@@ -346,12 +348,54 @@ class Service:
             self.metrics.requests.labels(str(code)).inc()
             self.metrics.latency.observe(time.perf_counter() - started)
 
-    async def _infer(self, engine: OnnxClassifier, content_type: str, body: bytes) -> np.ndarray:
-        """Decodes in the pool, then starts at once when the engine is idle, else joins the batcher."""
+    async def infer_v2(self, name: str, version: str | None, headers: Mapping[str, str],
+                       body: AsyncIterator[bytes]) -> tuple[int, bytes, dict[str, str]]:  # fmt: skip
+        """One ``POST /v2/models/{name}[/versions/{v}]/infer``: (status, body, headers); see ``vit_consumer.v2``."""
+        started = time.perf_counter()
+        code, reserved = 200, 0
+        try:
+            if not self.ready:
+                raise InputError("The model is not ready yet", 503)
+            engine = self.engine
+            v2.check_target(engine, name, version)
+            reserved = self._reserve(headers.get("content-length"))
+            data = await self._read_body(body)
+            parsed: dict[str, Any] = {}
+
+            def parse() -> np.ndarray:
+                images, parsed["doc"], parsed["wanted"] = v2.parse_infer(
+                    engine, data, headers.get(v2.HEADER_LENGTH)
+                )
+                return images
+
+            logits = await asyncio.wait_for(self._infer(engine, parse), self.settings.timeout_s)
+            out, extra = v2.infer_response(engine, parsed["doc"], logits, parsed["wanted"])
+            return 200, out, extra
+        except InputError as exc:
+            code = exc.status
+            return code, _error(str(exc)), {"Retry-After": "1"} if code == 503 else {}
+        except QueueFull as exc:
+            code = 503
+            return code, _error(f"Busy: {exc}; retry later"), {"Retry-After": "1"}
+        except TimeoutError:
+            code = 504
+            return code, _error(f"Not answered within {self.settings.timeout_s:g} s"), {}
+        except Exception as exc:  # an engine failure: say so in one line, keep serving
+            code = 500
+            log.exception("Inference failed")
+            return code, _error(f"Inference failed: {_plain(exc)}"), {}
+        finally:
+            self.admission.give(reserved)
+            self.metrics.requests.labels(str(code)).inc()
+            self.metrics.latency.observe(time.perf_counter() - started)
+
+    async def _infer(self, engine: OnnxClassifier, parse) -> np.ndarray:
+        """Parses (``parse()``: checked images) in the decode pool, then starts at once when the engine
+        is idle, else joins the batcher."""
 
         def decode_and_maybe_run():
             started = time.perf_counter()
-            images = parse_body(engine, content_type, body, self.settings)
+            images = parse()
             self.metrics.decode.observe(time.perf_counter() - started)
             return images, self.batcher.run_now(engine, images)
 
@@ -382,6 +426,11 @@ class Service:
         if not body:
             raise InputError("Empty request body")
         return bytes(body)
+
+
+def _error(message: str) -> bytes:
+    """The v2 protocol's error body."""
+    return json.dumps({"error": message}, ensure_ascii=False).encode()
 
 
 def request_inputs(scope, receive) -> tuple[str | None, Mapping[str, str], AsyncIterator[bytes]]:
@@ -433,12 +482,22 @@ class PredictPath:
         self.app, self.service = app, service
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST" or _route_path(scope) != "/predict":
+        if scope["type"] != "http" or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
-        code, body, extra = await answer(self.service, scope, receive)
-        head = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        head += [(k.lower().encode(), v.encode()) for k, v in extra.items()]
+        path = _route_path(scope)
+        target = v2.match(path) if path.startswith("/v2/") else None
+        if path == "/predict":
+            code, body, extra = await answer(self.service, scope, receive)
+        elif target is not None and target[2] == "infer":
+            _, headers, chunks = request_inputs(scope, receive)
+            code, body, extra = await self.service.infer_v2(target[0], target[1], headers, chunks)
+        else:
+            await self.app(scope, receive, send)
+            return
+        extra = {"content-type": "application/json", **{k.lower(): v for k, v in extra.items()}}
+        head = [(b"content-length", str(len(body)).encode())]
+        head += [(k.encode(), v.encode()) for k, v in extra.items()]
         await send({"type": "http.response.start", "status": code, "headers": head})
         await send({"type": "http.response.body", "body": body})
 
@@ -494,9 +553,68 @@ def create_app(classifier: OnnxClassifier, settings: Settings | int | None = Non
         code, body, extra = await answer(service, request.scope, request.receive)
         return Response(body, status_code=code, headers=extra, media_type="application/json")
 
+    _v2_routes(app, service)
     app.add_middleware(PredictPath, service=service)
 
     return app
+
+
+def _v2_routes(app: FastAPI, service: Service) -> None:
+    """The Open Inference Protocol's GET endpoints (``infer`` is served by ``PredictPath``)."""
+
+    def v2_error(exc: InputError) -> JSONResponse:
+        return JSONResponse({"error": str(exc)}, status_code=exc.status)
+
+    @app.get("/v2", tags=["v2"])
+    def v2_server() -> dict[str, Any]:
+        return v2.server_metadata()
+
+    @app.get("/v2/health/live", tags=["v2"])
+    def v2_live() -> dict[str, bool]:
+        return {"live": True}
+
+    @app.get("/v2/health/ready", tags=["v2"])
+    def v2_ready() -> Response:
+        return JSONResponse({"ready": service.ready}, status_code=200 if service.ready else 503)
+
+    def model(name: str, version: str | None, what: str) -> Response:
+        try:
+            v2.check_target(service.engine, name, version)
+        except InputError as exc:
+            return v2_error(exc)
+        if what == "ready":
+            return JSONResponse(
+                {"name": name, "ready": service.ready}, status_code=200 if service.ready else 503
+            )
+        return JSONResponse(v2.model_metadata(service.engine))
+
+    @app.get("/v2/models/{name}", tags=["v2"])
+    def v2_model(name: str) -> Response:
+        return model(name, None, "metadata")
+
+    @app.get("/v2/models/{name}/versions/{version}", tags=["v2"])
+    def v2_model_version(name: str, version: str) -> Response:
+        return model(name, version, "metadata")
+
+    @app.get("/v2/models/{name}/ready", tags=["v2"])
+    def v2_model_ready(name: str) -> Response:
+        return model(name, None, "ready")
+
+    @app.get("/v2/models/{name}/versions/{version}/ready", tags=["v2"])
+    def v2_model_version_ready(name: str, version: str) -> Response:
+        return model(name, version, "ready")
+
+    @app.post("/v2/models/{name}/infer", tags=["v2"], summary="Open Inference Protocol inference")
+    async def v2_infer(name: str, request: Request) -> Response:  # documents it; PredictPath serves it
+        code, body, extra = await service.infer_v2(name, None, request.headers, request.stream())
+        return Response(body, status_code=code, headers=extra)
+
+    @app.post(
+        "/v2/models/{name}/versions/{version}/infer", tags=["v2"], summary="Open Inference Protocol inference"
+    )
+    async def v2_infer_version(name: str, version: str, request: Request) -> Response:
+        code, body, extra = await service.infer_v2(name, version, request.headers, request.stream())
+        return Response(body, status_code=code, headers=extra)
 
 
 def settings_from_env(**overrides: Any) -> Settings:
