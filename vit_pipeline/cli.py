@@ -410,6 +410,35 @@ def predict(images: tuple[str, ...], model_uri: str, tracking_uri: str | None, t
         raise DataError(str(exc)) from exc
 
 
+@main.command("export-serving")
+@click.argument("source")
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option(
+    "--tracking-uri", default=None, help="MLflow tracking URI for models:/ URIs (default: local store)."
+)
+@click.option("--storage-uri", default=None,
+              help="Where the triton/ folder will be uploaded, for KServe (default: pvc://vit-models/triton).")  # fmt: skip
+@click.option("--consumer-image", default="vit-consumer:latest", show_default=True,
+              help="Container image of deploy/consumer (its Dockerfile) for the Kubernetes manifests.")  # fmt: skip
+@click.option("--max-batch-size", default=64, show_default=True, type=click.IntRange(1, 4096))
+@click.option("--queue-delay-us", default=2000, show_default=True, type=click.IntRange(0),
+              help="Triton's dynamic batching: how long a batch waits for company.")  # fmt: skip
+@_friendly_errors
+def export_serving(
+    source, out_dir, tracking_uri, storage_uri, consumer_image, max_batch_size, queue_delay_us
+) -> None:
+    """Write SOURCE (models:/name@champion, models:/name/N or an .onnx export) as a Triton model repository,
+    a KServe InferenceService and Kubernetes manifests for the consumer, under OUT_DIR."""
+    from vit_pipeline import tracking
+    from vit_pipeline.serving_export import export_serving as write
+
+    written = write(source, out_dir, tracking_uri or tracking.tracking_uri(), storage_uri=storage_uri,
+                    consumer_image=consumer_image, max_batch_size=max_batch_size, queue_delay_us=queue_delay_us)  # fmt: skip
+    for key in ("triton", "kserve", "kubernetes"):
+        click.echo(f"{key}: {written[key]}")
+    click.echo(f"Model {written['name']!r} version {written['version']}")
+
+
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
                                 "help_option_names": []})  # fmt: skip
 @click.pass_context

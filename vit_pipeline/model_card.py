@@ -221,7 +221,7 @@ def card(client, run_id: str, registration: Registration) -> tuple[str, str]:
             "## Intended use", "",
             f"Classifies {'x'.join(map(str, shape[:2])) or 'RGB'} RGB images (raw pixels 0-255) of the dataset "
             f"`{rec.tags.get('dataset', registration.name)}` into {len(names) or '-'} classes"
-            f"{': ' + ', '.join(names[:20]) + (', ...' if len(names) > 20 else '') if names else ''}. "
+            f"{': ' + ', '.join(names[:20]) + (f' and {len(names) - 20} more' if len(names) > 20 else '') if names else ''}. "
             "Served as ONNX by `deploy/consumer` (no TensorFlow); answers are the top-k classes with calibrated "
             "probabilities. Not for images of other kinds or decisions no person reviews.", ""]  # fmt: skip
     data = _data_section(rec)

@@ -1,0 +1,273 @@
+"""``vit-pipeline export-serving SOURCE DIR``: the champion, ready for an existing serving engine.
+
+One consumer process serves one machine. Beyond that, teams deploy the model to an engine that
+already scales: NVIDIA Triton, or KServe on Kubernetes (which runs Triton for ONNX models with
+the v2 protocol). The contract is stated once (``vit_consumer.contract``: tensor names, the
+metadata) and read from the file itself, so what is written here matches what was exported:
+
+* ``DIR/triton/<name>/``: a Triton model repository entry. ``config.pbtxt`` is the whole
+  contract (``platform: "onnxruntime_onnx"``, ``max_batch_size``, the input ``images`` FP32
+  ``[H, W, 3]`` and the output ``logits`` FP32 ``[C]`` with ``labels.txt``, dynamic batching with
+  a queue delay, CPU instances); ``configs/gpu.pbtxt`` is the same on GPU instances (Triton's
+  ``--model-config-name=gpu``); ``<version>/model.onnx`` is the registered file (Triton needs
+  integer version folders: the registry version).
+* ``DIR/kserve/inferenceservice.yaml``: a KServe ``InferenceService`` (``modelFormat: onnx``,
+  ``protocolVersion: v2``, ``storageUri`` where the ``triton/`` folder is uploaded).
+* ``DIR/kubernetes/consumer.yaml``: this project's consumer on Kubernetes: a Deployment (readiness
+  and liveness probes on ``/health/ready`` and ``/health/live``, the model from the registry), a
+  Service and a HorizontalPodAutoscaler.
+
+The manifests are built from the Kubernetes and KServe API models' field names; the tests load
+each back through the ``kubernetes`` / ``kserve`` Python models and ``config.pbtxt`` through
+Triton's ``model_config`` protobuf.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vit_pipeline.errors import PipelineError
+from vit_pipeline.fsutil import write_text
+
+CONSUMER_PORT = 8000
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """What the engines need to know of the registered file (read from its metadata)."""
+
+    name: str
+    version: str
+    path: Path
+    input_shape: tuple[int, int, int]
+    class_names: list[str]
+    temperature: float
+    source: str
+
+
+def read_model(source: str, tracking_uri: str | None = None) -> ServedModel:
+    """The registered file behind ``source`` (``models:/name@alias``, ``models:/name/N`` or an ``.onnx`` file).
+
+    Raises:
+        PipelineError: not a vit-pipeline export, or the source cannot be fetched.
+    """
+    from vit_consumer import contract
+    from vit_consumer.classifier import InputError, alias_version, resolve_model
+
+    from vit_pipeline.export import ort_session
+
+    registered = re.match(r"^models:/([^/@]+)(?:@([^/]+)|/(\d+))$", source)
+    try:
+        if registered:  # an alias is pinned first: the files and the version are the same version's
+            version = alias_version(source, tracking_uri) if registered[2] else registered[3]
+            path = resolve_model(f"models:/{registered[1]}/{version}", tracking_uri)
+        else:
+            version, path = "1", resolve_model(source, tracking_uri)
+        session = ort_session(path)
+        meta = session.get_modelmeta().custom_metadata_map
+        names = contract.class_names(meta)
+        if names is None:
+            raise InputError(f"{path} has no class_names metadata; was it exported by vit-pipeline?")
+        (inp,) = session.get_inputs()
+        if (
+            inp.name != contract.INPUT_NAME
+            or len(inp.shape) != 4
+            or not all(isinstance(d, int) for d in inp.shape[1:])
+        ):
+            raise InputError(
+                f"Expected one input {contract.INPUT_NAME!r} [batch, H, W, 3]. Received: {inp.name} {inp.shape}"
+            )
+        shape = tuple(inp.shape[1:])
+        temperature = contract.temperature(meta)
+    except Exception as exc:  # not loadable, not an export: one line either way
+        raise PipelineError(f"Cannot export {source} for serving: {exc}") from None
+    dataset = meta.get(contract.META_DATASET)
+    name = registered[1] if registered else (f"vit-{dataset}" if dataset else Path(path).stem)
+    if not str(version).isdigit():
+        raise PipelineError(f"Expected an integer registry version for Triton. Received: {version!r}")
+    return ServedModel(_slug(name), str(version), Path(path), tuple(shape), names, temperature, source)
+
+
+def _slug(name: str) -> str:
+    """A name valid for Triton folders and Kubernetes objects (lower case, digits, '-')."""
+    slug = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")
+    return slug[:63] or "vit-model"
+
+
+# ------------------------------------------------------------------- Triton
+def triton_config(model: ServedModel, max_batch_size: int, queue_delay_us: int, kind: str,
+                  instances: int) -> str:  # fmt: skip
+    """``config.pbtxt`` text (Triton's ``ModelConfig`` protobuf, text format)."""
+    from vit_consumer.contract import INPUT_NAME, OUTPUT_NAME
+
+    h, w, c = model.input_shape
+    preferred = sorted({b for b in (1, 8, max_batch_size) if b <= max_batch_size})
+    return f"""# Written by vit-pipeline export-serving from {model.source} (version {model.version}).
+# The contract of vit_consumer.contract: raw RGB pixels 0-255, NHWC; unnormalised logits.
+# Probabilities: softmax(logits / {model.temperature:g}) (the calibrated temperature, in the parameters).
+name: "{model.name}"
+platform: "onnxruntime_onnx"
+max_batch_size: {max_batch_size}
+input [
+  {{ name: "{INPUT_NAME}" data_type: TYPE_FP32 format: FORMAT_NHWC dims: [ {h}, {w}, {c} ] }}
+]
+output [
+  {{ name: "{OUTPUT_NAME}" data_type: TYPE_FP32 dims: [ {len(model.class_names)} ] label_filename: "labels.txt" }}
+]
+dynamic_batching {{
+  preferred_batch_size: [ {", ".join(map(str, preferred))} ]
+  max_queue_delay_microseconds: {queue_delay_us}
+}}
+instance_group [
+  {{ count: {instances} kind: {kind} }}
+]
+version_policy: {{ specific: {{ versions: [ {model.version} ] }} }}
+parameters {{ key: "temperature" value: {{ string_value: "{model.temperature:g}" }} }}
+parameters {{ key: "source" value: {{ string_value: "{model.source}" }} }}
+"""
+
+
+def write_triton(model: ServedModel, out: Path, max_batch_size: int, queue_delay_us: int) -> Path:
+    """``out/<name>/`` with config.pbtxt (CPU), configs/gpu.pbtxt, labels.txt and <version>/model.onnx."""
+    folder = out / model.name
+    (folder / model.version).mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(model.path, folder / model.version / "model.onnx")
+    write_text(folder / "labels.txt", "\n".join(model.class_names) + "\n")
+    write_text(folder / "config.pbtxt", triton_config(model, max_batch_size, queue_delay_us, "KIND_CPU", 2))
+    (folder / "configs").mkdir(exist_ok=True)
+    write_text(
+        folder / "configs" / "gpu.pbtxt", triton_config(model, max_batch_size, queue_delay_us, "KIND_GPU", 1)
+    )
+    return folder
+
+
+# ------------------------------------------------------------------- manifests
+def inference_service(model: ServedModel, storage_uri: str) -> dict[str, Any]:
+    """A KServe v1beta1 InferenceService serving the Triton repository with the v2 protocol."""
+    return {
+        "apiVersion": "serving.kserve.io/v1beta1",
+        "kind": "InferenceService",
+        "metadata": {
+            "name": model.name,
+            "labels": {"app.kubernetes.io/part-of": "vit-pipeline"},
+            "annotations": {"vit-pipeline/source": model.source, "vit-pipeline/version": model.version},
+        },  # fmt: skip
+        "spec": {
+            "predictor": {
+                "minReplicas": 1,
+                "maxReplicas": 4,
+                "model": {
+                    "modelFormat": {"name": "onnx"},
+                    "protocolVersion": "v2",
+                    "storageUri": storage_uri,
+                    "resources": {
+                        "requests": {"cpu": "2", "memory": "2Gi"},
+                        "limits": {"cpu": "4", "memory": "4Gi"},
+                    },
+                },
+            }
+        },
+    }
+
+
+def consumer_manifests(model: ServedModel, image: str, tracking_uri: str) -> list[dict[str, Any]]:
+    """Deployment, Service and HorizontalPodAutoscaler of the consumer serving ``model.source``."""
+    labels = {"app.kubernetes.io/name": "vit-consumer", "app.kubernetes.io/instance": model.name}
+    # The registry source as given (an alias is followed: --reload-seconds), else a file mounted at /models.
+    source = model.source if model.source.startswith("models:/") else "/models/model.onnx"
+    probe = {"initialDelaySeconds": 5, "periodSeconds": 10, "timeoutSeconds": 3, "failureThreshold": 3}
+    container = {
+        "name": "consumer",
+        "image": image,
+        "args": [
+            "--model",
+            source,
+            "serve",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            str(CONSUMER_PORT),
+            "--reload-seconds",
+            "60",
+        ],  # fmt: skip
+        "env": [{"name": "VIT_TRACKING_URI", "value": tracking_uri}],
+        "ports": [{"name": "http", "containerPort": CONSUMER_PORT}],
+        "readinessProbe": {"httpGet": {"path": "/health/ready", "port": "http"}, **probe},
+        "livenessProbe": {
+            "httpGet": {"path": "/health/live", "port": "http"},
+            **probe,
+            "initialDelaySeconds": 30,
+        },
+        "resources": {"requests": {"cpu": "2", "memory": "1Gi"}, "limits": {"cpu": "2", "memory": "2Gi"}},
+    }
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": f"{model.name}-consumer", "labels": labels},
+        "spec": {
+            "replicas": 2,
+            "selector": {"matchLabels": labels},
+            "template": {"metadata": {"labels": labels}, "spec": {"containers": [container]}},
+        },  # fmt: skip
+    }
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": f"{model.name}-consumer", "labels": labels},
+        "spec": {"selector": labels, "ports": [{"name": "http", "port": 80, "targetPort": "http"}]},
+    }
+    autoscaler = {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": {"name": f"{model.name}-consumer", "labels": labels},
+        "spec": {
+            "scaleTargetRef": {
+                "apiVersion": "apps/v1",
+                "kind": "Deployment",
+                "name": f"{model.name}-consumer",
+            },
+            "minReplicas": 2,
+            "maxReplicas": 10,
+            "metrics": [
+                {
+                    "type": "Resource",
+                    "resource": {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": 70}},
+                }
+            ],  # fmt: skip
+        },
+    }
+    return [deployment, service, autoscaler]
+
+
+def _yaml(documents: list[dict[str, Any]]) -> str:
+    import yaml
+
+    return "---\n".join(yaml.safe_dump(d, sort_keys=False) for d in documents)
+
+
+def export_serving(source: str, out_dir: str | Path, tracking_uri: str | None = None, *, storage_uri: str | None = None,
+                   consumer_image: str = "vit-consumer:latest", max_batch_size: int = 64,
+                   queue_delay_us: int = 2000) -> dict[str, str]:  # fmt: skip
+    """Writes the Triton repository and the KServe and Kubernetes manifests; returns their paths."""
+    from vit_pipeline import tracking
+
+    if max_batch_size < 1 or queue_delay_us < 0:
+        raise PipelineError(f"Expected max_batch_size >= 1 and queue_delay_us >= 0. Received: {max_batch_size}, "
+                            f"{queue_delay_us}")  # fmt: skip
+    model = read_model(source, tracking_uri)
+    out = Path(out_dir)
+    folder = write_triton(model, out / "triton", max_batch_size, queue_delay_us)
+    storage = storage_uri or "pvc://vit-models/triton"
+    isvc = write_text(out / "kserve" / "inferenceservice.yaml", _yaml([inference_service(model, storage)]))
+    uri = tracking_uri or tracking.tracking_uri()
+    if uri.startswith("sqlite:"):
+        uri = "http://mlflow:5000"  # a pod cannot read this machine's SQLite file: name the tracking server
+    consumer = write_text(
+        out / "kubernetes" / "consumer.yaml", _yaml(consumer_manifests(model, consumer_image, uri))
+    )
+    return {"triton": str(folder), "kserve": str(isvc), "kubernetes": str(consumer), "name": model.name,
+            "version": model.version}  # fmt: skip
