@@ -266,6 +266,10 @@ class ExportConfig(_Fields):
     registered."""
     candidate_images: PositiveInt = 2000
     """Test images the candidate gate uses (up to all)."""
+    serve_gate_images: PositiveInt = 512
+    """Test images registered with the model (with the Keras logits on them, at most 8 MiB of pixels), so
+    the consumer runs the agreement gate again on the CPU that serves: another engine (OpenVINO, bf16 on
+    AMX) or that CPU's int8 kernels serve only if they keep ``candidate_min_agreement``."""
     int8_calibration_images: PositiveInt = 256
     """Training images int8-static is calibrated on."""
 

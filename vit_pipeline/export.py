@@ -323,9 +323,10 @@ def run(ctx: StageContext, data_path: str, model_path: str, test_accuracy: float
     paths = {k: str(v) for k, v in build_variants(
         info["path"], out, ["fp32", cfg.serve_variant, *candidates], calibration=calibration,
         fusions=fusions).items()}  # fmt: skip
-    # Keras logits once, for the parity images and the (larger) candidate gate alike.
+    # Keras logits once, for the parity images, the (larger) candidate gate and the serving gate alike.
+    gate_images = min(cfg.serve_gate_images, GATE_BYTES // max(int(np.prod(splits.input_shape)), 1))
     all_logits = predict_logits(
-        model, splits.x_test[: max(cfg.parity_images, cfg.candidate_images if candidates else 0)]
+        model, splits.x_test[: max(cfg.parity_images, cfg.candidate_images if candidates else 0, gate_images)]
     )
     images = splits.x_test[: cfg.parity_images]
     strict = {name: paths[name] for name in ("fp32", cfg.serve_variant)}
@@ -338,7 +339,8 @@ def run(ctx: StageContext, data_path: str, model_path: str, test_accuracy: float
     passed = {n: c for n, c in gated.items() if c["passed"]}
     manifest = {n: {**{k: v for k, v in c.items() if k != "path"}, "file": Path(c["path"]).name}
                 for n, c in passed.items()}  # fmt: skip
-    contract.CandidatesManifest(cfg.serve_variant, cfg.candidate_min_agreement, manifest).write(out)
+    gate = write_serving_gate(out, splits.x_test[:gate_images], all_logits[:gate_images])
+    contract.CandidatesManifest(cfg.serve_variant, cfg.candidate_min_agreement, manifest, gate).write(out)
     return ExportResult(
         path=paths[cfg.serve_variant], fp32_path=paths["fp32"], variant=cfg.serve_variant,
         export_seconds=info["export_seconds"], opset=info["opset"], size_bytes=info["size_bytes"], ops=info["ops"],
@@ -369,6 +371,24 @@ def _log_gates(ctx: StageContext, info: dict, reports: dict[str, ParityReport], 
         "export.serve_variant": ctx.cfg.serve_variant,
         "export.candidates": ",".join(n for n, c in gated.items() if c["passed"]) or "none",
     })  # fmt: skip
+
+
+GATE_BYTES = 8 * 2**20  # pixels of the serving gate's images registered with a model (uint8)
+GATE_FILE = "serving_gate.npz"
+
+
+def write_serving_gate(folder: Path, images: np.ndarray, logits: np.ndarray) -> dict[str, Any] | None:
+    """Real test images and the Keras logits on them, beside the candidates (``contract.CandidatesManifest.gate``).
+
+    The consumer runs the agreement gate again with them on the machine that serves, for what only
+    that machine decides: OpenVINO's precision (bf16 where the CPU has it) and its int8 kernels.
+    """
+    if not len(images):
+        return None
+    path = Path(folder) / GATE_FILE
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, images=np.asarray(images), logits=np.asarray(logits, np.float32))
+    return {"file": GATE_FILE, "images": int(len(images)), "reference": "keras fp32"}
 
 
 def gate_candidates(cfg, keras_logits: np.ndarray, splits: Splits, paths: dict[str, str]) -> dict[str, dict]:

@@ -290,8 +290,10 @@ def version_of_run(client, name: str, run_id: str):
 
 
 def _candidate_files(path: str, manifest: CandidatesManifest) -> list[str]:
-    """The manifest (at ``path``) and the candidate files it names (all beside it)."""
-    return [path, *(str(f) for f in manifest.files(Path(path).parent).values())]
+    """The manifest (at ``path``) and the files it names (all beside it): candidates, the serving gate."""
+    folder = Path(path).parent
+    gate = manifest.gate_file(folder)
+    return [path, *(str(f) for f in manifest.files(folder).values()), *([str(gate)] if gate else [])]
 
 
 def _log_and_register(cfg: PipelineConfig, run_id: str, onnx_path: str, example: np.ndarray,
@@ -346,6 +348,8 @@ def _candidate_tags(manifest: CandidatesManifest | None) -> dict[str, str]:
     for name, c in candidates.items():
         tags[f"candidate.{name}.top1_agreement"] = f"{c['top1_agreement']:.6f}"
         tags[f"candidate.{name}.test_accuracy"] = f"{c['test_accuracy']:.6f}"
+    if manifest.gate:
+        tags["serving_gate_images"] = str(manifest.gate["images"])
     return tags
 
 

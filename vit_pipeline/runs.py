@@ -202,7 +202,7 @@ def _operational(field: str) -> bool:
     # Fields that do not change what is trained: a resume may set them anew (export candidates too).
     operational = ("tracking_uri", "tracking_wait_seconds", "run_name", "distribution_strategy",
                    "system_metrics_seconds", "serve_candidates", "candidate_min_agreement", "candidate_images",
-                   "int8_calibration_images")  # fmt: skip
+                   "int8_calibration_images", "serve_gate_images")  # fmt: skip
     # The gates judge a model and its data; they never change what is trained.
     return field in operational or any(field in SECTIONS[s].model_fields for s in ("benchmark", "gates"))
 

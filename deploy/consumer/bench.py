@@ -3,17 +3,22 @@
     python deploy/consumer/bench.py --model model.onnx --images DIR_OF_JPEGS
     python deploy/consumer/bench.py --model model.onnx --cifar ../shared/data/cifar100-sample/cifar-100-python.tar.gz
 
-1. The engine alone (ONNX Runtime in this process, no HTTP): img/s and latency at
-   batch 1 and at the service's ``--max-batch-size``, and the JPEG decode time.
+1. The engine alone (in this process, no HTTP): the engine and file the service
+   chose to serve (its ``/health`` says which: ONNX Runtime or OpenVINO, and at
+   what precision), img/s and latency at batch 1 and at the service's
+   ``--max-batch-size``, and the JPEG decode time.
 2. The service (``python -m vit_consumer ... serve``, a real uvicorn process):
-   req/s and p50/p90/p99 at each ``--clients`` level, every request a real JPEG
-   file posted as ``image/jpeg``. The load generator is a lean asyncio HTTP/1.1
-   client (keep-alive, requests prepared beforehand); it shares the CPU with the
+   req/s and p50/p90/p99 at each ``--clients`` level and ``--protocols`` entry:
+   ``predict`` posts each real JPEG file as ``image/jpeg``; ``v2`` posts its
+   decoded pixels to the Open Inference Protocol's ``infer`` as a binary tensor
+   (``Inference-Header-Content-Length``), asking for binary probabilities, as
+   ``tritonclient`` does. The load generator is a lean asyncio HTTP/1.1 client
+   (keep-alive, requests prepared beforehand); it shares the CPU with the
    service, so its CPU use is reported beside the service's.
 3. The ratios the targets are stated in: service req/s at the highest client
-   count over engine img/s at the batch size; p50 at one client minus (engine
-   batch-1 latency + decode); and the floor Little's law puts under the mean
-   latency of N clients that each wait for their answer: N / (engine img/s).
+   count over engine img/s at the batch size, per protocol; p50 at one client
+   minus (engine batch-1 latency + decode); and the floor Little's law puts under
+   the mean latency of N clients that each wait for their answer: N / (engine img/s).
 
 Side by side: ``--rounds`` rounds, each timing the engine, the decoder and then
 every client level, so a shared VM's drift hits both sides alike; latencies are
@@ -102,6 +107,20 @@ def request_bytes(port: int, body: bytes) -> bytes:
     head = (f"POST /predict?top_k=1 HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: image/jpeg\r\n"
             f"Content-Length: {len(body)}\r\nConnection: keep-alive\r\n\r\n")  # fmt: skip
     return head.encode() + body
+
+
+def v2_request_bytes(port: int, model: str, input_name: str, pixels: np.ndarray) -> bytes:
+    """An Open Inference Protocol ``infer`` request with one image as a binary FP32 tensor (as tritonclient sends)."""
+    tensor = np.ascontiguousarray(pixels[None], np.float32).tobytes()
+    header = json.dumps({
+        "inputs": [{"name": input_name, "shape": [1, *pixels.shape], "datatype": "FP32",
+                    "parameters": {"binary_data_size": len(tensor)}}],
+        "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}],
+    }).encode()  # fmt: skip
+    head = (f"POST /v2/models/{model}/infer HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            f"Content-Type: application/octet-stream\r\nInference-Header-Content-Length: {len(header)}\r\n"
+            f"Content-Length: {len(header) + len(tensor)}\r\nConnection: keep-alive\r\n\r\n")  # fmt: skip
+    return head.encode() + header + tensor
 
 
 async def client(
@@ -234,55 +253,77 @@ def environment() -> dict:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-            "onnxruntime": ort.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
+    from vit_consumer.engines import openvino_available
+
+    flags = set()
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    isa = sorted(
+        f for f in flags if f.startswith(("amx", "avx512_bf16", "avx512_vnni", "avx_vnni")) or f == "avx2"
+    )
+    ok, openvino = openvino_available()
+    return {"cpu": cpu, "cores": os.cpu_count(), "isa": isa, "python": platform.python_version(),
+            "onnxruntime": ort.__version__, "openvino": openvino if ok else None,
+            "date": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
 
 
 def markdown(report: dict) -> str:
     e1, eb = report["engine"]
-    lines = ["| clients | req/s | p50 ms | p90 ms | p99 ms | mean batch | session.run ms/batch | errors | "
-             "load generator CPU (cores) | service CPU (cores) |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    served = report["served"]
+    lines = [f"Served: `{served['file']}` on {served['engine']} ({served['precision']}), as the service's /health "
+             "says; the engine alone is the same engine on the same file.", "",
+             "| protocol | clients | req/s | p50 ms | p90 ms | p99 ms | mean batch | engine ms/batch | errors | "
+             "load generator CPU (cores) | service CPU (cores) |", "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in report["service"]:
-        lines.append(f"| {r['clients']} | {r['req_per_s']:.0f} | {r['p50_ms']:.1f} | {r['p90_ms']:.1f} | "
+        lines.append(f"| {r['protocol']} | {r['clients']} | {r['req_per_s']:.0f} | {r['p50_ms']:.1f} | {r['p90_ms']:.1f} | "
                      f"{r['p99_ms']:.1f} | {r['mean_batch_size']:.1f} | {r['compute_ms_per_batch']:.1f} | {r['errors']} | "
                      f"{r['loadgen_cpu_cores']:.2f} | {r['service_cpu_cores']:.2f} |")  # fmt: skip
     lines += ["", f"Engine alone: {e1['images_per_s']:.0f} img/s at batch 1 (p50 {e1['p50_ms']:.2f} ms), "
               f"{eb['images_per_s']:.0f} img/s at batch {eb['batch']}; JPEG decode {report['decode_ms']:.3f} ms/image "
               f"({report['settings']['rounds']} rounds side by side, latencies pooled). Batch-1 p50 by `--spin`: "
-              + ", ".join(f"{mode} {ms:.2f} ms" for mode, ms in report["engine_b1_p50_ms_by_spin"].items()) + ".",
+              + (", ".join(f"{mode} {ms:.2f} ms" for mode, ms in report["engine_b1_p50_ms_by_spin"].items()) or "-") + ".",
               ""] + [f"- {line}" for line in report["ratios"]]  # fmt: skip
     return "\n".join(lines)
 
 
 def ratios(engine: list[dict], decode: float, decodes: list[float], levels: list[dict]) -> list[str]:
-    """The figures the targets are stated in (deploy/consumer/README.md): pooled, then per round."""
+    """The figures the targets are stated in (deploy/consumer/README.md), per protocol: pooled, then per round."""
     (e1, eb) = engine
-    top, one = max(levels, key=lambda r: r["clients"]), min(levels, key=lambda r: r["clients"])
-    speed = [
-        s["req_per_s"] / e["images_per_s"] for s, e in zip(top["per_round"], eb["per_round"], strict=True)
-    ]
-    gaps = [
-        s["p50_ms"] - e["p50_ms"] - d
-        for s, e, d in zip(one["per_round"], e1["per_round"], decodes, strict=True)
-    ]
 
     def each(values: list[float], fmt: str) -> str:
         return f"per round {', '.join(format(v, fmt) for v in values)} (median {format(float(np.median(values)), fmt)})"
 
-    return [
-        f"service at {top['clients']} clients / engine at batch {eb['batch']}: "
-        f"{top['req_per_s'] / eb['images_per_s']:.2f}x ({top['req_per_s']:.0f} vs {eb['images_per_s']:.0f} img/s); "
-        + each(speed, ".2f"),
-        f"p99 at {top['clients']} clients: {top['p99_ms']:.1f} ms; floor under the mean latency of "
-        f"{top['clients']} waiting clients (Little's law, a server as fast as the engine alone at batch "
-        f"{eb['batch']}): {top['clients'] / eb['images_per_s'] * 1e3:.0f} ms",
-        f"p50 at {one['clients']} client - (engine batch-1 p50 + decode): "
-        f"{one['p50_ms'] - e1['p50_ms'] - decode:+.2f} ms ({one['p50_ms']:.2f} vs {e1['p50_ms']:.2f} + {decode:.3f}); "
-        + each(gaps, "+.2f")
-        + f"; session.run in the service over the engine alone (means): "
-        f"{one['compute_ms_per_batch'] - e1['mean_ms']:+.2f} ms ({one['compute_ms_per_batch']:.2f} vs {e1['mean_ms']:.2f})",
-        breakdown(one, e1, decode),
-    ]
+    out = []
+    for protocol in dict.fromkeys(r["protocol"] for r in levels):
+        mine = [r for r in levels if r["protocol"] == protocol]
+        top, one = max(mine, key=lambda r: r["clients"]), min(mine, key=lambda r: r["clients"])
+        # /predict decodes a JPEG per image; a v2 binary tensor is pixels already.
+        dec, decs = (decode, decodes) if protocol == "predict" else (0.0, [0.0] * len(decodes))
+        speed = [
+            s["req_per_s"] / e["images_per_s"] for s, e in zip(top["per_round"], eb["per_round"], strict=True)
+        ]
+        gaps = [
+            s["p50_ms"] - e["p50_ms"] - d
+            for s, e, d in zip(one["per_round"], e1["per_round"], decs, strict=True)
+        ]
+        out += [
+            f"{protocol}: service at {top['clients']} clients / engine at batch {eb['batch']}: "
+            f"{top['req_per_s'] / eb['images_per_s']:.2f}x ({top['req_per_s']:.0f} vs {eb['images_per_s']:.0f} img/s); "
+            + each(speed, ".2f"),
+            f"{protocol}: p99 at {top['clients']} clients: {top['p99_ms']:.1f} ms; floor under the mean latency of "
+            f"{top['clients']} waiting clients (Little's law, a server as fast as the engine alone at batch "
+            f"{eb['batch']}): {top['clients'] / eb['images_per_s'] * 1e3:.0f} ms",
+            f"{protocol}: p50 at {one['clients']} client - (engine batch-1 p50 + decode): "
+            f"{one['p50_ms'] - e1['p50_ms'] - dec:+.2f} ms ({one['p50_ms']:.2f} vs {e1['p50_ms']:.2f} + {dec:.3f}); "
+            + each(gaps, "+.2f")
+            + f"; the engine in the service over the engine alone (means): "
+            f"{one['compute_ms_per_batch'] - e1['mean_ms']:+.2f} ms ({one['compute_ms_per_batch']:.2f} vs {e1['mean_ms']:.2f})",
+            f"{protocol}: " + breakdown(one, e1, dec),
+        ]  # fmt: skip
+    return out
 
 
 def breakdown(one: dict, e1: dict, decode: float) -> str:
@@ -292,7 +333,7 @@ def breakdown(one: dict, e1: dict, decode: float) -> str:
     return (
         f"at {one['clients']} client, means: {one['client_mean_ms']:.2f} ms at the client = "
         f"{one['client_mean_ms'] - handler:.2f} HTTP (both ends) + {handler:.2f} in the service's handler: "
-        f"decode {decoding:.2f} (warm loop {decode:.2f}), session.run {compute:.2f} (engine alone {e1['mean_ms']:.2f}), "
+        f"decode {decoding:.2f} (warm loop {decode:.2f}), engine {compute:.2f} (engine alone {e1['mean_ms']:.2f}), "
         f"hand-offs and the rest {handler - decoding - compute:.2f}"
     )
 
@@ -307,6 +348,10 @@ def main() -> int:
     src.add_argument("--cifar", help="a cifar-100-python archive/folder: its test images, written as JPEGs")
     parser.add_argument("--num-images", type=int, default=256)
     parser.add_argument("--clients", default="1,8,32")
+    parser.add_argument("--protocols", default="predict,v2",
+                        help="predict (JPEG files to /predict) and/or v2 (binary tensors to the v2 infer)")  # fmt: skip
+    parser.add_argument("--engine", default="auto",
+                        help="the service's --engine (auto: the fastest that passes the gate here)")  # fmt: skip
     parser.add_argument(
         "--rounds", type=int, default=5, help="rounds of engine + every client level, side by side"
     )
@@ -322,33 +367,59 @@ def main() -> int:
     parser.add_argument("--output", default="deploy/consumer/bench.json")
     args = parser.parse_args()
     clients = [int(c) for c in args.clients.split(",")]
-    if args.rounds < 1 or not clients or min(clients) < 1:
-        sys.exit(f"Error: expected --rounds >= 1 and client counts >= 1. Received: --rounds {args.rounds} "
-                 f"--clients {args.clients}")  # fmt: skip
+    protocols = [p.strip() for p in args.protocols.split(",") if p.strip()]
+    if (
+        args.rounds < 1
+        or not clients
+        or min(clients) < 1
+        or not set(protocols) <= {"predict", "v2"}
+        or not protocols
+    ):
+        sys.exit(f"Error: expected --rounds >= 1, client counts >= 1 and protocols among predict, v2. Received: "
+                 f"--rounds {args.rounds} --clients {args.clients} --protocols {args.protocols}")  # fmt: skip
 
-    from vit_consumer.classifier import OnnxClassifier
+    from vit_consumer.classifier import OnnxClassifier, resolve_model
+    from vit_consumer.contract import REGISTERED_DIR
+    from vit_consumer.engines import ONNXRUNTIME, parse_spec
+    from vit_consumer.v2 import model_name
 
     payloads = load_images(args)
-    clf = OnnxClassifier(args.model, ["CPUExecutionProvider"])  # ONNX Runtime's defaults: the engine alone
-    # The same file with the service's other ways for threads to wait (``serve --spin``), timed at batch 1.
-    sessions = {"always": clf} | {
-        mode: OnnxClassifier(args.model, ["CPUExecutionProvider"], spin=mode) for mode in SPIN_ORDER[1:]
-    }
-    decoded = np.stack([clf.decode_image(p) for p in payloads])
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "vit_consumer", "--model", args.model, "--providers", "CPUExecutionProvider",
-           "serve", "--port", str(port), "--max-batch-size", str(args.max_batch_size),
+           "--engine", args.engine, "serve", "--port", str(port), "--max-batch-size", str(args.max_batch_size),
            "--max-queue-delay-ms", str(args.max_queue_delay_ms), *args.serve_option]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     batches = (1, args.max_batch_size)
     engine_bn: list = []  # per round (latencies, wall) at the service's batch size; batch 1: spin "always"
     decodes: list[float] = []
-    spin_rounds: dict[str, list] = {mode: [] for mode in SPIN_ORDER}
-    service_rounds: dict[int, list] = {c: [] for c in clients}
+    spin_rounds: dict[str, list] = {}
+    service_rounds: dict[tuple[str, int], list] = {(p, c): [] for p in protocols for c in clients}
     try:
         wait_ready(url, proc)
-        requests = [request_bytes(port, p) for p in payloads]
+        # The engine alone is the one the service chose (file, engine, precision), with its engine's defaults.
+        with urllib.request.urlopen(f"{url}/health", timeout=10) as resp:
+            health = json.load(resp)
+        registered = resolve_model(args.model)
+        file = (
+            registered
+            if health["file"] == registered.name
+            else registered.parent / REGISTERED_DIR / health["file"]
+        )
+        engine_name, precision = parse_spec(health["candidate"].get("engine", health["engine"]))
+        clf = OnnxClassifier(
+            file, ["CPUExecutionProvider"], source=args.model, engine=engine_name, precision=precision
+        )
+        served = {"file": str(file), "engine": clf.engine, "precision": clf.runtime.precision,
+                  "candidate": health["candidate"]}  # fmt: skip
+        # ONNX Runtime: the same file with the service's other ways for threads to wait (``serve --spin``), batch 1.
+        modes = SPIN_ORDER if engine_name == ONNXRUNTIME else SPIN_ORDER[:1]
+        sessions = {"always": clf} | {mode: OnnxClassifier(file, ["CPUExecutionProvider"], spin=mode)
+                                      for mode in modes[1:]}  # fmt: skip
+        spin_rounds = {mode: [] for mode in modes}
+        decoded = np.stack([clf.decode_image(p) for p in payloads])
+        requests = {"predict": [request_bytes(port, p) for p in payloads],
+                    "v2": [v2_request_bytes(port, model_name(clf), clf.input_name, x) for x in decoded]}  # fmt: skip
 
         def snapshot():  # the service's CPU and counters over the measured window only (after the warm-up)
             return cpu_seconds(proc.pid), service_counters(url), time.perf_counter()
@@ -357,20 +428,25 @@ def main() -> int:
             # The service is idle (its threads asleep) while the engine is timed, and the reverse. At
             # batch 1 the three spin modes take turns (ONNX Runtime's default, "always", is the reference);
             # their order rotates, so none always follows the heaviest step.
-            turn = SPIN_ORDER[r % 3 :] + SPIN_ORDER[: r % 3]
+            turn = modes[r % len(modes) :] + modes[: r % len(modes)]
             for mode in turn:
                 spin_rounds[mode].append(time_engine(sessions[mode], decoded[:1], args.engine_seconds))
             engine_bn.append(time_engine(clf, decoded[: args.max_batch_size], args.engine_seconds))
             decodes.append(decode_ms(clf, payloads))
             for c in clients:
-                level = asyncio.run(load_level(port, requests, c, args.seconds, args.max_requests, snapshot))
-                cpu0, counters0, wall0 = level.pop("before")
-                level["service_cpu"] = cpu_seconds(proc.pid) - cpu0
-                level["service_wall"] = time.perf_counter() - wall0
-                level |= {k: v - counters0[k] for k, v in service_counters(url).items()}
-                service_rounds[c].append(level)
-                print(f"round {r + 1}/{args.rounds}, {c} clients: {len(level['latencies']) / level['seconds']:.0f} "
-                      f"req/s, p50 {percentile(level['latencies'], 50) * 1e3:.1f} ms", file=sys.stderr)  # fmt: skip
+                for protocol in protocols:
+                    level = asyncio.run(
+                        load_level(port, requests[protocol], c, args.seconds, args.max_requests, snapshot)
+                    )
+                    cpu0, counters0, wall0 = level.pop("before")
+                    level["service_cpu"] = cpu_seconds(proc.pid) - cpu0
+                    level["service_wall"] = time.perf_counter() - wall0
+                    level |= {k: v - counters0[k] for k, v in service_counters(url).items()}
+                    service_rounds[(protocol, c)].append(level)
+                    print(f"round {r + 1}/{args.rounds}, {protocol}, {c} clients: "
+                          f"{len(level['latencies']) / level['seconds']:.0f} req/s, "
+                          f"p50 {percentile(level['latencies'], 50) * 1e3:.1f} ms, errors {len(level['errors'])}",
+                          file=sys.stderr)  # fmt: skip
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -381,11 +457,12 @@ def main() -> int:
         engine.append(summary)
     decode = float(np.median(decodes))
     spin = {mode: percentile(pooled(rounds), 50) * 1e3 for mode, rounds in spin_rounds.items()}
-    levels = [level_summary(c, service_rounds[c]) for c in clients]
-    report = {"environment": environment(), "model": args.model, "images": len(payloads),
+    levels = [{"protocol": p, **level_summary(c, service_rounds[(p, c)])} for p in protocols for c in clients]
+    report = {"environment": environment(), "model": args.model, "images": len(payloads), "served": served,
               "settings": {"max_batch_size": args.max_batch_size, "max_queue_delay_ms": args.max_queue_delay_ms,
                            "rounds": args.rounds, "seconds": args.seconds, "engine_seconds": args.engine_seconds,
-                           "serve_options": args.serve_option, "command": " ".join(sys.argv)},
+                           "serve_options": args.serve_option, "engine": args.engine, "protocols": protocols,
+                           "command": " ".join(sys.argv)},
               "engine": engine, "engine_b1_p50_ms_by_spin": spin, "decode_ms": decode, "decode_ms_per_round": decodes, "service": levels,
               "ratios": ratios(engine, decode, decodes, levels)}  # fmt: skip
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)

@@ -198,8 +198,15 @@ def test_registered_candidates_are_timed_here_and_the_fastest_serves(
     _, path, _ = tiny_export
     built = build_variants(path, tmp_path, ["optimized", "int8-static"], calibration=real_cut[0][:64])
     manifest = tmp_path / "candidates.json"
+    from vit_consumer import OnnxClassifier
+
+    from vit_pipeline.export import write_serving_gate
+
+    gate_images = real_cut[2][:32]
+    gate = write_serving_gate(tmp_path, gate_images, OnnxClassifier(path).run(gate_images.astype(np.float32)))
     manifest.write_text(json.dumps({"served_variant": "optimized", "min_agreement": 0.995, "candidates": {
-        "int8-static": {"file": built["int8-static"].name, "top1_agreement": 0.999, "test_accuracy": 0.4}}}))  # fmt: skip
+        "int8-static": {"file": built["int8-static"].name, "top1_agreement": 0.999, "test_accuracy": 0.4}},
+        "gate": gate}))  # fmt: skip
     cfg = make_config(
         "cifar100", {"tracking_uri": mlflow_server, "registered_model_name": "consumer-candidates"}
     )
@@ -209,6 +216,7 @@ def test_registered_candidates_are_timed_here_and_the_fastest_serves(
     version = MlflowClient(mlflow_server).get_model_version("consumer-candidates", reg.version)
     assert version.tags["candidates"] == "int8-static"
     assert version.tags["candidate.int8-static.top1_agreement"] == "0.999000"
+    assert version.tags["serving_gate_images"] == "32"
 
     port = free_port()
     cmd = [sys.executable, "-m", "vit_consumer", "--model", "models:/consumer-candidates@champion",
@@ -221,9 +229,15 @@ def test_registered_candidates_are_timed_here_and_the_fastest_serves(
         stop(proc)
     choice = doc["candidate"]
     scores = choice["scores_ips_geomean"]
-    assert set(scores) == {"registered", "int8-static"} and choice["batch_sizes"] == [1, 4]
+    # The registered gate ran again here, on every candidate: each is timed or refused with its figure.
+    gated = {"int8-static", "registered@openvino", "registered@openvino-f32", "int8-static@openvino"}
+    assert set(choice["gate_agreement"]) <= gated and "int8-static" in choice["gate_agreement"]
+    assert set(scores) | set(choice["refused"]) >= {"registered", *choice["gate_agreement"]} - {"registered"}
+    assert "registered" in scores and choice["batch_sizes"] == [1, 4]
     assert choice["served"] == max(scores, key=scores.get)
-    assert doc["file"] == ("model.onnx" if choice["served"] == "registered" else built["int8-static"].name)
+    file_of = {"registered": "model.onnx", "int8-static": built["int8-static"].name}
+    assert doc["file"] == file_of[choice["served"].split("@")[0]]
+    assert doc["engine"] == ("openvino" if "@openvino" in choice["served"] else "onnxruntime")
     assert doc["version"] == reg.version
 
 

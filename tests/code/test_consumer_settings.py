@@ -8,7 +8,7 @@ from vit_consumer.settings import Settings
 
 FIELDS = ("max_bytes", "max_inflight_bytes", "max_batch_size", "max_queue_delay_ms", "max_queue", "timeout_s",
           "pixel_budget", "max_json_depth", "max_json_numbers", "decode_threads", "spin", "reload_seconds",
-          "tracking_uri", "providers", "choose_candidate")  # fmt: skip
+          "tracking_uri", "providers", "choose_candidate", "engine")  # fmt: skip
 TWO_PROVIDERS = "CUDAExecutionProvider,CPUExecutionProvider"
 
 # (variables, field, parsed value): the value's type is checked as well as its value.
@@ -42,6 +42,9 @@ CASES = [
     ({"VIT_CHOOSE_CANDIDATE": "false"}, "choose_candidate", False),
     ({"VIT_CHOOSE_CANDIDATE": "0"}, "choose_candidate", False),
     ({"VIT_CHOOSE_CANDIDATE": "true"}, "choose_candidate", True),
+    ({"VIT_ENGINE": "OpenVINO"}, "engine", "openvino"),
+    ({"VIT_ENGINE": "openvino-f32"}, "engine", "openvino-f32"),
+    ({"VIT_ENGINE": "onnxruntime"}, "engine", "onnxruntime"),
 ]
 
 READERS = {"Settings()": lambda: Settings(), "settings_from_env()": lambda: settings_from_env()}
@@ -91,6 +94,7 @@ def test_each_variable_is_read_and_typed(monkeypatch, read, env, field, expected
         ("VIT_TIMEOUT_S", "fast"),  # float
         ("VIT_CHOOSE_CANDIDATE", "maybe"),  # bool
         ("VIT_SPIN", "sometimes"),  # spin
+        ("VIT_ENGINE", "tensorrt"),  # engine
     ],
 )
 def test_an_invalid_value_is_one_line_naming_the_variable_and_the_value(monkeypatch, variable, raw):

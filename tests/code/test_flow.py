@@ -164,7 +164,8 @@ def test_train_pipeline_logs_everything(prefect_server, tiny_overrides, tmp_path
     assert run.data.tags["export.candidates"] == ("int8-static" if passed else "none")
     assert champion.tags["candidates"] == ("int8-static" if passed else "none")
     assert metrics["candidate_int8_static_size_mb"] < metrics["onnx_size_mb"]
-    assert run.data.tags["benchmark.served_choice"].startswith("onnxruntime/")
+    assert run.data.tags["benchmark.served_choice"].split("/")[0] in ("onnxruntime", "openvino")
+    assert int(champion.tags["serving_gate_images"]) > 0  # the gate's images travel with the version
     assert metrics["int8_gemm_roofline_gflops"] > 0
     bench_arts = {a.path for a in client.list_artifacts(run.info.run_id, "benchmark")}
     assert bench_arts == {"benchmark/report.json", "benchmark/report.md", "benchmark/throughput.png"}

@@ -269,7 +269,9 @@ def test_load_benchmark_rounds_side_by_side(tmp_path, no_tf_env, real_cut):
         assert len(engine["per_round"]) == 2 and engine["calls"] == sum(
             r["calls"] for r in engine["per_round"]
         )
-    assert [level["clients"] for level in report["service"]] == [3, 1]
+    # Both protocols at each client level: JPEG files to /predict, binary tensors to the v2 infer.
+    assert [(level["protocol"], level["clients"]) for level in report["service"]] == [
+        ("predict", 3), ("predict", 1), ("v2", 3), ("v2", 1)]  # fmt: skip
     for level in report["service"]:
         assert (
             level["errors"] == 0 and level["requests"] == sum(r["requests"] for r in level["per_round"]) > 0
@@ -277,22 +279,27 @@ def test_load_benchmark_rounds_side_by_side(tmp_path, no_tf_env, real_cut):
         assert level["p50_ms"] <= level["p90_ms"] <= level["p99_ms"] and level["mean_batch_size"] >= 1
     assert len(report["decode_ms_per_round"]) == 2 and report["decode_ms"] > 0
     assert set(report["engine_b1_p50_ms_by_spin"]) == {"always", "run", "never"}
-    assert "Little's law" in report["ratios"][1] and report["ratios"][2].startswith("p50 at 1 client")
-    # The target figures, recomputed from the rows: the most clients for speed, one client for the p50 gap.
-    top, one = report["service"]
+    # The engine alone is the one the service said it serves with.
+    assert report["served"]["engine"] == "onnxruntime" and report["served"]["file"] == str(model)
     e1, eb = report["engine"]
-    speed = [
-        s["req_per_s"] / e["images_per_s"] for s, e in zip(top["per_round"], eb["per_round"], strict=True)
-    ]
-    assert f"per round {', '.join(f'{v:.2f}' for v in speed)} " in report["ratios"][0]
-    gaps = [s["p50_ms"] - e["p50_ms"] - d
-            for s, e, d in zip(one["per_round"], e1["per_round"], report["decode_ms_per_round"], strict=True)]  # fmt: skip
-    assert f"per round {', '.join(f'{g:+.2f}' for g in gaps)} " in report["ratios"][2]
-    assert f": {3 / eb['images_per_s'] * 1e3:.0f} ms" in report["ratios"][1]
-    # The lone request's time, split by the service's own histograms: the parts fit inside the handler.
-    parts = one["service_ms_per_request"]
-    assert parts["decode"] > 0 and parts["decode"] + one["compute_ms_per_batch"] <= parts["handler"]
-    assert parts["handler"] <= one["client_mean_ms"] and report["ratios"][3].startswith("at 1 client, means:")
+    for i, protocol in enumerate(("predict", "v2")):
+        lines = report["ratios"][4 * i : 4 * i + 4]
+        assert all(line.startswith(f"{protocol}: ") for line in lines)
+        assert "Little's law" in lines[1] and lines[2].startswith(f"{protocol}: p50 at 1 client")
+        # The target figures, recomputed from the rows: the most clients for speed, one client for the p50 gap.
+        top, one = report["service"][2 * i : 2 * i + 2]
+        speed = [s["req_per_s"] / e["images_per_s"] for s, e in zip(top["per_round"], eb["per_round"], strict=True)]
+        assert f"per round {', '.join(f'{v:.2f}' for v in speed)} " in lines[0]
+        decodes = report["decode_ms_per_round"] if protocol == "predict" else [0.0, 0.0]  # v2: pixels already
+        gaps = [s["p50_ms"] - e["p50_ms"] - d
+                for s, e, d in zip(one["per_round"], e1["per_round"], decodes, strict=True)]  # fmt: skip
+        assert f"per round {', '.join(f'{g:+.2f}' for g in gaps)} " in lines[2]
+        assert f": {3 / eb['images_per_s'] * 1e3:.0f} ms" in lines[1]
+        # The lone request's time, split by the service's own histograms: the parts fit inside the handler.
+        parts = one["service_ms_per_request"]
+        assert parts["decode"] > 0  # a JPEG's decoding, or a binary tensor's parsing and checks
+        assert parts["decode"] + one["compute_ms_per_batch"] <= parts["handler"] <= one["client_mean_ms"]
+        assert lines[3].startswith(f"{protocol}: at 1 client, means:")
     assert "| 3 |" in done.stdout and "2 rounds side by side" in done.stdout
 
 

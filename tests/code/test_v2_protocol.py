@@ -1,8 +1,8 @@
 """The Open Inference Protocol (KServe v2) on the consumer, called by third-party clients.
 
-A real uvicorn process serves a real export; ``tritonclient.http`` (NVIDIA's client, JSON and
-binary tensors) and the ``kserve`` SDK's ``InferenceRESTClient`` call it; the answers must equal
-ONNX Runtime in-process.
+A real uvicorn process serves a real export, on ONNX Runtime and on OpenVINO (f32);
+``tritonclient.http`` (NVIDIA's client, JSON and binary tensors) and the ``kserve`` SDK's
+``InferenceRESTClient`` call it; the answers must equal ONNX Runtime in-process.
 """
 
 from __future__ import annotations
@@ -24,9 +24,13 @@ pytestmark = pytest.mark.integration  # a real server process
 TEMPERATURE = 0.5
 
 
-@pytest.fixture(scope="module")
-def served(tiny_export, tmp_path_factory):
-    """The tiny export with a calibrated temperature, served by ``python -m vit_consumer``."""
+# Engine -> how close its logits are to ONNX Runtime's in-process (OpenVINO sums in another order).
+ENGINES = {"onnxruntime": 1e-5, "openvino-f32": 1e-4}
+
+
+@pytest.fixture(scope="module", params=list(ENGINES))
+def served(tiny_export, tmp_path_factory, request):
+    """The tiny export with a calibrated temperature, served by ``python -m vit_consumer --engine E``."""
     _, path, _ = tiny_export
     model = onnx.load(str(path))
     meta = {p.key: p.value for p in model.metadata_props} | {"temperature": str(TEMPERATURE)}
@@ -34,12 +38,12 @@ def served(tiny_export, tmp_path_factory):
     file = tmp_path_factory.mktemp("v2") / "vit-tiny.onnx"
     onnx.save(model, str(file))
     port = free_port()
-    cmd = [sys.executable, "-m", "vit_consumer", "--model", str(file), "serve", "--port", str(port),
-           "--max-batch-size", "8", "--no-choose"]  # fmt: skip
+    cmd = [sys.executable, "-m", "vit_consumer", "--model", str(file), "--engine", request.param, "serve",
+           "--port", str(port), "--max-batch-size", "8", "--no-choose"]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_for_http(f"http://127.0.0.1:{port}/v2/health/ready", proc, timeout=120)
-        yield file, port
+        yield file, port, request.param
     finally:
         stop(proc)
 
@@ -56,7 +60,7 @@ def _reference(file, images):
 def test_tritonclient_json_and_binary_tensors(served):
     import tritonclient.http as httpclient
 
-    file, port = served
+    file, port, engine = served
     name = "vit-cifar100"  # the file's dataset: no registry name to go by
     client = httpclient.InferenceServerClient(url=f"127.0.0.1:{port}")
     assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(name)
@@ -65,6 +69,11 @@ def test_tritonclient_json_and_binary_tensors(served):
     assert meta["inputs"] == [{"name": "images", "datatype": "FP32", "shape": [-1, 32, 32, 3]}]
     assert {o["name"] for o in meta["outputs"]} == {"logits", "probabilities"}
     assert float(meta["parameters"]["temperature"]) == TEMPERATURE
+    # Which engine serves, at what precision, in the metadata and /health alike.
+    assert meta["platform"] == f"{engine.split('-')[0]}_onnx" and meta["parameters"]["engine"] == engine
+    health = httpx.get(f"http://127.0.0.1:{port}/health").json()
+    assert (health["engine"], health["precision"]) == (engine.split("-")[0], meta["parameters"]["precision"])
+    assert health["precision"] == "fp32"  # onnxruntime, and openvino-f32
     images = real_images(5).astype(np.float32)
     logits, probs = _reference(file, images)
     for binary in (False, True):
@@ -74,8 +83,8 @@ def test_tritonclient_json_and_binary_tensors(served):
             httpclient.InferRequestedOutput(n, binary_data=binary) for n in ("logits", "probabilities")
         ]
         result = client.infer(name, [inp], outputs=outputs, request_id="r1")
-        np.testing.assert_allclose(result.as_numpy("logits"), logits, atol=1e-5)
-        np.testing.assert_allclose(result.as_numpy("probabilities"), probs, atol=1e-6)
+        np.testing.assert_allclose(result.as_numpy("logits"), logits, atol=ENGINES[engine])
+        np.testing.assert_allclose(result.as_numpy("probabilities"), probs, atol=ENGINES[engine] / 10)
         assert result.get_response()["id"] == "r1"
     with pytest.raises(Exception, match="Unknown model 'nope'"):
         client.get_model_metadata("nope")
@@ -88,7 +97,7 @@ def test_tritonclient_json_and_binary_tensors(served):
 def test_kserve_rest_client(served):
     from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
 
-    file, port = served
+    file, port, engine = served
     name = "vit-cifar100"
     images = real_images(3).astype(np.float32)
     logits, probs = _reference(file, images)
@@ -110,12 +119,12 @@ def test_kserve_rest_client(served):
     ready, model_ready, answer = asyncio.run(call())
     assert ready and model_ready
     out = {o.name: o.as_numpy() for o in answer.outputs}
-    np.testing.assert_allclose(out["logits"], logits, atol=1e-5)
-    np.testing.assert_allclose(out["probabilities"], probs, atol=1e-6)
+    np.testing.assert_allclose(out["logits"], logits, atol=ENGINES[engine])
+    np.testing.assert_allclose(out["probabilities"], probs, atol=ENGINES[engine] / 10)
 
 
 def test_protocol_errors_are_one_line_json(served):
-    _, port = served
+    _, port, _ = served
     base = f"http://127.0.0.1:{port}/v2/models"
     ok = {"inputs": [{"name": "images", "shape": [1, 32, 32, 3], "datatype": "FP32", "data": [0.0] * 3072}]}
     assert httpx.post(f"{base}/vit-cifar100/infer", json=ok).status_code == 200

@@ -156,20 +156,33 @@ def _input_shape(path: str | Path) -> list[Any]:
     return list(session(path).get_inputs()[0].shape)
 
 
-def _openvino_backends(paths: dict[str, Path], missing: dict[str, str]) -> list[Any]:
+def _openvino_backends(paths: dict[str, Path], missing: dict[str, str], served: tuple[str, ...]) -> list[Any]:
+    """OpenVINO as a user would run it (the plain export, default precision and f32), and as the consumer
+    may serve it: on each registered file (``served``), at both precisions."""
     from vit_pipeline.benchmark.backends import openvino
 
     ok, why = openvino.available()
     if not ok:
         missing["openvino"] = why
         return []
-    out = [
-        openvino.OpenVinoBackend(paths["fp32"], "fp32"),
-        openvino.OpenVinoBackend(paths["fp32"], "fp32", f32=True),
-    ]
-    if "int8-static" in paths:  # OpenVINO runs QDQ files in int8 too
-        out.append(openvino.OpenVinoBackend(paths["int8-static"], "int8-static"))
+    out = []
+    for variant in ("fp32", *(v for v in served if v != "fp32")):
+        if variant not in paths:
+            continue
+        try:
+            out.append(openvino.OpenVinoBackend(paths[variant], variant))
+            if not variant.startswith("int8"):  # an int8 file's GEMMs are int8 at either hint
+                out.append(openvino.OpenVinoBackend(paths[variant], variant, f32=True))
+        except RuntimeError as exc:  # e.g. ONNX Runtime's contrib ops (QAttention) that OpenVINO cannot read
+            missing[f"openvino/{variant}"] = _first_failure(exc)
     return out
+
+
+def _first_failure(exc: BaseException) -> str:
+    """The line of an OpenVINO error that says what failed (its message is a page of source locations)."""
+    lines = [line.strip(" -") for line in str(exc).splitlines() if line.strip()]
+    useful = [line for line in lines if not line.startswith(("Exception from", "Check "))]
+    return (useful[-1] if useful else lines[0] if lines else type(exc).__name__)[:200]
 
 
 def _memory(
@@ -233,7 +246,8 @@ def benchmark_files(
         openvino: Add OpenVINO rows when it is installed (the report says why not).
         memory: Measure peak RSS per backend in child processes.
         serve_candidates: Variants the served one is chosen from (the registered
-            ones); None: every ONNX Runtime CPU variant.
+            ones), each on ONNX Runtime's CPU provider or OpenVINO (default
+            precision and f32); None: every CPU variant.
 
     Returns:
         The report and the written files (``json``, ``markdown``, ``plot``, one per variant).
@@ -271,8 +285,10 @@ def benchmark_files(
                 continue
             backends.append(OrtBackend(path, provider, variant, cache_dir=str(out_dir / "trt-cache")))
     missing: dict[str, str] = {}
+    registered = tuple(serve_candidates) if serve_candidates else tuple(
+        v for v in paths if v not in variants_mod.GPU_ONLY)  # fmt: skip
     if openvino:
-        backends += _openvino_backends(paths, missing)
+        backends += _openvino_backends(paths, missing, registered)
     report = run_benchmark(
         backends, scenario, eval_images, eval_labels, gflop_per_image=count_gflop_per_image(fp32_path),
         model_info=model_info, roofline_seconds=roofline_seconds,
@@ -284,8 +300,9 @@ def benchmark_files(
     )  # fmt: skip
     for label in report.settings["agreement_violations"]:
         log.info("%s top-1 agreement is below %.1f%%: not a serving candidate", label, 100 * min_agreement)
-    servable = {r.label for r in report.results if r.backend == "onnxruntime" and r.provider == CPU
-                and (r.variant in serve_candidates if serve_candidates else r.variant != "fp16")}  # fmt: skip
+    # What the consumer may serve: the registered files, on ONNX Runtime's CPU provider or OpenVINO.
+    servable = {r.label for r in report.results if r.variant in registered
+                and (r.backend == "openvino" or (r.backend == "onnxruntime" and r.provider == CPU))}  # fmt: skip
     report.choice = choose_served(report, servable, min_agreement)
     if memory:
         report.memory = _memory(backends, keras_path, [int(d) for d in eval_images.shape[1:]],

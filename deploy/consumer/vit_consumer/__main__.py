@@ -23,6 +23,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--providers", default=",".join(defaults.providers or ()) or None,
                         help="comma-separated ONNX Runtime providers")  # fmt: skip
+    parser.add_argument("--engine", default=defaults.engine,
+                        help="auto (the fastest engine that passes the agreement gate on this CPU), onnxruntime, "
+                             "openvino (its default precision: bf16 on AMX) or openvino-f32")  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the HTTP service")
     serve.add_argument("--host", default="127.0.0.1")
@@ -71,8 +74,9 @@ def main(argv: list[str] | None = None) -> int:
         spin = args.spin if args.command == "serve" else "always"
         serving = args.command == "serve"
         choose_for = (1, args.max_batch_size) if serving and args.choose else None
+        engine = Settings(engine=args.engine).engine  # the setting's check: one line for a bad name
         clf = OnnxClassifier.from_uri(
-            args.model, args.tracking_uri, providers, spin=spin, choose_for=choose_for
+            args.model, args.tracking_uri, providers, spin=spin, choose_for=choose_for, engine=engine
         )
         if serving:
             import uvicorn
@@ -85,11 +89,11 @@ def main(argv: list[str] | None = None) -> int:
                 max_queue=args.max_queue, timeout_s=args.timeout, pixel_budget=args.pixel_budget,
                 reload_seconds=args.reload_seconds, tracking_uri=args.tracking_uri,
                 providers=tuple(providers) if providers else None, spin=args.spin,
-                decode_threads=args.decode_threads, choose_candidate=args.choose,
+                decode_threads=args.decode_threads, choose_candidate=args.choose, engine=engine,
             )  # fmt: skip
             logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
             print(f"Serving {clf.source} (version {clf.version}, file {clf.path.name}: {clf.candidate['reason']}) "
-                  f"on {clf.providers_used}", file=sys.stderr)  # fmt: skip
+                  f"on {clf.engine} {clf.providers_used}", file=sys.stderr)  # fmt: skip
             uvicorn.run(create_app(clf, settings), host=args.host, port=args.port, log_level="warning",
                         access_log=False)  # fmt: skip
             return 0

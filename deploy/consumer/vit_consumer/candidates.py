@@ -14,27 +14,96 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from vit_consumer.contract import REGISTERED_DIR, CandidatesManifest, fastest
+from vit_consumer.engines import ONNXRUNTIME, OPENVINO, openvino_available, parse_spec, spec_label
 
 log = logging.getLogger(__name__)
+
+AUTO = "auto"  # every installed engine that passes the gate
 
 
 def registered_candidates(model_path: Path) -> dict[str, Path]:
     """Candidate name -> file beside ``model_path`` (none for a plain .onnx file)."""
-    folder = model_path.parent / REGISTERED_DIR
-    try:
-        manifest = CandidatesManifest.find(folder)
-    except ValueError as exc:
-        log.warning("Ignoring an unreadable manifest: %s", exc)
-        return {}
+    manifest = _manifest(model_path)
     if manifest is None:
         return {}
+    folder = model_path.parent / REGISTERED_DIR
     return {name: path for name, path in manifest.files(folder).items() if path.is_file()}
+
+
+def _manifest(model_path: Path) -> CandidatesManifest | None:
+    try:
+        return CandidatesManifest.find(model_path.parent / REGISTERED_DIR)
+    except ValueError as exc:
+        log.warning("Ignoring an unreadable manifest: %s", exc)
+        return None
+
+
+@dataclass(frozen=True)
+class Gate:
+    """Real test images and the fp32 Keras logits on them, registered by the export: the agreement
+    gate, run again on the machine that serves (whose CPU decides bf16, int8 kernels, ...)."""
+
+    images: np.ndarray
+    logits: np.ndarray
+    min_agreement: float
+
+    def agreement(self, classifier) -> float:
+        """Top-1 agreement of ``classifier`` with the reference logits."""
+        batch = 64
+        predicted = np.concatenate([classifier.run(np.ascontiguousarray(self.images[i : i + batch], np.float32))
+                                    for i in range(0, len(self.images), batch)])  # fmt: skip
+        return float((predicted.argmax(1) == self.logits.argmax(1)).mean())
+
+
+def registered_gate(model_path: Path, input_shape: tuple[int, ...]) -> Gate | None:
+    """The gate images registered beside ``model_path`` (None: none, or not usable here)."""
+    manifest = _manifest(model_path)
+    if manifest is None or manifest.gate is None:
+        return None
+    path = model_path.parent / REGISTERED_DIR / manifest.gate["file"]
+    try:
+        with np.load(path, allow_pickle=False) as doc:  # never unpickle what a store hands over
+            images, logits = doc["images"], doc["logits"]
+    except (OSError, KeyError, ValueError) as exc:
+        log.warning("Ignoring unreadable gate images %s: %s", path, exc)
+        return None
+    if (
+        images.ndim != 4
+        or tuple(images.shape[1:]) != tuple(input_shape)
+        or logits.shape[:1] != images.shape[:1]
+    ):
+        log.warning("Ignoring gate images %s of shape %s for input %s", path, images.shape, input_shape)
+        return None
+    return Gate(images, logits, manifest.min_agreement)
+
+
+def engine_settings(engine: str) -> list[tuple[str, str]]:
+    """The (engine, precision) settings ``engine`` lets the service consider.
+
+    ``auto``: ONNX Runtime, and OpenVINO at its default precision and at f32 where it
+    is installed. Anything else: that one setting (``openvino-f32`` -> OpenVINO at f32).
+    """
+    if engine != AUTO:
+        return [parse_spec(engine)]
+    out = [(ONNXRUNTIME, "default")]
+    ok, why = openvino_available()
+    if ok:
+        out += [(OPENVINO, "default"), (OPENVINO, "f32")]
+    else:
+        log.info("OpenVINO is not a candidate here: %s", why)
+    return out
+
+
+def candidate_name(file: str, engine: str, precision: str) -> str:
+    """``registered`` / ``int8-static`` on ONNX Runtime; ``registered@openvino-f32`` on another engine."""
+    return file if engine == ONNXRUNTIME else f"{file}@{spec_label(engine, precision)}"
 
 
 def throughput(classifier, batch_sizes: tuple[int, ...], seconds: float) -> dict[int, float]:
@@ -51,24 +120,39 @@ def throughput(classifier, batch_sizes: tuple[int, ...], seconds: float) -> dict
     return out
 
 
-def choose(served, candidates: dict[str, Any], batch_sizes: tuple[int, ...], seconds: float = 0.3):
+def choose(served, candidates: dict[str, Any], batch_sizes: tuple[int, ...], seconds: float = 0.3,
+           gate: Gate | None = None, refused: dict[str, str] | None = None):  # fmt: skip
     """The fastest of ``served`` (the registered file) and ``candidates`` (loaded classifiers).
 
     A candidate must agree with the served file's contract (class names, input
-    shape). Timed in two alternating rounds; the score is the geometric mean of
-    img/s over ``batch_sizes``.
+    shape) and, where the export registered gate images, keep the gate's top-1
+    agreement with Keras on this machine. Timed in two alternating rounds; the
+    score is the geometric mean of img/s over ``batch_sizes``.
 
     Returns:
         (the chosen classifier, a report for /health and the log).
     """
-    pool = {"registered": served}
+    refused = dict(refused or {})
+    agreement: dict[str, float] = {}
+    pool = {served.name: served}
     for name, clf in candidates.items():
         if clf.class_names != served.class_names or clf.input_shape != served.input_shape:
-            log.warning("Candidate %s has another contract; not considered", name)
+            refused[name] = "another contract (class names or input shape)"
             continue
+        if gate is not None:
+            agreement[name] = round(gate.agreement(clf), 4)
+            if agreement[name] < gate.min_agreement:
+                refused[name] = (f"top-1 agreement with Keras {agreement[name]:.2%} < {gate.min_agreement:.1%} "
+                                 f"on {len(gate.images)} registered test images")  # fmt: skip
+                continue
         pool[name] = clf
+    for name, why in refused.items():
+        log.warning("Candidate %s is not considered: %s", name, why)
+    common = {"engine": served.engine, "precision": served.runtime.precision, "refused": refused,
+              "gate_agreement": agreement}  # fmt: skip
     if len(pool) == 1:
-        return served, {"served": "registered", "reason": "no other candidate registered"}
+        why = "no other candidate passed" if candidates or refused else "no other candidate registered"
+        return served, {"served": served.name, **common, "reason": why}
     rounds: dict[str, list[dict[int, float]]] = {name: [] for name in pool}
     for _ in range(2):
         for name, clf in pool.items():
@@ -77,8 +161,9 @@ def choose(served, candidates: dict[str, Any], batch_sizes: tuple[int, ...], sec
     best, scores = fastest(
         {name: [max(r[bs] for r in runs) for bs in batch_sizes] for name, runs in rounds.items()}
     )
-    report = {"served": best, "scores_ips_geomean": {k: round(v, 1) for k, v in scores.items()},
-              "batch_sizes": list(batch_sizes),
+    chosen = pool[best]
+    report = {"served": best, **common, "engine": chosen.engine, "precision": chosen.runtime.precision,
+              "scores_ips_geomean": {k: round(v, 1) for k, v in scores.items()}, "batch_sizes": list(batch_sizes),
               "reason": f"fastest on this CPU at start-up ({scores[best]:.0f} img/s geometric mean)"}  # fmt: skip
     log.info("Serving candidate %s: %s", best, report["scores_ips_geomean"])
-    return pool[best], report
+    return chosen, report

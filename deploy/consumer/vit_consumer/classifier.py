@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from vit_consumer import contract
+from vit_consumer import contract, engines
 
 log = logging.getLogger(__name__)
 
@@ -117,12 +117,14 @@ def spin_options(spin: str | bool) -> dict[str, str]:
 
 
 class OnnxClassifier:
-    """An ONNX Runtime session plus the class names and input contract from metadata.
+    """An inference engine on an exported file, plus the class names and input contract from its metadata.
 
     Args:
         path: A ``.onnx`` file.
-        providers: Execution providers to request; default CUDA (if the build has
-            it) then CPU. ``providers_used`` says what the session really runs on.
+        providers: ONNX Runtime execution providers to request; default CUDA (if the
+            build has it) then CPU. ``providers_used`` says what really runs.
+        engine: ``onnxruntime`` or ``openvino`` (``vit_consumer.engines``).
+        precision: OpenVINO's precision, ``default`` (its choice: bf16 on AMX) or ``f32``.
     """
 
     def __init__(
@@ -132,29 +134,27 @@ class OnnxClassifier:
         source: str | None = None,
         version: str | None = None,
         spin: str = "always",
+        engine: str = engines.ONNXRUNTIME,
+        precision: str = "default",
     ):
-        import onnxruntime as ort
-
         self.path = Path(path)
         self.source = source or str(path)
         self.version = version  # the registry version, for models:/ sources
         self.candidate: dict[str, Any] = {"served": "registered"}  # which registered file serves, and why
+        self.name = "registered"  # which registered file on which engine (``vit_consumer.candidates``)
         requested = list(providers) if providers else contract.default_providers()
-        options = ort.SessionOptions()
-        for key, value in spin_options(spin).items():
-            options.add_session_config_entry(key, value)
         try:
-            self.session = ort.InferenceSession(str(self.path), options, providers=requested)
-        except Exception as exc:  # onnxruntime raises untyped errors for bad files
-            raise InputError(f"Not a loadable ONNX model: {self.path} ({exc})") from exc
-        self.providers_requested = requested
-        self.providers_used = self.session.get_providers()
-        missing = [p for p in requested if p not in self.providers_used]
+            self.runtime = engines.load(self.path, engine, precision, requested, spin_options(spin))
+        except engines.EngineError as exc:
+            raise InputError(str(exc)) from None
+        self.providers_requested = requested if engine == engines.ONNXRUNTIME else []
+        self.providers_used = list(self.runtime.providers_used)
+        missing = [p for p in self.providers_requested if p not in self.providers_used]
         if missing:
             log.warning(
                 "Requested providers %s are not usable here; running on %s", missing, self.providers_used
             )
-        meta = self.session.get_modelmeta().custom_metadata_map
+        meta = self.runtime.metadata
         names = contract.class_names(meta)
         if names is None:
             raise InputError(f"{self.path} has no class_names metadata; was it exported by vit-pipeline?")
@@ -164,23 +164,43 @@ class OnnxClassifier:
             self.temperature = contract.temperature(meta)
         except ValueError as exc:
             raise InputError(f"{self.path}: {exc}") from None
-        inp = self.session.get_inputs()[0]
-        self.input_name = inp.name
-        self.output_name = self.session.get_outputs()[0].name
-        self.input_shape = tuple(int(d) for d in inp.shape[1:])  # (H, W, C)
+        self.input_name = self.runtime.input_name
+        self.output_name = self.runtime.output_name
+        self.input_shape = self.runtime.input_shape  # (H, W, C)
+
+    @property
+    def engine(self) -> str:
+        """``onnxruntime``, ``openvino`` or ``openvino-f32``: the engine setting this classifier runs."""
+        return engines.spec_label(self.runtime.name, self.runtime.requested_precision)
 
     @classmethod
     def from_uri(cls, uri: str, tracking_uri: str | None = None, providers: list[str] | None = None,
-                 spin: str = "always", choose_for: tuple[int, ...] | None = None):  # fmt: skip
+                 spin: str = "always", choose_for: tuple[int, ...] | None = None, engine: str = "auto"):  # fmt: skip
         """Loads a file, or a registry URI; ``models:/name@alias`` is pinned to its current version.
 
         Args:
             choose_for: Batch sizes to time the registered serving candidates at
-                (``vit_consumer.candidates``); the fastest on this machine is
-                returned, ``candidate`` says which and why. None: the registered file.
+                (``vit_consumer.candidates``); the fastest on this machine that
+                passes the agreement gate is returned, ``candidate`` says which and
+                why. None: the registered file.
+            engine: ``auto`` (ONNX Runtime serves the registered file; with
+                ``choose_for``, OpenVINO's settings are candidates too where it is
+                installed and the export registered gate images), or one engine
+                setting (``onnxruntime``, ``openvino``, ``openvino-f32``).
         """
-        from vit_consumer.candidates import choose, registered_candidates
+        from vit_consumer.candidates import (
+            AUTO,
+            candidate_name,
+            choose,
+            engine_settings,
+            registered_candidates,
+            registered_gate,
+        )
 
+        try:
+            settings = engine_settings(engine)
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
         version = None
         target = registry_target(uri)
         if target is not None:
@@ -188,19 +208,51 @@ class OnnxClassifier:
             path = resolve_model(f"models:/{target[0]}/{version}", tracking_uri)
         else:
             path = resolve_model(uri, tracking_uri)
-        served = cls(path, providers, source=uri, version=version, spin=spin)
-        found = registered_candidates(path) if choose_for else {}
-        if not found:
-            served.candidate = {"served": "registered", "reason": "no other candidate registered" if choose_for
-                                else "candidate choice off"}  # fmt: skip
+
+        def load(file: Path, setting: tuple[str, str], name: str) -> OnnxClassifier:
+            clf = cls(file, providers, source=uri, version=version, spin=spin, engine=setting[0],
+                      precision=setting[1])  # fmt: skip
+            clf.name = name
+            return clf
+
+        first = (engines.ONNXRUNTIME, "default") if engine == AUTO else settings[0]
+        served = load(path, first, candidate_name("registered", *first))
+        gate = registered_gate(path, served.input_shape)
+        if first[0] != engines.ONNXRUNTIME and gate is not None:
+            # Asked for by name, and still gated: bf16 (or this CPU's kernels) may not keep the answers.
+            agreement = gate.agreement(served)
+            if agreement < gate.min_agreement:
+                raise InputError(
+                    f"{served.name} agrees with Keras on {agreement:.2%} of the {len(gate.images)} registered "
+                    f"test images, below the gate's {gate.min_agreement:.1%}: serve with another --engine"
+                )
+        if not choose_for:
+            served.candidate = {"served": served.name, "engine": served.engine,
+                                "precision": served.runtime.precision, "reason": "candidate choice off"}  # fmt: skip
             return served
-        loaded = {}
-        for name, file in found.items():
-            try:
-                loaded[name] = cls(file, providers, source=uri, version=version, spin=spin)
-            except InputError as exc:
-                log.warning("Candidate %s does not load here (%s); not considered", name, exc)
-        chosen, report = choose(served, loaded, choose_for)
+        files = {"registered": path, **registered_candidates(path)}
+        loaded, skipped = {}, {}
+        for setting in settings:
+            for file_name, file in files.items():
+                name = candidate_name(file_name, *setting)
+                if name == served.name:
+                    continue
+                if setting == (engines.OPENVINO, "f32") and file_name.startswith("int8"):
+                    continue  # an int8 file's GEMMs are int8 at either precision hint
+                if setting[0] != engines.ONNXRUNTIME and gate is None:
+                    # The export's gate ran on ONNX Runtime; another engine needs the images to be gated here.
+                    skipped[name] = "no gate images registered (an older export, or a plain file)"
+                    continue
+                try:
+                    clf = load(file, setting, name)
+                except InputError as exc:
+                    skipped[name] = f"does not load here ({exc})"
+                    continue
+                twin = loaded.get(candidate_name(file_name, setting[0], "default"))
+                if twin is not None and twin.runtime.precision == clf.runtime.precision:
+                    continue  # OpenVINO's default is f32 on this CPU: the same engine twice
+                loaded[name] = clf
+        chosen, report = choose(served, loaded, choose_for, gate=gate, refused=skipped)
         chosen.candidate = report
         return chosen
 
@@ -277,7 +329,7 @@ class OnnxClassifier:
     # ------------------------------------------------------------ inference
     def run(self, images: np.ndarray) -> np.ndarray:
         """Logits of images that ``check_array`` already accepted (the batcher's call)."""
-        return self.session.run([self.output_name], {self.input_name: images})[0]
+        return self.runtime.run(images)
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         return self.run(self.check_array(batch))
@@ -296,6 +348,8 @@ class OnnxClassifier:
             "version": self.version,
             "num_classes": len(self.class_names),
             "input": {"name": self.input_name, "shape": ["batch", *self.input_shape], "dtype": "float32"},
+            "engine": self.runtime.name,
+            "precision": self.runtime.precision,
             "providers": self.providers_used,
             "candidate": self.candidate,
             "file": self.path.name,

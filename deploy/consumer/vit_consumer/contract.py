@@ -142,17 +142,22 @@ class CandidatesManifest:
         min_agreement: The top-1 agreement with Keras each candidate needed.
         candidates: Variant name -> its gate figures, with ``file`` (a name in the
             manifest's folder).
+        gate: The gate's real test images for the machine that serves: ``file`` (an
+            ``.npz`` in the folder with ``images``, uint8 or float32 NHWC, and
+            ``logits``, the fp32 Keras model's), ``images`` (their count). None: none
+            registered (then only the candidates gated at export are considered).
     """
 
     served_variant: str
     min_agreement: float
     candidates: dict[str, dict[str, Any]] = field(default_factory=dict)
+    gate: dict[str, Any] | None = None
 
     def write(self, folder: str | Path) -> Path:
         """Writes ``folder/candidates.json`` atomically; returns its path."""
         path = Path(folder) / MANIFEST_NAME
         doc = {"served_variant": self.served_variant, "min_agreement": self.min_agreement,
-               "candidates": self.candidates}  # fmt: skip
+               "candidates": self.candidates, **({"gate": self.gate} if self.gate else {})}  # fmt: skip
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(json.dumps(doc, indent=2))
         os.replace(tmp, path)
@@ -166,7 +171,12 @@ class CandidatesManifest:
             candidates = {str(n): dict(c) for n, c in doc["candidates"].items()}
             if not all(isinstance(c.get("file"), str) for c in candidates.values()):
                 raise ValueError("a candidate without a file name")
-            return cls(str(doc["served_variant"]), float(doc["min_agreement"]), candidates)
+            gate = doc.get("gate")
+            if gate is not None and not (isinstance(gate, dict) and _plain_name(gate.get("file"))):
+                raise ValueError("a gate without a plain file name")
+            if not all(_plain_name(c["file"]) for c in candidates.values()):
+                raise ValueError("a file name with a folder in it")
+            return cls(str(doc["served_variant"]), float(doc["min_agreement"]), candidates, gate)
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ValueError(f"Not a candidates manifest: {path} ({exc})") from exc
 
@@ -179,6 +189,15 @@ class CandidatesManifest:
     def files(self, folder: str | Path) -> dict[str, Path]:
         """Candidate name -> its file in ``folder`` (where the manifest lies)."""
         return {name: Path(folder) / c["file"] for name, c in self.candidates.items()}
+
+    def gate_file(self, folder: str | Path) -> Path | None:
+        """The gate images' file in ``folder`` (None: none registered)."""
+        return Path(folder) / self.gate["file"] if self.gate else None
+
+
+def _plain_name(name: Any) -> bool:
+    """A file name without a folder (a manifest from a store must not point elsewhere)."""
+    return isinstance(name, str) and name not in ("", ".", "..") and Path(name).name == name
 
 
 def geometric_mean(values: Iterable[float]) -> float:

@@ -284,7 +284,8 @@ class Service:
         def load() -> OnnxClassifier:
             providers = list(self.settings.providers) if self.settings.providers else None
             clf = OnnxClassifier.from_uri(f"models:/{name}/{version}", self.settings.tracking_uri, providers,
-                                          spin=self.settings.spin, choose_for=self.settings.choose_for)  # fmt: skip
+                                          spin=self.settings.spin, choose_for=self.settings.choose_for,
+                                          engine=self.settings.engine)  # fmt: skip
             clf.source, clf.version = source, version
             return self.warm(clf)
 
@@ -642,5 +643,5 @@ def app_from_env() -> FastAPI:
     settings = Settings()
     providers = list(settings.providers) if settings.providers else None
     classifier = OnnxClassifier.from_uri(uri, settings.tracking_uri, providers, spin=settings.spin,
-                                         choose_for=settings.choose_for)  # fmt: skip
+                                         choose_for=settings.choose_for, engine=settings.engine)  # fmt: skip
     return create_app(classifier, settings)

@@ -87,6 +87,23 @@ class Settings(BaseSettings):
     """ONNX Runtime execution providers to request, in order (None: the classifier's default)."""
     choose_candidate: bool = True
     """Time the registered serving candidates at start-up and serve the fastest (vit_consumer.candidates)."""
+    engine: str = "auto"
+    """Inference engine: auto (the fastest that passes the gate here: ONNX Runtime, and OpenVINO where installed),
+    onnxruntime, openvino (its default precision: bf16 on AMX/AVX512-BF16) or openvino-f32."""
+
+    @field_validator("engine", mode="before")
+    @classmethod
+    def _engine(cls, value: Any) -> Any:
+        from vit_consumer.engines import parse_spec
+
+        if isinstance(value, str) and value.strip().lower() != "auto":
+            try:
+                parse_spec(value)
+            except ValueError:
+                raise PydanticCustomError(
+                    "engine", "expected auto, onnxruntime, openvino or openvino-f32"
+                ) from None
+        return value.strip().lower() if isinstance(value, str) else value
 
     def __init__(self, **values: Any) -> None:
         try:

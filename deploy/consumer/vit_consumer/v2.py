@@ -88,13 +88,14 @@ def model_metadata(engine: OnnxClassifier) -> dict[str, Any]:
     return {
         "name": model_name(engine),
         "versions": [model_version(engine)],
-        "platform": "onnxruntime_onnx",
+        "platform": f"{engine.runtime.name}_onnx",  # onnxruntime_onnx / openvino_onnx, as Triton names them
         "inputs": [{"name": engine.input_name, "datatype": "FP32", "shape": [-1, h, w, c]}],
         "outputs": [{"name": name, "datatype": "FP32", "shape": [-1, classes]} for name in OUTPUTS],
         "parameters": {
             "class_names": json.dumps(engine.class_names),
             "temperature": engine.temperature,
-            "engine": "onnxruntime",
+            "engine": engine.engine,
+            "precision": engine.runtime.precision,
             "providers": ",".join(engine.providers_used),
             "file": engine.path.name,
             "candidate": json.dumps(engine.candidate),

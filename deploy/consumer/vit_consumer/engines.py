@@ -1,0 +1,196 @@
+"""Inference engines behind one small interface, each reading the same ONNX file.
+
+* ``onnxruntime``: an ONNX Runtime session (the consumer's only required engine).
+* ``openvino``: OpenVINO's CPU plugin compiling the ONNX file directly (optional:
+  ``pip install vit-consumer[openvino]``). With ``precision="default"`` the plugin
+  chooses how it computes: bf16 where the CPU has AMX or AVX512-BF16, f32
+  elsewhere; ``precision="f32"`` forces f32 (``INFERENCE_PRECISION_HINT``).
+
+Which engine is fastest depends on the CPU (OpenVINO's bf16 on AMX, ONNX
+Runtime's fused fp32 graph and int8 kernels elsewhere), so the service times the
+ones that pass their agreement gate on the machine that serves
+(``vit_consumer.candidates``). ``precision`` is what the compiled model really
+computes in, read back from the engine, never the one requested.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+ONNXRUNTIME = "onnxruntime"
+OPENVINO = "openvino"
+ENGINES = (ONNXRUNTIME, OPENVINO)
+OV_PRECISIONS = ("default", "f32")
+# OpenVINO's element type names -> the names the benchmark and /health use.
+_PRECISION_NAMES = {"f32": "fp32", "bf16": "bf16", "f16": "fp16", "i8": "int8", "u8": "int8"}
+
+
+class EngineError(ValueError):
+    """An engine cannot load a file here (not installed, not a model it reads)."""
+
+
+class Engine(Protocol):
+    """What the classifier needs from an engine."""
+
+    name: str  # ONNXRUNTIME or OPENVINO
+    precision: str  # what the compiled model computes in: fp32, bf16, ...
+    requested_precision: str  # "default" or "f32": the setting, not the outcome
+    providers_used: list[str]  # what really runs (ONNX Runtime providers, OpenVINO's device)
+    input_name: str
+    output_name: str
+    input_shape: tuple[int, ...]  # (H, W, C), without the batch
+    metadata: dict[str, str]  # the file's metadata_props
+
+    def run(self, images: np.ndarray) -> np.ndarray:
+        """Logits of a float32 NHWC batch."""
+
+
+def spec_label(engine: str, precision: str = "default") -> str:
+    """``onnxruntime``, ``openvino`` or ``openvino-f32``: how a person names an engine setting."""
+    return engine if engine == ONNXRUNTIME or precision == "default" else f"{engine}-{precision}"
+
+
+def parse_spec(label: str) -> tuple[str, str]:
+    """``openvino-f32`` -> ``("openvino", "f32")``; a one-line ValueError for anything else."""
+    engine, _, precision = label.strip().lower().partition("-")
+    precision = precision or "default"
+    if (
+        engine not in ENGINES
+        or (engine == ONNXRUNTIME and precision != "default")
+        or precision not in OV_PRECISIONS
+    ):
+        choices = ", ".join([ONNXRUNTIME, OPENVINO, f"{OPENVINO}-f32"])
+        raise ValueError(f"Expected an engine among {choices}. Received: engine={label!r}")
+    return engine, precision
+
+
+def openvino_available() -> tuple[bool, str]:
+    """(importable, its version or why not)."""
+    try:
+        import openvino as ov
+    except ImportError as exc:
+        return False, f"openvino is not installed ({exc}); pip install 'vit-consumer[openvino]'"
+    return True, ov.get_version()
+
+
+class OrtEngine:
+    """An ONNX Runtime session.
+
+    Args:
+        path: The ``.onnx`` file.
+        providers: Execution providers to request, in order.
+        options: Session config entries (``vit_consumer.classifier.spin_options``).
+    """
+
+    name = ONNXRUNTIME
+    precision = "fp32"  # of its inputs and outputs; an int8 file's GEMMs are int8 (its variant says so)
+    requested_precision = "default"
+
+    def __init__(self, path: str | os.PathLike, providers: list[str], options: dict[str, str]):
+        import onnxruntime as ort
+
+        session_options = ort.SessionOptions()
+        for key, value in options.items():
+            session_options.add_session_config_entry(key, value)
+        try:
+            self.session = ort.InferenceSession(str(path), session_options, providers=providers)
+        except Exception as exc:  # onnxruntime raises untyped errors for bad files
+            raise EngineError(f"Not a loadable ONNX model: {path} ({exc})") from exc
+        self.providers_used = self.session.get_providers()
+        self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
+        inp = self.session.get_inputs()[0]
+        self.input_name = inp.name
+        self.output_name = self.session.get_outputs()[0].name
+        self.input_shape = tuple(int(d) for d in inp.shape[1:])
+
+    def run(self, images: np.ndarray) -> np.ndarray:
+        return self.session.run([self.output_name], {self.input_name: images})[0]
+
+
+class OpenVinoEngine:
+    """OpenVINO's CPU plugin on an ONNX file.
+
+    One infer request per calling thread: a request is not safe to share, and the
+    service calls the engine from its inference thread while start-up timing or
+    ``predict`` may call it from another.
+
+    Args:
+        path: The ``.onnx`` file.
+        precision: ``"default"`` (the plugin's choice: bf16 on AMX/AVX512-BF16) or ``"f32"``.
+        threads: ``INFERENCE_NUM_THREADS`` (None: OpenVINO's default, every core).
+    """
+
+    name = OPENVINO
+
+    def __init__(self, path: str | os.PathLike, precision: str = "default", threads: int | None = None):
+        ok, why = openvino_available()
+        if not ok:
+            raise EngineError(why)
+        import openvino as ov
+
+        if precision not in OV_PRECISIONS:
+            raise EngineError(
+                f"Expected an OpenVINO precision among {OV_PRECISIONS}. Received: {precision!r}"
+            )
+        self.requested_precision = precision
+        config: dict[str, object] = {"PERFORMANCE_HINT": "LATENCY"}  # one request at a time, every core on it
+        if precision == "f32":
+            config["INFERENCE_PRECISION_HINT"] = "f32"
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = threads
+        core = ov.Core()
+        try:
+            model = core.read_model(str(path))
+            self.compiled = core.compile_model(model, "CPU", config)
+        except Exception as exc:  # OpenVINO raises RuntimeError subclasses with pages of context
+            raise EngineError(
+                f"OpenVINO cannot compile {Path(path).name}: {str(exc).splitlines()[0]}"
+            ) from exc
+        # The ONNX frontend keeps metadata_props under rt_info["framework"].
+        self.metadata = _framework_info(model)
+        hint = _type_name(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
+        self.precision = _PRECISION_NAMES.get(hint, hint)
+        self.providers_used = [f"OpenVINO {ov.get_version().split('-')[0]} CPU ({self.precision})"]
+        inp, out = self.compiled.inputs[0], self.compiled.outputs[0]
+        self.input_name = inp.get_any_name()
+        self.output_name = out.get_any_name()
+        self.input_shape = tuple(int(d.get_length()) for d in list(inp.get_partial_shape())[1:])
+        self._local = threading.local()
+
+    def run(self, images: np.ndarray) -> np.ndarray:
+        request = getattr(self._local, "request", None)
+        if request is None:
+            request = self._local.request = self.compiled.create_infer_request()
+        # The request reuses its output buffer on the next call: hand out a copy.
+        return request.infer({0: images})[0].copy()
+
+
+def _type_name(value) -> str:
+    """``bf16`` from an ``openvino.Type`` (whose str() is "<Type: 'bfloat16'>") or a plain string."""
+    return value.get_type_name() if hasattr(value, "get_type_name") else str(value)
+
+
+def _framework_info(model) -> dict[str, str]:
+    info = model.get_rt_info()
+    if "framework" not in info:
+        return {}
+    framework = model.get_rt_info(["framework"]).astype(dict)
+    return {str(k): str(v.astype(str) if hasattr(v, "astype") else v) for k, v in framework.items()}
+
+
+def load(path: str | os.PathLike, engine: str = ONNXRUNTIME, precision: str = "default",
+         providers: list[str] | None = None, options: dict[str, str] | None = None) -> Engine:  # fmt: skip
+    """The engine ``engine`` (with ``precision``) on ``path``; EngineError if it cannot load it here."""
+    if engine == ONNXRUNTIME:
+        return OrtEngine(path, providers or ["CPUExecutionProvider"], options or {})
+    if engine == OPENVINO:
+        return OpenVinoEngine(path, precision)
+    raise EngineError(f"Expected an engine among {ENGINES}. Received: engine={engine!r}")

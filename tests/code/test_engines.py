@@ -1,0 +1,168 @@
+"""The consumer's engines (ONNX Runtime, OpenVINO) and the agreement gate it runs again where it serves."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from tests.conftest import real_images
+
+
+def _require_openvino() -> None:
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        pytest.fail("openvino is not importable: install the extra, pip install -e '.[dev,openvino]'")
+
+
+def _perturbed(src, dst, seed: int = 0) -> None:
+    """The same graph and contract with other weights: a candidate that loads but answers differently."""
+    model = onnx.load(str(src))
+    rng = np.random.default_rng(seed)
+    for init in model.graph.initializer:
+        w = numpy_helper.to_array(init)
+        if w.dtype == np.float32 and w.size > 100:
+            init.CopyFrom(numpy_helper.from_array(w + rng.normal(0, 3 * (w.std() + 1e-3), w.shape).astype(w.dtype),
+                                                  init.name))  # fmt: skip
+    onnx.save(model, str(dst))
+
+
+def _registered(tmp_path, tiny_export, gate_logits=None, other=True):
+    """A registered version's layout: model.onnx, extra_files/ with a manifest, a candidate and the gate."""
+    from vit_consumer.contract import CandidatesManifest
+    from vit_consumer.engines import OrtEngine
+
+    _, path, _ = tiny_export
+    folder = tmp_path / "version"
+    (folder / "extra_files").mkdir(parents=True)
+    (folder / "model.onnx").write_bytes(path.read_bytes())
+    candidates = {}
+    if other:
+        _perturbed(path, folder / "extra_files" / "model.other.onnx")
+        candidates["other"] = {"file": "model.other.onnx", "top1_agreement": 1.0, "test_accuracy": 0.1}
+    gate = None
+    if gate_logits is not False:
+        images = real_images(48)
+        logits = OrtEngine(path, ["CPUExecutionProvider"], {}).run(images.astype(np.float32))
+        np.savez_compressed(folder / "extra_files" / "serving_gate.npz", images=images,
+                            logits=logits if gate_logits is None else gate_logits(logits))  # fmt: skip
+        gate = {"file": "serving_gate.npz", "images": 48}
+    CandidatesManifest("optimized", 0.995, candidates, gate).write(folder / "extra_files")
+    return folder
+
+
+def test_engine_names_are_checked_in_one_line(tiny_export):
+    from vit_consumer.classifier import InputError
+    from vit_consumer.engines import parse_spec, spec_label
+    from vit_consumer.settings import Settings, SettingsError
+
+    assert parse_spec("openvino-f32") == ("openvino", "f32") and parse_spec("ONNXRuntime") == (
+        "onnxruntime",
+        "default",
+    )
+    assert spec_label("openvino", "default") == "openvino" and spec_label("openvino", "f32") == "openvino-f32"
+    for bad in ("tensorrt", "onnxruntime-f32", "openvino-bf8"):
+        with pytest.raises(ValueError, match=f"Expected an engine among onnxruntime, openvino, openvino-f32. "
+                                             f"Received: engine='{bad}'"):  # fmt: skip
+            parse_spec(bad)
+    with pytest.raises(
+        SettingsError, match="engine='tensorrt': expected auto, onnxruntime, openvino or openvino-f32"
+    ):
+        Settings(engine="tensorrt")
+    assert Settings(engine=" OpenVINO-F32 ").engine == "openvino-f32"
+    from vit_consumer import OnnxClassifier
+
+    with pytest.raises(InputError, match="Received: engine='tpu'"):
+        OnnxClassifier.from_uri(str(tiny_export[1]), engine="tpu")
+    out = subprocess.run([sys.executable, "-m", "vit_consumer", "--model", str(tiny_export[1]), "--engine", "tpu",
+                          "predict", "x.png"], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 1 and out.stderr.count("\n") == 1 and "engine='tpu'" in out.stderr
+
+
+def test_openvino_serves_the_same_contract_and_answers(tiny_export):
+    _require_openvino()
+    import openvino as ov
+    from vit_consumer import OnnxClassifier
+
+    _, path, _ = tiny_export
+    ort_clf = OnnxClassifier(path, ["CPUExecutionProvider"])
+    images = real_images(16).astype(np.float32)
+    reference = ort_clf.run(images)
+    f32 = OnnxClassifier(path, engine="openvino", precision="f32")
+    assert (f32.class_names, f32.input_shape, f32.temperature) == (
+        ort_clf.class_names,
+        ort_clf.input_shape,
+        1.0,
+    )
+    assert f32.metadata == ort_clf.metadata  # every metadata_props entry, read through OpenVINO
+    np.testing.assert_allclose(f32.run(images), reference, atol=1e-4)
+    default = OnnxClassifier(path, engine="openvino")
+    # The precision reported is the compiled model's own (bf16 where the CPU has it), never the request.
+    compiled = ov.Core().compile_model(str(path), "CPU")
+    hint = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+    assert default.runtime.precision == {"f32": "fp32", "bf16": "bf16"}[hint]
+    assert (default.describe()["engine"], default.describe()["precision"]) == (
+        "openvino",
+        default.runtime.precision,
+    )
+    assert f32.describe()["precision"] == "fp32" and f32.engine == "openvino-f32"
+    assert np.abs(default.run(images) - reference).max() < 0.1  # bf16 moves logits a little
+    # Two threads, two infer requests: the answers do not mix.
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:
+        a, b = pool.map(f32.run, [images[:8], images[8:]])
+    np.testing.assert_allclose(np.concatenate([a, b]), reference, atol=1e-4)
+
+
+def test_the_gate_runs_again_where_the_model_is_served(tiny_export, tmp_path):
+    """A candidate that loads but disagrees is refused with its figure; OpenVINO competes where it agrees."""
+    _require_openvino()
+    from vit_consumer import OnnxClassifier
+
+    folder = _registered(tmp_path, tiny_export)
+    clf = OnnxClassifier.from_uri(str(folder), choose_for=(1, 4))
+    report = clf.candidate
+    assert report["gate_agreement"]["other"] < 0.5
+    assert (
+        report["refused"]["other"].startswith("top-1 agreement with Keras")
+        and "48 registered test images" in (report["refused"]["other"])
+    )
+    # OpenVINO on the registered file keeps the answers: it was timed against ONNX Runtime.
+    assert report["gate_agreement"]["registered@openvino-f32"] == 1.0
+    assert {"registered", "registered@openvino-f32"} <= set(report["scores_ips_geomean"])
+    assert (
+        "other" not in report["scores_ips_geomean"] and "other@openvino" not in report["scores_ips_geomean"]
+    )
+    assert report["served"] == max(report["scores_ips_geomean"], key=report["scores_ips_geomean"].get)
+    assert clf.describe()["engine"] == ("openvino" if "@openvino" in report["served"] else "onnxruntime")
+
+
+def test_without_gate_images_openvino_is_not_a_candidate(tiny_export, tmp_path):
+    _require_openvino()
+    from vit_consumer import OnnxClassifier
+
+    folder = _registered(tmp_path, tiny_export, gate_logits=False, other=False)
+    report = OnnxClassifier.from_uri(str(folder), choose_for=(1, 4)).candidate
+    assert report["served"] == "registered" and report["engine"] == "onnxruntime"
+    assert report["refused"]["registered@openvino"].startswith("no gate images registered")
+
+
+def test_an_engine_asked_for_by_name_must_pass_the_gate(tiny_export, tmp_path):
+    _require_openvino()
+    from vit_consumer import OnnxClassifier
+    from vit_consumer.classifier import InputError
+
+    # Reference logits whose top-1 is another class for every image: nothing can agree with them.
+    folder = _registered(tmp_path, tiny_export, gate_logits=lambda x: np.roll(x, 1, axis=1), other=False)
+    with pytest.raises(InputError, match=r"registered@openvino-f32 agrees with Keras on 0.00% of the 48 registered "
+                                         r"test images, below the gate's 99.5%: serve with another --engine"):  # fmt: skip
+        OnnxClassifier.from_uri(str(folder), engine="openvino-f32")
+    good = _registered(tmp_path / "good", tiny_export, other=False)
+    clf = OnnxClassifier.from_uri(str(good), engine="openvino-f32")
+    assert clf.engine == "openvino-f32" and clf.candidate["reason"] == "candidate choice off"
