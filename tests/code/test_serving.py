@@ -288,7 +288,9 @@ def test_load_benchmark_rounds_side_by_side(tmp_path, no_tf_env, real_cut):
         assert "Little's law" in lines[1] and lines[2].startswith(f"{protocol}: p50 at 1 client")
         # The target figures, recomputed from the rows: the most clients for speed, one client for the p50 gap.
         top, one = report["service"][2 * i : 2 * i + 2]
-        speed = [s["req_per_s"] / e["images_per_s"] for s, e in zip(top["per_round"], eb["per_round"], strict=True)]
+        speed = [
+            s["req_per_s"] / e["images_per_s"] for s, e in zip(top["per_round"], eb["per_round"], strict=True)
+        ]
         assert f"per round {', '.join(f'{v:.2f}' for v in speed)} " in lines[0]
         decodes = report["decode_ms_per_round"] if protocol == "predict" else [0.0, 0.0]  # v2: pixels already
         gaps = [s["p50_ms"] - e["p50_ms"] - d
