@@ -304,10 +304,11 @@ def transfer_experiment(**options) -> None:
 @_friendly_errors
 def sweep(space_path, dask_address, workers, gpus_per_trial, tracking_uri, data_path) -> None:
     """Run a YAML search space as parallel trials on Dask; register the best trial."""
-    from vit_pipeline.sweep import load_space, trial_configs
+    from vit_pipeline.sweep import check_cluster_api, load_space, trial_configs
 
     overrides = {k: v for k, v in (("tracking_uri", tracking_uri), ("data_path", data_path)) if v}
     trial_configs(load_space(space_path), overrides)  # fail before Prefect, Dask or TensorFlow start
+    check_cluster_api(dask_address)
     from vit_pipeline.flows.sweep import sweep as sweep_flow
 
     result = sweep_flow(space_path=space_path, dask_address=dask_address, n_workers=workers,

@@ -123,11 +123,16 @@ def reap(client) -> list[str]:
             if verdict.alive:
                 continue
             reason = f"Marked KILLED by pid {os.getpid()} on {socket.gethostname()}: {verdict.reason}"
-            client.set_tag(run.info.run_id, END_REASON, reason)
-            client.set_terminated(run.info.run_id, "KILLED")
-            log.warning("Run %s was RUNNING but %s; marked KILLED", run.info.run_id, verdict.reason)
+            end_run(client, run.info.run_id, "KILLED", reason)
             killed.append(run.info.run_id)
     return killed
+
+
+def end_run(client, run_id: str, status: str, reason: str) -> None:
+    """Ends a run that its owner cannot end any more, with the reason as ``vit_pipeline.end_reason``."""
+    client.set_tag(run_id, END_REASON, reason[:5000])
+    client.set_terminated(run_id, status)
+    log.warning("Run %s: %s", run_id, reason)
 
 
 def create_run(cfg: PipelineConfig, preset: str | None = None, tags: dict[str, str] | None = None) -> str:
@@ -359,6 +364,5 @@ def mark_flow_run_killed(cfg: PipelineConfig, flow_run_id: str, reason: str) -> 
         filter_string=f"attributes.status = 'RUNNING' and tags.`prefect.flow_run_id` = '{flow_run_id}'",
     )
     for run in runs:
-        client.set_tag(run.info.run_id, END_REASON, reason[:5000])
-        client.set_terminated(run.info.run_id, "KILLED")
+        end_run(client, run.info.run_id, "KILLED", reason)
     return [r.info.run_id for r in runs]

@@ -159,6 +159,59 @@ def trial_configs(
     return out
 
 
+def check_cluster_api(dask_address: str | None) -> None:
+    """Refuses a sweep on an existing Dask cluster whose flow reports to a temporary Prefect server.
+
+    Without ``PREFECT_API_URL`` Prefect starts a temporary server on this host's loopback, which
+    only this process can see; a Dask worker (on another host, or in another session) would start
+    one of its own, and its trials' task states would go where nobody reads them.
+
+    Raises:
+        ConfigError: ``dask_address`` is set and the Prefect API is a temporary server.
+    """
+    from prefect.settings import get_current_settings
+
+    if dask_address and not get_current_settings().api.url:
+        raise ConfigError(
+            f"A sweep on the Dask cluster at {dask_address} needs one Prefect API that its workers reach: set "
+            "PREFECT_API_URL to a real Prefect server (e.g. http://<this host>:4200/api, started with "
+            "`deploy/local.sh prefect-server`); without it Prefect uses a temporary server on this host's loopback"
+        )
+
+
+def settle_lost_attempts(
+    client, experiment_id: str, parent_run_id: str, results: list[dict[str, Any]]
+) -> list[dict]:
+    """Ends every run under the sweep that is not terminal once its trials have returned: a lost attempt.
+
+    A trial whose worker died (a host lost, a SIGKILL) leaves its MLflow run RUNNING, and the
+    orchestrator runs the trial again elsewhere. Once every trial has returned, nothing can still be
+    working for this sweep, so each such run is marked KILLED now, with the reason the sweep knows
+    (its trial finished as another run) or else the one lifecycle rule's (``runs.liveness``), instead
+    of waiting for the next command to reap it. Rows of the sweep's table.
+    """
+    from vit_pipeline import runs
+
+    finished = {str(r["index"]): r.get("run_id") for r in results}
+    open_runs = client.search_runs(
+        [experiment_id], max_results=1000,
+        filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status != 'FINISHED' "
+                      "and attributes.status != 'FAILED' and attributes.status != 'KILLED'",
+    )  # fmt: skip
+    lost = []
+    for run in open_runs:
+        trial = run.data.tags.get("sweep.trial", "?")
+        rerun = finished.get(trial)
+        if rerun and rerun != run.info.run_id:
+            why = f"worker lost: trial {trial} was re-run as run {rerun}"
+        else:
+            why = f"worker lost: {runs.liveness(run.data.tags).reason}; the sweep's trials have all returned"
+        runs.end_run(client, run.info.run_id, "KILLED", f"Marked KILLED by the sweep {parent_run_id}: {why}")
+        lost.append({"trial": int(trial) if trial.isdigit() else trial, "run_id": run.info.run_id,
+                     "rerun_as": rerun if rerun != run.info.run_id else None, "reason": why})  # fmt: skip
+    return lost
+
+
 def best_trial(results: list[dict[str, Any]], metric: str) -> dict[str, Any] | None:
     """The finished trial with the highest ``metric`` (None if every trial failed)."""
     ok = [r for r in results if r.get("status") == "ok"]

@@ -1,5 +1,7 @@
 """Sweeps: the search-space format, and a real sweep on a Dask cluster of separate processes."""
 
+import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -168,3 +170,130 @@ def test_sweep_runs_trials_in_parallel_on_dask_and_registers_the_winner(dask_clu
     assert champion.run_id == best["run_id"] and result["registry"]["promoted"]
     winner = client.get_run(best["run_id"])
     assert winner.data.tags["export.parity"] == "passed" and "test_accuracy" in winner.data.metrics
+
+
+def test_a_cluster_sweep_refuses_a_temporary_prefect_server(tmp_path):
+    """Without PREFECT_API_URL a worker would report to a server of its own: refused before any trial."""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    space = tmp_path / "space.yaml"
+    space.write_text("preset: quickstart\nparameters:\n  seed: [1, 2]\n")
+    done = subprocess.run([sys.executable, "-m", "vit_pipeline.cli", "sweep", str(space), "--dask-address",
+                           "tcp://127.0.0.1:9"], env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode != 0 and "set PREFECT_API_URL to a real Prefect server" in done.stderr
+    first, *rest = done.stderr.strip().splitlines()
+    assert first.startswith("Error: A sweep on the Dask cluster at tcp://127.0.0.1:9 needs one Prefect API")
+    assert all(line.startswith("(details: ") for line in rest), done.stderr  # the CLI's one line, and its log
+    assert not (Path(os.environ["VIT_PIPELINE_HOME"]) / "mlflow.db").exists()  # no run was created
+
+
+@pytest.mark.integration
+def test_a_lost_host_ends_the_sweep_with_the_store_true(tmp_path, pipeline_home):
+    """Two 'hosts' (worker sessions); one is SIGKILLed mid-trial: Dask re-runs its trial elsewhere, and as the
+    sweep returns, the lost attempt is KILLED with its reason and no run under the sweep is left RUNNING."""
+    import signal
+    import threading
+    import time
+
+    from distributed import Client
+    from mlflow import MlflowClient
+    from prefect.testing.utilities import prefect_test_harness
+
+    from tests.conftest import free_port
+    from vit_pipeline.flows.sweep import sweep
+
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "VIT_PIPELINE_HOME": str(pipeline_home),
+           "TF_CPP_MIN_LOG_LEVEL": "2"}  # fmt: skip
+    log = open(tmp_path / "dask.log", "w")  # noqa: SIM115
+    procs = [_start([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
+                     "--port", str(port), "--no-dashboard"], env, log)]  # fmt: skip
+    hosts = [_start([sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1",
+                     "--no-dashboard", "--memory-limit", "0"], env, log) for _ in range(2)]  # fmt: skip
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    killed: dict = {}
+    worker_servers: set[int] = set()  # Prefect servers started in a worker's session (there must be none)
+
+    def kill_a_host_mid_trial() -> None:
+        """Waits until both hosts train a trial, then SIGKILLs the whole session of one of them."""
+        import psutil
+
+        client = MlflowClient(uri)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not killed:
+            time.sleep(0.5)
+            for proc in psutil.process_iter(["pid", "cmdline"]):
+                with contextlib.suppress(psutil.Error, OSError):
+                    if "prefect.server.api.server:create_app" in " ".join(proc.info["cmdline"] or ()) and (
+                        os.getsid(proc.info["pid"]) in {h.pid for h in hosts}
+                    ):
+                        worker_servers.add(proc.info["pid"])
+            try:
+                running = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                             filter_string="attributes.status = 'RUNNING' and tags.`sweep.trial` != ''")  # fmt: skip
+            except Exception:  # the store is not created yet
+                continue
+            owners = {
+                int(r.data.tags["vit_pipeline.owner.pid"]): r for r in running if "sweep.trial" in r.data.tags
+            }
+            sessions = {os.getsid(pid): r for pid, r in owners.items() if _alive(pid)}
+            if len(sessions) >= 2 and hosts[0].pid in sessions:
+                run = sessions[hosts[0].pid]
+                killed.update(run_id=run.info.run_id, trial=run.data.tags["sweep.trial"])
+                os.killpg(hosts[0].pid, signal.SIGKILL)  # the host dies: nanny, worker and trial together
+
+    try:
+        with Client(address, timeout=60) as dask_client:
+            dask_client.wait_for_workers(2, timeout=90)
+        killer = threading.Thread(target=kill_a_host_mid_trial, daemon=True)
+        killer.start()
+        space = {"preset": "quickstart", "fixed": {**TINY_FIXED, "epochs": 3},
+                 "parameters": {"seed": [1, 2, 3, 4]}}  # fmt: skip
+        with prefect_test_harness(server_startup_timeout=120):
+            result = sweep(space=space, dask_address=address, overrides={"tracking_uri": uri})
+            trial_states = asyncio.run(_trial_task_states())
+        killer.join(timeout=5)
+    finally:
+        for proc in reversed([*procs, *hosts]):
+            _stop(proc)
+        log.close()
+    assert killed, "no moment with a trial on each host: nothing was killed"
+    # One Prefect API for the cluster: the trials' task runs are on the flow's server, and no worker started its own.
+    assert trial_states == {f"trial-{i}": "COMPLETED" for i in range(4)} and not worker_servers
+    client = MlflowClient(uri)
+    parent = client.get_run(result["parent_run_id"])
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")  # fmt: skip
+    assert [t["status"] for t in result["trials"]] == ["ok"] * 4 and result["registry"]["model_uri"]
+    assert not [r.info.run_id for r in children if r.info.status == "RUNNING"]  # as the sweep returns
+    lost = client.get_run(killed["run_id"])
+    rerun = next(t["run_id"] for t in result["trials"] if str(t["index"]) == killed["trial"])
+    assert lost.info.status == "KILLED" and rerun != killed["run_id"]
+    assert f"trial {killed['trial']} was re-run as run {rerun}" in lost.data.tags["vit_pipeline.end_reason"]
+    assert parent.data.metrics["trials_lost_attempts"] == 1 and parent.data.metrics["trials_finished"] == 4
+    assert result["lost_attempts"] == [{"trial": int(killed["trial"]), "run_id": killed["run_id"],
+                                        "rerun_as": rerun, "reason": f"worker lost: trial {killed['trial']} was "
+                                                                     f"re-run as run {rerun}"}]  # fmt: skip
+    table = json.loads(Path(client.download_artifacts(parent.info.run_id, "sweep/trials.json")).read_text())
+    assert "lost" in json.dumps(table)
+
+
+async def _trial_task_states() -> dict[str, str]:
+    from prefect import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
+
+    async with get_client() as client:
+        found = await client.read_task_runs(
+            task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="trial-"))
+        )
+    return {t.name: t.state_type.value for t in found}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

@@ -42,7 +42,14 @@ from vit_pipeline.flows.train_pipeline import (
     register_model,
     write_model_card,
 )
-from vit_pipeline.sweep import best_trial, load_space, parse_space, trial_configs
+from vit_pipeline.sweep import (
+    best_trial,
+    check_cluster_api,
+    load_space,
+    parse_space,
+    settle_lost_attempts,
+    trial_configs,
+)
 
 
 @task(name="trial", cache_policy=NO_CACHE)
@@ -104,6 +111,11 @@ def _row(r: dict) -> dict:
             if "end" in r else None, "mlflow_run_id": r.get("run_id"), "error": r.get("error", "")}  # fmt: skip
 
 
+def _lost_row(x: dict) -> dict:
+    return {"trial": x["trial"], "status": "lost", "params": "", "best_val_accuracy": None, "seconds": None,
+            "mlflow_run_id": x["run_id"], "error": x["reason"]}  # fmt: skip
+
+
 @flow(name="sweep", log_prints=True)
 def sweep(
     space_path: str | None = None,
@@ -130,6 +142,7 @@ def sweep(
     Returns:
         The parent MLflow run, every trial's row, the best trial and the registry decision.
     """
+    check_cluster_api(dask_address)  # before any run or trial: one Prefect API for the whole cluster
     parsed = load_space(space_path) if space_path else parse_space(space)
     shared = merged_overrides(overrides, config)
     base = make_config(parsed.preset, {**parsed.fixed, **shared})
@@ -158,11 +171,13 @@ def sweep(
                 found = client.search_runs([tracking.experiment_id(parent_cfg)], filter_string=(
                     f"tags.mlflow.parentRunId = '{parent}' and tags.`sweep.trial` = '{r['index']}'"))  # fmt: skip
                 r["run_id"] = found[0].info.run_id if found else None
-        rows = [_row(r) for r in results]
+        # Every trial has returned: a run under the sweep still open is an attempt whose worker was lost.
+        lost = settle_lost_attempts(client, tracking.experiment_id(parent_cfg), parent, results)
+        rows = [_row(r) for r in results] + [_lost_row(x) for x in lost]
         client.log_table(parent, {k: [row[k] for row in rows] for k in rows[0]}, "sweep/trials.json")
         ok = [r for r in results if r["status"] == "ok"]
         parent_log.metrics({"trials_finished": len(ok), "trials_failed": len(results) - len(ok),
-                            "trials_seconds": trials_seconds})  # fmt: skip
+                            "trials_lost_attempts": len(lost), "trials_seconds": trials_seconds})  # fmt: skip
         create_table_artifact(key="sweep-trials", table=rows, description="Sweep trials")
         best = best_trial(results, parsed.metric)
         if best is None:
@@ -184,7 +199,10 @@ def sweep(
         parent_log.metrics({f"best_{parsed.metric}": best[parsed.metric], "best_test_accuracy": accuracy,
                             "sweep_seconds": time.time() - start})  # fmt: skip
         parent_log.tags({"sweep.best_run_id": best["run_id"], "sweep.best_params": str(best["params"])})
+    if lost:
+        print(f"Sweep {parent}: {len(lost)} attempt(s) lost with their worker, marked KILLED: "
+              + "; ".join(f"trial {x['trial']} run {x['run_id']} ({x['reason']})" for x in lost))  # fmt: skip
     print(f"Sweep {parent}: {len(ok)}/{len(results)} trials finished; best {best['params']} "
           f"{parsed.metric}={best[parsed.metric]:.4f}, test accuracy {accuracy:.4f}; {registered.model_uri}")  # fmt: skip
-    return {"parent_run_id": parent, "trials": results, "best": best, "test_accuracy": accuracy,
+    return {"parent_run_id": parent, "trials": results, "lost_attempts": lost, "best": best, "test_accuracy": accuracy,
             "registry": registered.to_dict(), "trials_seconds": trials_seconds, "seconds": time.time() - start}  # fmt: skip
