@@ -4,8 +4,8 @@
 #
 #   deploy/local.sh prefect-server   # Prefect API + UI on :4200 (SQLite, or PostgreSQL via PREFECT_SERVER_DATABASE_CONNECTION_URL)
 #   deploy/local.sh mlflow-server    # MLflow tracking server on :5000 (SQLite backend, artifacts served by the server)
-#   deploy/local.sh deploy           # work pool + every deployment in prefect.yaml
-#   deploy/local.sh worker           # process worker that runs scheduled and triggered flow runs
+#   deploy/local.sh deploy           # work pool + every deployment in prefect.yaml + the zombie automations
+#   deploy/local.sh worker           # process worker (with a health check) that runs scheduled and triggered flow runs
 #   deploy/local.sh smoke            # trigger the quickstart smoke deployment and wait for it
 #   deploy/local.sh dask-scheduler   # Dask scheduler for sweeps on :8786 (dashboard :8787)
 #   deploy/local.sh dask-worker      # Dask workers: one process per GPU (GPU resource), else DASK_WORKERS processes
@@ -41,9 +41,12 @@ case "${1:-}" in
   deploy)
     prefect work-pool create "$WORK_POOL" --type process 2>/dev/null || prefect work-pool inspect "$WORK_POOL" >/dev/null
     prefect --no-prompt deploy --all
+    # Prefect's zombie detection: a flow run whose heartbeats stop is marked Crashed, and its MLflow runs
+    # end KILLED (vit_pipeline/zombies.py; the heartbeat period is prefect.yaml's).
+    vit-pipeline automations --heartbeat-seconds 60
     ;;
   worker)
-    VIT_PIPELINE_HOME="${VIT_PIPELINE_HOME:-$STATE/work}" exec prefect worker start --pool "$WORK_POOL"
+    VIT_PIPELINE_HOME="${VIT_PIPELINE_HOME:-$STATE/work}" exec prefect worker start --pool "$WORK_POOL" --with-healthcheck
     ;;
   smoke)
     prefect deployment run 'train-pipeline/quickstart-smoke' --watch

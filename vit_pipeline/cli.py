@@ -292,6 +292,33 @@ def transfer_experiment(**options) -> None:
 
 
 @main.command()
+@click.option("--heartbeat-seconds", default=60, show_default=True, type=click.IntRange(30),
+              help="The deployments' PREFECT_FLOWS_HEARTBEAT_FREQUENCY (prefect.yaml).")  # fmt: skip
+@click.option("--missed", default=2, show_default=True, type=click.IntRange(1),
+              help="Heartbeats a flow run may miss before it is marked Crashed.")  # fmt: skip
+@_friendly_errors
+def automations(heartbeat_seconds, missed) -> None:
+    """Create Prefect's zombie-flow-run automation and the one that ends crashed runs' MLflow runs KILLED.
+
+    Needs PREFECT_API_URL (a real server) and the deployments of prefect.yaml (the
+    ``end-crashed-runs`` one): ``deploy/local.sh deploy`` runs it after deploying.
+    """
+    from prefect.settings import get_current_settings
+
+    from vit_pipeline import zombies
+
+    if not get_current_settings().api.url:
+        raise ConfigError(
+            "PREFECT_API_URL is not set: automations belong on the Prefect server the workers use"
+        )
+    try:
+        created = zombies.ensure_automations(heartbeat_seconds, missed)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    click.echo(json.dumps(created, indent=2))
+
+
+@main.command()
 @click.argument("space_path", type=click.Path(dir_okay=False))
 @click.option("--dask-address", default=None, metavar="tcp://HOST:PORT",
               help="Scheduler of an existing Dask cluster (default: a local cluster).")  # fmt: skip

@@ -356,13 +356,33 @@ def tracked_run(
         yield run_id
 
 
+def flow_run_config(parameters: dict | None) -> PipelineConfig:
+    """The tracking settings of a Prefect flow run of this project, from its parameters.
+
+    Only the tracking fields matter to whoever ends its runs: no checkpoint is fetched
+    again (``init_from`` is dropped), and a parameter this code does not know is ignored.
+    """
+    from vit_pipeline.config import PRESETS, make_config
+
+    params = parameters or {}
+    overrides = {k: v for k, v in dict(params.get("overrides") or {}).items() if k != "init_from"}
+    config = {k: v for k, v in dict(params.get("config") or {}).items() if k != "init_from"}
+    preset = params.get("preset") if params.get("preset") in PRESETS else "quickstart"
+    return make_config(preset, overrides, config)
+
+
 def mark_flow_run_killed(cfg: PipelineConfig, flow_run_id: str, reason: str) -> list[str]:
-    """Marks KILLED the RUNNING MLflow runs linked to a Prefect flow run (its crash hook)."""
+    """Marks KILLED the RUNNING MLflow runs linked to a Prefect flow run (in any active experiment of the store)."""
+    from mlflow.entities import ViewType
+
     client = tracking.client(cfg)
-    runs = client.search_runs(
-        [tracking.experiment_id(cfg)],
-        filter_string=f"attributes.status = 'RUNNING' and tags.`prefect.flow_run_id` = '{flow_run_id}'",
-    )
-    for run in runs:
-        end_run(client, run.info.run_id, "KILLED", reason)
-    return [r.info.run_id for r in runs]
+    experiments = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
+    killed = []
+    for start in range(0, len(experiments), 100):  # search_runs takes a bounded list
+        for run in client.search_runs(
+            experiments[start : start + 100], max_results=1000,
+            filter_string=f"attributes.status = 'RUNNING' and tags.`prefect.flow_run_id` = '{flow_run_id}'",
+        ):  # fmt: skip
+            end_run(client, run.info.run_id, "KILLED", reason)
+            killed.append(run.info.run_id)
+    return killed

@@ -271,3 +271,25 @@ def export_serving(source: str, out_dir: str | Path, tracking_uri: str | None = 
     )
     return {"triton": str(folder), "kserve": str(isvc), "kubernetes": str(consumer), "name": model.name,
             "version": model.version}  # fmt: skip
+
+
+def publish(
+    source: str, out_dir: str | Path, tracking_uri: str | None = None, **options: Any
+) -> dict[str, Any]:
+    """``export_serving`` when ``source``'s version is not in ``out_dir`` yet (the champion moved), else nothing.
+
+    For a schedule (the ``publish-serving`` deployment): an alias is pinned to its version once,
+    and a repository that already holds that version is left as it is, so Triton's model
+    control (``--model-control-mode=poll``) sees a new version folder only when there is one.
+
+    Returns:
+        ``published`` (True/False), ``name``, ``version`` and, when published, the written paths.
+    """
+    model = read_model(source, tracking_uri)
+    existing = Path(out_dir) / "triton" / model.name / model.version / "model.onnx"
+    if existing.is_file():
+        return {"published": False, "name": model.name, "version": model.version,
+                "reason": f"version {model.version} is already in {existing.parent.parent}"}  # fmt: skip
+    pinned = f"models:/{model.name}/{model.version}" if source.startswith("models:/") else source
+    written = export_serving(pinned, out_dir, tracking_uri, **options)
+    return {"published": True, **written}

@@ -7,6 +7,7 @@ afterwards. This is the "Run it on a schedule" path of the README, end to end.
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,6 +23,9 @@ pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
+HEARTBEAT = 30  # seconds between flow-run heartbeats in this test: the least Prefect accepts
+# Workers as deploy/local.sh starts them; the health server's port comes from the environment.
+WORKER = [str(BIN / "prefect"), "worker", "start", "--pool", "vit-pipeline", "--with-healthcheck"]
 
 
 def _start(cmd, env, log):
@@ -42,6 +46,7 @@ def services(tmp_path_factory):
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",  # see tests/conftest.py
         "PREFECT_WORKER_QUERY_SECONDS": "2",  # default 10: each flow run waited for the next poll
+        "PREFECT_WORKER_WEBSERVER_PORT": str(free_port()),  # --with-healthcheck's server
         "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}",
         "VIT_PIPELINE_HOME": str(root / "vit"),
         "VIT_PIPELINE_CHECKOUT": str(REPO),
@@ -117,7 +122,24 @@ def test_deploy_schedule_worker_crash_and_resume(services):
         "quickstart-smoke",
         "weekly-champion-benchmark",
         "monthly-recipe-sweep",
+        "publish-serving",
+        "end-crashed-runs",
     }
+    # Every scheduled flow run sends heartbeats (Prefect's zombie detection reads them).
+    for name in (
+        "nightly-cifar100",
+        "quickstart-smoke",
+        "weekly-champion-benchmark",
+        "monthly-recipe-sweep",
+        "publish-serving",
+    ):
+        assert by_name[name]["job_variables"]["env"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "60", name
+    # The set-up command: the zombie automation (heartbeats every HEARTBEAT s here, the minimum) and the
+    # one that ends a crashed flow run's MLflow runs.
+    created = json.loads(subprocess.run(
+        [str(BIN / "vit-pipeline"), "automations", "--heartbeat-seconds", str(HEARTBEAT), "--missed", "2"],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=120, check=True).stdout)  # fmt: skip
+    assert len(created) == 2
     (nightly,) = by_name["nightly-cifar100"]["schedules"]
     assert nightly["schedule"]["cron"] == "0 1 * * *" and nightly["schedule"]["timezone"] == "Europe/Berlin"
     assert by_name["nightly-cifar100"]["parameters"]["preset"] == "cifar100"
@@ -141,12 +163,14 @@ def test_deploy_schedule_worker_crash_and_resume(services):
         "benchmark_seconds": 0.05,
         "benchmark_rounds": 1,
     }
-    worker = _start([str(BIN / "prefect"), "worker", "start", "--pool", "vit-pipeline"], env, logs["worker"])
-    # The typed parameter, as the UI's form sends it.
-    _cli(
-        ["deployment", "run", "train-pipeline/quickstart-smoke", "--param", f"config={json.dumps(config)}"],
+    worker = _start(WORKER, env, logs["worker"])
+    # The typed parameter, as the UI's form sends it; heartbeats at the shortest period Prefect allows.
+    out = _cli(
+        ["deployment", "run", "train-pipeline/quickstart-smoke", "--param", f"config={json.dumps(config)}",
+         "--job-variable", f"env={json.dumps({'PREFECT_FLOWS_HEARTBEAT_FREQUENCY': str(HEARTBEAT)})}"],
         env,
-    )
+    )  # fmt: skip
+    flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", out).group(1)
     deadline, meta = time.monotonic() + 300, None
     while time.monotonic() < deadline and meta is None:
         for path in (root / "vit" / "work").glob("*/backup/training_metadata.json"):
@@ -160,15 +184,30 @@ def test_deploy_schedule_worker_crash_and_resume(services):
     # A worker's machine going down takes its flow runs with it (killed first: the flow run,
     # in its own session, would train on while the worker shuts down).
     _kill_flow_runs(root)
+    killed_at = time.monotonic()
     _stop(worker)
     run_id = meta.parents[1].name
     done = len((meta.parents[1] / "epochs.jsonl").read_text().splitlines())
     assert 2 <= done < epochs
     client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])  # through the server's HTTP API
-    assert client.get_run(run_id).info.status != "FINISHED"  # its flow run crashed with the worker
+    assert client.get_run(run_id).info.status == "RUNNING"  # no hook ran: its process was SIGKILLed
 
-    worker = _start([str(BIN / "prefect"), "worker", "start", "--pool", "vit-pipeline"], env, logs["worker"])
+    # Another host's worker. Prefect's automation marks the silent flow run Crashed; the Crashed event runs
+    # end-crashed-runs on this worker, which ends its MLflow run KILLED: within 3 heartbeat periods.
+    worker = _start(WORKER, env, logs["worker"])
     procs.append(worker)
+    state, status = None, None
+    while time.monotonic() - killed_at < 3 * HEARTBEAT + 30 and status != "KILLED":
+        time.sleep(1)
+        state = httpx.get(f"{api}/flow_runs/{flow_run_id}").json()["state"]
+        status = client.get_run(run_id).info.status
+    elapsed = time.monotonic() - killed_at
+    assert state["type"] == "CRASHED" and "No heartbeat for 2 x 30 s" in state["message"], state
+    assert status == "KILLED", f"MLflow run {status} {elapsed:.0f} s after the SIGKILL"
+    assert elapsed <= 3 * HEARTBEAT, f"Crashed and KILLED after {elapsed:.0f} s, over 3 heartbeat periods"
+    reason = client.get_run(run_id).data.tags["vit_pipeline.end_reason"]
+    assert reason.startswith("Marked KILLED by the end-crashed-runs flow") and flow_run_id in reason, reason
+    print(f"SIGKILLed flow run: Crashed in Prefect and KILLED in MLflow {elapsed:.0f} s after the kill")
     started = time.monotonic()
     # The untyped overrides of earlier versions still work.
     out = _cli(["deployment", "run", "train-pipeline/quickstart-smoke", "--param", f"overrides={json.dumps(config)}",
@@ -178,7 +217,7 @@ def test_deploy_schedule_worker_crash_and_resume(services):
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.metrics["resumed_from_epoch"] >= 2
     # The resumed flow run found the dead owner first (KILLED), then owned the run itself.
-    assert run.data.tags["vit_pipeline.previous_end"].startswith("Marked KILLED")
+    assert run.data.tags["vit_pipeline.previous_end"] == reason  # the zombie's end, kept on the resumed run
     steps = [m.step for m in client.get_metric_history(run_id, "loss")]
     assert sorted(steps) == list(range(epochs))
     assert run.data.params["epochs"] == str(epochs) and run.data.metrics["test_accuracy"] > 0.3  # chance: 0.1

@@ -165,3 +165,28 @@ def test_a_file_that_is_not_an_export_is_refused_in_one_line(tmp_path):
         result.output.startswith("Error: Cannot export") and "\n(details: " in result.output
     )  # the CLI's one-line form
     assert not (tmp_path / "out").exists()
+
+
+def test_publish_writes_a_version_only_when_the_champion_moves(registered, tmp_path):
+    """The schedule's flow: the same champion twice publishes once; a new champion adds its version folder."""
+    from vit_pipeline.flows.publish_serving import publish_serving
+
+    uri, _ = registered
+    out = tmp_path / "serving"
+    first = publish_serving.fn("models:/vit-pets@champion", str(out), tracking_uri=uri)
+    assert first["published"] and first["version"] == "1"
+    stamp = (out / "triton" / "vit-pets" / "config.pbtxt").stat().st_mtime_ns
+    again = publish_serving.fn("models:/vit-pets@champion", str(out), tracking_uri=uri)
+    assert not again["published"] and "already in" in again["reason"]
+    assert (out / "triton" / "vit-pets" / "config.pbtxt").stat().st_mtime_ns == stamp  # nothing rewritten
+    # A second version becomes the champion (same accuracy: the policy promotes it).
+    cfg = make_config("quickstart", {"tracking_uri": uri, "registered_model_name": "vit-pets"})
+    names = ["cat", "dog", "eel"]
+    split = labelled_split([4, 4, 4])
+    onnx = constant_classifier(tmp_path / "c2.onnx", 3, 1, names)
+    second = registry.register_onnx(cfg, runs.create_run(cfg, "test"),  str(onnx),
+                                    registry.TestSplit(split.images, split.labels, names, "d"))  # fmt: skip
+    assert second.promoted and second.version == "2"
+    moved = publish_serving.fn("models:/vit-pets@champion", str(out), tracking_uri=uri)
+    assert moved["published"] and moved["version"] == "2"
+    assert {p.name for p in (out / "triton" / "vit-pets").iterdir() if p.is_dir()} >= {"1", "2"}

@@ -136,12 +136,8 @@ def _prefect_tags() -> dict[str, str]:
 
 def mark_mlflow_killed(flow, flow_run, state) -> None:
     """Prefect state hook: a crashed or cancelled flow run leaves no RUNNING/FINISHED MLflow run."""
-    params = flow_run.parameters or {}
     try:
-        # Only the tracking fields matter here: no checkpoint is fetched again (init_from dropped).
-        overrides = {k: v for k, v in (params.get("overrides") or {}).items() if k != "init_from"}
-        config = {k: v for k, v in dict(params.get("config") or {}).items() if k != "init_from"}
-        cfg = make_config(params.get("preset", "quickstart"), overrides, config)
+        cfg = runs.flow_run_config(flow_run.parameters)
         killed = runs.mark_flow_run_killed(
             cfg, str(flow_run.id), f"Prefect flow run {state.type.value}: {state.message}"
         )
