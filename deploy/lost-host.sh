@@ -9,13 +9,19 @@ cd "$(dirname "$0")/.."
 D="${LOST_HOST_DIR:-$PWD/vit-lost-host}"; rm -rf "$D"; mkdir -p "$D"
 export VIT_PIPELINE_HOME=$D/home PREFECT_HOME=$D/prefect PREFECT_SERVER_ANALYTICS_ENABLED=false TF_CPP_MIN_LOG_LEVEL=2
 export PREFECT_API_URL=http://127.0.0.1:4299/api MLFLOW_TRACKING_URI=http://127.0.0.1:5099 PYTHONPATH="$PWD"
+PIDS=()
+trap 'for p in "${PIDS[@]}"; do kill -TERM -- -"$p" 2>/dev/null; done' EXIT  # each server's whole session
 setsid prefect server start --host 127.0.0.1 --port 4299 > $D/prefect.log 2>&1 &
+PIDS+=($!)
 setsid mlflow server --host 127.0.0.1 --port 5099 --backend-store-uri sqlite:///$D/mlflow.db --artifacts-destination $D/artifacts --workers 1 > $D/mlflow.log 2>&1 &
+PIDS+=($!)
 setsid python -m distributed.cli.dask_scheduler --host 127.0.0.1 --port 8799 --no-dashboard > $D/sched.log 2>&1 &
+PIDS+=($!)
 for i in $(seq 60); do curl -sf $PREFECT_API_URL/health >/dev/null && curl -sf $MLFLOW_TRACKING_URI/health >/dev/null && break; sleep 2; done
 setsid python -m distributed.cli.dask_worker tcp://127.0.0.1:8799 --nthreads 1 --memory-limit 0 --no-dashboard > $D/hostA.log 2>&1 &
 A=$!
 setsid python -m distributed.cli.dask_worker tcp://127.0.0.1:8799 --nthreads 1 --memory-limit 0 --no-dashboard > $D/hostB.log 2>&1 &
+PIDS+=($!)
 sleep 8
 start=$(date +%s)
 vit-pipeline sweep sweeps/quickstart.yaml --dask-address tcp://127.0.0.1:8799 --tracking-uri $MLFLOW_TRACKING_URI > $D/sweep.out 2> $D/sweep.err &
@@ -59,4 +65,3 @@ for r in kids:
 mv = c.get_model_version_by_alias("vit-digits", "champion"); print("champion", mv.name, mv.version, mv.run_id == p.data.tags.get("sweep.best_run_id"))
 PY
 tail -3 $D/sweep.err
-pkill -9 -f "127.0.0.1:8799" ; pkill -f "port 4299"; pkill -f "port 5099"; true
