@@ -93,23 +93,32 @@ def _start(cmd, env, log):
 _stop = stop_group
 
 
+def _scheduler(tmp_path, pipeline_home):
+    """A Dask scheduler process on a free port: (its address, the workers' environment, the log, the process)."""
+    from tests.conftest import free_port
+
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "VIT_PIPELINE_HOME": str(pipeline_home),
+           "TF_CPP_MIN_LOG_LEVEL": "2"}  # fmt: skip
+    log = open(tmp_path / "dask.log", "w")  # noqa: SIM115
+    proc = _start([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
+                   "--port", str(port), "--no-dashboard"], env, log)  # fmt: skip
+    return f"tcp://127.0.0.1:{port}", env, log, proc
+
+
+def _worker_cmd(address: str, *options: str) -> list[str]:
+    return [sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1", "--no-dashboard",
+            "--memory-limit", "0", *options]  # fmt: skip
+
+
 @pytest.fixture
 def dask_cluster(tmp_path, pipeline_home):
     """A Dask scheduler and N single-threaded worker processes (N=2, or $SWEEP_TEST_WORKERS)."""
     from distributed import Client
 
-    from tests.conftest import free_port
-
     workers = int(os.environ.get("SWEEP_TEST_WORKERS", "2"))
-    port = free_port()
-    address = f"tcp://127.0.0.1:{port}"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "VIT_PIPELINE_HOME": str(pipeline_home),
-           "TF_CPP_MIN_LOG_LEVEL": "2"}  # fmt: skip
-    log = open(tmp_path / "dask.log", "w")  # noqa: SIM115
-    procs = [_start([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
-                     "--port", str(port), "--no-dashboard"], env, log)]  # fmt: skip
-    procs.append(_start([sys.executable, "-m", "distributed.cli.dask_worker", address, "--nworkers", str(workers),
-                         "--nthreads", "1", "--no-dashboard", "--memory-limit", "0"], env, log))  # fmt: skip
+    address, env, log, scheduler = _scheduler(tmp_path, pipeline_home)
+    procs = [scheduler, _start(_worker_cmd(address, "--nworkers", str(workers)), env, log)]
     try:
         with Client(address, timeout=60) as client:
             client.wait_for_workers(workers, timeout=90)
@@ -200,18 +209,11 @@ def test_a_lost_host_ends_the_sweep_with_the_store_true(tmp_path, pipeline_home)
     from mlflow import MlflowClient
     from prefect.testing.utilities import prefect_test_harness
 
-    from tests.conftest import free_port
     from vit_pipeline.flows.sweep import sweep
 
-    port = free_port()
-    address = f"tcp://127.0.0.1:{port}"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "VIT_PIPELINE_HOME": str(pipeline_home),
-           "TF_CPP_MIN_LOG_LEVEL": "2"}  # fmt: skip
-    log = open(tmp_path / "dask.log", "w")  # noqa: SIM115
-    procs = [_start([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
-                     "--port", str(port), "--no-dashboard"], env, log)]  # fmt: skip
-    hosts = [_start([sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1",
-                     "--no-dashboard", "--memory-limit", "0"], env, log) for _ in range(2)]  # fmt: skip
+    address, env, log, scheduler = _scheduler(tmp_path, pipeline_home)
+    procs = [scheduler]
+    hosts = [_start(_worker_cmd(address), env, log) for _ in range(2)]  # two sessions: two "hosts"
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     killed: dict = {}
     worker_servers: set[int] = set()  # Prefect servers started in a worker's session (there must be none)
