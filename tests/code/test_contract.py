@@ -38,14 +38,40 @@ def test_manifest_round_trip_and_bad_files(tmp_path):
     assert contract.CandidatesManifest.find(tmp_path) == manifest
     assert manifest.files(tmp_path) == {"int8-static": tmp_path / "x.onnx"}
     assert contract.CandidatesManifest.find(tmp_path / "none") is None
+    gated = contract.CandidatesManifest("optimized", 0.995, {}, {"file": "serving_gate.npz", "images": 4})
+    assert contract.CandidatesManifest.read(gated.write(tmp_path)) == gated
+    assert gated.gate_file(tmp_path) == tmp_path / "serving_gate.npz" and manifest.gate_file(tmp_path) is None
     for text in (
         "not json",
         '{"candidates": {}}',
         '{"served_variant": "o", "min_agreement": 1, "candidates": {"a": {}}}',
+        # A manifest from a store names files beside it, never elsewhere.
+        '{"served_variant": "o", "min_agreement": 1, "candidates": {"a": {"file": "../../etc/x.onnx"}}}',
+        '{"served_variant": "o", "min_agreement": 1, "candidates": {}, "gate": {"file": "/tmp/g.npz"}}',
+        '{"served_variant": "o", "min_agreement": 1, "candidates": {}, "gate": "g.npz"}',
     ):
         path.write_text(text)
         with pytest.raises(ValueError, match="Not a candidates manifest"):
             contract.CandidatesManifest.read(path)
+
+
+def test_unusable_gate_images_are_ignored_with_a_warning(tmp_path, caplog):
+    """A gate file that is not an npz of the model's input shape (or holds pickles) is no gate at all."""
+    import numpy as np
+    from vit_consumer.candidates import registered_gate
+
+    folder = tmp_path / contract.REGISTERED_DIR
+    folder.mkdir()
+    contract.CandidatesManifest("o", 0.995, {}, {"file": "g.npz", "images": 2}).write(folder)
+    model = tmp_path / "model.onnx"
+    np.savez(folder / "g.npz", images=np.zeros((2, 8, 8, 3), np.uint8), logits=np.zeros((2, 3), np.float32))
+    assert registered_gate(model, (8, 8, 3)).images.shape == (2, 8, 8, 3)
+    assert registered_gate(model, (32, 32, 3)) is None  # another model's images
+    np.savez(folder / "g.npz", images=np.array([{"a": 1}], dtype=object), logits=np.zeros((1, 3)))
+    assert registered_gate(model, (8, 8, 3)) is None  # object arrays are refused, never unpickled
+    (folder / "g.npz").write_bytes(b"not an npz")
+    assert registered_gate(model, (8, 8, 3)) is None
+    assert sum("Ignoring" in r.message for r in caplog.records) == 3
 
 
 def test_fastest_is_the_highest_geometric_mean():
