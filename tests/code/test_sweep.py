@@ -198,9 +198,10 @@ def test_a_cluster_sweep_refuses_a_temporary_prefect_server(tmp_path):
 
 
 @pytest.mark.integration
-def test_a_lost_host_ends_the_sweep_with_the_store_true(tmp_path, pipeline_home):
+def test_a_lost_host_ends_the_sweep_with_the_store_true(tmp_path, pipeline_home, mlflow_server):
     """Two 'hosts' (worker sessions); one is SIGKILLed mid-trial: Dask re-runs its trial elsewhere, and as the
-    sweep returns, the lost attempt is KILLED with its reason and no run under the sweep is left RUNNING."""
+    sweep returns, the lost attempt is KILLED with its reason and no run under the sweep is left RUNNING.
+    A real Prefect server (the harness's) and a real ``mlflow server``, as a cluster's hosts would use."""
     import signal
     import threading
     import time
@@ -214,7 +215,7 @@ def test_a_lost_host_ends_the_sweep_with_the_store_true(tmp_path, pipeline_home)
     address, env, log, scheduler = _scheduler(tmp_path, pipeline_home)
     procs = [scheduler]
     hosts = [_start(_worker_cmd(address), env, log) for _ in range(2)]  # two sessions: two "hosts"
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_server  # shared with other tests: this sweep's own experiment and model names below
     killed: dict = {}
     worker_servers: set[int] = set()  # Prefect servers started in a worker's session (there must be none)
 
@@ -251,8 +252,9 @@ def test_a_lost_host_ends_the_sweep_with_the_store_true(tmp_path, pipeline_home)
             dask_client.wait_for_workers(2, timeout=90)
         killer = threading.Thread(target=kill_a_host_mid_trial, daemon=True)
         killer.start()
-        space = {"preset": "quickstart", "fixed": {**TINY_FIXED, "epochs": 3},
-                 "parameters": {"seed": [1, 2, 3, 4]}}  # fmt: skip
+        space = {"preset": "quickstart", "parameters": {"seed": [1, 2, 3, 4]},
+                 "fixed": {**TINY_FIXED, "epochs": 3, "experiment_name": "lost-host",
+                           "registered_model_name": "vit-lost-host"}}  # fmt: skip
         with prefect_test_harness(server_startup_timeout=120):
             result = sweep(space=space, dask_address=address, overrides={"tracking_uri": uri})
             trial_states = asyncio.run(_trial_task_states())
