@@ -72,3 +72,37 @@ def test_a_fast_run_cancelled_before_it_starts_frees_the_fast_path():
         await batcher.stop()
 
     asyncio.run(scenario())
+
+
+def test_a_lone_request_waits_for_the_ones_on_their_way():
+    """Requests still being decoded (``Arrivals``) keep the fast path shut, and a lone queued request waits
+    (up to the queue delay) for them to share its batch; with none on its way it runs at once."""
+    from vit_consumer.batching import Arrivals
+
+    engine = RecordingEngine()
+
+    async def scenario():
+        arrivals = Arrivals()
+        batcher = DynamicBatcher(max_batch_size=8, max_queue_delay_ms=500, coming=arrivals)
+        batcher.start()
+        leave = arrivals.enter()  # one request is being decoded
+        assert batcher.run_now(engine, _images(1.0)) is None  # no batch of one ahead of it
+        mine = arrivals.enter()
+        assert batcher.run_now(engine, _images(1.0), counted=1) is None  # the caller's own count aside
+        mine()
+        mine()  # leaving twice counts once
+        assert arrivals() == 1
+        first = asyncio.ensure_future(batcher.submit(engine, _images(1.0)))
+        await asyncio.sleep(0.05)  # the batcher holds the lone request: another is on its way
+        assert not engine.threads
+        second = asyncio.ensure_future(batcher.submit(engine, _images(2.0), on_queued=leave))
+        results = await asyncio.gather(first, second)
+        assert len(engine.threads) == 1  # one batch for both
+        started = time.perf_counter()
+        await batcher.submit(engine, _images(3.0))  # nothing on its way: no wait
+        waited = time.perf_counter() - started
+        await batcher.stop()
+        return [float(r[0, 0]) for r in results], waited, arrivals()
+
+    values, waited, left = asyncio.run(scenario())
+    assert values == [1.0, 2.0] and waited < 0.4 and left == 0

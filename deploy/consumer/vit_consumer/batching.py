@@ -14,8 +14,14 @@ never mixes versions, so requests in flight during a reload finish on the
 version they started with.
 
 ``run_now`` is the idle fast path: a thread that has just decoded a request
-hands it straight to the inference thread when nothing waits and the engine is
-free, skipping the batcher's queue and its event-loop round trip. Every
+hands it straight to the inference thread when nothing waits, nothing else is on
+its way (``Arrivals``: requests admitted and not yet decoded) and the engine is
+free, skipping the batcher's queue and its event-loop round trip. A lone queued
+request that has others on their way waits for them (up to
+``max_queue_delay_ms``) instead of running alone: under load, a batch of one
+started the moment the engine fell idle held both cores while the others were
+still being decoded, and at 32 clients two batches in three were of one or two
+images (deploy/consumer/README.md). Every
 ``session.run`` happens on that one thread, fast path or batch: run from
 alternating threads (the decode pool's), batch-1 calls ran slower in a
 side-by-side trial on the 2-core machine of deploy/consumer/README.md.
@@ -47,6 +53,32 @@ class _Request:
     enqueued: float = field(default_factory=time.perf_counter)
 
 
+class Arrivals:
+    """How many requests are on their way to the engine: admitted, not yet decoded and handed over."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._count = 0
+
+    def enter(self) -> Callable[[], None]:
+        """Counts one request in; returns its ``leave`` (idempotent: call it on every path out)."""
+        with self._lock:
+            self._count += 1
+        left = False
+
+        def leave() -> None:
+            nonlocal left
+            with self._lock:
+                if not left:
+                    left = True
+                    self._count -= 1
+
+        return leave
+
+    def __call__(self) -> int:
+        return self._count
+
+
 class DynamicBatcher:
     """Forms batches from queued requests and runs them one at a time.
 
@@ -55,6 +87,7 @@ class DynamicBatcher:
         max_queue_delay_ms: How long a non-full batch that already has company waits for more.
         max_queue: Most requests waiting; ``submit`` raises ``QueueFull`` beyond it.
         on_batch: Called with (batch size, seconds each request waited, seconds the run took) after each batch.
+        coming: How many requests are on their way (``Arrivals``); None: never any.
     """
 
     def __init__(
@@ -63,6 +96,7 @@ class DynamicBatcher:
         max_queue_delay_ms: float = 2.0,
         max_queue: int = 256,
         on_batch: Callable[[int, list[float], float], None] | None = None,
+        coming: Callable[[], int] | None = None,
     ):
         if max_batch_size < 1 or max_queue < 1 or max_queue_delay_ms < 0:
             raise ValueError(
@@ -73,6 +107,7 @@ class DynamicBatcher:
         self.max_queue_delay = max_queue_delay_ms / 1000.0
         self.queue: asyncio.Queue[_Request] = asyncio.Queue(maxsize=max_queue)
         self.on_batch = on_batch
+        self._coming = coming or (lambda: 0)
         self._carry: _Request | None = None  # the request that started a new engine's batch
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self._task: asyncio.Task | None = None
@@ -92,13 +127,15 @@ class DynamicBatcher:
     def depth(self) -> int:
         return self.queue.qsize() + (self._carry is not None)
 
-    def run_now(self, engine, images: np.ndarray) -> Future | None:
-        """Starts ``images`` on the inference thread at once if nothing waits and the engine is idle.
+    def run_now(self, engine, images: np.ndarray, counted: int = 0) -> Future | None:
+        """Starts ``images`` on the inference thread at once if nothing waits, nothing else is on its way and
+        the engine is idle.
 
-        Any thread may call it. Returns the run's future (logits), or None: ``submit`` it.
+        Any thread may call it. ``counted``: 1 when the caller's own request is among ``coming``'s.
+        Returns the run's future (logits), or None: ``submit`` it.
         """
         with self._state:
-            if self._busy or self.depth() or len(images) > self.max_batch_size:
+            if self._busy or self.depth() or self._coming() > counted or len(images) > self.max_batch_size:
                 return None
             self._busy += 1
         running = self._executor.submit(self._fast_run, engine, images)
@@ -120,13 +157,20 @@ class DynamicBatcher:
         with self._state:
             self._busy -= 1
 
-    async def submit(self, engine, images: np.ndarray) -> np.ndarray:
-        """Queues ``images`` for ``engine``; returns their logits (raises ``QueueFull``)."""
+    async def submit(
+        self, engine, images: np.ndarray, on_queued: Callable[[], None] | None = None
+    ) -> np.ndarray:
+        """Queues ``images`` for ``engine``; returns their logits (raises ``QueueFull``).
+
+        ``on_queued`` is called once the request is in the queue (it is no longer on its way).
+        """
         request = _Request(engine, images, asyncio.get_running_loop().create_future())
         try:
             self.queue.put_nowait(request)
         except asyncio.QueueFull:
             raise QueueFull(f"{self.queue.maxsize} requests are waiting") from None
+        if on_queued is not None:
+            on_queued()
         return await request.future
 
     async def _next(self) -> _Request:
@@ -143,9 +187,9 @@ class DynamicBatcher:
             try:
                 request = self.queue.get_nowait()
             except asyncio.QueueEmpty:
-                # Wait for company only if there is some already; a lone request runs at once.
+                # Wait for company if there is some already, or some on its way; a lone request runs at once.
                 remaining = deadline - time.perf_counter()
-                if len(batch) == 1 or remaining <= 0:
+                if (len(batch) == 1 and not self._coming()) or remaining <= 0:
                     break
                 try:
                     request = await asyncio.wait_for(self.queue.get(), remaining)

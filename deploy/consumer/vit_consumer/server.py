@@ -48,7 +48,7 @@ from pydantic import BaseModel
 from starlette.datastructures import Headers, QueryParams
 
 from vit_consumer import __version__, v2
-from vit_consumer.batching import DynamicBatcher, QueueFull
+from vit_consumer.batching import Arrivals, DynamicBatcher, QueueFull
 from vit_consumer.classifier import (
     InputError,
     OnnxClassifier,
@@ -232,8 +232,11 @@ class Service:
         self.engine = classifier
         self.settings = settings
         self.metrics = Metrics()
+        self.arrivals = (
+            Arrivals()
+        )  # decoded or being decoded, not yet with the engine: a batch waits for them
         self.batcher = DynamicBatcher(settings.max_batch_size, settings.max_queue_delay_ms, settings.max_queue,
-                                      on_batch=self.metrics.observe_batch)  # fmt: skip
+                                      on_batch=self.metrics.observe_batch, coming=self.arrivals)  # fmt: skip
         self.decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
         self.admission = _Admission(settings.max_inflight_bytes)
         self.ready = False
@@ -394,18 +397,30 @@ class Service:
         """Parses (``parse()``: checked images) in the decode pool, then starts at once when the engine
         is idle, else joins the batcher."""
 
+        leave = self.arrivals.enter()  # on its way until the engine or the queue has it, or it fails
+
         def decode_and_maybe_run():
             started = time.perf_counter()
-            images = parse()
+            try:
+                images = parse()
+            except BaseException:
+                leave()
+                raise
             self.metrics.decode.observe(time.perf_counter() - started)
-            return images, self.batcher.run_now(engine, images)
+            running = self.batcher.run_now(engine, images, counted=1)
+            if running is not None:
+                leave()
+            return images, running
 
         loop = asyncio.get_running_loop()
-        images, running = await loop.run_in_executor(self.decode_pool, decode_and_maybe_run)
-        if running is not None:
-            return await asyncio.wrap_future(running)
-        self.metrics.queue_depth.set(self.batcher.depth())
-        return await self.batcher.submit(engine, images)
+        try:
+            images, running = await loop.run_in_executor(self.decode_pool, decode_and_maybe_run)
+            if running is not None:
+                return await asyncio.wrap_future(running)
+            self.metrics.queue_depth.set(self.batcher.depth())
+            return await self.batcher.submit(engine, images, on_queued=leave)
+        finally:
+            leave()  # every other way out (a timeout cancelled the wait before the decode ran)
 
     def _reserve(self, declared: str | None) -> int:
         """Admits the body's bytes (the declared length, or the limit when unknown) or refuses."""
