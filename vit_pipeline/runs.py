@@ -111,21 +111,27 @@ def reap(client) -> list[str]:
     Called whenever the pipeline opens a store, so a crash shows at the latest at
     the next command. Runs not created by vit-pipeline are left alone.
     """
+    killed = []
+    for run in running_runs(client):
+        verdict = liveness(run.data.tags)
+        if verdict.alive:
+            continue
+        reason = f"Marked KILLED by pid {os.getpid()} on {socket.gethostname()}: {verdict.reason}"
+        end_run(client, run.info.run_id, "KILLED", reason)
+        killed.append(run.info.run_id)
+    return killed
+
+
+def running_runs(client, where: str = "") -> list:
+    """The RUNNING runs of every active experiment of the store (``where``: more of the filter, ``and``-ed)."""
     from mlflow.entities import ViewType
 
-    killed = []
     experiments = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
+    found = []
     for start in range(0, len(experiments), 100):  # search_runs takes a bounded list
-        runs = client.search_runs(experiments[start : start + 100],
-                                  filter_string="attributes.status = 'RUNNING'", max_results=1000)  # fmt: skip
-        for run in runs:
-            verdict = liveness(run.data.tags)
-            if verdict.alive:
-                continue
-            reason = f"Marked KILLED by pid {os.getpid()} on {socket.gethostname()}: {verdict.reason}"
-            end_run(client, run.info.run_id, "KILLED", reason)
-            killed.append(run.info.run_id)
-    return killed
+        found += client.search_runs(experiments[start : start + 100], max_results=1000,
+                                    filter_string=f"attributes.status = 'RUNNING'{f' and {where}' if where else ''}")  # fmt: skip
+    return found
 
 
 def end_run(client, run_id: str, status: str, reason: str) -> None:
@@ -373,16 +379,10 @@ def flow_run_config(parameters: dict | None) -> PipelineConfig:
 
 def mark_flow_run_killed(cfg: PipelineConfig, flow_run_id: str, reason: str) -> list[str]:
     """Marks KILLED the RUNNING MLflow runs linked to a Prefect flow run (in any active experiment of the store)."""
-    from mlflow.entities import ViewType
-
     client = tracking.client(cfg)
-    experiments = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
-    killed = []
-    for start in range(0, len(experiments), 100):  # search_runs takes a bounded list
-        for run in client.search_runs(
-            experiments[start : start + 100], max_results=1000,
-            filter_string=f"attributes.status = 'RUNNING' and tags.`prefect.flow_run_id` = '{flow_run_id}'",
-        ):  # fmt: skip
-            end_run(client, run.info.run_id, "KILLED", reason)
-            killed.append(run.info.run_id)
+    killed = [
+        run.info.run_id for run in running_runs(client, f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
+    ]
+    for run_id in killed:
+        end_run(client, run_id, "KILLED", reason)
     return killed

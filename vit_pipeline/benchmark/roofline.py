@@ -72,9 +72,9 @@ def bf16_roofline(n: int = GEMM_N, seconds: float = 2.0) -> dict[str, Any] | Non
     b = ops.constant(np.random.default_rng(0).random((n, n), dtype=np.float32))
     model = ov.Model([ops.matmul(a, b, False, False)], [a], "gemm")
     compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "bf16"})
-    from vit_pipeline.benchmark.backends.openvino import _type_name
+    from vit_consumer.engines import type_name
 
-    if _type_name(compiled.get_property("INFERENCE_PRECISION_HINT")).lower() != "bf16":
+    if type_name(compiled.get_property("INFERENCE_PRECISION_HINT")).lower() != "bf16":
         return None
     request = compiled.create_infer_request()
     x = np.random.default_rng(1).random((n, n), dtype=np.float32)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,44 @@ def engine_settings(engine: str) -> list[tuple[str, str]]:
 def candidate_name(file: str, engine: str, precision: str) -> str:
     """``registered`` / ``int8-static`` on ONNX Runtime; ``registered@openvino-f32`` on another engine."""
     return file if engine == ONNXRUNTIME else f"{file}@{spec_label(engine, precision)}"
+
+
+def candidate_pool(model_path: Path, served_name: str, settings: list[tuple[str, str]], gated: bool,
+                   load: Callable[[Path, tuple[str, str], str], Any]) -> tuple[dict[str, Any], dict[str, str]]:  # fmt: skip
+    """Every registered file (the served one and the manifest's candidates) on every engine setting, loaded.
+
+    Args:
+        served_name: The classifier already serving (not loaded again).
+        gated: Whether gate images are registered: another engine than ONNX Runtime (whose
+            agreement the export measured) is a candidate only if it can be gated here.
+        load: ``(file, (engine, precision), name) -> classifier``; raises ``InputError`` for a file
+            the engine cannot load.
+
+    Returns:
+        (name -> loaded classifier, name -> why it is not a candidate).
+    """
+    from vit_consumer.classifier import InputError
+
+    files = {"registered": model_path, **registered_candidates(model_path)}
+    loaded, skipped = {}, {}
+    for setting in settings:
+        for file_name, file in files.items():
+            name = candidate_name(file_name, *setting)
+            if name == served_name or (setting == (OPENVINO, "f32") and file_name.startswith("int8")):
+                continue  # already serving; an int8 file's GEMMs are int8 at either precision hint
+            if setting[0] != ONNXRUNTIME and not gated:
+                skipped[name] = "no gate images registered (an older export, or a plain file)"
+                continue
+            try:
+                clf = load(file, setting, name)
+            except InputError as exc:
+                skipped[name] = f"does not load here ({exc})"
+                continue
+            twin = loaded.get(candidate_name(file_name, setting[0], "default"))
+            if twin is not None and twin.runtime.precision == clf.runtime.precision:
+                continue  # OpenVINO's default is f32 on this CPU: the same engine twice
+            loaded[name] = clf
+    return loaded, skipped
 
 
 def throughput(classifier, batch_sizes: tuple[int, ...], seconds: float) -> dict[int, float]:

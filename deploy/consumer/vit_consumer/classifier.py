@@ -191,9 +191,9 @@ class OnnxClassifier:
         from vit_consumer.candidates import (
             AUTO,
             candidate_name,
+            candidate_pool,
             choose,
             engine_settings,
-            registered_candidates,
             registered_gate,
         )
 
@@ -230,28 +230,7 @@ class OnnxClassifier:
             served.candidate = {"served": served.name, "engine": served.engine,
                                 "precision": served.runtime.precision, "reason": "candidate choice off"}  # fmt: skip
             return served
-        files = {"registered": path, **registered_candidates(path)}
-        loaded, skipped = {}, {}
-        for setting in settings:
-            for file_name, file in files.items():
-                name = candidate_name(file_name, *setting)
-                if name == served.name:
-                    continue
-                if setting == (engines.OPENVINO, "f32") and file_name.startswith("int8"):
-                    continue  # an int8 file's GEMMs are int8 at either precision hint
-                if setting[0] != engines.ONNXRUNTIME and gate is None:
-                    # The export's gate ran on ONNX Runtime; another engine needs the images to be gated here.
-                    skipped[name] = "no gate images registered (an older export, or a plain file)"
-                    continue
-                try:
-                    clf = load(file, setting, name)
-                except InputError as exc:
-                    skipped[name] = f"does not load here ({exc})"
-                    continue
-                twin = loaded.get(candidate_name(file_name, setting[0], "default"))
-                if twin is not None and twin.runtime.precision == clf.runtime.precision:
-                    continue  # OpenVINO's default is f32 on this CPU: the same engine twice
-                loaded[name] = clf
+        loaded, skipped = candidate_pool(path, served.name, settings, gate is not None, load)
         chosen, report = choose(served, loaded, choose_for, gate=gate, refused=skipped)
         chosen.candidate = report
         return chosen

@@ -30,7 +30,7 @@ OPENVINO = "openvino"
 ENGINES = (ONNXRUNTIME, OPENVINO)
 OV_PRECISIONS = ("default", "f32")
 # OpenVINO's element type names -> the names the benchmark and /health use.
-_PRECISION_NAMES = {"f32": "fp32", "bf16": "bf16", "f16": "fp16", "i8": "int8", "u8": "int8"}
+PRECISION_NAMES = {"f32": "fp32", "bf16": "bf16", "f16": "fp16", "i8": "int8", "u8": "int8"}
 
 
 class EngineError(ValueError):
@@ -156,8 +156,8 @@ class OpenVinoEngine:
             ) from exc
         # The ONNX frontend keeps metadata_props under rt_info["framework"].
         self.metadata = _framework_info(model)
-        hint = _type_name(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
-        self.precision = _PRECISION_NAMES.get(hint, hint)
+        hint = type_name(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
+        self.precision = PRECISION_NAMES.get(hint, hint)
         self.providers_used = [f"OpenVINO {ov.get_version().split('-')[0]} CPU ({self.precision})"]
         inp, out = self.compiled.inputs[0], self.compiled.outputs[0]
         self.input_name = inp.get_any_name()
@@ -173,7 +173,7 @@ class OpenVinoEngine:
         return request.infer({0: images})[0].copy()
 
 
-def _type_name(value) -> str:
+def type_name(value) -> str:
     """``bf16`` from an ``openvino.Type`` (whose str() is "<Type: 'bfloat16'>") or a plain string."""
     return value.get_type_name() if hasattr(value, "get_type_name") else str(value)
 

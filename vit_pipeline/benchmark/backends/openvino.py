@@ -13,11 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from vit_consumer.engines import PRECISION_NAMES, type_name
 
 from vit_pipeline.benchmark.backends import batched
 from vit_pipeline.benchmark.report import OV_DEFAULT, OV_F32
-
-PRECISIONS = {"f32": "fp32", "bf16": "bf16", "f16": "fp16", "i8": "int8"}
 
 
 def available() -> tuple[bool, str]:
@@ -27,11 +26,6 @@ def available() -> tuple[bool, str]:
     except ImportError as exc:
         return False, f"openvino is not installed ({exc}); pip install -e '.[openvino]'"
     return True, ov.get_version()
-
-
-def _type_name(value) -> str:
-    """``f32`` from an ``openvino.Type`` (whose str() is "<Type: 'float32'>") or a plain string."""
-    return value.get_type_name() if hasattr(value, "get_type_name") else str(value)
 
 
 def _has_int8_weights(path: Path) -> bool:
@@ -66,8 +60,8 @@ class OpenVinoBackend:
         self.path = Path(path)
         self.provider = OV_F32 if f32 else OV_DEFAULT
         self.variant = variant
-        hint = _type_name(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
-        precision = PRECISIONS.get(hint.lower(), hint.lower())
+        hint = type_name(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
+        precision = PRECISION_NAMES.get(hint.lower(), hint.lower())
         # QDQ files run their GEMMs in int8 (LPT); the hint only covers the rest.
         self.precision = "int8" if _has_int8_weights(Path(path)) else precision
         self.providers_used = [f"openvino {ov.get_version()} CPU ({hint})"]
