@@ -20,8 +20,10 @@
    minus (engine batch-1 latency + decode); and the floor Little's law puts under
    the mean latency of N clients that each wait for their answer: N / (engine img/s).
 
-Side by side: ``--rounds`` rounds, each timing the engine, the decoder and then
-every client level, so a shared VM's drift hits both sides alike; latencies are
+Side by side: ``--rounds`` rounds, each timing the engine, the decoder, every
+client level and the engine at the service's batch size again (the reference
+of a round is both timings together, so it brackets the levels), so a shared
+VM's drift hits both sides alike; latencies are
 pooled over the rounds, the per-round figures kept in the report. Bounded:
 ``--seconds`` per level and round (and ``--max-requests``). Writes ``--output``
 (JSON) and prints a markdown table.
@@ -431,7 +433,7 @@ def main() -> int:
             turn = modes[r % len(modes) :] + modes[: r % len(modes)]
             for mode in turn:
                 spin_rounds[mode].append(time_engine(sessions[mode], decoded[:1], args.engine_seconds))
-            engine_bn.append(time_engine(clf, decoded[: args.max_batch_size], args.engine_seconds))
+            before = time_engine(clf, decoded[: args.max_batch_size], args.engine_seconds)
             decodes.append(decode_ms(clf, payloads))
             for c in clients:
                 for protocol in protocols:
@@ -447,6 +449,9 @@ def main() -> int:
                           f"{len(level['latencies']) / level['seconds']:.0f} req/s, "
                           f"p50 {percentile(level['latencies'], 50) * 1e3:.1f} ms, errors {len(level['errors'])}",
                           file=sys.stderr)  # fmt: skip
+            # Again after the levels: the reference brackets them (the VM's speed drifts within seconds).
+            after = time_engine(clf, decoded[: args.max_batch_size], args.engine_seconds)
+            engine_bn.append((before[0] + after[0], before[1] + after[1]))
     finally:
         proc.terminate()
         proc.wait(timeout=30)

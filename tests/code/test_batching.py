@@ -1,4 +1,4 @@
-"""The dynamic batcher on its own: every session.run on one thread, the idle fast path's bookkeeping."""
+"""The dynamic batcher on its own: one inference thread, batches of what is queued, waits only for arrivals."""
 
 import asyncio
 import threading
@@ -6,18 +6,26 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-from vit_consumer.batching import DynamicBatcher
+import pytest
+from vit_consumer.batching import Arrivals, BatcherStopped, DynamicBatcher, QueueFull
 
 
 class RecordingEngine:
-    """Logits = the images' first pixel; remembers which thread ran each call."""
+    """Logits = the images' first pixel; remembers each call's thread and batch size; ``gate`` holds a run."""
 
-    def __init__(self, seconds: float = 0.0):
+    def __init__(self, seconds: float = 0.0, gate: threading.Event | None = None):
         self.threads: list[int] = []
+        self.sizes: list[int] = []
         self.seconds = seconds
+        self.gate = gate
+        self.entered = threading.Event()
 
     def run(self, images: np.ndarray) -> np.ndarray:
         self.threads.append(threading.get_ident())
+        self.sizes.append(len(images))
+        self.entered.set()
+        if self.gate is not None:
+            assert self.gate.wait(10)
         time.sleep(self.seconds)
         return images[:, 0, 0, :1].copy()
 
@@ -26,83 +34,144 @@ def _images(value: float, n: int = 1) -> np.ndarray:
     return np.full((n, 2, 2, 3), value, np.float32)
 
 
-def test_fast_path_and_batches_run_on_one_thread_with_their_own_rows():
-    engine = RecordingEngine(seconds=0.01)
+def _values(futures) -> list[float]:
+    return [float(f.result(timeout=10)[0, 0]) for f in futures]
 
-    async def scenario():
-        batcher = DynamicBatcher(max_batch_size=8, max_queue_delay_ms=5)
+
+@pytest.fixture
+def batcher_of():
+    made = []
+
+    def make(**kwargs) -> DynamicBatcher:
+        batcher = DynamicBatcher(**kwargs)
         batcher.start()
-        pool = ThreadPoolExecutor(2)  # like the service's decode threads
-        loop = asyncio.get_running_loop()
-        # Idle: a decode thread starts the run at once (a future), from either pool thread.
-        fast = []
-        for value in (1.0, 2.0):
-            running = await loop.run_in_executor(pool, batcher.run_now, engine, _images(value))
-            assert running is not None
-            fast.append(float((await asyncio.wrap_future(running))[0, 0]))
-        # Busy: while a run is in progress the fast path declines; queued requests share a batch.
-        running = await loop.run_in_executor(pool, batcher.run_now, engine, _images(3.0))
-        assert batcher.run_now(engine, _images(4.0)) is None
-        queued = await asyncio.gather(*(batcher.submit(engine, _images(v)) for v in (5.0, 6.0, 7.0)))
-        third = float((await asyncio.wrap_future(running))[0, 0])
-        await batcher.stop()
-        pool.shutdown()
-        return fast, third, [float(q[0, 0]) for q in queued]
+        made.append(batcher)
+        return batcher
 
-    fast, third, queued = asyncio.run(scenario())
-    assert fast == [1.0, 2.0] and third == 3.0 and queued == [5.0, 6.0, 7.0]
-    assert len(engine.threads) == 4  # three fast runs, then one batch of the three queued requests
-    assert len(set(engine.threads)) == 1  # every session.run on the inference thread
+    yield make
+    for b in made:
+        b.stop()
 
 
-def test_a_fast_run_cancelled_before_it_starts_frees_the_fast_path():
+def test_queued_requests_share_one_batch_on_the_inference_thread_with_their_own_rows(batcher_of):
+    gate = threading.Event()
+    engine = RecordingEngine(gate=gate)
+    batcher = batcher_of(max_batch_size=8, max_queue_delay_ms=5)
+    first = batcher.put(engine, _images(1.0))
+    assert engine.entered.wait(5)  # it ran alone at once: nothing else was queued or on its way
+    with ThreadPoolExecutor(3) as pool:  # like the service's decode threads
+        queued = list(pool.map(lambda v: batcher.put(engine, _images(v, 2)), (5.0, 6.0, 7.0)))
+    assert batcher.depth() == 3
+    gate.set()
+    assert _values([first]) == [1.0] and _values(queued) == [5.0, 6.0, 7.0]
+    assert [q.result()[:, 0].tolist() for q in queued] == [[5.0, 5.0], [6.0, 6.0], [7.0, 7.0]]
+    assert engine.sizes == [1, 6]  # then one batch of the three queued requests
+    assert len(set(engine.threads)) == 1 and engine.threads[0] != threading.get_ident()
+
+
+def test_a_batch_never_exceeds_max_batch_size_nor_mixes_engines(batcher_of):
+    gate = threading.Event()
+    old, new = RecordingEngine(gate=gate), RecordingEngine()
+    batcher = batcher_of(max_batch_size=4)
+    blocker = batcher.put(old, _images(0.0))
+    assert old.entered.wait(5)
+    futures = [batcher.put(old, _images(1.0, 3)), batcher.put(old, _images(2.0, 2)), batcher.put(new, _images(3.0)),
+               batcher.put(old, _images(4.0))]  # fmt: skip
+    gate.set()
+    assert _values([blocker, *futures]) == [0.0, 1.0, 2.0, 3.0, 4.0]
+    assert old.sizes == [1, 3, 2, 1] and new.sizes == [1]  # 3+2 > 4; a new version starts its own batch
+
+
+def test_a_request_cancelled_before_its_batch_is_not_run(batcher_of):
+    gate = threading.Event()
+    engine = RecordingEngine(gate=gate)
+    batcher = batcher_of(max_batch_size=8)
+    busy = batcher.put(engine, _images(1.0))
+    assert engine.entered.wait(5)
+    dropped, kept = batcher.put(engine, _images(2.0)), batcher.put(engine, _images(3.0))
+    assert dropped.cancel()  # a request timeout, while it was queued
+    gate.set()
+    assert _values([busy, kept]) == [1.0, 3.0] and engine.sizes == [1, 1]
+
+
+def test_a_batch_waits_only_for_requests_on_their_way():
+    """With company but nothing on its way a batch runs at once, even with a long queue delay; a lone
+    request waits (up to the delay) for one on its way, and is released when that one fails instead."""
     engine = RecordingEngine()
-    release = threading.Event()
+    arrivals = Arrivals()
+    batcher = DynamicBatcher(max_batch_size=8, max_queue_delay_ms=2000, coming=arrivals)
+    arrivals.on_leave = batcher.nudge
+    batcher.start()
+    try:
+        started = time.perf_counter()
+        assert _values([batcher.put(engine, _images(1.0))]) == [1.0]  # nothing on its way: no wait
+        assert time.perf_counter() - started < 1.0
+
+        leave = arrivals.enter()  # one being decoded
+        first = batcher.put(engine, _images(2.0))
+        time.sleep(0.1)
+        assert not first.done()  # held for the one on its way
+        second = batcher.put(engine, _images(3.0), arrived=leave)
+        assert _values([first, second]) == [2.0, 3.0] and engine.sizes == [1, 2] and arrivals() == 0
+
+        failing = arrivals.enter()
+        started = time.perf_counter()
+        lone = batcher.put(engine, _images(4.0))
+        time.sleep(0.1)
+        failing()  # its decode failed: the lone request need not wait out the 2 s
+        assert _values([lone]) == [4.0] and time.perf_counter() - started < 1.0
+        failing()  # leaving twice counts once
+        assert arrivals() == 0
+    finally:
+        batcher.stop()
+
+
+def test_queue_bound_engine_failure_and_stop(batcher_of):
+    gate = threading.Event()
+    engine = RecordingEngine(gate=gate)
+    batcher = batcher_of(max_batch_size=1, max_queue=2)
+    busy = batcher.put(engine, _images(1.0))
+    assert engine.entered.wait(5)
+    waiting = [batcher.put(engine, _images(2.0)), batcher.put(engine, _images(3.0))]
+    with pytest.raises(QueueFull):
+        batcher.put(engine, _images(4.0))
+
+    class Broken:
+        def run(self, images):
+            raise RuntimeError("engine broke")
+
+    gate.set()
+    assert _values([busy, *waiting]) == [1.0, 2.0, 3.0]
+    with pytest.raises(RuntimeError, match="engine broke"):
+        batcher.put(Broken(), _images(5.0)).result(timeout=5)
+    assert _values([batcher.put(engine, _images(6.0))]) == [6.0]  # the service goes on
+
+    gate.clear()
+    engine.entered.clear()
+    busy = batcher.put(engine, _images(7.0))
+    assert engine.entered.wait(5)
+    queued = batcher.put(engine, _images(8.0))
+    stopper = threading.Thread(target=batcher.stop)
+    stopper.start()
+    time.sleep(0.05)
+    with pytest.raises(BatcherStopped):
+        queued.result(timeout=5)  # queued, not run: failed at once
+    with pytest.raises(BatcherStopped):
+        batcher.put(engine, _images(9.0))
+    gate.set()
+    stopper.join(10)
+    assert _values([busy]) == [7.0]  # the batch that was running finished
+
+
+def test_submit_from_the_event_loop():
+    engine = RecordingEngine()
 
     async def scenario():
         batcher = DynamicBatcher(max_batch_size=4)
         batcher.start()
-        blocker = batcher._executor.submit(release.wait)  # the inference thread is taken, unbeknown to it
-        running = batcher.run_now(engine, _images(1.0))
-        assert running is not None and batcher.run_now(engine, _images(2.0)) is None  # one at a time
-        assert running.cancel()  # a request timeout, before the run began
-        assert batcher.run_now(engine, _images(3.0)) is not None  # the fast path is free again
-        release.set()
-        blocker.result(timeout=5)
-        await batcher.stop()
+        try:
+            return await asyncio.gather(*(batcher.submit(engine, _images(v)) for v in (1.0, 2.0)))
+        finally:
+            batcher.stop()
 
-    asyncio.run(scenario())
-
-
-def test_a_lone_request_waits_for_the_ones_on_their_way():
-    """Requests still being decoded (``Arrivals``) keep the fast path shut, and a lone queued request waits
-    (up to the queue delay) for them to share its batch; with none on its way it runs at once."""
-    from vit_consumer.batching import Arrivals
-
-    engine = RecordingEngine()
-
-    async def scenario():
-        arrivals = Arrivals()
-        batcher = DynamicBatcher(max_batch_size=8, max_queue_delay_ms=500, coming=arrivals)
-        batcher.start()
-        leave = arrivals.enter()  # one request is being decoded
-        assert batcher.run_now(engine, _images(1.0)) is None  # no batch of one ahead of it
-        mine = arrivals.enter()
-        assert batcher.run_now(engine, _images(1.0), counted=1) is None  # the caller's own count aside
-        mine()
-        mine()  # leaving twice counts once
-        assert arrivals() == 1
-        first = asyncio.ensure_future(batcher.submit(engine, _images(1.0)))
-        await asyncio.sleep(0.05)  # the batcher holds the lone request: another is on its way
-        assert not engine.threads
-        second = asyncio.ensure_future(batcher.submit(engine, _images(2.0), on_queued=leave))
-        results = await asyncio.gather(first, second)
-        assert len(engine.threads) == 1  # one batch for both
-        started = time.perf_counter()
-        await batcher.submit(engine, _images(3.0))  # nothing on its way: no wait
-        waited = time.perf_counter() - started
-        await batcher.stop()
-        return [float(r[0, 0]) for r in results], waited, arrivals()
-
-    values, waited, left = asyncio.run(scenario())
-    assert values == [1.0, 2.0] and waited < 0.4 and left == 0
+    assert [float(r[0, 0]) for r in asyncio.run(scenario())] == [1.0, 2.0]

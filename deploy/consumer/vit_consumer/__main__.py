@@ -36,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size,
                        help="most images per session.run")  # fmt: skip
     serve.add_argument("--max-queue-delay-ms", type=float, default=defaults.max_queue_delay_ms,
-                       help="how long a batch with company waits for more (a lone request never waits)")  # fmt: skip
+                       help="longest a batch waits for requests already on their way (being decoded); with none, it runs at once")  # fmt: skip
     serve.add_argument(
         "--max-queue", type=int, default=defaults.max_queue, help="requests waiting (beyond: 503)"
     )

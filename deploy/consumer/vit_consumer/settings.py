@@ -59,7 +59,7 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(32, gt=0)
     """Most images per ``session.run``."""
     max_queue_delay_ms: float = Field(2.0, ge=0)
-    """How long a batch with company waits for more, in ms (a lone request never waits)."""
+    """Longest a batch waits for requests already on their way (being decoded), in ms; with none, it runs at once."""
     max_queue: int = Field(256, gt=0)
     """Requests waiting for the engine (beyond: 503 with Retry-After)."""
     timeout_s: float = Field(10.0, gt=0)
