@@ -94,36 +94,42 @@ def test_a_request_cancelled_before_its_batch_is_not_run(batcher_of):
     assert _values([busy, kept]) == [1.0, 3.0] and engine.sizes == [1, 1]
 
 
-def test_a_batch_waits_only_for_requests_on_their_way():
+def test_a_batch_waits_only_for_requests_on_their_way(batcher_of):
     """With company but nothing on its way a batch runs at once, even with a long queue delay; a lone
     request waits (up to the delay) for one on its way, and is released when that one fails instead."""
     engine = RecordingEngine()
     arrivals = Arrivals()
-    batcher = DynamicBatcher(max_batch_size=8, max_queue_delay_ms=2000, coming=arrivals)
+    batcher = batcher_of(max_batch_size=8, max_queue_delay_ms=2000, coming=arrivals)
     arrivals.on_leave = batcher.nudge
-    batcher.start()
-    try:
-        started = time.perf_counter()
-        assert _values([batcher.put(engine, _images(1.0))]) == [1.0]  # nothing on its way: no wait
-        assert time.perf_counter() - started < 1.0
+    started = time.perf_counter()
+    assert _values([batcher.put(engine, _images(1.0))]) == [1.0]  # nothing on its way: no wait
+    assert time.perf_counter() - started < 1.0
 
-        leave = arrivals.enter()  # one being decoded
-        first = batcher.put(engine, _images(2.0))
-        time.sleep(0.1)
-        assert not first.done()  # held for the one on its way
-        second = batcher.put(engine, _images(3.0), arrived=leave)
-        assert _values([first, second]) == [2.0, 3.0] and engine.sizes == [1, 2] and arrivals() == 0
+    leave = arrivals.enter()  # one being decoded
+    first = batcher.put(engine, _images(2.0))
+    time.sleep(0.1)
+    assert not first.done()  # held for the one on its way
+    second = batcher.put(engine, _images(3.0), arrived=leave)
+    assert _values([first, second]) == [2.0, 3.0] and engine.sizes == [1, 2] and arrivals() == 0
 
-        failing = arrivals.enter()
-        started = time.perf_counter()
-        lone = batcher.put(engine, _images(4.0))
-        time.sleep(0.1)
-        failing()  # its decode failed: the lone request need not wait out the 2 s
-        assert _values([lone]) == [4.0] and time.perf_counter() - started < 1.0
-        failing()  # leaving twice counts once
-        assert arrivals() == 0
-    finally:
-        batcher.stop()
+    failing = arrivals.enter()
+    started = time.perf_counter()
+    lone = batcher.put(engine, _images(4.0))
+    time.sleep(0.1)
+    failing()  # its decode failed: the lone request need not wait out the 2 s
+    assert _values([lone]) == [4.0] and time.perf_counter() - started < 1.0
+    failing()  # leaving twice counts once
+    assert arrivals() == 0
+
+    gate = threading.Event()
+    held = RecordingEngine(gate=gate)
+    busy = batcher.put(held, _images(5.0))
+    assert held.entered.wait(5)
+    pair = [batcher.put(held, _images(6.0)), batcher.put(held, _images(7.0))]
+    started = time.perf_counter()
+    gate.set()  # two queued, none on its way: their batch runs at once, not after the 2 s delay
+    assert _values([busy, *pair]) == [5.0, 6.0, 7.0] and held.sizes == [1, 2]
+    assert time.perf_counter() - started < 1.0
 
 
 def test_queue_bound_engine_failure_and_stop(batcher_of):
