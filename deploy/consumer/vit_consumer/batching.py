@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -39,6 +40,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 
 class QueueFull(Exception):
@@ -209,19 +212,22 @@ class DynamicBatcher:
 
     def _run(self, batch: list[_Request]) -> None:
         formed = time.perf_counter()  # the queue wait ends here
-        images = np.concatenate([r.images for r in batch]) if len(batch) > 1 else batch[0].images
-        started = time.perf_counter()
         try:
+            images = np.concatenate([r.images for r in batch]) if len(batch) > 1 else batch[0].images
+            started = time.perf_counter()
             logits = batch[0].engine.run(images)
+            seconds = time.perf_counter() - started
         except Exception as exc:  # one bad batch fails its requests, not the service
             for r in batch:
                 r.future.set_exception(exc)
             return
-        seconds = time.perf_counter() - started
         offset = 0
         for r in batch:
             n = len(r.images)
             r.future.set_result(logits[offset : offset + n])
             offset += n
         if self.on_batch is not None:
-            self.on_batch(len(images), [formed - r.enqueued for r in batch], seconds)
+            try:
+                self.on_batch(len(images), [formed - r.enqueued for r in batch], seconds)
+            except Exception:  # metrics must not end the inference thread
+                log.exception("Recording a batch failed")

@@ -36,6 +36,7 @@ import io
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import AsyncIterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -48,7 +49,7 @@ from pydantic import BaseModel
 from starlette.datastructures import Headers, QueryParams
 
 from vit_consumer import __version__, v2
-from vit_consumer.batching import Arrivals, DynamicBatcher, QueueFull
+from vit_consumer.batching import Arrivals, BatcherStopped, DynamicBatcher, QueueFull
 from vit_consumer.classifier import (
     InputError,
     OnnxClassifier,
@@ -237,6 +238,8 @@ def _settle(answer: asyncio.Future, done: Future | None, error: BaseException | 
         if error is None:
             answer.set_result(done.result())
             return
+    if isinstance(error, StopIteration):  # an asyncio future refuses StopIteration
+        error = RuntimeError(repr(error))
     answer.set_exception(error)
 
 
@@ -273,11 +276,13 @@ class Service:
             self._watch = loop.create_task(self._watch_alias(), name="champion-reload")
 
     async def stop(self) -> None:
+        self.ready = False  # new requests get a 503
         if self._watch is not None:
             self._watch.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watch
-        self.batcher.stop()
+        # Joins the inference thread after its batch: off the event loop, which still answers.
+        await asyncio.get_running_loop().run_in_executor(None, self.batcher.stop)
         self.decode_pool.shutdown(wait=False, cancel_futures=True)
 
     async def _watch_alias(self) -> None:
@@ -419,6 +424,7 @@ class Service:
         loop = asyncio.get_running_loop()
         answer: asyncio.Future = loop.create_future()
         queued: list[Future] = []
+        dropped = threading.Event()  # the request's wait ended (a timeout): do not queue it, or drop it
         leave = self.arrivals.enter()  # on its way until the queue has it, or it fails
 
         def decode_and_queue() -> None:
@@ -426,6 +432,9 @@ class Service:
             try:
                 images = parse()
                 self.metrics.decode.observe(time.perf_counter() - started)
+                if dropped.is_set():
+                    leave()
+                    return
                 queued.append(self.batcher.put(engine, images, arrived=leave))
             except BaseException as exc:
                 leave()
@@ -433,17 +442,30 @@ class Service:
                 return
             finally:
                 self.metrics.queue_depth.set(self.batcher.depth())
+            if dropped.is_set():  # ended while it was being queued: the batch skips a cancelled future
+                queued[0].cancel()
             queued[0].add_done_callback(lambda done: loop.call_soon_threadsafe(_settle, answer, done, None))
 
-        running = self.decode_pool.submit(decode_and_queue)
+        def never_ran(job: Future) -> None:  # cancelled before it started: the service is stopping
+            if job.cancelled():
+                leave()
+                loop.call_soon_threadsafe(_settle, answer, None, BatcherStopped("The service is stopping"))
+
+        try:
+            running = self.decode_pool.submit(decode_and_queue)
+        except RuntimeError as exc:  # the pool is shut down
+            leave()
+            raise BatcherStopped("The service is stopping") from exc
+        running.add_done_callback(never_ran)
         try:
             return await answer
         finally:
             if answer.cancelled():  # a timeout: drop the work if it has not started
+                dropped.set()
                 running.cancel()
                 if queued:
                     queued[0].cancel()
-            leave()  # every other way out (the decode never ran)
+            leave()  # every other way out
 
     def _reserve(self, declared: str | None) -> int:
         """Admits the body's bytes (the declared length, or the limit when unknown) or refuses."""
