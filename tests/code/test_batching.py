@@ -169,20 +169,6 @@ def test_queue_bound_engine_failure_and_stop(batcher_of):
     assert _values([busy]) == [7.0]  # the batch that was running finished
 
 
-def test_submit_from_the_event_loop():
-    engine = RecordingEngine()
-
-    async def scenario():
-        batcher = DynamicBatcher(max_batch_size=4)
-        batcher.start()
-        try:
-            return await asyncio.gather(*(batcher.submit(engine, _images(v)) for v in (1.0, 2.0)))
-        finally:
-            batcher.stop()
-
-    assert [float(r[0, 0]) for r in asyncio.run(scenario())] == [1.0, 2.0]
-
-
 def _service():
     from vit_consumer.server import Service
     from vit_consumer.settings import Settings

@@ -29,7 +29,6 @@ version they started with.
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import logging
 import threading
@@ -175,10 +174,6 @@ class DynamicBatcher:
                 arrived(notify=False)
             self._changed.notify_all()
         return request.future
-
-    async def submit(self, engine, images: np.ndarray) -> np.ndarray:
-        """``put`` from the event loop, awaited: the logits (cancelling the wait drops a request not yet run)."""
-        return await asyncio.wrap_future(self.put(engine, images))
 
     def _collect(self) -> list[_Request] | None:
         """The next batch (None: stopping); blocks until there is one."""
