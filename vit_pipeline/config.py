@@ -306,7 +306,11 @@ class GatesConfig(_Fields):
     leakage_max_distance: Annotated[int, Field(ge=0, le=32)] = 4
     """A test image within this many bits (of 64) of a training image's perceptual hash is a near duplicate."""
     drop_leaked_test: bool = False
-    """Remove exact and near duplicates of training images from the test split before evaluation."""
+    """Remove exact and near duplicates of training images from the test split before evaluation (also
+    of the images the ``init_from`` checkpoint was trained on)."""
+    init_leakage_blocks_promotion: bool = True
+    """Whether test images that the ``init_from`` checkpoint (or its ancestors) trained on, kept in the test
+    split, keep the version from becoming champion: its test figures would flatter it."""
     min_test_accuracy: Annotated[float, Field(ge=0, le=1)] | None = None
     """Value threshold: the served file's top-1 on the test split must reach this to become champion."""
     min_class_recall: Annotated[float, Field(ge=0, le=1)] | None = None

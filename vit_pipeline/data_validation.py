@@ -26,9 +26,19 @@ TFX's StatisticsGen, SchemaGen and ExampleValidator, for image datasets:
   use): a test image is a near duplicate when its 64-bit pHash is within
   ``leakage_max_distance`` bits of a training image's, which catches renamed, re-encoded and
   lightly resized copies that byte hashes miss.
+* **Lineage leakage** (a run with ``init_from``): a fine-tuned model has also seen what its
+  checkpoint trained on. Every run logs the hashes of the images its weights were trained on,
+  its own training split and its checkpoint's (``data/seen_images.npz``, so a chain of
+  fine-tunings carries them all); a run that starts from a model of this project checks its
+  test and validation images against those of its checkpoint. Test images the checkpoint trained
+  on count as leaked and, unless ``drop_leaked_test`` drops them, keep the version from becoming
+  champion (``init_leakage_blocks_promotion``); validation images it trained on flatter the
+  best-epoch choice and are counted. The same folder split again with another
+  ``seed`` or ``test_split`` is the usual way this happens. A Keras-Hub or Hugging Face
+  checkpoint does not record its training images: the check says so.
 
-Outcomes are run tags (``gate.data_validation``, ``gate.drift``, ``gate.leakage``) that the
-register stage copies to the model version.
+Outcomes are run tags (``gate.data_validation``, ``gate.drift``, ``gate.leakage``,
+``gate.lineage``) that the register stage copies to the model version.
 """
 
 from __future__ import annotations
@@ -303,9 +313,72 @@ def champion_statistics(cfg: PipelineConfig) -> tuple[DatasetStatistics | None, 
 
 
 # --------------------------------------------------------------------- leakage
+SEEN_ARTIFACT = "data/seen_images.npz"  # hashes of every image the run's weights were trained on
+
+
+@dataclass(frozen=True)
+class ImageHashes:
+    """Perceptual and exact hashes of a set of images: what leakage checks compare.
+
+    Attributes:
+        phash: (n,) uint64, each image's 64-bit DCT perceptual hash (``imagehash.phash``).
+        exact: (n, 16) uint8, each image's BLAKE2b-128 digest of its pixels.
+    """
+
+    phash: np.ndarray
+    exact: np.ndarray
+
+    @classmethod
+    def of(cls, images) -> ImageHashes:
+        """Hashes of ``images`` (an array or a sharded split, ``CHUNK`` images read at a time)."""
+        exact = np.frombuffer(b"".join(byte_hashes(images)), np.uint8).reshape(-1, 16)
+        return cls(perceptual_hashes(images), exact)
+
+    @classmethod
+    def concat(cls, *parts: ImageHashes) -> ImageHashes:
+        """One set of every part's images, each distinct image (by its pixel digest) once."""
+        exact = np.concatenate([p.exact for p in parts]) if parts else np.empty((0, 16), np.uint8)
+        phash = np.concatenate([p.phash for p in parts]) if parts else np.empty(0, np.uint64)
+        _, first = np.unique(exact, axis=0, return_index=True)
+        keep = np.sort(first)
+        return cls(phash[keep], exact[keep])
+
+    def __len__(self) -> int:
+        return len(self.phash)
+
+    def digests(self) -> list[bytes]:
+        return [row.tobytes() for row in self.exact]
+
+    def save(self, path: str | Path) -> Path:
+        """Plain arrays in an ``.npz`` (no pickled objects: the file is read back from other runs)."""
+        from vit_pipeline.fsutil import atomic_path
+
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, phash=self.phash, exact=self.exact)
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> ImageHashes:
+        """Reads :meth:`save`'s file; a file of another shape raises ``DataError`` in one line."""
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                phash, exact = z["phash"], z["exact"]
+        except (OSError, KeyError, ValueError) as exc:
+            raise DataError(f"Could not read image hashes from {path}: {type(exc).__name__}: {exc}") from None
+        if phash.dtype != np.uint64 or exact.dtype != np.uint8 or exact.shape != (len(phash), 16):
+            raise DataError(
+                f"Expected image hashes phash (n,) uint64 and exact (n, 16) uint8. Received: phash "
+                f"{phash.shape} {phash.dtype}, exact {exact.shape} {exact.dtype} in {path}"
+            )
+        return cls(phash, exact)
+
+
 @dataclass
 class Leakage:
-    """Test images that also appear (exactly or nearly) among the training/validation images."""
+    """Test images that also appear (exactly or nearly) among the training/validation images.
+
+    Images the ``init_from`` checkpoint trained on count too (``split`` "checkpoint" in ``pairs``).
+    """
 
     max_distance: int
     exact: int
@@ -318,9 +391,43 @@ class Leakage:
         return self.exact + self.near
 
     @property
+    def from_checkpoint(self) -> int:
+        return sum(p["split"] == "checkpoint" for p in self.pairs)
+
+    @property
     def outcome(self) -> str:
         dropped = f", {self.dropped} dropped from the test split" if self.dropped else ""
-        return f"{self.exact} exact and {self.near} near duplicates of training images in the test split{dropped}"
+        ckpt = (
+            f" ({self.from_checkpoint} of them images the checkpoint trained on)"
+            if self.from_checkpoint
+            else ""
+        )
+        return (f"{self.exact} exact and {self.near} near duplicates of training images in the test split"
+                f"{ckpt}{dropped}")  # fmt: skip
+
+
+@dataclass
+class Lineage:
+    """This run's test and validation images that its ``init_from`` checkpoint (or its ancestors) trained on."""
+
+    checked: bool
+    source: str = ""  # the pinned checkpoint
+    seen: int = 0  # images the checkpoint's weights were trained on (its whole lineage)
+    test: int = 0
+    val: int = 0
+    dropped: bool = False  # the test images among them were dropped (drop_leaked_test)
+    why: str = ""  # why it was not checked
+
+    @property
+    def outcome(self) -> str:
+        """``leaked: ...`` while test images the checkpoint trained on are evaluated on (blocks promotion)."""
+        if not self.checked:
+            return f"not checked: {self.why}"
+        found = (f"{self.test} test and {self.val} validation images are copies of the {self.seen} images "
+                 f"{self.source} was trained on")  # fmt: skip
+        if self.test and not self.dropped:
+            return f"leaked: {found}"
+        return f"passed: {found}" + (" (those test images were dropped)" if self.test else "")
 
 
 def perceptual_hashes(images) -> np.ndarray:
@@ -344,33 +451,70 @@ def byte_hashes(images) -> list[bytes]:
     return out
 
 
-def leakage(splits: Splits, max_distance: int) -> Leakage:
-    """Each test image's closest training or validation image by pHash; exact copies by their bytes."""
-    sources = [("train", splits.x_train), ("val", splits.x_val)]
-    ref_hash = np.concatenate([perceptual_hashes(x) for _, x in sources])
-    ref_where = [(name, i) for name, x in sources for i in range(len(x))]
-    ref_bytes = {h: ref_where[i] for i, h in enumerate(b for _, x in sources for b in byte_hashes(x))}
-    test_hash = perceptual_hashes(splits.x_test)
-    test_bytes = byte_hashes(splits.x_test)
+def copies(query: ImageHashes, references: dict[str, ImageHashes], max_distance: int) -> list[dict[str, Any]]:
+    """Each query image with an exact copy (same pixels) or a near one (pHash within ``max_distance``).
+
+    Returns:
+        One pair per such image: its ``test_index``, the ``split`` and ``index`` of the copy (an
+        exact copy first, else the closest), the ``distance`` in bits and the ``kind``.
+    """
+    refs = [(name, h) for name, h in references.items() if len(h)]
+    if not refs or not len(query):
+        return []
+    ref_hash = np.concatenate([h.phash for _, h in refs])
+    ref_where = [(name, i) for name, h in refs for i in range(len(h))]
+    ref_bytes: dict[bytes, tuple[str, int]] = {}
+    for where, b in zip(ref_where, (b for _, h in refs for b in h.digests()), strict=True):
+        ref_bytes.setdefault(b, where)  # the first split named keeps an image found in two
+    query_bytes = query.digests()
     pairs: list[dict[str, Any]] = []
-    exact = near = 0
-    for start in range(0, len(test_hash), 256):  # (256, N) distances at a time
-        dist = np.bitwise_count(test_hash[start : start + 256, None] ^ ref_hash[None, :])
+    for start in range(0, len(query), 256):  # (256, N) distances at a time
+        dist = np.bitwise_count(query.phash[start : start + 256, None] ^ ref_hash[None, :])
         closest = dist.argmin(axis=1)
         for row, j in enumerate(closest):
             i = start + row
             d = int(dist[row, j])
-            if test_bytes[i] in ref_bytes:
-                split, index = ref_bytes[test_bytes[i]]
-                exact += 1
+            if query_bytes[i] in ref_bytes:
+                split, index = ref_bytes[query_bytes[i]]
                 pairs.append(
                     {"test_index": i, "split": split, "index": index, "distance": 0, "kind": "exact"}
                 )
             elif d <= max_distance:
                 split, index = ref_where[int(j)]
-                near += 1
                 pairs.append({"test_index": i, "split": split, "index": index, "distance": d, "kind": "near"})
-    return Leakage(max_distance, exact, near, pairs)
+    return pairs
+
+
+def leakage(test: ImageHashes, references: dict[str, ImageHashes], max_distance: int) -> Leakage:
+    """Each test image's copy among the reference splits (train, val and the checkpoint's training images)."""
+    pairs = copies(test, references, max_distance)
+    exact = sum(p["kind"] == "exact" for p in pairs)
+    return Leakage(max_distance, exact, len(pairs) - exact, pairs)
+
+
+def checkpoint_seen(cfg: PipelineConfig) -> tuple[ImageHashes | None, Lineage]:
+    """The images ``cfg.init_from`` was trained on (its run's ``SEEN_ARTIFACT``), or why they are unknown."""
+    import tempfile
+
+    import mlflow
+    from vit_consumer.mlflow_store import store_uris
+
+    from vit_pipeline import finetune, tracking
+
+    source = finetune.resolve(cfg.init_from, cfg.tracking.tracking_uri)
+    if source.run_id is None:
+        why = f"{source.uri} is not a model logged by this project, so its training images are not recorded"
+        return None, Lineage(False, source.uri, why=why)
+    uri = tracking.tracking_uri(cfg)
+    try:
+        with tempfile.TemporaryDirectory(prefix="vit-seen-") as tmp, store_uris(uri):
+            path = mlflow.artifacts.download_artifacts(run_id=source.run_id, artifact_path=SEEN_ARTIFACT,
+                                                       dst_path=tmp)  # fmt: skip
+            seen = ImageHashes.load(path)
+    except Exception as exc:  # a run of an earlier version of the pipeline, or a damaged file
+        why = f"run {source.run_id} of {source.uri} has no readable {SEEN_ARTIFACT} ({type(exc).__name__})"
+        return None, Lineage(False, source.uri, why=why)
+    return seen, Lineage(True, source.uri, seen=len(seen))
 
 
 def drop_test_images(splits: Splits, indices: list[int]) -> Splits:
@@ -426,7 +570,12 @@ def plot_leaks(splits: Splits, leaks: Leakage, path: Path, limit: int = 8) -> Pa
     for k, pair in enumerate(shown):
         axes[0, k].imshow(splits.x_test[pair["test_index"]])
         axes[0, k].set_title(f"test {pair['test_index']}", fontsize=7)
-        axes[1, k].imshow(source[pair["split"]][pair["index"]])
+        if pair["split"] in source:
+            axes[1, k].imshow(source[pair["split"]][pair["index"]])
+        else:  # only the hashes of the checkpoint's training images are kept
+            axes[1, k].text(
+                0.5, 0.5, "an image the\ncheckpoint\ntrained on", ha="center", va="center", fontsize=7
+            )
         axes[1, k].set_title(f"{pair['split']} {pair['index']} (d={pair['distance']})", fontsize=7)
         for ax in axes[:, k]:
             ax.axis("off")
@@ -443,11 +592,15 @@ class DataValidation:
     drift: Drift
     leakage: Leakage
     data_path: str  # the prepared data to train on (rewritten when leaked test images were dropped)
+    lineage: Lineage | None = None  # None: trained from random weights
 
     def tags(self) -> dict[str, str]:
         created = " (schema inferred from this run)" if self.schema_created else ""
-        return {"gate.data_validation": f"passed: no anomalies against {self.schema_path}{created}",
+        tags = {"gate.data_validation": f"passed: no anomalies against {self.schema_path}{created}",
                 "gate.drift": self.drift.outcome, "gate.leakage": self.leakage.outcome}  # fmt: skip
+        if self.lineage is not None:
+            tags["gate.lineage"] = self.lineage.outcome
+        return tags
 
 
 def run(ctx: StageContext, data_path: str) -> DataValidation:
@@ -476,22 +629,36 @@ def run(ctx: StageContext, data_path: str) -> DataValidation:
     reference, why, champion_run = champion_statistics(cfg)
     drifted = (drift(stats, reference, cfg.drift_channel_threshold, cfg.drift_class_threshold, champion_run)
                if reference is not None else Drift(False, why))  # fmt: skip
-    leaks = leakage(splits, cfg.leakage_max_distance)
+    train, val = ImageHashes.of(splits.x_train), ImageHashes.of(splits.x_val)
+    seen_before, lineage = checkpoint_seen(cfg) if cfg.init_from else (None, None)
+    refs = {"train": train, "val": val, **({"checkpoint": seen_before} if seen_before is not None else {})}
+    leaks = leakage(ImageHashes.of(splits.x_test), refs, cfg.leakage_max_distance)
+    trained_on = train  # what this run's weights learn from, with what its checkpoint's learnt from
+    if seen_before is not None:
+        lineage.test = leaks.from_checkpoint
+        lineage.val = len(copies(val, {"checkpoint": seen_before}, cfg.leakage_max_distance))
+        trained_on = ImageHashes.concat(train, seen_before)
+    trained_on.save(out / "seen_images.npz")
     plots = [plot_histograms(stats, reference, out / "channel_histograms.png"),
              plot_leaks(splits, leaks, out / "leaked_pairs.png")]  # fmt: skip
     if cfg.drop_leaked_test and leaks.leaked:
         splits = drop_test_images(splits, [p["test_index"] for p in leaks.pairs])
         leaks.dropped = leaks.leaked
+        if lineage is not None:
+            lineage.dropped = True
         data_path = str(splits.save(data_path))
     write_text(out / "drift.json", json.dumps(asdict(drifted) | {"outcome": drifted.outcome}, indent=1))
     write_text(out / "leakage.json", json.dumps(asdict(leaks) | {"outcome": leaks.outcome}, indent=1))
-    ctx.log.artifacts([out / "drift.json", out / "leakage.json", *[p for p in plots if p]], "data")
+    ctx.log.artifacts([out / "drift.json", out / "leakage.json", out / "seen_images.npz",
+                       *[p for p in plots if p]], "data")  # fmt: skip
     metrics = {"data.test_exact_duplicates": leaks.exact, "data.test_near_duplicates": leaks.near,
                "data.test_duplicates_dropped": leaks.dropped}  # fmt: skip
+    if lineage is not None and lineage.checked:
+        metrics |= {"data.test_seen_by_init": lineage.test, "data.val_seen_by_init": lineage.val}
     if drifted.computed:
         metrics |= {"drift.channel_js_max": max(drifted.channel_js), "drift.class_linf": drifted.class_linf}
     ctx.log.metrics(metrics)
-    result = DataValidation(str(path), created, drifted, leaks, data_path)
+    result = DataValidation(str(path), created, drifted, leaks, data_path, lineage)
     ctx.log.tags(result.tags())
     log.info("Data validation: %s", "; ".join(result.tags().values()))
     return result

@@ -93,6 +93,8 @@ def _data_section(rec: RunRecord) -> list[str]:
     for gate, label in (("gate.data_validation", "Schema"), ("gate.drift", "Drift against the champion's data"),
                         ("gate.leakage", "Leakage")):  # fmt: skip
         lines.append(f"- **{label}:** {rec.tags.get(gate, 'not run')}")
+    if "gate.lineage" in rec.tags:  # fine-tuned: what its checkpoint trained on, against this test split
+        lines.append(f"- **The checkpoint's training images:** {rec.tags['gate.lineage']}")
     return [*lines, ""]
 
 

@@ -366,6 +366,9 @@ def blocking_gates(cfg: PipelineConfig, run_tags: dict[str, str]) -> list[str]:
     drift = run_tags.get("gate.drift", "")
     if cfg.drift_blocks_promotion and drift.startswith("above"):
         blocked.append(f"data drift {drift}")
+    lineage = run_tags.get("gate.lineage", "")
+    if cfg.init_leakage_blocks_promotion and lineage.startswith("leaked"):
+        blocked.append(f"test images its checkpoint trained on: {lineage.removeprefix('leaked: ')}")
     infra = run_tags.get("gate.infra_validation", "")
     if infra.startswith("failed"):
         blocked.append(f"infra validation {infra}")

@@ -50,6 +50,10 @@ def test_hugging_face_folder_then_the_registered_model_carry_lineage(prefect_ser
     assert (
         run.data.tags["export.parity"] == "passed"
     )  # tf2onnx + ONNX Runtime agree on the Keras-Hub backbone
+    # A Hugging Face folder does not record its training images: the lineage check says it could not run.
+    assert run.data.tags["gate.lineage"].startswith(
+        f"not checked: {hf} is not a model logged by this project"
+    )
     v1 = client.get_model_version("vit-cifar100-coarse", first["registry"]["version"])
     assert v1.tags["init.source"] == str(hf) and v1.tags["init.source_digest"].startswith("sha256:")
 
@@ -68,6 +72,17 @@ def test_hugging_face_folder_then_the_registered_model_carry_lineage(prefect_ser
     v2 = client.get_model_version("vit-again", second["registry"]["version"])
     assert v2.tags["init.source"] == f"models:/vit-cifar100-coarse/{v1.version}"
     assert v2.tags["init.source_run_id"] == first["mlflow_run_id"]
+    # Same data, same seed, same split: none of its test or validation images were the checkpoint's training
+    # images; the check ran against them (a gate tag of the version too).
+    trained = int(run.data.params["data.train_size"])
+    assert (
+        v2.tags["gate.lineage"]
+        == run2.data.tags["gate.lineage"]
+        == (
+            f"passed: 0 test and 0 validation images are copies of the {trained} images "
+            f"models:/vit-cifar100-coarse/{v1.version} was trained on"
+        )
+    )
 
     # The served ONNX file of the fine-tuned model answers without TensorFlow's help (the consumer's runtime).
     import onnxruntime as ort

@@ -193,3 +193,91 @@ def test_colour_shift_against_the_champion_is_recorded_and_blocks_promotion(tmp_
     run_id, recorded = validate(lenient)
     assert recorded.drift.above
     assert registry.register_onnx(lenient, run_id, str(onnx), split).promoted
+
+
+# ------------------------------------------------------------------ lineage leakage
+def _exact(images) -> set[bytes]:
+    return {np.ascontiguousarray(img).tobytes() for img in np.asarray(images)}
+
+
+def _log_model(cfg, run_id: str, tmp_path: Path) -> str:
+    """A model file in ``run_id`` where the pipeline logs it: that run becomes a checkpoint to start from."""
+    from vit_pipeline.mlflow_models import KERAS_ARTIFACT
+    from vit_pipeline.model import build_vit
+
+    model = build_vit(make_config("quickstart"), CLASSES, (32, 32, 3), train_images=np.zeros((2, 32, 32, 3)))
+    model.save(tmp_path / "model.keras")
+    tracking.client(cfg).log_artifact(run_id, str(tmp_path / "model.keras"), KERAS_ARTIFACT)
+    return f"runs:/{run_id}/{KERAS_ARTIFACT}"
+
+
+def test_images_the_checkpoint_trained_on_count_as_leaked_when_the_folder_is_split_again(tmp_path, originals):
+    """Fine-tuning on the same folder split with another seed: the checkpoint trained on some test images."""
+    from vit_pipeline.data_validation import SEEN_ARTIFACT, ImageHashes
+
+    root = write_folder(tmp_path / "pets", originals)
+    run_a, a = validate(folder_cfg(root, seed=0))
+    assert "gate.lineage" not in tracking.client(folder_cfg(root)).get_run(run_a).data.tags  # random weights
+    split_a = Splits.load(a.data_path)
+    client = tracking.client(folder_cfg(root))
+    seen_a = ImageHashes.load(client.download_artifacts(run_a, SEEN_ARTIFACT))
+    assert len(seen_a) == len(split_a.y_train)  # its training split, not its validation images
+    init = _log_model(folder_cfg(root), run_a, tmp_path)
+
+    # Same folder, another seed: some of this run's test and validation images were run A's training images.
+    cfg = folder_cfg(root, seed=1, init_from=init)
+    run_b, b = validate(cfg)
+    split_b = Splits.load(b.data_path)
+    in_test = len(_exact(split_b.x_test) & _exact(split_a.x_train))
+    in_val = len(_exact(split_b.x_val) & _exact(split_a.x_train))
+    assert in_test > 0 and in_val > 0  # what the case is about (fixed by the seeds)
+    assert (b.lineage.test, b.lineage.val, b.lineage.seen) == (in_test, in_val, len(seen_a))
+    assert b.leakage.from_checkpoint == in_test and b.leakage.leaked == in_test
+    run = client.get_run(run_b)
+    found = f"{in_test} test and {in_val} validation images are copies of the {len(seen_a)} images {init} was trained on"
+    assert run.data.tags["gate.lineage"] == f"leaked: {found}"
+    from vit_pipeline import registry
+
+    assert registry.blocking_gates(cfg, run.data.tags) == [f"test images its checkpoint trained on: {found}"]
+    record_only = folder_cfg(root, seed=1, init_from=init, init_leakage_blocks_promotion=False)
+    assert registry.blocking_gates(record_only, run.data.tags) == []
+    assert run.data.metrics["data.test_seen_by_init"] == in_test
+    assert f"({in_test} of them images the checkpoint trained on)" in run.data.tags["gate.leakage"]
+    # What run B's weights have seen: its own training split and everything run A's had (its lineage).
+    seen_b = ImageHashes.load(client.download_artifacts(run_b, SEEN_ARTIFACT))
+    assert {r.tobytes() for r in seen_b.exact} == {r.tobytes() for r in seen_a.exact} | {
+        r.tobytes() for r in ImageHashes.of(split_b.x_train).exact
+    }
+    _, dropped = validate(folder_cfg(root, seed=1, init_from=init, drop_leaked_test=True))
+    assert dropped.leakage.dropped == in_test
+    assert dropped.lineage.outcome == f"passed: {found} (those test images were dropped)"
+    assert registry.blocking_gates(cfg, dropped.tags()) == []
+    assert not _exact(Splits.load(dropped.data_path).x_test) & _exact(split_a.x_train)
+
+    # The same seed again: the same split, nothing of the test or validation split was trained on.
+    _, same = validate(folder_cfg(root, seed=0, init_from=init))
+    assert (same.lineage.test, same.lineage.val, same.leakage.leaked) == (0, 0, 0)
+
+    # A checkpoint that is only a file: its training images are unknown, and the tag says so.
+    run_c, c = validate(folder_cfg(root, seed=1, init_from=str(tmp_path / "model.keras")))
+    assert not c.lineage.checked and c.leakage.leaked == 0
+    assert client.get_run(run_c).data.tags["gate.lineage"].startswith("not checked: ")
+    assert "not a model logged by this project" in client.get_run(run_c).data.tags["gate.lineage"]
+
+
+def test_image_hashes_files_are_plain_arrays_and_a_bad_one_fails_in_one_line(tmp_path, real_cut):
+    from vit_pipeline.data_validation import ImageHashes
+
+    x = real_cut[0][:40]
+    hashes = ImageHashes.of(x)
+    back = ImageHashes.load(hashes.save(tmp_path / "h.npz"))
+    np.testing.assert_array_equal(back.phash, hashes.phash)
+    np.testing.assert_array_equal(back.exact, hashes.exact)
+    assert len(ImageHashes.concat(hashes, ImageHashes.of(x[:10]), ImageHashes.of(x[::-1]))) == len(hashes)
+    # Objects are never unpickled: a file holding one is refused, as is a file of another shape.
+    np.savez(tmp_path / "objects.npz", phash=np.array([object()]), exact=np.zeros((1, 16), np.uint8))
+    with pytest.raises(data.DataError, match="Could not read image hashes .*objects.npz"):
+        ImageHashes.load(tmp_path / "objects.npz")
+    np.savez(tmp_path / "shape.npz", phash=hashes.phash, exact=hashes.exact[:, :8])
+    with pytest.raises(data.DataError, match=r"Expected image hashes .* exact \(40, 8\) uint8"):
+        ImageHashes.load(tmp_path / "shape.npz")
