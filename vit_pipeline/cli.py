@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import yaml
 
 from vit_pipeline import __version__
 from vit_pipeline.config import PRESETS, field_description, field_metavar, field_names, make_config
@@ -248,6 +249,22 @@ def proxy_experiment(data_path, epochs, seed, experiment_name, report_dir, track
     click.echo(json.dumps(report, indent=2))
 
 
+def _field_values(ctx, param, values: tuple[str, ...]) -> dict[str, Any]:
+    """``FIELD=VALUE`` options as config overrides, each value read as YAML (``2``, ``0.25``, ``[1, 64]``)."""
+    out: dict[str, Any] = {}
+    for item in values:
+        field, sep, raw = item.partition("=")
+        if not sep or not field.strip():
+            raise click.BadParameter(f"Expected FIELD=VALUE. Received: {item!r}", ctx, param)
+        try:
+            out[field.strip()] = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise click.BadParameter(
+                f"Could not read the value of {item!r}: {' '.join(str(exc).split())}"
+            ) from None
+    return out
+
+
 @main.command("transfer-experiment")
 @click.option("--data-path", required=True, help="CIFAR-100 copy (cifar-100-python folder or .tar.gz).")
 @click.option(
@@ -263,6 +280,8 @@ def proxy_experiment(data_path, epochs, seed, experiment_name, report_dir, track
     type=click.Choice(list(PRESETS)),
 )
 @click.option("--pretrain-epochs", default=15, show_default=True, type=click.IntRange(1))
+@click.option("--pretrain-set", "pretrain_overrides", multiple=True, metavar="FIELD=VALUE", callback=_field_values,
+              help="A config field of the pre-training only (repeatable), e.g. --pretrain-set rand_augment_ops=2.")  # fmt: skip
 @click.option("--seed-preset", default="cifar100", show_default=True, type=click.Choice(list(PRESETS)))
 @click.option("--time-budget-minutes", default=None, type=click.FloatRange(min=0, min_open=True),
               help="Also train each approach for about this long: time-to-accuracy at 5, 10, 30 min.")  # fmt: skip
@@ -286,6 +305,8 @@ def transfer_experiment(**options) -> None:
     """Fine-tune from a model pre-trained on other classes vs the same budget from scratch (table + curves)."""
     from vit_pipeline.flows.transfer_experiment import transfer_experiment as flow
 
+    if options["pretrain_overrides"]:  # a field or value the config refuses fails here, before any training
+        make_config(options["pretrain_preset"], options["pretrain_overrides"])
     if options["source"]:  # a checkpoint that cannot be used fails here, before any training
         make_config("finetune", {"init_from": options["source"], "tracking_uri": options["tracking_uri"]})
     click.echo(json.dumps(flow(**options), indent=2, default=str))

@@ -144,7 +144,7 @@ def test_transfer_experiment_pretrains_then_compares_in_one_experiment(
     result = transfer_experiment(
         data_path=str(CIFAR_CUT), work_dir=str(tmp_path / "split"), pretrain_epochs=1, epochs=2,
         target_classes=3, train_per_class=4, report_dir=str(tmp_path / "report"), tracking_uri=uri,
-        overrides=tiny,
+        overrides=tiny, pretrain_overrides={"rand_augment_ops": 1, "random_erasing": 0.25},
     )  # fmt: skip
     labels = [r["label"] for r in result["rows"]]
     assert labels == ["from scratch (cifar100-improved-light)", "from scratch (cifar100)", "fine-tuned",
@@ -161,3 +161,24 @@ def test_transfer_experiment_pretrains_then_compares_in_one_experiment(
     assert {r.info.run_id for r in runs} == {r["run_id"] for r in result["rows"]}
     finetuned = client.get_run(tuned["run_id"])
     assert finetuned.data.params["init.head"] == "new" and finetuned.data.tags["export.parity"] == "passed"
+    # The pre-training's own fields reach it alone: the from-scratch run of the same preset keeps its recipe.
+    pretrained = client.get_run(result["rows"][3]["run_id"]).data.params
+    scratch = client.get_run(result["rows"][0]["run_id"]).data.params
+    assert (pretrained["rand_augment_ops"], pretrained["random_erasing"]) == ("1", "0.25")
+    assert (scratch["rand_augment_ops"], scratch["random_erasing"]) == ("0", "0.0")
+    # Other classes than the source's: none of the target's images were the checkpoint's training images.
+    assert finetuned.data.tags["gate.lineage"].startswith(
+        "passed: 0 test and 0 validation images are copies of"
+    )
+
+
+def test_transfer_experiment_refuses_a_pretraining_field_it_does_not_know_in_one_line(tmp_path):
+    cli = subprocess.run(
+        [sys.executable, "-m", "vit_pipeline.cli", "transfer-experiment", "--data-path", str(CIFAR_CUT),
+         "--work-dir", str(tmp_path / "split"), "--pretrain-set", "rand_augment_ops=2", "--pretrain-set", "rand_augmnt=1"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert cli.returncode != 0 and "Traceback" not in cli.stderr
+    errors = [line for line in cli.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and errors[0].startswith("Error: Unknown config field 'rand_augmnt'")
+    assert not (tmp_path / "split").exists()  # nothing was split or trained

@@ -59,6 +59,7 @@ def transfer_experiment(
     target_folder: str | None = None,
     pretrain_preset: str = "cifar100-improved-light",
     pretrain_epochs: int = 15,
+    pretrain_overrides: dict[str, Any] | None = None,
     seed_preset: str = "cifar100",
     epochs: int = 30,
     seed: int = 42,
@@ -81,6 +82,9 @@ def transfer_experiment(
         pretrain_preset: Recipe of the pre-training and of the first from-scratch baseline (the best preset).
         seed_preset: Recipe of the second from-scratch baseline (the keras-io seed).
         pretrain_epochs: Pre-training epochs.
+        pretrain_overrides: Further config fields of the pre-training only, e.g. ``{"rand_augment_ops": 2,
+            "random_erasing": 0.25}``: augmentation makes a better source from 30 epochs on
+            (docs/experiments.md), while the from-scratch baseline of the same preset keeps its recipe.
         epochs: Epochs of both target runs (the budget).
         seed: One seed for both target runs and the pre-training (initialisation, validation split, order).
         split_seed: Seed of the draw of target classes and of their training images.
@@ -101,7 +105,7 @@ def transfer_experiment(
     if source is None:
         pre = train_pipeline(preset=pretrain_preset, overrides={
             **common, "dataset": "image_folder", "data_path": folders["source"], "dataset_name": "transfer-source",
-            "epochs": pretrain_epochs, "run_name": f"pretrain-{pretrain_preset}",
+            "epochs": pretrain_epochs, "run_name": f"pretrain-{pretrain_preset}", **(pretrain_overrides or {}),
         })  # fmt: skip
         pretrain["pre-training (source classes)"] = pre["mlflow_run_id"]
         source = f"models:/{pre['registry']['name']}/{pre['registry']['version']}"
