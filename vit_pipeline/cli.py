@@ -249,6 +249,11 @@ def proxy_experiment(data_path, epochs, seed, experiment_name, report_dir, track
     click.echo(json.dumps(report, indent=2))
 
 
+# Fields of the pre-training that transfer-experiment sets itself (the split, the budget, the store).
+PRETRAIN_FIXED = frozenset({"dataset", "data_path", "dataset_name", "epochs", "seed", "run_name", "init_from",
+                            "experiment_name", "tracking_uri"})  # fmt: skip
+
+
 def _field_values(ctx, param, values: tuple[str, ...]) -> dict[str, Any]:
     """``FIELD=VALUE`` options as config overrides, each value read as YAML (``2``, ``0.25``, ``[1, 64]``)."""
     out: dict[str, Any] = {}
@@ -259,9 +264,8 @@ def _field_values(ctx, param, values: tuple[str, ...]) -> dict[str, Any]:
         try:
             out[field.strip()] = yaml.safe_load(raw)
         except yaml.YAMLError as exc:
-            raise click.BadParameter(
-                f"Could not read the value of {item!r}: {' '.join(str(exc).split())}"
-            ) from None
+            reason = " ".join(str(exc).split())
+            raise click.BadParameter(f"Could not read the value of {item!r}: {reason}", ctx, param) from None
     return out
 
 
@@ -306,6 +310,14 @@ def transfer_experiment(**options) -> None:
     from vit_pipeline.flows.transfer_experiment import transfer_experiment as flow
 
     if options["pretrain_overrides"]:  # a field or value the config refuses fails here, before any training
+        if options["source"]:
+            raise ConfigError("--pretrain-set has no effect with --source: nothing is pre-trained")
+        fixed = sorted(set(options["pretrain_overrides"]) & PRETRAIN_FIXED)
+        if fixed:
+            raise ConfigError(
+                f"--pretrain-set cannot set {', '.join(fixed)}: the experiment sets it "
+                "(--data-path, --pretrain-epochs, --seed, --experiment-name, --tracking-uri)"
+            )
         make_config(options["pretrain_preset"], options["pretrain_overrides"])
     if options["source"]:  # a checkpoint that cannot be used fails here, before any training
         make_config("finetune", {"init_from": options["source"], "tracking_uri": options["tracking_uri"]})

@@ -327,6 +327,7 @@ class ImageHashes:
 
     phash: np.ndarray
     exact: np.ndarray
+    complete: bool = True  # False: some ancestor's training images are unknown (not in these hashes)
 
     @classmethod
     def of(cls, images) -> ImageHashes:
@@ -341,7 +342,7 @@ class ImageHashes:
         phash = np.concatenate([p.phash for p in parts]) if parts else np.empty(0, np.uint64)
         _, first = np.unique(exact, axis=0, return_index=True)
         keep = np.sort(first)
-        return cls(phash[keep], exact[keep])
+        return cls(phash[keep], exact[keep], all(p.complete for p in parts))
 
     def __len__(self) -> int:
         return len(self.phash)
@@ -354,23 +355,32 @@ class ImageHashes:
         from vit_pipeline.fsutil import atomic_path
 
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            np.savez(f, phash=self.phash, exact=self.exact)
+            np.savez(f, phash=self.phash, exact=self.exact, complete=np.array(self.complete))
         return Path(path)
 
     @classmethod
     def load(cls, path: str | Path) -> ImageHashes:
-        """Reads :meth:`save`'s file; a file of another shape raises ``DataError`` in one line."""
+        """Reads :meth:`save`'s file; any other file raises ``DataError`` in one line (nothing is unpickled)."""
+        import zipfile
+
         try:
             with np.load(path, allow_pickle=False) as z:
-                phash, exact = z["phash"], z["exact"]
-        except (OSError, KeyError, ValueError) as exc:
-            raise DataError(f"Could not read image hashes from {path}: {type(exc).__name__}: {exc}") from None
-        if phash.dtype != np.uint64 or exact.dtype != np.uint8 or exact.shape != (len(phash), 16):
+                if not isinstance(z, np.lib.npyio.NpzFile):
+                    raise TypeError("not an .npz archive")
+                phash, exact, complete = z["phash"], z["exact"], z["complete"]
+        except (OSError, KeyError, ValueError, TypeError, EOFError, zipfile.BadZipFile) as exc:
+            reason = " ".join(str(exc).split())[:200]
             raise DataError(
-                f"Expected image hashes phash (n,) uint64 and exact (n, 16) uint8. Received: phash "
-                f"{phash.shape} {phash.dtype}, exact {exact.shape} {exact.dtype} in {path}"
+                f"Could not read image hashes from {path}: {type(exc).__name__}: {reason}"
+            ) from None
+        if (phash.dtype != np.uint64 or phash.ndim != 1 or exact.dtype != np.uint8
+                or exact.shape != (len(phash), 16) or complete.dtype != bool or complete.shape != ()):  # fmt: skip
+            raise DataError(
+                f"Expected image hashes phash (n,) uint64, exact (n, 16) uint8 and complete () bool. Received: "
+                f"phash {phash.shape} {phash.dtype}, exact {exact.shape} {exact.dtype}, complete "
+                f"{complete.shape} {complete.dtype} in {path}"
             )
-        return cls(phash, exact)
+        return cls(phash, exact, bool(complete))
 
 
 @dataclass
@@ -410,13 +420,13 @@ class Leakage:
 class Lineage:
     """This run's test and validation images that its ``init_from`` checkpoint (or its ancestors) trained on."""
 
-    checked: bool
+    checked: bool  # the checkpoint's training images (some or all of them) are known
     source: str = ""  # the pinned checkpoint
-    seen: int = 0  # images the checkpoint's weights were trained on (its whole lineage)
+    seen: int = 0  # images the checkpoint's weights were trained on, as far as they are known
     test: int = 0
     val: int = 0
     dropped: bool = False  # the test images among them were dropped (drop_leaked_test)
-    why: str = ""  # why it was not checked
+    why: str = ""  # why they are not (all) known
 
     @property
     def outcome(self) -> str:
@@ -425,9 +435,12 @@ class Lineage:
             return f"not checked: {self.why}"
         found = (f"{self.test} test and {self.val} validation images are copies of the {self.seen} images "
                  f"{self.source} was trained on")  # fmt: skip
+        if self.why:
+            found += f" that are recorded ({self.why})"
         if self.test and not self.dropped:
             return f"leaked: {found}"
-        return f"passed: {found}" + (" (those test images were dropped)" if self.test else "")
+        dropped = " (those test images were dropped)" if self.test else ""
+        return f"{'partly checked' if self.why else 'passed'}: {found}{dropped}"
 
 
 def perceptual_hashes(images) -> np.ndarray:
@@ -493,7 +506,12 @@ def leakage(test: ImageHashes, references: dict[str, ImageHashes], max_distance:
 
 
 def checkpoint_seen(cfg: PipelineConfig) -> tuple[ImageHashes | None, Lineage]:
-    """The images ``cfg.init_from`` was trained on (its run's ``SEEN_ARTIFACT``), or why they are unknown."""
+    """The images ``cfg.init_from`` was trained on (its run's ``SEEN_ARTIFACT``), or why they are unknown.
+
+    Raises:
+        DataError: the run has the file, but it cannot be read (the check fails closed: a store that
+            does not answer or a damaged file stops the run instead of passing it unchecked).
+    """
     import tempfile
 
     import mlflow
@@ -505,15 +523,18 @@ def checkpoint_seen(cfg: PipelineConfig) -> tuple[ImageHashes | None, Lineage]:
     if source.run_id is None:
         why = f"{source.uri} is not a model logged by this project, so its training images are not recorded"
         return None, Lineage(False, source.uri, why=why)
-    uri = tracking.tracking_uri(cfg)
-    try:
-        with tempfile.TemporaryDirectory(prefix="vit-seen-") as tmp, store_uris(uri):
-            path = mlflow.artifacts.download_artifacts(run_id=source.run_id, artifact_path=SEEN_ARTIFACT,
-                                                       dst_path=tmp)  # fmt: skip
-            seen = ImageHashes.load(path)
-    except Exception as exc:  # a run of an earlier version of the pipeline, or a damaged file
-        why = f"run {source.run_id} of {source.uri} has no readable {SEEN_ARTIFACT} ({type(exc).__name__})"
+    client = tracking.client(cfg)
+    folder, _, _ = SEEN_ARTIFACT.rpartition("/")
+    if SEEN_ARTIFACT not in {a.path for a in client.list_artifacts(source.run_id, folder)}:
+        why = f"run {source.run_id} of {source.uri} has no {SEEN_ARTIFACT} (logged by an earlier version)"
         return None, Lineage(False, source.uri, why=why)
+    with tempfile.TemporaryDirectory(prefix="vit-seen-") as tmp, store_uris(tracking.tracking_uri(cfg)):
+        path = mlflow.artifacts.download_artifacts(run_id=source.run_id, artifact_path=SEEN_ARTIFACT,
+                                                   dst_path=tmp)  # fmt: skip
+        seen = ImageHashes.load(path)
+    if not seen.complete:  # its own checkpoint's images were unknown: a passed check would claim too much
+        why = f"the training images of an ancestor of {source.uri} are not recorded"
+        return seen, Lineage(True, source.uri, seen=len(seen), why=why)
     return seen, Lineage(True, source.uri, seen=len(seen))
 
 
@@ -629,15 +650,18 @@ def run(ctx: StageContext, data_path: str) -> DataValidation:
     reference, why, champion_run = champion_statistics(cfg)
     drifted = (drift(stats, reference, cfg.drift_channel_threshold, cfg.drift_class_threshold, champion_run)
                if reference is not None else Drift(False, why))  # fmt: skip
-    train, val = ImageHashes.of(splits.x_train), ImageHashes.of(splits.x_val)
+    train, val, test = (ImageHashes.of(x) for x in (splits.x_train, splits.x_val, splits.x_test))
     seen_before, lineage = checkpoint_seen(cfg) if cfg.init_from else (None, None)
     refs = {"train": train, "val": val, **({"checkpoint": seen_before} if seen_before is not None else {})}
-    leaks = leakage(ImageHashes.of(splits.x_test), refs, cfg.leakage_max_distance)
-    trained_on = train  # what this run's weights learn from, with what its checkpoint's learnt from
-    if seen_before is not None:
-        lineage.test = leaks.from_checkpoint
+    leaks = leakage(test, refs, cfg.leakage_max_distance)
+    if seen_before is not None:  # counted on their own: an image also in this run's train split counts too
+        lineage.test = len(copies(test, {"checkpoint": seen_before}, cfg.leakage_max_distance))
         lineage.val = len(copies(val, {"checkpoint": seen_before}, cfg.leakage_max_distance))
-        trained_on = ImageHashes.concat(train, seen_before)
+    # What this run's weights learn from, with what its checkpoint's learnt from (when that is known).
+    lineage_known = lineage is None or seen_before is not None
+    parts = [train, *([seen_before] if seen_before is not None else [])]
+    trained_on = ImageHashes.concat(*parts)
+    trained_on = ImageHashes(trained_on.phash, trained_on.exact, trained_on.complete and lineage_known)
     trained_on.save(out / "seen_images.npz")
     plots = [plot_histograms(stats, reference, out / "channel_histograms.png"),
              plot_leaks(splits, leaks, out / "leaked_pairs.png")]  # fmt: skip

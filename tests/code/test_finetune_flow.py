@@ -73,14 +73,16 @@ def test_hugging_face_folder_then_the_registered_model_carry_lineage(prefect_ser
     assert v2.tags["init.source"] == f"models:/vit-cifar100-coarse/{v1.version}"
     assert v2.tags["init.source_run_id"] == first["mlflow_run_id"]
     # Same data, same seed, same split: none of its test or validation images were the checkpoint's training
-    # images; the check ran against them (a gate tag of the version too).
+    # images. Its own checkpoint came from a Hugging Face folder, whose training images nobody recorded: the
+    # check says it is partial (a gate tag of the version too).
     trained = int(run.data.params["data.train_size"])
+    src = f"models:/vit-cifar100-coarse/{v1.version}"
     assert (
         v2.tags["gate.lineage"]
         == run2.data.tags["gate.lineage"]
         == (
-            f"passed: 0 test and 0 validation images are copies of the {trained} images "
-            f"models:/vit-cifar100-coarse/{v1.version} was trained on"
+            f"partly checked: 0 test and 0 validation images are copies of the {trained} images {src} was trained "
+            f"on that are recorded (the training images of an ancestor of {src} are not recorded)"
         )
     )
 
@@ -172,13 +174,21 @@ def test_transfer_experiment_pretrains_then_compares_in_one_experiment(
     )
 
 
-def test_transfer_experiment_refuses_a_pretraining_field_it_does_not_know_in_one_line(tmp_path):
+@pytest.mark.parametrize(
+    ("extra", "error"),
+    [
+        (["--pretrain-set", "rand_augmnt=1"], "Error: Unknown config field 'rand_augmnt'"),
+        (["--pretrain-set", "epochs=3"], "Error: --pretrain-set cannot set epochs: the experiment sets it"),
+        (["--source", str(CIFAR_CUT)], "Error: --pretrain-set has no effect with --source"),
+    ],
+)
+def test_transfer_experiment_refuses_pretraining_fields_it_cannot_use_in_one_line(tmp_path, extra, error):
     cli = subprocess.run(
         [sys.executable, "-m", "vit_pipeline.cli", "transfer-experiment", "--data-path", str(CIFAR_CUT),
-         "--work-dir", str(tmp_path / "split"), "--pretrain-set", "rand_augment_ops=2", "--pretrain-set", "rand_augmnt=1"],
+         "--work-dir", str(tmp_path / "split"), "--pretrain-set", "rand_augment_ops=2", *extra],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert cli.returncode != 0 and "Traceback" not in cli.stderr
     errors = [line for line in cli.stderr.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1 and errors[0].startswith("Error: Unknown config field 'rand_augmnt'")
+    assert len(errors) == 1 and errors[0].startswith(error), errors
     assert not (tmp_path / "split").exists()  # nothing was split or trained

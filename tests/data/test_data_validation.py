@@ -263,6 +263,25 @@ def test_images_the_checkpoint_trained_on_count_as_leaked_when_the_folder_is_spl
     assert not c.lineage.checked and c.leakage.leaked == 0
     assert client.get_run(run_c).data.tags["gate.lineage"].startswith("not checked: ")
     assert "not a model logged by this project" in client.get_run(run_c).data.tags["gate.lineage"]
+    # Its own model, fine-tuned further: what it trained on is known, its ancestor's is not, and the check
+    # says so instead of passing (the gap is carried down the lineage).
+    run_d, d = validate(folder_cfg(root, seed=1, init_from=_log_model(folder_cfg(root), run_c, tmp_path)))
+    assert d.lineage.checked and d.lineage.why == (
+        f"the training images of an ancestor of runs:/{run_c}/keras-model are not recorded"
+    )
+    assert (
+        client.get_run(run_d).data.tags["gate.lineage"].startswith("partly checked: 0 test and 0 validation")
+    )
+    assert not ImageHashes.load(client.download_artifacts(run_d, SEEN_ARTIFACT)).complete
+
+    # A damaged file in the checkpoint's run stops the run (fails closed) in one line.
+    (tmp_path / "bad" / "data").mkdir(parents=True)
+    (tmp_path / "bad" / "data" / "seen_images.npz").write_bytes(b"PK\x03\x04 not really a zip")
+    client.log_artifacts(run_a, str(tmp_path / "bad" / "data"), "data")
+    with pytest.raises(
+        data.DataError, match=r"Could not read image hashes from .*seen_images.npz: BadZipFile"
+    ):
+        validate(folder_cfg(root, seed=1, init_from=init))
 
 
 def test_image_hashes_files_are_plain_arrays_and_a_bad_one_fails_in_one_line(tmp_path, real_cut):
@@ -278,6 +297,10 @@ def test_image_hashes_files_are_plain_arrays_and_a_bad_one_fails_in_one_line(tmp
     np.savez(tmp_path / "objects.npz", phash=np.array([object()]), exact=np.zeros((1, 16), np.uint8))
     with pytest.raises(data.DataError, match="Could not read image hashes .*objects.npz"):
         ImageHashes.load(tmp_path / "objects.npz")
-    np.savez(tmp_path / "shape.npz", phash=hashes.phash, exact=hashes.exact[:, :8])
+    np.savez(tmp_path / "shape.npz", phash=hashes.phash, exact=hashes.exact[:, :8], complete=np.array(True))
     with pytest.raises(data.DataError, match=r"Expected image hashes .* exact \(40, 8\) uint8"):
         ImageHashes.load(tmp_path / "shape.npz")
+    np.save(tmp_path / "array.npy", hashes.phash)
+    with pytest.raises(data.DataError, match="Could not read image hashes .*array.npy: TypeError"):
+        ImageHashes.load(tmp_path / "array.npy")
+    assert not ImageHashes.concat(hashes, ImageHashes(hashes.phash[:0], hashes.exact[:0], False)).complete

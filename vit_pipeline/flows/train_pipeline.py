@@ -209,6 +209,7 @@ def train_pipeline(
             "gates": {
                 "drift": validated.drift.outcome,
                 "leakage": validated.leakage.outcome,
+                **({"lineage": validated.lineage.outcome} if validated.lineage else {}),
                 "calibration": calibrated.outcome,
                 "robustness": robust.outcome,
                 "infra_validation": served.outcome,

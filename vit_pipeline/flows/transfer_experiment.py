@@ -104,8 +104,8 @@ def transfer_experiment(
     pretrain: dict[str, str] = {}
     if source is None:
         pre = train_pipeline(preset=pretrain_preset, overrides={
-            **common, "dataset": "image_folder", "data_path": folders["source"], "dataset_name": "transfer-source",
-            "epochs": pretrain_epochs, "run_name": f"pretrain-{pretrain_preset}", **(pretrain_overrides or {}),
+            **common, **(pretrain_overrides or {}), "dataset": "image_folder", "data_path": folders["source"],
+            "dataset_name": "transfer-source", "epochs": pretrain_epochs, "run_name": f"pretrain-{pretrain_preset}",
         })  # fmt: skip
         pretrain["pre-training (source classes)"] = pre["mlflow_run_id"]
         source = f"models:/{pre['registry']['name']}/{pre['registry']['version']}"
