@@ -13,7 +13,9 @@ import functools
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -132,6 +134,7 @@ def main() -> None:
     from vit_pipeline.distribute import LOGICAL_CPUS_ENV
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2" if gpu_visible() else "3")
+    _exit_cleanly_on_sigterm()
 
     if os.environ.get(LOGICAL_CPUS_ENV):  # must happen before any stage starts TensorFlow
         from vit_pipeline.distribute import configure_logical_cpus
@@ -140,6 +143,26 @@ def main() -> None:
             configure_logical_cpus()
         except ConfigError as exc:
             raise click.UsageError(str(exc)) from None
+
+
+def _raise_system_exit(signum: int, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _exit_cleanly_on_sigterm() -> None:
+    """SIGTERM (a process manager, ``kill``, ``docker stop``) ends the command as Ctrl-C would: cleanly.
+
+    Python's default ends the process at once, with no ``finally`` and no ``atexit``: the temporary
+    Prefect server a flow starts without ``PREFECT_API_URL`` (a child process, stopped ``atexit``) then
+    outlives it. Prefect's flow engine turns SIGTERM into its own exception, ends the flow run, and then
+    sends the signal again to the handler it found (``prefect.utilities.engine.capture_sigterm``): this
+    one, which exits with 143 through every clean-up. The MLflow run ends KILLED either way.
+    """
+    if (
+        threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    ):
+        signal.signal(signal.SIGTERM, _raise_system_exit)
 
 
 @main.command("config")

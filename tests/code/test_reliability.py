@@ -1,5 +1,6 @@
 """Crash and resume, and a tracking server that is down: real processes, real signals."""
 
+import contextlib
 import json
 import os
 import signal
@@ -208,3 +209,44 @@ def test_tracking_server_killed_mid_training(tmp_path):
         assert sorted(steps) == list(range(epochs))
     finally:
         _kill(server)
+
+
+def test_sigterm_mid_flow_ends_the_run_killed_and_leaves_no_process_behind(tmp_path):
+    """``kill <pid>`` of ``vit-pipeline run`` (as a process manager stops it): exit 143, the MLflow run KILLED
+    at once, and the temporary Prefect server the flow started (no PREFECT_API_URL) is gone with it."""
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env |= {"VIT_PIPELINE_HOME": str(home), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = _args(uri, 40)
+    args[1] = "run"  # the whole flow, on a temporary Prefect server
+    log = (tmp_path / "run.log").open("w")
+    proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        run_id, deadline = None, time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            run_id, status = _run_status(uri, home)
+            if status == "RUNNING" and (home / "work" / run_id / "epochs.jsonl").stat().st_size:
+                proc.send_signal(signal.SIGTERM)  # to the command alone, not to its group
+                break
+            time.sleep(0.1)
+        proc.wait(timeout=120)
+        assert proc.returncode == 143, (tmp_path / "run.log").read_text()[-3000:]
+        assert _run_status(uri, home)[1] == "KILLED"  # said by the run itself, nobody had to reap it
+        # Nothing of it is left: the temporary server (a child in its process group) was stopped.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.2)
+        else:
+            left = subprocess.run(
+                ["ps", "-o", "pid,cmd", "-g", str(proc.pid)], capture_output=True, text=True
+            )
+            pytest.fail(f"processes left in the command's group: {left.stdout}")
+    finally:
+        _kill(proc)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
