@@ -46,7 +46,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -540,8 +540,6 @@ def checkpoint_seen(cfg: PipelineConfig) -> tuple[ImageHashes | None, Lineage]:
 
 def drop_test_images(splits: Splits, indices: list[int]) -> Splits:
     """The splits without those test images (the rest of the test split read into memory)."""
-    from dataclasses import replace
-
     keep = np.setdiff1d(np.arange(len(splits.y_test)), np.asarray(indices, np.int64))
     if len(keep) == 0:
         raise DataError("Every test image is a duplicate of a training image; nothing is left to evaluate on")
@@ -658,10 +656,9 @@ def run(ctx: StageContext, data_path: str) -> DataValidation:
         lineage.test = len(copies(test, {"checkpoint": seen_before}, cfg.leakage_max_distance))
         lineage.val = len(copies(val, {"checkpoint": seen_before}, cfg.leakage_max_distance))
     # What this run's weights learn from, with what its checkpoint's learnt from (when that is known).
-    lineage_known = lineage is None or seen_before is not None
-    parts = [train, *([seen_before] if seen_before is not None else [])]
-    trained_on = ImageHashes.concat(*parts)
-    trained_on = ImageHashes(trained_on.phash, trained_on.exact, trained_on.complete and lineage_known)
+    trained_on = ImageHashes.concat(train, *([seen_before] if seen_before is not None else []))
+    if lineage is not None and seen_before is None:  # a checkpoint whose training images are unknown
+        trained_on = replace(trained_on, complete=False)
     trained_on.save(out / "seen_images.npz")
     plots = [plot_histograms(stats, reference, out / "channel_histograms.png"),
              plot_leaks(splits, leaks, out / "leaked_pairs.png")]  # fmt: skip
