@@ -157,7 +157,7 @@ def test_transfer_experiment_pretrains_then_compares_in_one_experiment(
     )
     assert len(result["target_classes"]) == 3 and all(r["epochs"] == 2 for r in result["rows"][:3])
     table = (tmp_path / "report" / "table.md").read_text()
-    best = max((r for r in result["rows"][:2]), key=lambda r: r["test_accuracy"])  # a tie keeps the first
+    best = max(result["rows"][:2], key=lambda r: r["test_accuracy"])  # a tie keeps the first
     assert f"- fine-tuned vs {best['label']}: **" in table  # the gain over the better from-scratch run
     client = MlflowClient(tracking_uri=uri)
     runs = client.search_runs([client.get_experiment_by_name("vit-transfer").experiment_id])
