@@ -50,6 +50,7 @@ setup(
         "pydantic>=2.7,<3",  # the typed config (field docstrings as descriptions: 2.7)
         # Run ownership (process start times) for the run lifecycle.
         "psutil>=5.9,<8",
+        "filelock>=3.12,<5",  # publish-serving: one publish into a folder at a time
         # GPU figures in MLflow's system metrics (NVML; harmless without a GPU).
         "nvidia-ml-py>=12",
     ],

@@ -24,16 +24,19 @@ Triton's ``model_config`` protobuf.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from vit_pipeline.errors import PipelineError
-from vit_pipeline.fsutil import write_text
+from vit_pipeline.fsutil import atomic_path, write_text
 
 CONSUMER_PORT = 8000
+LOCK_SECONDS = 600  # a publish copies one model file: minutes at most
 
 
 @dataclass(frozen=True)
@@ -132,17 +135,29 @@ parameters {{ key: "source" value: {{ string_value: "{model.source}" }} }}
 
 
 def write_triton(model: ServedModel, out: Path, max_batch_size: int, queue_delay_us: int) -> Path:
-    """``out/<name>/`` with config.pbtxt (CPU), configs/gpu.pbtxt, labels.txt and <version>/model.onnx."""
+    """``out/<name>/`` with <version>/model.onnx, labels.txt, configs/gpu.pbtxt and, last, config.pbtxt.
+
+    Every file is written atomically and ``config.pbtxt``, whose version policy names the new version, comes
+    last: Triton polling the repository never loads a half-copied model, and a crash part-way leaves the
+    previous version served (and ``publish`` writes the version again on its next run).
+    """
     folder = out / model.name
-    (folder / model.version).mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(model.path, folder / model.version / "model.onnx")
+    for stale in folder.glob("*/.model.onnx.*.tmp.onnx"):  # a copy a crash cut short (writers take turns)
+        stale.unlink()
+    with atomic_path(folder / model.version / "model.onnx") as tmp:  # Triton loads only "model.onnx"
+        shutil.copyfile(model.path, tmp)
     write_text(folder / "labels.txt", "\n".join(model.class_names) + "\n")
+    gpu = triton_config(model, max_batch_size, queue_delay_us, "KIND_GPU", 1)
+    write_text(folder / "configs" / "gpu.pbtxt", gpu)
     write_text(folder / "config.pbtxt", triton_config(model, max_batch_size, queue_delay_us, "KIND_CPU", 2))
-    (folder / "configs").mkdir(exist_ok=True)
-    write_text(
-        folder / "configs" / "gpu.pbtxt", triton_config(model, max_batch_size, queue_delay_us, "KIND_GPU", 1)
-    )
     return folder
+
+
+def served_version(folder: Path) -> str | None:
+    """The version a repository entry's ``config.pbtxt`` serves (None: no complete entry)."""
+    config = folder / "config.pbtxt"
+    match = re.search(r"versions: \[ (\d+) \]", config.read_text()) if config.is_file() else None
+    return match[1] if match and (folder / match[1] / "model.onnx").is_file() else None
 
 
 # ------------------------------------------------------------------- manifests
@@ -253,14 +268,40 @@ def export_serving(source: str, out_dir: str | Path, tracking_uri: str | None = 
                    consumer_image: str = "vit-consumer:latest", max_batch_size: int = 64,
                    queue_delay_us: int = 2000) -> dict[str, str]:  # fmt: skip
     """Writes the Triton repository and the KServe and Kubernetes manifests; returns their paths."""
-    from vit_pipeline import tracking
+    _check_batching(max_batch_size, queue_delay_us)
+    model = read_model(source, tracking_uri)
+    with _one_writer(Path(out_dir)):
+        return _write_all(model, Path(out_dir), tracking_uri, storage_uri, consumer_image, max_batch_size,
+                          queue_delay_us)  # fmt: skip
 
+
+def _check_batching(max_batch_size: int, queue_delay_us: int) -> None:
     if max_batch_size < 1 or queue_delay_us < 0:
         raise PipelineError(f"Expected max_batch_size >= 1 and queue_delay_us >= 0. Received: {max_batch_size}, "
                             f"{queue_delay_us}")  # fmt: skip
-    model = read_model(source, tracking_uri)
-    out = Path(out_dir)
-    folder = write_triton(model, out / "triton", max_batch_size, queue_delay_us)
+
+
+@contextlib.contextmanager
+def _one_writer(out: Path) -> Iterator[None]:
+    """Writers into one folder (the CLI, scheduled publishes, on any host sharing it) take turns."""
+    from filelock import FileLock, Timeout
+
+    out.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(out / ".write.lock")
+    try:
+        lock.acquire(timeout=LOCK_SECONDS)
+    except Timeout:
+        raise PipelineError(f"Another export held {lock.lock_file} for {LOCK_SECONDS} s") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _write_all(model: ServedModel, out: Path, tracking_uri: str | None, storage_uri: str | None,
+               consumer_image: str, max_batch_size: int, queue_delay_us: int) -> dict[str, str]:  # fmt: skip
+    from vit_pipeline import tracking
+
     storage = storage_uri or "pvc://vit-models/triton"
     isvc = write_text(out / "kserve" / "inferenceservice.yaml", _yaml([inference_service(model, storage)]))
     uri = tracking_uri or tracking.tracking_uri()
@@ -269,27 +310,38 @@ def export_serving(source: str, out_dir: str | Path, tracking_uri: str | None = 
     consumer = write_text(
         out / "kubernetes" / "consumer.yaml", _yaml(consumer_manifests(model, consumer_image, uri))
     )
+    # Last: its config.pbtxt is what says the version is served (``served_version``).
+    folder = write_triton(model, out / "triton", max_batch_size, queue_delay_us)
     return {"triton": str(folder), "kserve": str(isvc), "kubernetes": str(consumer), "name": model.name,
             "version": model.version}  # fmt: skip
 
 
-def publish(
-    source: str, out_dir: str | Path, tracking_uri: str | None = None, **options: Any
-) -> dict[str, Any]:
-    """``export_serving`` when ``source``'s version is not in ``out_dir`` yet (the champion moved), else nothing.
+def publish(source: str, out_dir: str | Path, tracking_uri: str | None = None, *, storage_uri: str | None = None,
+            consumer_image: str = "vit-consumer:latest", max_batch_size: int = 64,
+            queue_delay_us: int = 2000) -> dict[str, Any]:  # fmt: skip
+    """``export_serving`` when ``out_dir`` does not serve ``source``'s version (the champion moved), else nothing.
 
-    For a schedule (the ``publish-serving`` deployment): an alias is pinned to its version once,
-    and a repository that already holds that version is left as it is, so Triton's model
-    control (``--model-control-mode=poll``) sees a new version folder only when there is one.
+    For a schedule (the ``publish-serving`` deployment): an alias is pinned to its version once, and a
+    repository whose ``config.pbtxt`` already serves that version is left as it is, so Triton's model
+    control (``--model-control-mode=poll``) sees a change only when there is one: a new champion, or a
+    rollback to an earlier version (its folder is written again and the config names it). Publishes
+    into one folder take turns (a file lock in it), and a publish that crashed part-way is redone.
 
     Returns:
         ``published`` (True/False), ``name``, ``version`` and, when published, the written paths.
+
+    Raises:
+        PipelineError: the source cannot be read, or another writer held the folder for ``LOCK_SECONDS``.
     """
+    _check_batching(max_batch_size, queue_delay_us)
     model = read_model(source, tracking_uri)
-    existing = Path(out_dir) / "triton" / model.name / model.version / "model.onnx"
-    if existing.is_file():
-        return {"published": False, "name": model.name, "version": model.version,
-                "reason": f"version {model.version} is already in {existing.parent.parent}"}  # fmt: skip
-    pinned = f"models:/{model.name}/{model.version}" if source.startswith("models:/") else source
-    written = export_serving(pinned, out_dir, tracking_uri, **options)
+    out = Path(out_dir)
+    with _one_writer(out):
+        folder = out / "triton" / model.name
+        if served_version(folder) == model.version:
+            return {"published": False, "name": model.name, "version": model.version,
+                    "reason": f"version {model.version} is already served from {folder}"}  # fmt: skip
+        # The files are the version read once; the consumer's manifest keeps the alias (it follows it).
+        written = _write_all(model, out, tracking_uri, storage_uri, consumer_image, max_batch_size,
+                             queue_delay_us)  # fmt: skip
     return {"published": True, **written}

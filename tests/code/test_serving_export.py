@@ -177,7 +177,7 @@ def test_publish_writes_a_version_only_when_the_champion_moves(registered, tmp_p
     assert first["published"] and first["version"] == "1"
     stamp = (out / "triton" / "vit-pets" / "config.pbtxt").stat().st_mtime_ns
     again = publish_serving.fn("models:/vit-pets@champion", str(out), tracking_uri=uri)
-    assert not again["published"] and "already in" in again["reason"]
+    assert not again["published"] and "already served" in again["reason"]
     assert (out / "triton" / "vit-pets" / "config.pbtxt").stat().st_mtime_ns == stamp  # nothing rewritten
     # A second version becomes the champion (same accuracy: the policy promotes it).
     cfg = make_config("quickstart", {"tracking_uri": uri, "registered_model_name": "vit-pets"})
@@ -190,3 +190,116 @@ def test_publish_writes_a_version_only_when_the_champion_moves(registered, tmp_p
     moved = publish_serving.fn("models:/vit-pets@champion", str(out), tracking_uri=uri)
     assert moved["published"] and moved["version"] == "2"
     assert {p.name for p in (out / "triton" / "vit-pets").iterdir() if p.is_dir()} >= {"1", "2"}
+
+
+def _set_champion(uri: str, name: str, version: str) -> None:
+    from mlflow import MlflowClient
+
+    MlflowClient(uri).set_registered_model_alias(name, "champion", version)
+
+
+def test_publish_follows_a_rollback_and_a_name_that_is_not_a_slug(tmp_path):
+    """The champion set back to an earlier version is served again (its folder exists already); a registered
+    name that is not a folder name (``Vit_Pets``: folder ``vit-pets``) is read from the registry, and the
+    consumer's manifest follows the alias itself."""
+    from vit_pipeline.serving_export import publish, served_version
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = make_config("quickstart", {"tracking_uri": uri, "registered_model_name": "Vit_Pets"})
+    names = ["cat", "dog", "eel"]
+    split = labelled_split([4, 4, 4])
+    split = registry.TestSplit(split.images, split.labels, names, "d")
+    for i in (1, 2):
+        onnx = constant_classifier(tmp_path / f"c{i}.onnx", 3, 1, names)
+        assert registry.register_onnx(cfg, runs.create_run(cfg, "test"), str(onnx), split).version == str(i)
+    out = tmp_path / "serving"
+    folder = out / "triton" / "vit-pets"
+    for version in ("1", "2"):  # the champion moves from 1 to 2, each publish writes its version
+        _set_champion(uri, "Vit_Pets", version)
+        assert publish("models:/Vit_Pets@champion", out, uri)["version"] == version
+        assert served_version(folder) == version
+    _set_champion(uri, "Vit_Pets", "1")  # a rollback: the folder of 1 is there
+    back = publish("models:/Vit_Pets@champion", out, uri)
+    assert back["published"] and back["version"] == "1" and served_version(folder) == "1"
+    assert "versions: [ 1 ]" in (folder / "configs" / "gpu.pbtxt").read_text()
+    deployment = next(yaml.safe_load_all((out / "kubernetes" / "consumer.yaml").read_text()))
+    assert deployment["spec"]["template"]["spec"]["containers"][0]["args"][1] == "models:/Vit_Pets@champion"
+    assert not publish("models:/Vit_Pets@champion", out, uri)["published"]
+
+
+# A publish in its own process. Its model copy writes half the file, then the process is SIGKILLed
+# (the worst moment for a crash); or it waits for the barrier file, then publishes, holding the folder
+# a second longer than the copy takes (so that two unserialised publishes would overlap).
+PUBLISH = """
+import json, os, shutil, signal, sys, time
+from pathlib import Path
+from vit_pipeline import serving_export
+
+source, out, mode, go = sys.argv[1:5]
+if mode == "crash":
+    def half_then_sigkill(src, dst, *args, **kwargs):
+        data = Path(src).read_bytes()
+        Path(dst).write_bytes(data[: len(data) // 2])
+        os.kill(os.getpid(), signal.SIGKILL)
+    shutil.copyfile = half_then_sigkill
+else:
+    real = serving_export.export_serving
+    def slow(*args, **kwargs):
+        time.sleep(1.0)
+        return real(*args, **kwargs)
+    serving_export.export_serving = slow
+    Path(go + "." + str(os.getpid())).touch()  # ready
+    while not Path(go).exists():
+        time.sleep(0.001)
+print(json.dumps(serving_export.publish(source, out)))
+"""
+
+
+def _publisher(source: Path, out: Path, mode: str, go: Path) -> subprocess.Popen:
+    args = [sys.executable, "-c", PUBLISH, str(source), str(out), mode, str(go)]
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_a_publish_killed_mid_copy_leaves_the_old_version_served_and_is_redone(tmp_path):
+    from vit_pipeline.serving_export import publish, served_version
+
+    names = ["cat", "dog", "eel"]
+    source = constant_classifier(tmp_path / "c.onnx", 3, 1, names)
+    out = tmp_path / "serving"
+    proc = _publisher(source, out, "crash", tmp_path / "unused")
+    proc.communicate(timeout=120)
+    assert proc.returncode == -9  # SIGKILL, mid-copy
+    folder = out / "triton" / "c"  # the file's stem: no dataset in its metadata
+    assert served_version(folder) is None and not (folder / "1" / "model.onnx").exists()
+    assert len(list((folder / "1").glob(".model.onnx.*"))) == 1  # the half copy SIGKILL left behind
+    redone = publish(str(source), out)
+    assert redone["published"] and served_version(folder) == "1"
+    assert (folder / "1" / "model.onnx").read_bytes() == source.read_bytes()
+    assert [p.name for p in (folder / "1").iterdir()] == ["model.onnx"]  # the half copy is gone too
+
+
+def test_publishes_released_together_take_turns(tmp_path):
+    """Two schedules publishing the same champion into one folder at once: one writes it, the other finds it."""
+    import time
+
+    source = constant_classifier(tmp_path / "c.onnx", 3, 1, ["cat", "dog", "eel"])
+    out, go = tmp_path / "serving", tmp_path / "go"
+    procs = [_publisher(source, out, "race", go) for _ in range(2)]
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(tmp_path.glob("go.*"))) < 2:
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), [
+                p.communicate() for p in procs if p.poll() is not None
+            ]
+            time.sleep(0.05)
+        go.touch()
+        results = []
+        for proc in procs:
+            stdout, stderr = proc.communicate(timeout=120)
+            assert proc.returncode == 0, stderr[-3000:]
+            results.append(json.loads(stdout.strip().splitlines()[-1]))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    assert sorted(r["published"] for r in results) == [False, True], results
