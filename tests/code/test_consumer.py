@@ -124,6 +124,32 @@ def test_bad_input_gets_4xx_with_a_clear_message(server, body, content_type, sta
     assert message in resp.json()["detail"]
 
 
+def _predict(server, image: Image.Image, fmt: str = "PNG", **save) -> list[dict]:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **save)
+    resp = _post(server, buf.getvalue(), f"image/{'png' if fmt == 'PNG' else 'jpeg'}")
+    assert resp.status_code == 200, resp.text
+    return resp.json()["predictions"][0]
+
+
+def test_images_are_read_as_a_viewer_shows_them(server, real_cut):
+    """A 16-bit greyscale PNG is the 8-bit one (not clipped white), an EXIF-rotated image is upright, and a
+    camera's JPEG with an MPF segment (Pillow's MPO) is a JPEG."""
+    photo = Image.fromarray(real_cut[0][0].astype(np.uint8)).resize((64, 64), Image.Resampling.BILINEAR)
+    grey = np.asarray(photo.convert("L"), dtype=np.uint16)
+    deep = _predict(server, Image.fromarray(grey * 257))  # 16 bits: I;16
+    assert deep == _predict(server, Image.fromarray(grey.astype(np.uint8)))
+    assert deep != _predict(server, Image.fromarray(np.full((64, 64), 255, np.uint8)))  # what clipping gave
+    sideways = photo.transpose(Image.Transpose.ROTATE_90)  # stored as a phone does; orientation 6 undoes it
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    upright = _predict(server, photo)
+    assert _predict(server, sideways, exif=exif.tobytes()) == upright
+    assert _predict(server, sideways) != upright  # the tag made the difference
+    mpo = _predict(server, photo, "MPO", save_all=True, append_images=[photo], quality=95)
+    assert mpo == _predict(server, photo, "JPEG", quality=95)
+
+
 def test_gif_is_refused(server):
     buf = io.BytesIO()
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(buf, format="GIF")

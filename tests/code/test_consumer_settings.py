@@ -7,7 +7,7 @@ from vit_consumer.server import settings_from_env
 from vit_consumer.settings import Settings
 
 FIELDS = ("max_bytes", "max_inflight_bytes", "max_batch_size", "max_queue_delay_ms", "max_queue", "timeout_s",
-          "pixel_budget", "max_json_depth", "max_json_numbers", "decode_threads", "spin", "reload_seconds",
+          "body_timeout_s", "pixel_budget", "max_json_depth", "max_json_numbers", "decode_threads", "spin", "reload_seconds",
           "tracking_uri", "providers", "choose_candidate", "engine")  # fmt: skip
 TWO_PROVIDERS = "CUDAExecutionProvider,CPUExecutionProvider"
 
@@ -19,6 +19,7 @@ CASES = [
     ({"VIT_MAX_QUEUE_DELAY_MS": "0.5"}, "max_queue_delay_ms", 0.5),
     ({"VIT_MAX_QUEUE": "4"}, "max_queue", 4),
     ({"VIT_TIMEOUT_S": "2.5"}, "timeout_s", 2.5),
+    ({"VIT_BODY_TIMEOUT_S": "4"}, "body_timeout_s", 4.0),
     ({"VIT_PIXEL_BUDGET": "1000000"}, "pixel_budget", 1_000_000),
     ({"VIT_MAX_JSON_DEPTH": "3"}, "max_json_depth", 3),
     ({"VIT_MAX_JSON_NUMBERS": "100"}, "max_json_numbers", 100),

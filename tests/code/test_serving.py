@@ -148,9 +148,34 @@ def test_request_timeout_gets_504(tiny_export, no_tf_env):
 @pytest.fixture(scope="module")
 def strict_server(tiny_export, no_tf_env):
     _, path, _ = tiny_export
-    proc, url = _serve(str(path), no_tf_env, "--pixel-budget", "1000000", "--max-bytes", "3000000")
+    proc, url = _serve(str(path), no_tf_env, "--pixel-budget", "1000000", "--max-bytes", "3000000",
+                       "--max-inflight-bytes", "6000000", "--body-timeout", "3")  # fmt: skip
     yield url
     stop(proc)
+
+
+def _declared_png(width: int, height: int) -> bytes:
+    """A small PNG file whose header declares ``width`` x ``height`` (a decompression bomb's first bytes)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0"))
+        + chunk(b"IEND", b"")
+    )
+
+
+def _npy_header(shape: tuple, dtype: str = "<f8") -> bytes:
+    """A .npy file's header declaring ``shape``, followed by a few bytes only."""
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": dtype, "fortran_order": False, "shape": shape})
+    return buf.getvalue() + b"\0" * 64
 
 
 def _png(image: np.ndarray) -> bytes:
@@ -197,6 +222,12 @@ def test_pixel_budget_counts_all_images_of_a_request(strict_server):
         (b"x", "image/png", "?top_k=%C2%B2", 400, "top_k"),
         (b"x" * 3_000_001, "image/png", "", 413, "exceeds the limit"),
         (b"x", "text/html", "", 415, "Unsupported Content-Type"),
+        (b'{"instances": [' + b"9" * 400 + b"]}", "application/json", "", 400, "huge integers"),
+        (json.dumps({"instances": [[["1"] * 3] * 32] * 32}).encode(), "application/json", "", 400, "strings"),
+        (_npy_header((10**12, 32, 32, 3)), "application/x-npy", "", 400, "header declares"),
+        (_npy(np.zeros((0, 32, 32, 3), np.uint8)), "application/x-npy", "", 400, "Expected 1 to 1024 images"),
+        (_declared_png(30000, 30000), "image/png", "", 413, "more than 1000000 pixels"),
+        (_declared_png(1200, 1000), "image/png", "", 413, "more than 1000000 pixels"),
     ],
 )
 def test_each_malformed_request_gets_a_4xx_with_one_plain_line(strict_server, body, content_type, query, status,
@@ -208,6 +239,52 @@ def test_each_malformed_request_gets_a_4xx_with_one_plain_line(strict_server, bo
     assert message in detail and "\n" not in detail
     assert " at 0x" not in detail and "object>" not in detail  # no Python object reprs
     assert httpx.get(f"{strict_server}/health/live").status_code == 200
+
+
+def test_compressed_bodies_are_inflated_within_the_limits(strict_server):
+    import gzip
+    import zlib
+
+    image = _png(np.zeros((32, 32, 3), np.uint8))
+    for encoding, packed in (("gzip", gzip.compress(image)), ("deflate", zlib.compress(image))):
+        resp = httpx.post(f"{strict_server}/predict", content=packed,
+                          headers={"Content-Type": "image/png", "Content-Encoding": encoding})  # fmt: skip
+        assert resp.status_code == 200, resp.text
+    bomb = gzip.compress(b"\0" * 50_000_000)  # 50 MB of zeros in about 50 kB; the limit is 3 MB
+    resp = httpx.post(f"{strict_server}/predict", content=bomb,
+                      headers={"Content-Type": "application/x-npy", "Content-Encoding": "gzip"})  # fmt: skip
+    assert resp.status_code == 413 and "once decompressed" in resp.json()["detail"]
+    resp = httpx.post(f"{strict_server}/predict", content=gzip.compress(image)[:-9],
+                      headers={"Content-Type": "image/png", "Content-Encoding": "gzip"})  # fmt: skip
+    assert resp.status_code == 400 and "truncated" in resp.json()["detail"]
+
+
+def test_stalled_uploads_neither_lock_others_out_nor_stay(strict_server, tiny_export):
+    """Clients that declare large bodies and stop sending (a slowloris) hold only what they sent, and get
+    a 408 once the body's deadline (3 s here) has passed; everyone else is served meanwhile."""
+    import socket
+
+    port = int(strict_server.rsplit(":", 1)[1])
+    stalled = []
+    for _ in range(2):  # 2 x 3,000,000 declared bytes: the whole in-flight budget
+        sock = socket.create_connection(("127.0.0.1", port), timeout=20)
+        sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                     b"Content-Length: 3000000\r\n\r\n\x89PNG")  # fmt: skip
+        stalled.append(sock)
+    try:
+        time.sleep(0.5)
+        started = time.monotonic()
+        ok = httpx.post(f"{strict_server}/predict", content=_png(np.zeros((32, 32, 3), np.uint8)),
+                        headers={"Content-Type": "image/png"}, timeout=30)  # fmt: skip
+        assert ok.status_code == 200, ok.text
+        assert time.monotonic() - started < 2.5  # not after the stalled ones are timed out
+        for sock in stalled:
+            answer = sock.recv(4096).split(b"\r\n", 1)[0]
+            assert answer == b"HTTP/1.1 408 Request Timeout", answer
+    finally:
+        for sock in stalled:
+            sock.close()
+    assert _metric(strict_server, "vit_consumer_requests_total", '{code="408"}') >= 2
 
 
 def test_a_client_gone_mid_body_is_a_499_and_the_service_keeps_serving(strict_server):

@@ -57,6 +57,11 @@ def _reference(file, images):
     return logits, softmax(logits, TEMPERATURE)
 
 
+def _text(element) -> str:
+    """A BYTES element as tritonclient gives it: str from JSON, bytes from the binary extension."""
+    return element.decode() if isinstance(element, bytes) else element
+
+
 def test_tritonclient_json_and_binary_tensors(served):
     import tritonclient.http as httpclient
 
@@ -86,8 +91,28 @@ def test_tritonclient_json_and_binary_tensors(served):
         np.testing.assert_allclose(result.as_numpy("logits"), logits, atol=ENGINES[engine])
         np.testing.assert_allclose(result.as_numpy("probabilities"), probs, atol=ENGINES[engine] / 10)
         assert result.get_response()["id"] == "r1"
+    # Compressed requests (tritonclient's request_compression_algorithm) and Triton's classification
+    # extension (class_count: each row's top k as "value:index:label", BYTES).
+    inp = httpclient.InferInput("images", list(images.shape), "FP32")
+    inp.set_data_from_numpy(images, binary_data=True)
+    for compression in ("gzip", "deflate"):
+        result = client.infer(name, [inp], request_compression_algorithm=compression)
+        np.testing.assert_allclose(result.as_numpy("logits"), logits, atol=ENGINES[engine])
+    names = json.loads(meta["parameters"]["class_names"])
+    for binary in (False, True):
+        top3 = [httpclient.InferRequestedOutput("probabilities", binary_data=binary, class_count=3)]
+        rows = client.infer(name, [inp], outputs=top3).as_numpy("probabilities")
+        assert rows.shape == (5, 3)
+        for row, p in zip(rows, probs, strict=True):
+            parsed = [(float(v), int(i), label) for v, i, label in (_text(e).split(":", 2) for e in row)]
+            expected = np.argsort(-p, kind="stable")[:3]
+            assert [i for _, i, _ in parsed] == list(expected), (parsed, p[expected])
+            assert [label for *_, label in parsed] == [names[i] for i in expected]
+            np.testing.assert_allclose([v for v, *_ in parsed], p[expected], atol=1e-4)
     with pytest.raises(Exception, match="Unknown model 'nope'"):
         client.get_model_metadata("nope")
+    with pytest.raises(Exception, match="Not Found"):  # an endpoint this server lacks: still {"error": ...}
+        client.get_model_config(name)
     with pytest.raises(Exception, match="Expected shape"):
         bad = httpclient.InferInput("images", [1, 8, 8, 3], "FP32")
         bad.set_data_from_numpy(np.zeros((1, 8, 8, 3), np.float32))
@@ -138,6 +163,31 @@ def test_protocol_errors_are_one_line_json(served):
         (f"{base}/vit-cifar100/infer", {"inputs": [{**ok["inputs"][0], "data": [300.0] * 3072}]}, 400,
          "Expected raw pixel values in [0, 255]"),
     ]  # fmt: skip
+    image = ok["inputs"][0]
+    infer = f"{base}/vit-cifar100/infer"
+    cases += [
+        (infer, {**ok, "parameters": [1]}, 400, "'parameters' to be an object"),
+        (infer, {"inputs": [{**image, "parameters": "x"}]}, 400, "'parameters' to be an object"),
+        (infer, {**ok, "outputs": [{"name": "logits", "parameters": 3}]}, 400, "'parameters' to be an object"),
+        (infer, {"inputs": [{**image, "shape": [True, 32, 32, 3]}]}, 400, "integer sizes"),
+        (infer, {"inputs": [{**image, "shape": [2**32, 2**32], "data": []}]}, 400, "0 values for shape"),
+        (infer, {"inputs": [{**image, "shape": [0, 32, 32, 3], "data": []}]}, 400, "Expected 1 to 1024 images"),
+        (infer, {**ok, "id": 5}, 400, "'id' to be a string"),
+        (infer, {**ok, "outputs": [{"name": "logits", "parameters": {"binary_data": "false"}}]}, 400,
+         "'binary_data' to be true or false"),
+        (infer, {**ok, "parameters": {"binary_data_output": 1}}, 400, "'binary_data_output' to be true or false"),
+        (infer, {"inputs": [{**image, "data": ["1"] * 3072}]}, 400, "must be numeric values"),
+        (infer, {"inputs": [{**image, "data": [True] * 3072}]}, 400, "must be numeric values"),
+        (infer, {"inputs": [{**image, "datatype": "UINT8", "data": [1.5] * 3072}]}, 400, "must be integers"),
+        (infer, {"inputs": [{**image, "datatype": "FP16", "data": [1e6] * 3072}]}, 400, "out of the range"),
+        (infer, {"inputs": [{**image, "data": [10**400] * 3072}]}, 400, "huge integers"),
+        (infer, {"inputs": [{**image, "data": [[[[[[[[[0.0]]]]]]]]]}]}, 400, "levels deep"),
+        (infer, {"inputs": [{**image, "parameters": {"binary_data_size": 12288}}]}, 400, "not both"),
+        (infer, {"inputs": ["images"]}, 400, "Expected each input to be an object"),
+        (infer, {**ok, "outputs": ["logits"]}, 400, "Expected each requested output to be an object"),
+        (infer, {**ok, "outputs": [{"name": "logits", "parameters": {"classification": "3"}}]}, 400,
+         "'classification' to be an integer"),
+    ]  # fmt: skip
     for url, doc, code, message in cases:
         response = httpx.post(url, json=doc)
         assert response.status_code == code, (url, response.text)
@@ -148,5 +198,21 @@ def test_protocol_errors_are_one_line_json(served):
                           headers={"Inference-Header-Content-Length": str(len(header))})  # fmt: skip
     assert response.status_code == 400 and "binary_data_size 100 does not match" in response.json()["error"]
     assert httpx.post(f"{base}/vit-cifar100/infer", content=b"{nope").status_code == 400
+    for length in ("\u00b2", "1\u00b9", "-1", "x"):  # superscript digits pass str.isdigit()
+        response = httpx.post(infer, content=header + b"\0" * 100,
+                              headers={"Inference-Header-Content-Length": length.encode("latin-1")})  # fmt: skip
+        assert response.status_code == 400 and "does not fit" in response.json()["error"], response.text
+    utf16 = json.dumps(ok).encode("utf-16")
+    response = httpx.post(infer, content=utf16)
+    assert response.status_code == 400 and "not UTF-8" in response.json()["error"]
+    response = httpx.post(infer, content=json.dumps(ok).encode(), headers={"Content-Encoding": "br"})
+    assert response.status_code == 415 and "'br' is not supported" in response.json()["error"]
+    # Errors outside the served routes are the protocol's too, and an encoded '/' addresses nothing.
+    for method, url, code in [("GET", f"{base}/vit-cifar100/config", 404), ("GET", f"{base}", 404),
+                              ("POST", f"{base}/vit-cifar100/ready", 405),
+                              ("POST", f"{base}/vit-cifar100%2Fversions%2F1/infer", 404),
+                              ("GET", f"{base}/vit-cifar100%2Fready", 404)]:  # fmt: skip
+        response = httpx.request(method, url, json=ok)
+        assert response.status_code == code and "error" in response.json(), (url, response.text)
     metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
     assert 'vit_consumer_requests_total{code="404"}' in metrics  # the same metrics as /predict

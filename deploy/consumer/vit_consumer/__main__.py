@@ -41,8 +41,13 @@ def _parser() -> argparse.ArgumentParser:
         "--max-queue", type=int, default=defaults.max_queue, help="requests waiting (beyond: 503)"
     )
     serve.add_argument(
-        "--timeout", type=float, default=defaults.timeout_s, help="seconds per request (then 504)"
+        "--timeout",
+        type=float,
+        default=defaults.timeout_s,
+        help="seconds per request once its body arrived (then 504)",
     )
+    serve.add_argument("--body-timeout", type=float, default=defaults.body_timeout_s,
+                       help="seconds a client may take to send its body (then 408)")  # fmt: skip
     serve.add_argument("--pixel-budget", type=int, default=defaults.pixel_budget,
                        help="decoded pixels of all images of one request together")  # fmt: skip
     serve.add_argument("--reload-seconds", type=float, default=defaults.reload_seconds,
@@ -86,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
             settings = Settings(
                 max_bytes=args.max_bytes, max_inflight_bytes=args.max_inflight_bytes,
                 max_batch_size=args.max_batch_size, max_queue_delay_ms=args.max_queue_delay_ms,
-                max_queue=args.max_queue, timeout_s=args.timeout, pixel_budget=args.pixel_budget,
+                max_queue=args.max_queue, timeout_s=args.timeout, body_timeout_s=args.body_timeout,
+                pixel_budget=args.pixel_budget,
                 reload_seconds=args.reload_seconds, tracking_uri=args.tracking_uri,
                 providers=tuple(providers) if providers else None, spin=args.spin,
                 decode_threads=args.decode_threads, choose_candidate=args.choose, engine=engine,

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 MAX_IMAGE_PIXELS = 40_000_000  # refuse decompression bombs long before memory runs out
 MAX_BATCH = 1024
 DEFAULT_PIXEL_BUDGET = 16_000_000  # decoded source pixels per request, all images together
+ORIENTATION = 0x0112  # the EXIF tag
 
 
 class InputError(ValueError):
@@ -258,7 +259,7 @@ class OnnxClassifier:
             for payload in payloads:
                 img = Image.open(io.BytesIO(payload))  # reads the header only
                 opened.append(img)
-                if img.format not in ("PNG", "JPEG"):
+                if img.format not in ("PNG", "JPEG", "MPO"):  # MPO: a camera's JPEG with an MPF segment
                     raise InputError(f"Expected a PNG or JPEG image. Received: {img.format}", 415)
                 total += img.size[0] * img.size[1]
                 if total > pixel_budget:
@@ -269,7 +270,7 @@ class OnnxClassifier:
                     )
             out = np.empty((len(payloads), h, w, 3), np.float32)
             for i, img in enumerate(opened):
-                rgb = img.convert("RGB")
+                rgb = to_rgb(img)
                 if rgb.size != (w, h):
                     rgb = rgb.resize((w, h), Image.Resampling.BILINEAR)
                 out[i] = np.asarray(rgb, dtype=np.float32)
@@ -278,7 +279,10 @@ class OnnxClassifier:
             raise
         except UnidentifiedImageError as exc:
             raise InputError("Could not decode the image: not a PNG or JPEG file") from exc
-        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        except Image.DecompressionBombError:  # Pillow's own limit, before ours could count the pixels
+            raise InputError(f"An image holds more than {pixel_budget} pixels (the per-request budget); "
+                             "send smaller images", 413) from None  # fmt: skip
+        except (OSError, ValueError) as exc:
             raise InputError(f"Could not decode the image: {_plain(exc)}") from exc
         finally:
             for img in opened:
@@ -299,7 +303,9 @@ class OnnxClassifier:
                 f"Received: shape={list(arr.shape)}"
             )
         if not 1 <= len(arr) <= MAX_BATCH:
-            raise InputError(f"Expected 1 to {MAX_BATCH} images. Received: {len(arr)}", 413)
+            raise InputError(
+                f"Expected 1 to {MAX_BATCH} images. Received: {len(arr)}", 413 if len(arr) else 400
+            )
         arr = np.ascontiguousarray(arr, dtype=np.float32)  # copies only when needed
         if not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 255:
             raise InputError("Expected raw pixel values in [0, 255]")
@@ -337,6 +343,22 @@ class OnnxClassifier:
             "temperature": self.temperature,
             "mlflow_run_id": self.metadata.get("mlflow_run_id", ""),
         }
+
+
+def to_rgb(img: Any) -> Any:
+    """A decoded image as 8-bit RGB, upright: as a viewer shows it.
+
+    The EXIF orientation is applied (a phone's portrait JPEG is stored sideways), and 16-bit
+    greyscale is scaled to 8 bits (Pillow's ``convert`` would clip it at 255: a white image).
+    """
+    from PIL import Image, ImageOps
+
+    if img.getexif().get(ORIENTATION, 1) != 1:  # exif_transpose copies even an upright image
+        img = ImageOps.exif_transpose(img)
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        wide = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray(np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8), "L")
+    return img.convert("RGB")
 
 
 def _plain(exc: BaseException) -> str:

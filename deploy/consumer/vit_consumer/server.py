@@ -32,23 +32,25 @@ import asyncio
 import base64
 import binascii
 import contextlib
-import io
 import json
 import logging
 import os
 import threading
 import time
+import warnings
 from collections.abc import AsyncIterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from starlette.datastructures import Headers, QueryParams
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from vit_consumer import __version__, v2
+from vit_consumer import __version__, limits, v2
 from vit_consumer.batching import Arrivals, BatcherStopped, DynamicBatcher, QueueFull
 from vit_consumer.classifier import (
     InputError,
@@ -57,6 +59,7 @@ from vit_consumer.classifier import (
     alias_version,
     registry_target,
 )
+from vit_consumer.limits import json_shape_problem
 from vit_consumer.metrics import Metrics
 from vit_consumer.settings import DEFAULT_MAX_BYTES, Settings, SettingsError
 
@@ -68,6 +71,7 @@ __all__ = [
     "SettingsError",
     "app_from_env",
     "create_app",
+    "json_shape_problem",
     "settings_from_env",
 ]
 
@@ -157,22 +161,25 @@ class _Admission:
         self.used -= n
 
 
-def json_shape_problem(body: bytes, max_depth: int, max_numbers: int) -> InputError | None:
-    """Nesting depth and number count of a JSON body, from its bytes, before any parsing.
+class _Booking:
+    """The bytes one request holds of the in-flight budget: taken as they arrive, given back at its end.
 
-    Brackets inside strings count too (our documents carry only base64 strings,
-    which have none): the check can only err on the side of refusing.
+    Booked as received, not as declared: a client that declares a large body and sends a few
+    bytes holds a few bytes (it cannot lock others out by declaring), and the body's deadline
+    (``body_timeout_s``) ends it.
     """
-    raw = np.frombuffer(body, np.uint8)
-    step = (raw == ord("[")).astype(np.int32) + (raw == ord("{")) - (raw == ord("]")) - (raw == ord("}"))
-    depth = int(np.cumsum(step).max(initial=0))
-    if depth > max_depth:
-        return InputError(f"JSON nested {depth} levels deep; at most {max_depth} are accepted")
-    numbers = int(np.count_nonzero(raw == ord(","))) + 1
-    if numbers > max_numbers:
-        return InputError(f"JSON holds about {numbers} values; at most {max_numbers} are accepted "
-                          "(send .npy or images)", 413)  # fmt: skip
-    return None
+
+    def __init__(self, admission: _Admission):
+        self.admission, self.held = admission, 0
+
+    def take(self, n: int) -> None:
+        if not self.admission.take(n):
+            raise QueueFull(f"{self.admission.used} bytes of requests are being handled")
+        self.held += n
+
+    def release(self) -> None:
+        self.admission.give(self.held)
+        self.held = 0
 
 
 def parse_body(clf: OnnxClassifier, content_type: str, body: bytes, settings: Settings) -> np.ndarray:
@@ -181,27 +188,11 @@ def parse_body(clf: OnnxClassifier, content_type: str, body: bytes, settings: Se
     if content_type in ("image/png", "image/jpeg", "image/jpg"):
         return clf.decode_images([body], settings.pixel_budget)
     if content_type == "application/x-npy":
-        try:
-            array = np.load(io.BytesIO(body), allow_pickle=False)
-        except (ValueError, OSError, EOFError) as exc:
-            raise InputError(
-                f"Not a readable .npy array (pickled arrays are refused): {_plain(exc)}"
-            ) from exc
-        return clf.check_array(array)
+        return clf.check_array(limits.load_npy(body))
     if content_type == "application/json":
-        problem = json_shape_problem(body, settings.max_json_depth, settings.max_json_numbers)
-        if problem is not None:
-            raise problem
-        try:
-            doc = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-            raise InputError(f"Invalid JSON: {_plain(exc)}") from exc
+        doc = limits.parse_json(body, settings.max_json_depth, settings.max_json_numbers)
         if isinstance(doc, dict) and "instances" in doc:
-            try:
-                array = np.asarray(doc["instances"], dtype=np.float32)
-            except (TypeError, ValueError) as exc:
-                raise InputError("'instances' must be a numeric array of equal-length rows") from exc
-            return clf.check_array(array)
+            return clf.check_array(limits.numbers(doc["instances"], "'instances'"))
         if isinstance(doc, dict) and isinstance(doc.get("images_b64"), list) and doc["images_b64"]:
             if len(doc["images_b64"]) > 1024:
                 raise InputError(f"Expected 1 to 1024 images. Received: {len(doc['images_b64'])}", 413)
@@ -266,6 +257,11 @@ class Service:
         return clf
 
     async def start(self) -> None:
+        from PIL import Image
+
+        # The pixel budget refuses large images itself (413), before Pillow would decode them: its
+        # warning for images above its own limit would only fill the log.
+        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
         loop = asyncio.get_running_loop()
         self.batcher.start()
         await loop.run_in_executor(None, self.warm, self.engine)
@@ -339,14 +335,13 @@ class Service:
             body: The body's chunks as they arrive.
         """
         started = time.perf_counter()
-        code, reserved = 200, 0
+        code, booking = 200, _Booking(self.admission)
         try:
             if not self.ready:
                 raise InputError("The model is not ready yet", 503)
             top_k = _top_k(top_k_raw)
             content_type = headers.get("content-type", "").split(";")[0].strip().lower()
-            reserved = self._reserve(headers.get("content-length"))
-            data = await self._read_body(body)
+            data = await self._read_body(headers, body, booking)
             engine = self.engine  # this request finishes on this version, whatever reloads meanwhile
             logits = await asyncio.wait_for(
                 self._infer(engine, lambda: parse_body(engine, content_type, data, self.settings)),
@@ -368,7 +363,7 @@ class Service:
             log.exception("Inference failed")
             return code, {"detail": f"Inference failed: {_plain(exc)}"}, {}
         finally:
-            self.admission.give(reserved)
+            booking.release()
             self.metrics.requests.labels(str(code)).inc()
             self.metrics.latency.observe(time.perf_counter() - started)
 
@@ -376,20 +371,20 @@ class Service:
                        body: AsyncIterator[bytes]) -> tuple[int, bytes, dict[str, str]]:  # fmt: skip
         """One ``POST /v2/models/{name}[/versions/{v}]/infer``: (status, body, headers); see ``vit_consumer.v2``."""
         started = time.perf_counter()
-        code, reserved = 200, 0
+        code, booking = 200, _Booking(self.admission)
         try:
             if not self.ready:
                 raise InputError("The model is not ready yet", 503)
             engine = self.engine
             v2.check_target(engine, name, version)
-            reserved = self._reserve(headers.get("content-length"))
-            data = await self._read_body(body)
+            data = await self._read_body(headers, body, booking)
             parsed: dict[str, Any] = {}
 
             def parse() -> np.ndarray:
                 images, parsed["doc"], parsed["wanted"] = v2.parse_infer(
-                    engine, data, headers.get(v2.HEADER_LENGTH)
-                )
+                    engine, data, headers.get(v2.HEADER_LENGTH), self.settings.max_json_depth,
+                    self.settings.max_json_numbers,
+                )  # fmt: skip
                 return images
 
             logits = await asyncio.wait_for(self._infer(engine, parse), self.settings.timeout_s)
@@ -409,7 +404,7 @@ class Service:
             log.exception("Inference failed")
             return code, _error(f"Inference failed: {_plain(exc)}"), {}
         finally:
-            self.admission.give(reserved)
+            booking.release()
             self.metrics.requests.labels(str(code)).inc()
             self.metrics.latency.observe(time.perf_counter() - started)
 
@@ -467,26 +462,40 @@ class Service:
                     queued[0].cancel()
             leave()  # every other way out
 
-    def _reserve(self, declared: str | None) -> int:
-        """Admits the body's bytes (the declared length, or the limit when unknown) or refuses."""
+    async def _read_body(
+        self, headers: Mapping[str, str], chunks: AsyncIterator[bytes], booking: _Booking
+    ) -> bytes:
+        """The request's body within its limits: size (declared, received and decompressed), the in-flight
+        budget (``booking``), and the time a client may take to send it (``body_timeout_s``, then 408)."""
         limit = self.settings.max_bytes
-        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        declared = headers.get("content-length")
+        if declared is not None and (
+            not (declared.isascii() and declared.isdigit()) or int(declared) > limit
+        ):
             raise InputError(f"Payload of {declared[:20]} bytes exceeds the limit of {limit}", 413)
-        size = int(declared) if declared else limit
-        if not self.admission.take(size):
-            raise QueueFull(f"{self.admission.used} bytes of requests are being handled")
-        return size
 
-    async def _read_body(self, chunks: AsyncIterator[bytes]) -> bytes:
-        limit = self.settings.max_bytes
-        body = bytearray()
-        async for chunk in chunks:
-            body += chunk
-            if len(body) > limit:
-                raise InputError(f"Payload exceeds the limit of {limit} bytes", 413)
+        async def receive() -> bytearray:
+            body = bytearray()
+            async for chunk in chunks:
+                booking.take(len(chunk))
+                body += chunk
+                if len(body) > limit:
+                    raise InputError(f"Payload exceeds the limit of {limit} bytes", 413)
+            return body
+
+        try:
+            body = await asyncio.wait_for(receive(), self.settings.body_timeout_s)
+        except TimeoutError:
+            raise InputError(f"The request body did not arrive within {self.settings.body_timeout_s:g} s",
+                             408) from None  # fmt: skip
         if not body:
             raise InputError("Empty request body")
-        return bytes(body)
+        encoding = headers.get("content-encoding", "identity").strip().lower()
+        if encoding in ("", "identity"):
+            return bytes(body)
+        data = limits.inflate(bytes(body), encoding, limit)
+        booking.take(len(data))
+        return data
 
 
 def _error(message: str) -> bytes:
@@ -543,10 +552,17 @@ class PredictPath:
         self.app, self.service = app, service
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST":
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         path = _route_path(scope)
+        if path.startswith("/v2/") and b"%2f" in scope.get("raw_path", b"").lower():
+            # Starlette routes on the decoded path: "vit%2Fversions%2F1" would address version 1.
+            await _send(send, 404, _error("Unknown model: a model name or version holds no '/'"), {})
+            return
+        if scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
         target = v2.match(path) if path.startswith("/v2/") else None
         if path == "/predict":
             code, body, extra = await answer(self.service, scope, receive)
@@ -556,11 +572,16 @@ class PredictPath:
         else:
             await self.app(scope, receive, send)
             return
-        extra = {"content-type": "application/json", **{k.lower(): v for k, v in extra.items()}}
-        head = [(b"content-length", str(len(body)).encode())]
-        head += [(k.encode(), v.encode()) for k, v in extra.items()]
-        await send({"type": "http.response.start", "status": code, "headers": head})
-        await send({"type": "http.response.body", "body": body})
+        await _send(send, code, body, extra)
+
+
+async def _send(send, code: int, body: bytes, extra: Mapping[str, str]) -> None:
+    """One whole response (JSON unless ``extra`` names another content type)."""
+    extra = {"content-type": "application/json", **{k.lower(): v for k, v in extra.items()}}
+    head = [(b"content-length", str(len(body)).encode())]
+    head += [(k.encode(), v.encode()) for k, v in extra.items()]
+    await send({"type": "http.response.start", "status": code, "headers": head})
+    await send({"type": "http.response.body", "body": body})
 
 
 def _route_path(scope) -> str:
@@ -625,6 +646,14 @@ def _v2_routes(app: FastAPI, service: Service) -> None:
 
     def v2_error(exc: InputError) -> JSONResponse:
         return JSONResponse({"error": str(exc)}, status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        """Under /v2 every error is the protocol's ``{"error": ...}`` (an unknown endpoint, a wrong method):
+        clients such as tritonclient read that key. Elsewhere FastAPI's ``{"detail": ...}``."""
+        if _route_path(request.scope).startswith("/v2"):
+            return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+        return await http_exception_handler(request, exc)
 
     @app.get("/v2", tags=["v2"])
     def v2_server() -> dict[str, Any]:

@@ -63,7 +63,9 @@ class Settings(BaseSettings):
     max_queue: int = Field(256, gt=0)
     """Requests waiting for the engine (beyond: 503 with Retry-After)."""
     timeout_s: float = Field(10.0, gt=0)
-    """Seconds a request may take (then 504)."""
+    """Seconds a request may take once its body has arrived (then 504)."""
+    body_timeout_s: float = Field(30.0, gt=0)
+    """Seconds a client may take to send its body (then 408): a stalled upload does not hold its place."""
     pixel_budget: int = Field(DEFAULT_PIXEL_BUDGET, gt=0)
     """Decoded pixels of all images of one request together (beyond: 413)."""
     max_json_depth: int = Field(8, gt=0)

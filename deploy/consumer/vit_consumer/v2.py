@@ -4,7 +4,7 @@ What NVIDIA Triton, KServe, OpenVINO Model Server and Seldon MLServer serve, so 
 written for any of them (``tritonclient.http``, the ``kserve`` SDK's ``InferenceRESTClient``)
 talks to this service unchanged:
 
-* ``GET /v2`` (server metadata, with the ``binary_tensor_data`` extension),
+* ``GET /v2`` (server metadata, with the ``binary_tensor_data`` and ``classification`` extensions),
   ``GET /v2/health/live``, ``GET /v2/health/ready``;
 * ``GET /v2/models/{name}[/versions/{version}]`` (model metadata: the input ``images`` FP32
   ``[-1, H, W, 3]``, the outputs ``logits`` and ``probabilities`` FP32 ``[-1, C]``, and as
@@ -16,7 +16,9 @@ talks to this service unchanged:
   where its ``parameters.binary_data_size`` says). Outputs: those requested (``logits``,
   ``probabilities``: ``softmax(logits / temperature)`` with the file's calibrated temperature),
   else both; binary where ``parameters.binary_data`` (or the request's
-  ``binary_data_output``) asks for it.
+  ``binary_data_output``) asks for it; with ``parameters.classification: k`` (Triton's
+  classification extension, tritonclient's ``class_count``) an output is each row's top k as
+  BYTES ``"value:index:label"``. Request bodies may be gzip or deflate (``Content-Encoding``).
 
 Errors are ``{"error": "<one line>"}``: 400 for a bad request, 404 for an unknown model or
 version (and the same 413/503/504 as ``/predict`` for the same limits). The images go through
@@ -26,15 +28,16 @@ the service's dynamic batcher, admission limits and metrics (``vit_consumer.serv
 from __future__ import annotations
 
 import json
+import math
 import re
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
-from vit_consumer import __version__, contract
+from vit_consumer import __version__, contract, limits
 from vit_consumer.classifier import InputError, OnnxClassifier
 
-EXTENSIONS = ["binary_tensor_data"]
+EXTENSIONS = ["binary_tensor_data", "classification"]
 HEADER_LENGTH = "inference-header-content-length"
 DATATYPES: dict[str, np.dtype] = {
     "FP32": np.dtype("<f4"), "FP64": np.dtype("<f8"), "FP16": np.dtype("<f2"), "UINT8": np.dtype("u1"),
@@ -47,6 +50,14 @@ PATH = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?
 
 class V2Error(InputError):
     """A protocol error: answered as ``{"error": message}`` with its status."""
+
+
+class Output(NamedTuple):
+    """A requested output: its name, raw bytes or JSON, and Triton's classification (top k, 0: off)."""
+
+    name: str
+    binary: bool
+    classification: int = 0
 
 
 def server_metadata() -> dict[str, Any]:
@@ -103,22 +114,40 @@ def model_metadata(engine: OnnxClassifier) -> dict[str, Any]:
     }
 
 
-def _header_and_binary(body: bytes, header_length: str | None) -> tuple[dict[str, Any], bytes]:
+def _header_and_binary(body: bytes, header_length: str | None, max_depth: int, max_numbers: int
+                       ) -> tuple[dict[str, Any], bytes]:  # fmt: skip
     if header_length is None:
         raw, rest = body, b""
     else:
-        if not header_length.strip().isdigit() or int(header_length) > len(body):
+        length = header_length.strip()
+        if not (length.isascii() and length.isdigit()) or int(length) > len(body):
             raise V2Error(f"Inference-Header-Content-Length {header_length[:20]!r} does not fit a body of "
                           f"{len(body)} bytes")  # fmt: skip
-        n = int(header_length)
-        raw, rest = body[:n], body[n:]
-    try:
-        doc = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise V2Error(f"Invalid JSON inference request: {exc}") from None
+        raw, rest = body[: int(length)], body[int(length) :]
+    doc = limits.parse_json(raw, max_depth, max_numbers, "JSON inference request")
     if not isinstance(doc, dict):
         raise V2Error("Expected a JSON object with 'inputs'")
+    if "id" in doc and not isinstance(doc["id"], str):
+        raise V2Error(f"Expected 'id' to be a string. Received: {type(doc['id']).__name__}")
     return doc, rest
+
+
+def _parameters(holder: dict[str, Any], where: str) -> dict[str, Any]:
+    """A ``parameters`` object (absent: empty)."""
+    params = holder.get("parameters")
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise V2Error(f"Expected {where} 'parameters' to be an object. Received: {type(params).__name__}")
+    return params
+
+
+def _flag(params: dict[str, Any], key: str, default: bool) -> bool:
+    """A boolean parameter (the binary data extension's are JSON booleans, not truthy values)."""
+    value = params.get(key, default)
+    if not isinstance(value, bool):
+        raise V2Error(f"Expected parameter {key!r} to be true or false. Received: {str(value)[:20]!r}")
+    return value
 
 
 def _tensor(spec: Any, binary: bytes, offset: int) -> tuple[np.ndarray, int]:
@@ -129,74 +158,108 @@ def _tensor(spec: Any, binary: bytes, offset: int) -> tuple[np.ndarray, int]:
     if datatype not in DATATYPES:
         raise V2Error(f"Unsupported datatype {str(datatype)[:20]!r}; use one of {sorted(DATATYPES)}")
     shape = spec.get("shape")
-    if not (isinstance(shape, list) and shape and all(isinstance(d, int) and d >= 0 for d in shape)):
-        raise V2Error(f"Expected 'shape' to be a list of sizes >= 0. Received: {str(shape)[:80]}")
+    if not (isinstance(shape, list) and shape and all(type(d) is int and d >= 0 for d in shape)):
+        raise V2Error(f"Expected 'shape' to be a list of integer sizes >= 0. Received: {str(shape)[:80]}")
     dtype = DATATYPES[datatype]
-    count = int(np.prod(shape))
-    size = (spec.get("parameters") or {}).get("binary_data_size")
+    count = math.prod(shape)  # a Python int: a claimed shape cannot overflow it
+    size = _parameters(spec, "the input's").get("binary_data_size")
     if size is not None:
-        if not isinstance(size, int) or size != count * dtype.itemsize or offset + size > len(binary):
-            raise V2Error(f"binary_data_size {size} does not match shape {shape} of {datatype} "
-                          f"({count * dtype.itemsize} bytes) or the body")  # fmt: skip
+        if "data" in spec:
+            raise V2Error("An input has either 'data' or parameters.binary_data_size, not both")
+        if type(size) is not int or size != count * dtype.itemsize or offset + size > len(binary):
+            raise V2Error(f"binary_data_size {str(size)[:20]} does not match shape {shape} of {datatype} "
+                          f"({count * dtype.itemsize} bytes) or the {len(binary) - offset} bytes sent")  # fmt: skip
         array = np.frombuffer(binary, dtype, count, offset)
         return array.reshape(shape), offset + size
     if "data" not in spec:
-        raise V2Error(f"Input {spec.get('name')!r} has neither 'data' nor parameters.binary_data_size")
-    try:
-        array = np.asarray(spec["data"], dtype=dtype)
-    except (TypeError, ValueError, OverflowError):
-        raise V2Error(f"Input {spec.get('name')!r}: 'data' must be numbers of datatype {datatype}") from None
+        raise V2Error(
+            f"Input {str(spec.get('name'))[:40]!r} has neither 'data' nor parameters.binary_data_size"
+        )
+    array = limits.numbers(spec["data"], f"Input {str(spec.get('name'))[:40]!r}: 'data' of {datatype}", dtype)
     if array.size != count:
-        raise V2Error(f"Input {spec.get('name')!r}: {array.size} values for shape {shape} ({count})")
+        raise V2Error(
+            f"Input {str(spec.get('name'))[:40]!r}: {array.size} values for shape {shape} ({count})"
+        )
     return array.reshape(shape), offset
 
 
-def parse_infer(engine: OnnxClassifier, body: bytes, header_length: str | None
-                ) -> tuple[np.ndarray, dict[str, Any], list[tuple[str, bool]]]:  # fmt: skip
-    """An infer request -> (checked float32 images, the request document, [(output, binary)])."""
-    doc, binary = _header_and_binary(body, header_length)
+def parse_infer(engine: OnnxClassifier, body: bytes, header_length: str | None, max_json_depth: int = 8,
+                max_json_numbers: int = 1_048_576) -> tuple[np.ndarray, dict[str, Any], list[Output]]:  # fmt: skip
+    """An infer request -> (checked float32 images, the request document, the outputs to answer).
+
+    The JSON part is held to the same depth and value limits as ``/predict``'s JSON.
+    """
+    doc, binary = _header_and_binary(body, header_length, max_json_depth, max_json_numbers)
     inputs = doc.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1:
         raise V2Error(f"Expected exactly one input, {engine.input_name!r}")
-    if not isinstance(inputs[0], dict) or inputs[0].get("name") != engine.input_name:
-        got = inputs[0].get("name") if isinstance(inputs[0], dict) else inputs[0]
-        raise V2Error(f"Unknown input {str(got)[:40]!r}; the model's input is {engine.input_name!r}")
+    if not isinstance(inputs[0], dict):
+        raise V2Error("Expected each input to be an object with name, shape, datatype and data")
+    if inputs[0].get("name") != engine.input_name:
+        raise V2Error(f"Unknown input {str(inputs[0].get('name'))[:40]!r}; the model's input is "
+                      f"{engine.input_name!r}")  # fmt: skip
     array, used = _tensor(inputs[0], binary, 0)
     if used != len(binary):
         raise V2Error(f"{len(binary) - used} bytes of binary data no input claims")
     images = engine.check_array(array)  # the contract: [N, H, W, 3], finite, 0-255
-    binary_default = bool((doc.get("parameters") or {}).get("binary_data_output", False))
+    binary_default = _flag(_parameters(doc, "the request's"), "binary_data_output", False)
     requested = doc.get("outputs")
     if requested is None:
-        return images, doc, [(name, binary_default) for name in OUTPUTS]
+        return images, doc, [Output(name, binary_default) for name in OUTPUTS]
     if not isinstance(requested, list) or not requested:
         raise V2Error("Expected 'outputs' to be a non-empty list")
     wanted = []
     for out in requested:
-        name = out.get("name") if isinstance(out, dict) else None
-        if name not in OUTPUTS:
-            raise V2Error(f"Unknown output {str(name)[:40]!r}; the outputs are {list(OUTPUTS)}")
-        binary = (out.get("parameters") or {}).get("binary_data", binary_default)
-        wanted.append((name, bool(binary)))
+        if not isinstance(out, dict):
+            raise V2Error("Expected each requested output to be an object with a name")
+        if out.get("name") not in OUTPUTS:
+            raise V2Error(f"Unknown output {str(out.get('name'))[:40]!r}; the outputs are {list(OUTPUTS)}")
+        params = _parameters(out, "an output's")
+        classes = params.get("classification", 0)
+        if type(classes) is not int or classes < 0:
+            raise V2Error(f"Expected 'classification' to be an integer >= 0. Received: {str(classes)[:20]!r}")
+        wanted.append(Output(out["name"], _flag(params, "binary_data", binary_default), classes))
     return images, doc, wanted
 
 
+def _classification(values: np.ndarray, k: int, names: list[str]) -> np.ndarray:
+    """Triton's classification extension: each row's ``k`` largest as ``"value:index:label"`` strings."""
+    k = min(k, values.shape[1])
+    top = np.argsort(-values, axis=1, kind="stable")[:, :k]  # ties: the lower index first, as top_k
+    rows = [[f"{row[i]:f}:{i}:{names[i]}" for i in idx] for row, idx in zip(values, top, strict=True)]
+    return np.array(rows, dtype=object).reshape(len(values), k)
+
+
+def _bytes_tensor(strings: np.ndarray) -> bytes:
+    """A BYTES tensor in the binary data extension: each element's length (uint32 LE), then its bytes."""
+    parts = []
+    for text in strings.ravel():
+        raw = text.encode()
+        parts += [len(raw).to_bytes(4, "little"), raw]
+    return b"".join(parts)
+
+
 def infer_response(engine: OnnxClassifier, doc: dict[str, Any], logits: np.ndarray,
-                   wanted: list[tuple[str, bool]]) -> tuple[bytes, dict[str, str]]:  # fmt: skip
+                   wanted: list[Output]) -> tuple[bytes, dict[str, str]]:  # fmt: skip
     """The response body and headers (binary outputs after the JSON header, when any)."""
     values = {"logits": np.asarray(logits, np.float32)}
-    if any(name == "probabilities" for name, _ in wanted):
+    if any(out.name == "probabilities" for out in wanted):
         values["probabilities"] = contract.softmax(values["logits"], engine.temperature).astype(np.float32)
     outputs, chunks = [], []
-    for name, binary in wanted:
-        array = np.ascontiguousarray(values[name], dtype="<f4")
-        out: dict[str, Any] = {"name": name, "datatype": "FP32", "shape": list(array.shape)}
-        if binary:
-            out["parameters"] = {"binary_data_size": array.nbytes}
-            chunks.append(array.tobytes())
+    for want in wanted:
+        if want.classification:
+            array = _classification(values[want.name], want.classification, engine.class_names)
+            datatype, raw = "BYTES", _bytes_tensor(array) if want.binary else b""
         else:
-            if not np.isfinite(array).all():
+            array = np.ascontiguousarray(values[want.name], dtype="<f4")
+            datatype, raw = "FP32", array.tobytes() if want.binary else b""
+            if not want.binary and not np.isfinite(array).all():
                 raise ValueError("the model returned non-finite values")
+        out: dict[str, Any] = {"name": want.name, "datatype": datatype, "shape": list(array.shape)}
+        if want.binary:
+            out["parameters"] = {"binary_data_size": len(raw)}
+            chunks.append(raw)
+        else:
             out["data"] = array.ravel().tolist()
         outputs.append(out)
     answer = {"model_name": model_name(engine), "model_version": model_version(engine), "outputs": outputs}
