@@ -520,7 +520,7 @@ _SECTION_OF: dict[str, str] = {
 }
 PipelineConfig.model_rebuild()
 
-SPLIT_FOLDER_NAMES = ("train", "val", "validation", "test")
+SPLIT_FOLDER_NAMES = ("train", "training", "val", "valid", "validation", "test", "testing")
 
 
 def folder_dataset_name(path: str) -> str:

@@ -24,7 +24,9 @@ import io
 import logging
 import os
 import pickle
+import shutil
 import tarfile
+import unicodedata
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,8 +49,12 @@ CIFAR100_ORIGIN = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 CIFAR100_CACHE_NAME = "cifar-100-python-target"
 CIFAR100_SHA256 = "85cd44d02ba6437773c5bbd22e183051d648de2e7d6b014e1ef29b855ba677a7"
 CIFAR100_MEMBERS = ("meta", "train", "test")
-# What counts as an image in a folder (Keras' image_dataset_from_directory takes the first five).
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+# What counts as an image in a folder (Keras' image_dataset_from_directory takes the first five), and the
+# other names of JPEG and of formats Pillow reads.
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff",
+                  ".jpe", ".jfif", ".ppm", ".pgm", ".pbm", ".pnm", ".tga"}  # fmt: skip
+# Folders that hold no classes: macOS' resource forks in zips, caches.
+IGNORED_FOLDERS = frozenset({"__MACOSX", "__pycache__"})
 
 # The only globals a numpy array pickle needs (numpy 1.x and 2.x spellings).
 _ALLOWED_GLOBALS = frozenset(
@@ -271,7 +277,7 @@ def check_source(cfg: PipelineConfig, source_path: str | os.PathLike | None = No
             with tarfile.open(path, "r:*") as tar:
                 _archive_members(tar, path)
         except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
-            raise DataError(f"Could not read archive {path}: {exc} (truncated or corrupt?)") from exc
+            raise _archive_error(path, exc) from exc
     elif cfg.dataset == "image_folder":
         list_splits(image_folder_layout(Path(path)))  # a listing, no decoding: quick even for large folders
 
@@ -293,8 +299,18 @@ def _read_cifar_members(path: Path) -> dict[str, Any]:
                 # Read fully first so a truncated archive fails here, not mid-pickle.
                 out[name] = safe_unpickle(io.BytesIO(stream.read()), f"{path}:{members[name].name}")
     except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
-        raise DataError(f"Could not read archive {path}: {exc} (truncated or corrupt?)") from exc
+        raise _archive_error(path, exc) from exc
     return out
+
+
+def _archive_error(path: Path, exc: BaseException) -> DataError:
+    """One line: what the archive is not (tarfile's own message lists every method it tried)."""
+    import zipfile
+
+    if zipfile.is_zipfile(path):
+        return DataError(f"{path} is a .zip archive; give the official .tar.gz or the extracted folder")
+    first = " ".join(str(exc).split())[:200]
+    return DataError(f"Could not read archive {path} (truncated or corrupt?): {first}")
 
 
 def read_cifar100(
@@ -323,22 +339,30 @@ def read_cifar100(
     return x_train, y_train, x_test, y_test, class_names
 
 
-# config.SPLIT_FOLDER_NAMES -> the split each holds ("validation" is "val").
-SPLIT_FOLDERS = {name: "val" if name == "validation" else name for name in SPLIT_FOLDER_NAMES}
+# config.SPLIT_FOLDER_NAMES -> the split each holds (the names Keras, torchvision, Kaggle and Roboflow use).
+SPLIT_FOLDERS = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+                 "test": "test", "testing": "test"}  # fmt: skip
+assert set(SPLIT_FOLDERS) == set(SPLIT_FOLDER_NAMES)
 
 
 def _subdirs(path: Path) -> list[Path]:
-    return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return sorted(p for p in path.iterdir()
+                  if p.is_dir() and not p.name.startswith(".") and p.name not in IGNORED_FOLDERS)  # fmt: skip
+
+
+def _class_key(name: str) -> str:
+    """A class folder's name as compared across splits: NFC (macOS writes names NFD)."""
+    return unicodedata.normalize("NFC", name)
 
 
 def image_folder_layout(root: Path) -> dict[str, Path]:
     """Which folders hold which split: ``{"all": root}`` for ``root/<class>/...``, or
     ``{"train": ..., "val": ..., "test": ...}`` (val and test optional) for
-    ``root/{train,val|validation,test}/<class>/...`` (the Keras
+    ``root/{train|training, val|valid|validation, test|testing}/<class>/...`` (the Keras
     ``image_dataset_from_directory`` / torchvision ``ImageFolder`` layout).
 
     Raises:
-        DataError: no class folders, both val and validation, or splits whose class
+        DataError: no class folders, two folders for one split, or splits whose class
             folders differ (naming the difference).
     """
     if not root.is_dir():
@@ -347,7 +371,7 @@ def image_folder_layout(root: Path) -> dict[str, Path]:
     if not subdirs:
         raise DataError(f"Image folder {root} has no class sub-folders")
     names = {p.name.lower() for p in subdirs}
-    if "train" not in names or not names <= set(SPLIT_FOLDERS):
+    if not names <= set(SPLIT_FOLDERS) or "train" not in {SPLIT_FOLDERS[n] for n in names}:
         return {"all": root}
     layout: dict[str, Path] = {}
     for p in subdirs:
@@ -355,11 +379,11 @@ def image_folder_layout(root: Path) -> dict[str, Path]:
         if split in layout:
             raise DataError(f"Image folder {root} has both {layout[split].name}/ and {p.name}/; keep one")
         layout[split] = p
-    classes = {split: [c.name for c in _subdirs(p)] for split, p in layout.items()}
+    classes = {split: [_class_key(c.name) for c in _subdirs(p)] for split, p in layout.items()}
     if not classes["train"]:
         raise DataError(f"Image folder {layout['train']} has no class sub-folders")
     for split, found in classes.items():
-        if found != classes["train"]:
+        if sorted(found) != sorted(classes["train"]):
             missing = sorted(set(classes["train"]) - set(found))
             extra = sorted(set(found) - set(classes["train"]))
             raise DataError(
@@ -369,28 +393,50 @@ def image_folder_layout(root: Path) -> dict[str, Path]:
     return layout
 
 
+def _image_files(class_dir: Path) -> list[str]:
+    """The image files (by suffix) anywhere under ``class_dir``, as ``image_dataset_from_directory`` finds
+    them: sub-folders included, symbolic links followed (each real folder once), hidden files skipped."""
+    found, seen = [], set()
+    for here, dirs, files in os.walk(class_dir, followlinks=True):
+        real = os.path.realpath(here)
+        if real in seen:  # a link back up the tree
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in IGNORED_FOLDERS]
+        found += [os.path.join(here, f) for f in files
+                  if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_SUFFIXES]  # fmt: skip
+    return sorted(f for f in found if os.path.isfile(f))
+
+
 def list_class_files(
     folder: Path, class_names: list[str] | None = None
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """The image files (by suffix, ``IMAGE_SUFFIXES``) of ``folder/<class>/*`` and their labels, undecoded.
+    """The image files (by suffix, ``IMAGE_SUFFIXES``) under ``folder/<class>/`` and their labels, undecoded.
+
+    Class names are NFC-normalised; ``class_names`` (another split's) are matched the same way.
 
     Returns:
         ``(paths as strings, labels, class_names)``.
     """
     if not folder.is_dir():
         raise DataError(f"Image folder does not exist or is not a directory: {folder}")
-    class_dirs = _subdirs(folder)
+    class_dirs = {_class_key(p.name): p for p in _subdirs(folder)}
     if not class_dirs:
         raise DataError(f"Image folder {folder} has no class sub-folders")
-    names = class_names or [p.name for p in class_dirs]
+    names = class_names or sorted(class_dirs)
+    if len(names) < 2:
+        raise DataError(f"Expected at least 2 class folders in {folder}. Received: {len(names)} ({names[0]!r}); "
+                        "a classifier needs two classes or more, one folder of images each")  # fmt: skip
     files: list[str] = []
     labels: list[int] = []
     for label, name in enumerate(names):
-        class_dir = folder / name
-        found = sorted(str(p) for p in class_dir.iterdir()
-                       if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES)  # fmt: skip
+        if name not in class_dirs:
+            raise DataError(f"Image folder {folder} has no class folder {name!r}")
+        found = _image_files(class_dirs[name])
         if not found:
-            raise DataError(f"Class folder {class_dir} has no readable images")
+            raise DataError(f"Class folder {class_dirs[name]} has no readable images (no file named "
+                            f"{', '.join(sorted(IMAGE_SUFFIXES))}, in it or its sub-folders)")  # fmt: skip
         files += found
         labels += [label] * len(found)
     return np.array(files), np.asarray(labels, dtype=np.int32), names
@@ -463,16 +509,28 @@ def _shard_splits(
 
 # -------------------------------------------------------------------- splitting
 def _split(x: np.ndarray, y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, ...]:
-    """Deterministic stratified split; falls back to random when a class is tiny."""
+    """Deterministic stratified split of ``fraction`` of the images into the second part.
+
+    A class with a single image cannot be stratified: it stays whole on the first (training) side
+    and the other classes are stratified as before; only when too few images are held out for one
+    of each class is the split random.
+    """
     from sklearn.model_selection import train_test_split
 
-    counts = np.bincount(y)
     n_hold = int(round(len(y) * fraction))
-    stratify = y if counts[counts > 0].min() >= 2 and n_hold >= len(counts[counts > 0]) else None
     if n_hold < 1 or n_hold >= len(y):
         raise DataError(f"Cannot hold out {fraction:.0%} of {len(y)} images")
-    x_a, x_b, y_a, y_b = train_test_split(x, y, test_size=n_hold, random_state=seed, stratify=stratify)
-    return x_a, y_a, x_b, y_b
+    counts = np.bincount(y)
+    single = counts[y] == 1
+    rest = np.flatnonzero(~single)
+    classes = len(np.unique(y[rest]))
+    if classes and classes <= n_hold <= len(rest) - classes:
+        a, b = train_test_split(rest, test_size=n_hold, random_state=seed, stratify=y[rest])
+        if single.any():
+            a = np.concatenate([a, np.flatnonzero(single)])
+    else:
+        a, b = train_test_split(np.arange(len(y)), test_size=n_hold, random_state=seed)
+    return x[a], y[a], x[b], y[b]
 
 
 def _cap(x: np.ndarray, y: np.ndarray, limit: int | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -553,6 +611,13 @@ def _prepare_folder(cfg: PipelineConfig, root: Path, shard_dir: str | os.PathLik
 
     layout = image_folder_layout(root)
     listed, names = list_splits(layout)
+    # Files that are not images (by their header) leave before the split: a split made of them is empty.
+    listed, unreadable = _readable(listed)
+    for split, (_, labels) in listed.items():
+        counts = np.bincount(labels, minlength=len(names))
+        if split in ("all", "train") and (counts == 0).any():
+            name = names[int(np.argmin(counts))]
+            raise DataError(f"Class {name!r} of {layout.get(split, root)} has no readable images")
     files_rest, y_rest = listed.get("train", listed.get("all"))
     if "test" in listed:
         files_test, y_test = listed["test"]
@@ -575,9 +640,33 @@ def _prepare_folder(cfg: PipelineConfig, root: Path, shard_dir: str | os.PathLik
         if len(y) == 0:
             raise DataError(f"{what} split is empty")
     info = {"splits_given": ",".join(s for s in ("train", "val", "test") if s in layout) or "none",
-            "skipped_files": skipped, "shards": len(x_train.paths) + len(x_val.paths) + len(x_test.paths)}  # fmt: skip
+            "skipped_files": skipped + unreadable, "shards": len(x_train.paths) + len(x_val.paths) + len(x_test.paths)}  # fmt: skip
     return Splits(x_train, y_train, x_val, y_val, x_test, y_test, list(names), source=str(root.resolve()),
                   info=info)  # fmt: skip
+
+
+def _readable(listed: dict[str, tuple[np.ndarray, np.ndarray]]
+              ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], int]:  # fmt: skip
+    """Each split's files whose header Pillow reads (the pixels are decoded later, into shards)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    def header_ok(path: str) -> bool:
+        try:
+            with Image.open(path) as img:
+                return img.size[0] > 0 and img.size[1] > 0
+        except Exception as exc:  # Pillow raises many kinds (OSError, SyntaxError, DecompressionBombError...)
+            log.warning("Skipping unreadable image %s: %s", path, " ".join(str(exc).split())[:200])
+            return False
+
+    out, bad = {}, 0
+    with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
+        for split, (files, labels) in listed.items():
+            keep = np.fromiter(pool.map(header_ok, files), bool, len(files))
+            out[split] = (files[keep], labels[keep])
+            bad += int((~keep).sum())
+    return out, bad
 
 
 # --------------------------------------------------------------------- the stage
@@ -613,8 +702,13 @@ def run(ctx: StageContext, source_path: str | None = None) -> Prepared:
         splits = Splits.load(path)
         log.info("Reusing prepared data %s", path)
         return Prepared(str(path), splits.summary(), splits.class_names)
-    splits = prepare(ctx.cfg, source_path, shard_dir=path.parent / "shards")
-    path = splits.save(path)
+    shards = path.parent / "shards"
+    try:
+        splits = prepare(ctx.cfg, source_path, shard_dir=shards)
+        path = splits.save(path)
+    except BaseException:  # nothing half-prepared stays behind (a resume prepares again)
+        shutil.rmtree(shards, ignore_errors=True)
+        raise
     summary = splits.summary()
     _log_dataset(ctx, splits, summary)
     log.info("Prepared %s: %s", ctx.cfg.dataset_tag, summary)

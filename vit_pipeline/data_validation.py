@@ -230,7 +230,9 @@ def anomalies(stats: DatasetStatistics, schema: Schema) -> list[str]:
         what = (
             f"missing {missing[:10]}, new {extra[:10]}" if missing or extra else "same classes, other order"
         )
-        found.append(f"class list changed ({what})")
+        found.append(
+            f"class list changed ({what}; if this is another dataset, give it its own --dataset-name)"
+        )
     for split, s in stats.splits.items():
         if s.image_shape != schema.image_shape:
             found.append(f"{split} images are {s.image_shape}, schema {schema.image_shape}")

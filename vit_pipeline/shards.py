@@ -37,14 +37,13 @@ MANIFEST = "shards.json"
 def decode_image(path: Path, size: int) -> np.ndarray | None:
     """One file as uint8 RGB ``size`` x ``size`` (bilinear), or None if it is not a readable image."""
     from PIL import Image, UnidentifiedImageError
+    from vit_consumer.classifier import to_rgb  # as the service reads an image: upright, 16 bits scaled
 
     try:
         with Image.open(path) as img:
-            return np.asarray(
-                img.convert("RGB").resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8
-            )
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        log.warning("Skipping unreadable image %s: %s", path, exc)
+            return np.asarray(to_rgb(img).resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        log.warning("Skipping unreadable image %s: %s", path, " ".join(str(exc).split())[:200])
         return None
 
 

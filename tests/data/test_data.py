@@ -1,4 +1,8 @@
 import pickle
+import shutil
+import unicodedata
+import zipfile
+import zlib
 
 import numpy as np
 import pytest
@@ -120,8 +124,71 @@ def test_image_folder_errors(tmp_path):
     with pytest.raises(DataError, match="no class sub-folders"):
         data.read_image_folder(tmp_path / "empty", 32)
     (tmp_path / "empty" / "cls").mkdir()
-    with pytest.raises(DataError, match="has no readable images"):
+    with pytest.raises(DataError, match="Expected at least 2 class folders .* Received: 1 \\('cls'\\)"):
+        data.read_image_folder(tmp_path / "empty", 32)  # one class is no classifier
+    (tmp_path / "empty" / "other").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "empty" / "other" / "a.png")
+    with pytest.raises(DataError, match="cls has no readable images .*in it or its sub-folders"):
         data.read_image_folder(tmp_path / "empty", 32)
+
+
+def test_image_folders_as_users_bring_them(tmp_path):
+    """Layouts from other tools: images in sub-folders of a class, Kaggle/Roboflow split names, a zip's
+    __MACOSX folder, other JPEG suffixes, NFD class names (macOS), a decompression bomb and a corrupt
+    file among good images, a class of one image (stays in training; the rest stays stratified)."""
+    root = tmp_path / "photos"
+    for split, n in (("training", 6), ("valid", 3), ("testing", 3)):
+        for cls in ("cat", "caf\u00e9"):
+            folder = (
+                root / split / (unicodedata.normalize("NFD", cls) if split == "testing" else cls) / "batch1"
+            )
+            folder.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(
+                    folder / f"{i}.jfif", format="JPEG"
+                )
+    (root / "__MACOSX" / "training").mkdir(parents=True)
+    (root / "__MACOSX" / "training" / "._0.jpg").write_bytes(b"\0\5\x16\7")
+    bomb = Image.new("L", (1, 1))
+    bomb.save(root / "training" / "cat" / "bomb.png")
+    raw = bytearray((root / "training" / "cat" / "bomb.png").read_bytes())
+    raw[16:24] = (60000).to_bytes(4, "big") * 2  # IHDR says 60000 x 60000: a decompression bomb
+    raw[29:33] = zlib.crc32(bytes(raw[12:29])).to_bytes(4, "big")  # with the CRC that makes it valid
+    (root / "training" / "cat" / "bomb.png").write_bytes(bytes(raw))
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(root / "training" / "cat" / "bomb.png")
+    (root / "training" / "cat" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n nothing")
+    cfg = make_config(
+        "quickstart", {"dataset": "image_folder", "data_path": str(root), "dataset_name": "photos"}
+    )
+    splits = data.prepare(cfg, shard_dir=tmp_path / "shards")
+    assert splits.class_names == ["caf\u00e9", "cat"] and splits.info["splits_given"] == "train,val,test"
+    assert (len(splits.y_train), len(splits.y_val), len(splits.y_test)) == (12, 6, 6)
+    assert splits.info["skipped_files"] == 2
+    # More junk than images: the split is made of the files that are images (else val/test came out empty).
+    dirty = tmp_path / "dirty"
+    for cls in ("a", "b"):
+        (dirty / cls).mkdir(parents=True)
+        for i in range(8):
+            Image.fromarray(np.full((8, 8, 3), 9 * i, np.uint8)).save(dirty / cls / f"{i}.png")
+        for i in range(24):
+            (dirty / cls / f"junk{i}.jpg").write_bytes(b"\xff\xd8 not a jpeg" if i % 2 else b"")
+    cfg = make_config("quickstart", {"dataset": "image_folder", "data_path": str(dirty), "test_split": 0.25,
+                                     "validation_split": 0.34})  # fmt: skip
+    splits = data.prepare(cfg, shard_dir=tmp_path / "shards2")
+    for y, per_class in ((splits.y_train, [4, 4]), (splits.y_val, [2, 2]), (splits.y_test, [2, 2])):
+        assert np.bincount(y, minlength=2).tolist() == per_class  # stratified over the images
+    assert splits.info["skipped_files"] == 48
+
+
+def test_a_class_of_one_image_is_trained_on_and_the_others_stay_stratified():
+    y = np.repeat([0, 1, 2, 3], [12, 12, 1, 1])
+    x = np.arange(len(y))
+    for seed in range(20):
+        x_a, y_a, x_b, y_b = data._split(x, y, 0.25, seed)
+        assert sorted(np.concatenate([x_a, x_b]).tolist()) == x.tolist()  # a partition
+        assert {2, 3} <= set(y_a.tolist())
+        assert np.bincount(y_b, minlength=4).tolist() in ([3, 3, 0, 0], [4, 2, 0, 0], [2, 4, 0, 0])
 
 
 def test_prepare_image_folder_end_to_end(tmp_path):
@@ -244,7 +311,28 @@ def _bad_inputs(tmp_path):
     no_images = tmp_path / "noimg"
     (no_images / "cat").mkdir(parents=True)
     (no_images / "cat" / "notes.txt").write_text("not an image")
+    (no_images / "dog").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(no_images / "dog" / "a.png")
     cases["class_without_images"] = (no_images, "image_folder", "has no readable images")
+    one_class = tmp_path / "one"
+    _write_image_folder(one_class)
+    for name in ("dog", "eel"):
+        shutil.rmtree(one_class / name)
+    cases["one_class"] = (one_class, "image_folder", "Expected at least 2 class folders")
+    # Headers that read, pixels that do not: found out while decoding into shards, which must not stay.
+    undecodable = tmp_path / "undecodable"
+    _write_image_folder(undecodable)
+    for png in (undecodable / "eel").glob("*.png"):
+        png.write_bytes(png.read_bytes()[:120])
+    cases["undecodable_class"] = (undecodable, "image_folder", "eel has no readable images")
+    zipped = tmp_path / "c100.zip"
+    with zipfile.ZipFile(zipped, "w") as archive:
+        archive.writestr("cifar-100-python/meta", b"x")
+    cases["zip"] = (
+        zipped,
+        "cifar100",
+        "is a .zip archive; give the official .tar.gz or the extracted folder",
+    )
     good = write_cifar_tar(tmp_path / "good.tar.gz").read_bytes()
     (tmp_path / "trunc.tar.gz").write_bytes(good[: len(good) // 3])
     cases["truncated"] = (tmp_path / "trunc.tar.gz", "cifar100", "truncated or corrupt")
@@ -269,6 +357,9 @@ def _bad_inputs(tmp_path):
         "missing",
         "empty_folder",
         "class_without_images",
+        "one_class",
+        "undecodable_class",
+        "zip",
         "truncated",
         "no_members",
         "pickle_payload",

@@ -93,6 +93,7 @@ def test_first_run_writes_the_schema_later_runs_are_held_to_it(tmp_path, by_clas
     run_id, failed = validate(folder_cfg(write_folder(tmp_path / "removed", removed)))
     assert isinstance(failed, data_validation.DataValidationError)
     assert f"class list changed (missing [{gone!r}]" in str(failed) and "\n" not in str(failed)
+    assert "if this is another dataset, give it its own --dataset-name" in str(failed)
     assert (
         tracking.client(folder_cfg(base))
         .get_run(run_id)
