@@ -149,7 +149,7 @@ def test_request_timeout_gets_504(tiny_export, no_tf_env):
 def strict_server(tiny_export, no_tf_env):
     _, path, _ = tiny_export
     proc, url = _serve(str(path), no_tf_env, "--pixel-budget", "1000000", "--max-bytes", "3000000",
-                       "--max-inflight-bytes", "6000000", "--body-timeout", "3")  # fmt: skip
+                       "--max-inflight-bytes", "6000000", "--body-timeout", "5")  # fmt: skip
     yield url
     stop(proc)
 
@@ -261,7 +261,7 @@ def test_compressed_bodies_are_inflated_within_the_limits(strict_server):
 
 def test_stalled_uploads_neither_lock_others_out_nor_stay(strict_server, tiny_export):
     """Clients that declare large bodies and stop sending (a slowloris) hold only what they sent, and get
-    a 408 once the body's deadline (3 s here) has passed; everyone else is served meanwhile."""
+    a 408 once the body's deadline (5 s here) has passed; everyone else is served meanwhile."""
     import socket
 
     port = int(strict_server.rsplit(":", 1)[1])
@@ -277,7 +277,7 @@ def test_stalled_uploads_neither_lock_others_out_nor_stay(strict_server, tiny_ex
         ok = httpx.post(f"{strict_server}/predict", content=_png(np.zeros((32, 32, 3), np.uint8)),
                         headers={"Content-Type": "image/png"}, timeout=30)  # fmt: skip
         assert ok.status_code == 200, ok.text
-        assert time.monotonic() - started < 2.5  # not after the stalled ones are timed out
+        assert time.monotonic() - started < 4  # not after the stalled ones are timed out
         for sock in stalled:
             answer = sock.recv(4096).split(b"\r\n", 1)[0]
             assert answer == b"HTTP/1.1 408 Request Timeout", answer
