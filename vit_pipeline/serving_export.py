@@ -25,6 +25,8 @@ Triton's ``model_config`` protobuf.
 from __future__ import annotations
 
 import contextlib
+import filecmp
+import json
 import re
 import shutil
 from collections.abc import Iterator
@@ -37,6 +39,9 @@ from vit_pipeline.fsutil import atomic_path, write_text
 
 CONSUMER_PORT = 8000
 LOCK_SECONDS = 600  # a publish copies one model file: minutes at most
+MAX_NAME = 40  # 63 (a DNS label) less the longest suffix Kubernetes and Knative add
+CPU_INSTANCES, CPU_PER_INSTANCE = 2, 2  # Triton's CPU instances and the cores each may use (the limit: 4)
+PVC = "vit-models"  # the volume claim that holds the published repository (storage URI and consumer mount)
 
 
 @dataclass(frozen=True)
@@ -96,9 +101,13 @@ def read_model(source: str, tracking_uri: str | None = None) -> ServedModel:
 
 
 def _slug(name: str) -> str:
-    """A name valid for Triton folders and Kubernetes objects (lower case, digits, '-')."""
+    """A name valid for Triton folders, KServe and Kubernetes objects: a DNS-1035 label (a letter first, then
+    lower case, digits, '-', no '-' last) short enough for the suffixes added to it (``-consumer``,
+    Knative's ``-predictor-00001``)."""
     slug = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")
-    return slug[:63] or "vit-model"
+    if slug and not slug[0].isalpha():
+        slug = f"vit-{slug}"
+    return slug[:MAX_NAME].rstrip("-") or "vit-model"
 
 
 # ------------------------------------------------------------------- Triton
@@ -108,8 +117,13 @@ def triton_config(model: ServedModel, max_batch_size: int, queue_delay_us: int, 
     from vit_consumer.contract import INPUT_NAME, OUTPUT_NAME
 
     h, w, c = model.input_shape
-    preferred = sorted({b for b in (1, 8, max_batch_size) if b <= max_batch_size})
-    return f"""# Written by vit-pipeline export-serving from {model.source} (version {model.version}).
+    # No preferred_batch_size: Triton sends a batch at once when its size is a preferred one, so with 1
+    # among them every request would go alone; without, the queue delay lets batches form.
+    threads = (
+        f'parameters {{ key: "intra_op_thread_count" value: {{ string_value: "{CPU_PER_INSTANCE}" }} }}\n'
+        if kind == "KIND_CPU" else ""
+    )  # fmt: skip  # ONNX Runtime's default, every core per instance, oversubscribes the instances
+    return f"""# Written by vit-pipeline export-serving from {model.source!r} (version {model.version}).
 # The contract of vit_consumer.contract: raw RGB pixels 0-255, NHWC; unnormalised logits.
 # Probabilities: softmax(logits / {model.temperature:g}) (the calibrated temperature, in the parameters).
 name: "{model.name}"
@@ -122,15 +136,14 @@ output [
   {{ name: "{OUTPUT_NAME}" data_type: TYPE_FP32 dims: [ {len(model.class_names)} ] label_filename: "labels.txt" }}
 ]
 dynamic_batching {{
-  preferred_batch_size: [ {", ".join(map(str, preferred))} ]
   max_queue_delay_microseconds: {queue_delay_us}
 }}
 instance_group [
   {{ count: {instances} kind: {kind} }}
 ]
 version_policy: {{ specific: {{ versions: [ {model.version} ] }} }}
-parameters {{ key: "temperature" value: {{ string_value: "{model.temperature:g}" }} }}
-parameters {{ key: "source" value: {{ string_value: "{model.source}" }} }}
+{threads}parameters {{ key: "temperature" value: {{ string_value: "{model.temperature:g}" }} }}
+parameters {{ key: "source" value: {{ string_value: {json.dumps(model.source)} }} }}
 """
 
 
@@ -144,13 +157,22 @@ def write_triton(model: ServedModel, out: Path, max_batch_size: int, queue_delay
     folder = out / model.name
     for stale in folder.glob("*/.model.onnx.*.tmp.onnx"):  # a copy a crash cut short (writers take turns)
         stale.unlink()
-    with atomic_path(folder / model.version / "model.onnx") as tmp:  # Triton loads only "model.onnx"
-        shutil.copyfile(model.path, tmp)
-    write_text(folder / "labels.txt", "\n".join(model.class_names) + "\n")
+    target = folder / model.version / "model.onnx"
+    if not (target.is_file() and filecmp.cmp(model.path, target, shallow=False)):
+        with atomic_path(target) as tmp:  # Triton loads only "model.onnx"
+            shutil.copyfile(model.path, tmp)
+    _write_if_changed(folder / "labels.txt", "\n".join(model.class_names) + "\n")
     gpu = triton_config(model, max_batch_size, queue_delay_us, "KIND_GPU", 1)
-    write_text(folder / "configs" / "gpu.pbtxt", gpu)
-    write_text(folder / "config.pbtxt", triton_config(model, max_batch_size, queue_delay_us, "KIND_CPU", 2))
+    _write_if_changed(folder / "configs" / "gpu.pbtxt", gpu)
+    cpu = triton_config(model, max_batch_size, queue_delay_us, "KIND_CPU", CPU_INSTANCES)
+    _write_if_changed(folder / "config.pbtxt", cpu)
     return folder
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    """Triton reloads a served version when any file of its model folder changes: rewrite only what differs."""
+    if not (path.is_file() and path.read_text(encoding="utf-8") == text):
+        write_text(path, text)
 
 
 def served_version(folder: Path) -> str | None:
@@ -177,6 +199,9 @@ def inference_service(model: ServedModel, storage_uri: str) -> dict[str, Any]:
                 "maxReplicas": 4,
                 "model": {
                     "modelFormat": {"name": "onnx"},
+                    # Named: KServe's OpenVINO runtime also takes onnx, at a higher priority, and reads one model
+                    # from the storage URI, not a Triton repository.
+                    "runtime": "kserve-tritonserver",
                     "protocolVersion": "v2",
                     "storageUri": storage_uri,
                     "resources": {
@@ -192,9 +217,11 @@ def inference_service(model: ServedModel, storage_uri: str) -> dict[str, Any]:
 def consumer_manifests(model: ServedModel, image: str, tracking_uri: str) -> list[dict[str, Any]]:
     """Deployment, Service and HorizontalPodAutoscaler of the consumer serving ``model.source``."""
     labels = {"app.kubernetes.io/name": "vit-consumer", "app.kubernetes.io/instance": model.name}
-    # The registry source as given (an alias is followed: --reload-seconds), else a file mounted at /models.
-    source = model.source if model.source.startswith("models:/") else "/models/model.onnx"
-    probe = {"initialDelaySeconds": 5, "periodSeconds": 10, "timeoutSeconds": 3, "failureThreshold": 3}
+    # The registry source as given (an alias is followed: --reload-seconds), else the published file, from the
+    # volume that holds the repository (the KServe storage URI's claim by default).
+    registered = model.source.startswith("models:/")
+    source = model.source if registered else f"/models/triton/{model.name}/{model.version}/model.onnx"
+    probe = {"periodSeconds": 10, "timeoutSeconds": 3, "failureThreshold": 3}
     container = {
         "name": "consumer",
         "image": image,
@@ -211,22 +238,29 @@ def consumer_manifests(model: ServedModel, image: str, tracking_uri: str) -> lis
         ],  # fmt: skip
         "env": [{"name": "VIT_TRACKING_URI", "value": tracking_uri}],
         "ports": [{"name": "http", "containerPort": CONSUMER_PORT}],
-        "readinessProbe": {"httpGet": {"path": "/health/ready", "port": "http"}, **probe},
-        "livenessProbe": {
+        # The port opens only once the model is fetched and its candidates timed (a minute or more on 2 cores):
+        # the startup probe holds the liveness probe back until then (up to 10 minutes), so it cannot loop.
+        "startupProbe": {
             "httpGet": {"path": "/health/live", "port": "http"},
             **probe,
-            "initialDelaySeconds": 30,
+            "failureThreshold": 60,
         },
+        "readinessProbe": {"httpGet": {"path": "/health/ready", "port": "http"}, **probe},
+        "livenessProbe": {"httpGet": {"path": "/health/live", "port": "http"}, **probe},
         "resources": {"requests": {"cpu": "2", "memory": "1Gi"}, "limits": {"cpu": "2", "memory": "2Gi"}},
     }
+    pod: dict[str, Any] = {"containers": [container]}
+    if not registered:
+        container["volumeMounts"] = [{"name": "models", "mountPath": "/models", "readOnly": True}]
+        pod["volumes"] = [{"name": "models", "persistentVolumeClaim": {"claimName": PVC, "readOnly": True}}]
     deployment = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": {"name": f"{model.name}-consumer", "labels": labels},
+        # No replicas: the autoscaler owns the count (a re-applied manifest would reset it otherwise).
         "spec": {
-            "replicas": 2,
             "selector": {"matchLabels": labels},
-            "template": {"metadata": {"labels": labels}, "spec": {"containers": [container]}},
+            "template": {"metadata": {"labels": labels}, "spec": pod},
         },  # fmt: skip
     }
     service = {
@@ -302,7 +336,7 @@ def _write_all(model: ServedModel, out: Path, tracking_uri: str | None, storage_
                consumer_image: str, max_batch_size: int, queue_delay_us: int) -> dict[str, str]:  # fmt: skip
     from vit_pipeline import tracking
 
-    storage = storage_uri or "pvc://vit-models/triton"
+    storage = storage_uri or f"pvc://{PVC}/triton"
     isvc = write_text(out / "kserve" / "inferenceservice.yaml", _yaml([inference_service(model, storage)]))
     uri = tracking_uri or tracking.tracking_uri()
     if uri.startswith("sqlite:"):

@@ -117,15 +117,22 @@ def test_triton_repository_and_manifests_validate(registered, tmp_path):
                                     "dims": ["32", "32", "3"]}]  # fmt: skip
         assert config["output"] == [{"name": "logits", "dataType": "TYPE_FP32", "dims": ["3"],
                                      "labelFilename": "labels.txt"}]  # fmt: skip
-        assert config["dynamicBatching"]["maxQueueDelayMicroseconds"] == "2000"
+        # No preferred sizes: with 1 among them Triton would send every request alone.
+        assert config["dynamicBatching"] == {"maxQueueDelayMicroseconds": "2000"}
         assert config["instanceGroup"][0]["kind"] == kind
         assert config["versionPolicy"]["specific"]["versions"] == [reg.version]
+        threads = config["parameters"].get("intra_op_thread_count")
+        assert threads == (
+            {"stringValue": "2"} if kind == "KIND_CPU" else None
+        )  # 2 instances x 2 = the limit
+        assert config["parameters"]["source"] == {"stringValue": "models:/vit-pets@champion"}
 
     (isvc,) = yaml.safe_load_all((out / "kserve" / "inferenceservice.yaml").read_text())
     _check_fields(isvc, "V1beta1InferenceService")
     model = isvc["spec"]["predictor"]["model"]
     assert model["modelFormat"] == {"name": "onnx"} and model["protocolVersion"] == "v2"
     assert model["storageUri"] == "s3://models/triton" and isvc["metadata"]["name"] == "vit-pets"
+    assert model["runtime"] == "kserve-tritonserver"  # not OpenVINO's, which also takes onnx
 
     from kubernetes.client import ApiClient
 
@@ -138,6 +145,9 @@ def test_triton_repository_and_manifests_validate(registered, tmp_path):
     assert container["readinessProbe"]["httpGet"]["path"] == "/health/ready"
     assert container["livenessProbe"]["httpGet"]["path"] == "/health/live"
     assert container["args"][:2] == ["--model", "models:/vit-pets@champion"]
+    assert container["startupProbe"]["failureThreshold"] * container["startupProbe"]["periodSeconds"] >= 300
+    assert "replicas" not in deployment["spec"]  # the autoscaler's
+    assert "volumes" not in deployment["spec"]["template"]["spec"]  # the registry's files, fetched
     assert autoscaler["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
     assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
 
@@ -154,6 +164,32 @@ def test_served_file_in_the_repository_answers_like_the_registered_one(registere
     session = ort.InferenceSession(str(Path(written["triton"]) / "1" / "model.onnx"))
     logits = session.run(["logits"], {"images": real_images(2).astype(np.float32)})[0]
     assert logits.shape == (2, 3) and (logits.argmax(1) == 1).all()
+
+
+def test_a_file_source_is_served_from_the_published_volume_and_names_are_dns_labels(tmp_path):
+    from kubernetes.client import ApiClient
+
+    from vit_pipeline.serving_export import _slug, export_serving
+
+    onnx = constant_classifier(tmp_path / 'x"y\\z.onnx', 3, 1, ["cat", "dog", "eel"])
+    written = export_serving(str(onnx), tmp_path / "s")
+    parsed = subprocess.run([sys.executable, "-c", PARSE_PBTXT, str(Path(written["triton"]) / "config.pbtxt")],
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert parsed.returncode == 0, parsed.stderr[-2000:]  # a quote and a backslash in the source, escaped
+    assert json.loads(parsed.stdout)["parameters"]["source"] == {"stringValue": str(onnx)}
+    deployment = next(yaml.safe_load_all(Path(written["kubernetes"]).read_text()))
+    _round_trip(ApiClient(), deployment, "V1Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["args"][1] == f"/models/triton/{written['name']}/1/model.onnx"
+    assert container["volumeMounts"] == [{"name": "models", "mountPath": "/models", "readOnly": True}]
+    assert pod["volumes"] == [{"name": "models", "persistentVolumeClaim": {"claimName": "vit-models",
+                                                                          "readOnly": True}}]  # fmt: skip
+    import re
+
+    for name in ("2024 Flowers", "x" * 80, "a" * 39 + "_b", "Vit_Pets", "___"):
+        slug = _slug(name)
+        assert re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", slug) and len(slug) <= 40, (name, slug)
 
 
 def test_a_file_that_is_not_an_export_is_refused_in_one_line(tmp_path):
@@ -219,7 +255,11 @@ def test_publish_follows_a_rollback_and_a_name_that_is_not_a_slug(tmp_path):
         assert publish("models:/Vit_Pets@champion", out, uri)["version"] == version
         assert served_version(folder) == version
     _set_champion(uri, "Vit_Pets", "1")  # a rollback: the folder of 1 is there
+    # Triton reloads a served version when a file of its folder changes: what is equal stays untouched.
+    untouched = [folder / "labels.txt", folder / "1" / "model.onnx"]
+    stamps = [f.stat().st_mtime_ns for f in untouched]
     back = publish("models:/Vit_Pets@champion", out, uri)
+    assert [f.stat().st_mtime_ns for f in untouched] == stamps
     assert back["published"] and back["version"] == "1" and served_version(folder) == "1"
     assert "versions: [ 1 ]" in (folder / "configs" / "gpu.pbtxt").read_text()
     deployment = next(yaml.safe_load_all((out / "kubernetes" / "consumer.yaml").read_text()))
