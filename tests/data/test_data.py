@@ -181,6 +181,26 @@ def test_image_folders_as_users_bring_them(tmp_path):
     assert splits.info["skipped_files"] == 48
 
 
+def test_images_are_decoded_for_training_as_the_service_reads_them(tmp_path):
+    """16-bit and float greyscale scaled (not clipped white or black), EXIF orientation applied: the shards
+    hold what the consumer would classify (both call ``vit_consumer.classifier.to_rgb``)."""
+    from vit_pipeline.shards import decode_image
+
+    ramp = np.tile(np.linspace(0, 1, 16), (16, 1))
+    Image.fromarray((ramp * 65535).astype(np.uint16)).save(tmp_path / "deep.png")
+    Image.fromarray(ramp.astype(np.float32), "F").save(tmp_path / "float.tif")
+    expected = np.rint(ramp * 255).astype(np.uint8)
+    for name in ("deep.png", "float.tif"):
+        got = decode_image(tmp_path / name, 16)
+        assert np.abs(got[..., 0].astype(int) - expected).max() <= 1, name
+    upright = Image.fromarray(np.repeat(expected[..., None], 3, -1)).crop((0, 0, 16, 8))  # wider than tall
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    upright.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "phone.png", exif=exif.tobytes())
+    np.testing.assert_array_equal(decode_image(tmp_path / "phone.png", 16),
+                                  np.asarray(upright.resize((16, 16), Image.Resampling.BILINEAR)))  # fmt: skip
+
+
 def test_a_class_of_one_image_is_trained_on_and_the_others_stay_stratified():
     y = np.repeat([0, 1, 2, 3], [12, 12, 1, 1])
     x = np.arange(len(y))

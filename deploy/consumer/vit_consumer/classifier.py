@@ -348,16 +348,19 @@ class OnnxClassifier:
 def to_rgb(img: Any) -> Any:
     """A decoded image as 8-bit RGB, upright: as a viewer shows it.
 
-    The EXIF orientation is applied (a phone's portrait JPEG is stored sideways), and 16-bit
-    greyscale is scaled to 8 bits (Pillow's ``convert`` would clip it at 255: a white image).
+    The EXIF orientation is applied (a phone's portrait JPEG is stored sideways), 16-bit greyscale
+    is scaled to 8 bits (Pillow's ``convert`` would clip it at 255: a white image), and a float
+    image in 0-1 to 0-255 (``convert`` would make it black).
     """
     from PIL import Image, ImageOps
 
     if img.getexif().get(ORIENTATION, 1) != 1:  # exif_transpose copies even an upright image
         img = ImageOps.exif_transpose(img)
-    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
-        wide = np.asarray(img, dtype=np.float64)
-        img = Image.fromarray(np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8), "L")
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        wide = np.nan_to_num(np.asarray(img, dtype=np.float64))
+        # 16-bit integers span 0-65535; floats (a TIFF) conventionally 0-1, else they are taken as 0-255.
+        scale = 1 / 257.0 if img.mode != "F" else (255.0 if wide.size and wide.max() <= 1.0 else 1.0)
+        img = Image.fromarray(np.clip(np.rint(wide * scale), 0, 255).astype(np.uint8), "L")
     return img.convert("RGB")
 
 
