@@ -15,7 +15,7 @@ def prefect_run_url(flow_run_id: str, ui_url: str | None = None) -> str:
     with the ephemeral server it does not, and the run is shown by
     ``prefect server start`` on its default address (same local database).
     """
-    if ui_url:
+    if ui_url and ui_url.startswith(("http://", "https://")):  # Prefect writes "None/..." without a UI URL
         return ui_url
     base = os.environ.get("PREFECT_UI_URL") or "http://127.0.0.1:4200"
     return f"{base.rstrip('/')}/runs/flow-run/{flow_run_id}"

@@ -223,14 +223,16 @@ class RunLogger:
         return self.client.get_run(self.run_id)
 
     def sync_epochs(self, epochs: dict[int, dict[str, float]]) -> list[int]:
-        """Sends the epochs MLflow does not have yet (step = epoch); returns what was sent.
+        """Sends the epochs MLflow does not have yet; returns what was sent (0-based epoch indices).
 
-        Used after the tracking server was away: the epoch log on disk is the truth.
+        The step is the epoch's number as people count it (1 for the first): the one ``best_epoch``,
+        the learning curves and the model card name. Used after the tracking server was away too:
+        the epoch log on disk is the truth.
         """
-        have = {m.step for m in self.client.get_metric_history(self.run_id, "loss")}
+        have = {m.step - 1 for m in self.client.get_metric_history(self.run_id, "loss")}
         missing = [e for e in sorted(epochs) if e not in have]
         for epoch in missing:
-            self.metrics(epochs[epoch], step=epoch)
+            self.metrics(epochs[epoch], step=epoch + 1)
         return missing
 
 

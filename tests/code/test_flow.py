@@ -49,7 +49,10 @@ def test_train_pipeline_logs_everything(prefect_server, tiny_overrides, tmp_path
     assert metrics["test_accuracy"] == pytest.approx(result["test_accuracy"])
     for key in ("loss", "val_loss", "accuracy", "val_accuracy", "val_top5_accuracy"):
         history = client.get_metric_history(run.info.run_id, key)
-        assert [m.step for m in history] == [0, 1], key
+        assert [m.step for m in history] == [1, 2], key  # epochs as people count them, as best_epoch
+    val = client.get_metric_history(run.info.run_id, "val_accuracy")
+    best = max(val, key=lambda m: (m.value, -m.step))  # the first epoch of the best value: the checkpoint's
+    assert metrics["best_epoch"] == best.step and metrics["best_val_accuracy"] == pytest.approx(best.value)
     # Plots, CSVs and the model.
     arts = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
     for name in ("per_class_accuracy.csv", "confusion_matrix.png", "learning_curves.png", "patches.png",
@@ -74,6 +77,9 @@ def test_train_pipeline_logs_everything(prefect_server, tiny_overrides, tmp_path
     # Prefect link both ways: tag on the MLflow run, markdown artifact in Prefect.
     flow_run_id = run.data.tags["prefect.flow_run_id"]
     assert flow_run_id in run.data.tags["prefect.flow_run_url"]
+    assert run.data.tags["prefect.flow_run_url"].startswith(
+        ("http://", "https://")
+    )  # a link, never "None/..."
 
     async def read_artifact():
         async with get_client() as pc:

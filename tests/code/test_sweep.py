@@ -171,7 +171,7 @@ def test_sweep_runs_trials_in_parallel_on_dask_and_registers_the_winner(dask_clu
     )
     # One value per epoch in each trial's run.
     for t in ok:
-        assert [m.step for m in client.get_metric_history(t["run_id"], "loss")] == [0, 1]
+        assert [m.step for m in client.get_metric_history(t["run_id"], "loss")] == [1, 2]
 
     best = max(ok, key=lambda t: t["best_val_accuracy"])
     assert result["best"]["run_id"] == best["run_id"] == parent.data.tags["sweep.best_run_id"]

@@ -39,7 +39,7 @@ def test_mirrored_trainer_runs_two_replicas_resumes_and_logs_once(mirrored):
     assert run["num_replicas"] == 2 and run["global_batch_size"] == 32  # 2 x per-replica 16
     assert mirrored["crash"] == "simulated crash after epoch 1"
     assert run["resumed_from_epoch"] == 1 and run["epochs_run"] == 3
-    assert mirrored["mlflow_loss_steps"] == [0, 1, 2]  # once per epoch, not once per replica
+    assert mirrored["mlflow_loss_steps"] == [1, 2, 3]  # once per epoch, not once per replica
 
 
 def test_mirrored_training_matches_single_device_within_tolerance(mirrored):
