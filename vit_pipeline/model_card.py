@@ -148,13 +148,17 @@ def _gates_section(rec: RunRecord) -> list[str]:
         lines += ["Not measured.", ""]
     lines += ["## Thresholds and release checks", ""]
     checks = rec.json("registry/thresholds.json")
-    if checks:
+    if checks and checks["checks"]:
         lines += _table(["threshold", "held", "figures"],
                         [[c["name"], "yes" if c["held"] else "**no**", c["detail"]] for c in checks["checks"]])  # fmt: skip
-    lines += [f"- **Promotion:** {t.get('registry.decision', '-')}: {t.get('registry.reason', '-')}",
-              f"- **Export parity** (ONNX Runtime against Keras, at most {rec.params.get('parity_images', '-')} test images): "
-              f"max |logit difference| {m.get('parity_max_abs_diff', float('nan')):.2e}, top-1 agreement "
-              f"{_pct(m.get('parity_top1_agreement'))}; served variant `{t.get('export.serve_variant', '-')}`, "
+    # The served file's own parity figures (the plain export's are parity_max_abs_diff, ...).
+    served = t.get("export.serve_variant", "-")
+    key = "parity" if f"parity_{served}_max_abs_diff" not in m else f"parity_{served}"
+    lines += [f"- **Thresholds:** {t.get('gate.thresholds', 'not recorded')}",
+              f"- **Promotion:** {t.get('registry.decision', '-')}: {t.get('registry.reason', '-')}",
+              f"- **Export parity** of the served file, `{served}` (ONNX Runtime against Keras, at most "
+              f"{rec.params.get('parity_images', '-')} test images): max |logit difference| "
+              f"{m.get(f'{key}_max_abs_diff', float('nan')):.2e}, top-1 agreement {_pct(m.get(f'{key}_top1_agreement'))}; "
               f"candidates `{t.get('export.candidates', '-')}`",
               f"- **Infra validation:** {t.get('gate.infra_validation', 'not run')}", ""]  # fmt: skip
     return lines

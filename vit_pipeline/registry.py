@@ -184,13 +184,18 @@ class Decision:
     reason: str
     champion_accuracy: float | None = None
     checks: list[thresholds.Check] = field(default_factory=list)
+    evaluated: bool = True  # False: decided before the thresholds were looked at (blocked, policy, no change)
+
+    def thresholds_outcome(self) -> str:
+        """The ``gate.thresholds`` tag: what the thresholds said, or why they were not looked at."""
+        return thresholds.outcome(self.checks) if self.evaluated else f"not evaluated ({self.reason})"
 
 
 def decide(cfg: PipelineConfig, logits: np.ndarray, split: TestSplit, champion,
            tracking_uri: str | None = None) -> Decision:  # fmt: skip
     """The promotion policy and thresholds (``vit_pipeline.thresholds``) applied to the served file's logits."""
     if cfg.promotion_policy == "never":
-        return Decision(False, "policy 'never'")
+        return Decision(False, "policy 'never'", evaluated=False)
     checks = thresholds.value_checks(cfg, logits, split.labels, split.class_names)
     if cfg.promotion_policy == "always" or champion is None:
         why = "policy 'always'" if cfg.promotion_policy == "always" else "no champion yet"
@@ -438,33 +443,29 @@ def register_onnx(
         # that racing registrations in tests/code/test_registry.py would overlap here without the lock.
         time.sleep(float(os.environ.get("VIT_PIPELINE_REGISTRY_HOLD_SECONDS") or 0))
         if champion is not None and str(champion.version) == version:
-            decision = Decision(True, "already the champion", served["top1"])
+            decision = Decision(True, "already the champion", served["top1"], evaluated=False)
         elif blockers:
-            decision = Decision(False, f"blocked by {'; '.join(blockers)}")
+            decision = Decision(False, f"blocked by {'; '.join(blockers)}", evaluated=False)
         else:
             decision = decide(cfg, logits, split, champion, tracking.tracking_uri(cfg))
         promoted, reason, champ_acc = decision.promoted, decision.reason, decision.champion_accuracy
         if promoted:
             _move_alias(client, name, version)
     champion_version = version if promoted else (str(champion.version) if champion else None)
-    checks = decision.checks
+    checks, gate = decision.checks, decision.thresholds_outcome()[:5000]
     decision = "promoted" if promoted else "not promoted"
     if champ_acc is not None:
         client.set_model_version_tag(name, version, "champion_test_accuracy_same_split", f"{champ_acc:.6f}")
     client.set_model_version_tag(name, version, "promotion", f"{decision}: {reason}")
-    if checks:
-        client.set_model_version_tag(name, version, "gate.thresholds", thresholds.outcome(checks)[:5000])
+    client.set_model_version_tag(name, version, "gate.thresholds", gate)  # recorded whatever it said
     run_tags = {"registry.model": f"{name}/{version}", "registry.decision": decision, "registry.reason": reason,
                 "registry.served_test_accuracy": f"{served['top1']:.6f}"}  # fmt: skip
-    if checks:
-        run_tags["gate.thresholds"] = thresholds.outcome(checks)[:5000]
+    run_tags["gate.thresholds"] = gate
     if champ_acc is not None:
         run_tags["registry.champion_test_accuracy_same_split"] = f"{champ_acc:.6f}"
     logger = tracking.RunLogger(client, run_id)
     logger.tags(run_tags)
-    if checks:
-        logger.dict({"checks": [c.to_dict() for c in checks], "outcome": thresholds.outcome(checks)},
-                    "registry/thresholds.json")  # fmt: skip
+    logger.dict({"checks": [c.to_dict() for c in checks], "outcome": gate}, "registry/thresholds.json")
     logger.metrics({"served_test_accuracy": served["top1"], "served_test_top5_accuracy": served["top5"]})
     log.info("Registered %s v%s: %s (%s)", name, version, decision, reason)
     return Registration(name, version, f"models:/{name}/{version}", promoted, reason, champion_version,

@@ -139,6 +139,15 @@ def test_train_pipeline_logs_everything(prefect_server, tiny_overrides, tmp_path
                     "## Limitations", "## Per class"):  # fmt: skip
         assert section in card_md, section
     assert f"Model card: vit-cifar100-coarse v{champion.version}" in card_md
+    served = run.data.tags[
+        "export.serve_variant"
+    ]  # the served file's own parity figure, not the plain export's
+    key = (
+        f"parity_{served}_max_abs_diff"
+        if f"parity_{served}_max_abs_diff" in metrics
+        else "parity_max_abs_diff"
+    )
+    assert f"Export parity** of the served file, `{served}`" in card_md and f"{metrics[key]:.2e}" in card_md
     assert (
         f"{100 * metrics['temperature'] / 100:.3f}" in card_md
         and "snake" not in card_md.split("## Per class")[0]

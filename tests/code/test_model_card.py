@@ -23,6 +23,22 @@ def test_a_bare_run_gets_a_card_that_says_what_was_not_measured(tmp_path):
     assert "top-1 **50.00%** (95% interval" in full  # class 0 is 30 of 60 images
     assert full.count("Not measured.") == 3  # calibration, robustness, speed
     assert "- **Infra validation:** not run" in full and "Trained from random weights." in full
+    assert "- **Thresholds:** none configured" in full  # recorded even when there is nothing to check
+    run = tracking.client(cfg).get_run(run_id)
+    version = tracking.client(cfg).get_model_version("vit-digits", registration.version)
+    assert run.data.tags["gate.thresholds"] == version.tags["gate.thresholds"] == "none configured"
+    # Against a champion the change thresholds apply; with the policy "never" they are not looked at.
+    again = registry.register_onnx(cfg, runs.create_run(cfg, "test"), str(onnx), split)
+    assert (
+        tracking.client(cfg)
+        .get_model_version("vit-digits", again.version)
+        .tags["gate.thresholds"]
+        .startswith("held: max_accuracy_drop")
+    )
+    never = make_config("quickstart", {"tracking_uri": cfg.tracking_uri, "promotion_policy": "never"})
+    third = registry.register_onnx(never, runs.create_run(never, "test"), str(onnx), split)
+    gate = tracking.client(cfg).get_model_version("vit-digits", third.version).tags["gate.thresholds"]
+    assert gate == "not evaluated (policy 'never')", gate
     assert short == full  # no per-class table to leave out
     html = model_card.to_html(full, "t")
     assert html.startswith("<!doctype html>") and "<h2>Limitations</h2>" in html and "<table>" not in html
