@@ -207,10 +207,14 @@ def _lineage_and_limits(rec: RunRecord, registration: Registration) -> list[str]
     if "robustness_relative_accuracy" in m:
         lines.append(f"- Under common corruptions it keeps {_pct(m['robustness_relative_accuracy'])} of its clean "
                      "accuracy (mean over the corruptions above).")  # fmt: skip
-    leaked = int(m.get("data.test_exact_duplicates", 0) + m.get("data.test_near_duplicates", 0))
-    if leaked and not m.get("data.test_duplicates_dropped"):
-        lines.append(f"- {leaked} test images duplicate training images and were kept: the test figures may "
-                     "flatter it slightly.")  # fmt: skip
+    exact, near = int(m.get("data.test_exact_duplicates", 0)), int(m.get("data.test_near_duplicates", 0))
+    if exact + near and not m.get("data.test_duplicates_dropped"):
+        # A near pair is a perceptual-hash match: a copy (re-encoded, resized, brightened) or, on images with
+        # little detail (upscaled 8x8 digits), a look-alike. Say which is which is known, and where to look.
+        found = " and ".join(f for f in (f"{exact} are exact copies of training images" if exact else "",
+                                          f"{near} nearly match a training image (perceptual hash)" if near else "") if f)  # fmt: skip
+        lines.append(f"- Of its test images, {found}; they were kept. Copies make the test figures flatter it, "
+                     "look-alikes need not (the pairs are in `data/leaked_pairs.png`).")  # fmt: skip
     if t.get("gate.drift", "").startswith("above"):
         lines.append("- Its training data drifted from the champion's (see Data).")
     return [*lines, ""]
