@@ -130,8 +130,8 @@ def _gates_section(rec: RunRecord) -> list[str]:
     m, t = rec.metrics, rec.tags
     lines = ["## Calibration", ""]
     if "temperature" in m:
-        lines += [f"Temperature **{m['temperature']:.3f}** (fitted on the validation split, applied by the consumer to "
-                  f"the probabilities it returns): test ECE {m['test_ece']:.4f} -> {m['test_ece_calibrated']:.4f}, "
+        lines += [f"Temperature **{m['temperature']:.3f}** ({t.get('calibration.why', 'fitted on the validation split')}; "
+                  f"applied by the consumer to the probabilities it returns): test ECE {m['test_ece']:.4f} -> {m['test_ece_calibrated']:.4f}, "
                   f"NLL {m['test_nll']:.4f} -> {m['test_nll_calibrated']:.4f}.", ""]  # fmt: skip
     else:
         lines += ["Not measured.", ""]

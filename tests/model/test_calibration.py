@@ -33,6 +33,25 @@ def test_fitted_temperature_recovers_the_one_that_made_the_logits_overconfident(
     assert calibration.nll(true_logits * 3, labels, t) < calibration.nll(true_logits * 3, labels)
 
 
+def test_a_temperature_that_does_not_generalise_within_validation_is_not_served():
+    """Few errors: a sharper softmax always lowers the NLL of the images it was fitted on, and the one error
+    decides. The quickstart's case: 144 validation images, one wrong (T = 0.43 made the test ECE worse)."""
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 10, 144)
+    logits = rng.normal(0, 1, (144, 10))
+    logits[np.arange(144), labels] += 6.0  # right and confident
+    logits[0, labels[0]] -= 12.0  # but one
+    assert calibration.fit_temperature(logits, labels) < 0.8  # the plain fit sharpens
+    t, why = calibration.checked_temperature(logits, labels)
+    assert t == 1.0 and why.startswith("kept T = 1: the fitted") and "did not generalise" in why
+    # A truly over-confident model: the check keeps the fit.
+    true_logits = rng.normal(0, 2, (4000, 10))
+    probs = np.exp(true_logits) / np.exp(true_logits).sum(1, keepdims=True)
+    drawn = np.array([rng.choice(10, p=row) for row in probs])
+    t, why = calibration.checked_temperature(true_logits * 3.0, drawn)
+    assert t == pytest.approx(3.0, rel=0.1) and why.startswith("fitted on the validation split")
+
+
 def test_temperature_fit_on_real_images_lowers_the_test_ece(tmp_path, tiny_overrides):
     # Real handwritten digits; strong label smoothing makes a ViT under-confident (its top-1 stays).
     cfg = make_config("quickstart", {**tiny_overrides, "patch_size": 4, "epochs": 6, "label_smoothing": 0.4,
