@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import os
 import pickle
@@ -720,7 +721,7 @@ def _log_dataset(ctx: StageContext, splits: Splits, summary: dict[str, Any]) -> 
     import warnings
 
     import mlflow
-    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.entities import Dataset, DatasetInput, InputTag
 
     with warnings.catch_warnings():  # "source can be interpreted in multiple ways"
         warnings.simplefilter("ignore", UserWarning)
@@ -728,10 +729,18 @@ def _log_dataset(ctx: StageContext, splits: Splits, summary: dict[str, Any]) -> 
             splits.x_train[:64], targets=splits.y_train[:64], source=summary["source"],
             name=ctx.cfg.dataset_tag, digest=summary["digest"][:16],
         )  # fmt: skip
-    context = InputTag(key="mlflow.data.context", value="training")
-    ctx.log.client.log_inputs(
-        ctx.run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=[context])]
+    # The schema comes from a 64-image sample (MLflow reads the arrays it is given); the profile states the
+    # whole training split (the sample's shapes would say 64 images).
+    sample = dataset._to_mlflow_entity()
+    n, shape = len(splits.y_train), tuple(int(d) for d in splits.x_train.shape[1:])
+    profile = {"features_shape": [n, *shape], "features_size": n * int(np.prod(shape)),
+               "features_nbytes": n * int(np.prod(shape)), "targets_shape": [n], "targets_size": n,
+               "targets_nbytes": n * np.dtype(np.int32).itemsize}  # fmt: skip
+    entity = Dataset(
+        sample.name, sample.digest, sample.source_type, sample.source, sample.schema, json.dumps(profile)
     )
+    context = InputTag(key="mlflow.data.context", value="training")
+    ctx.log.client.log_inputs(ctx.run_id, datasets=[DatasetInput(entity, tags=[context])])
     sizes = ("source", "num_classes", "train_size", "val_size", "test_size", "digest", "skipped_files")
     ctx.log.params({f"data.{key}": summary[key] for key in sizes if key in summary})
     ctx.log.dict({"class_names": splits.class_names, **summary}, "data/dataset.json")
