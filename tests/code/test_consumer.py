@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import free_port, stop, wait_for_http
+from tests.conftest import constant_classifier, free_port, stop, wait_for_http
 from vit_pipeline.evaluate import predict_logits
 
 pytestmark = pytest.mark.integration
@@ -287,3 +287,25 @@ def test_spin_modes_set_onnx_runtime_waiting_and_refuse_others(tiny_export, real
         OnnxClassifier(path, ["CPUExecutionProvider"], spin=mode).run(images) for mode in ("never", "run")
     ]
     np.testing.assert_array_equal(logits[0], logits[1])  # how threads wait never changes the answer
+
+
+def test_a_candidate_reports_its_own_test_accuracy_not_the_exports(tmp_path):
+    """A candidate file's metadata carries the export's (Keras) accuracy; /health must say the candidate's own,
+    which the export's gate measured and the manifest holds."""
+    from vit_consumer.candidates import candidate_pool
+    from vit_consumer.classifier import OnnxClassifier
+    from vit_consumer.contract import CandidatesManifest
+
+    registered = constant_classifier(tmp_path / "model.onnx", 3, 1)
+    (tmp_path / "extra_files").mkdir()
+    constant_classifier(tmp_path / "extra_files" / "model.int8-static.onnx", 3, 1)
+    CandidatesManifest("optimized", 0.995, {"int8-static": {"file": "model.int8-static.onnx", "test_accuracy": 0.4,
+                                                            "top1_agreement": 0.999}}).write(tmp_path / "extra_files")  # fmt: skip
+
+    def load(file, setting, name):
+        clf = OnnxClassifier(file)
+        clf.metadata = {**clf.metadata, "test_accuracy": "0.900000"}  # as the export writes it: Keras's
+        return clf
+
+    loaded, _ = candidate_pool(registered, "registered", [("onnxruntime", "default")], False, load)
+    assert loaded["int8-static"].describe()["test_accuracy"] == "0.400000"

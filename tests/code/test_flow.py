@@ -74,7 +74,9 @@ def test_train_pipeline_logs_everything(prefect_server, tiny_overrides, tmp_path
     assert any(m.source_run_id == run.info.run_id and m.name == "keras-model" for m in models)
     # Dataset input with its content digest.
     assert run.inputs.dataset_inputs[0].dataset.digest == params["data.digest"][:16]
-    profile = json.loads(run.inputs.dataset_inputs[0].dataset.profile)  # the whole training split, not a sample
+    profile = json.loads(
+        run.inputs.dataset_inputs[0].dataset.profile
+    )  # the whole training split, not a sample
     assert profile["features_shape"][0] == profile["targets_shape"][0] == int(params["data.train_size"])
     # Prefect link both ways: tag on the MLflow run, markdown artifact in Prefect.
     flow_run_id = run.data.tags["prefect.flow_run_id"]

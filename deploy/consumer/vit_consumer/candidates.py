@@ -124,6 +124,11 @@ def candidate_pool(model_path: Path, served_name: str, settings: list[tuple[str,
     from vit_consumer.classifier import InputError
 
     files = {"registered": model_path, **registered_candidates(model_path)}
+    manifest = _manifest(model_path)
+    # A candidate file's metadata carries the export's (Keras) test accuracy; its own, measured by the export's
+    # gate, is the manifest's: what /health reports when it serves.
+    measured = {n: c["test_accuracy"] for n, c in (manifest.candidates.items() if manifest else ())
+                if isinstance(c.get("test_accuracy"), float)}  # fmt: skip
     loaded, skipped = {}, {}
     for setting in settings:
         for file_name, file in files.items():
@@ -141,6 +146,8 @@ def candidate_pool(model_path: Path, served_name: str, settings: list[tuple[str,
             twin = loaded.get(candidate_name(file_name, setting[0], "default"))
             if twin is not None and twin.runtime.precision == clf.runtime.precision:
                 continue  # OpenVINO's default is f32 on this CPU: the same engine twice
+            if file_name in measured:
+                clf.metadata = {**clf.metadata, "test_accuracy": f"{measured[file_name]:.6f}"}
             loaded[name] = clf
     return loaded, skipped
 
