@@ -166,7 +166,7 @@ def resume_run(cfg: PipelineConfig, run_id: str) -> str:
     is still alive is refused. ``lifecycle`` then sets it RUNNING again.
 
     Raises:
-        ConfigError: unknown run, or a config value that differs from the run's.
+        ConfigError: unknown run, a FINISHED one, or a config value that differs from the run's.
         TrainingInProgress: the run's owner process is alive.
     """
     from mlflow.exceptions import MlflowException
@@ -188,6 +188,9 @@ def resume_run(cfg: PipelineConfig, run_id: str) -> str:
             )
     if run.info.status == "RUNNING" and (verdict := liveness(run.data.tags)).alive:
         raise TrainingInProgress(f"Cannot resume run {run_id}: it is RUNNING ({verdict.reason})")
+    if run.info.status == "FINISHED":  # reopening it would rewrite a finished record (and a champion's run)
+        raise ConfigError(f"Cannot resume run {run_id}: it FINISHED; --resume continues a run that crashed, "
+                          "failed or was killed. Start a new run instead")  # fmt: skip
     return run_id
 
 

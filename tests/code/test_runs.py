@@ -105,6 +105,20 @@ def test_resume_refuses_a_run_whose_owner_lives(cfg):
         runs.resume_run(cfg, run_id)
 
 
+def test_resume_refuses_a_finished_run_and_leaves_it_as_it_was(cfg):
+    from vit_pipeline.errors import ConfigError
+
+    with runs.tracked_run(cfg, "quickstart") as run_id:
+        pass
+    before = _status(cfg, run_id)
+    with (pytest.raises(ConfigError, match="it FINISHED; --resume continues a run that crashed"),
+          runs.tracked_run(cfg, "quickstart", resume_run_id=run_id)):  # fmt: skip
+        pass
+    after = _status(cfg, run_id)
+    assert after.info.status == "FINISHED" and after.info.end_time == before.info.end_time
+    assert after.data.tags == before.data.tags
+
+
 def test_runs_command_lists_and_reaps(cfg):
     from click.testing import CliRunner
 
