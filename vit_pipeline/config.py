@@ -63,6 +63,7 @@ _EXPECTED = {
     "serve_candidates": f"a comma-separated list from {SERVE_CANDIDATES}",
     "benchmark_variants": f"a non-empty comma-separated list from {BENCHMARK_VARIANTS}",
     "corruptions": f"a non-empty comma-separated list from {CORRUPTIONS}",
+    "registered_model_name": "1 to 256 characters without '/', ':' or '%' (MLflow refuses them in names)",
 }
 
 
@@ -74,7 +75,9 @@ def split_names(value: str) -> list[str]:
 class _Fields(BaseModel):
     """Parses text (CLI options, YAML) into the declared types before pydantic checks them."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+    # No infinities or NaN for any float (an infinite parity tolerance switched the gate off, an infinite
+    # tracking wait never returned).
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True, allow_inf_nan=False)
 
     @field_validator("*", mode="before")
     @classmethod
@@ -218,8 +221,8 @@ class OptimizerConfig(_Fields):
     layer_decay: Annotated[float, Field(gt=0, le=1)] = 1.0
     """Layer-wise learning-rate decay: block ``b`` of ``L`` learns at ``layer_decay ** (L + 1 - b)`` times the
     rate, the embeddings at ``layer_decay ** (L + 1)``, the head at the full rate (BEiT, MAE); 1: off."""
-    seed: int = 42
-    """Seed for the split, weight initialisation and augmentation."""
+    seed: Annotated[int, Field(ge=0, lt=2**32)] = 42
+    """Seed for the split, weight initialisation and augmentation (numpy and scikit-learn take 0 to 2**32 - 1)."""
 
 
 class TrackingConfig(_Fields):
@@ -249,7 +252,7 @@ class ExportConfig(_Fields):
     """Largest allowed |Keras - ONNX Runtime| logit difference."""
     parity_images: PositiveInt = 256
     """How many test images the parity gate compares (at most)."""
-    registered_model_name: str | None = None
+    registered_model_name: Annotated[str, Field(pattern=r"^[^/:%]{1,256}$")] | None = None
     """MLflow registry name; None means ``vit-<dataset>``."""
     promotion_policy: Literal["better_or_equal", "always", "never"] = "better_or_equal"
     """When the ``champion`` alias moves to a new version: "better_or_equal" (test accuracy at least the

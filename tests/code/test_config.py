@@ -44,6 +44,12 @@ def test_every_preset_validates(preset):
         ({"transformer_units": "128,32"}, "transformer_units=[128, 32]"),
         ({"no_such_field": 1}, "no_such_field"),
         ({"head_dropout": 1.0}, "head_dropout=1.0"),
+        ({"seed": -5}, "Expected seed >= 0. Received: seed=-5"),
+        ({"seed": 2**32}, "seed=4294967296"),
+        ({"parity_tolerance": float("inf")}, "parity_tolerance: Input should be a finite number"),
+        ({"learning_rate": float("nan")}, "learning_rate: Input should be a finite number"),
+        ({"tracking_wait_seconds": float("inf")}, "tracking_wait_seconds: Input should be a finite number"),
+        ({"registered_model_name": "a/b@c"}, "without '/', ':' or '%'"),
     ],
 )
 def test_invalid_values_name_field_and_value(overrides, message):
@@ -111,7 +117,7 @@ def test_every_field_has_a_type_a_description_and_a_schema():
     "bad",
     [{"epochs": 0}, {"epochs": 2.5}, {"dataset": "mnist"}, {"validation_split": 1.0}, {"no_such_field": 1},
      {"serve_candidates": "int8,fp64"}, {"benchmark_variants": ""}, {"mlp_head_units": [0]},
-     {"dataset_name": "a b"}, {"onnx_opset": 19}],
+     {"dataset_name": "a b"}, {"onnx_opset": 19}, {"seed": -1}, {"registered_model_name": "a:b"}],
 )  # fmt: skip
 def test_the_json_schema_refuses_what_the_model_refuses(bad):
     """What the Prefect server checks at run creation (the JSON schema) agrees with the model."""
