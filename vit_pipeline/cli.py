@@ -101,7 +101,13 @@ def _friendly_errors(func: Callable) -> Callable:
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        log_path = _setup_logging()
+        try:
+            log_path = _setup_logging()
+        except OSError as exc:  # the home is a file, read-only, or under one: nowhere to log either
+            from vit_pipeline.tracking import home
+
+            click.echo(f"Error: cannot write under VIT_PIPELINE_HOME={home()}: {exc}", err=True)
+            sys.exit(1)
         _quiet_telemetry()
         try:
             try:
@@ -113,9 +119,14 @@ def _friendly_errors(func: Callable) -> Callable:
                     f"{exc} Start one (`prefect server start`) and set PREFECT_API_URL, or raise "
                     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
                 ) from exc
-        except PipelineError as exc:
+        except Exception as exc:
+            # Ours; the file system's (a home that is a file, a read-only folder); MLflow's (a malformed
+            # tracking URI, a name it refuses): one line each, the trace in the log. Anything else is a bug.
+            if not isinstance(exc, PipelineError | OSError) and not type(exc).__module__.startswith("mlflow"):
+                raise
             trace_log.exception("vit-pipeline failed")
-            click.echo(f"Error: {exc}", err=True)
+            text = " ".join(str(exc).split())[:1000] or type(exc).__name__
+            click.echo(f"Error: {text}", err=True)
             click.echo(f"(details: {log_path})", err=True)
             sys.exit(2 if isinstance(exc, ConfigError) else 1)
 

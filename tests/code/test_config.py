@@ -87,6 +87,25 @@ def test_cli_config_prints_overrides():
     assert '"epochs": 3' in result.output and '"mlp_head_units": [\n    64\n  ]' in result.output
 
 
+def test_a_home_that_is_a_file_and_a_malformed_tracking_uri_are_one_line(tmp_path, monkeypatch):
+    home = tmp_path / "home-file"
+    home.write_text("")
+    monkeypatch.setenv("VIT_PIPELINE_HOME", str(home))
+    result = CliRunner().invoke(main, ["config"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert (
+        result.output.startswith(f"Error: cannot write under VIT_PIPELINE_HOME={home}")
+        and "Not a directory" in result.output
+    )
+    monkeypatch.setenv("VIT_PIPELINE_HOME", str(tmp_path / "home"))
+    result = CliRunner().invoke(main, ["runs", "--tracking-uri", "htp:/::bad"])
+    lines = result.output.splitlines()
+    assert result.exit_code == 1 and len(lines) == 2 and "unsupported URI 'htp:/::bad'" in lines[0], (
+        result.output
+    )
+    assert lines[1].startswith("(details: ")
+
+
 def test_cli_rejects_bad_value_in_one_line_without_traceback():
     result = CliRunner().invoke(main, ["config", "--preset", "cifar100", "--patch-size", "7"])
     assert result.exit_code == 2
