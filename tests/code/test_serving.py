@@ -545,3 +545,7 @@ def test_vit_pipeline_serve_is_the_consumer_with_its_options(tiny_export):
                          "VIT_MAX_BATCH_SIZE": "zero"}, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1].startswith("Error: Invalid settings")
     assert "Traceback" not in bad.stderr
+    for port in ("99999", "-1", "0"):  # refused before the model loads (99999 listened on a wrapped port)
+        bad = subprocess.run([str(cli), "serve", "--model", str(path), "--port", port], capture_output=True,
+                             text=True, timeout=120)  # fmt: skip
+        assert bad.returncode == 2 and "expected a port from 1 to 65535" in bad.stderr, bad.stderr[-500:]

@@ -13,6 +13,13 @@ from vit_consumer.contract import split_providers
 from vit_consumer.settings import Settings
 
 
+def _port(raw: str) -> int:
+    """A TCP port (argparse refuses anything else in one line, before the model loads)."""
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port from 1 to 65535. Received: {raw!r}")
+    return int(raw)
+
+
 def _parser() -> argparse.ArgumentParser:
     # Every default is the settings' value: VIT_* variables (and MLFLOW_TRACKING_URI) apply, options win.
     defaults = Settings()
@@ -29,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the HTTP service")
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=_port, default=8000)
     serve.add_argument("--max-bytes", type=int, default=defaults.max_bytes, help="largest request body")
     serve.add_argument("--max-inflight-bytes", type=int, default=defaults.max_inflight_bytes,
                        help="all request bodies being handled at once (beyond: 503)")  # fmt: skip
