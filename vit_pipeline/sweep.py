@@ -32,6 +32,8 @@ from vit_pipeline.config import PRESETS, PipelineConfig, field_names, make_confi
 from vit_pipeline.errors import ConfigError
 
 METHODS = ("grid", "random")
+MAX_TRIALS = 10_000  # a sweep of more trials is a typo, not a plan (and its list alone fills memory)
+MAX_FILE_BYTES = 1_000_000
 METRICS = ("best_val_accuracy",)
 
 
@@ -61,13 +63,13 @@ def parse_space(raw: Any, source: str = "search space") -> SearchSpace:
     if unknown:
         raise ConfigError(f"Unknown keys in {source}: {unknown}. Known keys: {sorted(known)}")
     preset = raw.get("preset", "quickstart")
-    if preset not in PRESETS:
+    if not isinstance(preset, str) or preset not in PRESETS:
         raise ConfigError(f"Unknown preset. Expected one of {tuple(PRESETS)}. Received: preset={preset!r}")
     method = raw.get("method", "grid")
-    if method not in METHODS:
+    if not isinstance(method, str) or method not in METHODS:
         raise ConfigError(f"Expected method in {METHODS}. Received: method={method!r}")
     metric = raw.get("metric", "best_val_accuracy")
-    if metric not in METRICS:
+    if not isinstance(metric, str) or metric not in METRICS:
         raise ConfigError(f"Expected metric in {METRICS}. Received: metric={metric!r}")
     parameters = raw.get("parameters") or {}
     fixed = raw.get("fixed") or {}
@@ -81,12 +83,16 @@ def parse_space(raw: Any, source: str = "search space") -> SearchSpace:
     for name, spec in parameters.items():
         _check_spec(name, spec, method)
     num_trials = raw.get("num_trials")
-    if method == "random" and (not isinstance(num_trials, int) or num_trials <= 0):
-        raise ConfigError(
-            f"Expected a positive num_trials for method 'random'. Received: num_trials={num_trials!r}"
-        )
+    if method == "random" and (type(num_trials) is not int or not 0 < num_trials <= MAX_TRIALS):
+        raise ConfigError(f"Expected num_trials from 1 to {MAX_TRIALS} for method 'random'. Received: "
+                          f"num_trials={num_trials!r}")  # fmt: skip
+    if method == "grid" and (combos := math.prod(len(v) for v in parameters.values())) > MAX_TRIALS:
+        raise ConfigError(f"The grid has {combos} combinations; at most {MAX_TRIALS} are accepted")
+    seed = raw.get("seed", 0)
+    if type(seed) is not int or not 0 <= seed < 2**32:
+        raise ConfigError(f"Expected seed to be an integer from 0 to 2**32 - 1. Received: seed={seed!r}")
     return SearchSpace(preset=preset, parameters=parameters, method=method, num_trials=num_trials,
-                       seed=int(raw.get("seed", 0)), metric=metric, fixed=fixed)  # fmt: skip
+                       seed=seed, metric=metric, fixed=fixed)  # fmt: skip
 
 
 def _check_spec(name: str, spec: Any, method: str) -> None:
@@ -97,8 +103,16 @@ def _check_spec(name: str, spec: Any, method: str) -> None:
     if isinstance(spec, dict):
         if method == "grid":
             raise ConfigError(f"Parameter {name} is a range; grid search needs a list of values")
-        if set(spec) - {"min", "max", "log", "int"} or not {"min", "max"} <= set(spec):
-            raise ConfigError(f"Expected parameter {name} as {{min, max, log?, int?}}. Received: {spec}")
+        numbers = all(type(spec.get(k)) in (int, float) and math.isfinite(spec[k]) for k in ("min", "max"))
+        flags = all(isinstance(spec.get(k, False), bool) for k in ("log", "int"))
+        if (
+            set(spec) - {"min", "max", "log", "int"}
+            or not {"min", "max"} <= set(spec)
+            or not numbers
+            or not flags
+        ):
+            raise ConfigError(f"Expected parameter {name} as {{min, max, log?, int?}}: finite numbers, true or "
+                              f"false. Received: {str(spec)[:200]}")  # fmt: skip
         if not spec["min"] < spec["max"] or (spec.get("log") and spec["min"] <= 0):
             raise ConfigError(
                 f"Expected 0 < min < max (log) or min < max for parameter {name}. Received: {spec}"
@@ -113,13 +127,24 @@ def load_space(path: str | Path) -> SearchSpace:
     """Reads a search space YAML file (``yaml.safe_load``: data only, no objects)."""
     import yaml
 
+    class NoAliases(yaml.SafeLoader):
+        """``safe_load`` without anchors and aliases: a few hundred bytes of them expand to gigabytes."""
+
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                raise yaml.YAMLError("aliases (*name) are not accepted in a search space")
+            return super().compose_node(parent, index)
+
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"Search space file does not exist: {path}")
+    if path.stat().st_size > MAX_FILE_BYTES:
+        raise ConfigError(f"Search space {path} holds {path.stat().st_size} bytes; at most {MAX_FILE_BYTES}")
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"Could not parse search space {path}: {str(exc).splitlines()[0]}") from exc
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=NoAliases)  # noqa: S506 (a SafeLoader)
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as exc:
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        raise ConfigError(f"Could not parse search space {path}: {first}") from None
     return parse_space(raw, str(path))
 
 

@@ -45,7 +45,27 @@ def test_random_search_draws_reproducibly_within_ranges():
         ({"parameters": {"learning_rat": [1]}}, "Unknown config field 'learning_rat'"),
         ({"parameters": {}}, "non-empty 'parameters'"),
         ({"parameters": {"weight_decay": {"min": 0.1, "max": 0.2}}}, "grid search needs a list"),
-        ({"method": "random", "parameters": {"seed": [1]}}, "positive num_trials"),
+        ({"method": "random", "parameters": {"seed": [1]}}, "num_trials from 1 to 10000"),
+        ({"method": "random", "num_trials": True, "parameters": {"seed": [1]}}, "num_trials=True"),
+        (
+            {"method": "random", "num_trials": 10**9, "parameters": {"seed": [1]}},
+            "num_trials from 1 to 10000",
+        ),
+        ({"parameters": {"seed": list(range(200)), "epochs": list(range(1, 101))}}, "20000 combinations"),
+        ({"seed": "abc", "parameters": {"seed": [1]}}, "seed=.abc."),
+        ({"preset": ["quickstart"], "parameters": {"seed": [1]}}, "Unknown preset"),
+        (
+            {"method": "random", "num_trials": 2, "parameters": {"learning_rate": {"min": "a", "max": "b"}}},
+            "finite numbers",
+        ),
+        (
+            {
+                "method": "random",
+                "num_trials": 2,
+                "parameters": {"epochs": {"min": 1, "max": 3, "int": "yes"}},
+            },
+            "true or false",
+        ),
         ({"preset": "nope", "parameters": {"seed": [1]}}, "Unknown preset"),
         ({"parameters": {"seed": [1]}, "trials": 3}, "Unknown keys"),
     ],
@@ -72,6 +92,19 @@ def test_space_file_errors(tmp_path):
     with pytest.raises(ConfigError):
         load_space(tmp_path / "evil.yaml")
     assert not (tmp_path / "pwned").exists()
+    laughs = ["a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1]"] + [
+        f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]"
+        for p, c in zip("abcdefgh", "bcdefghi", strict=True)
+    ]
+    (tmp_path / "laughs.yaml").write_text("\n".join(laughs) + "\nparameters: {seed: *i}\n")  # 9**9 values
+    with pytest.raises(ConfigError, match="aliases .* are not accepted"):
+        load_space(tmp_path / "laughs.yaml")
+    (tmp_path / "deep.yaml").write_text("parameters: " + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(ConfigError, match="Could not parse"):
+        load_space(tmp_path / "deep.yaml")
+    (tmp_path / "latin1.yaml").write_bytes("parameters: {seed: [1]}  # caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="Could not parse"):
+        load_space(tmp_path / "latin1.yaml")
 
 
 def test_shipped_search_spaces_are_valid():
