@@ -59,7 +59,6 @@ from vit_consumer.classifier import (
     alias_version,
     registry_target,
 )
-from vit_consumer.limits import json_shape_problem
 from vit_consumer.metrics import Metrics
 from vit_consumer.settings import DEFAULT_MAX_BYTES, Settings, SettingsError
 
@@ -71,7 +70,6 @@ __all__ = [
     "SettingsError",
     "app_from_env",
     "create_app",
-    "json_shape_problem",
     "settings_from_env",
 ]
 

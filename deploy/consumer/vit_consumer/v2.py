@@ -183,8 +183,8 @@ def _tensor(spec: Any, binary: bytes, offset: int) -> tuple[np.ndarray, int]:
     return array.reshape(shape), offset
 
 
-def parse_infer(engine: OnnxClassifier, body: bytes, header_length: str | None, max_json_depth: int = 8,
-                max_json_numbers: int = 1_048_576) -> tuple[np.ndarray, dict[str, Any], list[Output]]:  # fmt: skip
+def parse_infer(engine: OnnxClassifier, body: bytes, header_length: str | None, max_json_depth: int,
+                max_json_numbers: int) -> tuple[np.ndarray, dict[str, Any], list[Output]]:  # fmt: skip
     """An infer request -> (checked float32 images, the request document, the outputs to answer).
 
     The JSON part is held to the same depth and value limits as ``/predict``'s JSON.
