@@ -269,6 +269,21 @@ def test_benchmark_docs_page_is_rendered_from_every_committed_report():
     assert page == (root / "docs" / "benchmarks.md").read_text()  # the committed page is not edited by hand
 
 
+def test_benchmark_docs_refuses_an_empty_folder_rather_than_write_an_empty_page(tmp_path):
+    from click.testing import CliRunner
+
+    from vit_pipeline.cli import main
+
+    page = tmp_path / "benchmarks.md"
+    page.write_text("the committed page")
+    (tmp_path / "reports").mkdir()
+    result = CliRunner().invoke(
+        main, ["benchmark-docs", "--reports", str(tmp_path / "reports"), "--output", str(page)]
+    )
+    assert result.exit_code == 1 and "No report folders in" in result.output
+    assert page.read_text() == "the committed page"
+
+
 def test_finetune_optimizer_ratios_pair_the_rows_of_each_round():
     from vit_pipeline.benchmark.training import TrainingReport, TrainingRow, optimizer_ratios
 

@@ -30,7 +30,12 @@ def render(reports_dir: str | Path) -> str:
     from vit_pipeline.benchmark.training import TrainingReport
 
     parts = [HEADER]
-    for folder in sorted(p for p in Path(reports_dir).iterdir() if p.is_dir()):
+    folders = sorted(p for p in Path(reports_dir).iterdir() if p.is_dir())
+    if not folders:  # an empty page would replace the committed one
+        from vit_pipeline.errors import DataError
+
+        raise DataError(f"No report folders in {reports_dir}: nothing to render")
+    for folder in folders:
         about = folder / "about.md"
         parts.append(about.read_text().strip() + "\n" if about.exists() else f"## {folder.name}\n")
         raw = json.loads((folder / "report.json").read_text()) if (folder / "report.json").exists() else None
