@@ -614,12 +614,9 @@ def _prepare_folder(cfg: PipelineConfig, root: Path, shard_dir: str | os.PathLik
     listed, names = list_splits(layout)
     # Files that are not images (by their header) leave before the split: a split made of them is empty.
     listed, unreadable = _readable(listed)
-    for split, (_, labels) in listed.items():
-        counts = np.bincount(labels, minlength=len(names))
-        if split in ("all", "train") and (counts == 0).any():
-            name = names[int(np.argmin(counts))]
-            raise DataError(f"Class {name!r} of {layout.get(split, root)} has no readable images")
-    files_rest, y_rest = listed.get("train", listed.get("all"))
+    split = "train" if "train" in listed else "all"
+    _check_classes_readable(listed[split][1], names, layout[split])
+    files_rest, y_rest = listed[split]
     if "test" in listed:
         files_test, y_test = listed["test"]
     else:
