@@ -169,3 +169,16 @@ def test_a_run_leaves_no_process_wide_mlflow_store(cfg):
     assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_REGISTRY_URI" not in os.environ
     # The model landed in the run's store, not in the default one.
     assert tracking.client(cfg).get_logged_model(info.model_id).source_run_id == run_id
+
+
+def test_the_prefect_link_is_a_link_without_a_ui_url(monkeypatch):
+    """Prefect's flow_run.ui_url is "None/flow-runs/..." when PREFECT_UI_URL is unset: never a tag value."""
+    from vit_pipeline.summary import prefect_run_url
+
+    monkeypatch.delenv("PREFECT_UI_URL", raising=False)
+    url = prefect_run_url("abc", "None/flow-runs/flow-run/abc")
+    assert url == "http://127.0.0.1:4200/runs/flow-run/abc"
+    assert (
+        prefect_run_url("abc", "http://prefect:4200/runs/flow-run/abc")
+        == "http://prefect:4200/runs/flow-run/abc"
+    )
