@@ -176,6 +176,49 @@ def _exit_cleanly_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, _raise_system_exit)
 
 
+def _own_session_and_parent_death_signal() -> None:  # runs in the forked child, before exec
+    """A session of its own, and SIGTERM when the thread that started it (the main thread) ends."""
+    import ctypes
+
+    os.setsid()
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+def _start_temporary_prefect_server() -> None:
+    """Starts the temporary Prefect API server a flow needs (no ``PREFECT_API_URL``) in a session of its own.
+
+    Ctrl-C at a terminal sends SIGINT to the whole foreground process group. Prefect starts its temporary
+    server lazily as a plain child, in that group: the server died first, the flow could not report its
+    end (its client retried for minutes) and the flow run stayed RUNNING in Prefect's database. In a
+    session of its own the server gets no Ctrl-C: the flow reports its end, and the server stops when this
+    process exits (Prefect's ``atexit``), or, on Linux, when it is killed (SIGKILL runs no ``atexit``: the
+    parent-death signal, tied to the thread that forks, which is why the main thread starts it here).
+
+    Prefect finds its temporary server by port in ``SubprocessASGIServer._instances`` (the default port
+    is ``None``): a started subclass registered there is the one its client uses.
+    """
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        return  # a server of the user's, or none allowed: Prefect's own rules apply
+    import subprocess
+
+    from prefect.server.api.server import SubprocessASGIServer
+
+    class _OwnSessionServer(SubprocessASGIServer):
+        def _run_uvicorn_command(self):
+            popen = subprocess.Popen
+            subprocess.Popen = functools.partial(popen, preexec_fn=_own_session_and_parent_death_signal)
+            try:
+                return super()._run_uvicorn_command()
+            finally:
+                subprocess.Popen = popen
+
+    if sys.platform.startswith("linux") and None not in SubprocessASGIServer._instances:
+        _OwnSessionServer().start()
+
+
 @main.command("config")
 @_config_options
 @_friendly_errors
@@ -206,6 +249,7 @@ def run(resume_run_id: str | None, **kwargs) -> None:
     )  # bad config, paths, archives: before Prefect or TensorFlow start
     from vit_pipeline.flows.train_pipeline import train_pipeline
 
+    _start_temporary_prefect_server()
     with console_without_tracebacks():
         result = train_pipeline(
             preset=preset, config=ConfigOverrides(**overrides), resume_run_id=resume_run_id
@@ -278,6 +322,7 @@ def proxy_experiment(data_path, epochs, seed, experiment_name, report_dir, track
         make_config(preset, {**shared, **overrides})  # fail before Prefect or TensorFlow start
     from vit_pipeline.flows.proxy_experiment import proxy_experiment as flow
 
+    _start_temporary_prefect_server()
     report = flow(data_path=data_path, epochs=epochs, seed=seed, experiment_name=experiment_name,
                   report_dir=report_dir, presets=tuple(presets), overrides=overrides)  # fmt: skip
     click.echo(json.dumps(report, indent=2))
@@ -355,6 +400,7 @@ def transfer_experiment(**options) -> None:
         make_config(options["pretrain_preset"], options["pretrain_overrides"])
     if options["source"]:  # a checkpoint that cannot be used fails here, before any training
         make_config("finetune", {"init_from": options["source"], "tracking_uri": options["tracking_uri"]})
+    _start_temporary_prefect_server()
     click.echo(json.dumps(flow(**options), indent=2, default=str))
 
 
@@ -405,6 +451,7 @@ def sweep(space_path, dask_address, workers, gpus_per_trial, tracking_uri, data_
     check_cluster_api(dask_address)
     from vit_pipeline.flows.sweep import sweep as sweep_flow
 
+    _start_temporary_prefect_server()
     result = sweep_flow(space_path=space_path, dask_address=dask_address, n_workers=workers,
                         gpus_per_trial=gpus_per_trial, overrides=overrides)  # fmt: skip
     click.echo(json.dumps({k: result[k] for k in ("parent_run_id", "best", "test_accuracy", "registry", "seconds")},
@@ -423,6 +470,8 @@ def train(resume_run_id: str | None, **kwargs) -> None:
 
     preset, overrides = _split_config(kwargs)
     cfg = make_config(preset, overrides)
+    if not resume_run_id:  # a new run must not start on a bad path (a resumed one has its data prepared)
+        data.check_source(cfg)
     with runs.tracked_run(
         cfg, preset, {"vit_pipeline.command": "train"}, resume_run_id=resume_run_id
     ) as run_id:
@@ -448,7 +497,13 @@ def list_runs(tracking_uri: str | None, experiments: tuple[str, ...], limit: int
     tracking.check_reachable(cfg)
     for run_id in runs.reap_once(cfg):
         click.echo(f"Marked {run_id} KILLED: its process is gone", err=True)
-    for row in runs.recent(tracking.client(cfg), list(experiments), limit):
+    client = tracking.client(cfg)
+    missing = sorted(name for name in set(experiments) if client.get_experiment_by_name(name) is None)
+    if missing:  # an empty listing would read as "no runs there"
+        raise PipelineError(
+            f"No experiment named {', '.join(map(repr, missing))} in {tracking.tracking_uri(cfg)}"
+        )
+    for row in runs.recent(client, list(experiments), limit):
         click.echo(json.dumps(row))
 
 

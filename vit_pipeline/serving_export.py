@@ -302,17 +302,40 @@ def export_serving(source: str, out_dir: str | Path, tracking_uri: str | None = 
                    consumer_image: str = "vit-consumer:latest", max_batch_size: int = 64,
                    queue_delay_us: int = 2000) -> dict[str, str]:  # fmt: skip
     """Writes the Triton repository and the KServe and Kubernetes manifests; returns their paths."""
-    _check_batching(max_batch_size, queue_delay_us)
+    _check_options(max_batch_size, queue_delay_us, storage_uri, consumer_image)
     model = read_model(source, tracking_uri)
     with _one_writer(Path(out_dir)):
         return _write_all(model, Path(out_dir), tracking_uri, storage_uri, consumer_image, max_batch_size,
                           queue_delay_us)  # fmt: skip
 
 
-def _check_batching(max_batch_size: int, queue_delay_us: int) -> None:
+# KServe matches a storage URI by its scheme (gs://, s3://, pvc://, hf://, https://, or a custom
+# ClusterStorageContainer's): whatever the scheme, it must have one.
+_STORAGE_URI = re.compile(r"[a-z][a-z0-9+.-]*://\S+")
+# A container image reference as Docker parses it: [registry[:port]/]lowercase/path[:tag][@sha256:digest].
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_IMAGE = re.compile(
+    rf"(?:[A-Za-z0-9.-]+(?::[0-9]+)?/)?{_COMPONENT}(?:/{_COMPONENT})*"
+    r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[a-f0-9]{64})?"
+)
+
+
+def _check_options(
+    max_batch_size: int, queue_delay_us: int, storage_uri: str | None, consumer_image: str
+) -> None:
+    """What the manifests would carry into a cluster that refuses it, refused here (one line each)."""
     if max_batch_size < 1 or queue_delay_us < 0:
         raise PipelineError(f"Expected max_batch_size >= 1 and queue_delay_us >= 0. Received: {max_batch_size}, "
                             f"{queue_delay_us}")  # fmt: skip
+    if storage_uri is not None and not _STORAGE_URI.fullmatch(storage_uri):
+        raise PipelineError(
+            f"Expected a storage URI with a scheme (pvc://, s3://, gs://, https://, ...). Received: {storage_uri!r}"
+        )
+    if not _IMAGE.fullmatch(consumer_image):
+        raise PipelineError(
+            f"Expected a container image reference ([registry/]name[:tag][@sha256:digest], lowercase name). "
+            f"Received: {consumer_image!r}"
+        )
 
 
 @contextlib.contextmanager
@@ -367,7 +390,7 @@ def publish(source: str, out_dir: str | Path, tracking_uri: str | None = None, *
     Raises:
         PipelineError: the source cannot be read, or another writer held the folder for ``LOCK_SECONDS``.
     """
-    _check_batching(max_batch_size, queue_delay_us)
+    _check_options(max_batch_size, queue_delay_us, storage_uri, consumer_image)
     model = read_model(source, tracking_uri)
     out = Path(out_dir)
     with _one_writer(out):

@@ -20,11 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from vit_pipeline.config import PipelineConfig
+from vit_pipeline.errors import ConfigError
 
 
 def home() -> Path:
     """The pipeline's local state directory (``$VIT_PIPELINE_HOME`` or ``./vit-runs``)."""
-    return Path(os.environ.get("VIT_PIPELINE_HOME", "vit-runs")).resolve()
+    return Path(os.environ.get("VIT_PIPELINE_HOME") or "vit-runs").resolve()  # set but empty: the default too
 
 
 def work_dir(run_id: str) -> Path:
@@ -40,7 +41,12 @@ def tracking_uri(cfg: PipelineConfig | None = None) -> str:
         return cfg.tracking.tracking_uri
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    return f"sqlite:///{home() / 'mlflow.db'}"
+    path = home() / "mlflow.db"
+    if {"?", "%"} & set(str(path)):  # SQLAlchemy would read the URI's path up to "?" or decode "%xx"
+        raise ConfigError(
+            f"Expected VIT_PIPELINE_HOME without '?' or '%' (its SQLite store is a URI). Received: {home()}"
+        )
+    return f"sqlite:///{path}"
 
 
 def _is_local(uri: str) -> bool:
@@ -139,15 +145,9 @@ def check_reachable(cfg: PipelineConfig) -> None:
 
 def _health_problem(uri: str, timeout: float) -> str | None:
     """None if the store answers (local stores always do), else what went wrong."""
-    import urllib.request
+    from vit_consumer.mlflow_store import health_problem
 
-    if _is_local(uri):
-        return None
-    try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as resp:
-            return None if resp.status == 200 else f"HTTP {resp.status}"
-    except OSError as exc:
-        return str(getattr(exc, "reason", exc))
+    return health_problem(uri, timeout)
 
 
 def run_url(cfg: PipelineConfig, run_id: str) -> str:

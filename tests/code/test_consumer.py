@@ -3,8 +3,10 @@
 import io
 import json
 import pickle
+import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -191,6 +193,34 @@ def test_consumer_cli_rejects_a_file_that_is_not_onnx(no_tf_env, tmp_path):
         env=no_tf_env, capture_output=True, text=True,
     )  # fmt: skip
     assert out.returncode == 1 and out.stderr.startswith("Error: Not a loadable ONNX model")
+
+
+def test_an_address_it_cannot_listen_on_is_one_line_before_the_model_loads(no_tf_env, tmp_path):
+    fake = tmp_path / "model.onnx"
+    fake.write_bytes(b"not read: the address is checked first")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        for host, message in (("no-such-host.invalid", "Name or service not known"), ("127.0.0.1", "in use")):
+            out = subprocess.run([sys.executable, "-m", "vit_consumer", "--model", str(fake), "serve", "--host", host,
+                                  "--port", port], env=no_tf_env, capture_output=True, text=True, timeout=60)  # fmt: skip
+            assert out.returncode == 1, out.stderr[-500:]
+            assert out.stderr.startswith(f"Error: Cannot listen on {host}:{port}: ") and message in out.stderr
+            assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_a_tracking_server_that_is_down_is_one_line_in_seconds(no_tf_env):
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        uri = f"http://127.0.0.1:{free.getsockname()[1]}"  # nothing listens there once closed
+    started = time.monotonic()
+    out = subprocess.run([sys.executable, "-m", "vit_consumer", "--model", "models:/vit@champion", "--tracking-uri",
+                          uri, "predict", "x.png"], env=no_tf_env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 1, out.stderr[-500:]
+    assert out.stderr.startswith(f"Error: Could not read models:/vit@champion: the MLflow tracking server {uri} "
+                                 "does not answer (")  # fmt: skip
+    assert time.monotonic() - started < 30  # MLflow's own retries took minutes
 
 
 def test_vit_pipeline_predict_command(tiny_export, real_cut, tmp_path):

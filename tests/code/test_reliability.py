@@ -253,3 +253,59 @@ def test_sigterm_mid_flow_ends_the_run_killed_and_leaves_no_process_behind(tmp_p
         _kill(proc)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _processes_with_env(marker: str) -> list[str]:
+    """Command lines of live processes whose environment holds ``marker`` (e.g. a test's PREFECT_HOME)."""
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        with contextlib.suppress(OSError):
+            if marker.encode() in environ.read_bytes().split(b"\0"):
+                found.append((environ.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+    return found
+
+
+def test_ctrl_c_mid_flow_ends_the_flow_run_and_the_mlflow_run_at_once(tmp_path):
+    """Ctrl-C at a terminal sends SIGINT to the whole foreground process group of ``vit-pipeline run``. The
+    temporary Prefect server must outlive the flow's end (it used to die first: the flow run stayed RUNNING in
+    Prefect's database and the command took minutes to give up): the flow run ends CRASHED, the MLflow run
+    KILLED, within seconds, and nothing of the command is left running."""
+    import sqlite3
+
+    home, prefect_home = tmp_path / "home", tmp_path / "prefect"
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env |= {"VIT_PIPELINE_HOME": str(home), "PREFECT_HOME": str(prefect_home), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = _args(uri, 40)
+    args[1] = "run"  # the whole flow, on a temporary Prefect server
+    log = (tmp_path / "run.log").open("w")
+    # Its own process group, as a shell gives a foreground job: the test is the terminal.
+    proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            run_id, status = _run_status(uri, home)
+            if status == "RUNNING" and (home / "work" / run_id / "epochs.jsonl").stat().st_size:
+                os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the whole group
+                break
+            time.sleep(0.1)
+        interrupted = time.monotonic()
+        proc.wait(timeout=90)  # it took minutes when the temporary server died first
+        output = (tmp_path / "run.log").read_text()
+        assert time.monotonic() - interrupted < 60, output[-3000:]
+        assert proc.returncode != 0, output[-3000:]
+        assert _run_status(uri, home)[1] == "KILLED", output[-3000:]
+        with contextlib.closing(sqlite3.connect(prefect_home / "prefect.db")) as db:
+            states = db.execute(
+                "SELECT flow.name, flow_run.state_type FROM flow_run JOIN flow ON flow_run.flow_id = flow.id"
+            ).fetchall()
+        assert states and all(state != "RUNNING" for _, state in states), states
+        assert ("train-pipeline", "CRASHED") in states, states
+        deadline = time.monotonic() + 30  # the server stops at the command's exit
+        while (left := _processes_with_env(f"PREFECT_HOME={prefect_home}")) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not left, left
+    finally:
+        _kill(proc)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)

@@ -133,6 +133,47 @@ def test_runs_command_lists_and_reaps(cfg):
     assert f"Marked {run_id} KILLED" in out.output and '"status": "KILLED"' in out.output
 
 
+def test_runs_of_an_experiment_that_does_not_exist_is_an_error_not_an_empty_list(cfg):
+    from click.testing import CliRunner
+
+    from vit_pipeline.cli import main
+
+    runs.create_run(cfg)  # the store has an experiment ("vit-digits"), not the one asked for
+    out = CliRunner().invoke(main, ["runs", "--tracking-uri", cfg.tracking_uri, "--experiment", "vit-digitz"])
+    assert out.exit_code == 1
+    assert out.output.startswith("Error: No experiment named 'vit-digitz' in sqlite:///"), out.output
+    out = CliRunner().invoke(main, ["runs", "--tracking-uri", cfg.tracking_uri, "--experiment", "vit-digits"])
+    assert out.exit_code == 0 and '"status"' in out.output, out.output
+
+
+def test_train_on_a_path_that_does_not_exist_opens_no_run(cfg, tmp_path):
+    from click.testing import CliRunner
+
+    from vit_pipeline.cli import main
+
+    missing = tmp_path / "no-such.tar.gz"
+    out = CliRunner().invoke(main, ["train", "--preset", "cifar100", "--data-path", str(missing),
+                                    "--tracking-uri", cfg.tracking_uri])  # fmt: skip
+    assert out.exit_code == 1
+    assert out.output.startswith(f"Error: CIFAR-100 path does not exist: {missing}"), out.output
+    client = tracking.client(cfg)
+    assert not [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+
+
+def test_a_home_the_sqlite_uri_would_misread_is_refused_and_an_empty_one_is_the_default(
+    tmp_path, monkeypatch
+):
+    from vit_pipeline.errors import ConfigError
+
+    for name in ("runs?2", "100%"):
+        monkeypatch.setenv("VIT_PIPELINE_HOME", str(tmp_path / name))
+        with pytest.raises(ConfigError, match="without '\\?' or '%'"):
+            tracking.tracking_uri()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("VIT_PIPELINE_HOME", "")
+    assert tracking.home() == tmp_path / "vit-runs"  # not the working directory itself
+
+
 def test_system_metrics_are_logged_while_the_run_lives(tmp_path):
     cfg = make_config("quickstart", {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
                                      "system_metrics_seconds": 0.3})  # fmt: skip

@@ -203,6 +203,35 @@ def test_a_file_that_is_not_an_export_is_refused_in_one_line(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    "option, value, expected",
+    [
+        ("--storage-uri", "models/triton", "Expected a storage URI with a scheme"),
+        ("--storage-uri", "s3://bucket/with space", "Expected a storage URI with a scheme"),
+        ("--consumer-image", "Vit-Consumer:latest", "Expected a container image reference"),
+        ("--consumer-image", "vit consumer", "Expected a container image reference"),
+        ("--consumer-image", "vit-consumer:", "Expected a container image reference"),
+    ],
+)
+def test_manifest_values_a_cluster_would_refuse_are_refused_before_anything_is_written(
+    tmp_path, option, value, expected
+):
+    result = CliRunner().invoke(main, ["export-serving", "models:/vit@champion", str(tmp_path / "out"), option,
+                                       value])  # fmt: skip
+    assert result.exit_code == 1
+    assert result.output.startswith(f"Error: {expected}") and repr(value) in result.output, result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_deployable_values_pass_the_checks():
+    from vit_pipeline.serving_export import _check_options
+
+    for uri in ("pvc://vit-models/triton", "s3://b/k", "gs://b/k", "hf://org/m", "kit://custom/scheme"):
+        _check_options(64, 2000, uri, "vit-consumer:latest")
+    for image in ("ghcr.io/acme/vit-consumer:1.2", "localhost:5000/vit:v1", "vit@sha256:" + "a" * 64):
+        _check_options(64, 2000, None, image)
+
+
 def test_publish_writes_a_version_only_when_the_champion_moves(registered, tmp_path):
     """The schedule's flow: the same champion twice publishes once; a new champion adds its version folder."""
     from vit_pipeline.flows.publish_serving import publish_serving

@@ -411,7 +411,11 @@ def test_bad_input_on_the_cli_is_one_line_and_writes_nothing(tmp_path, pipeline_
     assert not list(pipeline_home.glob("work/*/*"))  # no prepared data, checkpoint or model
     client = MlflowClient(tracking_uri=uri)
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    assert [r.info.status for r in runs] == ["FAILED"] and client.search_registered_models() == []
+    # What a listing can tell (paths, archive members, class folders) opens no run; a bad pickle or image is
+    # found while the data stage reads it, and fails the run it opened.
+    read_by_the_stage = case in ("undecodable_class", "pickle_payload", "label_range")
+    assert [r.info.status for r in runs] == (["FAILED"] if read_by_the_stage else [])
+    assert client.search_registered_models() == []
     assert not os.path.exists(marker)
 
 

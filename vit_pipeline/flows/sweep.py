@@ -162,9 +162,20 @@ def sweep(
                                  "fixed": parsed.fixed, "parameters": parsed.parameters}, "sweep/space.json")  # fmt: skip
         start = time.time()
         runner = task_runner(dask_address, n_workers, int(local_gpu_count() if gpus_per_trial else 0))
-        results = run_trials.with_options(task_runner=runner)(
-            parsed.preset, [{"varying": v, "config": c.to_dict()} for v, c in trials], parent, gpus_per_trial
-        )
+        try:
+            results = run_trials.with_options(task_runner=runner)(
+                parsed.preset,
+                [{"varying": v, "config": c.to_dict()} for v, c in trials],
+                parent,
+                gpus_per_trial,
+            )
+        except BaseException:
+            # Interrupted (Ctrl-C, SIGTERM) or crashed: the local cluster is gone, its trainings with it.
+            # Their runs end KILLED now, with the reason, not at the next command; a remote worker that
+            # is still alive keeps its run (the one liveness rule of runs.reap decides).
+            with contextlib.suppress(Exception):
+                runs.reap(client)
+            raise
         trials_seconds = time.time() - start
         for r in results:  # a failed trial's run id, from its MLflow tags
             if r["status"] == "failed":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import socket
 import sys
 from pathlib import Path
 
@@ -18,6 +19,20 @@ def _port(raw: str) -> int:
     if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= 65535:
         raise argparse.ArgumentTypeError(f"expected a port from 1 to 65535. Received: {raw!r}")
     return int(raw)
+
+
+def _check_bindable(host: str, port: int) -> None:
+    """Binds (and releases) ``host:port`` as uvicorn will: an unknown host or a port in use is one line and
+    exit 1 before the model loads and its engines are timed (uvicorn would say it only after that)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            sock.bind(address)
+    except (OSError, UnicodeError) as exc:
+        raise InputError(f"Cannot listen on {host}:{port}: {exc}") from None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -82,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     providers = list(split_providers(args.providers) or ()) or None
     try:
+        if args.command == "serve":
+            _check_bindable(args.host, args.port)
         # The service keeps ONNX Runtime's threads from spinning between runs (Settings.spin).
         spin = args.spin if args.command == "serve" else "always"
         serving = args.command == "serve"

@@ -50,10 +50,22 @@ def _mlflow():
     return mlflow
 
 
+def _check_answers(uri: str, tracking_uri: str | None) -> None:
+    """A tracking server that is down is one line in seconds (MLflow's client retries for minutes)."""
+    from vit_consumer.mlflow_store import health_problem
+
+    where = tracking_uri or _mlflow().get_tracking_uri()
+    if (problem := health_problem(where)) is not None:
+        raise InputError(
+            f"Could not read {uri}: the MLflow tracking server {where} does not answer ({problem})"
+        )
+
+
 def alias_version(uri: str, tracking_uri: str | None = None) -> str:
     """The version number that ``models:/name@alias`` points at right now."""
     name, alias = registry_target(uri)
     mlflow = _mlflow()
+    _check_answers(uri, tracking_uri)
     try:
         client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
         return str(client.get_model_version_by_alias(name, alias).version)
@@ -70,6 +82,7 @@ def resolve_model(uri: str, tracking_uri: str | None = None) -> Path:
 
         from vit_consumer.mlflow_store import store_uris
 
+        _check_answers(uri, tracking_uri)
         try:
             # models:/ URIs resolve through the *registry* URI, which download_artifacts'
             # tracking_uri argument does not set: both, for this call only.

@@ -39,3 +39,23 @@ def store_uris(uri: str | None) -> Iterator[None]:
             mlflow.set_registry_uri(before[1])
             if before[1] is None:  # set_registry_uri(None) leaves its variable set
                 os.environ.pop("MLFLOW_REGISTRY_URI", None)
+
+
+def health_problem(uri: str | None, timeout: float = 5.0) -> str | None:
+    """None if the store answers, else what went wrong: an HTTP(S) tracking server's ``/health``.
+
+    Any other store (a local file or SQLite store, Databricks) answers None: there is nothing to probe.
+    MLflow's own client retries each request for minutes against a server that is down; one probe with
+    a short timeout says so in seconds.
+    """
+    import urllib.request
+
+    if not uri or not uri.startswith(("http://", "https://")):
+        return None
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as resp:
+            return None if resp.status == 200 else f"HTTP {resp.status}"
+    except OSError as exc:  # URLError, HTTPError, timeouts
+        return str(getattr(exc, "reason", exc))
+    except ValueError as exc:  # a URL urllib cannot read
+        return str(exc)
