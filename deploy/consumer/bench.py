@@ -33,12 +33,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import io
 import json
 import os
 import platform
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -74,15 +76,33 @@ def load_images(args) -> list[bytes]:
     return out
 
 
-def time_engine(clf, batch: np.ndarray, seconds: float) -> tuple[list[float], float]:
-    """Warm up, then time ``clf.run(batch)`` for ``seconds``: (per-call latencies, wall seconds)."""
-    for _ in range(3):
-        clf.run(batch)
-    lat, start = [], time.perf_counter()
-    while time.perf_counter() - start < seconds or len(lat) < 5:
-        t = time.perf_counter()
-        clf.run(batch)
-        lat.append(time.perf_counter() - t)
+def time_engine(run, batch: np.ndarray, seconds: float, workers: int = 1) -> tuple[list[float], float]:
+    """Warm up, then time ``run(batch)`` for ``seconds``: (per-call latencies, wall seconds).
+
+    ``workers`` threads call it at once (an engine that runs that many requests at once: OpenVINO's
+    streams, as the service runs it); the latencies are every call's, the wall time theirs together.
+    """
+    lat: list[float] = []
+    ready = threading.Barrier(workers + 1)  # every thread's request warm before the clock starts
+
+    def calls() -> None:
+        for _ in range(3):
+            run(batch)
+        ready.wait()
+        start, own = time.perf_counter(), []
+        while time.perf_counter() - start < seconds or len(own) < 5:
+            t = time.perf_counter()
+            run(batch)
+            own.append(time.perf_counter() - t)
+        lat.extend(own)
+
+    threads = [threading.Thread(target=calls, daemon=True) for _ in range(workers)]
+    for thread in threads:
+        thread.start()
+    ready.wait()
+    start = time.perf_counter()
+    for thread in threads:
+        thread.join()
     return lat, time.perf_counter() - start
 
 
@@ -299,6 +319,7 @@ def ratios(engine: list[dict], decode: float, decodes: list[float], levels: list
         return f"per round {', '.join(format(v, fmt) for v in values)} (median {format(float(np.median(values)), fmt)})"
 
     out = []
+    at_once = f" ({eb['parallel']} requests at once)" if eb.get("parallel", 1) > 1 else ""
     for protocol in dict.fromkeys(r["protocol"] for r in levels):
         mine = [r for r in levels if r["protocol"] == protocol]
         top, one = max(mine, key=lambda r: r["clients"]), min(mine, key=lambda r: r["clients"])
@@ -312,7 +333,7 @@ def ratios(engine: list[dict], decode: float, decodes: list[float], levels: list
             for s, e, d in zip(one["per_round"], e1["per_round"], decs, strict=True)
         ]
         out += [
-            f"{protocol}: service at {top['clients']} clients / engine at batch {eb['batch']}: "
+            f"{protocol}: service at {top['clients']} clients / engine at batch {eb['batch']}{at_once}: "
             f"{top['req_per_s'] / eb['images_per_s']:.2f}x ({top['req_per_s']:.0f} vs {eb['images_per_s']:.0f} img/s); "
             + each(speed, ".2f"),
             f"{protocol}: p99 at {top['clients']} clients: {top['p99_ms']:.1f} ms; floor under the mean latency of "
@@ -396,6 +417,7 @@ def main() -> int:
     engine_bn: list = []  # per round (latencies, wall) at the service's batch size; batch 1: spin "always"
     decodes: list[float] = []
     spin_rounds: dict[str, list] = {}
+    parallel = 1  # requests the served engine runs at once (its /health says)
     service_rounds: dict[tuple[str, int], list] = {(p, c): [] for p in protocols for c in clients}
     try:
         wait_ready(url, proc)
@@ -409,11 +431,12 @@ def main() -> int:
             else registered.parent / REGISTERED_DIR / health["file"]
         )
         engine_name, precision = parse_spec(health["candidate"].get("engine", health["engine"]))
-        clf = OnnxClassifier(
-            file, ["CPUExecutionProvider"], source=args.model, engine=engine_name, precision=precision
-        )
+        # OpenVINO's streams: the engine alone is timed as the service runs it.
+        parallel = int(health.get("parallel_requests", 1))
+        clf = OnnxClassifier(file, ["CPUExecutionProvider"], source=args.model, engine=engine_name,
+                             precision=precision, streams=parallel)  # fmt: skip
         served = {"file": str(file), "engine": clf.engine, "precision": clf.runtime.precision,
-                  "candidate": health["candidate"]}  # fmt: skip
+                  "parallel_requests": clf.runtime.parallel, "candidate": health["candidate"]}  # fmt: skip
         # ONNX Runtime: the same file with the service's other ways for threads to wait (``serve --spin``), batch 1.
         modes = SPIN_ORDER if engine_name == ONNXRUNTIME else SPIN_ORDER[:1]
         sessions = {"always": clf} | {mode: OnnxClassifier(file, ["CPUExecutionProvider"], spin=mode)
@@ -426,14 +449,21 @@ def main() -> int:
         def snapshot():  # the service's CPU and counters over the measured window only (after the warm-up)
             return cpu_seconds(proc.pid), service_counters(url), time.perf_counter()
 
+        # The load generator's own full garbage collections (60-100 ms here, with TensorFlow's modules loaded)
+        # would stall every client at once and be read as the service's latency.
+        gc.collect()
+        gc.freeze()
         for r in range(args.rounds):
             # The service is idle (its threads asleep) while the engine is timed, and the reverse. At
             # batch 1 the three spin modes take turns (ONNX Runtime's default, "always", is the reference);
             # their order rotates, so none always follows the heaviest step.
             turn = modes[r % len(modes) :] + modes[: r % len(modes)]
             for mode in turn:
-                spin_rounds[mode].append(time_engine(sessions[mode], decoded[:1], args.engine_seconds))
-            before = time_engine(clf, decoded[: args.max_batch_size], args.engine_seconds)
+                # A lone image: the service runs it on every core (run_alone, the same as run without streams).
+                spin_rounds[mode].append(
+                    time_engine(sessions[mode].run_alone, decoded[:1], args.engine_seconds)
+                )
+            before = time_engine(clf.run, decoded[: args.max_batch_size], args.engine_seconds, parallel)
             decodes.append(decode_ms(clf, payloads))
             for c in clients:
                 for protocol in protocols:
@@ -450,16 +480,16 @@ def main() -> int:
                           f"p50 {percentile(level['latencies'], 50) * 1e3:.1f} ms, errors {len(level['errors'])}",
                           file=sys.stderr)  # fmt: skip
             # Again after the levels: the reference brackets them (the VM's speed drifts within seconds).
-            after = time_engine(clf, decoded[: args.max_batch_size], args.engine_seconds)
+            after = time_engine(clf.run, decoded[: args.max_batch_size], args.engine_seconds, parallel)
             engine_bn.append((before[0] + after[0], before[1] + after[1]))
     finally:
         proc.terminate()
         proc.wait(timeout=30)
     engine = []
-    for b, rounds in zip(batches, (spin_rounds["always"], engine_bn), strict=True):
+    for b, rounds, workers in zip(batches, (spin_rounds["always"], engine_bn), (1, parallel), strict=True):
         summary = engine_summary(b, pooled(rounds), sum(wall for _, wall in rounds))
         summary["per_round"] = [engine_summary(b, run, wall) for run, wall in rounds]
-        engine.append(summary)
+        engine.append({**summary, "parallel": workers})
     decode = float(np.median(decodes))
     spin = {mode: percentile(pooled(rounds), 50) * 1e3 for mode, rounds in spin_rounds.items()}
     levels = [{"protocol": p, **level_summary(c, service_rounds[(p, c)])} for p in protocols for c in clients]

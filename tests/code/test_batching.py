@@ -4,6 +4,7 @@ import asyncio
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -67,6 +68,80 @@ def test_queued_requests_share_one_batch_on_the_inference_thread_with_their_own_
     assert [q.result()[:, 0].tolist() for q in queued] == [[5.0, 5.0], [6.0, 6.0], [7.0, 7.0]]
     assert engine.sizes == [1, 6]  # then one batch of the three queued requests
     assert len(set(engine.threads)) == 1 and engine.threads[0] != threading.get_ident()
+
+
+class StreamsEngine(RecordingEngine):
+    """An engine with streams: ``run`` on one stream, ``run_alone`` on every core (counted)."""
+
+    alone = 0
+
+    def run_alone(self, images):
+        self.alone += 1
+        return super().run(images)
+
+
+def test_an_engine_that_runs_two_requests_at_once_gets_two_batches_at_once(batcher_of):
+    """OpenVINO's streams: while one batch runs, the next forms and runs on a second inference thread."""
+    gate = threading.Event()
+    held, engine = StreamsEngine(gate=gate), StreamsEngine()
+    # Always something on its way (a busy service): no batch has the machine to itself.
+    batcher = batcher_of(max_batch_size=8, max_queue_delay_ms=0, workers=2, coming=lambda: 1)
+    first = batcher.put(held, _images(5.0))
+    assert held.entered.wait(5)
+    assert _values([batcher.put(engine, _images(1.0))]) == [1.0]  # answered while the first still runs
+    assert not first.done() and (held.alone, engine.alone) == (0, 0)  # each on its stream
+    gate.set()
+    assert _values([first]) == [5.0]
+    assert len(set(held.threads + engine.threads)) == 2  # two inference threads
+    with pytest.raises(ValueError, match="workers >= 1"):
+        DynamicBatcher(workers=0)
+
+
+def test_a_batch_alone_runs_on_every_core_and_no_other_starts_beside_it(batcher_of):
+    """A lone batch (its request came to an idle service; nothing else formed, queued or on its way) runs
+    with ``run_alone``; a stream started beside it would share its cores, so the next batch waits for it to
+    end, and then runs on a stream."""
+    gate = threading.Event()
+    held, engine = StreamsEngine(gate=gate), StreamsEngine()
+    batcher = batcher_of(max_batch_size=8, max_queue_delay_ms=0, workers=2)
+    first = batcher.put(held, _images(5.0))
+    assert held.entered.wait(5) and held.alone == 1
+    second = batcher.put(engine, _images(1.0))
+    time.sleep(0.3)
+    assert not second.done() and not engine.entered.is_set()  # waits for the lone batch
+    gate.set()
+    assert _values([first, second]) == [5.0, 1.0]
+    assert engine.alone == 0  # it came to a busy service: on a stream (else one batch at a time for ever)
+    assert _values([batcher.put(engine, _images(3.0))]) == [3.0] and engine.alone == 1  # idle again: alone
+    one = batcher_of(max_batch_size=8, max_queue_delay_ms=0)  # one thread: the engine's plain run
+    assert _values([one.put(engine, _images(2.0))]) == [2.0] and engine.alone == 1
+
+
+def test_the_inference_threads_follow_the_engine_served_now(batcher_of):
+    """A reload may bring an engine that runs more (or fewer) requests at once: ``set_workers``."""
+
+    def two_at_once(batcher) -> bool:  # is a second batch answered while a first one is held?
+        gate = threading.Event()
+        held = StreamsEngine(gate=gate)
+        first = batcher.put(held, _images(5.0))
+        assert held.entered.wait(5)
+        second = batcher.put(StreamsEngine(), _images(1.0))
+        time.sleep(0.3)
+        answered = second.done()
+        gate.set()
+        assert _values([first, second]) == [5.0, 1.0]
+        return answered
+
+    batcher = batcher_of(max_batch_size=8, max_queue_delay_ms=0, coming=lambda: 1)  # a busy service
+    assert not two_at_once(batcher)
+    batcher.set_workers(2)
+    assert two_at_once(batcher)
+    batcher.set_workers(1)
+    assert not two_at_once(batcher)
+    batcher.set_workers(2)  # the index that ended starts again
+    assert two_at_once(batcher)
+    with pytest.raises(ValueError, match="workers >= 1"):
+        batcher.set_workers(0)
 
 
 def test_a_batch_never_exceeds_max_batch_size_nor_mixes_engines(batcher_of):
@@ -173,7 +248,8 @@ def _service():
     from vit_consumer.server import Service
     from vit_consumer.settings import Settings
 
-    return Service(classifier=None, settings=Settings(max_batch_size=8))
+    one_at_a_time = SimpleNamespace(runtime=SimpleNamespace(parallel=1))  # the engine comes with each request
+    return Service(classifier=one_at_a_time, settings=Settings(max_batch_size=8))
 
 
 def test_a_request_that_times_out_while_decoding_is_not_run():

@@ -8,7 +8,7 @@ from vit_consumer.settings import Settings
 
 FIELDS = ("max_bytes", "max_inflight_bytes", "max_batch_size", "max_queue_delay_ms", "max_queue", "timeout_s",
           "body_timeout_s", "pixel_budget", "max_json_depth", "max_json_numbers", "decode_threads", "spin", "reload_seconds",
-          "tracking_uri", "providers", "choose_candidate", "engine")  # fmt: skip
+          "tracking_uri", "providers", "choose_candidate", "engine", "ov_streams")  # fmt: skip
 TWO_PROVIDERS = "CUDAExecutionProvider,CPUExecutionProvider"
 
 # (variables, field, parsed value): the value's type is checked as well as its value.
@@ -46,6 +46,8 @@ CASES = [
     ({"VIT_ENGINE": "OpenVINO"}, "engine", "openvino"),
     ({"VIT_ENGINE": "openvino-f32"}, "engine", "openvino-f32"),
     ({"VIT_ENGINE": "onnxruntime"}, "engine", "onnxruntime"),
+    ({"VIT_OV_STREAMS": "1"}, "ov_streams", 1),
+    ({"VIT_OV_STREAMS": "4"}, "ov_streams", 4),
 ]
 
 READERS = {"Settings()": lambda: Settings(), "settings_from_env()": lambda: settings_from_env()}
@@ -96,6 +98,7 @@ def test_each_variable_is_read_and_typed(monkeypatch, read, env, field, expected
         ("VIT_CHOOSE_CANDIDATE", "maybe"),  # bool
         ("VIT_SPIN", "sometimes"),  # spin
         ("VIT_ENGINE", "tensorrt"),  # engine
+        ("VIT_OV_STREAMS", "-1"),  # int, out of range
     ],
 )
 def test_an_invalid_value_is_one_line_naming_the_variable_and_the_value(monkeypatch, variable, raw):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import onnx
@@ -120,6 +121,36 @@ def test_openvino_serves_the_same_contract_and_answers(tiny_export):
     np.testing.assert_allclose(np.concatenate([a, b]), reference, atol=1e-4)
 
 
+def test_openvino_streams_run_requests_at_once_with_the_same_answers(tiny_export):
+    """Streams (OpenVINO's THROUGHPUT hint) change how many requests run at once, never the answers; the
+    count served is the compiled model's own, and the start-up timing runs that many at once."""
+    _require_openvino()
+    from concurrent.futures import ThreadPoolExecutor
+
+    from vit_consumer import InputError, OnnxClassifier
+    from vit_consumer.candidates import throughput
+
+    _, path, _ = tiny_export
+    images = real_images(16).astype(np.float32)
+    one = OnnxClassifier(path, engine="openvino", precision="f32", streams=1)
+    two = OnnxClassifier(path, engine="openvino", precision="f32", streams=2)
+    assert (one.runtime.parallel, two.runtime.parallel) == (1, 2)
+    assert two.describe()["parallel_requests"] == 2
+    reference = one.run(images)
+    with ThreadPoolExecutor(2) as pool:
+        a, b = pool.map(two.run, [images[:8], images[8:]])
+    np.testing.assert_allclose(np.concatenate([a, b]), reference, atol=1e-4)
+    np.testing.assert_allclose(two.run_alone(images), reference, atol=1e-4)  # a lone batch: every core
+    auto = OnnxClassifier(path, engine="openvino", precision="f32", streams=0)  # OpenVINO's choice here
+    assert auto.runtime.parallel >= 1
+    runs = []
+    two_run = two.runtime.run
+    two.runtime.run = lambda x: runs.append(threading.get_ident()) or two_run(x)
+    assert set(throughput(two, (1,), 0.05)) == {1} and len(set(runs)) == 2  # timed on two threads
+    with pytest.raises(InputError, match="streams >= 0"):
+        OnnxClassifier(path, engine="openvino", streams=-1)
+
+
 def test_the_gate_runs_again_where_the_model_is_served(tiny_export, tmp_path):
     """A candidate that loads but disagrees is refused with its figure; OpenVINO competes where it agrees."""
     _require_openvino()
@@ -166,3 +197,29 @@ def test_an_engine_asked_for_by_name_must_pass_the_gate(tiny_export, tmp_path):
     good = _registered(tmp_path / "good", tiny_export, other=False)
     clf = OnnxClassifier.from_uri(str(good), engine="openvino-f32")
     assert clf.engine == "openvino-f32" and clf.candidate["reason"] == "candidate choice off"
+
+
+def test_the_service_puts_its_warm_heap_out_of_the_collectors_reach(tiny_export):
+    """Full collections walking the loaded libraries' objects held the GIL for 60-120 ms under load (the p99);
+    once warm, the service freezes what is alive (``gc.freeze``), so collections walk only what is new."""
+    import asyncio
+    import gc
+
+    from vit_consumer import OnnxClassifier
+    from vit_consumer.server import Service
+    from vit_consumer.settings import Settings
+
+    _, path, _ = tiny_export
+    service = Service(OnnxClassifier(path), Settings(max_batch_size=8))
+    gc.unfreeze()
+
+    async def start_and_stop() -> int:
+        await service.start()
+        frozen = gc.get_freeze_count()
+        await service.stop()
+        return frozen
+
+    try:
+        assert asyncio.run(start_and_stop()) > 10_000  # the modules, the engine: everything alive then
+    finally:
+        gc.unfreeze()  # this test process goes on

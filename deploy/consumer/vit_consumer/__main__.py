@@ -79,6 +79,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--spin", choices=SPIN_MODES, default=defaults.spin, nargs="?", const="always",
                        help="when ONNX Runtime's threads spin: only while a run is in progress (run), also between "
                             "runs (always, also a bare --spin: the CPU HTTP and decoding need), or never")  # fmt: skip
+    serve.add_argument("--ov-streams", type=int, default=defaults.ov_streams,
+                       help="OpenVINO's streams: requests run at once, each on its share of the cores (0: OpenVINO's "
+                            "throughput choice for this CPU; 1: one request at a time on every core)")  # fmt: skip
     serve.add_argument("--no-choose", dest="choose", action="store_false", default=defaults.choose_candidate,
                        help="serve the registered file; do not time the registered candidates (int8, ...) here")  # fmt: skip
     predict = sub.add_parser("predict", help="classify image files")
@@ -103,10 +106,11 @@ def main(argv: list[str] | None = None) -> int:
         spin = args.spin if args.command == "serve" else "always"
         serving = args.command == "serve"
         choose_for = (1, args.max_batch_size) if serving and args.choose else None
-        engine = Settings(engine=args.engine).engine  # the setting's check: one line for a bad name
-        clf = OnnxClassifier.from_uri(
-            args.model, args.tracking_uri, providers, spin=spin, choose_for=choose_for, engine=engine
-        )
+        # The settings' checks before the model loads: one line for a bad engine name or stream count.
+        checked = Settings(engine=args.engine, ov_streams=args.ov_streams if serving else 1)
+        engine, streams = checked.engine, checked.ov_streams  # predict: one request at a time
+        clf = OnnxClassifier.from_uri(args.model, args.tracking_uri, providers, spin=spin, choose_for=choose_for,
+                                      engine=engine, streams=streams)  # fmt: skip
         if serving:
             import uvicorn
 
@@ -120,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                 reload_seconds=args.reload_seconds, tracking_uri=args.tracking_uri,
                 providers=tuple(providers) if providers else None, spin=args.spin,
                 decode_threads=args.decode_threads, choose_candidate=args.choose, engine=engine,
+                ov_streams=streams,
             )  # fmt: skip
             logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
             print(f"Serving {clf.source} (version {clf.version}, file {clf.path.name}: {clf.candidate['reason']}) "

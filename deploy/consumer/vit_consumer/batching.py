@@ -1,12 +1,12 @@
-"""Dynamic batching: many requests, one ``session.run`` per batch, on one inference thread.
+"""Dynamic batching: many requests, one ``session.run`` per batch, on an inference thread.
 
 A request is queued by the thread that decoded it (``put``) and answered through
 a ``concurrent.futures.Future``, which the event loop awaits. The inference
 thread takes the oldest request, then everything else already queued (up to
 ``max_batch_size`` images), runs the batch, hands out the rows and goes straight
 on to the next batch: neither the start of a batch nor the hand-out of its
-answers waits for the event loop, which is busy with HTTP under load. Every
-``session.run`` happens on that one thread (run from alternating threads,
+answers waits for the event loop, which is busy with HTTP under load. For an
+engine that runs one request at a time, every ``session.run`` happens on that one thread (run from alternating threads,
 batch-1 calls ran slower in a side-by-side trial on the 2-core machine of
 deploy/consumer/README.md).
 
@@ -14,7 +14,17 @@ When to wait for company: only for requests the service already has on their
 way (``Arrivals``: admitted, not yet decoded and queued), and at most
 ``max_queue_delay_ms``. With nothing on its way, a batch runs at once, whatever
 its size: a lone request on an idle service pays no batching delay, and under
-load the engine never idles while work is queued. Two earlier rules measured
+load the engine never idles while work is queued.
+
+An engine that runs several requests at once (OpenVINO's streams: ``parallel``)
+gets as many inference threads, each forming and running its own batches from
+the one queue: while one stream runs a batch, the next batch forms and runs on
+another, instead of waiting for the first to finish. A batch that has the
+machine to itself (its request came to an idle service, and nothing else is
+formed, running, queued or on its way) runs on every core instead (the engine's
+``run_alone``), and no other batch starts until it ends (a stream beside it would
+slow both: three threads on two cores): a lone request is not slowed down by the
+split. Two earlier rules measured
 worse on the 2-core machine (deploy/consumer/README.md): a lone request that ran
 the moment the engine fell idle held both cores while the others were still
 being decoded (two batches in three at 32 clients held one or two images), and a
@@ -53,10 +63,11 @@ class BatcherStopped(QueueFull):
 
 @dataclass
 class _Request:
-    engine: Any  # has .run(np.ndarray) -> np.ndarray: logits of checked images
+    engine: Any  # has .run(np.ndarray) -> np.ndarray: logits of checked images (and maybe .run_alone)
     images: np.ndarray
     future: Future = field(default_factory=Future)
     enqueued: float = field(default_factory=time.perf_counter)
+    idle: bool = False  # it found no batch formed or running (under the batcher's lock)
 
 
 class Arrivals:
@@ -104,6 +115,7 @@ class DynamicBatcher:
         on_batch: Called with (batch size, seconds each request waited, seconds the run took) after each
             batch, on the inference thread.
         coming: How many requests are on their way (``Arrivals``); None: never any.
+        workers: Inference threads (the engine's ``parallel``: requests it runs at once).
     """
 
     def __init__(
@@ -113,12 +125,15 @@ class DynamicBatcher:
         max_queue: int = 256,
         on_batch: Callable[[int, list[float], float], None] | None = None,
         coming: Callable[[], int] | None = None,
+        workers: int = 1,
     ):
-        if max_batch_size < 1 or max_queue < 1 or max_queue_delay_ms < 0:
+        if max_batch_size < 1 or max_queue < 1 or max_queue_delay_ms < 0 or workers < 1:
             raise ValueError(
-                "Expected max_batch_size >= 1, max_queue >= 1, max_queue_delay_ms >= 0. Received: "
-                f"max_batch_size={max_batch_size}, max_queue={max_queue}, max_queue_delay_ms={max_queue_delay_ms}"
+                "Expected max_batch_size >= 1, max_queue >= 1, max_queue_delay_ms >= 0, workers >= 1. Received: "
+                f"max_batch_size={max_batch_size}, max_queue={max_queue}, max_queue_delay_ms={max_queue_delay_ms}, "
+                f"workers={workers}"
             )
+        self.workers = workers
         self.max_batch_size = max_batch_size
         self.max_queue_delay = max_queue_delay_ms / 1000.0
         self.max_queue = max_queue
@@ -127,24 +142,51 @@ class DynamicBatcher:
         self._queue: collections.deque[_Request] = collections.deque()
         self._changed = threading.Condition()  # a request queued, one on its way left, or stopping
         self._stopping = False
-        self._thread: threading.Thread | None = None
+        self._threads: dict[int, threading.Thread] = {}  # by index; one at or above ``workers`` ends
+        self._started = False
+        self._busy = 0  # inference threads holding a batch, forming or running it (under _changed)
+        self._alone = False  # a batch runs on every core: no other starts until it ends (under _changed)
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="inference", daemon=True)
-        self._thread.start()
+        with self._changed:
+            self._started = True
+            self._spawn()
+
+    def set_workers(self, workers: int) -> None:
+        """As many inference threads as the engine served now runs requests at once (a reload may change it).
+
+        Threads above the new count end after their batch; new ones start at once.
+        """
+        if workers < 1:
+            raise ValueError(f"Expected workers >= 1. Received: workers={workers}")
+        with self._changed:
+            self.workers = workers
+            self._changed.notify_all()  # an idle thread above the count ends now
+            if self._started:
+                self._spawn()
+
+    def _spawn(self) -> None:  # under _changed
+        for i in range(self.workers):
+            if i not in self._threads and not self._stopping:
+                self._threads[i] = threading.Thread(
+                    target=self._loop, args=(i,), name=f"inference-{i}", daemon=True
+                )
+                self._threads[i].start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Ends the thread after the batch it is running; requests still queued fail with ``BatcherStopped``."""
+        """Ends the threads after the batches they run; requests still queued fail with ``BatcherStopped``."""
         with self._changed:
             self._stopping = True
+            threads = list(self._threads.values())
             left = list(self._queue)
             self._queue.clear()
             self._changed.notify_all()
         for request in left:
             if request.future.set_running_or_notify_cancel():
                 request.future.set_exception(BatcherStopped("The service is stopping"))
-        if self._thread is not None:
-            self._thread.join(timeout)
+        deadline = time.monotonic() + timeout
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     def depth(self) -> int:
         return len(self._queue)
@@ -169,20 +211,26 @@ class DynamicBatcher:
                 raise BatcherStopped("The service is stopping")
             if len(self._queue) >= self.max_queue:
                 raise QueueFull(f"{self.max_queue} requests are waiting")
+            request.idle = self._busy == 0
             self._queue.append(request)
             if arrived is not None:
                 arrived(notify=False)
             self._changed.notify_all()
         return request.future
 
-    def _collect(self) -> list[_Request] | None:
-        """The next batch (None: stopping); blocks until there is one."""
+    def _collect(self, index: int) -> tuple[list[_Request], bool] | None:
+        """The next batch and whether it has the machine to itself (None: this thread ends); blocks until there
+        is one."""
         with self._changed:
-            while not self._queue and not self._stopping:
+            while (not self._queue or self._alone) and not self._stopping and index < self.workers:
                 self._changed.wait()
             if self._stopping:
                 return None
+            if index >= self.workers:
+                del self._threads[index]  # a later set_workers may start this index again
+                return None
             first = self._queue.popleft()
+            self._busy += 1
             batch, size = [first], len(first.images)
             deadline = time.perf_counter() + self.max_queue_delay
             while size < self.max_batch_size and not self._stopping:
@@ -197,25 +245,47 @@ class DynamicBatcher:
                 if remaining <= 0 or not self._coming():
                     break
                 self._changed.wait(remaining)
+            # Only with more than one thread (with one, every batch has the machine to itself anyway), and only
+            # for a request that came to an idle service: those that queue behind a lone batch run on the
+            # streams, else the service would stay one batch at a time under load.
+            alone = (self.workers > 1 and first.idle and self._busy == 1 and not self._queue
+                     and not self._coming())  # fmt: skip
+            self._alone = alone
         # A request whose wait was cancelled (a timeout) before its batch began is dropped here.
-        return [r for r in batch if r.future.set_running_or_notify_cancel()]
+        return [r for r in batch if r.future.set_running_or_notify_cancel()], alone
 
-    def _loop(self) -> None:
-        while (batch := self._collect()) is not None:
+    def _loop(self, index: int) -> None:
+        while (collected := self._collect(index)) is not None:
+            batch, alone = collected
             if batch:
-                self._run(batch)
+                self._run(batch, alone)
+            else:
+                self._ran(alone)
 
-    def _run(self, batch: list[_Request]) -> None:
+    def _ran(self, alone: bool) -> None:
+        """A batch's engine call is over (before its answers go out: a request they release finds it so)."""
+        with self._changed:
+            self._busy -= 1
+            if alone:
+                self._alone = False
+                self._changed.notify_all()  # the other threads may start batches again
+
+    def _run(self, batch: list[_Request], alone: bool = False) -> None:
         formed = time.perf_counter()  # the queue wait ends here
         try:
             images = np.concatenate([r.images for r in batch]) if len(batch) > 1 else batch[0].images
+            engine = batch[0].engine
             started = time.perf_counter()
-            logits = batch[0].engine.run(images)
+            logits = (
+                engine.run_alone(images) if alone and hasattr(engine, "run_alone") else engine.run(images)
+            )
             seconds = time.perf_counter() - started
         except Exception as exc:  # one bad batch fails its requests, not the service
+            self._ran(alone)
             for r in batch:
                 r.future.set_exception(exc)
             return
+        self._ran(alone)
         offset = 0
         for r in batch:
             n = len(r.images)

@@ -139,6 +139,7 @@ class OnnxClassifier:
             build has it) then CPU. ``providers_used`` says what really runs.
         engine: ``onnxruntime`` or ``openvino`` (``vit_consumer.engines``).
         precision: OpenVINO's precision, ``default`` (its choice: bf16 on AMX) or ``f32``.
+        streams: OpenVINO's streams (``vit_consumer.engines.OpenVinoEngine``): 1 runs one request at a time.
     """
 
     def __init__(
@@ -150,6 +151,7 @@ class OnnxClassifier:
         spin: str = "always",
         engine: str = engines.ONNXRUNTIME,
         precision: str = "default",
+        streams: int = 1,
     ):
         self.path = Path(path)
         self.source = source or str(path)
@@ -158,7 +160,7 @@ class OnnxClassifier:
         self.name = "registered"  # which registered file on which engine (``vit_consumer.candidates``)
         requested = list(providers) if providers else contract.default_providers()
         try:
-            self.runtime = engines.load(self.path, engine, precision, requested, spin_options(spin))
+            self.runtime = engines.load(self.path, engine, precision, requested, spin_options(spin), streams)
         except engines.EngineError as exc:
             raise InputError(str(exc)) from None
         self.providers_requested = requested if engine == engines.ONNXRUNTIME else []
@@ -189,7 +191,8 @@ class OnnxClassifier:
 
     @classmethod
     def from_uri(cls, uri: str, tracking_uri: str | None = None, providers: list[str] | None = None,
-                 spin: str = "always", choose_for: tuple[int, ...] | None = None, engine: str = "auto"):  # fmt: skip
+                 spin: str = "always", choose_for: tuple[int, ...] | None = None, engine: str = "auto",
+                 streams: int = 1):  # fmt: skip
         """Loads a file, or a registry URI; ``models:/name@alias`` is pinned to its current version.
 
         Args:
@@ -201,6 +204,7 @@ class OnnxClassifier:
                 ``choose_for``, OpenVINO's settings are candidates too where it is
                 installed and the export registered gate images), or one engine
                 setting (``onnxruntime``, ``openvino``, ``openvino-f32``).
+            streams: OpenVINO's streams, for every OpenVINO setting (1: one request at a time).
         """
         from vit_consumer.candidates import (
             AUTO,
@@ -225,7 +229,7 @@ class OnnxClassifier:
 
         def load(file: Path, setting: tuple[str, str], name: str) -> OnnxClassifier:
             clf = cls(file, providers, source=uri, version=version, spin=spin, engine=setting[0],
-                      precision=setting[1])  # fmt: skip
+                      precision=setting[1], streams=streams)  # fmt: skip
             clf.name = name
             return clf
 
@@ -329,6 +333,10 @@ class OnnxClassifier:
         """Logits of images that ``check_array`` already accepted (the batcher's call)."""
         return self.runtime.run(images)
 
+    def run_alone(self, images: np.ndarray) -> np.ndarray:
+        """``run`` for a batch that has the machine to itself: on every core (OpenVINO streams' lone batch)."""
+        return self.runtime.run_alone(images)
+
     def logits(self, batch: np.ndarray) -> np.ndarray:
         return self.run(self.check_array(batch))
 
@@ -348,6 +356,7 @@ class OnnxClassifier:
             "input": {"name": self.input_name, "shape": ["batch", *self.input_shape], "dtype": "float32"},
             "engine": self.runtime.name,
             "precision": self.runtime.precision,
+            "parallel_requests": self.runtime.parallel,  # OpenVINO's streams: batches that run at once
             "providers": self.providers_used,
             "candidate": self.candidate,
             "file": self.path.name,

@@ -29,6 +29,7 @@ ONNXRUNTIME = "onnxruntime"
 OPENVINO = "openvino"
 ENGINES = (ONNXRUNTIME, OPENVINO)
 OV_PRECISIONS = ("default", "f32")
+LATENCY = {"PERFORMANCE_HINT": "LATENCY"}  # one request at a time, every core on it
 # OpenVINO's element type names -> the names the benchmark and /health use.
 PRECISION_NAMES = {"f32": "fp32", "bf16": "bf16", "f16": "fp16", "i8": "int8", "u8": "int8"}
 
@@ -44,6 +45,7 @@ class Engine(Protocol):
     precision: str  # what the compiled model computes in: fp32, bf16, ...
     requested_precision: str  # "default" or "f32": the setting, not the outcome
     providers_used: list[str]  # what really runs (ONNX Runtime providers, OpenVINO's device)
+    parallel: int  # requests it runs at once, each on its share of the cores (OpenVINO streams); else 1
     input_name: str
     output_name: str
     input_shape: tuple[int, ...]  # (H, W, C), without the batch
@@ -51,6 +53,9 @@ class Engine(Protocol):
 
     def run(self, images: np.ndarray) -> np.ndarray:
         """Logits of a float32 NHWC batch."""
+
+    def run_alone(self, images: np.ndarray) -> np.ndarray:
+        """``run`` for a batch that has the machine to itself (no other batch runs): every core on it."""
 
 
 def spec_label(engine: str, precision: str = "default") -> str:
@@ -91,6 +96,7 @@ class OrtEngine:
     """
 
     name = ONNXRUNTIME
+    parallel = 1  # one run at a time, every core on it (two 1-thread sessions measured no faster)
     precision = "fp32"  # of its inputs and outputs; an int8 file's GEMMs are int8 (its variant says so)
     requested_precision = "default"
 
@@ -114,23 +120,35 @@ class OrtEngine:
     def run(self, images: np.ndarray) -> np.ndarray:
         return self.session.run([self.output_name], {self.input_name: images})[0]
 
+    run_alone = run  # one run at a time anyway
+
 
 class OpenVinoEngine:
     """OpenVINO's CPU plugin on an ONNX file.
 
     One infer request per calling thread: a request is not safe to share, and the
-    service calls the engine from its inference thread while start-up timing or
+    service calls the engine from its inference threads while start-up timing or
     ``predict`` may call it from another.
+
+    Streams: with ``streams=1`` one request runs at a time with every core on it (OpenVINO's LATENCY
+    hint: the fastest lone request). Otherwise (OpenVINO's THROUGHPUT hint) the cores are split into
+    streams that each run one request: ``parallel`` requests at once, each slower alone, more images
+    per second together (on the 2-core AMD EPYC of deploy/consumer/README.md, "OpenVINO's streams": batch
+    32 at 1.47x the images per second of one 2-thread request). A lone request on one stream would use one
+    core of two, so with streams the file is compiled a second time for it (``run_alone``, the LATENCY
+    hint): a batch that has the machine to itself runs on every core.
 
     Args:
         path: The ``.onnx`` file.
         precision: ``"default"`` (the plugin's choice: bf16 on AMX/AVX512-BF16) or ``"f32"``.
         threads: ``INFERENCE_NUM_THREADS`` (None: OpenVINO's default, every core).
+        streams: 1 (one request at a time), N (N streams), or 0 (OpenVINO's THROUGHPUT choice for this CPU).
     """
 
     name = OPENVINO
 
-    def __init__(self, path: str | os.PathLike, precision: str = "default", threads: int | None = None):
+    def __init__(self, path: str | os.PathLike, precision: str = "default", threads: int | None = None,
+                 streams: int = 1):  # fmt: skip
         ok, why = openvino_available()
         if not ok:
             raise EngineError(why)
@@ -141,15 +159,21 @@ class OpenVinoEngine:
                 f"Expected an OpenVINO precision among {OV_PRECISIONS}. Received: {precision!r}"
             )
         self.requested_precision = precision
-        config: dict[str, object] = {"PERFORMANCE_HINT": "LATENCY"}  # one request at a time, every core on it
+        if streams < 0:
+            raise EngineError(f"Expected streams >= 0. Received: streams={streams}")
+        config: dict[str, object] = {}
         if precision == "f32":
             config["INFERENCE_PRECISION_HINT"] = "f32"
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
+        streaming = {"PERFORMANCE_HINT": "THROUGHPUT", **({"NUM_STREAMS": streams} if streams > 1 else {})}
         core = ov.Core()
         try:
             model = core.read_model(str(path))
-            self.compiled = core.compile_model(model, "CPU", config)
+            self._latency = core.compile_model(model, "CPU", {**config, **LATENCY})
+            self.compiled = (
+                self._latency if streams == 1 else core.compile_model(model, "CPU", {**config, **streaming})
+            )
         except Exception as exc:  # OpenVINO raises RuntimeError subclasses with pages of context
             raise EngineError(
                 f"OpenVINO cannot compile {Path(path).name}: {str(exc).splitlines()[0]}"
@@ -158,6 +182,8 @@ class OpenVinoEngine:
         self.metadata = _framework_info(model)
         hint = type_name(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
         self.precision = PRECISION_NAMES.get(hint, hint)
+        # What the compiled model says, not the setting: the requests it runs at once to best effect.
+        self.parallel = max(1, int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
         self.providers_used = [f"OpenVINO {ov.get_version().split('-')[0]} CPU ({self.precision})"]
         inp, out = self.compiled.inputs[0], self.compiled.outputs[0]
         self.input_name = inp.get_any_name()
@@ -166,9 +192,16 @@ class OpenVinoEngine:
         self._local = threading.local()
 
     def run(self, images: np.ndarray) -> np.ndarray:
-        request = getattr(self._local, "request", None)
+        return self._infer(self.compiled, "request", images)
+
+    def run_alone(self, images: np.ndarray) -> np.ndarray:
+        return self._infer(self._latency, "alone", images)
+
+    def _infer(self, compiled, slot: str, images: np.ndarray) -> np.ndarray:
+        request = getattr(self._local, slot, None)
         if request is None:
-            request = self._local.request = self.compiled.create_infer_request()
+            request = compiled.create_infer_request()
+            setattr(self._local, slot, request)
         # The request reuses its output buffer on the next call: hand out a copy.
         return request.infer({0: images})[0].copy()
 
@@ -187,10 +220,11 @@ def _framework_info(model) -> dict[str, str]:
 
 
 def load(path: str | os.PathLike, engine: str = ONNXRUNTIME, precision: str = "default",
-         providers: list[str] | None = None, options: dict[str, str] | None = None) -> Engine:  # fmt: skip
-    """The engine ``engine`` (with ``precision``) on ``path``; EngineError if it cannot load it here."""
+         providers: list[str] | None = None, options: dict[str, str] | None = None, streams: int = 1) -> Engine:  # fmt: skip
+    """The engine ``engine`` (with ``precision``; OpenVINO with ``streams``) on ``path``; EngineError if it
+    cannot load it here."""
     if engine == ONNXRUNTIME:
         return OrtEngine(path, providers or ["CPUExecutionProvider"], options or {})
     if engine == OPENVINO:
-        return OpenVinoEngine(path, precision)
+        return OpenVinoEngine(path, precision, streams=streams)
     raise EngineError(f"Expected an engine among {ENGINES}. Received: engine={engine!r}")

@@ -32,6 +32,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -241,8 +242,10 @@ class Service:
         self.metrics = Metrics()
         # Decoded or being decoded, not yet queued: a batch waits for them (up to the queue delay).
         self.arrivals = Arrivals()
+        # As many inference threads as the engine runs requests at once (OpenVINO's streams; else one).
         self.batcher = DynamicBatcher(settings.max_batch_size, settings.max_queue_delay_ms, settings.max_queue,
-                                      on_batch=self.metrics.observe_batch, coming=self.arrivals)  # fmt: skip
+                                      on_batch=self.metrics.observe_batch, coming=self.arrivals,
+                                      workers=classifier.runtime.parallel)  # fmt: skip
         self.arrivals.on_leave = self.batcher.nudge  # one that fails to decode is no longer waited for
         self.decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
         self.admission = _Admission(settings.max_inflight_bytes)
@@ -254,6 +257,21 @@ class Service:
         clf.warm_up((1, self.settings.max_batch_size))
         return clf
 
+    @staticmethod
+    def freeze_heap() -> None:
+        """Puts every object alive now (modules, the engines) out of the garbage collector's reach.
+
+        Why: a full collection walks every tracked object, and the libraries a service loads hold millions;
+        at 32 clients on the 2-core machine of deploy/consumer/README.md, full collections of 60-120 ms (with
+        the GIL held: every request waits) set the p99 latency. After ``gc.freeze`` they walk only what was
+        made since. Run once the model is warm, and again after a reload (the old version's objects are
+        unfrozen and collected first, so they are not kept for ever): one pause per reload, not one every
+        few seconds.
+        """
+        gc.unfreeze()
+        gc.collect()
+        gc.freeze()
+
     async def start(self) -> None:
         from PIL import Image
 
@@ -263,6 +281,7 @@ class Service:
         loop = asyncio.get_running_loop()
         self.batcher.start()
         await loop.run_in_executor(None, self.warm, self.engine)
+        await loop.run_in_executor(None, self.freeze_heap)
         self.metrics.serving(self.engine.source, self.engine.version)
         self.ready = True
         self.metrics.ready.set(1)
@@ -302,7 +321,7 @@ class Service:
             providers = list(self.settings.providers) if self.settings.providers else None
             clf = OnnxClassifier.from_uri(f"models:/{name}/{version}", self.settings.tracking_uri, providers,
                                           spin=self.settings.spin, choose_for=self.settings.choose_for,
-                                          engine=self.settings.engine)  # fmt: skip
+                                          engine=self.settings.engine, streams=self.settings.ov_streams)  # fmt: skip
             clf.source, clf.version = source, version
             return self.warm(clf)
 
@@ -316,11 +335,15 @@ class Service:
                       _plain(exc))  # fmt: skip
             return
         old = self.engine.version
+        # The new version may run on another engine (ONNX Runtime, or OpenVINO with streams): as many
+        # inference threads as it runs requests at once.
+        self.batcher.set_workers(new.runtime.parallel)
         self.engine = new  # one assignment on the event loop: atomic for every later request
         self.metrics.serving(source, version)
         self.metrics.reloads.labels("ok").inc()
         log.info("Switched %s from v%s to v%s (loaded and warmed in %.1f s)", name, old, version,
                  time.perf_counter() - started)  # fmt: skip
+        await loop.run_in_executor(None, self.freeze_heap)
 
     async def predict(
         self, top_k_raw: str | None, headers: Mapping[str, str], body: AsyncIterator[bytes]
@@ -727,5 +750,6 @@ def app_from_env() -> FastAPI:
     settings = Settings()
     providers = list(settings.providers) if settings.providers else None
     classifier = OnnxClassifier.from_uri(uri, settings.tracking_uri, providers, spin=settings.spin,
-                                         choose_for=settings.choose_for, engine=settings.engine)  # fmt: skip
+                                         choose_for=settings.choose_for, engine=settings.engine,
+                                         streams=settings.ov_streams)  # fmt: skip
     return create_app(classifier, settings)

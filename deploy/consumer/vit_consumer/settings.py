@@ -93,6 +93,10 @@ class Settings(BaseSettings):
     """Inference engine: auto (the fastest that passes the gate here: ONNX Runtime, and OpenVINO where installed),
     onnxruntime, openvino (its default precision: bf16 on AMX/AVX512-BF16) or openvino-f32."""
 
+    ov_streams: int = Field(0, ge=0)
+    """OpenVINO's streams: requests run at once, each on its share of the cores. 0: OpenVINO's throughput
+    choice for this CPU; 1: one request at a time on every core (the fastest lone request)."""
+
     @field_validator("engine", mode="before")
     @classmethod
     def _engine(cls, value: Any) -> Any:

@@ -107,6 +107,7 @@ def model_metadata(engine: OnnxClassifier) -> dict[str, Any]:
             "temperature": engine.temperature,
             "engine": engine.engine,
             "precision": engine.runtime.precision,
+            "parallel_requests": engine.runtime.parallel,
             "providers": ",".join(engine.providers_used),
             "file": engine.path.name,
             "candidate": json.dumps(engine.candidate),
