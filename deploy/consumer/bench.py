@@ -40,7 +40,6 @@ import os
 import platform
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -82,28 +81,9 @@ def time_engine(run, batch: np.ndarray, seconds: float, workers: int = 1) -> tup
     ``workers`` threads call it at once (an engine that runs that many requests at once: OpenVINO's
     streams, as the service runs it); the latencies are every call's, the wall time theirs together.
     """
-    lat: list[float] = []
-    ready = threading.Barrier(workers + 1)  # every thread's request warm before the clock starts
+    from vit_consumer.candidates import time_calls
 
-    def calls() -> None:
-        for _ in range(3):
-            run(batch)
-        ready.wait()
-        start, own = time.perf_counter(), []
-        while time.perf_counter() - start < seconds or len(own) < 5:
-            t = time.perf_counter()
-            run(batch)
-            own.append(time.perf_counter() - t)
-        lat.extend(own)
-
-    threads = [threading.Thread(target=calls, daemon=True) for _ in range(workers)]
-    for thread in threads:
-        thread.start()
-    ready.wait()
-    start = time.perf_counter()
-    for thread in threads:
-        thread.join()
-    return lat, time.perf_counter() - start
+    return time_calls(run, batch, seconds, workers, warm_up=3, min_calls=5)
 
 
 def pooled(rounds: list[tuple[list[float], float]]) -> list[float]:

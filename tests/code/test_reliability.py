@@ -214,17 +214,24 @@ def test_tracking_server_killed_mid_training(tmp_path):
         _kill(server)
 
 
+def _start_flow(tmp_path: Path, home: Path, **env_extra: str) -> tuple[subprocess.Popen, str]:
+    """``vit-pipeline run`` (the whole flow, on a temporary Prefect server: no PREFECT_API_URL) in its own
+    process group, as a shell gives a foreground job (the test is the terminal); output in run.log."""
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env |= {"VIT_PIPELINE_HOME": str(home), "TF_CPP_MIN_LOG_LEVEL": "2", **env_extra}
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = _args(uri, 40)
+    args[1] = "run"
+    log = (tmp_path / "run.log").open("w")
+    proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return proc, uri
+
+
 def test_sigterm_mid_flow_ends_the_run_killed_and_leaves_no_process_behind(tmp_path):
     """``kill <pid>`` of ``vit-pipeline run`` (as a process manager stops it): exit 143, the MLflow run KILLED
     at once, and the temporary Prefect server the flow started (no PREFECT_API_URL) is gone with it."""
     home = tmp_path / "home"
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    env |= {"VIT_PIPELINE_HOME": str(home), "TF_CPP_MIN_LOG_LEVEL": "2"}
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    args = _args(uri, 40)
-    args[1] = "run"  # the whole flow, on a temporary Prefect server
-    log = (tmp_path / "run.log").open("w")
-    proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc, uri = _start_flow(tmp_path, home)
     try:
         run_id, deadline = None, time.monotonic() + 240
         while time.monotonic() < deadline and proc.poll() is None:
@@ -273,14 +280,7 @@ def test_ctrl_c_mid_flow_ends_the_flow_run_and_the_mlflow_run_at_once(tmp_path):
     import sqlite3
 
     home, prefect_home = tmp_path / "home", tmp_path / "prefect"
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    env |= {"VIT_PIPELINE_HOME": str(home), "PREFECT_HOME": str(prefect_home), "TF_CPP_MIN_LOG_LEVEL": "2"}
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    args = _args(uri, 40)
-    args[1] = "run"  # the whole flow, on a temporary Prefect server
-    log = (tmp_path / "run.log").open("w")
-    # Its own process group, as a shell gives a foreground job: the test is the terminal.
-    proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc, uri = _start_flow(tmp_path, home, PREFECT_HOME=str(prefect_home))
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and proc.poll() is None:

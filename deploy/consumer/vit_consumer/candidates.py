@@ -165,25 +165,38 @@ def throughput(classifier, batch_sizes: tuple[int, ...], seconds: float) -> dict
 
 def _images_per_second(classifier, batch_size: int, seconds: float, workers: int) -> float:
     x = np.zeros((batch_size, *classifier.input_shape), np.float32)
-    counts = [0] * workers
-    ready = threading.Barrier(workers + 1)  # every request warm before the clock starts
+    calls, wall = time_calls(classifier.run, x, seconds, workers)
+    return len(calls) * batch_size / wall
 
-    def call(i: int) -> None:
-        classifier.run(x)  # warm-up: this thread's request
+
+def time_calls(run: Callable[[np.ndarray], Any], x: np.ndarray, seconds: float, workers: int = 1,
+               warm_up: int = 1, min_calls: int = 3) -> tuple[list[float], float]:  # fmt: skip
+    """``workers`` threads call ``run(x)`` at once for ``seconds``: (every call's seconds, wall seconds).
+
+    Each thread warms up first (its own OpenVINO request); the clock starts when every one is warm.
+    """
+    latencies: list[float] = []
+    ready = threading.Barrier(workers + 1)
+
+    def calls() -> None:
+        for _ in range(warm_up):
+            run(x)
         ready.wait()
-        start = time.perf_counter()
-        while counts[i] < 3 or time.perf_counter() - start < seconds:
-            classifier.run(x)
-            counts[i] += 1
+        start, own = time.perf_counter(), []
+        while len(own) < min_calls or time.perf_counter() - start < seconds:
+            t = time.perf_counter()
+            run(x)
+            own.append(time.perf_counter() - t)
+        latencies.extend(own)  # one list.extend per thread: atomic under the GIL
 
-    threads = [threading.Thread(target=call, args=(i,), daemon=True) for i in range(workers)]
+    threads = [threading.Thread(target=calls, daemon=True) for _ in range(workers)]
     for thread in threads:
         thread.start()
     ready.wait()
     start = time.perf_counter()
     for thread in threads:
         thread.join()
-    return sum(counts) * batch_size / (time.perf_counter() - start)
+    return latencies, time.perf_counter() - start
 
 
 def choose(served, candidates: dict[str, Any], batch_sizes: tuple[int, ...], seconds: float = 0.3,
