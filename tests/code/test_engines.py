@@ -147,6 +147,12 @@ def test_openvino_streams_run_requests_at_once_with_the_same_answers(tiny_export
     two_run = two.runtime.run
     two.runtime.run = lambda x: runs.append(threading.get_ident()) or two_run(x)
     assert set(throughput(two, (1,), 0.05)) == {1} and len(set(runs)) == 2  # timed on two threads
+    alone = []
+    for clf in (one, two):
+        run_alone = clf.runtime.run_alone
+        clf.runtime.run_alone = lambda x, run_alone=run_alone: alone.append(len(x)) or run_alone(x)
+        clf.warm_up((1, 4))
+    assert alone == [1, 4]  # the lone batches' compilation is warmed up too, where there is one
     with pytest.raises(InputError, match="streams >= 0"):
         OnnxClassifier(path, engine="openvino", streams=-1)
 
@@ -223,3 +229,33 @@ def test_the_service_puts_its_warm_heap_out_of_the_collectors_reach(tiny_export)
         assert asyncio.run(start_and_stop()) > 10_000  # the modules, the engine: everything alive then
     finally:
         gc.unfreeze()  # this test process goes on
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("fails_on_call", [1, 3])  # in the warm-up, then after the clock started
+def test_a_timed_engine_that_fails_raises_its_error_and_never_hangs(workers, fails_on_call):
+    """The start-up choice times candidates with ``time_calls``: a candidate that raises (at warm-up, or
+    later) must fail its load with that error, not leave the service waiting for ever (or time it at 0)."""
+    from vit_consumer.candidates import time_calls
+
+    calls = []
+
+    def run(x):
+        calls.append(1)
+        if len(calls) >= fails_on_call:
+            raise RuntimeError("the kernel failed")
+        return x
+
+    raised: list[BaseException] = []
+
+    def timed() -> None:
+        try:
+            time_calls(run, np.zeros((1, 2)), 0.2, workers)
+        except BaseException as exc:
+            raised.append(exc)
+
+    caller = threading.Thread(target=timed, daemon=True)  # daemon: a hang fails the test, not the suite
+    caller.start()
+    caller.join(10)
+    assert not caller.is_alive(), "time_calls hung"  # it did, for ever, when a warm-up failed
+    assert [str(e) for e in raised] == ["the kernel failed"]

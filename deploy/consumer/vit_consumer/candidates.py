@@ -12,6 +12,7 @@ fastest one serves.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -176,26 +177,36 @@ def time_calls(run: Callable[[np.ndarray], Any], x: np.ndarray, seconds: float, 
     Each thread warms up first (its own OpenVINO request); the clock starts when every one is warm.
     """
     latencies: list[float] = []
+    failed: list[BaseException] = []
     ready = threading.Barrier(workers + 1)
 
     def calls() -> None:
-        for _ in range(warm_up):
-            run(x)
-        ready.wait()
-        start, own = time.perf_counter(), []
-        while len(own) < min_calls or time.perf_counter() - start < seconds:
-            t = time.perf_counter()
-            run(x)
-            own.append(time.perf_counter() - t)
-        latencies.extend(own)  # one list.extend per thread: atomic under the GIL
+        try:
+            for _ in range(warm_up):
+                run(x)
+            ready.wait()
+            start, own = time.perf_counter(), []
+            while len(own) < min_calls or time.perf_counter() - start < seconds:
+                t = time.perf_counter()
+                run(x)
+                own.append(time.perf_counter() - t)
+            latencies.extend(own)  # one list.extend per thread: atomic under the GIL
+        except threading.BrokenBarrierError:
+            pass  # another thread failed: its error is raised
+        except BaseException as exc:  # raised in the caller, not lost with this thread
+            failed.append(exc)
+            ready.abort()  # nobody waits for this thread's warm-up for ever
 
     threads = [threading.Thread(target=calls, daemon=True) for _ in range(workers)]
     for thread in threads:
         thread.start()
-    ready.wait()
+    with contextlib.suppress(threading.BrokenBarrierError):
+        ready.wait()
     start = time.perf_counter()
     for thread in threads:
         thread.join()
+    if failed:
+        raise failed[0]
     return latencies, time.perf_counter() - start
 
 

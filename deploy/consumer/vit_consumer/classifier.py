@@ -254,9 +254,13 @@ class OnnxClassifier:
         return chosen
 
     def warm_up(self, batch_sizes: tuple[int, ...] = (1,)) -> None:
-        """Runs zero images through the graph once per batch size (first-run allocations, kernel picks)."""
+        """Runs zero images through the graph once per batch size (first-run allocations, kernel picks); with
+        OpenVINO's streams, through the compilation a lone batch runs on (``run_alone``) too."""
         for n in batch_sizes:
-            self.run(np.zeros((n, *self.input_shape), np.float32))
+            x = np.zeros((n, *self.input_shape), np.float32)
+            self.run(x)
+            if self.runtime.parallel > 1:
+                self.run_alone(x)
 
     # ----------------------------------------------------------------- input
     def decode_image(self, payload: bytes) -> np.ndarray:
