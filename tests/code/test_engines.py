@@ -259,3 +259,44 @@ def test_a_timed_engine_that_fails_raises_its_error_and_never_hangs(workers, fai
     caller.join(10)
     assert not caller.is_alive(), "time_calls hung"  # it did, for ever, when a warm-up failed
     assert [str(e) for e in raised] == ["the kernel failed"]
+
+
+@pytest.mark.parametrize(
+    ("files", "visible", "expected"),
+    [
+        ({"cpu.max": "max 100000\n"}, 64, None),  # v2, no quota
+        ({"cpu.max": "200000 100000\n"}, 64, 2),  # a pod limited to 2 CPUs on a 64-core node
+        ({"cpu.max": "150000 100000\n"}, 64, 2),  # 1.5 CPUs keep two threads busy
+        ({"cpu.max": "50000 100000\n"}, 64, 1),
+        ({"cpu.max": "400000 100000\n"}, 2, None),  # the quota allows more than the cores it may use
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, 64, None),  # v1, no quota
+        ({"cpu,cpuacct/cpu.cfs_quota_us": "300000\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n"}, 64, 3),
+        ({"cpu.max": "lots 100000\n"}, 64, None),  # unexpected: no quota known
+        ({}, 64, None),  # no cgroup files at all
+    ],
+)
+def test_a_cpu_quota_sets_the_engines_threads(tmp_path, monkeypatch, files, visible, expected):
+    from vit_consumer import engines
+
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    monkeypatch.setattr(engines.os, "sched_getaffinity", lambda pid: set(range(visible)))
+    assert engines.cpu_budget(tmp_path) == expected
+
+
+def test_both_engines_fit_their_threads_and_streams_in_a_cpu_quota(tiny_export, monkeypatch):
+    """Under a quota of one CPU, ONNX Runtime runs one intra-op thread and OpenVINO one stream of one thread,
+    whatever the cores they see (they would size themselves by those)."""
+    _require_openvino()
+    from vit_consumer import OnnxClassifier, engines
+
+    _, path, _ = tiny_export
+    monkeypatch.setattr(engines, "cpu_budget", lambda: 1)
+    ort_clf = OnnxClassifier(path)
+    assert ort_clf.runtime.session.get_session_options().intra_op_num_threads == 1
+    ov_clf = OnnxClassifier(path, engine="openvino", precision="f32", streams=0)
+    assert ov_clf.runtime.parallel == 1
+    assert int(ov_clf.runtime.compiled.get_property("INFERENCE_NUM_THREADS")) == 1
+    np.testing.assert_allclose(ov_clf.run(real_images(4).astype(np.float32)),
+                               ort_clf.run(real_images(4).astype(np.float32)), atol=1e-4)  # fmt: skip

@@ -86,6 +86,36 @@ def openvino_available() -> tuple[bool, str]:
     return True, ov.get_version()
 
 
+def cpu_budget(cgroup: str | os.PathLike = "/sys/fs/cgroup") -> int | None:
+    """The cores a CPU quota allows this process (a container's ``--cpus``, a pod's CPU limit), where it is
+    fewer than the cores it may run on; else None.
+
+    Why: ONNX Runtime and OpenVINO size their thread pools (and OpenVINO its streams) by the cores they see,
+    and a quota (cgroup ``cpu.max``, or v1 ``cpu.cfs_quota_us``) hides none of them: on a 64-core node a pod
+    limited to 2 CPUs would run dozens of threads in the time of two, throttled (OpenVINO issue #37838).
+    """
+    root = Path(cgroup)
+    try:
+        if (root / "cpu.max").is_file():  # cgroup v2: "max 100000" or "200000 100000"
+            quota_text, period_text = (root / "cpu.max").read_text().split()[:2]
+        else:  # cgroup v1
+            v1 = next((root / d for d in ("cpu", "cpu,cpuacct", "cpuacct,cpu") if (root / d).is_dir()), None)
+            if v1 is None:
+                return None
+            quota_text = (v1 / "cpu.cfs_quota_us").read_text().strip()
+            period_text = (v1 / "cpu.cfs_period_us").read_text().strip()
+        if quota_text in ("max", "-1"):
+            return None
+        quota, period = int(quota_text), int(period_text)
+    except (OSError, ValueError):  # unreadable or unexpected: no quota known
+        return None
+    if quota <= 0 or period <= 0:
+        return None
+    allowed = max(1, -(-quota // period))  # a quota of 1.5 CPUs keeps 2 threads busy
+    visible = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return allowed if allowed < visible else None
+
+
 class OrtEngine:
     """An ONNX Runtime session.
 
@@ -104,6 +134,8 @@ class OrtEngine:
         import onnxruntime as ort
 
         session_options = ort.SessionOptions()
+        if budget := cpu_budget():
+            session_options.intra_op_num_threads = budget  # else one thread per core it sees
         for key, value in options.items():
             session_options.add_session_config_entry(key, value)
         try:
@@ -141,7 +173,8 @@ class OpenVinoEngine:
     Args:
         path: The ``.onnx`` file.
         precision: ``"default"`` (the plugin's choice: bf16 on AMX/AVX512-BF16) or ``"f32"``.
-        threads: ``INFERENCE_NUM_THREADS`` (None: OpenVINO's default, every core).
+        threads: ``INFERENCE_NUM_THREADS`` (None: the CPU quota's cores where there is one (``cpu_budget``), else
+            OpenVINO's default, every core).
         streams: 1 (one request at a time), N (N streams), or 0 (OpenVINO's THROUGHPUT choice for this CPU).
     """
 
@@ -164,6 +197,7 @@ class OpenVinoEngine:
         config: dict[str, object] = {}
         if precision == "f32":
             config["INFERENCE_PRECISION_HINT"] = "f32"
+        threads = threads or cpu_budget()  # a CPU quota: the threads (and streams) fit in it
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
         streaming = {"PERFORMANCE_HINT": "THROUGHPUT", **({"NUM_STREAMS": streams} if streams > 1 else {})}
