@@ -261,28 +261,57 @@ def test_a_timed_engine_that_fails_raises_its_error_and_never_hangs(workers, fai
     assert [str(e) for e in raised] == ["the kernel failed"]
 
 
+V2, V1 = "0::/\n", "4:cpu,cpuacct:/\n"  # /proc/self/cgroup inside a container with its own cgroup namespace
+
+
 @pytest.mark.parametrize(
-    ("files", "visible", "expected"),
+    ("membership", "files", "visible", "expected"),
     [
-        ({"cpu.max": "max 100000\n"}, 64, None),  # v2, no quota
-        ({"cpu.max": "200000 100000\n"}, 64, 2),  # a pod limited to 2 CPUs on a 64-core node
-        ({"cpu.max": "150000 100000\n"}, 64, 2),  # 1.5 CPUs keep two threads busy
-        ({"cpu.max": "50000 100000\n"}, 64, 1),
-        ({"cpu.max": "400000 100000\n"}, 2, None),  # the quota allows more than the cores it may use
-        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, 64, None),  # v1, no quota
-        ({"cpu,cpuacct/cpu.cfs_quota_us": "300000\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n"}, 64, 3),
-        ({"cpu.max": "lots 100000\n"}, 64, None),  # unexpected: no quota known
-        ({}, 64, None),  # no cgroup files at all
+        (V2, {"cpu.max": "max 100000\n"}, 64, None),  # v2, no quota
+        (V2, {"cpu.max": "200000 100000\n"}, 64, 2),  # a pod limited to 2 CPUs on a 64-core node
+        (V2, {"cpu.max": "150000 100000\n"}, 64, 2),  # 1.5 CPUs keep two threads busy
+        (V2, {"cpu.max": "50000 100000\n"}, 64, 1),
+        (V2, {"cpu.max": "400000 100000\n"}, 2, None),  # the quota allows more than the cores it may use
+        # A process in a nested cgroup (a systemd slice, no namespace): its own cgroup's quota, not the root's.
+        (
+            "0::/system.slice/vit.service\n",
+            {"cpu.max": "max 100000\n", "system.slice/vit.service/cpu.max": "100000 100000\n"},
+            64,
+            1,
+        ),
+        (V1, {"cpu,cpuacct/cpu.cfs_quota_us": "-1\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n"}, 64, None),
+        (
+            V1,
+            {"cpu,cpuacct/cpu.cfs_quota_us": "300000\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n"},
+            64,
+            3,
+        ),
+        (
+            "3:cpu:/vittest\n",
+            {
+                "cpu/cpu.cfs_quota_us": "-1\n",
+                "cpu/cpu.cfs_period_us": "100000\n",
+                "cpu/vittest/cpu.cfs_quota_us": "100000\n",
+                "cpu/vittest/cpu.cfs_period_us": "100000\n",
+            },
+            64,
+            1,
+        ),
+        (V2, {"cpu.max": "lots 100000\n"}, 64, None),  # unexpected: no quota known
+        (V2, {}, 64, None),  # no cgroup files at all
+        ("", {}, 64, None),  # no membership either
     ],
 )
-def test_a_cpu_quota_sets_the_engines_threads(tmp_path, monkeypatch, files, visible, expected):
+def test_a_cpu_quota_sets_the_engines_threads(tmp_path, monkeypatch, membership, files, visible, expected):
     from vit_consumer import engines
 
+    root = tmp_path / "cgroup"
     for name, text in files.items():
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_text(text)
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    (tmp_path / "self-cgroup").write_text(membership)
     monkeypatch.setattr(engines.os, "sched_getaffinity", lambda pid: set(range(visible)))
-    assert engines.cpu_budget(tmp_path) == expected
+    assert engines.cpu_budget(root, tmp_path / "self-cgroup") == expected
 
 
 def test_both_engines_fit_their_threads_and_streams_in_a_cpu_quota(tiny_export, monkeypatch):

@@ -86,34 +86,61 @@ def openvino_available() -> tuple[bool, str]:
     return True, ov.get_version()
 
 
-def cpu_budget(cgroup: str | os.PathLike = "/sys/fs/cgroup") -> int | None:
-    """The cores a CPU quota allows this process (a container's ``--cpus``, a pod's CPU limit), where it is
-    fewer than the cores it may run on; else None.
+def cpu_budget(
+    cgroup: str | os.PathLike = "/sys/fs/cgroup", membership: str | os.PathLike = "/proc/self/cgroup"
+) -> int | None:
+    """The cores a CPU quota allows this process (a container's ``--cpus``, a pod's CPU limit, a systemd
+    ``CPUQuota``), where it is fewer than the cores it may run on; else None.
 
     Why: ONNX Runtime and OpenVINO size their thread pools (and OpenVINO its streams) by the cores they see,
-    and a quota (cgroup ``cpu.max``, or v1 ``cpu.cfs_quota_us``) hides none of them: on a 64-core node a pod
+    and a quota (cgroup v2 ``cpu.max``, v1 ``cpu.cfs_quota_us``) hides none of them: on a 64-core node a pod
     limited to 2 CPUs would run dozens of threads in the time of two, throttled (OpenVINO issue #37838).
+    The process's own cgroup (``membership``) is read first, then the hierarchy's root (what a container
+    with its own cgroup namespace sees as its own).
     """
-    root = Path(cgroup)
-    try:
-        if (root / "cpu.max").is_file():  # cgroup v2: "max 100000" or "200000 100000"
-            quota_text, period_text = (root / "cpu.max").read_text().split()[:2]
-        else:  # cgroup v1
-            v1 = next((root / d for d in ("cpu", "cpu,cpuacct", "cpuacct,cpu") if (root / d).is_dir()), None)
-            if v1 is None:
-                return None
-            quota_text = (v1 / "cpu.cfs_quota_us").read_text().strip()
-            period_text = (v1 / "cpu.cfs_period_us").read_text().strip()
-        if quota_text in ("max", "-1"):
-            return None
-        quota, period = int(quota_text), int(period_text)
-    except (OSError, ValueError):  # unreadable or unexpected: no quota known
+    quota_period = _cgroup_quota(Path(cgroup), Path(membership))
+    if quota_period is None:
         return None
-    if quota <= 0 or period <= 0:
-        return None
+    quota, period = quota_period
     allowed = max(1, -(-quota // period))  # a quota of 1.5 CPUs keeps 2 threads busy
     visible = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return allowed if allowed < visible else None
+
+
+def _cgroup_quota(root: Path, membership: Path) -> tuple[int, int] | None:
+    """(quota, period) in microseconds of the first cgroup of this process that sets one; None: no quota."""
+    try:
+        lines = membership.read_text().splitlines()
+    except OSError:
+        lines = []
+    places: list[tuple[Path, tuple[str, str]]] = []  # (folder, (quota file, period file)); "" = one cpu.max
+    for line in lines:
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        relative = path.lstrip("/")
+        if controllers == "":  # cgroup v2
+            places += [(root / relative, ("cpu.max", "")), (root, ("cpu.max", ""))]
+        elif "cpu" in controllers.split(","):  # cgroup v1: mounted as cpu, cpu,cpuacct or cpuacct,cpu
+            for name in dict.fromkeys((controllers, "cpu", "cpu,cpuacct", "cpuacct,cpu")):
+                places += [(root / name / relative, ("cpu.cfs_quota_us", "cpu.cfs_period_us")),
+                           (root / name, ("cpu.cfs_quota_us", "cpu.cfs_period_us"))]  # fmt: skip
+    places += [(root, ("cpu.max", "")), (root / "cpu", ("cpu.cfs_quota_us", "cpu.cfs_period_us"))]
+    for folder, (quota_file, period_file) in places:
+        try:
+            if period_file:
+                quota_text = (folder / quota_file).read_text().strip()
+                period_text = (folder / period_file).read_text().strip()
+            else:
+                quota_text, period_text = (folder / quota_file).read_text().split()[:2]
+        except (OSError, ValueError):
+            continue  # not this one
+        if quota_text in ("max", "-1"):
+            return None  # the first cgroup found sets no quota
+        try:
+            quota, period = int(quota_text), int(period_text)
+        except ValueError:
+            return None  # unexpected: no quota known
+        return (quota, period) if quota > 0 and period > 0 else None
+    return None
 
 
 class OrtEngine:
