@@ -130,24 +130,19 @@ def check_reachable(cfg: PipelineConfig) -> None:
     """
     import time
 
+    from vit_consumer.mlflow_store import health_problem
+
     from vit_pipeline.errors import TrackingUnavailable
 
     uri = tracking_uri(cfg)
     deadline = time.monotonic() + cfg.tracking.tracking_wait_seconds
-    while (problem := _health_problem(uri, timeout=5.0)) is not None:
+    while (problem := health_problem(uri, timeout=5.0)) is not None:
         if time.monotonic() >= deadline:
             raise TrackingUnavailable(
                 f"MLflow tracking server {uri} is unreachable ({problem}) after {cfg.tracking.tracking_wait_seconds:g} s; "
                 "nothing was trained. Start it, or set --tracking-uri / MLFLOW_TRACKING_URI."
             )
         time.sleep(1.0)
-
-
-def _health_problem(uri: str, timeout: float) -> str | None:
-    """None if the store answers (local stores always do), else what went wrong."""
-    from vit_consumer.mlflow_store import health_problem
-
-    return health_problem(uri, timeout)
 
 
 def run_url(cfg: PipelineConfig, run_id: str) -> str:
@@ -238,7 +233,9 @@ class RunLogger:
 
 def server_up(cfg: PipelineConfig, timeout: float = 2.0) -> bool:
     """Quick health probe; local stores are always up."""
-    return _health_problem(tracking_uri(cfg), timeout) is None
+    from vit_consumer.mlflow_store import health_problem
+
+    return health_problem(tracking_uri(cfg), timeout) is None
 
 
 def _is_number(value: Any) -> bool:

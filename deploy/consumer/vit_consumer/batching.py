@@ -63,7 +63,7 @@ class BatcherStopped(QueueFull):
 
 @dataclass
 class _Request:
-    engine: Any  # has .run(np.ndarray) -> np.ndarray: logits of checked images (and maybe .run_alone)
+    engine: Any  # has .run(np.ndarray) -> np.ndarray: logits of checked images; .run_alone with workers > 1
     images: np.ndarray
     future: Future = field(default_factory=Future)
     enqueued: float = field(default_factory=time.perf_counter)
@@ -276,9 +276,7 @@ class DynamicBatcher:
             images = np.concatenate([r.images for r in batch]) if len(batch) > 1 else batch[0].images
             engine = batch[0].engine
             started = time.perf_counter()
-            logits = (
-                engine.run_alone(images) if alone and hasattr(engine, "run_alone") else engine.run(images)
-            )
+            logits = engine.run_alone(images) if alone else engine.run(images)
             seconds = time.perf_counter() - started
         except Exception as exc:  # one bad batch fails its requests, not the service
             self._ran(alone)

@@ -160,14 +160,12 @@ def throughput(classifier, batch_sizes: tuple[int, ...], seconds: float) -> dict
     An engine that runs ``parallel`` requests at once (OpenVINO's streams) is timed as the service runs it:
     that many threads, each warming up its own request, then calling it in turn.
     """
-    workers = max(1, int(getattr(classifier.runtime, "parallel", 1)))
-    return {bs: _images_per_second(classifier, bs, seconds, workers) for bs in batch_sizes}
-
-
-def _images_per_second(classifier, batch_size: int, seconds: float, workers: int) -> float:
-    x = np.zeros((batch_size, *classifier.input_shape), np.float32)
-    calls, wall = time_calls(classifier.run, x, seconds, workers)
-    return len(calls) * batch_size / wall
+    out = {}
+    for bs in batch_sizes:
+        x = np.zeros((bs, *classifier.input_shape), np.float32)
+        calls, wall = time_calls(classifier.run, x, seconds, classifier.runtime.parallel)
+        out[bs] = len(calls) * bs / wall
+    return out
 
 
 def time_calls(run: Callable[[np.ndarray], Any], x: np.ndarray, seconds: float, workers: int = 1,
