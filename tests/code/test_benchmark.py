@@ -305,3 +305,36 @@ def test_finetune_optimizer_ratios_pair_the_rows_of_each_round():
     assert "first step 1.10x, step p50 1.00x, first epoch of 3 steps 1.17x" in report.to_markdown()
     with pytest.raises(ValueError, match="Expected at least one round with both optimizers"):
         optimizer_ratios(TrainingReport({}, rows[-1:], {"steps_per_epoch": 3}))
+
+
+def test_names_people_read_say_the_precision_a_row_ran_in():
+    """OpenVINO as it comes runs the fp32 file in bf16 on a bf16 CPU: no metric, ratio or tag may call it fp32."""
+    from vit_pipeline.benchmark.report import OV_DEFAULT, OV_F32, BenchmarkResult, LatencyStats
+
+    lat = LatencyStats(1.0, 1.0, 1.0, 1.0, 1.0, 0.0)
+
+    def row(backend, provider, variant, precision, ips):
+        return BenchmarkResult(
+            backend, provider, variant, 1, lat, ips, 10, top1_agreement=1.0, precision=precision
+        )
+
+    rows = [row("keras", "tensorflow", "fp32", "fp32", 100.0),
+            row("onnxruntime", "CPUExecutionProvider", "optimized", "fp32", 150.0),
+            row("onnxruntime", "CPUExecutionProvider", "int8-static", "int8", 160.0),
+            row("openvino", OV_DEFAULT, "fp32", "bf16", 180.0),
+            row("openvino", OV_F32, "fp32", "fp32", 120.0),
+            row("openvino", OV_DEFAULT, "optimized", "bf16", 200.0)]  # fmt: skip
+    report = BenchmarkReport({}, rows, settings={"batch_sizes": [1]}, choice={"label": "openvino/optimized"})
+    metrics = report.mlflow_metrics()
+    assert "bench_openvino_openvino_cpu_fp32_as_bf16_b1_ips" in metrics
+    assert "bench_openvino_openvino_cpu_optimized_as_bf16_b1_ips" in metrics
+    assert "agreement_openvino_cpu_fp32_as_bf16" in metrics
+    assert not {k for k in metrics if k.startswith("bench_openvino_openvino_cpu_fp32_b")}  # the untrue name
+    # Rows that ran in their file's precision keep their names.
+    assert {"bench_openvino_openvino_cpu_f32_fp32_b1_ips", "bench_onnxruntime_cpu_optimized_b1_ips",
+            "bench_onnxruntime_cpu_int8_static_b1_ips", "bench_keras_tensorflow_fp32_b1_ips"} <= set(metrics)  # fmt: skip
+    ratios = report.ratios()
+    assert "batch 1: openvino/fp32 (ran in bf16) / Keras = 1.80x" in ratios
+    assert "batch 1: served openvino/optimized (ran in bf16) / OpenVINO f32 = 1.67x" in ratios
+    assert "Served candidate: **openvino/optimized (ran in bf16)**" in report.to_markdown()
+    assert report.served(1).label == "openvino/optimized"  # the identifier is unchanged

@@ -71,6 +71,22 @@ class BenchmarkResult:
         provider = "" if self.provider in (CPU, "tensorflow", OV_DEFAULT) else f"[{self.provider}]"
         return f"{self.backend}/{self.variant}{provider}"
 
+    @property
+    def ran_as(self) -> str | None:
+        """The precision the engine computed in, where it is not the file's own (None where it is).
+
+        OpenVINO as it comes runs a fp32 file in bf16 on a CPU with AVX512-BF16 or AMX: a name that says
+        only ``fp32`` would tell the reader of a metric or a ratio something untrue.
+        """
+        own = "int8" if self.variant.startswith("int8") else "fp16" if self.variant == "fp16" else "fp32"
+        return None if self.precision == own else self.precision
+
+    @property
+    def shown(self) -> str:
+        """``label`` for people: with the precision it ran in where that is not the file's, e.g.
+        ``openvino/fp32 (ran in bf16)``. ``label`` stays the identifier (the served choice, memory)."""
+        return f"{self.label} (ran in {self.ran_as})" if self.ran_as else self.label
+
 
 @dataclass
 class BenchmarkReport:
@@ -181,9 +197,13 @@ class BenchmarkReport:
         if self.choice:
             lines += [
                 "",
-                f"Served candidate: **{self.choice.get('label')}** ({self.choice.get('reason', '')})",
+                f"Served candidate: **{self.shown_label(self.choice.get('label'))}** ({self.choice.get('reason', '')})",
             ]
         return "\n".join(lines) + "\n"
+
+    def shown_label(self, label: str | None) -> str | None:
+        """A label as people read it: with the precision its rows ran in (``BenchmarkResult.shown``)."""
+        return next((r.shown for r in self.results if r.label == label), label)
 
     def rooflines(self) -> dict[str, dict[str, Any]]:
         """Precision -> roofline; version-1 reports held one fp32 roofline."""
@@ -196,16 +216,19 @@ class BenchmarkReport:
 
         ``bench_<backend>_<provider>_<variant>_b<batch>_ips`` and ``..._p50_ms`` per row
         (e.g. ``bench_onnxruntime_cpu_optimized_b1_ips``); ``agreement_<provider>_<variant>``
-        at the first batch size; the GEMM rooflines (``sgemm_roofline_gflops``, ...).
+        at the first batch size; the GEMM rooflines (``sgemm_roofline_gflops``, ...). A row that
+        computed in another precision than its file's says so after the variant:
+        ``bench_openvino_openvino_cpu_fp32_as_bf16_b1_ips`` (OpenVINO's default on a bf16 CPU).
         """
         metrics = {}
         for r in self.results:
             provider = r.provider.replace("ExecutionProvider", "").lower()
-            key = f"bench_{r.backend}_{provider}_{r.variant}_b{r.batch_size}".replace("-", "_")
+            variant = f"{r.variant}_as_{r.ran_as}" if r.ran_as else r.variant
+            key = f"bench_{r.backend}_{provider}_{variant}_b{r.batch_size}".replace("-", "_")
             metrics[f"{key}_ips"] = r.throughput_ips
             metrics[f"{key}_p50_ms"] = r.latency_ms.p50
             if r.top1_agreement is not None and r.batch_size == self.settings["batch_sizes"][0]:
-                metrics[f"agreement_{provider}_{r.variant}".replace("-", "_")] = r.top1_agreement
+                metrics[f"agreement_{provider}_{variant}".replace("-", "_")] = r.top1_agreement
         for precision, roof in self.rooflines().items():
             metrics[f"{'s' if precision == 'fp32' else precision + '_'}gemm_roofline_gflops"] = roof["gflops"]
         return metrics
@@ -227,13 +250,13 @@ class BenchmarkReport:
             for row in self.rows(bs, "onnxruntime") + self.rows(bs, "openvino"):
                 if base and row.provider in (CPU, OV_DEFAULT, OV_F32):
                     out.append(
-                        f"batch {bs}: {row.label} / Keras = {row.throughput_ips / base.throughput_ips:.2f}x"
+                        f"batch {bs}: {row.shown} / Keras = {row.throughput_ips / base.throughput_ips:.2f}x"
                     )
             served = self.served(bs)
             if served:
                 for name, peer in self.peers(bs).items():
                     if peer is not served:
-                        out.append(f"batch {bs}: served {served.label} / {name} = "
+                        out.append(f"batch {bs}: served {served.shown} / {name} = "
                                    f"{served.throughput_ips / peer.throughput_ips:.2f}x")  # fmt: skip
         return out
 

@@ -40,7 +40,7 @@ def log_report(logger: RunLogger, report: BenchmarkReport, files: dict[str, Path
     """The report's metrics, its served choice and CPU as tags, its files as artifacts."""
     logger.metrics(report.mlflow_metrics())
     if report.choice.get("label"):
-        logger.tags({"benchmark.served_choice": report.choice["label"],
+        logger.tags({"benchmark.served_choice": report.shown_label(report.choice["label"]),
                      "benchmark.cpu": report.environment.get("cpu_model", "")})  # fmt: skip
     logger.artifacts([files[key] for key in ("json", "markdown", "plot")], "benchmark")
 
