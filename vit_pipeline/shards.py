@@ -36,13 +36,18 @@ MANIFEST = "shards.json"
 
 def decode_image(path: Path, size: int) -> np.ndarray | None:
     """One file as uint8 RGB ``size`` x ``size`` (bilinear), or None if it is not a readable image."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
+    from vit_consumer import contract
     from vit_consumer.classifier import to_rgb  # as the service reads an image: upright, 16 bits scaled
 
     try:
-        with Image.open(path) as img:
+        with Image.open(path, formats=contract.IMAGE_FORMATS) as img:  # the formats the service reads too
             return np.asarray(to_rgb(img).resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+    except MemoryError:
+        raise
+    except (
+        Exception
+    ) as exc:  # Pillow's decoders raise SyntaxError, struct.error, IndexError... on damaged files
         log.warning("Skipping unreadable image %s: %s", path, " ".join(str(exc).split())[:200])
         return None
 

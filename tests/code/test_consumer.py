@@ -152,11 +152,13 @@ def test_images_are_read_as_a_viewer_shows_them(server, real_cut):
     assert mpo == _predict(server, photo, "JPEG", quality=95)
 
 
-def test_gif_is_refused(server):
+def test_a_format_the_data_stage_does_not_read_is_refused(server):
+    """PCX: Pillow reads it, but neither an image folder (by suffix) nor the service (``contract.IMAGE_FORMATS``)
+    takes it; the service does not even try its decoder."""
     buf = io.BytesIO()
-    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(buf, format="GIF")
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(buf, format="PCX")
     resp = _post(server, buf.getvalue(), "image/png")
-    assert resp.status_code == 415
+    assert resp.status_code == 400 and "not an image file of a format read here" in resp.json()["detail"]
 
 
 def test_champion_from_a_real_mlflow_server(tiny_export, no_tf_env, real_cut, tmp_path, mlflow_server):

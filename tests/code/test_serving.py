@@ -106,12 +106,12 @@ def test_health_metrics_and_openapi(batching_server):
                  "vit_consumer_batch_size_bucket", "vit_consumer_model_info", "vit_consumer_ready 1.0"):  # fmt: skip
         assert name in text, name
     spec = httpx.get(f"{batching_server}/openapi.json").json()["paths"]["/predict"]["post"]
-    assert set(spec["requestBody"]["content"]) == {
-        "image/png",
-        "image/jpeg",
-        "application/json",
-        "application/x-npy",
-    }
+    from vit_consumer import contract
+
+    # Every Content-Type the service reads, and no other (the OpenAPI description is what a client generator sees).
+    assert set(spec["requestBody"]["content"]) == {*contract.IMAGE_MEDIA_TYPES, "application/octet-stream",
+                                                   "application/json", "application/x-npy"}  # fmt: skip
+    assert {"image/png", "image/jpeg", "image/webp"} <= set(spec["requestBody"]["content"])
     assert "predictions" in json.dumps(spec["responses"]["200"]) or spec["responses"]["200"]["content"]
     assert {"400", "413", "415", "503", "504"} <= set(spec["responses"])
 
@@ -178,6 +178,33 @@ def _npy_header(shape: tuple, dtype: str = "<f8") -> bytes:
     return buf.getvalue() + b"\0" * 64
 
 
+def _npy_raw(header: dict, data_bytes: int) -> bytes:
+    """A .npy file with ``header`` as written (numpy would refuse to write some) and ``data_bytes`` zero bytes."""
+    import struct
+
+    text = repr(header).encode()
+    text += b" " * (63 - (10 + len(text)) % 64) + b"\n"
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(text)) + text + b"\0" * data_bytes
+
+
+def _damaged_png() -> bytes:
+    """A PNG whose second data chunk has a broken type (CRC right): Pillow's decoder raises SyntaxError."""
+    import struct
+    import zlib
+
+    png = _png(np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8))
+    i = png.find(b"IDAT")
+    n = struct.unpack(">I", png[i - 4 : i])[0]
+    data = png[i + 4 : i + 4 + n]
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+        )
+
+    return png[: i - 4] + chunk(b"IDAT", data[:100]) + chunk(b"ID\x00T", data[100:]) + png[i + 8 + n :]
+
+
 def _png(image: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="PNG")
@@ -226,6 +253,50 @@ def test_pixel_budget_counts_all_images_of_a_request(strict_server):
         (json.dumps({"instances": [[["1"] * 3] * 32] * 32}).encode(), "application/json", "", 400, "strings"),
         (_npy_header((10**12, 32, 32, 3)), "application/x-npy", "", 400, "header declares"),
         (_npy(np.zeros((0, 32, 32, 3), np.uint8)), "application/x-npy", "", 400, "Expected 1 to 1024 images"),
+        (_damaged_png(), "image/png", "", 400, "Could not decode the image"),  # Pillow raises SyntaxError
+        (
+            _npy_raw({"descr": "|u1", "fortran_order": False, "shape": (-1, 32, 32, -3)}, 3072),
+            "application/x-npy",
+            "",
+            400,
+            "Not a readable .npy array",
+        ),
+        (
+            _npy_raw({"descr": [("a", "<f4", (3,))], "fortran_order": False, "shape": (1, 32, 32)}, 12288),
+            "application/x-npy",
+            "",
+            400,
+            "Expected numeric pixel values",
+        ),
+        (
+            _npy_raw({"descr": ("<f4", (3,)), "fortran_order": False, "shape": (1, 32, 32)}, 12288),
+            "application/x-npy",
+            "",
+            400,
+            "Not a readable .npy array",
+        ),
+        (
+            _npy(np.zeros((1, 32, 32, 3), "m8[s]")),
+            "application/x-npy",
+            "",
+            400,
+            "Expected numeric pixel values",
+        ),
+        (
+            json.dumps({"instances": [[[True, 1, 2]] * 32] * 32}).encode(),
+            "application/json",
+            "",
+            400,
+            "booleans",
+        ),
+        (json.dumps({"instances": None}).encode(), "application/json", "", 400, "Received: nulls"),
+        (
+            json.dumps({"instances": [[[0] * 3] * 32] * 32, "images_b64": []}).encode(),
+            "application/json",
+            "",
+            400,
+            "not both",
+        ),
         (_declared_png(30000, 30000), "image/png", "", 413, "more than 1000000 pixels"),
         (_declared_png(1200, 1000), "image/png", "", 413, "more than 1000000 pixels"),
     ],
@@ -239,6 +310,65 @@ def test_each_malformed_request_gets_a_4xx_with_one_plain_line(strict_server, bo
     assert message in detail and "\n" not in detail
     assert " at 0x" not in detail and "object>" not in detail  # no Python object reprs
     assert httpx.get(f"{strict_server}/health/live").status_code == 200
+
+
+def test_every_way_a_client_sends_an_image_gets_the_same_answer(strict_server, real_cut):
+    """The formats training reads from folders (WebP, GIF, BMP, TIFF, PNM, TGA), application/octet-stream, base64
+    as browsers and command-line tools write it, and a phone's rotated JPEG with a mistyped EXIF tag."""
+    image = real_cut[2][0]  # a real CIFAR-100 test image, 32 x 32 RGB
+
+    def answer(body: bytes, content_type: str) -> list:
+        resp = httpx.post(f"{strict_server}/predict", content=body, headers={"Content-Type": content_type},
+                          timeout=60)  # fmt: skip
+        assert resp.status_code == 200, (content_type, resp.text)
+        return resp.json()["predictions"]
+
+    def encoded(fmt: str, **options) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(image).save(buf, format=fmt, **options)
+        return buf.getvalue()
+
+    png = _png(image)
+    expected = answer(png, "image/png")
+    for fmt, content_type, options in [("WEBP", "image/webp", {"lossless": True}), ("BMP", "image/bmp", {}),
+                                       ("TIFF", "image/tiff", {}), ("PPM", "image/x-portable-pixmap", {}),
+                                       ("TGA", "image/x-tga", {}), ("PNG", "application/octet-stream", {})]:  # fmt: skip
+        assert answer(encoded(fmt, **options), content_type) == expected, fmt
+    assert answer(_npy(image[None]), "application/octet-stream") == expected
+    gif = answer(encoded("GIF"), "image/gif")  # a 256-colour palette: close, not equal
+    assert len(gif) == 1 and len(gif[0]) == 5
+    b64 = base64.b64encode(png).decode()
+    for text in (f"data:image/png;base64,{b64}", base64.encodebytes(png).decode(),
+                 base64.urlsafe_b64encode(png).decode().rstrip("=")):  # fmt: skip
+        doc = json.dumps({"images_b64": [text]}).encode()
+        assert answer(doc, "application/json") == expected
+    # EXIF orientation 6 (stored sideways) with a SHORT tag stored as ASCII: Pillow's exif_transpose fails to
+    # write that EXIF back; the service turns the image upright and answers as for the upright image.
+    import struct
+
+    entries = [(0x112, 3, 1, struct.pack("<H", 6)), (0x14C, 2, 4, b"abc\0")]
+    exif = b"II*\0" + struct.pack("<IH", 8, len(entries))
+    exif += b"".join(struct.pack("<HHI", t, ty, c) + v.ljust(4, b"\0") for t, ty, c, v in entries) + b"\0" * 4
+    sideways = np.ascontiguousarray(np.rot90(image, 1))  # what a camera stores for orientation 6
+    buf = io.BytesIO()
+    Image.fromarray(sideways).save(buf, format="PNG", exif=b"Exif\0\0" + exif)
+    assert answer(buf.getvalue(), "image/png") == expected
+
+
+def test_a_content_length_of_thousands_of_digits_is_a_client_error(strict_server):
+    """uvicorn lets a zero-padded Content-Length through; int() refuses strings over 4,300 digits."""
+    import socket
+
+    host, port = strict_server.removeprefix("http://").split(":")
+    body = _png(np.zeros((32, 32, 3), np.uint8))
+    for length, code in (("0" * 4990 + str(len(body)), b"200"), ("9" * 5000, b"400")):  # the latter: uvicorn
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            sock.sendall(f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                         f"Content-Length: {length}\r\nConnection: close\r\n\r\n".encode() + body)  # fmt: skip
+            reply = b""
+            while chunk := sock.recv(65536):
+                reply += chunk
+        assert reply.split(b" ", 2)[1] == code, reply[:300]
 
 
 def test_compressed_bodies_are_inflated_within_the_limits(strict_server):

@@ -187,6 +187,11 @@ def test_protocol_errors_are_one_line_json(served):
         (infer, {**ok, "outputs": ["logits"]}, 400, "Expected each requested output to be an object"),
         (infer, {**ok, "outputs": [{"name": "logits", "parameters": {"classification": "3"}}]}, 400,
          "'classification' to be an integer"),
+        # A boolean or a null among numbers is not a pixel (numpy would read true as 1.0).
+        (infer, {"inputs": [{**image, "data": [True] + [10.0] * 3071}]}, 400, "Received: booleans"),
+        (infer, {"inputs": [{**image, "datatype": "UINT8", "data": [None] + [10] * 3071}]}, 400, "Received: nulls"),
+        # The metadata says [-1, 32, 32, 3]: one image without its batch axis is not this model's input.
+        (infer, {"inputs": [{**image, "shape": [32, 32, 3]}]}, 400, "expected shape [-1, 32, 32, 3]"),
     ]  # fmt: skip
     for url, doc, code, message in cases:
         response = httpx.post(url, json=doc)
@@ -202,6 +207,11 @@ def test_protocol_errors_are_one_line_json(served):
         response = httpx.post(infer, content=header + b"\0" * 100,
                               headers={"Inference-Header-Content-Length": length.encode("latin-1")})  # fmt: skip
         assert response.status_code == 400 and "does not fit" in response.json()["error"], response.text
+    # Lengths of thousands of digits (int() refuses past 4,300): a client's error, never a 500.
+    body = json.dumps(ok).encode()
+    for length, code in (("9" * 5000, 400), ("0" * 4990 + str(len(body)), 200)):
+        response = httpx.post(infer, content=body, headers={"Inference-Header-Content-Length": length})
+        assert response.status_code == code, response.text
     utf16 = json.dumps(ok).encode("utf-16")
     response = httpx.post(infer, content=utf16)
     assert response.status_code == 400 and "not UTF-8" in response.json()["error"]

@@ -1,3 +1,4 @@
+import io
 import pickle
 import shutil
 import unicodedata
@@ -199,6 +200,42 @@ def test_images_are_decoded_for_training_as_the_service_reads_them(tmp_path):
     upright.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "phone.png", exif=exif.tobytes())
     np.testing.assert_array_equal(decode_image(tmp_path / "phone.png", 16),
                                   np.asarray(upright.resize((16, 16), Image.Resampling.BILINEAR)))  # fmt: skip
+
+
+def test_a_mistyped_exif_tag_is_read_upright_and_a_damaged_png_is_skipped_not_a_crash(tmp_path):
+    """Pillow's exif_transpose fails to write back an EXIF whose SHORT tag is stored as ASCII (phones and editors
+    write such tags), and its PNG decoder raises SyntaxError on a broken chunk: neither stops a prepare run."""
+    import struct
+    import zlib
+
+    from vit_pipeline.shards import decode_image
+
+    upright = np.random.default_rng(0).integers(0, 256, (8, 16, 3), np.uint8)  # wider than tall
+    entries = [(0x112, 3, 1, struct.pack("<H", 6)), (0x14C, 2, 4, b"abc\0")]
+    exif = b"II*\0" + struct.pack("<IH", 8, len(entries))
+    exif += b"".join(struct.pack("<HHI", t, ty, c) + v.ljust(4, b"\0") for t, ty, c, v in entries) + b"\0" * 4
+    Image.fromarray(np.ascontiguousarray(np.rot90(upright, 1))).save(
+        tmp_path / "phone.png", exif=b"Exif\0\0" + exif
+    )
+    expected = np.asarray(Image.fromarray(upright).resize((16, 16), Image.Resampling.BILINEAR))
+    np.testing.assert_array_equal(decode_image(tmp_path / "phone.png", 16), expected)
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), np.uint8)).save(buf, "PNG")
+    png = buf.getvalue()
+    i = png.find(b"IDAT")
+    n = struct.unpack(">I", png[i - 4 : i])[0]
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+        )
+
+    damaged = (
+        png[: i - 4] + chunk(b"IDAT", png[i + 4 : i + 104]) + chunk(b"ID\x00T", png[i + 104 : i + 4 + n])
+    )
+    (tmp_path / "damaged.png").write_bytes(damaged + png[i + 8 + n :])
+    assert decode_image(tmp_path / "damaged.png", 16) is None
 
 
 def test_a_class_of_one_image_is_trained_on_and_the_others_stay_stratified():

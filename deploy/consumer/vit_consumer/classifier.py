@@ -24,6 +24,9 @@ MAX_IMAGE_PIXELS = 40_000_000  # refuse decompression bombs long before memory r
 MAX_BATCH = 1024
 DEFAULT_PIXEL_BUDGET = 16_000_000  # decoded source pixels per request, all images together
 ORIENTATION = 0x0112  # the EXIF tag
+# EXIF orientation -> the PIL.Image.Transpose that makes the image upright (1: upright already).
+EXIF_TRANSPOSE = {2: "FLIP_LEFT_RIGHT", 3: "ROTATE_180", 4: "FLIP_TOP_BOTTOM", 5: "TRANSPOSE", 6: "ROTATE_270",
+                  7: "TRANSVERSE", 8: "ROTATE_90"}  # fmt: skip
 
 
 class InputError(ValueError):
@@ -264,12 +267,16 @@ class OnnxClassifier:
 
     # ----------------------------------------------------------------- input
     def decode_image(self, payload: bytes) -> np.ndarray:
-        """PNG/JPEG bytes -> float32 (H, W, 3) at the model's input size."""
+        """Image file bytes -> float32 (H, W, 3) at the model's input size."""
         return self.decode_images([payload])[0]
 
     def decode_images(self, payloads: list[bytes], pixel_budget: int = DEFAULT_PIXEL_BUDGET) -> np.ndarray:
-        """PNG/JPEG files -> float32 (N, H, W, 3), refusing before any decoding if the
-        images together hold more than ``pixel_budget`` pixels (their headers say)."""
+        """Image files (``contract.IMAGE_FORMATS``) -> float32 (N, H, W, 3), refusing before any decoding if the
+        images together hold more than ``pixel_budget`` pixels (their headers say).
+
+        Anything Pillow raises while it parses a client's bytes is that client's bad file (a 400): its
+        decoders raise SyntaxError, struct.error, IndexError... on damaged files, not only OSError.
+        """
         from PIL import Image, UnidentifiedImageError
 
         Image.MAX_IMAGE_PIXELS = min(MAX_IMAGE_PIXELS, max(pixel_budget, 1))
@@ -277,11 +284,14 @@ class OnnxClassifier:
         opened = []
         try:
             total = 0
-            for payload in payloads:
-                img = Image.open(io.BytesIO(payload))  # reads the header only
+            for i, payload in enumerate(payloads):
+                where = f"image {i + 1} of {len(payloads)}: " if len(payloads) > 1 else ""
+                try:  # reads the header only; only the plugins of the formats both sides read
+                    img = Image.open(io.BytesIO(payload), formats=contract.IMAGE_FORMATS)
+                except UnidentifiedImageError:
+                    raise InputError(f"Could not decode the image: {where}not an image file of a format read here "
+                                     f"({', '.join(contract.IMAGE_FORMATS)})") from None  # fmt: skip
                 opened.append(img)
-                if img.format not in ("PNG", "JPEG", "MPO"):  # MPO: a camera's JPEG with an MPF segment
-                    raise InputError(f"Expected a PNG or JPEG image. Received: {img.format}", 415)
                 total += img.size[0] * img.size[1]
                 if total > pixel_budget:
                     raise InputError(
@@ -298,12 +308,12 @@ class OnnxClassifier:
             return out
         except InputError:
             raise
-        except UnidentifiedImageError as exc:
-            raise InputError("Could not decode the image: not a PNG or JPEG file") from exc
         except Image.DecompressionBombError:  # Pillow's own limit, before ours could count the pixels
             raise InputError(f"An image holds more than {pixel_budget} pixels (the per-request budget); "
                              "send smaller images", 413) from None  # fmt: skip
-        except (OSError, ValueError) as exc:
+        except MemoryError:
+            raise
+        except Exception as exc:  # a damaged file (see the docstring)
             raise InputError(f"Could not decode the image: {_plain(exc)}") from exc
         finally:
             for img in opened:
@@ -312,9 +322,7 @@ class OnnxClassifier:
     def check_array(self, array: Any) -> np.ndarray:
         """Validates raw pixels: shape [N, H, W, 3] or [H, W, 3], numeric, finite, 0-255."""
         arr = np.asarray(array)
-        if arr.dtype == object or not (
-            np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)
-        ):
+        if arr.dtype.kind not in "iuf":  # numpy files timedelta64 under its integers: "m" is refused too
             raise InputError(f"Expected numeric pixel values. Received: dtype={arr.dtype}")
         if arr.ndim == 3:
             arr = arr[None]
@@ -378,10 +386,13 @@ def to_rgb(img: Any) -> Any:
     is scaled to 8 bits (Pillow's ``convert`` would clip it at 255: a white image), and a float
     image in 0-1 to 0-255 (``convert`` would make it black).
     """
-    from PIL import Image, ImageOps
+    from PIL import Image
 
-    if img.getexif().get(ORIENTATION, 1) != 1:  # exif_transpose copies even an upright image
-        img = ImageOps.exif_transpose(img)
+    # The transpose of each EXIF orientation, as ImageOps.exif_transpose applies it; not exif_transpose
+    # itself, which also writes the EXIF back out and fails on a mistyped tag a phone or editor left.
+    turn = EXIF_TRANSPOSE.get(img.getexif().get(ORIENTATION, 1))
+    if turn is not None:
+        img = img.transpose(Image.Transpose[turn])
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         wide = np.nan_to_num(np.asarray(img, dtype=np.float64))
         # 16-bit integers span 0-65535; floats (a TIFF) conventionally 0-1, else they are taken as 0-255.

@@ -35,6 +35,16 @@ log = logging.getLogger(__name__)
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
 
+# The image formats (Pillow's names) both sides read: the data stage takes image folders by file suffix
+# (vit_pipeline.data.IMAGE_SUFFIXES, each one of these), the service takes these as request bodies. A model
+# trained on a folder of WebP files can be sent its own files. JPEG's plugin opens a camera's MPO too.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "PPM", "TGA")
+# Content-Types of an image body. application/octet-stream (what many clients send for a file) is sniffed:
+# a .npy array by its magic string, else an image of one of IMAGE_FORMATS.
+IMAGE_MEDIA_TYPES = ("image/png", "image/jpeg", "image/jpg", "image/pjpeg", "image/webp", "image/gif", "image/bmp",
+                     "image/x-ms-bmp", "image/tiff", "image/x-portable-anymap", "image/x-portable-pixmap",
+                     "image/x-portable-graymap", "image/x-portable-bitmap", "image/x-tga", "image/x-targa")  # fmt: skip
+
 # metadata_props keys of an exported file.
 META_CLASS_NAMES = "class_names"
 META_NUM_CLASSES = "num_classes"

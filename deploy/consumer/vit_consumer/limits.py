@@ -53,24 +53,52 @@ def parse_json(body: bytes, max_depth: int, max_numbers: int, what: str = "JSON"
         raise InputError(f"Invalid {what}: {str(exc).splitlines()[0][:200]}") from None
 
 
+def header_int(text: str) -> int | None:
+    """A header's non-negative decimal integer (``Content-Length``, ``Inference-Header-Content-Length``), or None
+    if it is not one. Leading zeros are allowed; a value past 10**18 reads as 10**18 (beyond every limit):
+    ``int()`` of a 5,000-digit string raises, and a header is the client's to make as long as it likes."""
+    text = text.strip()
+    if not (text.isascii() and text.isdigit()):
+        return None
+    digits = text.lstrip("0") or "0"
+    return 10**18 if len(digits) > 18 else int(digits)
+
+
+_JSON_KINDS = {bool: "booleans", str: "strings", type(None): "nulls", dict: "objects"}
+
+
+def _leaf_kinds(data: object) -> set[str]:
+    """What the innermost values of nested JSON lists are, where they are not numbers (``np.asarray`` would read
+    ``[true, 10.5]`` as ``[1.0, 10.5]``: a boolean among numbers is promoted, not refused)."""
+    level = [data]
+    while any(type(x) is list for x in level):
+        level = [y for x in level for y in (x if type(x) is list else (x,))]
+    return {_JSON_KINDS.get(type(x), type(x).__name__) for x in level if type(x) not in (int, float)}
+
+
 def numbers(data: object, what: str, dtype: np.dtype | type = np.float32) -> np.ndarray:
-    """JSON numbers (nested lists) -> an array of ``dtype``; strings, booleans and ragged rows are refused.
+    """JSON numbers (nested lists) -> an array of ``dtype``; strings, booleans, nulls and ragged rows are refused.
 
     ``np.asarray(data, dtype)`` alone would read ``"1"`` and ``true`` as numbers and truncate 1.5
     to an integer type: the values' own kind is checked first, and values out of the range of
     ``dtype`` are refused rather than turned into infinities.
     """
     dtype = np.dtype(dtype)
+    allowed = "iu" if np.issubdtype(dtype, np.integer) else "iuf"
+    expected = "integers" if allowed == "iu" else "numeric values"
+    if others := _leaf_kinds(data):
+        raise InputError(
+            f"{what} must be {expected} in equal-length rows. Received: {', '.join(sorted(others))}"
+        )
     try:
         raw = np.asarray(data)
     except (ValueError, OverflowError):
         raw = np.empty(0, object)  # ragged rows
     if raw.size == 0 and raw.dtype != object:
         return raw.astype(dtype)
-    allowed = "iu" if np.issubdtype(dtype, np.integer) else "iuf"
     if raw.dtype.kind not in allowed:
         kind = {"f": "fractions", "b": "booleans", "U": "strings", "O": "ragged rows or huge integers"}
-        raise InputError(f"{what} must be {'integers' if allowed == 'iu' else 'numeric values'} in equal-length rows. "
+        raise InputError(f"{what} must be {expected} in equal-length rows. "
                          f"Received: {kind.get(raw.dtype.kind, raw.dtype.name)}")  # fmt: skip
     with np.errstate(over="raise", invalid="raise"):
         try:
@@ -102,6 +130,8 @@ def load_npy(body: bytes) -> np.ndarray:
         raise InputError(f"Not a readable .npy array: {str(exc).splitlines()[0][:200]}") from None
     if dtype.hasobject:
         raise InputError("Not a readable .npy array: object arrays (pickles) are refused")
+    if dtype.subdtype is not None or any(d < 0 for d in shape):  # frombuffer + reshape would fail on either
+        raise InputError(f"Not a readable .npy array: shape {list(shape)[:8]} of {str(dtype)[:40]}")
     declared, present = math.prod(shape) * dtype.itemsize, len(body) - fp.tell()
     if declared != present or dtype.itemsize == 0:
         raise InputError(f"The .npy header declares {list(shape)} of {dtype} ({declared} bytes); "

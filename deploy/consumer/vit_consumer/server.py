@@ -2,8 +2,9 @@
 
 Endpoints:
 
-* ``POST /predict?top_k=5``, by ``Content-Type``: ``image/png`` / ``image/jpeg``
-  (one image as the body); ``application/json`` (``{"instances": [...]}`` raw
+* ``POST /predict?top_k=5``, by ``Content-Type``: ``image/png``, ``image/jpeg``, ``image/webp``...
+  (one image file as the body, ``contract.IMAGE_MEDIA_TYPES``; ``application/octet-stream``: an image
+  file or a ``.npy`` array, told apart by its bytes); ``application/json`` (``{"instances": [...]}`` raw
   pixels [N, H, W, 3] or [H, W, 3], 0-255, or ``{"images_b64": [...]}``);
   ``application/x-npy`` (loaded with ``allow_pickle=False``). The body is read
   and decoded off the event loop; the images then join the dynamic batcher
@@ -36,6 +37,7 @@ import gc
 import json
 import logging
 import os
+import re
 import threading
 import time
 import warnings
@@ -51,7 +53,7 @@ from pydantic import BaseModel
 from starlette.datastructures import Headers, QueryParams
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from vit_consumer import __version__, limits, v2
+from vit_consumer import __version__, contract, limits, v2
 from vit_consumer.batching import Arrivals, BatcherStopped, DynamicBatcher, QueueFull
 from vit_consumer.classifier import (
     InputError,
@@ -96,10 +98,12 @@ IMAGE_BODY = {"schema": {"type": "string", "format": "binary"}}
 PREDICT_OPENAPI = {
     "requestBody": {
         "required": True,
-        "description": "One PNG/JPEG image, a JSON document, or a .npy array (raw RGB pixels 0-255, NHWC).",
+        "description": "One image file (PNG, JPEG, WebP, GIF, BMP, TIFF, PNM, TGA), a JSON document, or a .npy array "
+        "(raw RGB pixels 0-255, NHWC); application/octet-stream: an image file or a .npy array, told apart by "
+        "its bytes.",
         "content": {
-            "image/png": IMAGE_BODY,
-            "image/jpeg": IMAGE_BODY,
+            **{media_type: IMAGE_BODY for media_type in contract.IMAGE_MEDIA_TYPES},
+            "application/octet-stream": IMAGE_BODY,
             "application/json": {
                 "schema": {
                     "oneOf": [
@@ -184,28 +188,50 @@ class _Booking:
 def parse_body(clf: OnnxClassifier, content_type: str, body: bytes, settings: Settings) -> np.ndarray:
     """Request body -> checked float32 images [N, H, W, 3] (runs in the decode pool)."""
     # Decoded images need no check_array: the decoder makes them [N, H, W, 3] float32 in 0-255.
-    if content_type in ("image/png", "image/jpeg", "image/jpg"):
+    if content_type == "application/octet-stream":  # a file sent as bytes: a .npy array or an image
+        content_type = "application/x-npy" if body.startswith(NPY_MAGIC) else "image/png"
+    if content_type in contract.IMAGE_MEDIA_TYPES:  # the file's own bytes say its format
         return clf.decode_images([body], settings.pixel_budget)
     if content_type == "application/x-npy":
         return clf.check_array(limits.load_npy(body))
     if content_type == "application/json":
         doc = limits.parse_json(body, settings.max_json_depth, settings.max_json_numbers)
+        if isinstance(doc, dict) and "instances" in doc and "images_b64" in doc:
+            raise InputError('Expected JSON {"instances": [...]} or {"images_b64": [...]}, not both')
         if isinstance(doc, dict) and "instances" in doc:
             return clf.check_array(limits.numbers(doc["instances"], "'instances'"))
         if isinstance(doc, dict) and isinstance(doc.get("images_b64"), list) and doc["images_b64"]:
             if len(doc["images_b64"]) > 1024:
                 raise InputError(f"Expected 1 to 1024 images. Received: {len(doc['images_b64'])}", 413)
-            try:
-                raw = [base64.b64decode(s, validate=True) for s in doc["images_b64"]]
-            except (binascii.Error, TypeError, ValueError) as exc:
-                raise InputError("'images_b64' must hold base64 strings") from exc
+            raw = [_base64_file(s, i, len(doc["images_b64"])) for i, s in enumerate(doc["images_b64"])]
             return clf.decode_images(raw, settings.pixel_budget)
         raise InputError('Expected JSON {"instances": [...]} or {"images_b64": [...]}')
     raise InputError(
-        f"Unsupported Content-Type {content_type[:80]!r}; use image/png, image/jpeg, application/json or "
-        "application/x-npy",
+        f"Unsupported Content-Type {content_type[:80]!r}; send an image file (image/png, image/jpeg, image/webp, "
+        "...), application/json, application/x-npy or application/octet-stream",
         415,
     )
+
+
+NPY_MAGIC = b"\x93NUMPY"
+_DATA_URI = re.compile(r"data:image/[\w.+-]+;base64,", re.IGNORECASE)
+
+
+def _base64_file(text: object, i: int, n: int) -> bytes:
+    """One ``images_b64`` entry as bytes: standard or URL-safe base64, line breaks and a ``data:`` URI prefix
+    allowed (what browsers, ``base64`` and ``base64.encodebytes`` write); anything else is refused."""
+    where = f" (image {i + 1} of {n})" if n > 1 else ""
+    if not isinstance(text, str):
+        raise InputError(f"'images_b64' must hold base64 strings{where}")
+    prefix = _DATA_URI.match(text)
+    text = "".join(text[prefix.end() if prefix else 0 :].split())
+    text += "=" * (-len(text) % 4)  # URL-safe base64 often comes unpadded
+    try:
+        if "-" in text or "_" in text:
+            return base64.b64decode(text, altchars=b"-_", validate=True)
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InputError(f"'images_b64' must hold base64 strings{where}: {exc}") from None
 
 
 def _top_k(raw: str | None) -> int:
@@ -490,10 +516,10 @@ class Service:
         budget (``booking``), and the time a client may take to send it (``body_timeout_s``, then 408)."""
         limit = self.settings.max_bytes
         declared = headers.get("content-length")
-        if declared is not None and (
-            not (declared.isascii() and declared.isdigit()) or int(declared) > limit
-        ):
-            raise InputError(f"Payload of {declared[:20]} bytes exceeds the limit of {limit}", 413)
+        if declared is not None and (length := limits.header_int(declared)) is None:
+            raise InputError(f"Content-Length {declared[:20]!r} is not a number of bytes")
+        if declared is not None and length > limit:
+            raise InputError(f"Payload of {declared.strip()[:20]} bytes exceeds the limit of {limit}", 413)
 
         body = bytearray()
         try:

@@ -120,11 +120,11 @@ def _header_and_binary(body: bytes, header_length: str | None, max_depth: int, m
     if header_length is None:
         raw, rest = body, b""
     else:
-        length = header_length.strip()
-        if not (length.isascii() and length.isdigit()) or int(length) > len(body):
+        length = limits.header_int(header_length)
+        if length is None or length > len(body):
             raise V2Error(f"Inference-Header-Content-Length {header_length[:20]!r} does not fit a body of "
                           f"{len(body)} bytes")  # fmt: skip
-        raw, rest = body[: int(length)], body[int(length) :]
+        raw, rest = body[:length], body[length:]
     doc = limits.parse_json(raw, max_depth, max_numbers, "JSON inference request")
     if not isinstance(doc, dict):
         raise V2Error("Expected a JSON object with 'inputs'")
@@ -202,6 +202,11 @@ def parse_infer(engine: OnnxClassifier, body: bytes, header_length: str | None, 
     array, used = _tensor(inputs[0], binary, 0)
     if used != len(binary):
         raise V2Error(f"{len(binary) - used} bytes of binary data no input claims")
+    if (
+        array.ndim != 4
+    ):  # the metadata says [-1, H, W, 3]; /predict's one image without a batch axis is not v2
+        raise V2Error(f"Input {engine.input_name!r}: expected shape [-1, {', '.join(map(str, engine.input_shape))}]. "
+                      f"Received: shape={list(array.shape)}")  # fmt: skip
     images = engine.check_array(array)  # the contract: [N, H, W, 3], finite, 0-255
     binary_default = _flag(_parameters(doc, "the request's"), "binary_data_output", False)
     requested = doc.get("outputs")
