@@ -139,8 +139,8 @@ def test_gpu_providers_only_where_a_gpu_is_visible(monkeypatch, tmp_path):
 def test_every_image_suffix_training_reads_is_a_format_the_service_reads():
     """An image folder's files (by suffix) and the service's image bodies: one list of formats on both sides."""
     from PIL import Image
-
     from vit_consumer import contract
+
     from vit_pipeline.data import IMAGE_SUFFIXES
 
     formats = Image.registered_extensions()
