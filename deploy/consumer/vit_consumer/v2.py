@@ -202,9 +202,8 @@ def parse_infer(engine: OnnxClassifier, body: bytes, header_length: str | None, 
     array, used = _tensor(inputs[0], binary, 0)
     if used != len(binary):
         raise V2Error(f"{len(binary) - used} bytes of binary data no input claims")
-    if (
-        array.ndim != 4
-    ):  # the metadata says [-1, H, W, 3]; /predict's one image without a batch axis is not v2
+    # The metadata says [-1, H, W, 3]: /predict's one image without a batch axis is not a v2 request.
+    if array.ndim != 4:
         raise V2Error(f"Input {engine.input_name!r}: expected shape [-1, {', '.join(map(str, engine.input_shape))}]. "
                       f"Received: shape={list(array.shape)}")  # fmt: skip
     images = engine.check_array(array)  # the contract: [N, H, W, 3], finite, 0-255
