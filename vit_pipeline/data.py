@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import shutil
 import tarfile
 import unicodedata
@@ -356,27 +357,66 @@ def _class_key(name: str) -> str:
     return unicodedata.normalize("NFC", name)
 
 
+def _split_name(name: str) -> str | None:
+    """The split a folder's name says (``train``, ``val``, ``test``), or None: the names of ``SPLIT_FOLDERS``,
+    alone or as one word of the name (Kaggle's ``training_set``/``test_set``, ``seg_train``/``seg_test``)."""
+    name = name.lower()
+    if name in SPLIT_FOLDERS:
+        return SPLIT_FOLDERS[name]
+    said = {SPLIT_FOLDERS[word] for word in re.split(r"[^a-z]+", name) if word in SPLIT_FOLDERS}
+    return said.pop() if len(said) == 1 else None
+
+
+def _holds_class_folders(folder: Path) -> bool:
+    """A split folder holds class folders and no images of its own (a class folder named ``train``, as
+    CIFAR-100 has, holds images)."""
+    files = (f for f in os.listdir(folder) if not f.startswith("."))
+    return bool(_subdirs(folder)) and not any(os.path.splitext(f)[1].lower() in IMAGE_SUFFIXES for f in files)
+
+
+def _not_a_folder(root: Path) -> DataError:
+    if root.is_file():
+        kind = (
+            "an archive: extract it"
+            if root.suffix.lower() in (".zip", ".tar", ".gz", ".tgz", ".7z")
+            else "a file"
+        )
+        return DataError(f"Image folder {root} is {kind}; give the folder that holds the class folders")
+    return DataError(f"Image folder does not exist or is not a directory: {root}")
+
+
 def image_folder_layout(root: Path) -> dict[str, Path]:
     """Which folders hold which split: ``{"all": root}`` for ``root/<class>/...``, or
     ``{"train": ..., "val": ..., "test": ...}`` (val and test optional) for
     ``root/{train|training, val|valid|validation, test|testing}/<class>/...`` (the Keras
-    ``image_dataset_from_directory`` / torchvision ``ImageFolder`` layout).
+    ``image_dataset_from_directory`` / torchvision ``ImageFolder`` layout; ``_split_name`` reads
+    Kaggle's ``training_set``/``test_set`` too).
 
     Raises:
-        DataError: no class folders, two folders for one split, or splits whose class
-            folders differ (naming the difference).
+        DataError: no class folders, two folders for one split, split folders without one for training or
+            beside other folders (they would be taken as classes: a classifier of "which split"), or splits
+            whose class folders differ (naming the difference).
     """
     if not root.is_dir():
-        raise DataError(f"Image folder does not exist or is not a directory: {root}")
+        raise _not_a_folder(root)
     subdirs = _subdirs(root)
     if not subdirs:
         raise DataError(f"Image folder {root} has no class sub-folders")
-    names = {p.name.lower() for p in subdirs}
-    if not names <= set(SPLIT_FOLDERS) or "train" not in {SPLIT_FOLDERS[n] for n in names}:
+    splits = {p: SPLIT_FOLDERS.get(p.name.lower()) for p in subdirs}
+    if not all(splits.values()):  # other names: split folders only where their contents say so too
+        splits = {p: _split_name(p.name) for p in subdirs if _split_name(p.name) and _holds_class_folders(p)}
+    if len(splits) < len(subdirs):
+        if len(splits) >= 2:
+            raise DataError(f"Image folder {root} holds split folders ({', '.join(p.name for p in splits)}) beside "
+                            f"other folders ({', '.join(p.name for p in subdirs if p not in splits)[:200]}); give a "
+                            "folder that holds only split folders, or only class folders")  # fmt: skip
         return {"all": root}
+    if "train" not in splits.values():
+        raise DataError(f"Image folder {root} holds split folders ({', '.join(p.name for p in subdirs)}) but none to "
+                        "train on (train/, training/)")  # fmt: skip
     layout: dict[str, Path] = {}
     for p in subdirs:
-        split = SPLIT_FOLDERS[p.name.lower()]
+        split = splits[p]
         if split in layout:
             raise DataError(f"Image folder {root} has both {layout[split].name}/ and {p.name}/; keep one")
         layout[split] = p
@@ -415,28 +455,38 @@ def list_class_files(
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """The image files (by suffix, ``IMAGE_SUFFIXES``) under ``folder/<class>/`` and their labels, undecoded.
 
-    Class names are NFC-normalised; ``class_names`` (another split's) are matched the same way.
+    Class names are NFC-normalised (the files of an NFC and an NFD folder of one name are one class);
+    ``class_names`` (another split's) are matched the same way.
 
     Returns:
         ``(paths as strings, labels, class_names)``.
     """
     if not folder.is_dir():
-        raise DataError(f"Image folder does not exist or is not a directory: {folder}")
-    class_dirs = {_class_key(p.name): p for p in _subdirs(folder)}
+        raise _not_a_folder(folder)
+    class_dirs: dict[str, list[Path]] = {}  # one class per NFC name: an NFC and an NFD folder are one class
+    for p in _subdirs(folder):
+        try:
+            p.name.encode("utf-8")
+        except UnicodeEncodeError:  # a zip or tar written in another encoding: the name cannot be stored
+            raise DataError(f"Class folder name {p.name!r} in {folder} is not UTF-8 text (an archive written in "
+                            "another encoding?); rename it") from None  # fmt: skip
+        class_dirs.setdefault(_class_key(p.name), []).append(p)
     if not class_dirs:
         raise DataError(f"Image folder {folder} has no class sub-folders")
     names = class_names or sorted(class_dirs)
     if len(names) < 2:
+        inner = class_dirs[names[0]][0]
+        hint = f"; is {inner} the folder of class folders?" if len(_subdirs(inner)) >= 2 else ""
         raise DataError(f"Expected at least 2 class folders in {folder}. Received: {len(names)} ({names[0]!r}); "
-                        "a classifier needs two classes or more, one folder of images each")  # fmt: skip
+                        f"a classifier needs two classes or more, one folder of images each{hint}")  # fmt: skip
     files: list[str] = []
     labels: list[int] = []
     for label, name in enumerate(names):
         if name not in class_dirs:
             raise DataError(f"Image folder {folder} has no class folder {name!r}")
-        found = _image_files(class_dirs[name])
+        found = sorted(f for d in class_dirs[name] for f in _image_files(d))
         if not found:
-            raise DataError(f"Class folder {class_dirs[name]} has no readable images (no file named "
+            raise DataError(f"Class folder {class_dirs[name][0]} has no readable images (no file named "
                             f"{', '.join(sorted(IMAGE_SUFFIXES))}, in it or its sub-folders)")  # fmt: skip
         files += found
         labels += [label] * len(found)
@@ -529,8 +579,16 @@ def _split(x: np.ndarray, y: np.ndarray, fraction: float, seed: int) -> tuple[np
         a, b = train_test_split(rest, test_size=n_hold, random_state=seed, stratify=y[rest])
         if single.any():
             a = np.concatenate([a, np.flatnonzero(single)])
-    else:
-        a, b = train_test_split(np.arange(len(y)), test_size=n_hold, random_state=seed)
+    else:  # random, but one image of each class stays on the training side while there are others to hold
+        first = np.unique(y, return_index=True)[1]
+        others = np.setdiff1d(np.arange(len(y)), first)
+        if 1 <= n_hold < len(others):
+            a, b = train_test_split(others, test_size=n_hold, random_state=seed)
+            a = np.concatenate([first, a])
+        elif n_hold == len(others):
+            a, b = first, others
+        else:
+            a, b = train_test_split(np.arange(len(y)), test_size=n_hold, random_state=seed)
     return x[a], y[a], x[b], y[b]
 
 
@@ -649,10 +707,11 @@ def _readable(listed: dict[str, tuple[np.ndarray, np.ndarray]]
     from concurrent.futures import ThreadPoolExecutor
 
     from PIL import Image
+    from vit_consumer import contract
 
     def header_ok(path: str) -> bool:
-        try:
-            with Image.open(path) as img:
+        try:  # the formats the decoder reads (and the service): an AVIF named .jpg is not one
+            with Image.open(path, formats=contract.IMAGE_FORMATS) as img:
                 return img.size[0] > 0 and img.size[1] > 0
         except Exception as exc:  # Pillow raises many kinds (OSError, SyntaxError, DecompressionBombError...)
             log.warning("Skipping unreadable image %s: %s", path, " ".join(str(exc).split())[:200])
@@ -661,7 +720,7 @@ def _readable(listed: dict[str, tuple[np.ndarray, np.ndarray]]
     out, bad = {}, 0
     with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
         for split, (files, labels) in listed.items():
-            keep = np.fromiter(pool.map(header_ok, files), bool, len(files))
+            keep = np.fromiter(pool.map(header_ok, map(str, files)), bool, len(files))
             out[split] = (files[keep], labels[keep])
             bad += int((~keep).sum())
     return out, bad

@@ -1,9 +1,11 @@
 import io
 import pickle
+import re
 import shutil
 import unicodedata
 import zipfile
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -482,3 +484,100 @@ def test_bad_input_under_run_is_one_line_too(tmp_path, pipeline_home, case, befo
     assert f"(details: {pipeline_home / 'logs' / 'vit-pipeline.log'})" in out.stderr
     started_prefect = "temporary server" in text.lower() or "Beginning flow run" in text
     assert started_prefect != before_prefect, text[-2000:]
+
+
+def _pngs(folder, n, fmt="PNG", suffix=".png"):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(len(str(folder)))
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), np.uint8)).save(folder / f"{i}{suffix}", format=fmt)
+
+
+def _prepare(root, tmp_path, **options):
+    cfg = make_config("quickstart", {"dataset": "image_folder", "data_path": str(root), **options})
+    data.check_source(cfg)
+    return data.prepare(cfg, shard_dir=tmp_path / "shards")
+
+
+def test_kaggle_split_folder_names_are_splits_not_classes(tmp_path):
+    """training_set/ and test_set/ (Kaggle's cats and dogs; seg_train/seg_test alike) were taken as two classes."""
+    for split, n in (("training_set", 6), ("test_set", 3)):
+        for cls in ("cats", "dogs"):
+            _pngs(tmp_path / "root" / split / cls, n)
+    splits = _prepare(tmp_path / "root", tmp_path)
+    assert splits.class_names == ["cats", "dogs"] and splits.info["splits_given"] == "train,test"
+    assert len(splits.y_test) == 6
+
+
+@pytest.mark.parametrize(
+    ("folders", "message"),
+    [
+        (
+            ("train", "test", "val", "chest_xray/train"),
+            "holds split folders (test, train, val) beside other folders",
+        ),
+        (("val", "test"), "but none to train on"),
+    ],
+)
+def test_split_folders_that_cannot_be_read_as_splits_are_a_clear_error_not_classes(
+    tmp_path, folders, message
+):
+    for folder in folders:
+        for cls in ("normal", "pneumonia"):
+            _pngs(tmp_path / "root" / folder / cls, 3)
+    with pytest.raises(DataError, match=re.escape(message)):
+        _prepare(tmp_path / "root", tmp_path)
+
+
+def test_many_classes_of_two_images_each_keep_one_of_each_for_training(tmp_path):
+    """Fewer held-out images than classes: the split is random, but no class leaves training (a false "no readable
+    images" error named a class whose images were all fine)."""
+    for c in range(40):
+        _pngs(tmp_path / "root" / f"class{c:02d}", 2)
+    splits = _prepare(tmp_path / "root", tmp_path)
+    assert len(splits.class_names) == 40 and set(splits.y_train.tolist()) == set(range(40))
+    assert len(splits.y_train) + len(splits.y_val) + len(splits.y_test) == 80
+
+
+def test_a_class_folder_name_that_is_not_utf8_is_a_one_line_error(tmp_path):
+    import os
+
+    root = tmp_path / "root"
+    _pngs(root / "tea", 3)
+    latin1 = os.fsdecode(os.fsencode(str(root)) + b"/caf\xe9")  # a Windows zip extracted by unzip
+    _pngs(Path(latin1), 3)
+    with pytest.raises(DataError, match="is not UTF-8 text"):
+        _prepare(root, tmp_path)
+
+
+def test_an_nfc_and_an_nfd_folder_of_one_name_are_one_class_with_every_image(tmp_path):
+    for name in ("caf\u00e9", unicodedata.normalize("NFD", "caf\u00e9")):
+        _pngs(tmp_path / "root" / name, 5)
+    _pngs(tmp_path / "root" / "tea", 5)
+    splits = _prepare(tmp_path / "root", tmp_path)
+    assert splits.class_names == ["caf\u00e9", "tea"]
+    assert len(splits.y_train) + len(splits.y_val) + len(splits.y_test) == 15
+
+
+def test_files_of_a_format_the_service_does_not_read_leave_before_the_split(tmp_path):
+    """AVIF named .jpg (web scrapes): Pillow opens it, the decoder and the service do not (contract.IMAGE_FORMATS);
+    it must not be counted into a split that then comes out empty."""
+    from PIL import features
+
+    fmt, suffix = ("AVIF", ".jpg") if features.check("avif") else ("PCX", ".png")
+    for cls in ("a", "b"):
+        _pngs(tmp_path / "root" / cls, 6)
+        _pngs(tmp_path / "root" / cls / "scraped", 30, fmt, suffix)
+    splits = _prepare(tmp_path / "root", tmp_path, test_split=0.25, validation_split=0.2)
+    assert splits.info["skipped_files"] == 60
+    assert len(splits.y_train) + len(splits.y_val) + len(splits.y_test) == 12 and len(splits.y_test) == 3
+
+
+def test_an_archive_or_a_wrapping_folder_gets_a_hint(tmp_path):
+    (tmp_path / "flowers.zip").write_bytes(b"PK\x03\x04")
+    with pytest.raises(DataError, match="is an archive: extract it"):
+        _prepare(tmp_path / "flowers.zip", tmp_path)
+    for cls in ("rose", "tulip"):
+        _pngs(tmp_path / "root" / "flowers" / cls, 3)
+    with pytest.raises(DataError, match="is .*flowers the folder of class folders"):
+        _prepare(tmp_path / "root", tmp_path)
