@@ -109,7 +109,7 @@ def test_health_metrics_and_openapi(batching_server):
     from vit_consumer import contract
 
     # Every Content-Type the service reads, and no other (the OpenAPI description is what a client generator sees).
-    assert set(spec["requestBody"]["content"]) == {*contract.IMAGE_MEDIA_TYPES, "application/octet-stream",
+    assert set(spec["requestBody"]["content"]) == {*contract.IMAGE_MEDIA_TYPES, "application/octet-stream", "multipart/form-data",
                                                    "application/json", "application/x-npy"}  # fmt: skip
     assert {"image/png", "image/jpeg", "image/webp"} <= set(spec["requestBody"]["content"])
     assert "predictions" in json.dumps(spec["responses"]["200"]) or spec["responses"]["200"]["content"]
@@ -297,6 +297,15 @@ def test_pixel_budget_counts_all_images_of_a_request(strict_server):
             400,
             "not both",
         ),
+        (b"--x\r\n", "multipart/form-data", "", 400, "without a boundary"),
+        (
+            b'--x\r\nContent-Disposition: form-data; name="a"\r\n\r\n1\r\n--x--\r\n',
+            "multipart/form-data; boundary=x",
+            "",
+            400,
+            "holds no file part",
+        ),
+        (b"not multipart at all", "multipart/form-data; boundary=x", "", 400, "multipart/form-data"),
         (_declared_png(30000, 30000), "image/png", "", 413, "more than 1000000 pixels"),
         (_declared_png(1200, 1000), "image/png", "", 413, "more than 1000000 pixels"),
     ],
@@ -335,6 +344,11 @@ def test_every_way_a_client_sends_an_image_gets_the_same_answer(strict_server, r
                                        ("TGA", "image/x-tga", {}), ("PNG", "application/octet-stream", {})]:  # fmt: skip
         assert answer(encoded(fmt, **options), content_type) == expected, fmt
     assert answer(_npy(image[None]), "application/octet-stream") == expected
+    # A form's file fields (requests' and httpx's files=, curl -F, a browser): one image each, text fields ignored.
+    resp = httpx.post(f"{strict_server}/predict", files=[("file", ("a.png", png, "image/png")),
+                                                         ("other", ("b.webp", encoded("WEBP", lossless=True)))],
+                      data={"note": "text fields are not images"}, timeout=60)  # fmt: skip
+    assert resp.status_code == 200 and resp.json()["predictions"] == expected * 2, resp.text
     gif = answer(encoded("GIF"), "image/gif")  # a 256-colour palette: close, not equal
     assert len(gif) == 1 and len(gif[0]) == 5
     b64 = base64.b64encode(png).decode()

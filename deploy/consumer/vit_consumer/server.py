@@ -56,6 +56,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from vit_consumer import __version__, contract, limits, v2
 from vit_consumer.batching import Arrivals, BatcherStopped, DynamicBatcher, QueueFull
 from vit_consumer.classifier import (
+    MAX_BATCH,
     InputError,
     OnnxClassifier,
     _plain,
@@ -104,6 +105,9 @@ PREDICT_OPENAPI = {
         "content": {
             **{media_type: IMAGE_BODY for media_type in contract.IMAGE_MEDIA_TYPES},
             "application/octet-stream": IMAGE_BODY,
+            "multipart/form-data": {  # a form's file fields, whatever their names: one image each
+                "schema": {"type": "object", "properties": {"file": {"type": "string", "format": "binary"}}}
+            },
             "application/json": {
                 "schema": {
                     "oneOf": [
@@ -185,9 +189,16 @@ class _Booking:
         self.held = 0
 
 
-def parse_body(clf: OnnxClassifier, content_type: str, body: bytes, settings: Settings) -> np.ndarray:
-    """Request body -> checked float32 images [N, H, W, 3] (runs in the decode pool)."""
+def parse_body(clf: OnnxClassifier, raw_content_type: str, body: bytes, settings: Settings) -> np.ndarray:
+    """Request body -> checked float32 images [N, H, W, 3] (runs in the decode pool).
+
+    Args:
+        raw_content_type: The ``Content-Type`` header as sent (a multipart body's boundary is in it).
+    """
     # Decoded images need no check_array: the decoder makes them [N, H, W, 3] float32 in 0-255.
+    content_type = raw_content_type.split(";")[0].strip().lower()
+    if content_type == "multipart/form-data":  # a browser form's or requests' files=: each file part an image
+        return clf.decode_images(_multipart_files(raw_content_type, body), settings.pixel_budget)
     if content_type == "application/octet-stream":  # a file sent as bytes: a .npy array or an image
         content_type = "application/x-npy" if body.startswith(NPY_MAGIC) else "image/png"
     if content_type in contract.IMAGE_MEDIA_TYPES:  # the file's own bytes say its format
@@ -208,9 +219,57 @@ def parse_body(clf: OnnxClassifier, content_type: str, body: bytes, settings: Se
         raise InputError('Expected JSON {"instances": [...]} or {"images_b64": [...]}')
     raise InputError(
         f"Unsupported Content-Type {content_type[:80]!r}; send an image file (image/png, image/jpeg, image/webp, "
-        "...), application/json, application/x-npy or application/octet-stream",
+        "...), multipart/form-data, application/json, application/x-npy or application/octet-stream",
         415,
     )
+
+
+def _multipart_files(raw_content_type: str, body: bytes) -> list[bytes]:
+    """The file parts of a ``multipart/form-data`` body (RFC 7578; ``python-multipart``, Starlette's parser), in
+    order: the parts with a filename or an ``image/*`` / ``application/octet-stream`` type; text fields are
+    ignored (``top_k`` is a query parameter)."""
+    from python_multipart.multipart import MultipartParseError, MultipartParser, parse_options_header
+
+    boundary = parse_options_header(raw_content_type)[1].get(b"boundary")
+    if not boundary:
+        raise InputError("multipart/form-data without a boundary parameter")
+    files: list[bytes] = []
+    part: dict[str, Any] = {}
+
+    def begin() -> None:
+        part.update(headers={}, field=b"", value=b"", data=bytearray())
+
+    def end() -> None:
+        disposition = parse_options_header(part["headers"].get(b"content-disposition", b""))[1]
+        kind = part["headers"].get(b"content-type", b"").split(b";")[0].strip().lower()
+        if b"filename" in disposition or kind.startswith(b"image/") or kind == b"application/octet-stream":
+            if len(files) >= MAX_BATCH:
+                raise InputError(f"Expected 1 to {MAX_BATCH} images. Received: more", 413)
+            files.append(bytes(part["data"]))
+
+    def header_end() -> None:
+        part["headers"][part["field"].lower()] = part["value"]
+        part["field"] = part["value"] = b""
+
+    callbacks = {
+        "on_part_begin": begin,
+        "on_part_data": lambda data, start, stop: part["data"].extend(data[start:stop]),
+        "on_part_end": end,
+        "on_header_field": lambda data, start, stop: part.update(field=part["field"] + data[start:stop]),
+        "on_header_value": lambda data, start, stop: part.update(value=part["value"] + data[start:stop]),
+        "on_header_end": header_end,
+    }
+    parser = MultipartParser(boundary, callbacks)
+    try:
+        parser.write(body)
+        parser.finalize()
+    except MultipartParseError as exc:
+        raise InputError(
+            f"Not a readable multipart/form-data body: {str(exc).splitlines()[0][:200]}"
+        ) from None
+    if not files:
+        raise InputError("The multipart/form-data body holds no file part (send the image as a file field)")
+    return files
 
 
 NPY_MAGIC = b"\x93NUMPY"
@@ -387,7 +446,7 @@ class Service:
             if not self.ready:
                 raise InputError("The model is not ready yet", 503)
             top_k = _top_k(top_k_raw)
-            content_type = headers.get("content-type", "").split(";")[0].strip().lower()
+            content_type = headers.get("content-type", "")
             data = await self._read_body(headers, body, booking)
             engine = self.engine  # this request finishes on this version, whatever reloads meanwhile
             logits = await asyncio.wait_for(
