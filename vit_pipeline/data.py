@@ -357,20 +357,29 @@ def _class_key(name: str) -> str:
     return unicodedata.normalize("NFC", name)
 
 
+# Words beside a split's name in the split folders people download (Kaggle's training_set/, seg_train/,
+# train_images/): a name with any other word (training_wheels/, test_tube/) names a class.
+SPLIT_NAME_WORDS = frozenset(
+    {"set", "sets", "data", "dataset", "images", "imgs", "img", "split", "seg", "files", ""}
+)
+
+
 def _split_name(name: str) -> str | None:
     """The split a folder's name says (``train``, ``val``, ``test``), or None: the names of ``SPLIT_FOLDERS``,
-    alone or as one word of the name (Kaggle's ``training_set``/``test_set``, ``seg_train``/``seg_test``)."""
-    name = name.lower()
-    if name in SPLIT_FOLDERS:
-        return SPLIT_FOLDERS[name]
-    said = {SPLIT_FOLDERS[word] for word in re.split(r"[^a-z]+", name) if word in SPLIT_FOLDERS}
-    return said.pop() if len(said) == 1 else None
+    alone or with only the words of ``SPLIT_NAME_WORDS`` (``training_set``, ``seg_test``)."""
+    words = re.split(r"[^a-z0-9]+", name.lower())
+    said = {SPLIT_FOLDERS[word] for word in words if word in SPLIT_FOLDERS}
+    rest = [word for word in words if word not in SPLIT_FOLDERS and word not in SPLIT_NAME_WORDS]
+    return said.pop() if len(said) == 1 and not rest else None
 
 
 def _holds_class_folders(folder: Path) -> bool:
     """A split folder holds class folders and no images of its own (a class folder named ``train``, as
     CIFAR-100 has, holds images)."""
-    files = (f for f in os.listdir(folder) if not f.startswith("."))
+    try:
+        files = [f for f in os.listdir(folder) if not f.startswith(".")]
+    except OSError:
+        return False
     return bool(_subdirs(folder)) and not any(os.path.splitext(f)[1].lower() in IMAGE_SUFFIXES for f in files)
 
 

@@ -174,7 +174,7 @@ def _benchmark_section(rec: RunRecord) -> list[str]:
     bench = BenchmarkReport.from_dict(report)
     env = bench.environment
     lines.append(f"CPU {env.get('cpu_model', '-')} x{env.get('cpu_count', '-')}; this machine would serve "
-                 f"`{rec.tags.get('benchmark.served_choice', '-')}`.")  # fmt: skip
+                 f"`{bench.shown_label(rec.tags.get('benchmark.served_choice')) or '-'}`.")  # fmt: skip
     rows = []
     for bs in sorted({r.batch_size for r in bench.results}):
         served = bench.served(bs)

@@ -306,6 +306,23 @@ def test_pixel_budget_counts_all_images_of_a_request(strict_server):
             "holds no file part",
         ),
         (b"not multipart at all", "multipart/form-data; boundary=x", "", 400, "multipart/form-data"),
+        (
+            b"--" + b"x" * 300 + b"\r\n",
+            "multipart/form-data; boundary=" + "x" * 300,
+            "",
+            400,
+            "Boundary length",
+        ),
+        # Cut short before the closing boundary: finalize() accepts it, and the last file would go unanswered.
+        (
+            b'--x\r\nContent-Disposition: form-data; name="f"; filename="a.png"\r\nContent-Type: image/png\r\n\r\n'
+            + _png(np.zeros((32, 32, 3), np.uint8))
+            + b"\r\n",
+            "multipart/form-data; boundary=x",
+            "",
+            400,
+            "ends before its closing boundary",
+        ),
         (_declared_png(30000, 30000), "image/png", "", 413, "more than 1000000 pixels"),
         (_declared_png(1200, 1000), "image/png", "", 413, "more than 1000000 pixels"),
     ],
@@ -349,6 +366,11 @@ def test_every_way_a_client_sends_an_image_gets_the_same_answer(strict_server, r
                                                          ("other", ("b.webp", encoded("WEBP", lossless=True)))],
                       data={"note": "text fields are not images"}, timeout=60)  # fmt: skip
     assert resp.status_code == 200 and resp.json()["predictions"] == expected * 2, resp.text
+    # A browser's optional file input left empty sends a part with filename="" and no bytes: not an image.
+    resp = httpx.post(f"{strict_server}/predict", files=[("file", ("a.png", png, "image/png")),
+                                                         ("optional", ("", b"", "application/octet-stream"))],
+                      timeout=60)  # fmt: skip
+    assert resp.status_code == 200 and resp.json()["predictions"] == expected, resp.text
     gif = answer(encoded("GIF"), "image/gif")  # a 256-colour palette: close, not equal
     assert len(gif) == 1 and len(gif[0]) == 5
     b64 = base64.b64encode(png).decode()

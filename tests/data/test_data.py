@@ -509,6 +509,17 @@ def test_kaggle_split_folder_names_are_splits_not_classes(tmp_path):
     assert len(splits.y_test) == 6
 
 
+def test_class_names_with_a_split_word_stay_classes(tmp_path):
+    """training_wheels/ and test_tube/ with their images in sub-folders are classes, not a train and a test split
+    (the words beside a split's name must be ones like set, data, images)."""
+    for cls in ("training_wheels", "test_tube", "Train Station"):
+        for year in ("2019", "2020"):
+            _pngs(tmp_path / "root" / cls / year, 3)
+    splits = _prepare(tmp_path / "root", tmp_path)
+    assert splits.class_names == ["Train Station", "test_tube", "training_wheels"]
+    assert splits.info["splits_given"] == "none"
+
+
 @pytest.mark.parametrize(
     ("folders", "message"),
     [

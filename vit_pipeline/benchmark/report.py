@@ -76,8 +76,12 @@ class BenchmarkResult:
         """The precision the engine computed in, where it is not the file's own (None where it is).
 
         OpenVINO as it comes runs a fp32 file in bf16 on a CPU with AVX512-BF16 or AMX: a name that says
-        only ``fp32`` would tell the reader of a metric or a ratio something untrue.
+        only ``fp32`` would tell the reader of a metric or a ratio something untrue. Only OpenVINO's rows: their
+        precision is the compiled model's own answer (``INFERENCE_PRECISION_HINT``); the other backends'
+        precision is read from the graph and says nothing a file's name does not.
         """
+        if self.backend != "openvino":
+            return None
         own = "int8" if self.variant.startswith("int8") else "fp16" if self.variant == "fp16" else "fp32"
         return None if self.precision == own else self.precision
 

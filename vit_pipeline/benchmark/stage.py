@@ -40,7 +40,9 @@ def log_report(logger: RunLogger, report: BenchmarkReport, files: dict[str, Path
     """The report's metrics, its served choice and CPU as tags, its files as artifacts."""
     logger.metrics(report.mlflow_metrics())
     if report.choice.get("label"):
-        logger.tags({"benchmark.served_choice": report.shown_label(report.choice["label"]),
+        served = next((r for r in report.results if r.label == report.choice["label"]), None)
+        logger.tags({"benchmark.served_choice": report.choice["label"],  # an identifier: runs are filtered by it
+                     "benchmark.served_precision": served.precision if served else "",
                      "benchmark.cpu": report.environment.get("cpu_model", "")})  # fmt: skip
     logger.artifacts([files[key] for key in ("json", "markdown", "plot")], "benchmark")
 

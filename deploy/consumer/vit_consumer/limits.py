@@ -76,24 +76,30 @@ def _leaf_kinds(data: object) -> set[str]:
     return {_JSON_KINDS.get(type(x), type(x).__name__) for x in level if type(x) not in (int, float)}
 
 
-def numbers(data: object, what: str, dtype: np.dtype | type = np.float32) -> np.ndarray:
+def numbers(
+    data: object, what: str, dtype: np.dtype | type = np.float32, booleans: bool = True
+) -> np.ndarray:
     """JSON numbers (nested lists) -> an array of ``dtype``; strings, booleans, nulls and ragged rows are refused.
 
     ``np.asarray(data, dtype)`` alone would read ``"1"`` and ``true`` as numbers and truncate 1.5
     to an integer type: the values' own kind is checked first, and values out of the range of
     ``dtype`` are refused rather than turned into infinities.
+
+    Args:
+        booleans: Whether the document may hold a boolean (False: its bytes hold no ``true``/``false``), so the
+            values are walked for one hidden among numbers (in pure Python: as long as ``np.asarray`` again).
     """
     dtype = np.dtype(dtype)
     allowed = "iu" if np.issubdtype(dtype, np.integer) else "iuf"
     expected = "integers" if allowed == "iu" else "numeric values"
-    if others := _leaf_kinds(data):
-        raise InputError(
-            f"{what} must be {expected} in equal-length rows. Received: {', '.join(sorted(others))}"
-        )
     try:
         raw = np.asarray(data)
     except (ValueError, OverflowError):
         raw = np.empty(0, object)  # ragged rows
+    if (raw.dtype.kind == "O" or (booleans and raw.dtype.kind in "iuf")) and (others := _leaf_kinds(data)):
+        raise InputError(
+            f"{what} must be {expected} in equal-length rows. Received: {', '.join(sorted(others))}"
+        )
     if raw.size == 0 and raw.dtype != object:
         return raw.astype(dtype)
     if raw.dtype.kind not in allowed:

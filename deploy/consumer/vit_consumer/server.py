@@ -210,7 +210,9 @@ def parse_body(clf: OnnxClassifier, raw_content_type: str, body: bytes, settings
         if isinstance(doc, dict) and "instances" in doc and "images_b64" in doc:
             raise InputError('Expected JSON {"instances": [...]} or {"images_b64": [...]}, not both')
         if isinstance(doc, dict) and "instances" in doc:
-            return clf.check_array(limits.numbers(doc["instances"], "'instances'"))
+            return clf.check_array(
+                limits.numbers(doc["instances"], "'instances'", booleans=_has_booleans(body))
+            )
         if isinstance(doc, dict) and isinstance(doc.get("images_b64"), list) and doc["images_b64"]:
             if len(doc["images_b64"]) > 1024:
                 raise InputError(f"Expected 1 to 1024 images. Received: {len(doc['images_b64'])}", 413)
@@ -224,16 +226,21 @@ def parse_body(clf: OnnxClassifier, raw_content_type: str, body: bytes, settings
     )
 
 
-def _multipart_files(raw_content_type: str, body: bytes) -> list[bytes]:
+def _multipart_files(raw_content_type: str, body: bytes) -> list[bytearray]:
     """The file parts of a ``multipart/form-data`` body (RFC 7578; ``python-multipart``, Starlette's parser), in
     order: the parts with a filename or an ``image/*`` / ``application/octet-stream`` type; text fields are
     ignored (``top_k`` is a query parameter)."""
-    from python_multipart.multipart import MultipartParseError, MultipartParser, parse_options_header
+    from python_multipart.multipart import (
+        FormParserError,
+        MultipartParser,
+        MultipartState,
+        parse_options_header,
+    )
 
     boundary = parse_options_header(raw_content_type)[1].get(b"boundary")
     if not boundary:
         raise InputError("multipart/form-data without a boundary parameter")
-    files: list[bytes] = []
+    files: list[bytearray] = []
     part: dict[str, Any] = {}
 
     def begin() -> None:
@@ -242,10 +249,13 @@ def _multipart_files(raw_content_type: str, body: bytes) -> list[bytes]:
     def end() -> None:
         disposition = parse_options_header(part["headers"].get(b"content-disposition", b""))[1]
         kind = part["headers"].get(b"content-type", b"").split(b";")[0].strip().lower()
-        if b"filename" in disposition or kind.startswith(b"image/") or kind == b"application/octet-stream":
+        named = b"filename" in disposition or b"filename*" in disposition
+        if not part["data"]:  # a form's optional file input left empty (filename="", no bytes): no file
+            return
+        if named or kind.startswith(b"image/") or kind == b"application/octet-stream":
             if len(files) >= MAX_BATCH:
                 raise InputError(f"Expected 1 to {MAX_BATCH} images. Received: more", 413)
-            files.append(bytes(part["data"]))
+            files.append(part["data"])
 
     def header_end() -> None:
         part["headers"][part["field"].lower()] = part["value"]
@@ -253,23 +263,32 @@ def _multipart_files(raw_content_type: str, body: bytes) -> list[bytes]:
 
     callbacks = {
         "on_part_begin": begin,
-        "on_part_data": lambda data, start, stop: part["data"].extend(data[start:stop]),
+        "on_part_data": lambda data, start, stop: part["data"].extend(
+            memoryview(data)[start:stop]
+        ),  # no copy
         "on_part_end": end,
         "on_header_field": lambda data, start, stop: part.update(field=part["field"] + data[start:stop]),
         "on_header_value": lambda data, start, stop: part.update(value=part["value"] + data[start:stop]),
         "on_header_end": header_end,
     }
-    parser = MultipartParser(boundary, callbacks)
-    try:
+    try:  # the parser refuses a boundary over 256 bytes when it is made
+        parser = MultipartParser(boundary, callbacks)
         parser.write(body)
         parser.finalize()
-    except MultipartParseError as exc:
+    except FormParserError as exc:  # MultipartParseError is one
         raise InputError(
             f"Not a readable multipart/form-data body: {str(exc).splitlines()[0][:200]}"
         ) from None
+    if parser.state != MultipartState.END:  # finalize() accepts a body cut short: its last file would be lost
+        raise InputError("The multipart/form-data body ends before its closing boundary")
     if not files:
         raise InputError("The multipart/form-data body holds no file part (send the image as a file field)")
     return files
+
+
+def _has_booleans(body: bytes) -> bool:
+    """Whether a JSON body may hold a boolean (``limits.numbers`` then looks for one among the numbers)."""
+    return b"true" in body or b"false" in body
 
 
 NPY_MAGIC = b"\x93NUMPY"
