@@ -358,18 +358,28 @@ def _class_key(name: str) -> str:
 
 
 # Words beside a split's name in the split folders people download (Kaggle's training_set/, seg_train/,
-# train_images/): a name with any other word (training_wheels/, test_tube/) names a class.
+# train_images/, testset/, train_2/): a name with any other word (training_wheels/, test_tube/) names a class.
 SPLIT_NAME_WORDS = frozenset(
     {"set", "sets", "data", "dataset", "images", "imgs", "img", "split", "seg", "files", ""}
 )
+# Other names of a split: ML's train/dev/test; VOC's trainval (train and val together: val is split from it).
+SPLIT_ALIASES = {"dev": "val", "trainval": "train"}
+_SPLIT_WORD = re.compile(rf"({'|'.join(sorted({*SPLIT_FOLDERS, *SPLIT_ALIASES}, key=len, reverse=True))})"
+                         rf"({'|'.join(sorted(SPLIT_NAME_WORDS - {''}, key=len, reverse=True))})?")  # fmt: skip
 
 
 def _split_name(name: str) -> str | None:
-    """The split a folder's name says (``train``, ``val``, ``test``), or None: the names of ``SPLIT_FOLDERS``,
-    alone or with only the words of ``SPLIT_NAME_WORDS`` (``training_set``, ``seg_test``)."""
-    words = re.split(r"[^a-z0-9]+", name.lower())
-    said = {SPLIT_FOLDERS[word] for word in words if word in SPLIT_FOLDERS}
-    rest = [word for word in words if word not in SPLIT_FOLDERS and word not in SPLIT_NAME_WORDS]
+    """The split a folder's name says (``train``, ``val``, ``test``), or None: the names of ``SPLIT_FOLDERS`` and
+    ``SPLIT_ALIASES``, alone or with only the words of ``SPLIT_NAME_WORDS`` and numbers (``training_set``,
+    ``seg_test``, ``testset``, ``train_2``); ``train_val`` is ``trainval``."""
+    said, rest = set(), []
+    for word in re.split(r"[^a-z0-9]+", name.lower()):
+        if match := _SPLIT_WORD.fullmatch(word):
+            said.add({**SPLIT_FOLDERS, **SPLIT_ALIASES}[match.group(1)])
+        elif word not in SPLIT_NAME_WORDS and not re.fullmatch(r"v?\d+", word):
+            rest.append(word)
+    if said == {"train", "val"}:  # train_val/: trainval
+        said = {"train"}
     return said.pop() if len(said) == 1 and not rest else None
 
 
@@ -415,6 +425,16 @@ def image_folder_layout(root: Path) -> dict[str, Path]:
     if not all(splits.values()):  # other names: split folders only where their contents say so too
         splits = {p: _split_name(p.name) for p in subdirs if _split_name(p.name) and _holds_class_folders(p)}
     if len(splits) < len(subdirs):
+        inner = {frozenset(_class_key(c.name) for c in _subdirs(p)) for p in splits}
+        alike = [
+            p
+            for p in subdirs
+            if p not in splits and frozenset(_class_key(c.name) for c in _subdirs(p)) in inner
+        ]
+        if alike:  # train/ beside eval/ holding the same class folders: a split with a name not read as one
+            raise DataError(f"Image folder {root} holds split folders ({', '.join(p.name for p in splits)}) and "
+                            f"{', '.join(p.name for p in alike)[:200]}, with the same class folders: name each split "
+                            "train/, val/ (or dev/) or test/")  # fmt: skip
         if len(splits) >= 2:
             raise DataError(f"Image folder {root} holds split folders ({', '.join(p.name for p in splits)}) beside "
                             f"other folders ({', '.join(p.name for p in subdirs if p not in splits)[:200]}); give a "
@@ -429,7 +449,7 @@ def image_folder_layout(root: Path) -> dict[str, Path]:
         if split in layout:
             raise DataError(f"Image folder {root} has both {layout[split].name}/ and {p.name}/; keep one")
         layout[split] = p
-    classes = {split: [_class_key(c.name) for c in _subdirs(p)] for split, p in layout.items()}
+    classes = {split: sorted({_class_key(c.name) for c in _subdirs(p)}) for split, p in layout.items()}
     if not classes["train"]:
         raise DataError(f"Image folder {layout['train']} has no class sub-folders")
     for split, found in classes.items():
@@ -596,8 +616,9 @@ def _split(x: np.ndarray, y: np.ndarray, fraction: float, seed: int) -> tuple[np
             a = np.concatenate([first, a])
         elif n_hold == len(others):
             a, b = first, others
-        else:
-            a, b = train_test_split(np.arange(len(y)), test_size=n_hold, random_state=seed)
+        else:  # every other image held out, and only as many classes' one image as the fraction needs
+            a, b = train_test_split(first, test_size=n_hold - len(others), random_state=seed)
+            b = np.concatenate([others, b])
     return x[a], y[a], x[b], y[b]
 
 
@@ -694,6 +715,10 @@ def _prepare_folder(cfg: PipelineConfig, root: Path, shard_dir: str | os.PathLik
         (files_train, y_train), (files_val, y_val) = (files_rest, y_rest), listed["val"]
     else:
         files_train, y_train, files_val, y_val = _split(files_rest, y_rest, cfg.validation_split, cfg.seed)
+    if empty := [names[c] for c in range(len(names)) if not np.any(y_train == c)]:  # before any decoding
+        raise DataError(f"{len(empty)} classes have no training image left after the test and validation splits "
+                        f"(e.g. {empty[:5]}): too few images per class for --test-split {cfg.test_split:g} and "
+                        f"--validation-split {cfg.validation_split:g}")  # fmt: skip
     out_dir = Path(shard_dir) if shard_dir else Path(tempfile.mkdtemp(prefix="vit-shards-"))
     decoded, skipped = _shard_splits(
         cfg, {"train": (files_train, y_train), "val": (files_val, y_val), "test": (files_test, y_test)},

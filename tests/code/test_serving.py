@@ -374,7 +374,8 @@ def test_every_way_a_client_sends_an_image_gets_the_same_answer(strict_server, r
     gif = answer(encoded("GIF"), "image/gif")  # a 256-colour palette: close, not equal
     assert len(gif) == 1 and len(gif[0]) == 5
     b64 = base64.b64encode(png).decode()
-    for text in (f"data:image/png;base64,{b64}", base64.encodebytes(png).decode(),
+    for text in (f"data:image/png;base64,{b64}", f"data:application/octet-stream;base64,{b64}",
+                 base64.encodebytes(png).decode(),
                  base64.urlsafe_b64encode(png).decode().rstrip("=")):  # fmt: skip
         doc = json.dumps({"images_b64": [text]}).encode()
         assert answer(doc, "application/json") == expected

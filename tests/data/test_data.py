@@ -592,3 +592,55 @@ def test_an_archive_or_a_wrapping_folder_gets_a_hint(tmp_path):
         _pngs(tmp_path / "root" / "flowers" / cls, 3)
     with pytest.raises(DataError, match="is .*flowers the folder of class folders"):
         _prepare(tmp_path / "root", tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("names", "given"),
+    [(("trainval", "test"), "train,test"), (("train", "dev", "test"), "train,val,test"),
+     (("trainset", "testset"), "train,test"), (("train_2", "test_2"), "train,test"),
+     (("TRAINING-SET", "val_images"), "train,val")],
+)  # fmt: skip
+def test_more_split_folder_names_people_download(tmp_path, names, given):
+    for name in names:
+        for cls in ("cats", "dogs"):
+            _pngs(tmp_path / "root" / name / cls, 4)
+    splits = _prepare(tmp_path / "root", tmp_path)
+    assert splits.class_names == ["cats", "dogs"] and splits.info["splits_given"] == given
+
+
+def test_a_split_folder_beside_one_of_another_name_with_the_same_classes_is_an_error(tmp_path):
+    """train/ and eval/ (or 'train copy'/) with the same class folders: never a two-class "which folder" model."""
+    for name in ("train", "eval"):
+        for cls in ("cats", "dogs"):
+            _pngs(tmp_path / "root" / name / cls, 4)
+    with pytest.raises(
+        DataError, match=re.escape("holds split folders (train) and eval, with the same class folders")
+    ):
+        _prepare(tmp_path / "root", tmp_path)
+
+
+def test_an_nfc_and_an_nfd_class_folder_in_one_split_match_the_other_split(tmp_path):
+    for name in ("caf\u00e9", unicodedata.normalize("NFD", "caf\u00e9"), "dog"):
+        _pngs(tmp_path / "root" / "train" / name, 4)
+    for name in ("caf\u00e9", "dog"):
+        _pngs(tmp_path / "root" / "test" / name, 2)
+    splits = _prepare(tmp_path / "root", tmp_path)
+    assert splits.class_names == ["caf\u00e9", "dog"] and len(splits.y_test) == 4
+
+
+def test_a_split_too_large_to_keep_every_class_loses_as_few_classes_as_it_can():
+    """2 images of each of 50 classes, 51% held out: one class must leave training, not a dozen (a random split)."""
+    y = np.repeat(np.arange(50), 2)
+    for seed in range(5):
+        x_a, y_a, x_b, y_b = data._split(np.arange(100), y, 0.51, seed)
+        assert sorted(np.concatenate([x_a, x_b]).tolist()) == list(range(100)) and len(y_b) == 51
+        assert len(set(y_a.tolist())) == 49
+
+
+def test_classes_left_without_a_training_image_are_named_before_decoding(tmp_path):
+    """Not a false "has no readable images" after decoding every file: the cause, and the options that help."""
+    _pngs(tmp_path / "root" / "big", 3)
+    for c in range(12):
+        _pngs(tmp_path / "root" / f"c{c:02d}", 1)
+    with pytest.raises(DataError, match="have no training image left after the test and validation splits"):
+        _prepare(tmp_path / "root", tmp_path)

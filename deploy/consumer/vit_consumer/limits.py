@@ -15,7 +15,7 @@ import zlib
 
 import numpy as np
 
-from vit_consumer.classifier import InputError
+from vit_consumer.classifier import InputError, _plain
 
 # Content-Encoding -> zlib's wbits (32 + 15: a gzip or a zlib header, detected). HTTP's "deflate" is the
 # zlib format (RFC 9110 8.4.1.2); tritonclient's request_compression_algorithm sends either.
@@ -133,7 +133,7 @@ def load_npy(body: bytes) -> np.ndarray:
         else:
             raise ValueError(f"format version {version[0]}.{version[1]} is not accepted (1.0 or 2.0)")
     except (ValueError, EOFError, SyntaxError) as exc:
-        raise InputError(f"Not a readable .npy array: {str(exc).splitlines()[0][:200]}") from None
+        raise InputError(f"Not a readable .npy array: {_plain(exc)}") from None
     if dtype.hasobject:
         raise InputError("Not a readable .npy array: object arrays (pickles) are refused")
     if dtype.subdtype is not None or any(d < 0 for d in shape):  # frombuffer + reshape would fail on either

@@ -292,7 +292,7 @@ def _has_booleans(body: bytes) -> bool:
 
 
 NPY_MAGIC = b"\x93NUMPY"
-_DATA_URI = re.compile(r"data:image/[\w.+-]+;base64,", re.IGNORECASE)
+_DATA_URI = re.compile(r"\s*data:[^,]*;base64,", re.IGNORECASE)  # any media type: the bytes say the format
 
 
 def _base64_file(text: object, i: int, n: int) -> bytes:
