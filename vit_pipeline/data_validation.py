@@ -414,7 +414,8 @@ class Leakage:
             if self.from_checkpoint
             else ""
         )
-        return (f"{self.exact} exact and {self.near} near duplicates of training images in the test split"
+        return (f"{self.exact} exact and {self.near} near duplicates of training or validation images in the test "
+                "split"
                 f"{ckpt}{dropped}")  # fmt: skip
 
 
@@ -649,7 +650,8 @@ def run(ctx: StageContext, data_path: str) -> DataValidation:
 
     reference, why, champion_run = champion_statistics(cfg)
     drifted = (drift(stats, reference, cfg.drift_channel_threshold, cfg.drift_class_threshold, champion_run)
-               if reference is not None else Drift(False, why))  # fmt: skip
+               if reference is not None else Drift(False, why, channel_threshold=cfg.drift_channel_threshold,
+                                                   class_threshold=cfg.drift_class_threshold))  # fmt: skip
     train, val, test = (ImageHashes.of(x) for x in (splits.x_train, splits.x_val, splits.x_test))
     seen_before, lineage = checkpoint_seen(cfg) if cfg.init_from else (None, None)
     refs = {"train": train, "val": val, **({"checkpoint": seen_before} if seen_before is not None else {})}

@@ -179,7 +179,7 @@ def _benchmark_section(rec: RunRecord) -> list[str]:
     for bs in sorted({r.batch_size for r in bench.results}):
         served = bench.served(bs)
         if served is not None:
-            rows.append([bs, served.label, f"{served.throughput_ips:.1f}", f"{served.latency_ms.p50:.2f}"])
+            rows.append([bs, served.shown, f"{served.throughput_ips:.1f}", f"{served.latency_ms.p50:.2f}"])
     if rows:
         lines += ["", *_table(["batch", "served engine", "images/s", "p50 latency (ms)"], rows)]
     return [*lines, ""]
@@ -211,8 +211,9 @@ def _lineage_and_limits(rec: RunRecord, registration: Registration) -> list[str]
     if exact + near and not m.get("data.test_duplicates_dropped"):
         # A near pair is a perceptual-hash match: a copy (re-encoded, resized, brightened) or, on images with
         # little detail (upscaled 8x8 digits), a look-alike. Say which is which is known, and where to look.
-        found = " and ".join(f for f in (f"{exact} are exact copies of training images" if exact else "",
-                                          f"{near} nearly match a training image (perceptual hash)" if near else "") if f)  # fmt: skip
+        found = " and ".join(f for f in (f"{exact} are exact copies of training or validation images" if exact else "",
+                                          f"{near} nearly match a training or validation image (perceptual hash)"
+                                          if near else "") if f)  # fmt: skip
         lines.append(f"- Of its test images, {found}; they were kept. Copies make the test figures flatter it, "
                      "look-alikes need not (the pairs are in `data/leaked_pairs.png`).")  # fmt: skip
     if t.get("gate.drift", "").startswith("above"):

@@ -185,10 +185,13 @@ class Decision:
     champion_accuracy: float | None = None
     checks: list[thresholds.Check] = field(default_factory=list)
     evaluated: bool = True  # False: decided before the thresholds were looked at (blocked, policy, no change)
+    unchecked: str = ""  # the change thresholds not compared, and why (no champion, policy, ...)
 
     def thresholds_outcome(self) -> str:
         """The ``gate.thresholds`` tag: what the thresholds said, or why they were not looked at."""
-        return thresholds.outcome(self.checks) if self.evaluated else f"not evaluated ({self.reason})"
+        if not self.evaluated:
+            return f"not evaluated ({self.reason})"
+        return thresholds.outcome(self.checks, self.unchecked)
 
 
 def decide(cfg: PipelineConfig, logits: np.ndarray, split: TestSplit, champion,
@@ -197,16 +200,22 @@ def decide(cfg: PipelineConfig, logits: np.ndarray, split: TestSplit, champion,
     if cfg.promotion_policy == "never":
         return Decision(False, "policy 'never'", evaluated=False)
     checks = thresholds.value_checks(cfg, logits, split.labels, split.class_names)
+
+    def unchecked(why: str) -> str:
+        return f"{', '.join(thresholds.change_names(cfg))} not checked ({why})"
+
     if cfg.promotion_policy == "always" or champion is None:
         why = "policy 'always'" if cfg.promotion_policy == "always" else "no champion yet"
-        return _judged(why, checks)
+        decision = _judged(why, checks)
+        decision.unchecked = unchecked(why if champion is not None else "no champion to compare with")
+        return decision
     champ_dataset = champion.tags.get("dataset")
     if champ_dataset != cfg.dataset_tag:
-        return Decision(False, f"champion v{champion.version} was trained on {champ_dataset!r}, not "
-                               f"{cfg.dataset_tag!r}", None, checks)  # fmt: skip
+        why = f"champion v{champion.version} was trained on {champ_dataset!r}, not {cfg.dataset_tag!r}"
+        return Decision(False, why, None, checks, unchecked=unchecked(why))
     champ, problem = champion_logits(champion, split, tracking_uri)
     if champ is None:
-        return Decision(False, f"{problem}; not replaced", None, checks)
+        return Decision(False, f"{problem}; not replaced", None, checks, unchecked=unchecked(problem))
     checks += thresholds.change_checks(cfg, logits, champ, split.labels, split.class_names)
     new, old = (
         float(np.mean(logits.argmax(1) == split.labels)),

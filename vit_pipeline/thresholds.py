@@ -98,11 +98,22 @@ def failed(checks: list[Check]) -> list[Check]:
     return [c for c in checks if not c.held]
 
 
-def outcome(checks: list[Check]) -> str:
-    """``held: ...`` or ``failed: ...`` (the run and version tag)."""
-    if not checks:
-        return "none configured"
+def change_names(cfg: PipelineConfig) -> list[str]:
+    """The change thresholds configured: checked only against a champion (``change_checks``)."""
+    return [
+        "max_accuracy_drop",
+        *(["max_class_recall_drop"] if cfg.max_class_recall_drop is not None else []),
+    ]
+
+
+def outcome(checks: list[Check], unchecked: str = "") -> str:
+    """``held: ...`` or ``failed: ...`` (the run and version tag), and the thresholds not checked and why
+    (``unchecked``): a change threshold without a champion to compare with is not "none configured"."""
     bad = failed(checks)
     if bad:
-        return "failed: " + "; ".join(f"{c.name} ({c.detail})" for c in bad)
-    return "held: " + ", ".join(c.name for c in checks)
+        text = "failed: " + "; ".join(f"{c.name} ({c.detail})" for c in bad)
+    elif checks:
+        text = "held: " + ", ".join(c.name for c in checks)
+    else:
+        text = "none checked" if unchecked else "none configured"
+    return f"{text}; {unchecked}" if unchecked else text

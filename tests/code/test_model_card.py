@@ -23,10 +23,14 @@ def test_a_bare_run_gets_a_card_that_says_what_was_not_measured(tmp_path):
     assert "top-1 **50.00%** (95% interval" in full  # class 0 is 30 of 60 images
     assert full.count("Not measured.") == 3  # calibration, robustness, speed
     assert "- **Infra validation:** not run" in full and "Trained from random weights." in full
-    assert "- **Thresholds:** none configured" in full  # recorded even when there is nothing to check
+    # Recorded even when nothing could be checked, and why: the change thresholds need a champion.
+    nothing = (
+        "none checked; max_accuracy_drop, max_class_recall_drop not checked (no champion to compare with)"
+    )
+    assert f"- **Thresholds:** {nothing}" in full
     run = tracking.client(cfg).get_run(run_id)
     version = tracking.client(cfg).get_model_version("vit-digits", registration.version)
-    assert run.data.tags["gate.thresholds"] == version.tags["gate.thresholds"] == "none configured"
+    assert run.data.tags["gate.thresholds"] == version.tags["gate.thresholds"] == nothing
     # Against a champion the change thresholds apply; with the policy "never" they are not looked at.
     again = registry.register_onnx(cfg, runs.create_run(cfg, "test"), str(onnx), split)
     assert (

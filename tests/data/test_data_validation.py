@@ -170,6 +170,9 @@ def test_colour_shift_against_the_champion_is_recorded_and_blocks_promotion(tmp_
     cfg = folder_cfg(base, promotion_policy="always")
     run_id, first = validate(cfg)
     assert first.drift.computed is False
+    # The thresholds it would be held to are recorded, not zeros (data/drift.json is read in the MLflow UI).
+    assert (first.drift.channel_threshold, first.drift.class_threshold) == (
+        cfg.drift_channel_threshold, cfg.drift_class_threshold)  # fmt: skip
     # That run's model becomes champion (a real ONNX file, registered by the pipeline).
     split = registry.TestSplit.from_splits(Splits.load(first.data_path))
     onnx = constant_classifier(tmp_path / "c.onnx", CLASSES, 0, split.class_names)
