@@ -114,8 +114,14 @@ def _metrics_section(rec: RunRecord, registration: Registration) -> tuple[list[s
     if rows:
         ordered = sorted(rows, key=lambda r: float(r["recall"]))
         shown = ordered[:10]
+        # Ten rows at recall 0 would hide how many more there are, and a class never predicted has no precision.
+        zero = sum(float(r["recall"]) == 0 for r in rows)
+        never = sum(r["precision"] in ("", "nan") for r in rows)
+        counts = (f" {zero} of them have recall 0" if zero else "") + (
+            f"{';' if zero else ''} {never} are never predicted (precision nan: undefined)" if never else ""
+        )
         lines += ["", f"Lowest recall of {len(rows)} classes (the full table is in the run's "
-                  "`model_card/model_card.md`):", ""]  # fmt: skip
+                  f"`model_card/model_card.md`){':' if not counts else ';' + counts + ':'}", ""]  # fmt: skip
         lines += _table(["class", "test images", "recall", "precision", "F1"],
                         [[r["class_name"], r["support"], f"{float(r['recall']):.3f}", f"{float(r['precision']):.3f}",
                           f"{float(r['f1']):.3f}"] for r in shown])  # fmt: skip

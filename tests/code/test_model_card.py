@@ -46,3 +46,15 @@ def test_a_bare_run_gets_a_card_that_says_what_was_not_measured(tmp_path):
     assert short == full  # no per-class table to leave out
     html = model_card.to_html(full, "t")
     assert html.startswith("<!doctype html>") and "<h2>Limitations</h2>" in html and "<table>" not in html
+
+
+def test_the_lowest_recall_table_says_how_many_classes_it_cannot_show():
+    """Ten rows at recall 0 picked among 66 hid the 56 others; a class never predicted has no precision."""
+    from types import SimpleNamespace
+
+    rows = [{"class_name": f"c{i}", "support": "2", "recall": "0.0" if i < 12 else "1.0",
+             "precision": "nan" if i < 5 else "1.0", "f1": "0.0"} for i in range(20)]  # fmt: skip
+    rec = SimpleNamespace(metrics={}, params={}, csv=lambda path: rows)
+    lines, _ = model_card._metrics_section(rec, SimpleNamespace(test_images=40, served_test_accuracy=0.4))
+    assert ("Lowest recall of 20 classes (the full table is in the run's `model_card/model_card.md`); 12 of them "
+            "have recall 0; 5 are never predicted (precision nan: undefined):") in lines  # fmt: skip
