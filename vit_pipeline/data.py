@@ -364,6 +364,7 @@ SPLIT_NAME_WORDS = frozenset(
 )
 # Other names of a split: ML's train/dev/test; VOC's trainval (train and val together: val is split from it).
 SPLIT_ALIASES = {"dev": "val", "trainval": "train"}
+_SPLIT_OF = {**SPLIT_FOLDERS, **SPLIT_ALIASES}
 _SPLIT_WORD = re.compile(rf"({'|'.join(sorted({*SPLIT_FOLDERS, *SPLIT_ALIASES}, key=len, reverse=True))})"
                          rf"({'|'.join(sorted(SPLIT_NAME_WORDS - {''}, key=len, reverse=True))})?")  # fmt: skip
 
@@ -375,7 +376,7 @@ def _split_name(name: str) -> str | None:
     said, rest = set(), []
     for word in re.split(r"[^a-z0-9]+", name.lower()):
         if match := _SPLIT_WORD.fullmatch(word):
-            said.add({**SPLIT_FOLDERS, **SPLIT_ALIASES}[match.group(1)])
+            said.add(_SPLIT_OF[match.group(1)])
         elif word not in SPLIT_NAME_WORDS and not re.fullmatch(r"v?\d+", word):
             rest.append(word)
     if said == {"train", "val"}:  # train_val/: trainval
@@ -391,6 +392,16 @@ def _holds_class_folders(folder: Path) -> bool:
     except OSError:
         return False
     return bool(_subdirs(folder)) and not any(os.path.splitext(f)[1].lower() in IMAGE_SUFFIXES for f in files)
+
+
+def _class_set(folder: Path) -> frozenset[str]:
+    """The class folder names under ``folder``, as compared across splits (``_class_key``)."""
+    return frozenset(_class_key(c.name) for c in _subdirs(folder))
+
+
+def _classes_without(y: np.ndarray, names: list[str]) -> list[str]:
+    """The classes of ``names`` that no label of ``y`` names (a split left them without a training image)."""
+    return [names[c] for c in range(len(names)) if not np.any(y == c)]
 
 
 def _not_a_folder(root: Path) -> DataError:
@@ -423,14 +434,10 @@ def image_folder_layout(root: Path) -> dict[str, Path]:
         raise DataError(f"Image folder {root} has no class sub-folders")
     splits = {p: SPLIT_FOLDERS.get(p.name.lower()) for p in subdirs}
     if not all(splits.values()):  # other names: split folders only where their contents say so too
-        splits = {p: _split_name(p.name) for p in subdirs if _split_name(p.name) and _holds_class_folders(p)}
+        splits = {p: split for p in subdirs if (split := _split_name(p.name)) and _holds_class_folders(p)}
     if len(splits) < len(subdirs):
-        inner = {frozenset(_class_key(c.name) for c in _subdirs(p)) for p in splits}
-        alike = [
-            p
-            for p in subdirs
-            if p not in splits and frozenset(_class_key(c.name) for c in _subdirs(p)) in inner
-        ]
+        inner = {_class_set(p) for p in splits}
+        alike = [p for p in subdirs if p not in splits and _class_set(p) in inner]
         if alike:  # train/ beside eval/ holding the same class folders: a split with a name not read as one
             raise DataError(f"Image folder {root} holds split folders ({', '.join(p.name for p in splits)}) and "
                             f"{', '.join(p.name for p in alike)[:200]}, with the same class folders: name each split "
@@ -449,7 +456,7 @@ def image_folder_layout(root: Path) -> dict[str, Path]:
         if split in layout:
             raise DataError(f"Image folder {root} has both {layout[split].name}/ and {p.name}/; keep one")
         layout[split] = p
-    classes = {split: sorted({_class_key(c.name) for c in _subdirs(p)}) for split, p in layout.items()}
+    classes = {split: sorted(_class_set(p)) for split, p in layout.items()}
     if not classes["train"]:
         raise DataError(f"Image folder {layout['train']} has no class sub-folders")
     for split, found in classes.items():
@@ -685,8 +692,7 @@ def prepare(
     x_rest, y_rest = _cap(x_rest, y_rest, cfg.max_train_images, cfg.seed)
     x_test, y_test = _cap(x_test, y_test, cfg.max_test_images, cfg.seed)
     x_train, y_train, x_val, y_val = _split(x_rest, y_rest, cfg.validation_split, cfg.seed)
-    empty = [names[c] for c in range(num_classes) if not np.any(y_train == c)]
-    if empty:
+    if empty := _classes_without(y_train, names):
         raise DataError(f"{len(empty)} classes have no training images, e.g. {empty[:5]}")
     return Splits(
         x_train, y_train.astype(np.int32), x_val, y_val.astype(np.int32),
@@ -715,7 +721,7 @@ def _prepare_folder(cfg: PipelineConfig, root: Path, shard_dir: str | os.PathLik
         (files_train, y_train), (files_val, y_val) = (files_rest, y_rest), listed["val"]
     else:
         files_train, y_train, files_val, y_val = _split(files_rest, y_rest, cfg.validation_split, cfg.seed)
-    if empty := [names[c] for c in range(len(names)) if not np.any(y_train == c)]:  # before any decoding
+    if empty := _classes_without(y_train, names):  # before any decoding
         raise DataError(f"{len(empty)} classes have no training image left after the test and validation splits "
                         f"(e.g. {empty[:5]}): too few images per class for --test-split {cfg.test_split:g} and "
                         f"--validation-split {cfg.validation_split:g}")  # fmt: skip

@@ -206,9 +206,9 @@ def decide(cfg: PipelineConfig, logits: np.ndarray, split: TestSplit, champion,
 
     if cfg.promotion_policy == "always" or champion is None:
         why = "policy 'always'" if cfg.promotion_policy == "always" else "no champion yet"
-        decision = _judged(why, checks)
-        decision.unchecked = unchecked(why if champion is not None else "no champion to compare with")
-        return decision
+        return _judged(
+            why, checks, unchecked=unchecked(why if champion is not None else "no champion to compare with")
+        )
     champ_dataset = champion.tags.get("dataset")
     if champ_dataset != cfg.dataset_tag:
         why = f"champion v{champion.version} was trained on {champ_dataset!r}, not {cfg.dataset_tag!r}"
@@ -227,11 +227,12 @@ def decide(cfg: PipelineConfig, logits: np.ndarray, split: TestSplit, champion,
     return _judged(why, checks, old)
 
 
-def _judged(why: str, checks: list[thresholds.Check], champion_accuracy: float | None = None) -> Decision:
+def _judged(why: str, checks: list[thresholds.Check], champion_accuracy: float | None = None,
+            unchecked: str = "") -> Decision:  # fmt: skip
     bad = thresholds.failed(checks)
     if bad:
         why += "; failed " + "; ".join(f"{c.name} ({c.detail})" for c in bad)
-    return Decision(not bad, why, champion_accuracy, checks)
+    return Decision(not bad, why, champion_accuracy, checks, unchecked=unchecked)
 
 
 @contextlib.contextmanager

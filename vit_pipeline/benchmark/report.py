@@ -205,9 +205,14 @@ class BenchmarkReport:
             ]
         return "\n".join(lines) + "\n"
 
+    def first_row(self, label: str | None) -> BenchmarkResult | None:
+        """A row of the candidate ``label`` (its precision and name are the same at every batch size)."""
+        return next((r for r in self.results if r.label == label), None)
+
     def shown_label(self, label: str | None) -> str | None:
         """A label as people read it: with the precision its rows ran in (``BenchmarkResult.shown``)."""
-        return next((r.shown for r in self.results if r.label == label), label)
+        row = self.first_row(label)
+        return row.shown if row else label
 
     def rooflines(self) -> dict[str, dict[str, Any]]:
         """Precision -> roofline; version-1 reports held one fp32 roofline."""

@@ -40,7 +40,7 @@ def log_report(logger: RunLogger, report: BenchmarkReport, files: dict[str, Path
     """The report's metrics, its served choice and CPU as tags, its files as artifacts."""
     logger.metrics(report.mlflow_metrics())
     if report.choice.get("label"):
-        served = next((r for r in report.results if r.label == report.choice["label"]), None)
+        served = report.first_row(report.choice["label"])
         logger.tags({"benchmark.served_choice": report.choice["label"],  # an identifier: runs are filtered by it
                      "benchmark.served_precision": served.precision if served else "",
                      "benchmark.cpu": report.environment.get("cpu_model", "")})  # fmt: skip
