@@ -191,6 +191,19 @@ def _benchmark_section(rec: RunRecord) -> list[str]:
     return [*lines, ""]
 
 
+def _code_line(tags: dict[str, str]) -> str:
+    """Which code trained it: the commit (``runs.source_tags``), else only the package version."""
+    from vit_pipeline.runs import DIRTY, RESUMED_COMMIT
+
+    commit = tags.get("mlflow.source.git.commit")
+    if not commit:
+        return f"- Code: vit-pipeline {tags.get('vit_pipeline.version', '-')} (not run from a git checkout)."
+    branch = f" on `{tags['mlflow.source.git.branch']}`" if "mlflow.source.git.branch" in tags else ""
+    edits = " with uncommitted edits" if tags.get(DIRTY) == "true" else ""
+    resumed = f"; resumed by commit `{tags[RESUMED_COMMIT][:12]}`" if RESUMED_COMMIT in tags else ""
+    return f"- Code: commit `{commit[:12]}`{branch}{edits}{resumed}."
+
+
 def _lineage_and_limits(rec: RunRecord, registration: Registration) -> list[str]:
     t, m, p = rec.tags, rec.metrics, rec.params
     lines = ["## Lineage", ""]
@@ -200,7 +213,7 @@ def _lineage_and_limits(rec: RunRecord, registration: Registration) -> list[str]
     else:
         lines.append("- Trained from random weights.")
     lines += [f"- MLflow run `{rec.run_id}`, preset `{t.get('preset', p.get('preset', '-'))}`, "
-              f"{p.get('epochs', '-')} epochs, seed {p.get('seed', '-')}.", ""]  # fmt: skip
+              f"{p.get('epochs', '-')} epochs, seed {p.get('seed', '-')}.", _code_line(t), ""]  # fmt: skip
     lines += ["## Limitations", ""]
     n = registration.test_images
     if registration.served_test_accuracy is not None and n:

@@ -46,6 +46,8 @@ HEARTBEAT = "vit_pipeline.heartbeat"
 ERROR = "vit_pipeline.error"
 END_REASON = "vit_pipeline.end_reason"
 PREVIOUS_END = "vit_pipeline.previous_end"  # how a resumed run ended before
+RESUMED_COMMIT = "vit_pipeline.git.resumed_commit"  # the commit that continued a run begun by another
+DIRTY = "vit_pipeline.git.dirty"  # "true": the checkout had uncommitted edits to tracked files
 HEARTBEAT_SECONDS = 30.0
 STALE_ENV = "VIT_PIPELINE_STALE_SECONDS"
 
@@ -63,6 +65,33 @@ def _started(pid: int) -> str | None:
         return f"{psutil.Process(pid).create_time():.2f}"
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
         return None
+
+
+def source_tags() -> dict[str, str]:
+    """The code a run runs: the git commit of this package's checkout, its branch, and whether it had edits.
+
+    MLflow records ``mlflow.source.git.commit`` (the "Git commit" of the run page) only from
+    the fluent ``start_run`` and the entry script's folder, which for a Prefect worker or a
+    console script is not the code that trains. None of these tags where the package is not
+    in a git checkout (installed from a wheel: ``vit_pipeline.version`` says which).
+    """
+    from mlflow.utils.mlflow_tags import MLFLOW_GIT_BRANCH, MLFLOW_GIT_COMMIT
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        from git import Repo  # GitPython, an MLflow dependency; raises ImportError without a git executable
+
+        repo = Repo(here, search_parent_directories=True)
+        if repo.ignored(here):  # installed into an ignored folder (a venv) inside some other checkout
+            return {}
+        tags = {MLFLOW_GIT_COMMIT: repo.head.commit.hexsha,
+                DIRTY: str(repo.is_dirty(untracked_files=False)).lower()}  # fmt: skip
+        if not repo.head.is_detached:
+            tags[MLFLOW_GIT_BRANCH] = repo.active_branch.name
+        return tags
+    except Exception as exc:  # no checkout, no git, a repository without commits: nothing to say
+        log.debug("No git commit for %s: %s", here, exc)
+        return {}
 
 
 def owner_tags() -> dict[str, str]:
@@ -149,7 +178,12 @@ def create_run(cfg: PipelineConfig, preset: str | None = None, tags: dict[str, s
     c = tracking.client(cfg)
     reap_once(cfg)
     exp_id = tracking.experiment_id(cfg, c)
-    all_tags = {"vit_pipeline.version": __version__, "dataset": cfg.dataset_tag, **(tags or {})}
+    all_tags = {
+        "vit_pipeline.version": __version__,
+        "dataset": cfg.dataset_tag,
+        **source_tags(),
+        **(tags or {}),
+    }
     if cfg.tracking.run_name:
         all_tags[MLFLOW_RUN_NAME] = cfg.tracking.run_name
     run = c.create_run(exp_id, run_name=cfg.tracking.run_name, tags={**all_tags, **owner_tags()})
@@ -298,10 +332,15 @@ def _system_metrics(cfg: PipelineConfig, run_id: str):
 
 def _claim(client, run_id: str) -> None:
     """This process owns the run from now on; a resumed run's old end is kept as history."""
+    from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT
+
     tags = client.get_run(run_id).data.tags
     ended = {k: tags[k] for k in (ERROR, END_REASON) if k in tags}
-    client.log_batch(run_id, tags=_run_tags({**owner_tags(), **({PREVIOUS_END: "; ".join(ended.values())[:5000]}
-                                                                 if ended else {})}))  # fmt: skip
+    history = {PREVIOUS_END: "; ".join(ended.values())[:5000]} if ended else {}
+    # A run resumed by other code than started it says so: its weights came from both.
+    if (now := source_tags().get(MLFLOW_GIT_COMMIT)) and now != tags.get(MLFLOW_GIT_COMMIT, now):
+        history[RESUMED_COMMIT] = now
+    client.log_batch(run_id, tags=_run_tags({**owner_tags(), **history}))
     for key in ended:
         client.delete_tag(run_id, key)
     client.update_run(run_id, status="RUNNING")

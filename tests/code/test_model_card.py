@@ -23,6 +23,8 @@ def test_a_bare_run_gets_a_card_that_says_what_was_not_measured(tmp_path):
     assert "top-1 **50.00%** (95% interval" in full  # class 0 is 30 of 60 images
     assert full.count("Not measured.") == 3  # calibration, robustness, speed
     assert "- **Infra validation:** not run" in full and "Trained from random weights." in full
+    commit = tracking.client(cfg).get_run(run_id).data.tags["mlflow.source.git.commit"]
+    assert f"- Code: commit `{commit[:12]}`" in full  # which code trained it (runs.source_tags)
     # Recorded even when nothing could be checked, and why: the change thresholds need a champion.
     nothing = (
         "none checked; max_accuracy_drop, max_class_recall_drop not checked (no champion to compare with)"
@@ -46,6 +48,17 @@ def test_a_bare_run_gets_a_card_that_says_what_was_not_measured(tmp_path):
     assert short == full  # no per-class table to leave out
     html = model_card.to_html(full, "t")
     assert html.startswith("<!doctype html>") and "<h2>Limitations</h2>" in html and "<table>" not in html
+
+
+def test_the_code_line_says_what_is_known_of_the_code():
+    tags = {"mlflow.source.git.commit": "a" * 40, "mlflow.source.git.branch": "main",
+            runs.DIRTY: "true", runs.RESUMED_COMMIT: "b" * 40}  # fmt: skip
+    assert model_card._code_line(tags) == (
+        f"- Code: commit `{'a' * 12}` on `main` with uncommitted edits; resumed by commit `{'b' * 12}`."
+    )
+    assert model_card._code_line({"vit_pipeline.version": "0.1.0"}) == (
+        "- Code: vit-pipeline 0.1.0 (not run from a git checkout)."
+    )
 
 
 def test_the_lowest_recall_table_says_how_many_classes_it_cannot_show():

@@ -97,6 +97,32 @@ def test_resume_reopens_a_killed_run_and_keeps_its_history(cfg):
     assert _status(cfg, run_id).info.status == "FINISHED"
 
 
+def _git(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", *args], cwd=os.path.dirname(runs.__file__), capture_output=True, text=True)
+
+
+def test_a_run_records_the_commit_of_the_code_that_ran_it(cfg, tmp_path, monkeypatch):
+    from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT
+
+    head = _git("rev-parse", "HEAD").stdout.strip()
+    edited = _git("diff", "--quiet", "HEAD").returncode != 0
+    run_id = runs.create_run(cfg)
+    tags = _status(cfg, run_id).data.tags
+    assert tags[MLFLOW_GIT_COMMIT] == head and len(head) == 40
+    assert tags[runs.DIRTY] == str(edited).lower()
+    # Resumed by other code: the run keeps the commit it began with and names the one that continued it.
+    client = tracking.client(cfg)
+    client.set_tag(run_id, MLFLOW_GIT_COMMIT, "0" * 40)
+    runs.end_run(client, run_id, "KILLED", "test: a crash")
+    with runs.tracked_run(cfg, resume_run_id=run_id):
+        pass
+    tags = _status(cfg, run_id).data.tags
+    assert tags[MLFLOW_GIT_COMMIT] == "0" * 40 and tags[runs.RESUMED_COMMIT] == head
+    # Installed outside a checkout (a wheel): no commit is claimed.
+    monkeypatch.setattr(runs, "__file__", str(tmp_path / "site-packages" / "vit_pipeline" / "runs.py"))
+    assert runs.source_tags() == {}
+
+
 def test_resume_refuses_a_run_whose_owner_lives(cfg):
     from vit_pipeline.errors import TrainingInProgress
 
