@@ -126,6 +126,23 @@ def test_bad_input_gets_4xx_with_a_clear_message(server, body, content_type, sta
     assert message in resp.json()["detail"]
 
 
+def test_pixels_scaled_to_0_1_are_refused_not_read_as_a_black_image(server, real_cut):
+    """Floats in 0-1 are the usual convention elsewhere; read as 0-255 they got a confident wrong class."""
+    images = real_cut[0][:2].astype(np.float32)
+    scaled = images.copy()
+    scaled[1] /= 255.0
+    for body, kind in ((json.dumps({"instances": scaled.tolist()}).encode(), "application/json"),
+                       (_npy(scaled), "application/x-npy")):  # fmt: skip
+        resp = _post(server, body, kind)
+        assert resp.status_code == 400, resp.text
+        assert (
+            "image 1 has fractional values no higher than 1 (pixels scaled to 0-1?)" in resp.json()["detail"]
+        )
+    # What 0-255 allows stays allowed: a near-black image of whole numbers, fractions above 1.
+    for fine in (np.ones_like(images) * (np.arange(3072).reshape(32, 32, 3) % 2), images * 0.9 + 0.5):
+        assert _post(server, _npy(fine), "application/x-npy").status_code == 200
+
+
 def _predict(server, image: Image.Image, fmt: str = "PNG", **save) -> list[dict]:
     buf = io.BytesIO()
     image.save(buf, format=fmt, **save)

@@ -192,6 +192,7 @@ def test_protocol_errors_are_one_line_json(served):
         (infer, {"inputs": [{**image, "datatype": "UINT8", "data": [None] + [10] * 3071}]}, 400, "Received: nulls"),
         # The metadata says [-1, 32, 32, 3]: one image without its batch axis is not this model's input.
         (infer, {"inputs": [{**image, "shape": [32, 32, 3]}]}, 400, "expected shape [-1, 32, 32, 3]"),
+        (infer, {"inputs": [{**image, "data": [0.5] * 3072}]}, 400, "pixels scaled to 0-1?"),
     ]  # fmt: skip
     for url, doc, code, message in cases:
         response = httpx.post(url, json=doc)

@@ -336,8 +336,10 @@ class OnnxClassifier:
                 f"Expected 1 to {MAX_BATCH} images. Received: {len(arr)}", 413 if len(arr) else 400
             )
         arr = np.ascontiguousarray(arr, dtype=np.float32)  # copies only when needed
-        if not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 255:
+        peaks = arr.reshape(len(arr), -1).max(axis=1)
+        if not np.isfinite(arr).all() or arr.min() < 0 or peaks.max() > 255:
             raise InputError("Expected raw pixel values in [0, 255]")
+        _refuse_unit_scale(arr, peaks)
         return arr
 
     # ------------------------------------------------------------ inference
@@ -377,6 +379,19 @@ class OnnxClassifier:
             "temperature": self.temperature,
             "mlflow_run_id": self.metadata.get("mlflow_run_id", ""),
         }
+
+
+def _refuse_unit_scale(arr: np.ndarray, peaks: np.ndarray) -> None:
+    """Refuses an image whose pixels were scaled to 0-1, the usual float convention elsewhere.
+
+    Read as 0-255 it is a black image, and the answer a confident wrong class with a 200.
+    Only fractions below 1 tell it apart: an image of 0s and 1s may be 0-255 (near black)."""
+    for i in np.flatnonzero(peaks <= 1.0):
+        if (arr[i] != np.floor(arr[i])).any():
+            raise InputError(
+                f"Expected raw pixel values in [0, 255]. Received: image {i} has fractional values no higher "
+                "than 1 (pixels scaled to 0-1?): multiply them by 255"
+            )
 
 
 def to_rgb(img: Any) -> Any:
