@@ -240,6 +240,21 @@ def _lineage_and_limits(rec: RunRecord, registration: Registration) -> list[str]
     return [*lines, ""]
 
 
+def _decision_line(client, registration: Registration) -> str:
+    """What was decided when the version was registered, dated: the card is not rewritten when the alias
+    moves on, so it must not say "champion" in the present tense (the registry's alias says who is)."""
+    import datetime
+
+    try:
+        ms = client.get_model_version(registration.name, registration.version).creation_timestamp
+        when = f" ({datetime.datetime.fromtimestamp(ms / 1000, datetime.UTC):%Y-%m-%d %H:%M} UTC)"
+    except Exception:  # the card is still worth writing without the date
+        when = ""
+    decided = "promoted to champion" if registration.promoted else "not promoted"
+    return (f"**Decision at registration{when}:** {decided}: {registration.reason}. Which version serves now: "
+            f"the registry's `@champion` alias of `{registration.name}`.")  # fmt: skip
+
+
 def card(client, run_id: str, registration: Registration) -> tuple[str, str]:
     """(the full card, the card for the version description) as Markdown."""
     rec = RunRecord(client, run_id)
@@ -247,7 +262,7 @@ def card(client, run_id: str, registration: Registration) -> tuple[str, str]:
     names = classes.get("class_names", [])
     shape = classes.get("input_shape", [])
     head = [f"# Model card: {registration.name} v{registration.version}", "",
-            f"**Status:** {'champion' if registration.promoted else 'not promoted'}: {registration.reason}", "",
+            _decision_line(client, registration), "",
             "## Intended use", "",
             f"Classifies {'x'.join(map(str, shape[:2])) or 'RGB'} RGB images (raw pixels 0-255) of the dataset "
             f"`{rec.tags.get('dataset', registration.name)}` into {len(names) or '-'} classes"

@@ -36,6 +36,7 @@ class Check:
     name: str
     held: bool
     detail: str
+    checked: bool = True  # False: nothing it applies to (no class with enough test images); held says nothing
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -47,6 +48,15 @@ def class_recall(logits: np.ndarray, labels: np.ndarray, num_classes: int) -> tu
     hits = np.bincount(labels, weights=logits.argmax(1) == labels, minlength=num_classes)
     with np.errstate(invalid="ignore", divide="ignore"):
         return hits / support, support
+
+
+def _per_class(cfg: PipelineConfig, name: str, judged: np.ndarray, support: np.ndarray, held: bool,
+               detail: str) -> Check:  # fmt: skip
+    """A per-class check, or one that checked nothing: no class has ``class_min_support`` test images."""
+    if len(judged):
+        return Check(name, held, detail)
+    return Check(name, True, f"no class has >= {cfg.class_min_support} test images, the most {int(support.max())}; "
+                             "--class-min-support sets it", checked=False)  # fmt: skip
 
 
 def value_checks(
@@ -63,9 +73,9 @@ def value_checks(
         judged = np.flatnonzero(support >= cfg.class_min_support)
         under = [i for i in judged if recall[i] < cfg.min_class_recall]
         shown = ", ".join(f"{class_names[i]!r} {recall[i]:.2f}" for i in under[:5])
-        checks.append(Check("min_class_recall", not under,
-                            f"{len(under)} of {len(judged)} classes with >= {cfg.class_min_support} test images under "
-                            f"recall {cfg.min_class_recall:.2f}{': ' + shown if under else ''}"))  # fmt: skip
+        checks.append(_per_class(cfg, "min_class_recall", judged, support, not under,
+                                 f"{len(under)} of {len(judged)} classes with >= {cfg.class_min_support} test images "
+                                 f"under recall {cfg.min_class_recall:.2f}{': ' + shown if under else ''}"))  # fmt: skip
     return checks
 
 
@@ -88,9 +98,10 @@ def change_checks(cfg: PipelineConfig, logits: np.ndarray, champion_logits: np.n
         drops = 100 * (r_old - r_new)
         worse = sorted((i for i in judged if drops[i] > cfg.max_class_recall_drop), key=lambda i: -drops[i])
         shown = ", ".join(f"{class_names[i]!r} {r_old[i]:.2f} -> {r_new[i]:.2f}" for i in worse[:5])
-        checks.append(Check("max_class_recall_drop", not worse,
-                            f"{len(worse)} of {len(judged)} classes with >= {cfg.class_min_support} test images lost "
-                            f"more than {cfg.max_class_recall_drop:g} points of recall{': ' + shown if worse else ''}"))  # fmt: skip
+        checks.append(_per_class(cfg, "max_class_recall_drop", judged, support, not worse,
+                                 f"{len(worse)} of {len(judged)} classes with >= {cfg.class_min_support} test images "
+                                 f"lost more than {cfg.max_class_recall_drop:g} points of recall"
+                                 f"{': ' + shown if worse else ''}"))  # fmt: skip
     return checks
 
 
@@ -110,6 +121,12 @@ def outcome(checks: list[Check], unchecked: str = "") -> str:
     """``held: ...`` or ``failed: ...`` (the run and version tag), and the thresholds not checked and why
     (``unchecked``): a change threshold without a champion to compare with is not "none configured"."""
     bad = failed(checks)
+    idle = [c for c in checks if not c.checked]
+    if idle:  # configured, but no class had the test images to judge it: not "held"
+        unchecked = "; ".join(
+            [*([unchecked] if unchecked else []), *(f"{c.name} not checked ({c.detail})" for c in idle)]
+        )
+        checks = [c for c in checks if c.checked]
     if bad:
         text = "failed: " + "; ".join(f"{c.name} ({c.detail})" for c in bad)
     elif checks:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from tests.conftest import constant_classifier, labelled_split
@@ -19,7 +21,10 @@ def test_a_bare_run_gets_a_card_that_says_what_was_not_measured(tmp_path):
     registration = registry.register_onnx(cfg, run_id, str(onnx), split)
     full, short = model_card.card(tracking.client(cfg), run_id, registration)
     assert full.startswith(f"# Model card: vit-digits v{registration.version}")
-    assert "**Status:** champion: no champion yet" in full
+    # Dated and in the past tense: the card is not rewritten when the alias moves on (it said "Status: champion").
+    assert re.search(r"\*\*Decision at registration \(20\d\d-\d\d-\d\d \d\d:\d\d UTC\):\*\* promoted to "
+                     r"champion: no champion yet\. Which version serves now: the registry's `@champion`", full)  # fmt: skip
+    assert "Status" not in full
     assert "top-1 **50.00%** (95% interval" in full  # class 0 is 30 of 60 images
     assert full.count("Not measured.") == 3  # calibration, robustness, speed
     assert "- **Infra validation:** not run" in full and "Trained from random weights." in full

@@ -44,6 +44,28 @@ def test_value_and_change_checks_name_the_class_that_got_worse():
     assert not thresholds.change_checks(strict, worse, champion, labels, names)[0].held
 
 
+def test_a_per_class_threshold_with_no_class_to_judge_is_not_checked_not_held():
+    """The quickstart's 35-37 test images per class are under class_min_support 50: nothing was judged."""
+    cfg = make_config("quickstart", {"min_class_recall": 0.3, "max_class_recall_drop": 30})
+    labels = np.array([0] * 4 + [1] * 4 + [2] * 2)
+    names = ["cat", "dog", "eel"]
+    champion, collapsed = _logits([0] * 4 + [1] * 4 + [2] * 2, 3), _logits([0] * 10, 3)
+    checks = thresholds.value_checks(cfg, collapsed, labels, names) + thresholds.change_checks(
+        cfg, collapsed, champion, labels, names
+    )
+    recall_checks = [c for c in checks if "class" in c.name]
+    assert [c.checked for c in recall_checks] == [False, False]
+    text = thresholds.outcome(checks)
+    assert text.startswith("failed: max_accuracy_drop"), text  # the whole-split figure still judged it
+    assert (
+        "min_class_recall not checked (no class has >= 50 test images, the most 4; --class-min-support"
+        in text
+    )
+    assert "max_class_recall_drop not checked (no class has >= 50" in text and "held" not in text
+    only = [c for c in checks if c.name != "max_accuracy_drop"]
+    assert thresholds.outcome(only).startswith("none checked; min_class_recall not checked")
+
+
 def _with_logit_offset(src: Path, dst: Path, offsets: np.ndarray) -> Path:
     """The same model, with ``offsets`` added to its logits (a graph edit: one Add node)."""
     model = onnx.load(str(src))
