@@ -324,6 +324,10 @@ class GatesConfig(_Fields):
     max_class_recall_drop: NonNegativeFloat | None = 30.0
     """Change threshold: points of recall a class with at least class_min_support test images may lose against
     the champion (None: no per-class check)."""
+    max_label_shift: Annotated[float, Field(gt=0, le=100)] | None = 50.0
+    """Change threshold: points of recall the champion may lose on a class between its own test split and this
+    run's (95% intervals apart too) before the class's labels count as changed: the same name, other images
+    (relabelled or re-sorted data), which a model trained on them always wins (None: not checked)."""
     class_min_support: PositiveInt = 50
     """Test images a class needs for its per-class thresholds (fewer: too noisy to judge)."""
     ece_bins: Annotated[int, Field(ge=2, le=100)] = 15

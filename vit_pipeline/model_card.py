@@ -62,11 +62,10 @@ def _pct(value: float | None) -> str:
 
 
 def _wilson(p: float, n: int) -> tuple[float, float]:
-    """The 95% Wilson interval of a proportion (scipy)."""
-    from scipy.stats import binomtest
+    """The 95% Wilson interval of a proportion ``p`` of ``n``."""
+    from vit_pipeline.thresholds import wilson
 
-    ci = binomtest(int(round(p * n)), n).proportion_ci(0.95, method="wilson")
-    return float(ci.low), float(ci.high)
+    return wilson(p * n, n)
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> list[str]:

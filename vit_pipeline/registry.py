@@ -35,7 +35,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -216,15 +216,80 @@ def decide(cfg: PipelineConfig, logits: np.ndarray, split: TestSplit, champion,
     champ, problem = champion_logits(champion, split, tracking_uri)
     if champ is None:
         return Decision(False, f"{problem}; not replaced", None, checks, unchecked=unchecked(problem))
-    checks += thresholds.change_checks(cfg, logits, champ, split.labels, split.class_names)
-    new, old = (
-        float(np.mean(logits.argmax(1) == split.labels)),
-        float(np.mean(champ.argmax(1) == split.labels)),
-    )
+    unseen, seen_note = _unseen_by(cfg, champion, split)
+    if not len(unseen):
+        why = f"not comparable: {seen_note}"
+        return Decision(False, f"{why}; not replaced", None, checks, unchecked=unchecked(why))
+    logits, champ, labels = logits[unseen], champ[unseen], split.labels[unseen]
+    checks += thresholds.change_checks(cfg, logits, champ, labels, split.class_names)
+    shift_unchecked = ""
+    if cfg.max_label_shift is not None:
+        own = _champion_recall(cfg, champion)
+        if own is None:
+            shift_unchecked = "max_label_shift not checked (the champion's run has no per-class recall)"
+        else:
+            checks.append(thresholds.label_shift_check(cfg, champ, labels, split.class_names, own))
+    new, old = float(np.mean(logits.argmax(1) == labels)), float(np.mean(champ.argmax(1) == labels))
     compare = ">=" if new >= old else "<"
     why = f"served top-1 {new:.4f} {compare} champion v{champion.version}'s {old:.4f} on the same " \
-          f"{len(split.labels)} test images"  # fmt: skip
-    return _judged(why, checks, old)
+          f"{len(labels)} test images{seen_note}"  # fmt: skip
+    return _judged(why, checks, old, unchecked=shift_unchecked)
+
+
+def _champion_artifact(cfg: PipelineConfig, champion, path: str, read: Callable[[Path], Any]) -> Any:
+    """``read`` of a file of the champion's run, None where it has none (an older run)."""
+    import tempfile
+
+    from vit_pipeline import tracking
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = Path(tracking.client(cfg).download_artifacts(champion.run_id, path, tmp))
+        except Exception as exc:
+            log.info("Champion v%s: no %s (%s)", champion.version, path, exc)
+            return None
+        return read(local)
+
+
+def _unseen_by(cfg: PipelineConfig, champion, split: TestSplit) -> tuple[np.ndarray, str]:
+    """The indices of ``split``'s images the champion did not train on (exact pixel copies), and a note.
+
+    Another split seed or other data puts some of the champion's training images in this run's
+    test split; on those the champion scores higher, so they are left out of the comparison.
+    """
+    from vit_pipeline.data_validation import SEEN_ARTIFACT, ImageHashes, byte_hashes
+
+    everything = np.arange(len(split.labels))
+    seen = _champion_artifact(cfg, champion, SEEN_ARTIFACT, lambda p: set(ImageHashes.load(p).digests()))
+    if seen is None:
+        return (
+            everything,
+            f" (champion v{champion.version}'s training images are unknown: its run has no {SEEN_ARTIFACT})",
+        )
+    unseen = np.array([i for i, d in enumerate(byte_hashes(split.images)) if d not in seen], np.int64)
+    left = len(everything) - len(unseen)
+    if not left:
+        return everything, ""
+    if not len(unseen):
+        return (
+            unseen,
+            f"champion v{champion.version} trained on all {len(everything)} of this run's test images",
+        )
+    return unseen, (f" it did not train on ({left} of the {len(everything)} were in champion v{champion.version}'s "
+                    "training split and are left out)")  # fmt: skip
+
+
+def _champion_recall(cfg: PipelineConfig, champion) -> dict[str, tuple[float, int]] | None:
+    """The champion's recall and support per class on its own test split (its run's evaluation)."""
+    import csv
+
+    def read(path: Path) -> dict[str, tuple[float, int]]:
+        with open(path, newline="") as f:
+            return {
+                r["class_name"]: (float(r["recall"]), int(float(r["support"]))) for r in csv.DictReader(f)
+            }
+
+    return _champion_artifact(cfg, champion, "evaluation/per_class_accuracy.csv", read)
 
 
 def _judged(why: str, checks: list[thresholds.Check], champion_accuracy: float | None = None,

@@ -9,7 +9,13 @@ test split, and the champion's file on the same images. Each threshold is a conf
   champion's by at most ``max_accuracy_drop`` points (0: "at least the champion's", the
   default rule), and no class with at least ``class_min_support`` test images may lose more
   than ``max_class_recall_drop`` points of recall. One class collapsing while the mean
-  improves is exactly what a single top-1 figure hides.
+  improves is exactly what a single top-1 figure hides. ``max_label_shift``: the champion's
+  own recall of a class, on its test split against on this run's, must not fall by more than
+  that many points with the 95% intervals apart (the class's name now holds other images).
+
+The comparison leaves out the test images the champion trained on (a run with another split
+seed or other data draws its test images partly from the champion's training images, on
+which the champion scores higher); ``registry.decide`` says how many.
 
 Per-class figures on few images are noisy (the recall of a 20-image class moves in steps of
 5 points, and between two models by about 15 points for no reason): ``class_min_support``
@@ -105,6 +111,37 @@ def change_checks(cfg: PipelineConfig, logits: np.ndarray, champion_logits: np.n
     return checks
 
 
+def wilson(hits: float, n: int) -> tuple[float, float]:
+    """The 95% Wilson interval of ``hits`` successes in ``n`` (scipy)."""
+    from scipy.stats import binomtest
+
+    ci = binomtest(int(round(hits)), int(n)).proportion_ci(0.95, method="wilson")
+    return float(ci.low), float(ci.high)
+
+
+def label_shift_check(cfg: PipelineConfig, champion_logits: np.ndarray, labels: np.ndarray, class_names: list[str],
+                      own_recall: dict[str, tuple[float, int]]) -> Check:  # fmt: skip
+    """The champion's recall per class here against on its own test split (``own_recall``: name -> (recall,
+    support)). A class it recognised there and misses here, by more than ``max_label_shift`` points and with the
+    95% intervals apart, holds other images under its name: a candidate trained on them wins the comparison by
+    construction (two swapped classes: the champion at 0, the candidate at its usual figure)."""
+    recall, support = class_recall(champion_logits, labels, len(class_names))
+    shifted = []
+    for i, name in enumerate(class_names):
+        if name not in own_recall or not support[i] or not own_recall[name][1]:
+            continue
+        before, n_before = own_recall[name]
+        drop = 100 * (before - recall[i])
+        apart = wilson(recall[i] * support[i], support[i])[1] < wilson(before * n_before, n_before)[0]
+        if drop > cfg.max_label_shift and apart:
+            shifted.append((drop, f"{name!r} {before:.2f} -> {recall[i]:.2f}"))
+    shown = ", ".join(text for _, text in sorted(shifted, reverse=True)[:5])
+    return Check("max_label_shift", not shifted,
+                 f"{len(shifted)} of {len(class_names)} classes the champion recognised on its own test split and "
+                 f"misses on this one (more than {cfg.max_label_shift:g} points, 95% intervals apart)"
+                 f"{': ' + shown + ': relabelled or re-sorted data? a new --dataset-name keeps them apart' if shifted else ''}")  # fmt: skip
+
+
 def failed(checks: list[Check]) -> list[Check]:
     return [c for c in checks if not c.held]
 
@@ -114,6 +151,7 @@ def change_names(cfg: PipelineConfig) -> list[str]:
     return [
         "max_accuracy_drop",
         *(["max_class_recall_drop"] if cfg.max_class_recall_drop is not None else []),
+        *(["max_label_shift"] if cfg.max_label_shift is not None else []),
     ]
 
 

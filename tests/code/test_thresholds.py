@@ -142,3 +142,81 @@ def test_a_better_candidate_that_collapses_one_class_is_blocked(tmp_path, tiny_o
         whole.promoted
         and "held" in client.get_model_version(whole.name, whole.version).tags["gate.thresholds"]
     )
+
+
+def test_label_shift_is_a_class_the_champion_knew_and_now_misses():
+    """Two classes swapped in the data: the champion's recall of each falls from its own split's to 0."""
+    cfg = make_config("quickstart")
+    labels = np.array([0] * 30 + [1] * 30 + [2] * 4)
+    names = ["three", "eight", "eel"]
+    swapped = _logits([1] * 30 + [0] * 30 + [2] * 4, 3)  # what it calls three is now filed under eight
+    own = {"three": (0.9, 30), "eight": (0.8, 30), "eel": (1.0, 4)}
+    check = thresholds.label_shift_check(cfg, swapped, labels, names, own)
+    assert not check.held and "2 of 3 classes" in check.detail and "'three' 0.90 -> 0.00" in check.detail
+    # Noise is not a shift: a class of 4 images whose intervals overlap, or a drop within the threshold.
+    noisy = _logits([0] * 30 + [1] * 30 + [0, 0, 2, 2], 3)
+    assert thresholds.label_shift_check(cfg, noisy, labels, names, own).held
+    assert thresholds.label_shift_check(
+        cfg, noisy, labels, names, {**own, "eel": (1.0, 40)}
+    ).held  # 50 points
+
+
+@pytest.mark.integration
+def test_the_champion_is_compared_on_images_it_did_not_train_on(tmp_path):
+    """Another split seed puts the champion's training images in the candidate's test split."""
+    import csv
+
+    from tests.conftest import constant_classifier, labelled_split
+    from vit_pipeline.data_validation import SEEN_ARTIFACT, ImageHashes
+
+    cfg = make_config("quickstart", {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+                                     "max_class_recall_drop": None})  # fmt: skip
+    client = tracking.client(cfg)
+    split = labelled_split([40, 30])  # 40 of class 0, 30 of class 1
+    names = split.class_names
+
+    def champion_run(recall: dict[str, float]) -> str:
+        run_id = runs.create_run(cfg, "test")
+        folder = tmp_path / run_id
+        (folder / "data").mkdir(parents=True)
+        (folder / "evaluation").mkdir()
+        ImageHashes.of(split.images[:30]).save(folder / SEEN_ARTIFACT)  # trained on 30 of the class-0 images
+        with open(folder / "evaluation" / "per_class_accuracy.csv", "w", newline="") as f:
+            rows = csv.writer(f)
+            rows.writerow(["class_index", "class_name", "support", "recall"])
+            rows.writerows([i, n, 30, recall[n]] for i, n in enumerate(names))
+        client.log_artifacts(run_id, str(folder / "data"), "data")
+        client.log_artifacts(run_id, str(folder / "evaluation"), "evaluation")
+        return run_id
+
+    always0 = constant_classifier(tmp_path / "zero.onnx", 2, 0, names)  # the champion: 40 of 70 overall
+    always1 = constant_classifier(tmp_path / "one.onnx", 2, 1, names)  # the candidate: 30 of 70 overall
+    assert registry.register_onnx(
+        cfg, champion_run({"class0": 1.0, "class1": 0.0}), str(always0), split
+    ).promoted
+    candidate = registry.register_onnx(cfg, runs.create_run(cfg, "test"), str(always1), split)
+    # On the 40 images neither trained on, the candidate has 30 and the champion 10.
+    assert candidate.promoted, candidate.reason
+    assert candidate.reason == ("served top-1 0.7500 >= champion v1's 0.2500 on the same 40 test images it did not "
+                                "train on (30 of the 70 were in champion v1's training split and are left out)")  # fmt: skip
+    assert candidate.champion_test_accuracy == 0.25
+
+    # A champion that recognised class 1 on its own split and misses all of it here: the labels changed.
+    assert registry.register_onnx(
+        cfg, champion_run({"class0": 0.0, "class1": 0.9}), str(always0), split
+    ).promoted
+    shifted = registry.register_onnx(cfg, runs.create_run(cfg, "test"), str(always1), split)
+    assert not shifted.promoted, shifted.reason
+    assert "failed max_label_shift (1 of 2 classes the champion recognised" in shifted.reason
+    assert "'class1' 0.90 -> 0.00: relabelled or re-sorted data?" in shifted.reason
+
+    # A champion that trained on every test image cannot be compared: it stays.
+    run_id = runs.create_run(cfg, "test")
+    ImageHashes.of(split.images).save(tmp_path / "seen_images.npz")
+    client.log_artifact(run_id, str(tmp_path / "seen_images.npz"), "data")
+    forced = make_config("quickstart", {"tracking_uri": cfg.tracking_uri, "promotion_policy": "always"})
+    assert registry.register_onnx(forced, run_id, str(always0), split).version == "5"
+    blocked = registry.register_onnx(cfg, runs.create_run(cfg, "test"), str(always1), split)
+    assert not blocked.promoted and blocked.reason == (
+        "not comparable: champion v5 trained on all 70 of this run's test images; not replaced"
+    )
