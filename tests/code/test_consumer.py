@@ -143,6 +143,57 @@ def test_pixels_scaled_to_0_1_are_refused_not_read_as_a_black_image(server, real
         assert _post(server, _npy(fine), "application/x-npy").status_code == 200
 
 
+def _raw(url: str, chunks: list[bytes], wait: float = 0.0) -> bytes:
+    """Sends ``chunks`` on one connection (stopping where the service hangs up), waits, returns what came back."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        try:
+            for chunk in chunks:
+                sock.sendall(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        time.sleep(wait)
+        out = b""
+        try:
+            while part := sock.recv(65536):
+                out += part
+        except (ConnectionResetError, TimeoutError):
+            pass
+        return out
+
+
+def test_the_request_head_is_bounded_in_size_and_time_and_upgrade_offers_are_ignored(server):
+    """uvicorn's httptools protocol buffered a 200 MB header, held half-sent heads for ever and dropped the
+    body of a request offering Upgrade: h2c (curl --http2, Java's HttpClient): vit_consumer.http."""
+    from vit_consumer.http import HEAD_TIMEOUT_S, MAX_HEAD_BYTES
+
+    big = [b"GET /health/live HTTP/1.1\r\nHost: x\r\nX-Big: "] + [b"a" * 16384] * (
+        MAX_HEAD_BYTES // 16384 + 4
+    )
+    assert _raw(server, big).startswith(b"HTTP/1.1 431 ")
+    start = time.perf_counter()
+    slow = _raw(server, [b"POST /predict HTTP/1.1\r\nHost: x\r\n"])  # and nothing more
+    assert (
+        slow.startswith(b"HTTP/1.1 408 ")
+        and HEAD_TIMEOUT_S - 1 < time.perf_counter() - start < HEAD_TIMEOUT_S + 5
+    )
+    assert requests_ok(server)  # the service is as it was
+    png = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(png, format="PNG")
+    head = (f"POST /predict?top_k=1 HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+            f"HTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\nContent-Type: image/png\r\n"
+            f"Content-Length: {len(png.getvalue())}\r\nConnection: close\r\n\r\n").encode()  # fmt: skip
+    for chunks in ([head + png.getvalue()], [head, png.getvalue()]):
+        answer = _raw(server, chunks, wait=0.3)
+        assert answer.startswith(b"HTTP/1.1 200 ") and b'"predictions"' in answer, answer[:300]
+
+
+def requests_ok(url: str) -> bool:
+    import httpx
+
+    return httpx.get(f"{url}/health/live", timeout=10).status_code == 200
+
+
 def _predict(server, image: Image.Image, fmt: str = "PNG", **save) -> list[dict]:
     buf = io.BytesIO()
     image.save(buf, format=fmt, **save)

@@ -114,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         if serving:
             import uvicorn
 
+            from vit_consumer.http import GuardedHttpToolsProtocol
             from vit_consumer.server import create_app
 
             settings = Settings(
@@ -130,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"Serving {clf.source} (version {clf.version}, file {clf.path.name}: {clf.candidate['reason']}) "
                   f"on {clf.engine} {clf.providers_used}", file=sys.stderr)  # fmt: skip
             uvicorn.run(create_app(clf, settings), host=args.host, port=args.port, log_level="warning",
-                        access_log=False)  # fmt: skip
+                        access_log=False, http=GuardedHttpToolsProtocol)  # fmt: skip
             return 0
         for path in args.images:
             if not path.is_file():
