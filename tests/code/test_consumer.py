@@ -59,6 +59,18 @@ def test_health_reports_contract_and_real_providers(server):
     assert doc["input"]["shape"] == ["batch", 32, 32, 3]
     assert doc["providers"] == ["CPUExecutionProvider"]  # what the session runs on, here
     assert doc["mlflow_run_id"] == "r123"
+    # HEAD on every GET path (uptime monitors, curl -I): the GET's status and headers, no body. Was 405.
+    name = (
+        httpx.post(f"{server}/v2/models/unknown/infer", json={})
+        .json()["error"]
+        .split("serves ")[1]
+        .strip("'")
+    )
+    for path in ("/health", "/health/live", "/health/ready", "/metrics", "/v2", "/v2/health/live",
+                 "/v2/health/ready", f"/v2/models/{name}", f"/v2/models/{name}/ready"):  # fmt: skip
+        head, get = httpx.head(f"{server}{path}"), httpx.get(f"{server}{path}")
+        assert head.status_code == get.status_code == 200 and head.content == b"", path
+        assert head.headers["content-type"] == get.headers["content-type"], path
 
 
 def test_classifies_real_images_like_keras(server, tiny_export, real_cut):
