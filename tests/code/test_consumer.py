@@ -206,6 +206,107 @@ def requests_ok(url: str) -> bool:
     return httpx.get(f"{url}/health/live", timeout=10).status_code == 200
 
 
+def _metric(url: str, line_start: str) -> float:
+    import httpx
+
+    lines = httpx.get(f"{url}/metrics").text.splitlines()
+    return sum(float(line.split()[-1]) for line in lines if line.startswith(line_start))
+
+
+def _slow_classifier(path, num_classes: int = 10, width: int = 512):
+    """A real ONNX classifier of the contract that takes milliseconds per image (a (width x width) @
+    (width x width) product per image, 2 MB of weights): time for clients to leave while it works."""
+    import json
+
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = {"w0": rng.normal(size=(3072, width)) / 50, "w1": rng.normal(size=(width, width)) / 50,
+               "w2": rng.normal(size=(width, num_classes)), "shape": np.array([-1, width, 1])}  # fmt: skip
+    graph = helper.make_graph(
+        [
+            helper.make_node("Flatten", ["images"], ["flat"], axis=1),
+            helper.make_node("MatMul", ["flat", "w0"], ["h"]),
+            helper.make_node("Reshape", ["h", "shape"], ["column"]),
+            helper.make_node("Mul", ["column", "h_row"], ["square"]),  # (b, width, 1) * (b, 1, width)
+            helper.make_node("Unsqueeze", ["h", "axis1"], ["h_row"]),
+            helper.make_node("MatMul", ["square", "w1"], ["mixed"]),
+            helper.make_node("ReduceMean", ["mixed"], ["pooled"], axes=[1], keepdims=0),
+            helper.make_node("MatMul", ["pooled", "w2"], ["logits"]),
+        ],
+        "slow",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 32, 32, 3])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", num_classes])],
+        [
+            numpy_helper.from_array(v.astype(np.int64 if k == "shape" else np.float32), k)
+            for k, v in weights.items()
+        ]
+        + [numpy_helper.from_array(np.array([1], np.int64), "axis1")],
+    )
+    graph.node.sort(
+        key=lambda n: ["flat", "h", "h_row", "column", "square", "mixed", "pooled", "logits"].index(
+            n.output[0]
+        )
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    onnx.helper.set_model_props(model, {"class_names": json.dumps([f"class{i}" for i in range(num_classes)])})
+    onnx.save(model, str(path))
+    return path
+
+
+def test_a_client_that_hangs_up_before_its_answer_is_not_computed_and_counts_as_499(tmp_path, no_tf_env):
+    """Clients that time out and go away (then retry) had their images computed and counted as 200s."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "vit_consumer", "--model", str(_slow_classifier(tmp_path / "slow.onnx")), "serve",
+           "--port", str(port), "--no-choose"]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=no_tf_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    server = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(f"{server}/health", proc)
+        _hang_up_and_count(server, port)
+    finally:
+        stop(proc)
+
+
+IMAGES_PER_REQUEST = 10  # 400 images at about 2 ms each
+
+
+def _hang_up_and_count(server: str, port: int) -> None:
+    host = "127.0.0.1"
+    body = _npy(np.full((IMAGES_PER_REQUEST, 32, 32, 3), 7, np.uint8))
+    request = (f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-npy\r\n"
+               f"Content-Length: {len(body)}\r\n\r\n").encode() + body  # fmt: skip
+    ok, gone, images = (
+        (_metric(server, f'vit_consumer_requests_total{{code="{c}"}}') for c in ("200", "499")),
+        None,
+        0,
+    )
+    ok, gone = list(ok)
+    images = _metric(server, "vit_consumer_inferences_total")
+    clients = [socket.create_connection((host, int(port))) for _ in range(40)]
+    for sock in clients:
+        sock.sendall(request)
+    time.sleep(0.2)  # every body read and queued; the batcher is working through them
+    for sock in clients:
+        sock.close()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        answered = _metric(server, 'vit_consumer_requests_total{code="200"}') - ok
+        left = _metric(server, 'vit_consumer_requests_total{code="499"}') - gone
+        if answered + left >= 40:
+            break
+        time.sleep(0.2)
+    assert answered + left == 40 and left >= 1, (answered, left)
+    time.sleep(1.0)  # a dropped request's batch already running finishes; nothing else may start
+    computed = _metric(server, "vit_consumer_inferences_total") - images
+    assert computed <= 90 * answered + 90 * 32, (
+        computed,
+        answered,
+    )  # at most a batch (32) beyond the answered
+    assert computed < 40 * 90, computed
+
+
 def _predict(server, image: Image.Image, fmt: str = "PNG", **save) -> list[dict]:
     buf = io.BytesIO()
     image.save(buf, format=fmt, **save)

@@ -12,6 +12,8 @@ file descriptor. And a request that offers ``Upgrade: h2c`` (``curl --http2``, J
 * the request line and headers at most :data:`MAX_HEAD_BYTES`, else 431 and the connection closed;
 * the head within :data:`HEAD_TIMEOUT_S` of the connection's first byte (or of its opening),
   else 408 and closed (time *between* requests is uvicorn's keep-alive timeout);
+* a client that hangs up before its answer is told to the app (``ON_GONE`` in the request's
+  scope): a client that timed out and went away no longer has its images computed;
 * an upgrade offer other than a WebSocket one ignored, as RFC 9110 section 7.8 allows: the
   connection is handed to uvicorn's h11 protocol with the request, which serves it as
   plain HTTP/1.1 (h11 has its own 16 KiB head limit).
@@ -26,6 +28,9 @@ import httptools
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+# A request's scope holds a list under this key: callables run when its client hangs up before the answer
+# (the service drops its images from the batcher's queue; a 499). Only this protocol fills it.
+ON_GONE = "vit_consumer.on_gone"
 MAX_HEAD_BYTES = 64 * 1024  # request line and headers; real clients send well under 8 KiB
 HEAD_TIMEOUT_S = 10.0
 
@@ -51,6 +56,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_head_timer()
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            for callback in cycle.scope.get(ON_GONE, ()):
+                callback()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -84,6 +93,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._awaiting_head = False
         self._head_bytes = 0
         self._stop_head_timer()
+        self.scope[ON_GONE] = []  # type: ignore[typeddict-unknown-key]
         super().on_headers_complete()
 
     def _should_upgrade(self) -> bool:

@@ -63,6 +63,7 @@ from vit_consumer.classifier import (
     alias_version,
     registry_target,
 )
+from vit_consumer.http import ON_GONE
 from vit_consumer.metrics import Metrics
 from vit_consumer.settings import DEFAULT_MAX_BYTES, Settings, SettingsError
 
@@ -450,14 +451,17 @@ class Service:
         await loop.run_in_executor(None, self.freeze_heap)
 
     async def predict(
-        self, top_k_raw: str | None, headers: Mapping[str, str], body: AsyncIterator[bytes]
-    ) -> tuple[int, dict[str, Any], dict[str, str]]:
+        self, top_k_raw: str | None, headers: Mapping[str, str], body: AsyncIterator[bytes],
+        on_gone: list | None = None,
+    ) -> tuple[int, dict[str, Any], dict[str, str]]:  # fmt: skip
         """One ``POST /predict``: (status, JSON document, extra headers), whatever the transport.
 
         Args:
             top_k_raw: The ``top_k`` query parameter as sent (None: absent).
             headers: Request headers, lower-case names.
             body: The body's chunks as they arrive.
+            on_gone: Where to register what runs if the client hangs up before its answer (the transport's
+                list, ``vit_consumer.http.ON_GONE``; None: the transport cannot tell).
         """
         started = time.perf_counter()
         code, booking = 200, _Booking(self.admission)
@@ -469,7 +473,7 @@ class Service:
             data = await self._read_body(headers, body, booking)
             engine = self.engine  # this request finishes on this version, whatever reloads meanwhile
             logits = await asyncio.wait_for(
-                self._infer(engine, lambda: parse_body(engine, content_type, data, self.settings)),
+                self._infer(engine, lambda: parse_body(engine, content_type, data, self.settings), on_gone),
                 self.settings.timeout_s,
             )
             return 200, {"predictions": engine.top_k(logits, top_k), "model": engine.source,
@@ -493,7 +497,7 @@ class Service:
             self.metrics.latency.observe(time.perf_counter() - started)
 
     async def infer_v2(self, name: str, version: str | None, headers: Mapping[str, str],
-                       body: AsyncIterator[bytes]) -> tuple[int, bytes, dict[str, str]]:  # fmt: skip
+                       body: AsyncIterator[bytes], on_gone: list | None = None) -> tuple[int, bytes, dict[str, str]]:  # fmt: skip
         """One ``POST /v2/models/{name}[/versions/{v}]/infer``: (status, body, headers); see ``vit_consumer.v2``."""
         started = time.perf_counter()
         code, booking = 200, _Booking(self.admission)
@@ -512,7 +516,7 @@ class Service:
                 )  # fmt: skip
                 return images
 
-            logits = await asyncio.wait_for(self._infer(engine, parse), self.settings.timeout_s)
+            logits = await asyncio.wait_for(self._infer(engine, parse, on_gone), self.settings.timeout_s)
             out, extra = v2.infer_response(engine, parsed["doc"], logits, parsed["wanted"])
             return 200, out, extra
         except InputError as exc:
@@ -533,9 +537,12 @@ class Service:
             self.metrics.requests.labels(str(code)).inc()
             self.metrics.latency.observe(time.perf_counter() - started)
 
-    async def _infer(self, engine: OnnxClassifier, parse) -> np.ndarray:
+    async def _infer(self, engine: OnnxClassifier, parse, on_gone: list | None = None) -> np.ndarray:
         """Parses (``parse()``: checked images) in the decode pool, which queues them for the batcher's
         inference thread; awaits their logits.
+
+        A client that hangs up meanwhile (``on_gone``) ends the wait with a 499 and its images are
+        dropped as a timeout's are: not computed if the batcher has not taken them yet.
 
         Two thread hops, not three: the decode thread queues the images itself and the inference thread's
         answer comes straight back to this request's future (the profile of the service at 32 clients had
@@ -571,16 +578,26 @@ class Service:
                 leave()
                 loop.call_soon_threadsafe(_settle, answer, None, BatcherStopped("The service is stopping"))
 
+        gone = []
+
+        def client_gone() -> None:  # on the event loop (the transport's connection_lost)
+            if not answer.done():
+                gone.append(True)
+                answer.set_exception(InputError("The client closed the connection before its answer", 499))
+
         try:
             running = self.decode_pool.submit(decode_and_queue)
         except RuntimeError as exc:  # the pool is shut down
             leave()
             raise BatcherStopped("The service is stopping") from exc
         running.add_done_callback(never_ran)
+        if on_gone is not None:
+            on_gone.append(client_gone)
         try:
             return await answer
         finally:
-            if answer.cancelled():  # a timeout: drop the work if it has not started
+            # A timeout, or nobody left to answer: drop the work if it has not started.
+            if answer.cancelled() or gone:
                 dropped.set()
                 running.cancel()
                 if queued:
@@ -650,7 +667,7 @@ async def answer(service: Service, scope, receive) -> tuple[int, bytes, dict[str
 
     Non-finite numbers (a broken model's logits) are a 500, never invalid JSON.
     """
-    code, doc, extra = await service.predict(*request_inputs(scope, receive))
+    code, doc, extra = await service.predict(*request_inputs(scope, receive), on_gone=scope.get(ON_GONE))
     try:
         return (
             code,
@@ -690,7 +707,9 @@ class PredictPath:
             code, body, extra = await answer(self.service, scope, receive)
         elif target is not None and target[2] == "infer":
             _, headers, chunks = request_inputs(scope, receive)
-            code, body, extra = await self.service.infer_v2(target[0], target[1], headers, chunks)
+            code, body, extra = await self.service.infer_v2(
+                target[0], target[1], headers, chunks, scope.get(ON_GONE)
+            )
         else:
             await self.app(scope, receive, send)
             return
