@@ -307,6 +307,34 @@ def _hang_up_and_count(server: str, port: int) -> None:
     assert computed < 40 * 90, computed
 
 
+def test_sigterm_stops_within_the_grace_period_whatever_a_client_holds(tiny_export, no_tf_env):
+    """A stalled upload kept a SIGTERMed service for its 30 s body timeout: Kubernetes' whole grace period."""
+    import signal
+
+    from vit_consumer.__main__ import GRACEFUL_SHUTDOWN_S
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "vit_consumer", "--model", str(tiny_export[1]), "serve", "--port", str(port)]
+    proc = subprocess.Popen(cmd, env=no_tf_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/health", proc)
+        with socket.create_connection(("127.0.0.1", port)) as stalled:
+            stalled.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                            b"Content-Length: 100000\r\n\r\n" + b"\x89PNG")  # fmt: skip
+            time.sleep(0.5)
+            start = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=GRACEFUL_SHUTDOWN_S + 15)
+            took = time.monotonic() - start
+        # uvicorn ends by raising the signal it caught again: the exit status is SIGTERM's.
+        assert took < GRACEFUL_SHUTDOWN_S + 5 and proc.returncode in (0, -signal.SIGTERM), (
+            took,
+            proc.returncode,
+        )
+    finally:
+        stop(proc)
+
+
 def _predict(server, image: Image.Image, fmt: str = "PNG", **save) -> list[dict]:
     buf = io.BytesIO()
     image.save(buf, format=fmt, **save)

@@ -218,12 +218,19 @@ def test_protocol_errors_are_one_line_json(served):
     assert response.status_code == 400 and "not UTF-8" in response.json()["error"]
     response = httpx.post(infer, content=json.dumps(ok).encode(), headers={"Content-Encoding": "br"})
     assert response.status_code == 415 and "'br' is not supported" in response.json()["error"]
+
     # Errors outside the served routes are the protocol's too, and an encoded '/' addresses nothing.
+    def not_found() -> float:
+        lines = httpx.get(f"http://127.0.0.1:{port}/metrics").text.splitlines()
+        return sum(
+            float(x.split()[-1]) for x in lines if x.startswith('vit_consumer_requests_total{code="404"}')
+        )
+
+    before = not_found()
     for method, url, code in [("GET", f"{base}/vit-cifar100/config", 404), ("GET", f"{base}", 404),
                               ("POST", f"{base}/vit-cifar100/ready", 405),
                               ("POST", f"{base}/vit-cifar100%2Fversions%2F1/infer", 404),
                               ("GET", f"{base}/vit-cifar100%2Fready", 404)]:  # fmt: skip
         response = httpx.request(method, url, json=ok)
         assert response.status_code == code and "error" in response.json(), (url, response.text)
-    metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
-    assert 'vit_consumer_requests_total{code="404"}' in metrics  # the same metrics as /predict
+    assert not_found() == before + 1  # the one inference request among them, counted as /predict's are

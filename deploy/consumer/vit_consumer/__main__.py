@@ -13,6 +13,10 @@ from vit_consumer.classifier import SPIN_MODES, InputError, OnnxClassifier
 from vit_consumer.contract import split_providers
 from vit_consumer.settings import Settings
 
+# On SIGTERM, requests in flight get this long (then their connections close): inside Kubernetes' default 30 s
+# grace period, where a stalled upload's --body-timeout (30 s) kept the process until it was SIGKILLed.
+GRACEFUL_SHUTDOWN_S = 10
+
 
 def _port(raw: str) -> int:
     """A TCP port (argparse refuses anything else in one line, before the model loads)."""
@@ -131,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"Serving {clf.source} (version {clf.version}, file {clf.path.name}: {clf.candidate['reason']}) "
                   f"on {clf.engine} {clf.providers_used}", file=sys.stderr)  # fmt: skip
             uvicorn.run(create_app(clf, settings), host=args.host, port=args.port, log_level="warning",
-                        access_log=False, http=GuardedHttpToolsProtocol)  # fmt: skip
+                        access_log=False, http=GuardedHttpToolsProtocol,
+                        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)  # fmt: skip
             return 0
         for path in args.images:
             if not path.is_file():

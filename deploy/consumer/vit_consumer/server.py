@@ -697,6 +697,10 @@ class PredictPath:
         path = _route_path(scope)
         if path.startswith("/v2/") and b"%2f" in scope.get("raw_path", b"").lower():
             # Starlette routes on the decoded path: "vit%2Fversions%2F1" would address version 1.
+            if scope["method"] == "POST" and path.endswith(
+                "/infer"
+            ):  # an inference request, counted as all are
+                self.service.metrics.requests.labels("404").inc()
             await _send(send, 404, _error("Unknown model: a model name or version holds no '/'"), {})
             return
         if scope["method"] != "POST":
