@@ -8,7 +8,7 @@ from vit_consumer.settings import Settings
 
 FIELDS = ("max_bytes", "max_inflight_bytes", "max_batch_size", "max_queue_delay_ms", "max_queue", "timeout_s",
           "body_timeout_s", "pixel_budget", "max_json_depth", "max_json_numbers", "decode_threads", "spin", "reload_seconds",
-          "tracking_uri", "providers", "choose_candidate", "engine", "ov_streams")  # fmt: skip
+          "tracking_uri", "providers", "allow_contract_change", "choose_candidate", "engine", "ov_streams")  # fmt: skip
 TWO_PROVIDERS = "CUDAExecutionProvider,CPUExecutionProvider"
 
 # (variables, field, parsed value): the value's type is checked as well as its value.
@@ -40,6 +40,7 @@ CASES = [
     ({"VIT_PROVIDERS": TWO_PROVIDERS}, "providers", ("CUDAExecutionProvider", "CPUExecutionProvider")),
     ({"VIT_PROVIDERS": " CPUExecutionProvider , "}, "providers", ("CPUExecutionProvider",)),
     ({"VIT_PROVIDERS": ""}, "providers", None),
+    ({"VIT_ALLOW_CONTRACT_CHANGE": "true"}, "allow_contract_change", True),
     ({"VIT_CHOOSE_CANDIDATE": "false"}, "choose_candidate", False),
     ({"VIT_CHOOSE_CANDIDATE": "0"}, "choose_candidate", False),
     ({"VIT_CHOOSE_CANDIDATE": "true"}, "choose_candidate", True),

@@ -607,7 +607,7 @@ def test_memory_stays_bounded_under_16_clients_with_the_largest_requests(tiny_ex
 
 
 def test_reload_follows_the_champion_and_refuses_a_broken_version(
-    tiny_export, no_tf_env, tmp_path, mlflow_server
+    tiny_export, no_tf_env, tmp_path, mlflow_server, real_cut
 ):
     import mlflow
     import mlflow.onnx
@@ -636,7 +636,8 @@ def test_reload_follows_the_champion_and_refuses_a_broken_version(
         )
         assert httpx.get(f"{url}/health").json()["version"] == "1"
         favoured = 42
-        v2 = register(constant_classifier(tmp_path / "const.onnx", 100, favoured))
+        names = list(real_cut[4])  # the served version's classes: the contract a client holds
+        v2 = register(constant_classifier(tmp_path / "const.onnx", 100, favoured, names))
         image = _jpeg(np.zeros((32, 32, 3), np.uint8))
         answers, stop_load = [], threading.Event()
 
@@ -684,6 +685,20 @@ def test_reload_follows_the_champion_and_refuses_a_broken_version(
         assert httpx.get(f"{url}/health").json()["version"] == v2
         ok = httpx.post(f"{url}/predict", content=image, headers={"Content-Type": "image/jpeg"}, timeout=30)
         assert ok.status_code == 200 and ok.json()["version"] == v2
+
+        # Another contract: two classes swapped (index 3 would now name another class). Refused, and said so.
+        swapped = names[:]
+        swapped[3], swapped[4] = swapped[4], swapped[3]
+        v4 = register(constant_classifier(tmp_path / "swapped.onnx", 100, favoured, swapped))
+        client.set_registered_model_alias("served", "champion", v4)
+        deadline = time.monotonic() + 60
+        while _metric(url, "vit_consumer_reloads_total", '{result="refused"}') < 1:
+            assert time.monotonic() < deadline, "the version with other classes was never looked at"
+            time.sleep(0.1)
+        health = httpx.get(f"{url}/health").json()
+        assert health["version"] == v2 and health["not_switched"][v4].startswith(
+            "its contract differs: class names (the same classes in another order); clients may hold the old one"
+        )
     finally:
         if consumer is not None:
             stop(consumer)
@@ -716,3 +731,24 @@ def test_vit_pipeline_serve_is_the_consumer_with_its_options(tiny_export):
         bad = subprocess.run([str(cli), "serve", "--model", str(path), "--port", port], capture_output=True,
                              text=True, timeout=120)  # fmt: skip
         assert bad.returncode == 2 and "expected a port from 1 to 65535" in bad.stderr, bad.stderr[-500:]
+
+
+def test_contract_change_names_what_a_client_would_find_changed():
+    from types import SimpleNamespace
+
+    from vit_consumer.server import contract_change
+
+    old = SimpleNamespace(class_names=["cat", "dog", "eel"], input_shape=(32, 32, 3))
+    assert (
+        contract_change(old, SimpleNamespace(class_names=["cat", "dog", "eel"], input_shape=(32, 32, 3)))
+        == ""
+    )
+    assert contract_change(
+        old, SimpleNamespace(class_names=["dog", "cat", "eel"], input_shape=(32, 32, 3))
+    ) == ("class names (the same classes in another order)")
+    assert contract_change(old, SimpleNamespace(class_names=["cat", "dog"], input_shape=(64, 64, 3))) == (
+        "class names (3 -> 2 classes, 0 new names); input shape [32, 32, 3] -> [64, 64, 3]"
+    )
+    assert contract_change(
+        old, SimpleNamespace(class_names=["cat", "dog", "fox"], input_shape=(32, 32, 3))
+    ) == ("class names (3 -> 3 classes, 1 new names)")

@@ -78,6 +78,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="decoded pixels of all images of one request together")  # fmt: skip
     serve.add_argument("--reload-seconds", type=float, default=defaults.reload_seconds,
                        help="check a models:/name@alias source this often and switch to new versions (0: off)")  # fmt: skip
+    serve.add_argument("--allow-contract-change", action="store_true", default=defaults.allow_contract_change,
+                       help="switch to a new version whose class names or input shape differ from the served "
+                            "one's (default: keep serving it and say why in /health)")  # fmt: skip
     serve.add_argument("--decode-threads", type=int, default=defaults.decode_threads,
                        help="threads that read and decode request bodies")  # fmt: skip
     serve.add_argument("--spin", choices=SPIN_MODES, default=defaults.spin, nargs="?", const="always",
@@ -127,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
                 max_queue=args.max_queue, timeout_s=args.timeout, body_timeout_s=args.body_timeout,
                 pixel_budget=args.pixel_budget,
                 reload_seconds=args.reload_seconds, tracking_uri=args.tracking_uri,
+                allow_contract_change=args.allow_contract_change,
                 providers=tuple(providers) if providers else None, spin=args.spin,
                 decode_threads=args.decode_threads, choose_candidate=args.choose, engine=engine,
                 ov_streams=streams,

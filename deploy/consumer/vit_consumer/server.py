@@ -356,6 +356,7 @@ class Service:
         self.admission = _Admission(settings.max_inflight_bytes)
         self.ready = False
         self.failed_versions: set[str] = set()
+        self.not_switched: dict[str, str] = {}  # version -> why it does not serve (/health)
         self._watch: asyncio.Task | None = None
 
     def warm(self, clf: OnnxClassifier) -> OnnxClassifier:
@@ -434,10 +435,12 @@ class Service:
         try:
             new = await loop.run_in_executor(None, load)
         except Exception as exc:  # whatever breaks, the old version keeps serving
-            self.failed_versions.add(version)
-            self.metrics.reloads.labels("failed").inc()
-            log.error("Not switching to %s v%s (still serving v%s): %s", name, version, self.engine.version,
-                      _plain(exc))  # fmt: skip
+            self._not_switching(name, version, "failed", _plain(exc))
+            return
+        change = contract_change(self.engine, new)
+        if change and not self.settings.allow_contract_change:
+            self._not_switching(name, version, "refused", f"its contract differs: {change}; clients may hold the "
+                                "old one: restart the service to serve it, or run it with --allow-contract-change")  # fmt: skip
             return
         old = self.engine.version
         # The new version may run on another engine (ONNX Runtime, or OpenVINO with streams): as many
@@ -449,6 +452,13 @@ class Service:
         log.info("Switched %s from v%s to v%s (loaded and warmed in %.1f s)", name, old, version,
                  time.perf_counter() - started)  # fmt: skip
         await loop.run_in_executor(None, self.freeze_heap)
+
+    def _not_switching(self, name: str, version: str, result: str, why: str) -> None:
+        """The old version keeps serving: recorded in the metrics, the log and ``/health``, and not tried again."""
+        self.failed_versions.add(version)
+        self.not_switched[version] = why[:1000]
+        self.metrics.reloads.labels(result).inc()
+        log.error("Not switching to %s v%s (still serving v%s): %s", name, version, self.engine.version, why)
 
     async def predict(
         self, top_k_raw: str | None, headers: Mapping[str, str], body: AsyncIterator[bytes],
@@ -637,6 +647,23 @@ class Service:
         return data
 
 
+def contract_change(old: OnnxClassifier, new: OnnxClassifier) -> str:
+    """What a client of ``old`` would find changed in ``new`` ("": nothing): its classes (an index now naming
+    another class answers silently wrong) or its input shape."""
+    changes = []
+    if new.class_names != old.class_names:
+        added = len(set(new.class_names) - set(old.class_names))
+        if not added and len(new.class_names) == len(old.class_names):
+            changes.append("class names (the same classes in another order)")
+        else:
+            changes.append(
+                f"class names ({len(old.class_names)} -> {len(new.class_names)} classes, {added} new names)"
+            )
+    if tuple(new.input_shape) != tuple(old.input_shape):
+        changes.append(f"input shape {list(old.input_shape)} -> {list(new.input_shape)}")
+    return "; ".join(changes)
+
+
 def _error(message: str) -> bytes:
     """The v2 protocol's error body."""
     return json.dumps({"error": message}, ensure_ascii=False).encode()
@@ -759,7 +786,8 @@ def create_app(classifier: OnnxClassifier, settings: Settings | int | None = Non
 
     @app.api_route("/health", methods=READ_METHODS)
     def health() -> dict[str, Any]:
-        return {"status": "ok", **service.engine.describe()}
+        not_switched = {"not_switched": dict(service.not_switched)} if service.not_switched else {}
+        return {"status": "ok", **service.engine.describe(), **not_switched}
 
     @app.api_route("/health/live", methods=READ_METHODS)
     def live() -> dict[str, str]:

@@ -87,6 +87,9 @@ class Settings(BaseSettings):
     # NoDecode: the variable is a comma-separated list, not the JSON pydantic-settings expects by default.
     providers: Annotated[tuple[str, ...] | None, NoDecode] = None
     """ONNX Runtime execution providers to request, in order (None: the classifier's default)."""
+    allow_contract_change: bool = False
+    """Switch to a new version whose class names (or their order) or input shape differ from the served one's
+    (False: keep serving, and say why in /health: clients may hold the old class list or shape)."""
     choose_candidate: bool = True
     """Time the registered serving candidates at start-up and serve the fastest (vit_consumer.candidates)."""
     engine: str = "auto"
