@@ -31,9 +31,7 @@ def test_a_bare_run_gets_a_card_that_says_what_was_not_measured(tmp_path):
     commit = tracking.client(cfg).get_run(run_id).data.tags["mlflow.source.git.commit"]
     assert f"- Code: commit `{commit[:12]}`" in full  # which code trained it (runs.source_tags)
     # Recorded even when nothing could be checked, and why: the change thresholds need a champion.
-    nothing = (
-        "none checked; max_accuracy_drop, max_class_recall_drop not checked (no champion to compare with)"
-    )
+    nothing = "none checked; max_accuracy_drop, max_class_recall_drop, max_label_shift not checked (no champion to compare with)"
     assert f"- **Thresholds:** {nothing}" in full
     run = tracking.client(cfg).get_run(run_id)
     version = tracking.client(cfg).get_model_version("vit-digits", registration.version)
