@@ -94,6 +94,11 @@ def _quiet_telemetry() -> None:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     # Prefect gives its temporary API server 20 s to start; a busy 2-core machine needs more.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    # The heartbeat period the zombie automation expects (Prefect's default is 180 s): a CLI run against a
+    # server with the automation was marked Crashed while it trained.
+    from vit_pipeline.zombies import HEARTBEAT_SECONDS
+
+    os.environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", str(HEARTBEAT_SECONDS))
 
 
 def _friendly_errors(func: Callable) -> Callable:

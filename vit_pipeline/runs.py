@@ -113,8 +113,9 @@ class Liveness:
     reason: str
 
 
-def liveness(tags: dict[str, str], now: float | None = None) -> Liveness:
-    """Judges a RUNNING run's owner from its tags (see the module docstring)."""
+def liveness(tags: dict[str, str], now: float | None = None, stale: float | None = None) -> Liveness:
+    """Judges a RUNNING run's owner from its tags (see the module docstring); ``stale``: the heartbeat age
+    from which an owner on another host counts as dead (default ``stale_seconds()``)."""
     host, pid = tags.get(OWNER_HOST), tags.get(OWNER_PID)
     if not host or not pid:
         return Liveness(True, "not owned by vit-pipeline")
@@ -129,7 +130,7 @@ def liveness(tags: dict[str, str], now: float | None = None) -> Liveness:
         return Liveness(True, f"pid {pid} on {host} is alive")
     now = time.time() if now is None else now
     beat = float(tags.get(HEARTBEAT) or 0)
-    if now - beat > stale_seconds():
+    if now - beat > (stale_seconds() if stale is None else stale):
         return Liveness(False, f"no heartbeat from pid {pid} on {host} for {now - beat:.0f} s")
     return Liveness(True, f"pid {pid} on {host} sent a heartbeat {now - beat:.0f} s ago")
 
@@ -422,9 +423,15 @@ def flow_run_config(parameters: dict | None) -> PipelineConfig:
 def mark_flow_run_killed(cfg: PipelineConfig, flow_run_id: str, reason: str) -> list[str]:
     """Marks KILLED the RUNNING MLflow runs linked to a Prefect flow run (in any active experiment of the store)."""
     client = tracking.client(cfg)
-    killed = [
-        run.info.run_id for run in running_runs(client, f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
-    ]
-    for run_id in killed:
-        end_run(client, run_id, "KILLED", reason)
+    killed = []
+    for run in running_runs(client, f"tags.`prefect.flow_run_id` = '{flow_run_id}'"):
+        # Prefect's verdict comes from missing flow-run heartbeats; the run's owner may still be alive (a
+        # flow run whose heartbeat period is longer than the automation's): never end a living run.
+        verdict = liveness(run.data.tags, stale=2 * HEARTBEAT_SECONDS)
+        if verdict.alive:
+            log.warning("Run %s left RUNNING although its flow run %s crashed: %s", run.info.run_id, flow_run_id,
+                        verdict.reason)  # fmt: skip
+            continue
+        end_run(client, run.info.run_id, "KILLED", f"{reason} ({verdict.reason})")
+        killed.append(run.info.run_id)
     return killed

@@ -23,6 +23,16 @@ END_CRASHED_DEPLOYMENT = "end-crashed-runs/end-crashed-runs"
 HEARTBEAT_SECONDS = 60  # prefect.yaml's PREFECT_FLOWS_HEARTBEAT_FREQUENCY for the deployments
 MISSED_BEATS = 2  # heartbeats missed before a flow run counts as a zombie
 FLOW_RUN_PREFIX = "prefect.flow-run."
+# This project's flows: the automations judge only their runs (another project's flows on the same server
+# may send heartbeats at another period, or none) - matched on the event's related flow, by name.
+FLOW_NAMES = ["train-pipeline", "sweep", "sweep-trials", "benchmark-champion", "publish-serving",
+              "proxy-experiment", "transfer-experiment", "end-crashed-runs"]  # fmt: skip
+
+
+def _our_flows():
+    from prefect.events.schemas.events import ResourceSpecification
+
+    return ResourceSpecification({"prefect.resource.role": "flow", "prefect.resource.name": FLOW_NAMES})
 
 
 def zombie_automation(heartbeat_seconds: int = HEARTBEAT_SECONDS, missed: int = MISSED_BEATS):
@@ -47,6 +57,7 @@ def zombie_automation(heartbeat_seconds: int = HEARTBEAT_SECONDS, missed: int = 
                 "prefect.flow-run.Crashed",
             },  # fmt: skip
             match=ResourceSpecification({"prefect.resource.id": [f"{FLOW_RUN_PREFIX}*"]}),
+            match_related=_our_flows(),
             for_each={"prefect.resource.id"},
             posture=Posture.Proactive,
             threshold=1,
@@ -74,6 +85,7 @@ def crashed_automation(deployment_id):
         trigger=EventTrigger(
             expect={"prefect.flow-run.Crashed"},
             match=ResourceSpecification({"prefect.resource.id": [f"{FLOW_RUN_PREFIX}*"]}),
+            match_related=_our_flows(),
             posture=Posture.Reactive,
             threshold=1,
         ),
