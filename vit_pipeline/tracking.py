@@ -62,9 +62,30 @@ def client(cfg: PipelineConfig | None = None):
     from mlflow.tracking import MlflowClient
 
     uri = tracking_uri(cfg)
-    if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    if uri.startswith("sqlite:///") and uri not in _OPENED:
+        _open_sqlite(uri)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+_OPENED: set[str] = set()  # SQLite stores this process has opened (their schema exists and is current)
+
+
+def _open_sqlite(uri: str) -> None:
+    """Opens a SQLite store once per process, one process at a time.
+
+    MLflow creates and migrates the schema when a process first opens the file: two commands
+    started together on a fresh ``$VIT_PIPELINE_HOME`` (overlapping schedules) raced there,
+    and one or both failed with an alembic or sqlite error.
+    """
+    from filelock import FileLock
+    from mlflow.tracking import MlflowClient
+
+    db = Path(uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{db}.lock", timeout=300):
+        c = MlflowClient(tracking_uri=uri, registry_uri=uri)  # opens the tracking tables
+        c.search_registered_models(max_results=1)  # and the registry's
+    _OPENED.add(uri)
 
 
 def fluent_store(cfg: PipelineConfig | None = None):

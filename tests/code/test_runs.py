@@ -299,3 +299,23 @@ def test_the_zombie_automations_judge_only_this_projects_flows(monkeypatch):
     )
     cli._quiet_telemetry()  # on a copy of the environment: the test leaves this process's as it was
     assert os.environ["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == str(zombies.HEARTBEAT_SECONDS)
+
+
+def test_processes_opening_a_fresh_store_together_all_succeed(tmp_path):
+    """MLflow creates and migrates a SQLite schema on first open: commands started together on a fresh
+    home (overlapping schedules) failed with alembic or sqlite errors, one of two in 10 of 10 tries."""
+    uri = f"sqlite:///{tmp_path / 'fresh' / 'mlflow.db'}"
+    start = time.time() + 12  # every process imported and waiting, then released together
+    code = (
+        "import time, sys; from vit_pipeline import tracking; from vit_pipeline.config import make_config; "
+        f"cfg = make_config('quickstart', {{'tracking_uri': {uri!r}}}); "
+        f"time.sleep(max(0, {start} - time.time())); "
+        "c = tracking.client(cfg); print(len(c.search_registered_models()), tracking.experiment_id(cfg, c))"
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(3)]  # fmt: skip
+    outs = [p.communicate(timeout=180) for p in procs]
+    assert time.time() > start
+    for p, (out, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-2000:]
+        assert out.split()[0] == "0"
