@@ -309,3 +309,21 @@ def test_ctrl_c_mid_flow_ends_the_flow_run_and_the_mlflow_run_at_once(tmp_path):
         _kill(proc)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_a_prefect_artifact_the_api_cannot_take_is_a_warning_not_a_failed_run(caplog):
+    """A Prefect server gone after the register stage failed the run whose version had just become champion."""
+    import logging
+
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from tests.conftest import free_port
+    from vit_pipeline.flows import artifacts
+
+    with temporary_settings(updates={PREFECT_API_URL: f"http://127.0.0.1:{free_port()}/api"}), \
+            caplog.at_level(logging.WARNING, logger="vit_pipeline.flows.artifacts"):  # fmt: skip
+        artifacts.table("inference-benchmark", [{"a": 1}], "t")
+        artifacts.markdown("train-pipeline-summary", "# x", "s")
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2 and all("not attached" in line and "the MLflow run holds its figures" in line
+                                   for line in lines), lines  # fmt: skip

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from prefect import flow, task
-from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from vit_pipeline import registry
 from vit_pipeline.benchmark import stage as benchmark_stage
 from vit_pipeline.benchmark.stage import BenchmarkOutcome
+from vit_pipeline.flows import artifacts
 from vit_pipeline.registry import Champion
 
 
@@ -20,8 +20,9 @@ def find_champion(model_name: str, alias: str, tracking_uri: str | None) -> Cham
 @task(name="export-and-benchmark", cache_policy=NO_CACHE)
 def export_and_benchmark(champion: Champion, tracking_uri: str | None, options: dict) -> BenchmarkOutcome:
     result = benchmark_stage.run_champion(champion, tracking_uri, options)
-    create_table_artifact(key="champion-benchmark", table=result.rows,
-                          description=f"{champion.name} v{champion.version}: Keras vs ONNX Runtime")  # fmt: skip
+    artifacts.table(
+        "champion-benchmark", result.rows, f"{champion.name} v{champion.version}: Keras vs ONNX Runtime"
+    )
     return result
 
 

@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, task
-from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from vit_pipeline import tracking
 from vit_pipeline.config import ConfigOverrides, make_config, merged_overrides
 from vit_pipeline.experiments import compare_runs
+from vit_pipeline.flows import artifacts
 from vit_pipeline.flows.train_pipeline import train_pipeline
 
 PRESETS = ("cifar100", "cifar100-improved")
@@ -76,6 +76,6 @@ def proxy_experiment(
         run_ids.append(result["mlflow_run_id"])
     report = compare(shared.get("tracking_uri"), run_ids, report_dir)
     table = Path(report["table"]).read_text()
-    create_markdown_artifact(key="proxy-experiment", markdown=table, description="Recipe comparison")
+    artifacts.markdown("proxy-experiment", table, "Recipe comparison")
     print(table)
     return report

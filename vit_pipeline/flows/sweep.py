@@ -24,7 +24,6 @@ import time
 from typing import Any
 
 from prefect import flow, task
-from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from vit_pipeline import runs, tracking
@@ -32,6 +31,7 @@ from vit_pipeline import sweep as sweep_mod
 from vit_pipeline.config import ConfigOverrides, make_config, merged_overrides
 from vit_pipeline.context import StageContext
 from vit_pipeline.errors import PipelineError
+from vit_pipeline.flows import artifacts
 from vit_pipeline.flows.train_pipeline import (
     _prefect_tags,
     calibrate_model,
@@ -189,7 +189,7 @@ def sweep(
         ok = [r for r in results if r["status"] == "ok"]
         parent_log.metrics({"trials_finished": len(ok), "trials_failed": len(results) - len(ok),
                             "trials_lost_attempts": len(lost), "trials_seconds": trials_seconds})  # fmt: skip
-        create_table_artifact(key="sweep-trials", table=rows, description="Sweep trials")
+        artifacts.table("sweep-trials", rows, "Sweep trials")
         best = best_trial(results, parsed.metric)
         if best is None:
             raise PipelineError(f"Every one of the {len(results)} trials failed; see MLflow run {parent}")

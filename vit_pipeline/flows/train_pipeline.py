@@ -15,7 +15,6 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
@@ -39,6 +38,7 @@ from vit_pipeline.benchmark.stage import BenchmarkOutcome
 from vit_pipeline.config import ConfigOverrides, PipelineConfig, PresetName, make_config
 from vit_pipeline.context import StageContext
 from vit_pipeline.evaluate import EvalResult
+from vit_pipeline.flows import artifacts
 from vit_pipeline.registry import Registration
 
 
@@ -114,8 +114,9 @@ def register_model(ctx: StageContext, data_path: str, onnx_path: str, test_accur
 @task(name="benchmark", cache_policy=NO_CACHE)
 def benchmark_model(ctx: StageContext, data_path: str, model_path: str, fp32_onnx: str) -> BenchmarkOutcome:
     result = benchmark_stage.run(ctx, data_path, model_path, fp32_onnx)
-    create_table_artifact(key="inference-benchmark", table=result.rows,
-                          description="Keras vs ONNX Runtime: latency, throughput, accuracy")  # fmt: skip
+    artifacts.table(
+        "inference-benchmark", result.rows, "Keras vs ONNX Runtime: latency, throughput, accuracy"
+    )
     return result
 
 
@@ -217,10 +218,10 @@ def train_pipeline(
             "benchmark": benchmarked.ratios,
             "model_card": card["html"],
         }
-        create_markdown_artifact(
-            key="train-pipeline-summary",
-            markdown=summary.run_markdown(cfg, preset, result, prepared.summary),
-            description="ViT training run summary",
+        artifacts.markdown(
+            "train-pipeline-summary",
+            summary.run_markdown(cfg, preset, result, prepared.summary),
+            "ViT training run summary",
         )
     print(
         f"MLflow run {run_id}: test accuracy {result['test_accuracy']:.4f}, "

@@ -20,12 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, task
-from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from vit_pipeline import tracking
 from vit_pipeline.config import make_config
 from vit_pipeline.experiments import transfer_report
+from vit_pipeline.flows import artifacts
 from vit_pipeline.flows.train_pipeline import train_pipeline
 from vit_pipeline.transfer_data import split_by_classes
 
@@ -140,6 +140,6 @@ def transfer_experiment(
                   **({"Pre-training": pretrain} if pretrain else {})}  # fmt: skip
         result = report(tracking_uri, groups, report_dir)
     table = Path(result["table"]).read_text()
-    create_markdown_artifact(key="transfer-experiment", markdown=table, description="Fine-tuning vs scratch")
+    artifacts.markdown("transfer-experiment", table, "Fine-tuning vs scratch")
     print(table)
     return {**result, "source": source, "target": target, "target_classes": folders["target_classes"]}
