@@ -117,13 +117,20 @@ def _friendly_errors(func: Callable) -> Callable:
         try:
             try:
                 return func(*args, **kwargs)
-            except RuntimeError as exc:  # Prefect's own, untyped: its temporary API server did not start
-                if "ephemeral Prefect API server" not in str(exc):
-                    raise
-                raise PipelineError(
-                    f"{exc} Start one (`prefect server start`) and set PREFECT_API_URL, or raise "
-                    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
-                ) from exc
+            except RuntimeError as exc:  # Prefect's own, untyped: no API server to talk to
+                if "ephemeral Prefect API server" in str(exc):  # its temporary one did not start
+                    raise PipelineError(
+                        f"{exc} Start one (`prefect server start`) and set PREFECT_API_URL, or raise "
+                        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+                    ) from exc
+                if "Failed to reach API at" in str(
+                    exc
+                ):  # PREFECT_API_URL names a server that does not answer
+                    raise PipelineError(
+                        f"{exc.args[0] if exc.args else exc} Is the Prefect server (PREFECT_API_URL) running? "
+                        "Unset PREFECT_API_URL to run with a temporary one"
+                    ) from exc
+                raise
         except Exception as exc:
             # Ours; the file system's (a home that is a file, a read-only folder); MLflow's (a malformed
             # tracking URI, a name it refuses): one line each, the trace in the log. Anything else is a bug.

@@ -327,3 +327,28 @@ def test_a_prefect_artifact_the_api_cannot_take_is_a_warning_not_a_failed_run(ca
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 2 and all("not attached" in line and "the MLflow run holds its figures" in line
                                    for line in lines), lines  # fmt: skip
+
+
+def test_a_prefect_server_that_does_not_answer_is_one_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.conftest import free_port
+
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": f"http://127.0.0.1:{free_port()}/api",
+        "VIT_PIPELINE_HOME": str(tmp_path),
+    }
+    cli = Path(sys.executable).parent / "vit-pipeline"
+    out = subprocess.run(
+        [str(cli), "run", "--epochs", "1"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 1
+    lines = out.stderr.strip().splitlines()
+    assert lines[0].startswith("Error: Failed to reach API at http://127.0.0.1:") and len(lines) == 2, (
+        out.stderr
+    )
+    assert "Is the Prefect server (PREFECT_API_URL) running?" in lines[0]
