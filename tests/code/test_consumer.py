@@ -300,11 +300,9 @@ def _hang_up_and_count(server: str, port: int) -> None:
     assert answered + left == 40 and left >= 1, (answered, left)
     time.sleep(1.0)  # a dropped request's batch already running finishes; nothing else may start
     computed = _metric(server, "vit_consumer_inferences_total") - images
-    assert computed <= 90 * answered + 90 * 32, (
-        computed,
-        answered,
-    )  # at most a batch (32) beyond the answered
-    assert computed < 40 * 90, computed
+    # The answered requests' images, and at most the batch running when the others left (32 images).
+    assert computed <= IMAGES_PER_REQUEST * answered + 32, (computed, answered)
+    assert computed < 40 * IMAGES_PER_REQUEST, computed
 
 
 def test_sigterm_stops_within_the_grace_period_whatever_a_client_holds(tiny_export, no_tf_env):

@@ -53,6 +53,11 @@ def test_a_bare_run_gets_a_card_that_says_what_was_not_measured(tmp_path):
     assert html.startswith("<!doctype html>") and "<h2>Limitations</h2>" in html and "<table>" not in html
 
 
+def test_a_threshold_that_checked_nothing_is_not_shown_as_held():
+    assert model_card._held({"held": True, "checked": False}) == "not checked"
+    assert model_card._held({"held": True}) == "yes" and model_card._held({"held": False}) == "**no**"
+
+
 def test_the_code_line_says_what_is_known_of_the_code():
     tags = {"mlflow.source.git.commit": "a" * 40, "mlflow.source.git.branch": "main",
             runs.DIRTY: "true", runs.RESUMED_COMMIT: "b" * 40}  # fmt: skip
