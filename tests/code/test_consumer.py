@@ -71,6 +71,13 @@ def test_health_reports_contract_and_real_providers(server):
         head, get = httpx.head(f"{server}{path}"), httpx.get(f"{server}{path}")
         assert head.status_code == get.status_code == 200 and head.content == b"", path
         assert head.headers["content-type"] == get.headers["content-type"], path
+    # One operation per path and method in the OpenAPI document (HEAD routes of their own duplicated the ids).
+    ids = [
+        op["operationId"]
+        for ops in httpx.get(f"{server}/openapi.json").json()["paths"].values()
+        for op in ops.values()
+    ]
+    assert len(ids) == len(set(ids)), sorted(ids)
 
 
 def test_classifies_real_images_like_keras(server, tiny_export, real_cut):

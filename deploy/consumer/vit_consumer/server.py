@@ -730,6 +730,12 @@ class PredictPath:
                 self.service.metrics.requests.labels("404").inc()
             await _send(send, 404, _error("Unknown model: a model name or version holds no '/'"), {})
             return
+        if scope["method"] == "HEAD":
+            # What uptime monitors, `curl -I` and `wget --spider` send (RFC 9110 section 9.1): the GET's
+            # status and headers (the server leaves the body out for HEAD); not a route of its own, whose
+            # operation ids would clash with the GET's in the OpenAPI document.
+            await self.app({**scope, "method": "GET"}, receive, send)
+            return
         if scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
@@ -764,10 +770,6 @@ def _route_path(scope) -> str:
     return path
 
 
-# HEAD: what uptime monitors, `curl -I` and `wget --spider` send (RFC 9110 section 9.1).
-READ_METHODS = ["GET", "HEAD"]
-
-
 def create_app(classifier: OnnxClassifier, settings: Settings | int | None = None) -> FastAPI:
     """The ASGI app serving ``classifier`` (a plain int is ``max_bytes``, as before)."""
     if isinstance(settings, int):
@@ -784,22 +786,22 @@ def create_app(classifier: OnnxClassifier, settings: Settings | int | None = Non
                   description="Image classification with a ViT exported by vit-pipeline (ONNX Runtime).")  # fmt: skip
     app.state.service = service
 
-    @app.api_route("/health", methods=READ_METHODS)
+    @app.get("/health")
     def health() -> dict[str, Any]:
         not_switched = {"not_switched": dict(service.not_switched)} if service.not_switched else {}
         return {"status": "ok", **service.engine.describe(), **not_switched}
 
-    @app.api_route("/health/live", methods=READ_METHODS)
+    @app.get("/health/live")
     def live() -> dict[str, str]:
         return {"status": "live"}
 
-    @app.api_route("/health/ready", methods=READ_METHODS, responses={503: {"model": ErrorResponse}})
+    @app.get("/health/ready", responses={503: {"model": ErrorResponse}})
     def ready() -> Response:
         if not service.ready:
             return JSONResponse({"detail": "loading and warming up the model"}, status_code=503)
         return JSONResponse({"status": "ready", "version": service.engine.version})
 
-    @app.api_route("/metrics", methods=READ_METHODS)
+    @app.get("/metrics")
     def metrics() -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -832,15 +834,15 @@ def _v2_routes(app: FastAPI, service: Service) -> None:
             return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
         return await http_exception_handler(request, exc)
 
-    @app.api_route("/v2", methods=READ_METHODS, tags=["v2"])
+    @app.get("/v2", tags=["v2"])
     def v2_server() -> dict[str, Any]:
         return v2.server_metadata()
 
-    @app.api_route("/v2/health/live", methods=READ_METHODS, tags=["v2"])
+    @app.get("/v2/health/live", tags=["v2"])
     def v2_live() -> dict[str, bool]:
         return {"live": True}
 
-    @app.api_route("/v2/health/ready", methods=READ_METHODS, tags=["v2"])
+    @app.get("/v2/health/ready", tags=["v2"])
     def v2_ready() -> Response:
         return JSONResponse({"ready": service.ready}, status_code=200 if service.ready else 503)
 
@@ -855,19 +857,19 @@ def _v2_routes(app: FastAPI, service: Service) -> None:
             )
         return JSONResponse(v2.model_metadata(service.engine))
 
-    @app.api_route("/v2/models/{name}", methods=READ_METHODS, tags=["v2"])
+    @app.get("/v2/models/{name}", tags=["v2"])
     def v2_model(name: str) -> Response:
         return model(name, None, "metadata")
 
-    @app.api_route("/v2/models/{name}/versions/{version}", methods=READ_METHODS, tags=["v2"])
+    @app.get("/v2/models/{name}/versions/{version}", tags=["v2"])
     def v2_model_version(name: str, version: str) -> Response:
         return model(name, version, "metadata")
 
-    @app.api_route("/v2/models/{name}/ready", methods=READ_METHODS, tags=["v2"])
+    @app.get("/v2/models/{name}/ready", tags=["v2"])
     def v2_model_ready(name: str) -> Response:
         return model(name, None, "ready")
 
-    @app.api_route("/v2/models/{name}/versions/{version}/ready", methods=READ_METHODS, tags=["v2"])
+    @app.get("/v2/models/{name}/versions/{version}/ready", tags=["v2"])
     def v2_model_version_ready(name: str, version: str) -> Response:
         return model(name, version, "ready")
 
