@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import httpx
 import yaml
 
 from vit_pipeline import __version__
@@ -101,6 +102,12 @@ def _quiet_telemetry() -> None:
     os.environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", str(HEARTBEAT_SECONDS))
 
 
+def _prefect_api() -> str:
+    from prefect.settings import PREFECT_API_URL
+
+    return PREFECT_API_URL.value() or "(the temporary server)"
+
+
 def _friendly_errors(func: Callable) -> Callable:
     """One line on stderr and exit 2 (bad config) or 1 (other input) instead of a trace."""
 
@@ -131,6 +138,13 @@ def _friendly_errors(func: Callable) -> Callable:
                         "Unset PREFECT_API_URL to run with a temporary one"
                     ) from exc
                 raise
+            except (
+                httpx.ConnectError,
+                httpx.ConnectTimeout,
+            ) as exc:  # a Prefect API read directly (automations)
+                raise PipelineError(
+                    f"Cannot reach the Prefect API at {_prefect_api()}: {exc}. Is the Prefect server running?"
+                ) from exc
         except Exception as exc:
             # Ours; the file system's (a home that is a file, a read-only folder); MLflow's (a malformed
             # tracking URI, a name it refuses): one line each, the trace in the log. Anything else is a bug.

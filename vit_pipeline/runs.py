@@ -82,7 +82,9 @@ def source_tags() -> dict[str, str]:
         from git import Repo  # GitPython, an MLflow dependency; raises ImportError without a git executable
 
         repo = Repo(here, search_parent_directories=True)
-        if repo.ignored(here):  # installed into an ignored folder (a venv) inside some other checkout
+        # Installed into an ignored folder (a venv) or copied into an untracked one of some other checkout:
+        # that checkout's commit is not this code's.
+        if repo.ignored(here) or not repo.git.ls_files(here):
             return {}
         tags = {MLFLOW_GIT_COMMIT: repo.head.commit.hexsha,
                 DIRTY: str(repo.is_dirty(untracked_files=False)).lower()}  # fmt: skip

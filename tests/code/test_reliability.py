@@ -352,3 +352,8 @@ def test_a_prefect_server_that_does_not_answer_is_one_line(tmp_path):
         out.stderr
     )
     assert "Is the Prefect server (PREFECT_API_URL) running?" in lines[0]
+    # The command that talks to the API directly.
+    out = subprocess.run([str(cli), "automations"], env=env, capture_output=True, text=True, timeout=300)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 1 and len(lines) == 2, out.stderr
+    assert lines[0].startswith("Error: Cannot reach the Prefect API at http://127.0.0.1:"), lines[0]
