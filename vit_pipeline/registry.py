@@ -186,6 +186,8 @@ class Decision:
     checks: list[thresholds.Check] = field(default_factory=list)
     evaluated: bool = True  # False: decided before the thresholds were looked at (blocked, policy, no change)
     unchecked: str = ""  # the change thresholds not compared, and why (no champion, policy, ...)
+    # The candidate's top-1 and the number of test images of the comparison (those the champion did not train on).
+    compared: tuple[float, int] | None = None
 
     def thresholds_outcome(self) -> str:
         """The ``gate.thresholds`` tag: what the thresholds said, or why they were not looked at."""
@@ -224,20 +226,24 @@ def decide(cfg: PipelineConfig, logits: np.ndarray, split: TestSplit, champion,
     checks += thresholds.change_checks(cfg, logits, champ, labels, split.class_names)
     shift_unchecked = ""
     if cfg.max_label_shift is not None:
-        own = _champion_recall(cfg, champion)
+        own, why = _champion_recall(cfg, champion)
         if own is None:
-            shift_unchecked = "max_label_shift not checked (the champion's run has no per-class recall)"
+            shift_unchecked = f"max_label_shift not checked ({why})"
         else:
             checks.append(thresholds.label_shift_check(cfg, champ, labels, split.class_names, own))
     new, old = float(np.mean(logits.argmax(1) == labels)), float(np.mean(champ.argmax(1) == labels))
     compare = ">=" if new >= old else "<"
     why = f"served top-1 {new:.4f} {compare} champion v{champion.version}'s {old:.4f} on the same " \
           f"{len(labels)} test images{seen_note}"  # fmt: skip
-    return _judged(why, checks, old, unchecked=shift_unchecked)
+    decision = _judged(why, checks, old, unchecked=shift_unchecked)
+    decision.compared = (new, len(labels))
+    return decision
 
 
-def _champion_artifact(cfg: PipelineConfig, champion, path: str, read: Callable[[Path], Any]) -> Any:
-    """``read`` of a file of the champion's run, None where it has none (an older run)."""
+def _champion_artifact(
+    cfg: PipelineConfig, champion, path: str, read: Callable[[Path], Any]
+) -> tuple[Any, str]:
+    """``read`` of a file of the champion's run: (its value, "") or (None, why not: none, or unreadable)."""
     import tempfile
 
     from vit_pipeline import tracking
@@ -245,10 +251,13 @@ def _champion_artifact(cfg: PipelineConfig, champion, path: str, read: Callable[
     with tempfile.TemporaryDirectory() as tmp:
         try:
             local = Path(tracking.client(cfg).download_artifacts(champion.run_id, path, tmp))
-        except Exception as exc:
+        except Exception as exc:  # an older run without it, or the store failing
             log.info("Champion v%s: no %s (%s)", champion.version, path, exc)
-            return None
-        return read(local)
+            return None, f"its run's {path} could not be downloaded ({type(exc).__name__})"
+        try:
+            return read(local), ""
+        except Exception as exc:  # a damaged file: what it would say is unknown, not an error of this run
+            return None, f"its run's {path} is unreadable ({' '.join(str(exc).split())[:200]})"
 
 
 def _unseen_by(cfg: PipelineConfig, champion, split: TestSplit) -> tuple[np.ndarray, str]:
@@ -260,27 +269,28 @@ def _unseen_by(cfg: PipelineConfig, champion, split: TestSplit) -> tuple[np.ndar
     from vit_pipeline.data_validation import SEEN_ARTIFACT, ImageHashes, byte_hashes
 
     everything = np.arange(len(split.labels))
-    seen = _champion_artifact(cfg, champion, SEEN_ARTIFACT, lambda p: set(ImageHashes.load(p).digests()))
+    seen, why = _champion_artifact(cfg, champion, SEEN_ARTIFACT, ImageHashes.load)
     if seen is None:
-        return (
-            everything,
-            f" (champion v{champion.version}'s training images are unknown: its run has no {SEEN_ARTIFACT})",
-        )
-    unseen = np.array([i for i, d in enumerate(byte_hashes(split.images)) if d not in seen], np.int64)
+        return everything, f" (champion v{champion.version}'s training images are unknown: {why})"
+    digests = set(seen.digests())
+    unseen = np.array([i for i, d in enumerate(byte_hashes(split.images)) if d not in digests], np.int64)
+    partly = (
+        "" if seen.complete else f"; champion v{champion.version}'s checkpoint's training images are unknown"
+    )
     left = len(everything) - len(unseen)
     if not left:
-        return everything, ""
+        return everything, f" ({partly[2:]})" if partly else ""
     if not len(unseen):
         return (
             unseen,
             f"champion v{champion.version} trained on all {len(everything)} of this run's test images",
         )
     return unseen, (f" it did not train on ({left} of the {len(everything)} were in champion v{champion.version}'s "
-                    "training split and are left out)")  # fmt: skip
+                    f"training split and are left out{partly})")  # fmt: skip
 
 
-def _champion_recall(cfg: PipelineConfig, champion) -> dict[str, tuple[float, int]] | None:
-    """The champion's recall and support per class on its own test split (its run's evaluation)."""
+def _champion_recall(cfg: PipelineConfig, champion) -> tuple[dict[str, tuple[float, int]] | None, str]:
+    """The champion's recall and support per class on its own test split (its run's evaluation), or why not."""
     import csv
 
     def read(path: Path) -> dict[str, tuple[float, int]]:
@@ -527,17 +537,22 @@ def register_onnx(
         if promoted:
             _move_alias(client, name, version)
     champion_version = version if promoted else (str(champion.version) if champion else None)
-    checks, gate = decision.checks, decision.thresholds_outcome()[:5000]
+    checks, gate, compared = decision.checks, decision.thresholds_outcome()[:5000], decision.compared
     decision = "promoted" if promoted else "not promoted"
+    same_split = {}
     if champ_acc is not None:
-        client.set_model_version_tag(name, version, "champion_test_accuracy_same_split", f"{champ_acc:.6f}")
+        same_split["champion_test_accuracy_same_split"] = f"{champ_acc:.6f}"
+    if compared is not None:  # both figures on the same images (those the champion did not train on)
+        same_split["served_test_accuracy_same_split"] = f"{compared[0]:.6f}"
+        same_split["compared_test_images"] = str(compared[1])
+    for key, value in same_split.items():
+        client.set_model_version_tag(name, version, key, value)
     client.set_model_version_tag(name, version, "promotion", f"{decision}: {reason}")
     client.set_model_version_tag(name, version, "gate.thresholds", gate)  # recorded whatever it said
     run_tags = {"registry.model": f"{name}/{version}", "registry.decision": decision, "registry.reason": reason,
                 "registry.served_test_accuracy": f"{served['top1']:.6f}"}  # fmt: skip
     run_tags["gate.thresholds"] = gate
-    if champ_acc is not None:
-        run_tags["registry.champion_test_accuracy_same_split"] = f"{champ_acc:.6f}"
+    run_tags |= {f"registry.{key}": value for key, value in same_split.items()}
     logger = tracking.RunLogger(client, run_id)
     logger.tags(run_tags)
     logger.dict({"checks": [c.to_dict() for c in checks], "outcome": gate}, "registry/thresholds.json")

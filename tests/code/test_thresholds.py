@@ -200,6 +200,11 @@ def test_the_champion_is_compared_on_images_it_did_not_train_on(tmp_path):
     assert candidate.reason == ("served top-1 0.7500 >= champion v1's 0.2500 on the same 40 test images it did not "
                                 "train on (30 of the 70 were in champion v1's training split and are left out)")  # fmt: skip
     assert candidate.champion_test_accuracy == 0.25
+    tags = client.get_model_version(
+        candidate.name, candidate.version
+    ).tags  # both figures on the same 40 images
+    assert (tags["champion_test_accuracy_same_split"], tags["served_test_accuracy_same_split"],
+            tags["compared_test_images"], tags["test_images"]) == ("0.250000", "0.750000", "40", "70")  # fmt: skip
 
     # A champion that recognised class 1 on its own split and misses all of it here: the labels changed.
     assert registry.register_onnx(
