@@ -422,14 +422,22 @@ def flow_run_config(parameters: dict | None) -> PipelineConfig:
     return make_config(preset, overrides, config)
 
 
+FLOW_CRASH_STALE_SECONDS = 2 * HEARTBEAT_SECONDS  # a crashed flow run's owner on another host: dead past this
+
+
 def mark_flow_run_killed(cfg: PipelineConfig, flow_run_id: str, reason: str) -> list[str]:
-    """Marks KILLED the RUNNING MLflow runs linked to a Prefect flow run (in any active experiment of the store)."""
+    """Marks KILLED the RUNNING MLflow runs linked to a Prefect flow run whose owner is dead (any active
+    experiment of the store).
+
+    Prefect's verdict comes from missing flow-run heartbeats; the owner may still be alive (a flow run
+    whose heartbeat period is longer than the automation's): a living run is never ended. An owner on
+    another host is judged by its MLflow heartbeat (every 30 s): a fresh one is watched until it is
+    ``FLOW_CRASH_STALE_SECONDS`` old - a container killed a moment ago still has a recent heartbeat.
+    """
     client = tracking.client(cfg)
     killed = []
     for run in running_runs(client, f"tags.`prefect.flow_run_id` = '{flow_run_id}'"):
-        # Prefect's verdict comes from missing flow-run heartbeats; the run's owner may still be alive (a
-        # flow run whose heartbeat period is longer than the automation's): never end a living run.
-        verdict = liveness(run.data.tags, stale=2 * HEARTBEAT_SECONDS)
+        verdict = _crashed_owner(client, run.info.run_id, run.data.tags)
         if verdict.alive:
             log.warning("Run %s left RUNNING although its flow run %s crashed: %s", run.info.run_id, flow_run_id,
                         verdict.reason)  # fmt: skip
@@ -437,3 +445,15 @@ def mark_flow_run_killed(cfg: PipelineConfig, flow_run_id: str, reason: str) -> 
         end_run(client, run.info.run_id, "KILLED", f"{reason} ({verdict.reason})")
         killed.append(run.info.run_id)
     return killed
+
+
+def _crashed_owner(client, run_id: str, tags: dict[str, str]) -> Liveness:
+    verdict = liveness(tags, stale=FLOW_CRASH_STALE_SECONDS)
+    if not verdict.alive or tags.get(OWNER_HOST) in (None, socket.gethostname()) or not tags.get(OWNER_PID):
+        return verdict  # dead, or judged by its pid on this host, or not ours
+    beat = float(tags.get(HEARTBEAT) or 0)
+    time.sleep(max(0.0, beat + FLOW_CRASH_STALE_SECONDS + 1 - time.time()))
+    now = client.get_run(run_id).data.tags
+    if float(now.get(HEARTBEAT) or 0) > beat:
+        return Liveness(True, f"pid {tags[OWNER_PID]} on {tags[OWNER_HOST]} sent a heartbeat after the crash")
+    return liveness(now, stale=FLOW_CRASH_STALE_SECONDS)

@@ -4,6 +4,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -251,7 +252,7 @@ def test_the_prefect_link_is_a_link_without_a_ui_url(monkeypatch):
     )
 
 
-def test_a_crashed_flow_run_ends_only_the_mlflow_runs_whose_owner_is_dead(cfg):
+def test_a_crashed_flow_run_ends_only_the_mlflow_runs_whose_owner_is_dead(cfg, monkeypatch):
     """Prefect's zombie verdict (missing flow-run heartbeats) ended a living run KILLED: liveness decides."""
     client = tracking.client(cfg)
     alive = runs.create_run(cfg, tags={"prefect.flow_run_id": "f-1"})  # owned by this living process
@@ -268,12 +269,19 @@ def test_a_crashed_flow_run_ends_only_the_mlflow_runs_whose_owner_is_dead(cfg):
     assert ended.info.status == "KILLED" and ended.data.tags[runs.END_REASON].startswith(
         "Marked KILLED: crashed ("
     )
-    # On another host, a heartbeat younger than two periods is a living owner; an older one is not.
+    # On another host (a container of its own) the MLflow heartbeat decides: a fresh one is watched until it
+    # is FLOW_CRASH_STALE_SECONDS old (here 3 s): beating again is alive, silent is dead.
+    monkeypatch.setattr(runs, "FLOW_CRASH_STALE_SECONDS", 3)
     client.set_tag(alive, runs.OWNER_HOST, "gpu-node-7")
-    client.set_tag(alive, runs.HEARTBEAT, f"{time.time() - 20:.0f}")
+    client.set_tag(alive, runs.HEARTBEAT, f"{time.time():.0f}")
+    beat = threading.Timer(1.5, lambda: client.set_tag(alive, runs.HEARTBEAT, f"{time.time() + 1:.0f}"))
+    beat.start()
     assert runs.mark_flow_run_killed(cfg, "f-1", "crashed") == []
-    client.set_tag(alive, runs.HEARTBEAT, f"{time.time() - 3 * runs.HEARTBEAT_SECONDS:.0f}")
-    assert runs.mark_flow_run_killed(cfg, "f-1", "crashed") == [alive]
+    beat.join()
+    started = time.monotonic()
+    assert runs.mark_flow_run_killed(cfg, "f-1", "crashed") == [alive]  # no beat since: killed
+    assert 1 < time.monotonic() - started < 10
+    assert "no heartbeat from pid" in client.get_run(alive).data.tags[runs.END_REASON]
 
 
 def test_the_zombie_automations_judge_only_this_projects_flows(monkeypatch):
