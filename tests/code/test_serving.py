@@ -752,3 +752,16 @@ def test_contract_change_names_what_a_client_would_find_changed():
     assert contract_change(
         old, SimpleNamespace(class_names=["cat", "dog", "fox"], input_shape=(32, 32, 3))
     ) == ("class names (3 -> 3 classes, 1 new names)")
+
+
+def test_a_hangup_runs_what_is_registered_before_and_after_it_once():
+    """A client that left between its body and the registration was computed and counted as a 200."""
+    from vit_consumer.http import Hangup
+
+    calls = []
+    hangup = Hangup()
+    hangup.on(lambda: calls.append("before"))
+    hangup.fire()
+    hangup.fire()
+    hangup.on(lambda: calls.append("after"))
+    assert calls == ["before", "after"]

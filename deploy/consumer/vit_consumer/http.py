@@ -28,13 +28,35 @@ import httptools
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-# A request's scope holds a list under this key: callables run when its client hangs up before the answer
-# (the service drops its images from the batcher's queue; a 499). Only this protocol fills it.
+# A request's scope holds a Hangup under this key: what runs when its client hangs up before the answer
+# (the service drops its images from the batcher's queue; a 499). Only this protocol sets it.
 ON_GONE = "vit_consumer.on_gone"
 MAX_HEAD_BYTES = 64 * 1024  # request line and headers; real clients send well under 8 KiB
 HEAD_TIMEOUT_S = 10.0
 
 log = logging.getLogger("uvicorn.error")
+
+
+class Hangup:
+    """One request's client leaving before its answer: callbacks registered before or after it happens run once."""
+
+    __slots__ = ("happened", "callbacks")
+
+    def __init__(self) -> None:
+        self.happened = False
+        self.callbacks: list = []
+
+    def on(self, callback) -> None:
+        if self.happened:
+            callback()
+        else:
+            self.callbacks.append(callback)
+
+    def fire(self) -> None:
+        if not self.happened:
+            self.happened = True
+            for callback in self.callbacks:
+                callback()
 
 
 def _plain_response(status: str, message: str) -> bytes:
@@ -53,13 +75,16 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._head_timer: asyncio.TimerHandle | None = self.loop.call_later(
             HEAD_TIMEOUT_S, self._head_too_slow
         )
+        self._hangups: list[
+            tuple
+        ] = []  # (cycle, Hangup) of the requests not yet answered, pipelined ones too
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_head_timer()
-        cycle = self.cycle
-        if cycle is not None and not cycle.response_complete:
-            for callback in cycle.scope.get(ON_GONE, ()):
-                callback()
+        for cycle, hangup in self._hangups:
+            if not cycle.response_complete:
+                hangup.fire()
+        self._hangups = []
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -93,8 +118,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._awaiting_head = False
         self._head_bytes = 0
         self._stop_head_timer()
-        self.scope[ON_GONE] = []  # type: ignore[typeddict-unknown-key]
+        hangup = self.scope[ON_GONE] = Hangup()  # type: ignore[typeddict-unknown-key]
         super().on_headers_complete()
+        if self.cycle is not None and self.cycle.scope is self.scope:  # a request (not an upgrade offer)
+            self._hangups = [(c, h) for c, h in self._hangups if not c.response_complete]
+            self._hangups.append((self.cycle, hangup))
 
     def _should_upgrade(self) -> bool:
         # Called where the parser saw an offer (``parser.should_upgrade()`` first): every offer stops the

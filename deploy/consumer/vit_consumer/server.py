@@ -63,7 +63,7 @@ from vit_consumer.classifier import (
     alias_version,
     registry_target,
 )
-from vit_consumer.http import ON_GONE
+from vit_consumer.http import ON_GONE, Hangup
 from vit_consumer.metrics import Metrics
 from vit_consumer.settings import DEFAULT_MAX_BYTES, Settings, SettingsError
 
@@ -462,7 +462,7 @@ class Service:
 
     async def predict(
         self, top_k_raw: str | None, headers: Mapping[str, str], body: AsyncIterator[bytes],
-        on_gone: list | None = None,
+        on_gone: Hangup | None = None,
     ) -> tuple[int, dict[str, Any], dict[str, str]]:  # fmt: skip
         """One ``POST /predict``: (status, JSON document, extra headers), whatever the transport.
 
@@ -470,8 +470,8 @@ class Service:
             top_k_raw: The ``top_k`` query parameter as sent (None: absent).
             headers: Request headers, lower-case names.
             body: The body's chunks as they arrive.
-            on_gone: Where to register what runs if the client hangs up before its answer (the transport's
-                list, ``vit_consumer.http.ON_GONE``; None: the transport cannot tell).
+            on_gone: The request's ``vit_consumer.http.Hangup`` (the transport's; None: it cannot tell), where
+                what runs if the client hangs up before its answer is registered.
         """
         started = time.perf_counter()
         code, booking = 200, _Booking(self.admission)
@@ -507,7 +507,7 @@ class Service:
             self.metrics.latency.observe(time.perf_counter() - started)
 
     async def infer_v2(self, name: str, version: str | None, headers: Mapping[str, str],
-                       body: AsyncIterator[bytes], on_gone: list | None = None) -> tuple[int, bytes, dict[str, str]]:  # fmt: skip
+                       body: AsyncIterator[bytes], on_gone: Hangup | None = None) -> tuple[int, bytes, dict[str, str]]:  # fmt: skip
         """One ``POST /v2/models/{name}[/versions/{v}]/infer``: (status, body, headers); see ``vit_consumer.v2``."""
         started = time.perf_counter()
         code, booking = 200, _Booking(self.admission)
@@ -547,7 +547,7 @@ class Service:
             self.metrics.requests.labels(str(code)).inc()
             self.metrics.latency.observe(time.perf_counter() - started)
 
-    async def _infer(self, engine: OnnxClassifier, parse, on_gone: list | None = None) -> np.ndarray:
+    async def _infer(self, engine: OnnxClassifier, parse, on_gone: Hangup | None = None) -> np.ndarray:
         """Parses (``parse()``: checked images) in the decode pool, which queues them for the batcher's
         inference thread; awaits their logits.
 
@@ -602,7 +602,7 @@ class Service:
             raise BatcherStopped("The service is stopping") from exc
         running.add_done_callback(never_ran)
         if on_gone is not None:
-            on_gone.append(client_gone)
+            on_gone.on(client_gone)  # at once if the client has already left
         try:
             return await answer
         finally:
