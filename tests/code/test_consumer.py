@@ -205,6 +205,13 @@ def test_the_request_head_is_bounded_in_size_and_time_and_upgrade_offers_are_ign
     for chunks in ([head + png.getvalue()], [head, png.getvalue()]):
         answer = _raw(server, chunks, wait=0.3)
         assert answer.startswith(b"HTTP/1.1 200 ") and b'"predictions"' in answer, answer[:300]
+    # Pipelined behind a request still being answered: both answers, in order (top_k 2, then top_k 1).
+    first = (f"POST /predict?top_k=2 HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+             f"Content-Length: {len(png.getvalue())}\r\n\r\n").encode() + png.getvalue()  # fmt: skip
+    answer = _raw(server, [first + head + png.getvalue()], wait=0.5)
+    parts = answer.split(b"HTTP/1.1 200 ")[1:]
+    bodies = [json.loads(part.split(b"\r\n\r\n", 1)[1]) for part in parts]
+    assert [len(b["predictions"][0]) for b in bodies] == [2, 1], answer[:600]
 
 
 def requests_ok(url: str) -> bool:

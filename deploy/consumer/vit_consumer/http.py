@@ -75,9 +75,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._head_timer: asyncio.TimerHandle | None = self.loop.call_later(
             HEAD_TIMEOUT_S, self._head_too_slow
         )
-        self._hangups: list[
-            tuple
-        ] = []  # (cycle, Hangup) of the requests not yet answered, pipelined ones too
+        # (cycle, Hangup) of the requests not yet answered, pipelined ones too.
+        self._hangups: list[tuple] = []
+        self._h11_pending: bytes | None = None  # an upgrade offer behind requests still being answered
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_head_timer()
@@ -88,6 +88,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._h11_pending is not None:  # bytes for the h11 protocol, which takes over once answers are out
+            self._h11_pending += data
+            return
         if self._awaiting_head:
             self._head_bytes += len(data)
             if self._head_timer is None:  # the first bytes of the next request on a kept-alive connection
@@ -102,6 +105,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         except httptools.HttpParserUpgrade as exc:
             if self._get_upgrade() == b"websocket" and self._should_upgrade_to_ws():
                 self.handle_websocket_upgrade()
+            elif self._answering():  # hand over after the answers before it: they must go out first, in order
+                self._h11_pending = data[exc.args[0] :]
+                self.flow.pause_reading()
             else:
                 self._serve_with_h11(data[exc.args[0] :])
             return
@@ -131,9 +137,19 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         # Connection header only, llhttp all of them: a request with two took the body-less path.)
         return True
 
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self._h11_pending is not None and not self._answering() and not self.transport.is_closing():
+            rest, self._h11_pending = self._h11_pending, None
+            self._serve_with_h11(rest)
+
+    def _answering(self) -> bool:
+        return (self.cycle is not None and not self.cycle.response_complete) or bool(self.pipeline)
+
     def _serve_with_h11(self, rest: bytes) -> None:
         """Replays the request (its head as parsed, then the bytes after it) into an h11 protocol."""
         self._stop_head_timer()
+        self._unset_keepalive_if_required()
         self.connections.discard(self)
         head = [
             self.scope["method"].encode(),
