@@ -171,9 +171,34 @@ def champion_logits(
             return None, f"champion v{champion.version} predicts other classes than this run's test split"
         return onnx_logits(path, split), None
     except Exception as exc:  # whatever breaks, the champion was not evaluated
+        if _unreachable(exc):  # an outage says nothing of the champion: no decision now, a retry decides
+            raise RegistryError(f"Could not download champion v{champion.version} to compare with it "
+                                f"({type(exc).__name__}: {' '.join(str(exc).split())[:300]}); nothing was "
+                                "decided: --resume decides once the store answers") from exc  # fmt: skip
         return None, f"champion v{champion.version} could not be evaluated ({type(exc).__name__}: {exc})"[
             :1000
         ]
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """Whether an error (or one it was raised from) is a store that did not answer, not a broken champion.
+
+    "Not replaced" is a decision, recorded for good (a resumed run keeps it): a connection that
+    failed must not make one.
+    """
+    import requests
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ConnectionError | TimeoutError | requests.ConnectionError | requests.Timeout):
+            return True
+        if any(
+            text in str(seen)
+            for text in ("Max retries exceeded", "Connection refused", "Failed to establish")
+        ):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 @dataclass

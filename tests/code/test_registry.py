@@ -92,6 +92,30 @@ def test_a_champion_that_cannot_be_evaluated_is_not_replaced(cfg, tmp_path):
     assert _champion(cfg) == "1"
 
 
+def test_a_champion_the_store_cannot_deliver_now_is_no_decision(cfg, tmp_path, monkeypatch):
+    """A store outage while the champion downloads recorded 'not replaced' for good (a resume kept it)."""
+    from tests.conftest import free_port
+    from vit_pipeline.registry import RegistryError
+
+    split = labelled_split(COUNTS)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    client = tracking.client(cfg)
+    run = client.create_run(tracking.experiment_id(cfg, client))
+    # The champion's files are behind an artifact server that does not answer (a real refused connection).
+    client.create_registered_model("vit-cifar100")
+    gone = client.create_model_version("vit-cifar100", f"http://127.0.0.1:{free_port()}/api/2.0/mlflow-artifacts/artifacts/m",
+                                       run.info.run_id)  # fmt: skip
+    client.set_model_version_tag("vit-cifar100", gone.version, "dataset", cfg.dataset_tag)
+    client.set_registered_model_alias("vit-cifar100", "champion", gone.version)
+    run_id = runs.create_run(cfg, "test")
+    with pytest.raises(
+        RegistryError, match="Could not download champion v1 to compare with it .* --resume decides"
+    ):
+        _register(cfg, tmp_path, 3, split, run_id)
+    (version,) = [v for v in client.search_model_versions("name = 'vit-cifar100'") if v.run_id == run_id]
+    assert "promotion" not in version.tags and _champion(cfg) == "1"  # undecided, nothing moved
+
+
 def test_other_classes_other_dataset_and_policies(cfg, tmp_path):
     split = labelled_split(COUNTS)
     _register(cfg, tmp_path, 0, split)
