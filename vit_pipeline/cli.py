@@ -130,18 +130,15 @@ def _friendly_errors(func: Callable) -> Callable:
                         f"{exc} Start one (`prefect server start`) and set PREFECT_API_URL, or raise "
                         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
                     ) from exc
-                if "Failed to reach API at" in str(
-                    exc
-                ):  # PREFECT_API_URL names a server that does not answer
+                # PREFECT_API_URL names a server that does not answer.
+                if "Failed to reach API at" in str(exc):
                     raise PipelineError(
                         f"{exc.args[0] if exc.args else exc} Is the Prefect server (PREFECT_API_URL) running? "
                         "Unset PREFECT_API_URL to run with a temporary one"
                     ) from exc
                 raise
-            except (
-                httpx.ConnectError,
-                httpx.ConnectTimeout,
-            ) as exc:  # a Prefect API read directly (automations)
+            # A Prefect API read directly (automations).
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
                 raise PipelineError(
                     f"Cannot reach the Prefect API at {_prefect_api()}: {exc}. Is the Prefect server running?"
                 ) from exc

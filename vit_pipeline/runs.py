@@ -340,8 +340,9 @@ def _claim(client, run_id: str) -> None:
     tags = client.get_run(run_id).data.tags
     ended = {k: tags[k] for k in (ERROR, END_REASON) if k in tags}
     history = {PREVIOUS_END: "; ".join(ended.values())[:5000]} if ended else {}
-    # A run resumed by other code than started it says so: its weights came from both.
-    if (now := source_tags().get(MLFLOW_GIT_COMMIT)) and now != tags.get(MLFLOW_GIT_COMMIT, now):
+    # A run resumed by other code than started it says so: its weights came from both. (Only a run that
+    # ended before is resumed; a new one was tagged by create_run in this process a moment ago.)
+    if ended and (now := source_tags().get(MLFLOW_GIT_COMMIT)) and now != tags.get(MLFLOW_GIT_COMMIT, now):
         history[RESUMED_COMMIT] = now
     client.log_batch(run_id, tags=_run_tags({**owner_tags(), **history}))
     for key in ended:
