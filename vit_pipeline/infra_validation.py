@@ -112,14 +112,24 @@ class ConsumerProcess:
 
     def __enter__(self) -> ConsumerProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        from vit_consumer.settings import ENV_PREFIX
+
+        # The file is validated as the consumer serves it by default: a VIT_ENGINE, VIT_MAX_BYTES, ... set
+        # for some other service in this shell would change (or break) what is checked.
+        env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)} | {
+            "PYTHONUNBUFFERED": "1"
+        }
         cmd = [sys.executable, "-m", "vit_consumer", "--model", self.model, "serve", "--host", "127.0.0.1",
                "--port", str(self.port), "--no-choose", "--reload-seconds", "0"]  # fmt: skip
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
                 cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
             )
-        self._wait_ready()
+        try:
+            self._wait_ready()
+        except BaseException:  # __exit__ is not called when __enter__ raises: stop it here
+            self.__exit__(None, None, None)
+            raise
         return self
 
     def _wait_ready(self) -> None:

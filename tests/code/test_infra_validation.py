@@ -62,3 +62,18 @@ def test_a_file_onnx_runtime_loads_but_the_consumer_refuses_blocks_promotion(tmp
     version = client.get_model_version(blocked.name, "2")
     assert version.tags["gate.infra_validation"] == result.outcome
     assert json.loads(json.dumps(result.to_dict()))["passed"] is False
+
+
+def test_a_consumer_not_ready_in_time_is_stopped_and_the_shell_s_settings_are_not_used(
+    tiny_export, tmp_path, monkeypatch
+):
+    _, path, _ = tiny_export
+    server = infra_validation.ConsumerProcess(path, tmp_path / "slow.log", timeout=0.05)
+    with pytest.raises(infra_validation.InfraValidationFailed, match="not ready within"), server:
+        pass
+    assert server.proc.poll() is not None  # not left serving in its own session
+
+    # A VIT_* variable meant for another service changes nothing here (it made the consumer exit with 2).
+    monkeypatch.setenv("VIT_MAX_BYTES", "not-a-size")
+    result = infra_validation.validate([path], real_images(2), tmp_path, timeout=120)
+    assert result.passed, result.reason
