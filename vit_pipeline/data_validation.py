@@ -46,6 +46,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -299,6 +300,7 @@ def drift(current: DatasetStatistics, reference: DatasetStatistics, channel_thre
 def champion_statistics(cfg: PipelineConfig) -> tuple[DatasetStatistics | None, str, str | None]:
     """The champion's training statistics: (statistics, why not, its run id)."""
     from vit_pipeline import tracking
+    from vit_pipeline.errors import TrackingUnavailable
     from vit_pipeline.registry import current_champion
 
     client = tracking.client(cfg)
@@ -308,9 +310,15 @@ def champion_statistics(cfg: PipelineConfig) -> tuple[DatasetStatistics | None, 
     if champion.tags.get("dataset") != cfg.dataset_tag:
         return None, f"the champion was trained on {champion.tags.get('dataset')!r}", champion.run_id
     try:
-        path = client.download_artifacts(champion.run_id, STATISTICS_ARTIFACT)
-        return DatasetStatistics.from_dict(json.loads(Path(path).read_text())), "", champion.run_id
+        with tempfile.TemporaryDirectory(prefix="vit-stats-") as tmp:
+            path = tracking.download_run_artifact(cfg, champion.run_id, STATISTICS_ARTIFACT, tmp)
+            return DatasetStatistics.from_dict(json.loads(path.read_text())), "", champion.run_id
     except Exception as exc:  # an older champion without statistics, or an unreadable file
+        if tracking.unavailable(exc):  # "not computed" would let a blocking drift gate pass on an outage
+            raise TrackingUnavailable(
+                f"Could not download the champion's {STATISTICS_ARTIFACT} ({type(exc).__name__}: "
+                f"{' '.join(str(exc).split())[:300]}); drift was not computed: --resume once the store answers"
+            ) from exc
         return None, f"the champion's run has no readable {STATISTICS_ARTIFACT} ({type(exc).__name__})", None
 
 
@@ -515,7 +523,6 @@ def checkpoint_seen(cfg: PipelineConfig) -> tuple[ImageHashes | None, Lineage]:
         DataError: the run has the file, but it cannot be read (the check fails closed: a store that
             does not answer or a damaged file stops the run instead of passing it unchecked).
     """
-    import tempfile
 
     import mlflow
     from vit_consumer.mlflow_store import store_uris

@@ -44,7 +44,7 @@ import numpy as np
 from vit_consumer.contract import INPUT_NAME, MANIFEST_NAME, OUTPUT_NAME, CandidatesManifest
 from vit_consumer.contract import class_names as contract_class_names
 
-from vit_pipeline import thresholds
+from vit_pipeline import thresholds, tracking
 from vit_pipeline.config import PipelineConfig
 from vit_pipeline.errors import PipelineError
 
@@ -171,34 +171,15 @@ def champion_logits(
             return None, f"champion v{champion.version} predicts other classes than this run's test split"
         return onnx_logits(path, split), None
     except Exception as exc:  # whatever breaks, the champion was not evaluated
-        if _unreachable(exc):  # an outage says nothing of the champion: no decision now, a retry decides
+        if tracking.unavailable(
+            exc
+        ):  # an outage says nothing of the champion: no decision now, a retry decides
             raise RegistryError(f"Could not download champion v{champion.version} to compare with it "
                                 f"({type(exc).__name__}: {' '.join(str(exc).split())[:300]}); nothing was "
                                 "decided: --resume decides once the store answers") from exc  # fmt: skip
         return None, f"champion v{champion.version} could not be evaluated ({type(exc).__name__}: {exc})"[
             :1000
         ]
-
-
-def _unreachable(exc: BaseException) -> bool:
-    """Whether an error (or one it was raised from) is a store that did not answer, not a broken champion.
-
-    "Not replaced" is a decision, recorded for good (a resumed run keeps it): a connection that
-    failed must not make one.
-    """
-    import requests
-
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, ConnectionError | TimeoutError | requests.ConnectionError | requests.Timeout):
-            return True
-        if any(
-            text in str(seen)
-            for text in ("Max retries exceeded", "Connection refused", "Failed to establish")
-        ):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
 
 
 @dataclass
@@ -271,12 +252,14 @@ def _champion_artifact(
     """``read`` of a file of the champion's run: (its value, "") or (None, why not: none, or unreadable)."""
     import tempfile
 
-    from vit_pipeline import tracking
-
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            local = Path(tracking.client(cfg).download_artifacts(champion.run_id, path, tmp))
-        except Exception as exc:  # an older run without it, or the store failing
+            local = tracking.download_run_artifact(cfg, champion.run_id, path, tmp)
+        except Exception as exc:  # an older run without it; an outage decides nothing (champion_logits)
+            if tracking.unavailable(exc):
+                raise RegistryError(f"Could not download champion v{champion.version}'s {path} "
+                                    f"({type(exc).__name__}); nothing was decided: --resume decides once the "
+                                    "store answers") from exc  # fmt: skip
             log.info("Champion v%s: no %s (%s)", champion.version, path, exc)
             return None, f"its run's {path} could not be downloaded ({type(exc).__name__})"
         try:
@@ -507,7 +490,6 @@ def register_onnx(
     Raises:
         RegistryError: the registry failed while the champion was read or moved.
     """
-    from vit_pipeline import tracking
 
     client = tracking.client(cfg)
     name = cfg.resolved_model_name
@@ -648,7 +630,7 @@ def champion(model_name: str, alias: str = CHAMPION, tracking_uri: str | None = 
     Raises:
         PipelineError: no version holds the alias.
     """
-    from vit_pipeline import runs, tracking
+    from vit_pipeline import runs
     from vit_pipeline.config import make_config
     from vit_pipeline.train import KERAS_MODEL_TAG
 

@@ -96,6 +96,20 @@ def fluent_store(cfg: PipelineConfig | None = None):
     return store_uris(tracking_uri(cfg))
 
 
+def download_run_artifact(cfg: PipelineConfig, run_id: str, path: str, dst: str | Path) -> Path:
+    """One file of a run's artifacts, downloaded into ``dst``, or the store's own error.
+
+    ``MlflowClient.download_artifacts`` reports a store that did not answer as a missing path
+    (MLflow 3 swallows the cause), which must not pass for "the run has no such file"
+    (``unavailable``); the run's artifact repository raises what happened.
+    """
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    with fluent_store(cfg):  # mlflow-artifacts:/ locations resolve against the tracking server
+        repo = get_artifact_repository(client(cfg).get_run(run_id).info.artifact_uri)
+        return Path(repo.download_artifacts(path, str(dst)))
+
+
 def experiment_id(cfg: PipelineConfig, c=None) -> str:
     """Gets or creates the config's experiment (one per dataset by default)."""
     c = c or client(cfg)
@@ -138,6 +152,35 @@ def weight_decay_tfa_equivalent(cfg: PipelineConfig) -> str:
     if cfg.lr_schedule == "constant":
         return f"{peak:g}"
     return f"{cfg.weight_decay:g} x lr(t) ({cfg.lr_schedule}; peak {peak:g}, 0 at the end)"
+
+
+def unavailable(exc: BaseException) -> bool:
+    """Whether an error (or one it was raised from) is a store that did not answer, not a fault of the data.
+
+    The one test of "MLflow was away": a retry or ``--resume`` may then succeed, while a missing or
+    damaged artifact, a refused parameter or a bug would fail the same way again. Decisions (a
+    registry verdict, a gate that did not run) must not be made on an outage.
+    """
+    import sqlite3
+
+    import requests
+
+    from vit_pipeline.errors import TrackingUnavailable
+
+    outage = (TrackingUnavailable, ConnectionError, TimeoutError, requests.ConnectionError, requests.Timeout)
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, outage):
+            return True
+        if isinstance(seen, sqlite3.OperationalError) and "locked" in str(
+            seen
+        ):  # a busy store, not a bad one
+            return True
+        if any(text in str(seen) for text in ("Max retries exceeded", "Connection refused", "Failed to establish",
+                                              "database is locked")):  # fmt: skip
+            return True  # MLflow's REST and SQL stores re-raise these as plain MlflowExceptions
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def check_reachable(cfg: PipelineConfig) -> None:

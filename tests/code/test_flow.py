@@ -326,6 +326,21 @@ def test_train_task_retries_only_when_tracking_was_down(prefect_server, monkeypa
     with pytest.raises(ValueError, match="a bug"):
         train_once("bug")
     assert calls == ["bug"]
+    calls.clear()
+    # MLflow's own errors: a refused value fails the same way again; a store that did not answer may not.
+    from mlflow.exceptions import MlflowException
+
+    failures[:] = [
+        MlflowException("Changing param values is not allowed", error_code="INVALID_PARAMETER_VALUE")
+    ]
+    with pytest.raises(MlflowException, match="Changing param"):
+        train_once("refused")
+    assert calls == ["refused"]
+    calls.clear()
+    failures[:] = [MlflowException("API request to endpoint /api/2.0/mlflow/runs/get failed with exception "
+                                   "HTTPConnectionPool(host='mlflow', port=5000): Max retries exceeded")]  # fmt: skip
+    assert train_once("away") == "trained"
+    assert calls == ["away"] * 2
 
 
 def test_proxy_experiment_compares_both_presets_in_one_experiment(prefect_server, tiny_overrides, tmp_path):

@@ -116,6 +116,39 @@ def test_a_champion_the_store_cannot_deliver_now_is_no_decision(cfg, tmp_path, m
     assert "promotion" not in version.tags and _champion(cfg) == "1"  # undecided, nothing moved
 
 
+def test_a_champion_whose_run_the_store_cannot_deliver_now_is_no_decision(cfg, tmp_path, monkeypatch):
+    """Its model downloads, its run's artifacts (training-image digests, statistics) do not: an outage.
+    Both used to read as "unknown": the comparison went on without them and a drift gate said "not computed"."""
+    from vit_pipeline.data_validation import champion_statistics
+    from vit_pipeline.errors import TrackingUnavailable
+
+    split = labelled_split(COUNTS)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    client = tracking.client(cfg)
+    # The champion's run keeps its artifacts behind a server that does not answer (a real refused connection).
+    elsewhere = client.create_experiment(
+        "elsewhere", f"http://127.0.0.1:{free_port()}/api/2.0/mlflow-artifacts/artifacts/x"
+    )
+    run = client.create_run(elsewhere)
+    model_dir = tmp_path / "champion-model"
+    model_dir.mkdir()
+    constant_classifier(model_dir / "model.onnx", len(split.class_names), 0)
+    client.create_registered_model("vit-cifar100")
+    version = client.create_model_version("vit-cifar100", str(model_dir), run.info.run_id)
+    client.set_model_version_tag("vit-cifar100", version.version, "dataset", cfg.dataset_tag)
+    client.set_registered_model_alias("vit-cifar100", "champion", version.version)
+
+    with pytest.raises(TrackingUnavailable, match="drift was not computed: --resume"):
+        champion_statistics(cfg)
+    run_id = runs.create_run(cfg, "test")
+    with pytest.raises(
+        RegistryError, match="Could not download champion v1's data/seen_images.npz .* --resume"
+    ):
+        _register(cfg, tmp_path, 3, split, run_id)
+    (candidate,) = [v for v in client.search_model_versions("name = 'vit-cifar100'") if v.run_id == run_id]
+    assert "promotion" not in candidate.tags and _champion(cfg) == "1"
+
+
 def test_other_classes_other_dataset_and_policies(cfg, tmp_path):
     split = labelled_split(COUNTS)
     _register(cfg, tmp_path, 0, split)

@@ -60,13 +60,11 @@ def validate_data(ctx: StageContext, data_path: str) -> data_validation.DataVali
 
 
 def tracking_was_down(task, task_run, state) -> bool:
-    """Retry only when MLflow was away: a retry resumes, it does not train again."""
-    from mlflow.exceptions import MlflowException
-
-    from vit_pipeline.errors import TrackingUnavailable
+    """Retry only when MLflow was away (``tracking.unavailable``): a retry resumes, it does not train again."""
+    from vit_pipeline import tracking
 
     exc = state.result(raise_on_failure=False)
-    return isinstance(exc, TrackingUnavailable | MlflowException | ConnectionError)
+    return isinstance(exc, BaseException) and tracking.unavailable(exc)
 
 
 # A retry of train resumes from the last finished epoch (or, if training had
