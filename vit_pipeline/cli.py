@@ -596,9 +596,19 @@ def predict(images: tuple[str, ...], model_uri: str, tracking_uri: str | None, t
 @click.option("--max-batch-size", default=64, show_default=True, type=click.IntRange(1, 4096))
 @click.option("--queue-delay-us", default=2000, show_default=True, type=click.IntRange(0),
               help="Triton's dynamic batching: how long a batch waits for company.")  # fmt: skip
+@click.option("--consumer-tracking-uri", default=None,
+              help="The MLflow server the consumer's pods read models:/ from (default: --tracking-uri when it is "
+                   "another machine's HTTP server, else http://mlflow:5000).")  # fmt: skip
 @_friendly_errors
 def export_serving(
-    source, out_dir, tracking_uri, storage_uri, consumer_image, max_batch_size, queue_delay_us
+    source,
+    out_dir,
+    tracking_uri,
+    storage_uri,
+    consumer_image,
+    max_batch_size,
+    queue_delay_us,
+    consumer_tracking_uri,
 ) -> None:
     """Write SOURCE (models:/name@champion, models:/name/N or an .onnx export) as a Triton model repository,
     a KServe InferenceService and Kubernetes manifests for the consumer, under OUT_DIR."""
@@ -606,10 +616,13 @@ def export_serving(
     from vit_pipeline.serving_export import export_serving as write
 
     written = write(source, out_dir, tracking_uri or tracking.tracking_uri(), storage_uri=storage_uri,
-                    consumer_image=consumer_image, max_batch_size=max_batch_size, queue_delay_us=queue_delay_us)  # fmt: skip
+                    consumer_image=consumer_image, max_batch_size=max_batch_size, queue_delay_us=queue_delay_us,
+                    consumer_tracking_uri=consumer_tracking_uri)  # fmt: skip
     for key in ("triton", "kserve", "kubernetes"):
         click.echo(f"{key}: {written[key]}")
     click.echo(f"Model {written['name']!r} version {written['version']}")
+    if written["note"]:
+        click.echo(f"Note: {written['note']}")
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True,

@@ -11,9 +11,9 @@ metadata) and read from the file itself, so what is written here matches what wa
   a queue delay, CPU instances); ``configs/gpu.pbtxt`` is the same on GPU instances (Triton's
   ``--model-config-name=gpu``); ``<version>/model.onnx`` is the registered file (Triton needs
   integer version folders: the registry version).
-* ``DIR/kserve/inferenceservice.yaml``: a KServe ``InferenceService`` (``modelFormat: onnx``,
+* ``DIR/kserve/<k8s name>.yaml``: a KServe ``InferenceService`` (``modelFormat: onnx``,
   ``protocolVersion: v2``, ``storageUri`` where the ``triton/`` folder is uploaded).
-* ``DIR/kubernetes/consumer.yaml``: this project's consumer on Kubernetes: a Deployment (readiness
+* ``DIR/kubernetes/<k8s name>-consumer.yaml``: this project's consumer on Kubernetes: a Deployment (readiness
   and liveness probes on ``/health/ready`` and ``/health/live``, the model from the registry), a
   Service and a HorizontalPodAutoscaler.
 
@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import filecmp
 import json
+import os
 import re
 import shutil
 from collections.abc import Iterator
@@ -41,12 +42,18 @@ CONSUMER_PORT = 8000
 LOCK_SECONDS = 600  # a publish copies one model file: minutes at most
 MAX_NAME = 40  # 63 (a DNS label) less the longest suffix Kubernetes and Knative add
 CPU_INSTANCES, CPU_PER_INSTANCE = 2, 2  # Triton's CPU instances and the cores each may use (the limit: 4)
+STAGING = ".staging"  # DIR/.staging/<name>: a new Triton model folder before it is renamed into DIR/triton
+SOURCE_PARAMETER = re.compile(r'key: "source" value: \{ string_value: ("(?:[^"\\]|\\.)*") \}')
 PVC = "vit-models"  # the volume claim that holds the published repository (storage URI and consumer mount)
 
 
 @dataclass(frozen=True)
 class ServedModel:
-    """What the engines need to know of the registered file (read from its metadata)."""
+    """What the engines need to know of the registered file (read from its metadata).
+
+    ``name`` is the name clients address (``contract.served_name``: the consumer's ``/v2/models/<name>``), the
+    Triton model folder's; Kubernetes and KServe objects are named ``k8s_name``, a DNS label made of it.
+    """
 
     name: str
     version: str
@@ -55,6 +62,16 @@ class ServedModel:
     class_names: list[str]
     temperature: float
     source: str
+
+    @property
+    def k8s_name(self) -> str:
+        return _slug(self.name)
+
+
+def _identity(source: str) -> str:
+    """Which model a source is, whatever its version or alias: ``models:/<name>``, or the file's path."""
+    registered = re.match(r"^models:/([^/@]+)", source)
+    return f"models:/{registered[1]}" if registered else str(Path(source).resolve())
 
 
 def read_model(source: str, tracking_uri: str | None = None) -> ServedModel:
@@ -93,11 +110,12 @@ def read_model(source: str, tracking_uri: str | None = None) -> ServedModel:
         temperature = contract.temperature(meta)
     except Exception as exc:  # not loadable, not an export: one line either way
         raise PipelineError(f"Cannot export {source} for serving: {exc}") from None
-    dataset = meta.get(contract.META_DATASET)
-    name = registered[1] if registered else (f"vit-{dataset}" if dataset else Path(path).stem)
+    name = contract.served_name(source, meta, path)
     if not str(version).isdigit():
         raise PipelineError(f"Expected an integer registry version for Triton. Received: {version!r}")
-    return ServedModel(_slug(name), str(version), Path(path), tuple(shape), names, temperature, source)
+    if name.startswith(".") or not name.isprintable():
+        raise PipelineError(f"Expected a model name Triton can use as a folder name. Received: {name!r}")
+    return ServedModel(name, str(version), Path(path), tuple(shape), names, temperature, source)
 
 
 def _slug(name: str) -> str:
@@ -126,7 +144,7 @@ def triton_config(model: ServedModel, max_batch_size: int, queue_delay_us: int, 
     return f"""# Written by vit-pipeline export-serving from {model.source!r} (version {model.version}).
 # The contract of vit_consumer.contract: raw RGB pixels 0-255, NHWC; unnormalised logits.
 # Probabilities: softmax(logits / {model.temperature:g}) (the calibrated temperature, in the parameters).
-name: "{model.name}"
+name: {json.dumps(model.name)}
 platform: "onnxruntime_onnx"
 max_batch_size: {max_batch_size}
 input [
@@ -150,15 +168,48 @@ parameters {{ key: "source" value: {{ string_value: {json.dumps(model.source)} }
 def write_triton(model: ServedModel, out: Path, max_batch_size: int, queue_delay_us: int) -> Path:
     """``out/<name>/`` with <version>/model.onnx, labels.txt, configs/gpu.pbtxt and, last, config.pbtxt.
 
-    Every file is written atomically and ``config.pbtxt``, whose version policy names the new version, comes
-    last: Triton polling the repository never loads a half-copied model, and a crash part-way leaves the
-    previous version served (and ``publish`` writes the version again on its next run).
+    A new model's folder is built beside the repository and renamed into it whole: Triton loads an ONNX
+    folder without a ``config.pbtxt`` too (it makes one up), so it must never see one half-written. In an
+    existing folder every file is written atomically and ``config.pbtxt``, whose version policy names the new
+    version, comes last: a crash part-way leaves the previous version served (``publish`` redoes it).
+    A folder serves one model (another model's folder is refused), and a version folder's file is never
+    replaced by other bytes (a registry version is immutable; so is what Triton served under its number).
     """
     folder = out / model.name
-    for stale in folder.glob("*/.model.onnx.*.tmp.onnx"):  # a copy a crash cut short (writers take turns)
+    if folder.is_dir():
+        _check_same_model(folder, model)
+        _fill(folder, model, max_batch_size, queue_delay_us)
+        return folder
+    staging = out.parent / STAGING / model.name
+    shutil.rmtree(staging, ignore_errors=True)
+    _fill(staging, model, max_batch_size, queue_delay_us)
+    out.mkdir(parents=True, exist_ok=True)
+    os.rename(staging, folder)
+    with contextlib.suppress(OSError):  # another new model's staging folder: left to it
+        staging.parent.rmdir()
+    return folder
+
+
+def _check_same_model(folder: Path, model: ServedModel) -> None:
+    config = folder / "config.pbtxt"
+    found = SOURCE_PARAMETER.search(config.read_text(encoding="utf-8")) if config.is_file() else None
+    if found and _identity(json.loads(found[1])) != _identity(model.source):
+        raise PipelineError(f"{folder} serves {json.loads(found[1])!r}, not {model.source!r} (both are named "
+                            f"{model.name!r} there): export into another folder")  # fmt: skip
+
+
+def _fill(folder: Path, model: ServedModel, max_batch_size: int, queue_delay_us: int) -> None:
+    for stale in (
+        *folder.glob(".*.tmp*"),
+        *folder.glob("*/.*.tmp*"),
+    ):  # what a crash cut short (writers take turns)
         stale.unlink()
     target = folder / model.version / "model.onnx"
-    if not (target.is_file() and filecmp.cmp(model.path, target, shallow=False)):
+    if target.is_file():
+        if not filecmp.cmp(model.path, target, shallow=False):
+            raise PipelineError(f"{target} holds another file than version {model.version} of {model.source!r}; "
+                                "a served version is not replaced: export into another folder")  # fmt: skip
+    else:
         with atomic_path(target) as tmp:  # Triton loads only "model.onnx"
             shutil.copyfile(model.path, tmp)
     _write_if_changed(folder / "labels.txt", "\n".join(model.class_names) + "\n")
@@ -166,7 +217,6 @@ def write_triton(model: ServedModel, out: Path, max_batch_size: int, queue_delay
     _write_if_changed(folder / "configs" / "gpu.pbtxt", gpu)
     cpu = triton_config(model, max_batch_size, queue_delay_us, "KIND_CPU", CPU_INSTANCES)
     _write_if_changed(folder / "config.pbtxt", cpu)
-    return folder
 
 
 def _write_if_changed(path: Path, text: str) -> None:
@@ -189,7 +239,7 @@ def inference_service(model: ServedModel, storage_uri: str) -> dict[str, Any]:
         "apiVersion": "serving.kserve.io/v1beta1",
         "kind": "InferenceService",
         "metadata": {
-            "name": model.name,
+            "name": model.k8s_name,
             "labels": {"app.kubernetes.io/part-of": "vit-pipeline"},
             "annotations": {"vit-pipeline/source": model.source, "vit-pipeline/version": model.version},
         },  # fmt: skip
@@ -216,7 +266,8 @@ def inference_service(model: ServedModel, storage_uri: str) -> dict[str, Any]:
 
 def consumer_manifests(model: ServedModel, image: str, tracking_uri: str) -> list[dict[str, Any]]:
     """Deployment, Service and HorizontalPodAutoscaler of the consumer serving ``model.source``."""
-    labels = {"app.kubernetes.io/name": "vit-consumer", "app.kubernetes.io/instance": model.name}
+    labels = {"app.kubernetes.io/name": "vit-consumer", "app.kubernetes.io/instance": model.k8s_name}
+    name = f"{model.k8s_name}-consumer"
     # The registry source as given (an alias is followed: --reload-seconds), else the published file, from the
     # volume that holds the repository (the KServe storage URI's claim by default).
     registered = model.source.startswith("models:/")
@@ -256,7 +307,7 @@ def consumer_manifests(model: ServedModel, image: str, tracking_uri: str) -> lis
     deployment = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": {"name": f"{model.name}-consumer", "labels": labels},
+        "metadata": {"name": name, "labels": labels, "annotations": {"vit-pipeline/source": model.source}},
         # No replicas: the autoscaler owns the count (a re-applied manifest would reset it otherwise).
         "spec": {
             "selector": {"matchLabels": labels},
@@ -266,19 +317,15 @@ def consumer_manifests(model: ServedModel, image: str, tracking_uri: str) -> lis
     service = {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": {"name": f"{model.name}-consumer", "labels": labels},
+        "metadata": {"name": name, "labels": labels},
         "spec": {"selector": labels, "ports": [{"name": "http", "port": 80, "targetPort": "http"}]},
     }
     autoscaler = {
         "apiVersion": "autoscaling/v2",
         "kind": "HorizontalPodAutoscaler",
-        "metadata": {"name": f"{model.name}-consumer", "labels": labels},
+        "metadata": {"name": name, "labels": labels},
         "spec": {
-            "scaleTargetRef": {
-                "apiVersion": "apps/v1",
-                "kind": "Deployment",
-                "name": f"{model.name}-consumer",
-            },
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
             "minReplicas": 2,
             "maxReplicas": 10,
             "metrics": [
@@ -295,18 +342,24 @@ def consumer_manifests(model: ServedModel, image: str, tracking_uri: str) -> lis
 def _yaml(documents: list[dict[str, Any]]) -> str:
     import yaml
 
-    return "---\n".join(yaml.safe_dump(d, sort_keys=False) for d in documents)
+    class Plain(
+        yaml.SafeDumper
+    ):  # no &id001 anchors where a dict appears twice (labels): patchable as written
+        def ignore_aliases(self, data: Any) -> bool:
+            return True
+
+    return "---\n".join(yaml.dump(d, Dumper=Plain, sort_keys=False) for d in documents)
 
 
 def export_serving(source: str, out_dir: str | Path, tracking_uri: str | None = None, *, storage_uri: str | None = None,
                    consumer_image: str = "vit-consumer:latest", max_batch_size: int = 64,
-                   queue_delay_us: int = 2000) -> dict[str, str]:  # fmt: skip
-    """Writes the Triton repository and the KServe and Kubernetes manifests; returns their paths."""
+                   queue_delay_us: int = 2000, consumer_tracking_uri: str | None = None) -> dict[str, str]:  # fmt: skip
+    """Writes the Triton repository and the KServe and Kubernetes manifests; returns their paths (and a note)."""
     _check_options(max_batch_size, queue_delay_us, storage_uri, consumer_image)
     model = read_model(source, tracking_uri)
     with _one_writer(Path(out_dir)):
         return _write_all(model, Path(out_dir), tracking_uri, storage_uri, consumer_image, max_batch_size,
-                          queue_delay_us)  # fmt: skip
+                          queue_delay_us, consumer_tracking_uri)  # fmt: skip
 
 
 # KServe matches a storage URI by its scheme (gs://, s3://, pvc://, hf://, https://, or a custom
@@ -356,33 +409,71 @@ def _one_writer(out: Path) -> Iterator[None]:
 
 
 def _write_all(model: ServedModel, out: Path, tracking_uri: str | None, storage_uri: str | None,
-               consumer_image: str, max_batch_size: int, queue_delay_us: int) -> dict[str, str]:  # fmt: skip
+               consumer_image: str, max_batch_size: int, queue_delay_us: int,
+               consumer_tracking_uri: str | None = None) -> dict[str, str]:  # fmt: skip
+    storage = storage_uri or f"pvc://{PVC}/triton"
+    isvc_path = out / "kserve" / f"{model.k8s_name}.yaml"
+    consumer_path = out / "kubernetes" / f"{model.k8s_name}-consumer.yaml"
+    for path in (isvc_path, consumer_path):  # one file per model: other models' manifests stay
+        _check_manifest_owner(path, model)
+    shutil.rmtree(out / STAGING, ignore_errors=True)  # a new model's folder a crash left before its rename
+    folder = write_triton(model, out / "triton", max_batch_size, queue_delay_us)
+    uri, note = _consumer_tracking_uri(consumer_tracking_uri, tracking_uri)
+    write_text(isvc_path, _yaml([inference_service(model, storage)]))
+    write_text(consumer_path, _yaml(consumer_manifests(model, consumer_image, uri)))
+    return {"triton": str(folder), "kserve": str(isvc_path), "kubernetes": str(consumer_path), "name": model.name,
+            "version": model.version, "note": note}  # fmt: skip
+
+
+def _check_manifest_owner(path: Path, model: ServedModel) -> None:
+    """Another model whose name makes the same Kubernetes name (``Vit_Pets``, ``vit.pets``) is not overwritten."""
+    import yaml
+
+    if not path.is_file():
+        return
+    try:
+        first = next(yaml.safe_load_all(path.read_text(encoding="utf-8")))
+        owner = first["metadata"]["annotations"]["vit-pipeline/source"]
+    except Exception:  # not one of ours, or edited by hand: leave it alone
+        raise PipelineError(
+            f"{path} exists and was not written by export-serving: export into another folder"
+        ) from None
+    if _identity(owner) != _identity(model.source):
+        raise PipelineError(f"{path} is {owner!r}'s ({model.source!r} has the same Kubernetes name "
+                            f"{model.k8s_name!r}): export into another folder")  # fmt: skip
+
+
+LOOPBACK = ("localhost", "127.0.0.1", "::1", "0.0.0.0")
+
+
+def _consumer_tracking_uri(given: str | None, export_uri: str | None) -> tuple[str, str]:
+    """The MLflow server the consumer's pods read the registry from, and a note when it is not the export's."""
+    from urllib.parse import urlparse
+
     from vit_pipeline import tracking
 
-    storage = storage_uri or f"pvc://{PVC}/triton"
-    isvc = write_text(out / "kserve" / "inferenceservice.yaml", _yaml([inference_service(model, storage)]))
-    uri = tracking_uri or tracking.tracking_uri()
-    if uri.startswith("sqlite:"):
-        uri = "http://mlflow:5000"  # a pod cannot read this machine's SQLite file: name the tracking server
-    consumer = write_text(
-        out / "kubernetes" / "consumer.yaml", _yaml(consumer_manifests(model, consumer_image, uri))
-    )
-    # Last: its config.pbtxt is what says the version is served (``served_version``).
-    folder = write_triton(model, out / "triton", max_batch_size, queue_delay_us)
-    return {"triton": str(folder), "kserve": str(isvc), "kubernetes": str(consumer), "name": model.name,
-            "version": model.version}  # fmt: skip
+    if given:
+        return given, ""
+    uri = export_uri or tracking.tracking_uri()
+    host = urlparse(uri).hostname or ""
+    if uri.startswith(("http://", "https://")) and host not in LOOPBACK and not host.startswith("127."):
+        return uri, ""
+    default = "http://mlflow:5000"
+    return default, (f"the consumer's pods read the registry from {default} ({uri} is this machine's); "
+                     "--consumer-tracking-uri sets it")  # fmt: skip
 
 
 def publish(source: str, out_dir: str | Path, tracking_uri: str | None = None, *, storage_uri: str | None = None,
             consumer_image: str = "vit-consumer:latest", max_batch_size: int = 64,
-            queue_delay_us: int = 2000) -> dict[str, Any]:  # fmt: skip
+            queue_delay_us: int = 2000, consumer_tracking_uri: str | None = None) -> dict[str, Any]:  # fmt: skip
     """``export_serving`` when ``out_dir`` does not serve ``source``'s version (the champion moved), else nothing.
 
     For a schedule (the ``publish-serving`` deployment): an alias is pinned to its version once, and a
     repository whose ``config.pbtxt`` already serves that version is left as it is, so Triton's model
-    control (``--model-control-mode=poll``) sees a change only when there is one: a new champion, or a
-    rollback to an earlier version (its folder is written again and the config names it). Publishes
-    into one folder take turns (a file lock in it), and a publish that crashed part-way is redone.
+    control sees a change only when there is one: a new champion, or a rollback to an earlier version
+    (its folder is written again and the config names it). Publishes into one folder take turns (a file
+    lock in it), and a publish that crashed part-way is redone. A folder of another model of the same
+    name is an error, not "already served".
 
     Returns:
         ``published`` (True/False), ``name``, ``version`` and, when published, the written paths.
@@ -395,10 +486,12 @@ def publish(source: str, out_dir: str | Path, tracking_uri: str | None = None, *
     out = Path(out_dir)
     with _one_writer(out):
         folder = out / "triton" / model.name
+        if folder.is_dir():  # another model's folder is an error, not "already served"
+            _check_same_model(folder, model)
         if served_version(folder) == model.version:
             return {"published": False, "name": model.name, "version": model.version,
                     "reason": f"version {model.version} is already served from {folder}"}  # fmt: skip
         # The files are the version read once; the consumer's manifest keeps the alias (it follows it).
         written = _write_all(model, out, tracking_uri, storage_uri, consumer_image, max_batch_size,
-                             queue_delay_us)  # fmt: skip
+                             queue_delay_us, consumer_tracking_uri)  # fmt: skip
     return {"published": True, **written}

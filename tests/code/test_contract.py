@@ -146,3 +146,20 @@ def test_every_image_suffix_training_reads_is_a_format_the_service_reads():
     formats = Image.registered_extensions()
     assert {suffix: formats.get(suffix) for suffix in IMAGE_SUFFIXES if formats.get(suffix) not in
             contract.IMAGE_FORMATS} == {}  # fmt: skip
+
+
+def test_the_consumer_reading_the_registry_sends_no_usage_pings(tmp_path):
+    """MLflow 3 pings its telemetry endpoint unless told not to; serving pods have no business doing so."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "from vit_consumer.mlflow_store import store_uris\n"
+        f"with store_uris('sqlite:///{tmp_path / 'm.db'}'):\n"
+        "    import os\n"
+        "    print(os.environ.get('MLFLOW_DISABLE_TELEMETRY'))\n"  # MLflow's own test says no in any CI or pytest
+    )
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_DISABLE_TELEMETRY"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.split()[-1] == "true", out.stderr[-1000:]

@@ -21,6 +21,7 @@ from tests.conftest import constant_classifier, labelled_split
 from vit_pipeline import registry, runs
 from vit_pipeline.cli import main
 from vit_pipeline.config import make_config
+from vit_pipeline.errors import PipelineError
 
 pytestmark = pytest.mark.integration  # a real MLflow registry
 
@@ -127,7 +128,10 @@ def test_triton_repository_and_manifests_validate(registered, tmp_path):
         )  # 2 instances x 2 = the limit
         assert config["parameters"]["source"] == {"stringValue": "models:/vit-pets@champion"}
 
-    (isvc,) = yaml.safe_load_all((out / "kserve" / "inferenceservice.yaml").read_text())
+    assert (
+        "&id" not in (out / "kubernetes" / "vit-pets-consumer.yaml").read_text()
+    )  # no YAML anchors to patch
+    (isvc,) = yaml.safe_load_all((out / "kserve" / "vit-pets.yaml").read_text())
     _check_fields(isvc, "V1beta1InferenceService")
     model = isvc["spec"]["predictor"]["model"]
     assert model["modelFormat"] == {"name": "onnx"} and model["protocolVersion"] == "v2"
@@ -136,7 +140,9 @@ def test_triton_repository_and_manifests_validate(registered, tmp_path):
 
     from kubernetes.client import ApiClient
 
-    deployment, service, autoscaler = yaml.safe_load_all((out / "kubernetes" / "consumer.yaml").read_text())
+    deployment, service, autoscaler = yaml.safe_load_all(
+        (out / "kubernetes" / "vit-pets-consumer.yaml").read_text()
+    )
     for doc, kind in ((deployment, "V1Deployment"), (service, "V1Service"),
                       (autoscaler, "V2HorizontalPodAutoscaler")):  # fmt: skip
         _round_trip(ApiClient(), doc, kind)
@@ -265,8 +271,8 @@ def _set_champion(uri: str, name: str, version: str) -> None:
 
 def test_publish_follows_a_rollback_and_a_name_that_is_not_a_slug(tmp_path):
     """The champion set back to an earlier version is served again (its folder exists already); a registered
-    name that is not a folder name (``Vit_Pets``: folder ``vit-pets``) is read from the registry, and the
-    consumer's manifest follows the alias itself."""
+    name that is not a DNS label (``Vit_Pets``) keeps its name in Triton (the consumer's v2 name too), its
+    Kubernetes objects are ``vit-pets``, and the consumer's manifest follows the alias itself."""
     from vit_pipeline.serving_export import publish, served_version
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -278,7 +284,7 @@ def test_publish_follows_a_rollback_and_a_name_that_is_not_a_slug(tmp_path):
         onnx = constant_classifier(tmp_path / f"c{i}.onnx", 3, 1, names)
         assert registry.register_onnx(cfg, runs.create_run(cfg, "test"), str(onnx), split).version == str(i)
     out = tmp_path / "serving"
-    folder = out / "triton" / "vit-pets"
+    folder = out / "triton" / "Vit_Pets"
     for version in ("1", "2"):  # the champion moves from 1 to 2, each publish writes its version
         _set_champion(uri, "Vit_Pets", version)
         assert publish("models:/Vit_Pets@champion", out, uri)["version"] == version
@@ -291,8 +297,9 @@ def test_publish_follows_a_rollback_and_a_name_that_is_not_a_slug(tmp_path):
     assert [f.stat().st_mtime_ns for f in untouched] == stamps
     assert back["published"] and back["version"] == "1" and served_version(folder) == "1"
     assert "versions: [ 1 ]" in (folder / "configs" / "gpu.pbtxt").read_text()
-    deployment = next(yaml.safe_load_all((out / "kubernetes" / "consumer.yaml").read_text()))
+    deployment = next(yaml.safe_load_all((out / "kubernetes" / "vit-pets-consumer.yaml").read_text()))
     assert deployment["spec"]["template"]["spec"]["containers"][0]["args"][1] == "models:/Vit_Pets@champion"
+    assert deployment["metadata"]["name"] == "vit-pets-consumer"
     assert not publish("models:/Vit_Pets@champion", out, uri)["published"]
 
 
@@ -329,8 +336,10 @@ def _publisher(source: Path, out: Path, mode: str, go: Path) -> subprocess.Popen
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def test_a_publish_killed_mid_copy_leaves_the_old_version_served_and_is_redone(tmp_path):
-    from vit_pipeline.serving_export import publish, served_version
+def test_a_first_publish_killed_mid_copy_leaves_no_model_folder_and_is_redone(tmp_path):
+    """Triton loads an ONNX model folder without config.pbtxt too (it makes one up): a new model's folder
+    appears whole or not at all."""
+    from vit_pipeline.serving_export import STAGING, publish, served_version
 
     names = ["cat", "dog", "eel"]
     source = constant_classifier(tmp_path / "c.onnx", 3, 1, names)
@@ -339,12 +348,70 @@ def test_a_publish_killed_mid_copy_leaves_the_old_version_served_and_is_redone(t
     proc.communicate(timeout=120)
     assert proc.returncode == -9  # SIGKILL, mid-copy
     folder = out / "triton" / "c"  # the file's stem: no dataset in its metadata
-    assert served_version(folder) is None and not (folder / "1" / "model.onnx").exists()
-    assert len(list((folder / "1").glob(".model.onnx.*"))) == 1  # the half copy SIGKILL left behind
+    assert not folder.exists() and not list(out.glob("kserve/*.yaml")) and not list(out.glob("kubernetes/*"))
+    assert len(list((out / STAGING / "c" / "1").glob(".model.onnx.*"))) == 1  # the half copy, not served
     redone = publish(str(source), out)
     assert redone["published"] and served_version(folder) == "1"
     assert (folder / "1" / "model.onnx").read_bytes() == source.read_bytes()
-    assert [p.name for p in (folder / "1").iterdir()] == ["model.onnx"]  # the half copy is gone too
+    assert [p.name for p in (folder / "1").iterdir()] == ["model.onnx"] and not (out / STAGING).exists()
+
+
+def test_one_folder_serves_one_model_and_a_version_is_never_replaced(registered, tmp_path):
+    """Names that make the same Kubernetes name, a file exported over a registered model of its name, and
+    other bytes under a served version number are refused in one line; what was there stays."""
+    from vit_pipeline.serving_export import export_serving, publish
+
+    uri, _ = registered
+    out = tmp_path / "serving"
+    assert export_serving("models:/vit-pets@champion", out, uri)["name"] == "vit-pets"
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".write.lock"}
+    names = ["cat", "dog", "eel"]
+    split = labelled_split([4, 4, 4])
+    split = registry.TestSplit(split.images, split.labels, names, "d")
+    for other in ("vit.pets", "Vit_Pets"):  # their own Triton folders, but the Kubernetes name vit-pets
+        cfg = make_config("quickstart", {"tracking_uri": uri, "registered_model_name": other})
+        onnx = constant_classifier(tmp_path / f"{other}.onnx", 3, 0, names)
+        registry.register_onnx(cfg, runs.create_run(cfg, "test"), str(onnx), split)
+        result = CliRunner().invoke(main, ["export-serving", f"models:/{other}@champion", str(out),
+                                           "--tracking-uri", uri])  # fmt: skip
+        assert result.exit_code == 1 and result.output.startswith(f"Error: {out / 'kserve' / 'vit-pets.yaml'} "
+                                                                  "is 'models:/vit-pets@champion''s")  # fmt: skip
+    # A file whose served name is the registered model's (the consumer would call it vit-pets too).
+    stray = constant_classifier(tmp_path / "vit-pets.onnx", 3, 2, names)
+    with pytest.raises(PipelineError, match=r"serves 'models:/vit-pets@champion', not '.*vit-pets.onnx'"):
+        publish(str(stray), out)
+    after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".write.lock"}
+    assert after == before
+    # Other bytes under a version number Triton served: never, even from the same source.
+    target = out / "triton" / "vit-pets" / "1" / "model.onnx"
+    target.write_bytes(stray.read_bytes())
+    with pytest.raises(PipelineError, match="holds another file than version 1 of 'models:/vit-pets/1'"):
+        export_serving("models:/vit-pets/1", out, uri)
+    assert target.read_bytes() == stray.read_bytes()
+
+
+def test_the_consumer_manifest_names_a_tracking_server_pods_can_reach(registered, tmp_path):
+    from vit_pipeline.serving_export import export_serving
+
+    uri, _ = registered
+
+    def env(**kwargs):
+        written = export_serving("models:/vit-pets@champion", tmp_path / "s", uri, **kwargs)
+        deployment = next(yaml.safe_load_all(Path(written["kubernetes"]).read_text()))
+        (variable,) = deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+        return variable["value"], written["note"]
+
+    value, note = env()  # this machine's SQLite store
+    assert value == "http://mlflow:5000" and note.startswith("the consumer's pods read the registry from")
+    value, note = env(consumer_tracking_uri="https://mlflow.example.org")
+    assert (value, note) == ("https://mlflow.example.org", "")
+    from vit_pipeline import serving_export
+
+    assert serving_export._consumer_tracking_uri(None, "http://127.0.0.1:5000")[0] == "http://mlflow:5000"
+    assert serving_export._consumer_tracking_uri(None, "http://mlflow.internal:5000") == (
+        "http://mlflow.internal:5000",
+        "",
+    )
 
 
 def test_publishes_released_together_take_turns(tmp_path):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -60,6 +61,17 @@ META_VERSION = "vit_pipeline_version"
 # The softmax temperature fitted on validation data (vit_pipeline.calibration): probabilities are
 # softmax(logits / T). Absent (older files): 1. The logits, and so the graph, do not depend on it.
 META_TEMPERATURE = "temperature"
+
+
+def served_name(source: str | None, metadata: Mapping[str, str], path: str | Path) -> str:
+    """The name clients address a model by (Open Inference Protocol ``/v2/models/<name>``): the registered
+    model's, else ``vit-<dataset>``, else the file's stem. The consumer answers to it and ``export-serving``
+    names the Triton model folder after it, so a client moves from one to the other unchanged."""
+    source = source or ""
+    if source.startswith("models:/"):
+        return re.split(r"[@/]", source[len("models:/") :], maxsplit=1)[0]
+    dataset = metadata.get(META_DATASET, "")
+    return f"vit-{dataset}" if dataset else Path(path).stem
 
 
 def input_contract(input_shape: Sequence[int]) -> str:

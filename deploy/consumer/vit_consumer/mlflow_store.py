@@ -24,6 +24,8 @@ def store_uris(uri: str | None) -> Iterator[None]:
     if not uri:
         yield
         return
+    # The consumer's only use of MLflow: no usage pings from serving pods (no network beyond the store).
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     import mlflow
 
     # The setters keep the environment variables in step with the URI they set, so the

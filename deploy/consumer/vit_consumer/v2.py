@@ -65,12 +65,7 @@ def server_metadata() -> dict[str, Any]:
 
 
 def model_name(engine: OnnxClassifier) -> str:
-    """The name clients address: the registered model's, else ``vit-<dataset>``, else the file's stem."""
-    source = engine.source or ""
-    if source.startswith("models:/"):
-        return re.split(r"[@/]", source[len("models:/") :], maxsplit=1)[0]
-    dataset = engine.metadata.get(contract.META_DATASET, "")
-    return f"vit-{dataset}" if dataset else engine.path.stem
+    return contract.served_name(engine.source, engine.metadata, engine.path)
 
 
 def model_version(engine: OnnxClassifier) -> str:
