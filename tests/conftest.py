@@ -7,8 +7,11 @@ import io
 import os
 import pickle
 import shutil
+import socket
 import tarfile
 import tempfile
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -330,3 +333,66 @@ class PtyProcess:
         import re
 
         return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", b"".join(self._chunks).decode(errors="replace"))
+
+
+class FaultyProxy:
+    """Forwards HTTP to the tracking server; can answer 503 to the champion read.
+
+    Armed (``armed = True``), it starts failing ``GET registered-models/alias``
+    (the champion read) once a model version has been created: the registration
+    itself went through, the champion read right after it fails. ``drop`` (a
+    predicate of the request path) closes the connection unanswered instead: a
+    store gone in the middle of a download.
+    """
+
+    def __init__(self, upstream: str):
+        self.upstream, self.armed, self.failing, self.failed = upstream, False, False, 0
+        self.drop = None
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # quiet
+                pass
+
+            def _forward(self):
+                import urllib.error
+                import urllib.request
+
+                if proxy.drop is not None and proxy.drop(self.path):
+                    proxy.failed += 1
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                if proxy.failing and self.command == "GET" and "/registered-models/alias" in self.path:
+                    proxy.failed += 1
+                    self.send_response(503)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                req = urllib.request.Request(proxy.upstream + self.path, data=body, method=self.command)
+                for key in ("Content-Type", "Accept"):
+                    if self.headers.get(key):
+                        req.add_header(key, self.headers[key])
+                try:
+                    resp = urllib.request.urlopen(req, timeout=60)
+                except urllib.error.HTTPError as err:
+                    resp = err
+                data = resp.read()
+                if proxy.armed and "/model-versions/create" in self.path:
+                    proxy.failing = True
+                self.send_response(resp.status if hasattr(resp, "status") else resp.code)
+                self.send_header("Content-Type", resp.headers.get("Content-Type", "application/json"))
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_PATCH = do_DELETE = do_PUT = _forward
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()

@@ -93,6 +93,8 @@ def _quiet_telemetry() -> None:
     for var in ("PREFECT_SERVER_ANALYTICS_ENABLED",):
         os.environ.setdefault(var, "false")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    if not sys.stderr.isatty():  # a log or CI: MLflow's download bars would print "\r" frames, no line
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # Prefect gives its temporary API server 20 s to start; a busy 2-core machine needs more.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     # The heartbeat period the zombie automation expects (Prefect's default is 180 s): a CLI run against a

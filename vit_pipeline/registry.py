@@ -34,6 +34,7 @@ import contextlib
 import logging
 import os
 import re
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -156,30 +157,26 @@ def champion_logits(
 ) -> tuple[np.ndarray | None, str | None]:
     """The champion's ONNX file on the challenger's split: (logits, None) or (None, why not).
 
-    ``tracking_uri``: the store the champion is registered in (downloads of ``models:/`` URIs
-    go through MLflow's process-wide store, set for the download only).
+    ``tracking_uri``: the store the champion is registered in. The download goes into a temporary
+    folder removed after it (a nightly pipeline would otherwise keep a copy per registration).
     """
-    import mlflow
-    from vit_consumer.mlflow_store import store_uris
+    from vit_consumer.classifier import resolve_model
 
     try:
-        with store_uris(tracking_uri):
-            folder = Path(mlflow.artifacts.download_artifacts(f"models:/{champion.name}/{champion.version}"))
-        path = next(folder.rglob("*.onnx"))
-        names = onnx_class_names(path)
-        if names is not None and names != split.class_names:
-            return None, f"champion v{champion.version} predicts other classes than this run's test split"
-        return onnx_logits(path, split), None
+        with tempfile.TemporaryDirectory(prefix="vit-champion-") as download:
+            path = resolve_model(f"models:/{champion.name}/{champion.version}", tracking_uri, download)
+            names = onnx_class_names(path)
+            if names is not None and names != split.class_names:
+                return None, f"champion v{champion.version} predicts other classes than this run's test split"
+            return onnx_logits(path, split), None
     except Exception as exc:  # whatever breaks, the champion was not evaluated
-        if tracking.unavailable(
-            exc
-        ):  # an outage says nothing of the champion: no decision now, a retry decides
+        # An outage says nothing of the champion: no decision now, a retry decides.
+        if tracking.unavailable(exc):
             raise RegistryError(f"Could not download champion v{champion.version} to compare with it "
                                 f"({type(exc).__name__}: {' '.join(str(exc).split())[:300]}); nothing was "
                                 "decided: --resume decides once the store answers") from exc  # fmt: skip
-        return None, f"champion v{champion.version} could not be evaluated ({type(exc).__name__}: {exc})"[
-            :1000
-        ]
+        why = f"champion v{champion.version} could not be evaluated ({type(exc).__name__}: {exc})"
+        return None, why[:1000]
 
 
 @dataclass

@@ -30,6 +30,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,7 +75,7 @@ def _identity(source: str) -> str:
     return f"models:/{registered[1]}" if registered else str(Path(source).resolve())
 
 
-def read_model(source: str, tracking_uri: str | None = None) -> ServedModel:
+def read_model(source: str, tracking_uri: str | None = None, dst: str | Path | None = None) -> ServedModel:
     """The registered file behind ``source`` (``models:/name@alias``, ``models:/name/N`` or an ``.onnx`` file).
 
     Raises:
@@ -89,9 +90,9 @@ def read_model(source: str, tracking_uri: str | None = None) -> ServedModel:
     try:
         if registered:  # an alias is pinned first: the files and the version are the same version's
             version = alias_version(source, tracking_uri) if registered[2] else registered[3]
-            path = resolve_model(f"models:/{registered[1]}/{version}", tracking_uri)
+            path = resolve_model(f"models:/{registered[1]}/{version}", tracking_uri, dst)
         else:
-            version, path = "1", resolve_model(source, tracking_uri)
+            version, path = "1", resolve_model(source, tracking_uri, dst)
         session = ort_session(path)
         meta = session.get_modelmeta().custom_metadata_map
         names = contract.class_names(meta)
@@ -356,10 +357,11 @@ def export_serving(source: str, out_dir: str | Path, tracking_uri: str | None = 
                    queue_delay_us: int = 2000, consumer_tracking_uri: str | None = None) -> dict[str, str]:  # fmt: skip
     """Writes the Triton repository and the KServe and Kubernetes manifests; returns their paths (and a note)."""
     _check_options(max_batch_size, queue_delay_us, storage_uri, consumer_image)
-    model = read_model(source, tracking_uri)
-    with _one_writer(Path(out_dir)):
-        return _write_all(model, Path(out_dir), tracking_uri, storage_uri, consumer_image, max_batch_size,
-                          queue_delay_us, consumer_tracking_uri)  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="vit-export-") as download:
+        model = read_model(source, tracking_uri, download)
+        with _one_writer(Path(out_dir)):
+            return _write_all(model, Path(out_dir), tracking_uri, storage_uri, consumer_image, max_batch_size,
+                              queue_delay_us, consumer_tracking_uri)  # fmt: skip
 
 
 # KServe matches a storage URI by its scheme (gs://, s3://, pvc://, hf://, https://, or a custom
@@ -482,9 +484,9 @@ def publish(source: str, out_dir: str | Path, tracking_uri: str | None = None, *
         PipelineError: the source cannot be read, or another writer held the folder for ``LOCK_SECONDS``.
     """
     _check_options(max_batch_size, queue_delay_us, storage_uri, consumer_image)
-    model = read_model(source, tracking_uri)
     out = Path(out_dir)
-    with _one_writer(out):
+    with tempfile.TemporaryDirectory(prefix="vit-export-") as download, _one_writer(out):
+        model = read_model(source, tracking_uri, download)
         folder = out / "triton" / model.name
         if folder.is_dir():  # another model's folder is an error, not "already served"
             _check_same_model(folder, model)

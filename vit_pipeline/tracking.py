@@ -155,32 +155,19 @@ def weight_decay_tfa_equivalent(cfg: PipelineConfig) -> str:
 
 
 def unavailable(exc: BaseException) -> bool:
-    """Whether an error (or one it was raised from) is a store that did not answer, not a fault of the data.
-
-    The one test of "MLflow was away": a retry or ``--resume`` may then succeed, while a missing or
-    damaged artifact, a refused parameter or a bug would fail the same way again. Decisions (a
-    registry verdict, a gate that did not run) must not be made on an outage.
-    """
-    import sqlite3
-
-    import requests
+    """Whether an error (or one it was raised from) is a store that did not answer (``TrackingUnavailable``
+    or ``vit_consumer.mlflow_store.unavailable``): a retry or ``--resume`` may then succeed. Decisions (a
+    registry verdict, a gate that did not run) must not be made on an outage."""
+    from vit_consumer.mlflow_store import unavailable as store_unavailable
 
     from vit_pipeline.errors import TrackingUnavailable
 
-    outage = (TrackingUnavailable, ConnectionError, TimeoutError, requests.ConnectionError, requests.Timeout)
     seen: BaseException | None = exc
     while seen is not None:
-        if isinstance(seen, outage):
+        if isinstance(seen, TrackingUnavailable):
             return True
-        if isinstance(seen, sqlite3.OperationalError) and "locked" in str(
-            seen
-        ):  # a busy store, not a bad one
-            return True
-        if any(text in str(seen) for text in ("Max retries exceeded", "Connection refused", "Failed to establish",
-                                              "database is locked")):  # fmt: skip
-            return True  # MLflow's REST and SQL stores re-raise these as plain MlflowExceptions
         seen = seen.__cause__ or seen.__context__
-    return False
+    return store_unavailable(exc)
 
 
 def check_reachable(cfg: PipelineConfig) -> None:

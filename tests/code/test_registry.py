@@ -10,14 +10,12 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import constant_classifier, free_port, labelled_split
+from tests.conftest import FaultyProxy, constant_classifier, free_port, labelled_split
 from vit_pipeline import runs, tracking
 from vit_pipeline.config import make_config
 from vit_pipeline.registry import CHAMPION, RegistryError, register_onnx
@@ -183,61 +181,6 @@ def test_a_run_registers_once(cfg, tmp_path):
 
 
 # ---- a real `mlflow server`, behind a proxy that can fail the champion read ----
-
-
-class FaultyProxy:
-    """Forwards HTTP to the tracking server; can answer 503 to the champion read.
-
-    Armed (``armed = True``), it starts failing ``GET registered-models/alias``
-    (the champion read) once a model version has been created: the registration
-    itself went through, the champion read right after it fails.
-    """
-
-    def __init__(self, upstream: str):
-        self.upstream, self.armed, self.failing, self.failed = upstream, False, False, 0
-        proxy = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):  # quiet
-                pass
-
-            def _forward(self):
-                import urllib.error
-                import urllib.request
-
-                if proxy.failing and self.command == "GET" and "/registered-models/alias" in self.path:
-                    proxy.failed += 1
-                    self.send_response(503)
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else None
-                req = urllib.request.Request(proxy.upstream + self.path, data=body, method=self.command)
-                for key in ("Content-Type", "Accept"):
-                    if self.headers.get(key):
-                        req.add_header(key, self.headers[key])
-                try:
-                    resp = urllib.request.urlopen(req, timeout=60)
-                except urllib.error.HTTPError as err:
-                    resp = err
-                data = resp.read()
-                if proxy.armed and "/model-versions/create" in self.path:
-                    proxy.failing = True
-                self.send_response(resp.status if hasattr(resp, "status") else resp.code)
-                self.send_header("Content-Type", resp.headers.get("Content-Type", "application/json"))
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            do_GET = do_POST = do_PATCH = do_DELETE = do_PUT = _forward
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
 
 
 def test_server_failing_during_the_champion_read_promotes_nothing(mlflow_server, tmp_path, monkeypatch):

@@ -704,6 +704,61 @@ def test_reload_follows_the_champion_and_refuses_a_broken_version(
             stop(consumer)
 
 
+def test_a_store_gone_during_a_reload_is_tried_again_and_old_versions_leave_the_disk(
+    tiny_export, no_tf_env, tmp_path, mlflow_server, real_cut
+):
+    """A download cut off by the store (a real dropped connection) once refused the new champion until a
+    restart; and each version the service switched to stayed on disk for good."""
+    import mlflow
+    import mlflow.onnx
+    import onnx
+    from mlflow import MlflowClient
+    from vit_consumer.mlflow_store import store_uris
+
+    from tests.conftest import FaultyProxy
+
+    _, path, _ = tiny_export
+    client = MlflowClient(mlflow_server)
+    exp = client.create_experiment("reload-outage")
+
+    def register(onnx_path) -> str:
+        run = client.create_run(exp)
+        with store_uris(mlflow_server):
+            info = mlflow.onnx.log_model(onnx.load(str(onnx_path)), name="m", registered_model_name="outage",
+                                         run_id=run.info.run_id, save_as_external_data=False)  # fmt: skip
+        return str(info.registered_model_version)
+
+    client.set_registered_model_alias("outage", "champion", register(path))
+    downloads = tmp_path / "tmp"
+    downloads.mkdir()
+    proxy, consumer = FaultyProxy(mlflow_server), None
+    try:
+        consumer, url = _serve("models:/outage@champion", {**no_tf_env, "TMPDIR": str(downloads),
+                                                           "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"},
+                               "--reload-seconds", "0.3", tracking_uri=proxy.url)  # fmt: skip
+        assert len(list(downloads.glob("vit-consumer-model-*"))) == 1
+        v2 = register(constant_classifier(tmp_path / "const.onnx", 100, 7, list(real_cut[4])))
+        proxy.drop = lambda request: "/mlflow-artifacts/" in request  # the store goes away mid-download
+        client.set_registered_model_alias("outage", "champion", v2)
+        deadline = time.monotonic() + 60
+        while _metric(url, "vit_consumer_reloads_total", '{result="check_failed"}') < 2:
+            assert time.monotonic() < deadline, "the new champion was not tried again"
+            time.sleep(0.1)
+        health = httpx.get(f"{url}/health").json()
+        assert health["version"] == "1" and v2 not in health.get("not_switched", {})
+        assert _metric(url, "vit_consumer_reloads_total", '{result="failed"}') == 0 and proxy.failed >= 2
+        proxy.drop = None  # back: the next check serves it
+        while httpx.get(f"{url}/health").json()["version"] != v2:
+            assert time.monotonic() < deadline, "the service never switched once the store was back"
+            time.sleep(0.1)
+        assert len(list(downloads.glob("vit-consumer-model-*"))) == 1  # v1's files are gone, v2's kept
+    finally:
+        if consumer is not None:
+            stop(consumer)
+        proxy.close()
+    assert not list(downloads.glob("vit-consumer-model-*"))  # and none after a clean stop
+
+
 def test_vit_pipeline_serve_is_the_consumer_with_its_options(tiny_export):
     """``vit-pipeline serve`` from the pipeline's install: the consumer's own options pass through."""
     from pathlib import Path

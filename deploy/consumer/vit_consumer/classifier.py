@@ -11,6 +11,8 @@ from __future__ import annotations
 import io
 import logging
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +63,7 @@ def _check_answers(uri: str, tracking_uri: str | None) -> None:
     if (problem := health_problem(where)) is not None:
         raise InputError(
             f"Could not read {uri}: the MLflow tracking server {where} does not answer ({problem})"
-        )
+        ) from ConnectionError(problem)  # an outage (mlflow_store.unavailable): worth trying again
 
 
 def alias_version(uri: str, tracking_uri: str | None = None) -> str:
@@ -77,8 +79,13 @@ def alias_version(uri: str, tracking_uri: str | None = None) -> str:
         raise InputError(f"Could not read {uri} from MLflow at {where}: {exc}".splitlines()[0]) from exc
 
 
-def resolve_model(uri: str, tracking_uri: str | None = None) -> Path:
-    """A local ``.onnx`` path for a file, a directory, or an MLflow ``models:/`` / ``runs:/`` URI."""
+def resolve_model(uri: str, tracking_uri: str | None = None, dst: str | Path | None = None) -> Path:
+    """A local ``.onnx`` path for a file, a directory, or an MLflow ``models:/`` / ``runs:/`` URI.
+
+    Args:
+        dst: The folder a registry URI's files are downloaded into (None: a new temporary folder of
+            MLflow's, which nothing removes: a long-running caller passes its own and removes it).
+    """
     if uri.startswith(("models:/", "runs:/", "mlflow-artifacts:/")):
         mlflow = _mlflow()
         from mlflow.exceptions import MlflowException
@@ -90,7 +97,7 @@ def resolve_model(uri: str, tracking_uri: str | None = None) -> Path:
             # models:/ URIs resolve through the *registry* URI, which download_artifacts'
             # tracking_uri argument does not set: both, for this call only.
             with store_uris(tracking_uri):
-                local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+                local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst and str(dst)))
         except (MlflowException, OSError) as exc:
             where = tracking_uri or mlflow.get_tracking_uri()
             raise InputError(f"Could not fetch {uri} from MLflow at {where}: {exc}".splitlines()[0]) from exc
@@ -186,6 +193,14 @@ class OnnxClassifier:
         self.input_name = self.runtime.input_name
         self.output_name = self.runtime.output_name
         self.input_shape = self.runtime.input_shape  # (H, W, C)
+        self.download_dir: Path | None = None  # the registry download the files came from (``discard_files``)
+
+    def discard_files(self) -> None:
+        """Removes the folder a registry URI was downloaded into: the engines read their files when they
+        load, and a service that follows an alias would otherwise keep every version it served on disk."""
+        if self.download_dir is not None:
+            shutil.rmtree(self.download_dir, ignore_errors=True)
+            self.download_dir = None
 
     @property
     def engine(self) -> str:
@@ -209,6 +224,22 @@ class OnnxClassifier:
                 setting (``onnxruntime``, ``openvino``, ``openvino-f32``).
             streams: OpenVINO's streams, for every OpenVINO setting (1: one request at a time).
         """
+        registered = uri.startswith(("models:/", "runs:/", "mlflow-artifacts:/"))
+        download = Path(tempfile.mkdtemp(prefix="vit-consumer-model-")) if registered else None
+        try:
+            chosen = cls._pinned(uri, tracking_uri, download, providers, spin, choose_for, engine, streams)
+        except BaseException:
+            if download is not None:
+                shutil.rmtree(download, ignore_errors=True)
+            raise
+        chosen.download_dir = download
+        return chosen
+
+    @classmethod
+    def _pinned(cls, uri: str, tracking_uri: str | None, download: Path | None, providers: list[str] | None,
+                spin: str, choose_for: tuple[int, ...] | None, engine: str, streams: int):  # fmt: skip
+        """``from_uri`` with the files downloaded into ``download``: an alias pinned to its version, the
+        registered file loaded, then (``choose_for``) the fastest candidate that passes the gate."""
         from vit_consumer.candidates import (
             AUTO,
             candidate_name,
@@ -226,9 +257,9 @@ class OnnxClassifier:
         target = registry_target(uri)
         if target is not None:
             version = alias_version(uri, tracking_uri)
-            path = resolve_model(f"models:/{target[0]}/{version}", tracking_uri)
+            path = resolve_model(f"models:/{target[0]}/{version}", tracking_uri, download)
         else:
-            path = resolve_model(uri, tracking_uri)
+            path = resolve_model(uri, tracking_uri, download)
 
         def load(file: Path, setting: tuple[str, str], name: str) -> OnnxClassifier:
             clf = cls(file, providers, source=uri, version=version, spin=spin, engine=setting[0],

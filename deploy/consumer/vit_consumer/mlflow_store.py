@@ -61,3 +61,34 @@ def health_problem(uri: str | None, timeout: float = 5.0) -> str | None:
         return str(getattr(exc, "reason", exc))
     except ValueError as exc:  # a URL urllib cannot read
         return str(exc)
+
+
+def unavailable(exc: BaseException) -> bool:
+    """Whether an error (or one it was raised from) is a store that did not answer, not a fault of what it holds.
+
+    The one test of "MLflow was away" (``vit_pipeline.tracking.unavailable`` adds its own error to it): a
+    retry may succeed, while a missing or damaged file, a refused value or a bug would fail the same way
+    again. Nothing is decided on an outage (a registry verdict, a version refused for good).
+    """
+    import sqlite3
+
+    outage: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError)
+    try:
+        import requests
+
+        outage += (requests.ConnectionError, requests.Timeout)
+    except ImportError:  # pragma: no cover - mlflow brings requests
+        pass
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, outage):
+            return True
+        if isinstance(seen, sqlite3.OperationalError) and "locked" in str(
+            seen
+        ):  # a busy store, not a bad one
+            return True
+        if any(text in str(seen) for text in ("Max retries exceeded", "Connection refused", "Failed to establish",
+                                              "database is locked")):  # fmt: skip
+            return True  # MLflow's REST and SQL stores re-raise these as plain MlflowExceptions
+        seen = seen.__cause__ or seen.__context__
+    return False

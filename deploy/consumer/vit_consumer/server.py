@@ -65,6 +65,7 @@ from vit_consumer.classifier import (
 )
 from vit_consumer.http import ON_GONE, Hangup
 from vit_consumer.metrics import Metrics
+from vit_consumer.mlflow_store import unavailable as store_unavailable
 from vit_consumer.settings import DEFAULT_MAX_BYTES, Settings, SettingsError
 
 log = logging.getLogger("vit_consumer")
@@ -403,6 +404,7 @@ class Service:
         # Joins the inference thread after its batch: off the event loop, which still answers.
         await asyncio.get_running_loop().run_in_executor(None, self.batcher.stop)
         self.decode_pool.shutdown(wait=False, cancel_futures=True)
+        self.engine.discard_files()
 
     async def _watch_alias(self) -> None:
         loop = asyncio.get_running_loop()
@@ -435,14 +437,20 @@ class Service:
         try:
             new = await loop.run_in_executor(None, load)
         except Exception as exc:  # whatever breaks, the old version keeps serving
+            if store_unavailable(exc):  # says nothing of the version: tried again at the next check
+                self.metrics.reloads.labels("check_failed").inc()
+                log.warning("Could not fetch %s v%s (still serving v%s): %s", name, version, self.engine.version,
+                            _plain(exc))  # fmt: skip
+                return
             self._not_switching(name, version, "failed", _plain(exc))
             return
         change = contract_change(self.engine, new)
         if change and not self.settings.allow_contract_change:
+            new.discard_files()
             self._not_switching(name, version, "refused", f"its contract differs: {change}; clients may hold the "
                                 "old one: restart the service to serve it, or run it with --allow-contract-change")  # fmt: skip
             return
-        old = self.engine.version
+        old, previous = self.engine.version, self.engine
         # The new version may run on another engine (ONNX Runtime, or OpenVINO with streams): as many
         # inference threads as it runs requests at once.
         self.batcher.set_workers(new.runtime.parallel)
@@ -451,6 +459,7 @@ class Service:
         self.metrics.reloads.labels("ok").inc()
         log.info("Switched %s from v%s to v%s (loaded and warmed in %.1f s)", name, old, version,
                  time.perf_counter() - started)  # fmt: skip
+        await loop.run_in_executor(None, previous.discard_files)  # its engines hold what they read
         await loop.run_in_executor(None, self.freeze_heap)
 
     def _not_switching(self, name: str, version: str, result: str, why: str) -> None:
