@@ -212,6 +212,8 @@ def test_sweep_runs_trials_in_parallel_on_dask_and_registers_the_winner(dask_clu
     assert champion.run_id == best["run_id"] and result["registry"]["promoted"]
     winner = client.get_run(best["run_id"])
     assert winner.data.tags["export.parity"] == "passed" and "test_accuracy" in winner.data.metrics
+    # The same stages after training as a plain run: the card's speed rows were "not measured" for a sweep.
+    assert "benchmark/report.json" in {a.path for a in client.list_artifacts(best["run_id"], "benchmark")}
 
 
 def test_a_cluster_sweep_refuses_a_temporary_prefect_server(tmp_path):

@@ -32,16 +32,7 @@ from vit_pipeline.config import ConfigOverrides, make_config, merged_overrides
 from vit_pipeline.context import StageContext
 from vit_pipeline.errors import PipelineError
 from vit_pipeline.flows import artifacts
-from vit_pipeline.flows.train_pipeline import (
-    _prefect_tags,
-    calibrate_model,
-    evaluate_model,
-    export_model,
-    infra_validate,
-    measure_robustness,
-    register_model,
-    write_model_card,
-)
+from vit_pipeline.flows.train_pipeline import _prefect_tags, after_training
 from vit_pipeline.sweep import (
     best_trial,
     check_cluster_api,
@@ -197,16 +188,8 @@ def sweep(
         # The winner's run is RUNNING again while its remaining stages log into it.
         with runs.lifecycle(winner, best["run_id"]):
             ctx = StageContext.open(winner, best["run_id"])
-            evaluated = evaluate_model(ctx, best["data_path"], best["model_path"], best["history_path"])
-            accuracy = evaluated.test_accuracy
-            calibrated = calibrate_model(ctx, best["data_path"], best["model_path"])
-            measure_robustness(ctx, best["data_path"], best["model_path"])
-            exported = export_model(
-                ctx, best["data_path"], best["model_path"], accuracy, calibrated.temperature
-            )
-            infra_validate(ctx, best["data_path"], exported.path)
-            registered = register_model(ctx, best["data_path"], exported.path, accuracy)
-            write_model_card(ctx, registered)
+            shipped = after_training(ctx, best["data_path"], best["model_path"], best["history_path"])
+            accuracy, registered = shipped.evaluated.test_accuracy, shipped.registered
         parent_log.metrics({f"best_{parsed.metric}": best[parsed.metric], "best_test_accuracy": accuracy,
                             "sweep_seconds": time.time() - start})  # fmt: skip
         parent_log.tags({"sweep.best_run_id": best["run_id"], "sweep.best_params": str(best["params"])})

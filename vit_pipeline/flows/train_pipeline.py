@@ -12,6 +12,7 @@ the store.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from prefect import flow, task
@@ -123,6 +124,35 @@ def write_model_card(ctx: StageContext, registration: Registration) -> dict[str,
     return model_card.run(ctx, registration)
 
 
+@dataclass(frozen=True)
+class Shipped:
+    """What the stages after training returned: each flow that trains runs them in this one order."""
+
+    evaluated: EvalResult
+    calibrated: calibration.Calibration
+    robust: robustness.Robustness
+    exported: export.ExportResult
+    served: infra_validation.InfraValidation
+    registered: Registration
+    benchmarked: BenchmarkOutcome
+    card: dict[str, str]
+
+
+def after_training(ctx: StageContext, data_path: str, model_path: str, history_path: str | None) -> Shipped:
+    """Evaluate, calibrate, robustness, export (the parity gate raises: nothing registered), infra validation,
+    register, benchmark and, last, the model card (it shows every stage's figures)."""
+    evaluated = evaluate_model(ctx, data_path, model_path, history_path)
+    calibrated = calibrate_model(ctx, data_path, model_path)
+    robust = measure_robustness(ctx, data_path, model_path)
+    exported = export_model(ctx, data_path, model_path, evaluated.test_accuracy, calibrated.temperature)
+    # The real consumer serves the files first; a failure keeps the version from becoming champion.
+    served = infra_validate(ctx, data_path, exported.path)
+    registered = register_model(ctx, data_path, exported.path, evaluated.test_accuracy)
+    benchmarked = benchmark_model(ctx, data_path, model_path, exported.fp32_path)
+    card = write_model_card(ctx, registered)
+    return Shipped(evaluated, calibrated, robust, exported, served, registered, benchmarked, card)
+
+
 def _prefect_tags() -> dict[str, str]:
     run_id = flow_run.get_id()
     if not run_id:
@@ -184,17 +214,8 @@ def train_pipeline(
         validated = validate_data(ctx, prepared.data_path)
         data_path = validated.data_path  # without leaked test images when drop_leaked_test
         trained = train_model(ctx, data_path)
-        evaluated = evaluate_model(ctx, data_path, trained.model_path, trained.history_path)
-        accuracy = evaluated.test_accuracy
-        calibrated = calibrate_model(ctx, data_path, trained.model_path)
-        robust = measure_robustness(ctx, data_path, trained.model_path)
-        # The export task raises if the parity gate fails: nothing gets registered.
-        exported = export_model(ctx, data_path, trained.model_path, accuracy, calibrated.temperature)
-        # The real consumer serves the files first; a failure keeps the version from becoming champion.
-        served = infra_validate(ctx, data_path, exported.path)
-        registered = register_model(ctx, data_path, exported.path, accuracy)
-        benchmarked = benchmark_model(ctx, data_path, trained.model_path, exported.fp32_path)
-        card = write_model_card(ctx, registered)  # last: the card shows every stage's figures
+        shipped = after_training(ctx, data_path, trained.model_path, trained.history_path)
+        evaluated, exported, registered = shipped.evaluated, shipped.exported, shipped.registered
         result = {
             "mlflow_run_id": run_id,
             "mlflow_run_url": tracking.run_url(cfg, run_id),
@@ -209,12 +230,12 @@ def train_pipeline(
                 "drift": validated.drift.outcome,
                 "leakage": validated.leakage.outcome,
                 **({"lineage": validated.lineage.outcome} if validated.lineage else {}),
-                "calibration": calibrated.outcome,
-                "robustness": robust.outcome,
-                "infra_validation": served.outcome,
+                "calibration": shipped.calibrated.outcome,
+                "robustness": shipped.robust.outcome,
+                "infra_validation": shipped.served.outcome,
             },
-            "benchmark": benchmarked.ratios,
-            "model_card": card["html"],
+            "benchmark": shipped.benchmarked.ratios,
+            "model_card": shipped.card["html"],
         }
         artifacts.markdown(
             "train-pipeline-summary",
