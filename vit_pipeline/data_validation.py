@@ -31,7 +31,9 @@ TFX's StatisticsGen, SchemaGen and ExampleValidator, for image datasets:
   its own training split and its checkpoint's (``data/seen_images.npz``, so a chain of
   fine-tunings carries them all); a run that starts from a model of this project checks its
   test and validation images against those of its checkpoint. Test images the checkpoint trained
-  on count as leaked and, unless ``drop_leaked_test`` drops them, keep the version from becoming
+  on (exact or near copies; a copy of one of this run's own training or validation images is the
+  leakage check's finding, as it is for a model trained from scratch, and is only counted here)
+  count as leaked and, unless ``drop_leaked_test`` drops them, keep the version from becoming
   champion (``init_leakage_blocks_promotion``); validation images it trained on flatter the
   best-epoch choice and are counted. The same folder split again with another
   ``seed`` or ``test_split`` is the usual way this happens. A Keras-Hub or Hugging Face
@@ -434,8 +436,9 @@ class Lineage:
     checked: bool  # the checkpoint's training images (some or all of them) are known
     source: str = ""  # the pinned checkpoint
     seen: int = 0  # images the checkpoint's weights were trained on, as far as they are known
-    test: int = 0
+    test: int = 0  # ... that only the checkpoint trained on (not copies of this run's own train/val images)
     val: int = 0
+    test_own: int = 0  # ... that copy this run's own images too (gate.leakage's finding)
     dropped: bool = False  # the test images among them were dropped (drop_leaked_test)
     why: str = ""  # why they are not (all) known
 
@@ -444,10 +447,13 @@ class Lineage:
         """``leaked: ...`` while test images the checkpoint trained on are evaluated on (blocks promotion)."""
         if not self.checked:
             return f"not checked: {self.why}"
-        found = (f"{self.test} test and {self.val} validation images are copies of the {self.seen} images "
-                 f"{self.source} was trained on")  # fmt: skip
+        found = (f"{self.test} test and {self.val} validation images are exact or near copies of the {self.seen} "
+                 f"images {self.source} was trained on")  # fmt: skip
         if self.why:
             found += f" that are recorded ({self.why})"
+        if self.test_own:
+            found += (f"; {self.test_own} more copy this run's own training or validation images too "
+                      "(gate.leakage)")  # fmt: skip
         if self.test and not self.dropped:
             return f"leaked: {found}"
         dropped = " (those test images were dropped)" if self.test else ""
@@ -514,6 +520,19 @@ def leakage(test: ImageHashes, references: dict[str, ImageHashes], max_distance:
     pairs = copies(test, references, max_distance)
     exact = sum(p["kind"] == "exact" for p in pairs)
     return Leakage(max_distance, exact, len(pairs) - exact, pairs)
+
+
+def _seen_by_checkpoint(query: ImageHashes, seen: ImageHashes, own: dict[str, ImageHashes],
+                        cfg: PipelineConfig) -> tuple[int, int]:  # fmt: skip
+    """(images the checkpoint trained on that this run's own splits do not hold, those they hold too).
+
+    A copy of one of this run's own training images is the leakage gate's finding, whatever the
+    checkpoint saw: a model trained from scratch on this split has it too. The lineage gate counts
+    what only the checkpoint brings (the same folder split again with another seed).
+    """
+    mine = {p["test_index"] for p in copies(query, own, cfg.leakage_max_distance)}
+    theirs = {p["test_index"] for p in copies(query, {"checkpoint": seen}, cfg.leakage_max_distance)}
+    return len(theirs - mine), len(theirs & mine)
 
 
 def checkpoint_seen(cfg: PipelineConfig) -> tuple[ImageHashes | None, Lineage]:
@@ -663,9 +682,11 @@ def run(ctx: StageContext, data_path: str) -> DataValidation:
     seen_before, lineage = checkpoint_seen(cfg) if cfg.init_from else (None, None)
     refs = {"train": train, "val": val, **({"checkpoint": seen_before} if seen_before is not None else {})}
     leaks = leakage(test, refs, cfg.leakage_max_distance)
-    if seen_before is not None:  # counted on their own: an image also in this run's train split counts too
-        lineage.test = len(copies(test, {"checkpoint": seen_before}, cfg.leakage_max_distance))
-        lineage.val = len(copies(val, {"checkpoint": seen_before}, cfg.leakage_max_distance))
+    if seen_before is not None:
+        lineage.test, lineage.test_own = _seen_by_checkpoint(
+            test, seen_before, {"train": train, "val": val}, cfg
+        )
+        lineage.val, _ = _seen_by_checkpoint(val, seen_before, {"train": train}, cfg)
     # What this run's weights learn from, with what its checkpoint's learnt from (when that is known).
     trained_on = ImageHashes.concat(train, *([seen_before] if seen_before is not None else []))
     if lineage is not None and seen_before is None:  # a checkpoint whose training images are unknown
