@@ -274,7 +274,7 @@ def _resolve_mlflow(requested: str, tracking_uri: str) -> Source:
             run_id = match.group(1)
             client.get_run(run_id)  # fails clearly when the run does not exist
             pinned = keras_uri = requested
-        dst = Path(tempfile.mkdtemp(prefix="vit-init-"))
+        dst = Path(tempfile.mkdtemp(dir=_download_root()))
         with store_uris(tracking_uri):
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=keras_uri, dst_path=str(dst)))
             names = _run_class_names(run_id, dst)
@@ -288,6 +288,18 @@ def _resolve_mlflow(requested: str, tracking_uri: str) -> Source:
             f"Expected a Keras model at init_from={requested!r}. Received: no .keras file in {keras_uri}"
         )
     return Source(requested, pinned, OWN, "keras", str(file), digest(file), names, run_id)
+
+
+@functools.cache
+def _download_root() -> Path:
+    """This process's folder for downloaded checkpoints, removed when it exits (a checkpoint is read when
+    the model is built; every run, resume and trial left a full copy in /tmp)."""
+    import atexit
+    import shutil
+
+    root = Path(tempfile.mkdtemp(prefix="vit-init-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    return root
 
 
 def _registered_version(client, uri: str):

@@ -370,3 +370,32 @@ def test_a_keras_hub_presets_image_converter_sets_the_input_statistics(hub_prese
     np.testing.assert_allclose(norm.adapt_mean.numpy().ravel(), [127.5] * 3, rtol=1e-6)
     np.testing.assert_allclose(np.sqrt(norm.adapt_variance.numpy().ravel()), [127.5] * 3, rtol=1e-6)
     assert report.normalization == "checkpoint"
+
+
+def test_a_downloaded_checkpoint_leaves_the_disk_with_its_process(tmp_path):
+    """Each process that resolved a models:/ or runs:/ checkpoint left a full copy of it in /tmp."""
+    import os
+    import subprocess
+    import sys
+
+    from mlflow import MlflowClient
+
+    from vit_pipeline.mlflow_models import KERAS_ARTIFACT
+    from vit_pipeline.model import build_vit
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run = client.create_run(client.create_experiment("ckpt", (tmp_path / "artifacts").as_uri()))
+    model = build_vit(make_config("quickstart"), 3, (32, 32, 3), train_images=np.zeros((2, 32, 32, 3)))
+    model.save(tmp_path / "model.keras")
+    client.log_artifact(run.info.run_id, str(tmp_path / "model.keras"), KERAS_ARTIFACT)
+    code = (
+        "import sys\nfrom vit_pipeline import finetune\n"
+        "source = finetune.resolve(sys.argv[1], sys.argv[2])\nprint(source.path)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, f"runs:/{run.info.run_id}/{KERAS_ARTIFACT}", uri],
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    path = out.stdout.split()[-1]
+    assert path.endswith(".keras") and "vit-init-" in path
+    assert not os.path.exists(path)
