@@ -121,8 +121,9 @@ class ModelConfig(_Fields):
     project (``models:/<name>@<alias>``, ``models:/<name>/<version>``, ``runs:/<run id>/keras-model`` or a
     ``.keras`` file), a Keras-Hub ViT preset (a name, downloaded when online, or a local preset folder) or
     a Hugging Face ViT checkpoint folder (``config.json`` + ``model.safetensors``). The architecture fields
-    not set explicitly are taken from the checkpoint; the head is new unless the class names match; the
-    position embeddings are interpolated when ``image_size`` gives another patch grid."""
+    not set explicitly are taken from the checkpoint; the head is new unless it is this project's model with
+    the same class names and a head that fits (a Keras-Hub or Hugging Face classifier's head is always new);
+    the position embeddings are interpolated when ``image_size`` gives another patch grid."""
     backbone: Literal["vit_pipeline", "keras_hub"] = "vit_pipeline"
     """Which ViT implementation: "vit_pipeline" (this project's layers, ``vit_pipeline.layers``) or
     "keras_hub" (``keras_hub.models.ViTBackbone``: class token, standard attention; set by ``init_from``

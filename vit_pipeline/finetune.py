@@ -207,6 +207,11 @@ def _resolve_local(requested: str, path: Path) -> Source:
                 "Expected a Hugging Face ViT checkpoint (model_type 'vit'). "
                 f"Received: model_type={config['model_type']!r} in {config_file}"
             )
+        if config.get("hidden_act", "gelu") != "gelu":  # Keras-Hub's ViT computes GELU whatever the file says
+            raise ConfigError(
+                "Expected a Hugging Face ViT with hidden_act 'gelu' (the activation Keras-Hub's ViT computes). "
+                f"Received: hidden_act={config['hidden_act']!r} in {config_file}"
+            )
     elif "class_name" in config:
         fmt = "keras_hub_preset"
         if config["class_name"] != "ViTBackbone":
@@ -476,8 +481,12 @@ def _from_own(cfg: PipelineConfig, splits: Splits, source: Source, keep_head: bo
 
     src = _load_own(source)
     model = build_vit(cfg, splits.num_classes, splits.input_shape, train_images=None)
-    report = InitReport(source, head="copied" if keep_head else "new")
     src_layers = {layer.name: layer for layer in src.layers}
+    if keep_head and not _head_fits(model, src_layers, is_head):
+        # E.g. Flatten over another patch grid: the first head layer's kernel is new, and the layers after it
+        # would read features they were never trained on. The head is new as a whole.
+        keep_head = False
+    report = InitReport(source, head="copied" if keep_head else "new")
     for layer in model.layers:
         if not layer.weights:
             continue
@@ -496,14 +505,28 @@ def _from_own(cfg: PipelineConfig, splits: Splits, source: Source, keep_head: bo
                 prefix = 1 if cfg.pooling == "class_token" else 0
                 w.assign(interpolate_positions(s.numpy(), tuple(w.shape)[0] - prefix, prefix))
                 report.interpolated.append(w.path)
-            elif head:  # another head size (e.g. Flatten over another grid): a new head
-                report.new.append(w.path)
             else:
                 raise ConfigError(
                     f"Expected the checkpoint's {w.path} to have shape {tuple(w.shape)}. "
                     f"Received: {tuple(s.shape)} (init_from={source.uri})"
                 )
     return model, report
+
+
+def _head_fits(model, src_layers: dict, is_head) -> bool:
+    """Whether every weight of the model's head has a checkpoint weight of the same shape."""
+    for layer in model.layers:
+        if not (layer.weights and is_head(f"{layer.name}/")):
+            continue
+        other = src_layers.get(layer.name)
+        theirs = (
+            {_relative(w.path, other.name): tuple(w.shape) for w in other.weights}
+            if other is not None
+            else {}
+        )
+        if any(theirs.get(_relative(w.path, layer.name)) != tuple(w.shape) for w in layer.weights):
+            return False
+    return True
 
 
 def _relative(path: str, layer_name: str) -> str:

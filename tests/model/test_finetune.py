@@ -178,6 +178,16 @@ def test_a_checkpoint_that_is_not_a_vit_fails_with_one_line(tmp_path):
     with pytest.raises(ConfigError) as err:
         make_config("quickstart", {"init_from": str(bert)})
     assert "model_type='bert'" in str(err.value) and "\n" not in str(err.value)
+    # A ViT with another activation: Keras-Hub's ViT would compute GELU on its weights, silently.
+    relu = tmp_path / "relu"
+    relu.mkdir()
+    (relu / "config.json").write_text(
+        json.dumps({"model_type": "vit", "hidden_act": "relu", "hidden_size": 16})
+    )
+    with pytest.raises(
+        ConfigError, match="Expected a Hugging Face ViT with hidden_act 'gelu'.*hidden_act='relu'"
+    ):
+        make_config("quickstart", {"init_from": str(relu)})
 
     dense = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
     dense.save(tmp_path / "dense.keras")
@@ -399,3 +409,23 @@ def test_a_downloaded_checkpoint_leaves_the_disk_with_its_process(tmp_path):
     path = out.stdout.split()[-1]
     assert path.endswith(".keras") and "vit-init-" in path
     assert not os.path.exists(path)
+
+
+def test_a_head_that_does_not_fit_another_grid_is_new_as_a_whole(tmp_path):
+    """Flatten pooling over another patch grid: the head's first kernel cannot be copied; its bias and the
+    logits were copied onto it, reading features they were never trained on, and the report said 'copied'."""
+    from vit_pipeline.model import build_vit
+
+    source = build_vit(make_config("quickstart", {"pooling": "flatten"}), 7, (32, 32, 3),
+                       train_images=splits().x_train)  # fmt: skip
+    randomise(source)
+    source.save(tmp_path / "source.keras")
+    cfg = make_config("quickstart", {"init_from": str(tmp_path / "source.keras"), "image_size": 48})
+    same = Splits(*[getattr(splits(7), f) for f in ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")],
+                  [f"c{i}" for i in range(7)])  # fmt: skip
+    src = finetune.resolve(str(tmp_path / "source.keras"))
+    src = finetune.Source(**{**src.__dict__, "class_names": tuple(f"c{i}" for i in range(7))})
+    model, report = finetune._from_own(cfg, same, src, keep_head=True)
+    head = {w.path for w in model.weights if w.path.startswith(("head_mlp_dense", "logits/"))}
+    assert report.head == "new" and head and head <= set(report.new)
+    assert report.interpolated == ["patch_encoder/position_embedding/embeddings"]
