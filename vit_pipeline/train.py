@@ -406,6 +406,31 @@ def exclusive(out_dir: Path):
         lock.close()
 
 
+INIT_RECORD = "init.json"  # in the run's work dir: where its weights first came from
+
+
+def _first_init(out_dir: Path, init):
+    """Where the run's weights came from: on a resume from its own backup, the first attempt's record.
+
+    The backup, not ``init_from``, gives a resumed run its weights, and the checkpoint may have changed
+    since (a file rewritten, a folder edited): the record of what it was then stays the truth.
+    """
+    from vit_pipeline.finetune import InitReport
+
+    if init is None:
+        return None
+    record, backup = out_dir / INIT_RECORD, out_dir / "backup"
+    if record.is_file() and backup.is_dir() and any(backup.iterdir()):
+        first = InitReport.from_dict(json.loads(record.read_text()))
+        if first.source.digest != init.source.digest:
+            log.warning("init_from %s changed since this run started (%s then, %s now); it resumes from its own "
+                        "backup and records the first", init.source.uri, first.source.digest, init.source.digest)  # fmt: skip
+        return first
+    with atomic_path(record) as tmp:
+        tmp.write_text(json.dumps(init.to_dict(), indent=1))
+    return init
+
+
 def _train(cfg: PipelineConfig, splits: Splits, out_dir: Path, run_id: str | None, callbacks: list | None):
     import keras
 
@@ -426,6 +451,7 @@ def _train(cfg: PipelineConfig, splits: Splits, out_dir: Path, run_id: str | Non
     with strategy.scope():  # variables (model and optimizer) are mirrored on every replica
         model, init = build_model(cfg, splits)  # fresh, or from init_from's checkpoint
         compile_model(model, cfg, splits.num_classes, steps_per_epoch)
+    init = _first_init(out_dir, init)
     if init is not None:
         log.info(
             "Initialised from %s: %d tensors copied, %d interpolated, %d new (head %s)", init.source.uri,

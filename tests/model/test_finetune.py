@@ -429,3 +429,33 @@ def test_a_head_that_does_not_fit_another_grid_is_new_as_a_whole(tmp_path):
     head = {w.path for w in model.weights if w.path.startswith(("head_mlp_dense", "logits/"))}
     assert report.head == "new" and head and head <= set(report.new)
     assert report.interpolated == ["patch_encoder/position_embedding/embeddings"]
+
+
+def test_a_resumed_fine_tune_records_the_checkpoint_it_started_from(tmp_path):
+    """The checkpoint file rewritten between a crash and the resume: the resumed weights come from the run's
+    backup, and the record named the new file's digest (a file the model never started from)."""
+    import shutil
+
+    from vit_pipeline.model import build_vit
+    from vit_pipeline.train import train
+
+    for seed, name in ((1, "a.keras"), (2, "b.keras")):
+        model = build_vit(make_config("quickstart"), 3, (32, 32, 3), train_images=splits().x_train)
+        randomise(model, seed)
+        model.save(tmp_path / name)
+    checkpoint = tmp_path / "checkpoint.keras"
+    shutil.copy(tmp_path / "a.keras", checkpoint)
+    cfg = make_config("quickstart", {"init_from": str(checkpoint), "epochs": 2, "batch_size": 8})
+
+    class Crash(keras.callbacks.Callback):  # after the first epoch's backup
+        def on_epoch_end(self, epoch, logs=None):
+            raise RuntimeError("crash")
+
+    with pytest.raises(RuntimeError, match="crash"):
+        train(cfg, splits(), tmp_path / "run", callbacks=[Crash()])
+    first = finetune.digest(checkpoint)
+    shutil.copy(tmp_path / "b.keras", checkpoint)
+    finetune._resolve.cache_clear()  # a resume is another process
+    assert finetune.digest(checkpoint) != first
+    result = train(cfg, splits(), tmp_path / "run")
+    assert result.resumed_from_epoch == 1 and result.init["source"]["digest"] == first
