@@ -278,7 +278,10 @@ def _resolve_mlflow(requested: str, tracking_uri: str) -> Source:
                 raise ConfigError(f"Expected runs:/<run id>/<path>. Received: init_from={requested!r}")
             run_id = match.group(1)
             client.get_run(run_id)  # fails clearly when the run does not exist
-            pinned = keras_uri = requested
+            # runs:/<id> alone: the run's Keras model, where the pipeline logs it.
+            pinned = keras_uri = (
+                requested if (match.group(2) or "/") != "/" else f"runs:/{run_id}/{KERAS_ARTIFACT}"
+            )
         dst = Path(tempfile.mkdtemp(dir=_download_root()))
         with store_uris(tracking_uri):
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=keras_uri, dst_path=str(dst)))
