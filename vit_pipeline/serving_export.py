@@ -133,9 +133,9 @@ def _slug(name: str) -> str:
 def triton_config(model: ServedModel, max_batch_size: int, queue_delay_us: int, kind: str,
                   instances: int) -> str:  # fmt: skip
     """``config.pbtxt`` text (Triton's ``ModelConfig`` protobuf, text format)."""
-    from vit_consumer.contract import INPUT_NAME, OUTPUT_NAME
+    from vit_consumer import contract
 
-    h, w, c = model.input_shape
+    tensors = contract.triton_tensors(model.input_shape, len(model.class_names))
     # No preferred_batch_size: Triton sends a batch at once when its size is a preferred one, so with 1
     # among them every request would go alone; without, the queue delay lets batches form.
     threads = (
@@ -149,10 +149,10 @@ name: {json.dumps(model.name)}
 platform: "onnxruntime_onnx"
 max_batch_size: {max_batch_size}
 input [
-  {{ name: "{INPUT_NAME}" data_type: TYPE_FP32 format: FORMAT_NHWC dims: [ {h}, {w}, {c} ] }}
+  {_pbtxt(tensors["input"][0])}
 ]
 output [
-  {{ name: "{OUTPUT_NAME}" data_type: TYPE_FP32 dims: [ {len(model.class_names)} ] label_filename: "labels.txt" }}
+  {_pbtxt(tensors["output"][0])}
 ]
 dynamic_batching {{
   max_queue_delay_microseconds: {queue_delay_us}
@@ -164,6 +164,19 @@ version_policy: {{ specific: {{ versions: [ {model.version} ] }} }}
 {threads}parameters {{ key: "temperature" value: {{ string_value: "{model.temperature:g}" }} }}
 parameters {{ key: "source" value: {{ string_value: {json.dumps(model.source)} }} }}
 """
+
+
+def _pbtxt(tensor: dict[str, Any]) -> str:
+    """One ``contract.triton_tensors`` entry in protobuf text format (enums bare, strings quoted)."""
+    fields = []
+    for key, value in tensor.items():
+        if key == "dims":
+            fields.append(f"dims: [ {', '.join(map(str, value))} ]")
+        elif key in ("data_type", "format"):
+            fields.append(f"{key}: {value}")
+        else:
+            fields.append(f"{key}: {json.dumps(value)}")
+    return "{ " + " ".join(fields) + " }"
 
 
 def write_triton(model: ServedModel, out: Path, max_batch_size: int, queue_delay_us: int) -> Path:

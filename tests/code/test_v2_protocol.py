@@ -111,8 +111,19 @@ def test_tritonclient_json_and_binary_tensors(served):
             np.testing.assert_allclose([v for v, *_ in parsed], p[expected], atol=1e-4)
     with pytest.raises(Exception, match="Unknown model 'nope'"):
         client.get_model_metadata("nope")
+    # Triton's model configuration (perf_analyzer and image_client read it): the contract export-serving writes.
+    config = client.get_model_config(name, model_version="1")
+    assert config["input"] == [{"name": "images", "data_type": "TYPE_FP32", "format": "FORMAT_NHWC",
+                                "dims": [32, 32, 3]}]  # fmt: skip
+    assert config["output"][0] == {"name": "logits", "data_type": "TYPE_FP32", "dims": [len(names)],
+                                   "label_filename": "labels.txt"}  # fmt: skip
+    assert config["max_batch_size"] == 8 and config["version_policy"] == {"specific": {"versions": [1]}}
     with pytest.raises(Exception, match="Not Found"):  # an endpoint this server lacks: still {"error": ...}
-        client.get_model_config(name)
+        client.get_inference_statistics(name)
+    shared = httpclient.InferInput("images", list(images.shape), "FP32")
+    shared.set_shared_memory("region0", images.nbytes)
+    with pytest.raises(Exception, match="asks for shared memory, which this server does not offer"):
+        client.infer(name, [shared])
     with pytest.raises(Exception, match="Expected shape"):
         bad = httpclient.InferInput("images", [1, 8, 8, 3], "FP32")
         bad.set_data_from_numpy(np.zeros((1, 8, 8, 3), np.float32))
@@ -227,7 +238,7 @@ def test_protocol_errors_are_one_line_json(served):
         )
 
     before = not_found()
-    for method, url, code in [("GET", f"{base}/vit-cifar100/config", 404), ("GET", f"{base}", 404),
+    for method, url, code in [("GET", f"{base}/vit-cifar100/stats", 404), ("GET", f"{base}", 404),
                               ("POST", f"{base}/vit-cifar100/ready", 405),
                               ("POST", f"{base}/vit-cifar100%2Fversions%2F1/infer", 404),
                               ("GET", f"{base}/vit-cifar100%2Fready", 404)]:  # fmt: skip

@@ -74,6 +74,17 @@ def served_name(source: str | None, metadata: Mapping[str, str], path: str | Pat
     return f"vit-{dataset}" if dataset else Path(path).stem
 
 
+def triton_tensors(input_shape: Sequence[int], num_classes: int) -> dict[str, list[dict[str, Any]]]:
+    """The model's tensors as NVIDIA Triton's model configuration states them (its JSON field names): the
+    ``config.pbtxt`` that ``export-serving`` writes and the consumer's ``/v2/models/<name>/config`` say this."""
+    h, w, c = input_shape
+    return {
+        "input": [{"name": INPUT_NAME, "data_type": "TYPE_FP32", "format": "FORMAT_NHWC", "dims": [h, w, c]}],
+        "output": [{"name": OUTPUT_NAME, "data_type": "TYPE_FP32", "dims": [num_classes],
+                    "label_filename": "labels.txt"}],
+    }  # fmt: skip
+
+
 def input_contract(input_shape: Sequence[int]) -> str:
     """The input's contract in words, for the metadata and people."""
     h, w, c = input_shape

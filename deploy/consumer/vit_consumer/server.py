@@ -864,6 +864,11 @@ def _v2_routes(app: FastAPI, service: Service) -> None:
             return JSONResponse(
                 {"name": name, "ready": service.ready}, status_code=200 if service.ready else 503
             )
+        if what == "config":
+            settings = service.settings
+            return JSONResponse(
+                v2.model_config(service.engine, settings.max_batch_size, settings.max_queue_delay_ms)
+            )
         return JSONResponse(v2.model_metadata(service.engine))
 
     @app.get("/v2/models/{name}", tags=["v2"])
@@ -881,6 +886,16 @@ def _v2_routes(app: FastAPI, service: Service) -> None:
     @app.get("/v2/models/{name}/versions/{version}/ready", tags=["v2"])
     def v2_model_version_ready(name: str, version: str) -> Response:
         return model(name, version, "ready")
+
+    @app.get("/v2/models/{name}/config", tags=["v2"], summary="Triton's model configuration")
+    def v2_model_config(name: str) -> Response:
+        return model(name, None, "config")
+
+    @app.get(
+        "/v2/models/{name}/versions/{version}/config", tags=["v2"], summary="Triton's model configuration"
+    )
+    def v2_model_version_config(name: str, version: str) -> Response:
+        return model(name, version, "config")
 
     @app.post("/v2/models/{name}/infer", tags=["v2"], summary="Open Inference Protocol inference")
     async def v2_infer(name: str, request: Request) -> Response:  # documents it; PredictPath serves it

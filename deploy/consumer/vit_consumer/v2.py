@@ -8,8 +8,8 @@ talks to this service unchanged:
   ``GET /v2/health/live``, ``GET /v2/health/ready``;
 * ``GET /v2/models/{name}[/versions/{version}]`` (model metadata: the input ``images`` FP32
   ``[-1, H, W, 3]``, the outputs ``logits`` and ``probabilities`` FP32 ``[-1, C]``, and as
-  parameters the class names, the temperature, the engine and its precision) and
-  ``.../ready``;
+  parameters the class names, the temperature, the engine and its precision), ``.../ready``
+  and ``.../config`` (Triton's model configuration, as ``export-serving``'s ``config.pbtxt``);
 * ``POST /v2/models/{name}[/versions/{version}]/infer``: JSON tensors (``data`` flat in
   row-major order, or nested), or the binary tensor data extension (the JSON header first,
   its length in ``Inference-Header-Content-Length``, then each input's raw little-endian bytes
@@ -110,6 +110,29 @@ def model_metadata(engine: OnnxClassifier) -> dict[str, Any]:
     }
 
 
+def model_config(engine: OnnxClassifier, max_batch_size: int, queue_delay_ms: float) -> dict[str, Any]:
+    """Triton's ``GET /v2/models/<name>/config`` (its JSON field names): the tensors as ``export-serving``'s
+    ``config.pbtxt`` states them (``contract.triton_tensors``), plus ``probabilities``, this server's extra
+    output. Triton's own tools (perf_analyzer, image_client) read the batch size and the input's layout here."""
+    tensors = contract.triton_tensors(engine.input_shape, len(engine.class_names))
+    tensors["output"].append({**tensors["output"][0], "name": "probabilities"})
+    return {
+        "name": model_name(engine),
+        "platform": "onnxruntime_onnx",  # the file's format, whichever engine runs it here (metadata says which)
+        "max_batch_size": max_batch_size,
+        **tensors,
+        "dynamic_batching": {"max_queue_delay_microseconds": int(round(queue_delay_ms * 1000))},
+        "version_policy": {"specific": {"versions": [int(model_version(engine))]}},
+        "parameters": {"temperature": {"string_value": f"{engine.temperature:g}"}},
+    }
+
+
+def _no_shared_memory(params: dict[str, Any], where: str) -> None:
+    if any(key.startswith("shared_memory") for key in params):
+        raise V2Error(f"{where} asks for shared memory, which this server does not offer (no shared-memory "
+                      "extension in /v2): send the tensor in the request body")  # fmt: skip
+
+
 def _header_and_binary(body: bytes, header_length: str | None, max_depth: int, max_numbers: int
                        ) -> tuple[dict[str, Any], bytes]:  # fmt: skip
     if header_length is None:
@@ -158,6 +181,7 @@ def _tensor(spec: Any, binary: bytes, offset: int) -> tuple[np.ndarray, int]:
         raise V2Error(f"Expected 'shape' to be a list of integer sizes >= 0. Received: {str(shape)[:80]}")
     dtype = DATATYPES[datatype]
     count = math.prod(shape)  # a Python int: a claimed shape cannot overflow it
+    _no_shared_memory(_parameters(spec, "the input's"), f"Input {str(spec.get('name'))[:40]!r}")
     size = _parameters(spec, "the input's").get("binary_data_size")
     if size is not None:
         if "data" in spec:
@@ -215,6 +239,7 @@ def parse_infer(engine: OnnxClassifier, body: bytes, header_length: str | None, 
         if out.get("name") not in OUTPUTS:
             raise V2Error(f"Unknown output {str(out.get('name'))[:40]!r}; the outputs are {list(OUTPUTS)}")
         params = _parameters(out, "an output's")
+        _no_shared_memory(params, f"Output {out['name']!r}")
         classes = params.get("classification", 0)
         if type(classes) is not int or classes < 0:
             raise V2Error(f"Expected 'classification' to be an integer >= 0. Received: {str(classes)[:20]!r}")
