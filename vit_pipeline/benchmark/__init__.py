@@ -22,7 +22,6 @@ from vit_pipeline.benchmark.run import (
     run_benchmark,
 )
 from vit_pipeline.benchmark.scenario import Scenario, measure
-from vit_pipeline.evaluate import scores as accuracy  # the one scoring routine, under its old name here
 
 __all__ = [
     "MIN_AGREEMENT",
@@ -32,7 +31,6 @@ __all__ = [
     "LatencyStats",
     "OrtBackend",
     "Scenario",
-    "accuracy",
     "benchmark_files",
     "choose_served",
     "count_gflop_per_image",

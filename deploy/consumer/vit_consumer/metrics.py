@@ -15,7 +15,10 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "vit_consumer_requests", "Predict requests by HTTP status code", ["code"], registry=r
+            "vit_consumer_requests",
+            "Inference requests (/predict and /v2 infer) by HTTP status code",
+            ["code"],
+            registry=r,
         )
         self.latency = Histogram("vit_consumer_request_latency_seconds", "Predict request latency, receipt to answer",
                                  buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip

@@ -9,11 +9,16 @@ Endpoints:
   ``application/x-npy`` (loaded with ``allow_pickle=False``). The body is read
   and decoded off the event loop; the images then join the dynamic batcher
   (``vit_consumer.batching``), which runs one ``session.run`` per batch.
+* The Open Inference Protocol under ``/v2`` (``vit_consumer.v2``: metadata, ready, config, infer
+  with JSON or binary tensors), through the same batcher, limits and metrics.
 * ``GET /metrics`` (Prometheus), ``GET /health/live``, ``GET /health/ready``
   (model loaded and warmed up), ``GET /health`` (the model's contract, as before).
 
-Every bad request gets a 4xx with ``{"detail": "<one line>"}``; a full queue a
-503 with ``Retry-After``; a request not answered within ``timeout_s`` a 504.
+Every bad request gets a 4xx with ``{"detail": "<one line>"}`` (under ``/v2``, the
+protocol's ``{"error": "<one line>"}``); a request head too large or too slow a 431
+or 408 (``vit_consumer.http``); a full queue a 503 with ``Retry-After``; a request
+not answered within ``timeout_s`` a 504; a client gone before its answer a 499
+(its images leave the queue).
 What one request may cost is bounded before the work is done: the body
 (``max_bytes``; all bodies being handled together ``max_inflight_bytes``), JSON
 nesting depth and number count (checked on the raw bytes before parsing), and
@@ -24,7 +29,9 @@ Serving ``models:/<name>@<alias>`` with ``reload_seconds > 0``, the service
 checks the alias that often; when it moves, the new version is loaded and warmed
 up beside the old one, then served; requests already admitted finish on the
 version they started with. A version that fails to load or warm up is not
-switched to (``vit_consumer_reloads{result="failed"}``, and the log).
+switched to (``vit_consumer_reloads_total{result="failed"}``, and the log), nor one
+whose contract differs (``result="refused"``, unless ``allow_contract_change``); a
+store that does not answer is tried again at the next check (``result="check_failed"``).
 """
 
 from __future__ import annotations
