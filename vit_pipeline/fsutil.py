@@ -10,8 +10,11 @@ from pathlib import Path
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
     """Yields a temporary path beside ``path``; renames it into place on success.
+
+    ``suffix``: the temporary name's ending, for writers that insist on one (Keras: ``.weights.h5``);
+    default ``path``'s own suffix.
 
     The temporary file lives in the same directory so that ``os.replace`` is an
     atomic rename on POSIX. On error the temporary file is removed and ``path`` is
@@ -21,7 +24,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     # A unique name that the writer creates itself, so the usual umask applies
     # (mkstemp would leave every artifact readable by its owner only).
-    tmp_path = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp{path.suffix}")
+    tmp_path = path.with_name(
+        f".{path.name}.{uuid.uuid4().hex[:12]}.tmp{path.suffix if suffix is None else suffix}"
+    )
     try:
         yield tmp_path
         os.replace(tmp_path, path)

@@ -229,10 +229,42 @@ def backup_callback(backup_dir: Path):
         restored_epoch = 0
 
         def on_train_begin(self, logs=None):
-            super().on_train_begin(logs)
+            try:
+                super().on_train_begin(logs)  # falls back to the previous epoch's copy on an OSError only
+            except ValueError:
+                # A readable file that misses layers: a save cut short before saves were atomic. The previous
+                # epoch's copy is whole (Keras' own fallback, for the error it does not catch).
+                if not os.path.exists(self._prev_weights_path):
+                    raise
+                log.warning("The backup in %s is incomplete: resuming from the epoch before it", backup_dir)
+                for latest, previous in ((self._weights_path, self._prev_weights_path),
+                                         (self._training_metadata_path, self._prev_training_metadata_path)):  # fmt: skip
+                    if os.path.exists(previous):
+                        _copy_atomically(previous, latest)
+                self._load_model()
             self.restored_epoch = int(getattr(self.model, "_initial_epoch", 0) or 0)
 
+        def _save_model(self):
+            """Keras' save, each file written whole or not at all: a SIGTERM (a cancelled flow run) during
+            ``save_weights`` left a readable file with some layers missing, and every resume failed on it."""
+            os.makedirs(self.backup_dir, exist_ok=True)
+            for latest, previous in ((self._weights_path, self._prev_weights_path),
+                                     (self._training_metadata_path, self._prev_training_metadata_path)):  # fmt: skip
+                if os.path.exists(latest):  # the last whole epoch, kept while this one is written
+                    _copy_atomically(latest, previous)
+            with atomic_path(self._weights_path, suffix=".weights.h5") as tmp:
+                self.model.save_weights(str(tmp), overwrite=True)
+            # After the weights: a crash between the two leaves the older epoch number, and that epoch trains
+            # once more from the newer weights, never the other way round.
+            with atomic_path(self._training_metadata_path) as tmp:
+                tmp.write_text(json.dumps({"epoch": self._current_epoch, "batch": self._last_batch_seen}))
+
     return Backup(str(backup_dir), double_checkpoint=True, delete_checkpoint=False)
+
+
+def _copy_atomically(src: str, dst: str) -> None:
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
 
 
 def _callbacks(cfg: PipelineConfig, out_dir: Path, run_id: str | None, epoch_log: EpochLog):
@@ -287,10 +319,8 @@ def _callbacks(cfg: PipelineConfig, out_dir: Path, run_id: str | None, epoch_log
             if value is None or (self.best is not None and value <= self.best):
                 return
             self.best = float(value)
-            # Keras wants the name to end in .weights.h5; the temp file sits beside the target.
-            tmp = self.path.with_name(f".tmp-{os.getpid()}-{self.path.name}")
-            self.model.save_weights(str(tmp), overwrite=True)
-            os.replace(tmp, self.path)
+            with atomic_path(self.path, suffix=".weights.h5") as tmp:  # Keras wants that ending
+                self.model.save_weights(str(tmp), overwrite=True)
             # A crash between the two renames leaves new weights with the old
             # best.json: on resume the next better epoch overwrites both.
             with atomic_path(self.path.with_name("best.json")) as meta:
