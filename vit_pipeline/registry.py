@@ -63,6 +63,10 @@ class RegistryError(PipelineError):
     """The registry could not be read or written reliably; the champion was not touched."""
 
 
+class NoChampion(PipelineError):
+    """No version holds the alias (yet): nothing to serve or measure, which is not a failure of the store."""
+
+
 @dataclass
 class Registration:
     """The outcome of registering one model version."""
@@ -625,7 +629,8 @@ def champion(model_name: str, alias: str = CHAMPION, tracking_uri: str | None = 
     """Finds the version holding ``alias`` (runs of dead processes are reaped first).
 
     Raises:
-        PipelineError: no version holds the alias.
+        NoChampion: no version holds the alias (or the model does not exist).
+        RegistryError: the registry could not be read.
     """
     from vit_pipeline import runs
     from vit_pipeline.config import make_config
@@ -636,7 +641,7 @@ def champion(model_name: str, alias: str = CHAMPION, tracking_uri: str | None = 
     runs.reap_once(cfg)
     version = current_champion(client, model_name, alias)
     if version is None:
-        raise PipelineError(f"No version of {model_name!r} holds the alias {alias!r}")
+        raise NoChampion(f"No version of {model_name!r} holds the alias {alias!r} (yet)")
     tags = client.get_run(version.run_id).data.tags
     return Champion(model_name, str(version.version), version.run_id, version.tags.get("test_accuracy"),
                     version.tags.get("dataset"), tags.get(KERAS_MODEL_TAG, f"runs:/{version.run_id}/keras-model"))  # fmt: skip

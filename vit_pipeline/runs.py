@@ -420,6 +420,8 @@ def flow_run_config(parameters: dict | None) -> PipelineConfig:
     overrides = {k: v for k, v in dict(params.get("overrides") or {}).items() if k != "init_from"}
     config = {k: v for k, v in dict(params.get("config") or {}).items() if k != "init_from"}
     preset = params.get("preset") if params.get("preset") in PRESETS else "quickstart"
+    if params.get("tracking_uri") and "tracking_uri" not in {**overrides, **config}:  # benchmark-champion's
+        overrides["tracking_uri"] = params["tracking_uri"]
     return make_config(preset, overrides, config)
 
 

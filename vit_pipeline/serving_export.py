@@ -478,6 +478,20 @@ def _consumer_tracking_uri(given: str | None, export_uri: str | None) -> tuple[s
                      "--consumer-tracking-uri sets it")  # fmt: skip
 
 
+def _no_champion_yet(source: str, tracking_uri: str | None) -> str | None:
+    """Why ``models:/<name>@<alias>`` names no version now (the model or the alias does not exist), else None."""
+    from vit_pipeline import registry, tracking
+    from vit_pipeline.config import make_config
+
+    target = re.match(r"^models:/([^/@]+)@([^/]+)$", source)
+    if target is None:
+        return None
+    client = tracking.client(make_config("quickstart", {"tracking_uri": tracking_uri}))
+    if registry.current_champion(client, target[1], target[2]) is None:  # RegistryError on an outage
+        return f"no version of {target[1]!r} holds the alias {target[2]!r} yet"
+    return None
+
+
 def publish(source: str, out_dir: str | Path, tracking_uri: str | None = None, *, storage_uri: str | None = None,
             consumer_image: str = "vit-consumer:latest", max_batch_size: int = 64,
             queue_delay_us: int = 2000, consumer_tracking_uri: str | None = None) -> dict[str, Any]:  # fmt: skip
@@ -497,6 +511,8 @@ def publish(source: str, out_dir: str | Path, tracking_uri: str | None = None, *
         PipelineError: the source cannot be read, or another writer held the folder for ``LOCK_SECONDS``.
     """
     _check_options(max_batch_size, queue_delay_us, storage_uri, consumer_image)
+    if (missing := _no_champion_yet(source, tracking_uri)) is not None:  # a fresh install: nothing to publish
+        return {"published": False, "name": None, "version": None, "reason": missing}
     out = Path(out_dir)
     with tempfile.TemporaryDirectory(prefix="vit-export-") as download, _one_writer(out):
         model = read_model(source, tracking_uri, download)

@@ -215,6 +215,12 @@ def test_train_pipeline_logs_everything(prefect_server, tiny_overrides, tmp_path
     bench_run = client.get_run(bench["mlflow_run_id"])
     assert bench_run.info.status == "FINISHED"
     assert bench_run.data.tags["registry.model"] == "vit-cifar100-coarse/1"
+    # Linked to its flow run, and the flow run's parameters name its store: a crashed or cancelled flow run
+    # ends it KILLED (the hooks, end-crashed-runs); it stayed RUNNING.
+    from vit_pipeline import runs
+
+    assert bench_run.data.tags["prefect.flow_run_id"]
+    assert runs.flow_run_config({"model_name": "m", "tracking_uri": uri}).tracking.tracking_uri == uri
     assert bench_run.data.metrics["bench_onnxruntime_cpu_optimized_b2_ips"] > 0
 
 
@@ -285,6 +291,36 @@ def test_invalid_override_fails_before_any_run(prefect_server, tmp_path):
     with pytest.raises(ConfigError, match="patch_size=7"):
         train_pipeline(preset="cifar100", overrides={"patch_size": 7, "tracking_uri": uri})
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_fresh_install_s_schedules_have_nothing_to_do_and_say_so(prefect_server, tmp_path, monkeypatch):
+    """Before the first training registers a champion, the weekly benchmark failed after three retries of the
+    same answer and the hourly publish failed every hour: both complete, saying there is nothing to do."""
+    from vit_pipeline import registry
+    from vit_pipeline.flows.benchmark_champion import benchmark_champion
+    from vit_pipeline.flows.publish_serving import publish_serving
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    calls = []
+    real = registry.champion
+
+    def counted(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(registry, "champion", counted)
+    bench = benchmark_champion(model_name="vit-nothing", tracking_uri=uri)
+    assert bench == {
+        "benchmarked": False,
+        "reason": "No version of 'vit-nothing' holds the alias 'champion' (yet)",
+    }
+    assert len(calls) == 1  # not retried
+    published = publish_serving("models:/vit-nothing@champion", str(tmp_path / "serving"), tracking_uri=uri)
+    assert (
+        not published["published"]
+        and published["reason"] == "no version of 'vit-nothing' holds the alias 'champion' yet"
+    )
+    assert not (tmp_path / "serving").exists()
 
 
 def test_train_task_retries_only_when_tracking_was_down(prefect_server, monkeypatch):

@@ -78,7 +78,8 @@ def run(ctx: StageContext, data_path: str, model_path: str, fp32_onnx: str) -> B
     return BenchmarkOutcome(str(files["json"]), report.table_rows(), report.ratios(), report.choice)
 
 
-def run_champion(champion: Champion, tracking_uri: str | None, options: dict[str, Any]) -> BenchmarkOutcome:
+def run_champion(champion: Champion, tracking_uri: str | None, options: dict[str, Any],
+                 extra_tags: dict[str, str] | None = None) -> BenchmarkOutcome:  # fmt: skip
     """Re-exports the champion's Keras model and benchmarks it; logs a new MLflow run (``vit-benchmarks``).
 
     The champion's run keeps its Keras model (``keras-model``); exporting it again
@@ -94,6 +95,7 @@ def run_champion(champion: Champion, tracking_uri: str | None, options: dict[str
     tags = {
         "registry.model": f"{champion.name}/{champion.version}",
         "vit_pipeline.command": "benchmark-champion",
+        **(extra_tags or {}),  # the Prefect flow run's: a crashed flow run's run is ended KILLED by it
     }
     with runs.tracked_run(cfg, None, tags) as run_id:
         out = Path(tempfile.mkdtemp(prefix="vit-bench-"))
