@@ -5,7 +5,7 @@
 #   deploy/local.sh prefect-server   # Prefect API + UI on :4200 (SQLite, or PostgreSQL via PREFECT_SERVER_DATABASE_CONNECTION_URL)
 #   deploy/local.sh mlflow-server    # MLflow tracking server on :5000 (SQLite backend, artifacts served by the server)
 #   deploy/local.sh deploy           # work pool + every deployment in prefect.yaml + the zombie automations
-#   deploy/local.sh worker           # process worker (with a health check) that runs scheduled and triggered flow runs
+#   deploy/local.sh worker           # process worker that runs scheduled and triggered flow runs
 #   deploy/local.sh smoke            # trigger the quickstart smoke deployment and wait for it
 #   deploy/local.sh dask-scheduler   # Dask scheduler for sweeps on :8786 (dashboard :8787)
 #   deploy/local.sh dask-worker      # Dask workers: one process per GPU (GPU resource), else DASK_WORKERS processes
@@ -13,7 +13,9 @@
 # Each server runs in the foreground (use separate terminals, tmux or systemd).
 # Settings (environment): VIT_DEPLOY_DIR (state, default ./vit-services), PREFECT_PORT (4200),
 # MLFLOW_PORT (5000), HOST (127.0.0.1), WORK_POOL (vit-pipeline), DASK_PORT (8786),
-# DASK_SCHEDULER (tcp://$HOST:$DASK_PORT), DASK_WORKERS (2).
+# DASK_SCHEDULER (tcp://$HOST:$DASK_PORT), DASK_WORKERS (2), WORKER_HEALTH_PORT (unset: no health endpoint;
+# set, the worker serves Prefect's /health there: Prefect 3.9.1's worker with it stops on a second SIGINT,
+# not on SIGTERM, and two workers on one host need two ports).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export VIT_PIPELINE_CHECKOUT="$PWD"
@@ -46,7 +48,12 @@ case "${1:-}" in
     vit-pipeline automations --heartbeat-seconds 60
     ;;
   worker)
-    VIT_PIPELINE_HOME="${VIT_PIPELINE_HOME:-$STATE/work}" exec prefect worker start --pool "$WORK_POOL" --with-healthcheck
+    health=()
+    if [ -n "${WORKER_HEALTH_PORT:-}" ]; then
+      export PREFECT_WORKER_WEBSERVER_HOST="$HOST" PREFECT_WORKER_WEBSERVER_PORT="$WORKER_HEALTH_PORT"
+      health=(--with-healthcheck)
+    fi
+    VIT_PIPELINE_HOME="${VIT_PIPELINE_HOME:-$STATE/work}" exec prefect worker start --pool "$WORK_POOL" "${health[@]}"
     ;;
   smoke)
     prefect deployment run 'train-pipeline/quickstart-smoke' --watch

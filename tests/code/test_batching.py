@@ -248,7 +248,8 @@ def _service():
     from vit_consumer.server import Service
     from vit_consumer.settings import Settings
 
-    one_at_a_time = SimpleNamespace(runtime=SimpleNamespace(parallel=1))  # the engine comes with each request
+    # The engine comes with each request; the service's own only sizes the batcher and owns no files.
+    one_at_a_time = SimpleNamespace(runtime=SimpleNamespace(parallel=1), discard_files=lambda: None)
     return Service(classifier=one_at_a_time, settings=Settings(max_batch_size=8))
 
 

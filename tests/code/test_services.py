@@ -134,6 +134,13 @@ def test_deploy_schedule_worker_crash_and_resume(services):
         "publish-serving",
     ):
         assert by_name[name]["job_variables"]["env"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "60", name
+    # A scheduled run that finds the previous one running is cancelled, not piled up behind it.
+    for name in ("nightly-cifar100", "weekly-champion-benchmark", "monthly-recipe-sweep", "publish-serving"):
+        assert by_name[name]["global_concurrency_limit"]["limit"] == 1, name
+        assert by_name[name]["concurrency_options"]["collision_strategy"] == "CANCEL_NEW", name
+    assert by_name["quickstart-smoke"]["pull_steps"] == [
+        {"vit_pipeline.flows.steps.checkout": {"directory": str(REPO)}}
+    ]
     # The set-up command: the zombie automation (heartbeats every HEARTBEAT s here, the minimum) and the
     # one that ends a crashed flow run's MLflow runs.
     created = json.loads(subprocess.run(
