@@ -369,12 +369,30 @@ def recent(client, experiment_names: list[str] | None = None, limit: int = 20) -
     return rows
 
 
+def what_ended(error: BaseException) -> str:
+    """The run's end as people read it: the error's type and message, or the signal that stopped it (a
+    cancelled flow run's TerminationSignal said nothing but its number)."""
+    import signal
+
+    name, text = type(error).__name__, " ".join(str(error).split())
+    number = getattr(error, "signal", None)
+    if isinstance(number, int):
+        try:
+            sent = signal.Signals(number).name
+        except ValueError:
+            sent = f"signal {number}"
+        return f"{name}: stopped by {sent} (a cancelled flow run, or its worker or service stopped)"
+    if isinstance(error, KeyboardInterrupt) and not text:
+        return f"{name}: interrupted (Ctrl-C or SIGINT)"
+    return f"{name}: {text}" if text else name
+
+
 def _end(client, run_id: str, error: BaseException | None) -> None:
     status = status_for(error)
     try:
         if error is not None:
             key = ERROR if status == "FAILED" else END_REASON
-            client.set_tag(run_id, key, f"{type(error).__name__}: {error}"[:5000])
+            client.set_tag(run_id, key, what_ended(error)[:5000])
         client.set_terminated(run_id, status)
     except Exception as exc:  # MLflow raises several types for connection errors
         log.warning("Could not mark run %s %s: %s", run_id, status, exc)

@@ -41,7 +41,19 @@ def test_an_error_fails_the_run_and_an_interruption_kills_it(cfg):
     with pytest.raises(KeyboardInterrupt), runs.tracked_run(cfg) as killed:
         raise KeyboardInterrupt
     run = _status(cfg, killed)
-    assert run.info.status == "KILLED" and run.data.tags[runs.END_REASON].startswith("KeyboardInterrupt")
+    assert run.data.tags[runs.END_REASON] == "KeyboardInterrupt: interrupted (Ctrl-C or SIGINT)"
+    assert run.info.status == "KILLED"
+    # A cancelled flow run: Prefect raises TerminationSignal, whose message is the signal's number at most.
+    import signal
+
+    from prefect.exceptions import TerminationSignal
+
+    with pytest.raises(TerminationSignal), runs.tracked_run(cfg) as cancelled:
+        raise TerminationSignal(signal.SIGTERM)
+    run = _status(cfg, cancelled)
+    assert run.info.status == "KILLED" and run.data.tags[runs.END_REASON] == (
+        "TerminationSignal: stopped by SIGTERM (a cancelled flow run, or its worker or service stopped)"
+    )
 
 
 def test_reap_marks_a_dead_owner_killed_and_leaves_the_living(cfg):
