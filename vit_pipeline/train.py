@@ -9,6 +9,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -373,6 +374,7 @@ def train(
     out_dir: str | Path,
     run_id: str | None = None,
     callbacks: list | None = None,
+    on_init: Callable[[Any], None] | None = None,
 ) -> TrainResult:
     """Trains the ViT; restores the best-validation-accuracy weights at the end.
 
@@ -382,6 +384,8 @@ def train(
         out_dir: Where the checkpoint, final model and history are written.
         run_id: MLflow run that receives per-epoch metrics, if any.
         callbacks: Extra Keras callbacks, run after the backup of each epoch.
+        on_init: Called with the ``finetune.InitReport`` (a model with ``init_from``) before the first
+            epoch: the run says where its weights came from while it trains, not only once it finished.
 
     Returns:
         Paths of the saved ``.keras`` model and history JSON, and summary numbers.
@@ -395,7 +399,7 @@ def train(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with exclusive(out_dir):
-        return _train(cfg, splits, out_dir, run_id, callbacks)
+        return _train(cfg, splits, out_dir, run_id, callbacks, on_init)
 
 
 @contextlib.contextmanager
@@ -461,7 +465,8 @@ def _first_init(out_dir: Path, init):
     return init
 
 
-def _train(cfg: PipelineConfig, splits: Splits, out_dir: Path, run_id: str | None, callbacks: list | None):
+def _train(cfg: PipelineConfig, splits: Splits, out_dir: Path, run_id: str | None, callbacks: list | None,
+           on_init: Callable[[Any], None] | None = None):  # fmt: skip
     import keras
 
     from vit_pipeline.distribute import make_strategy
@@ -482,6 +487,8 @@ def _train(cfg: PipelineConfig, splits: Splits, out_dir: Path, run_id: str | Non
         model, init = build_model(cfg, splits)  # fresh, or from init_from's checkpoint
         compile_model(model, cfg, splits.num_classes, steps_per_epoch)
     init = _first_init(out_dir, init)
+    if init is not None and on_init is not None:
+        on_init(init)
     if init is not None:
         log.info(
             "Initialised from %s: %d tensors copied, %d interpolated, %d new (head %s)", init.source.uri,
@@ -551,7 +558,9 @@ def run(ctx: StageContext, data_path: str) -> TrainResult:
     cfg = ctx.cfg
     splits = Splits.load(data_path)
     out = ctx.work_dir
-    result = train(cfg, splits, out, run_id=ctx.run_id)
+    result = train(
+        cfg, splits, out, run_id=ctx.run_id, on_init=lambda report: _log_init(ctx, report, early=True)
+    )
     _sync_or_fail(ctx, out, result.model_path)
     trained_now = result.epochs_run - result.resumed_from_epoch
     ctx.log.metrics({
@@ -566,17 +575,26 @@ def run(ctx: StageContext, data_path: str) -> TrainResult:
     })  # fmt: skip
     ctx.log.tags({"train.distribution": f"{cfg.distribution_strategy} x{result.num_replicas}"})
     ctx.log.params({"num_params": result.num_params})
-    if result.init:  # where the first weights came from: params to compare, tags for lineage
+    if result.init:  # again: the early record is best effort (MLflow may have been away then)
         from vit_pipeline.finetune import InitReport
 
-        report = InitReport.from_dict(result.init)
-        ctx.log.params(report.params())
-        ctx.log.tags(report.tags())
-        ctx.log.dict(result.init, "training/init.json")
+        _log_init(ctx, InitReport.from_dict(result.init))
     ctx.log.artifacts([result.history_path], "training")
     if KERAS_MODEL_TAG not in ctx.log.run().data.tags:  # a resume logs it once
         _log_keras_model(ctx, result.model_path, splits.x_test[:2])
     return result
+
+
+def _log_init(ctx: StageContext, report, early: bool = False) -> None:
+    """Where the first weights came from: params to compare, tags for lineage, the whole report."""
+    try:
+        ctx.log.params(report.params())
+        ctx.log.tags(report.tags())
+        ctx.log.dict(report.to_dict(), "training/init.json")
+    except Exception as exc:
+        if not early:
+            raise
+        log.warning("Could not record init_from in MLflow before training (recorded after it): %s", exc)
 
 
 def _log_keras_model(ctx: StageContext, model_path: str, example: np.ndarray) -> None:

@@ -452,9 +452,11 @@ def test_a_resumed_fine_tune_records_the_checkpoint_it_started_from(tmp_path):
         def on_epoch_end(self, epoch, logs=None):
             raise RuntimeError("crash")
 
+    told = []  # the stage records it in MLflow from here, before the first epoch (a crash left no record)
     with pytest.raises(RuntimeError, match="crash"):
-        train(cfg, splits(), tmp_path / "run", callbacks=[Crash()])
+        train(cfg, splits(), tmp_path / "run", callbacks=[Crash()], on_init=told.append)
     first = finetune.digest(checkpoint)
+    assert [report.source.digest for report in told] == [first]
     shutil.copy(tmp_path / "b.keras", checkpoint)
     finetune._resolve.cache_clear()  # a resume is another process
     assert finetune.digest(checkpoint) != first
