@@ -89,12 +89,9 @@ def _setup_logging() -> str:
 
 
 def _quiet_telemetry() -> None:
-    """No network here: keep Prefect's and MLflow's usage pings from trying (and logging)."""
+    """No network here: keep Prefect's usage pings from trying (MLflow's: ``progress.quiet_libraries``)."""
     for var in ("PREFECT_SERVER_ANALYTICS_ENABLED",):
         os.environ.setdefault(var, "false")
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    if not sys.stderr.isatty():  # a log or CI: MLflow's download bars would print "\r" frames, no line
-        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # Prefect gives its temporary API server 20 s to start; a busy 2-core machine needs more.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     # The heartbeat period the zombie automation expects (Prefect's default is 180 s): a CLI run against a
@@ -162,14 +159,10 @@ def _friendly_errors(func: Callable) -> Callable:
 @click.version_option(__version__, prog_name="vit-pipeline")
 def main() -> None:
     """Train, evaluate, export and serve a Vision Transformer."""
-    # TensorFlow's C++ log on a machine without an NVIDIA device is one ERROR line about
-    # cuInit plus INFO lines about CUDA it will not use: not errors of this run. Hidden unless
-    # asked for (TF_CPP_MIN_LOG_LEVEL=0); with a GPU, TensorFlow's errors stay visible.
-    from vit_consumer.contract import gpu_visible
-
     from vit_pipeline.distribute import LOGICAL_CPUS_ENV
+    from vit_pipeline.progress import quiet_libraries
 
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2" if gpu_visible() else "3")
+    quiet_libraries()
     _exit_cleanly_on_sigterm()
 
     if os.environ.get(LOGICAL_CPUS_ENV):  # must happen before any stage starts TensorFlow

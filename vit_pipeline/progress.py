@@ -27,6 +27,26 @@ log = logging.getLogger(__name__)
 
 ENV = "VIT_PIPELINE_PROGRESS"
 
+
+def quiet_libraries() -> None:
+    """Defaults for what other libraries put into a run's output (a variable set by hand wins), set before
+    TensorFlow or MLflow is first used: by the CLI and at the start of every flow (a worker's flow run
+    never goes through the CLI).
+
+    * TensorFlow's C++ log on a machine without an NVIDIA device is one ERROR line about cuInit plus INFO
+      lines about CUDA it will not use: not errors of this run, hidden (level 3). With a GPU, TensorFlow's
+      errors (out of memory, cuDNN) stay visible (level 2).
+    * MLflow's artifact download bars redraw with "\\r": off where stderr is not a terminal (a log, CI).
+    * No usage pings: nothing here reaches the network but the stores.
+    """
+    from vit_consumer.contract import gpu_visible
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2" if gpu_visible() else "3")
+    if not sys.stderr.isatty():
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
 _lock = threading.Lock()
 _live: dict[str, Any] = {"progress": None, "tasks": 0}
 

@@ -256,6 +256,10 @@ def run_trial(
     import socket
     import time
 
+    from vit_pipeline import progress
+
+    progress.quiet_libraries()  # before TensorFlow: a Dask worker's process, maybe on another host
+
     import keras
 
     from vit_pipeline import data, data_validation, runs, train

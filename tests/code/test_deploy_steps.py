@@ -27,3 +27,45 @@ def test_a_deployment_without_its_checkout_fails_in_one_line(directory):
 def test_the_checkout_is_entered(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     assert checkout(str(ROOT)) == {"directory": str(ROOT)} and os.getcwd() == str(ROOT)
+
+
+def test_every_flow_quiets_what_libraries_print_under_a_worker(tmp_path):
+    """A worker's flow run never goes through the CLI: TensorFlow's CUDA probe printed an ERROR line in every
+    CPU worker's log and MLflow's download bars redrew there. Each flow sets the same defaults itself."""
+    import importlib
+    import inspect
+    import pkgutil
+    import subprocess
+    import sys
+
+    from prefect import Flow
+
+    import vit_pipeline.flows as package
+
+    flows = []
+    for module in pkgutil.iter_modules(package.__path__):
+        loaded = importlib.import_module(f"vit_pipeline.flows.{module.name}")
+        flows += [
+            obj
+            for obj in vars(loaded).values()
+            if isinstance(obj, Flow) and obj.fn.__module__ == loaded.__name__
+        ]
+    assert len(flows) >= 7
+    for flow in flows:
+        assert "progress.quiet_libraries()" in inspect.getsource(flow.fn), flow.name
+
+    # One of them run as a worker runs it: nothing set beforehand, stderr not a terminal.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TF_CPP_MIN_LOG_LEVEL", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "MLFLOW_DISABLE_TELEMETRY")}  # fmt: skip
+    code = (
+        "import os\nfrom vit_pipeline.flows.publish_serving import publish_serving\n"
+        f"publish_serving.fn('models:/nothing@champion', {str(tmp_path / 's')!r}, "
+        f"tracking_uri={'sqlite:///' + str(tmp_path / 'm.db')!r})\n"
+        "print([os.environ.get(k) for k in ('TF_CPP_MIN_LOG_LEVEL', 'MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR', "
+        "'MLFLOW_DISABLE_TELEMETRY')])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    from vit_consumer.contract import gpu_visible
+
+    assert out.stdout.splitlines()[-1] == str(["2" if gpu_visible() else "3", "false", "true"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from vit_pipeline import registry
+from vit_pipeline import progress, registry
 from vit_pipeline.benchmark import stage as benchmark_stage
 from vit_pipeline.benchmark.stage import BenchmarkOutcome
 from vit_pipeline.flows import artifacts
@@ -49,6 +49,7 @@ def benchmark_champion(
     """Benchmarks ``models:/<model_name>@<alias>`` (Keras baseline vs ONNX Runtime variants); with no
     champion yet (a fresh install before its first training) there is nothing to measure: it completes
     saying so, a schedule's run is not marked Failed for it."""
+    progress.quiet_libraries()  # a worker's flow run never goes through the CLI
     try:
         champion = find_champion(model_name, alias, tracking_uri)
     except registry.NoChampion as exc:

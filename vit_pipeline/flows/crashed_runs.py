@@ -13,7 +13,7 @@ from uuid import UUID
 
 from prefect import flow, get_run_logger
 
-from vit_pipeline import runs, zombies
+from vit_pipeline import progress, runs, zombies
 
 
 @flow(name="end-crashed-runs")
@@ -23,6 +23,7 @@ def end_crashed_runs(flow_run_id: str) -> list[str]:
     The store is the one the crashed flow run tracked to (its parameters), else this
     worker's ``MLFLOW_TRACKING_URI`` / ``$VIT_PIPELINE_HOME`` default.
     """
+    progress.quiet_libraries()  # a worker's flow run never goes through the CLI
     from prefect.client.orchestration import get_client
 
     run_id = zombies.flow_run_id(flow_run_id)

@@ -13,7 +13,7 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from vit_pipeline import tracking
+from vit_pipeline import progress, tracking
 from vit_pipeline.config import ConfigOverrides, make_config, merged_overrides
 from vit_pipeline.experiments import compare_runs
 from vit_pipeline.flows import artifacts
@@ -54,6 +54,7 @@ def proxy_experiment(
     Returns:
         The comparison rows and report paths.
     """
+    progress.quiet_libraries()  # a worker's flow run never goes through the CLI
     shared = {
         "data_path": data_path,
         "epochs": epochs,

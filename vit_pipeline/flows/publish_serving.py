@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from vit_pipeline import serving_export, tracking
+from vit_pipeline import progress, serving_export, tracking
 
 
 @flow(name="publish-serving", log_prints=True)
@@ -19,6 +19,7 @@ def publish_serving(model_uri: str = "models:/vit-cifar100@champion", out_dir: s
                     storage_uri: str | None = None, tracking_uri: str | None = None,
                     consumer_tracking_uri: str | None = None) -> dict:  # fmt: skip
     """Publishes ``model_uri``'s current version under ``out_dir`` if it is not there yet."""
+    progress.quiet_libraries()  # a worker's flow run never goes through the CLI
     result = serving_export.publish(model_uri, out_dir, tracking_uri or tracking.tracking_uri(),
                                     storage_uri=storage_uri, consumer_tracking_uri=consumer_tracking_uri)  # fmt: skip
     if result["published"]:

@@ -26,7 +26,7 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from vit_pipeline import runs, tracking
+from vit_pipeline import progress, runs, tracking
 from vit_pipeline import sweep as sweep_mod
 from vit_pipeline.config import ConfigOverrides, make_config, merged_overrides
 from vit_pipeline.context import StageContext
@@ -51,6 +51,7 @@ def run_trial(preset: str, cfg: dict, parent_run_id: str, index: int, varying: d
 @flow(name="sweep-trials")
 def run_trials(preset: str, trials: list[dict], parent_run_id: str, gpus_per_trial: float) -> list[dict]:
     """Submits every trial to the task runner at once and waits for all of them."""
+    progress.quiet_libraries()  # a worker's flow run never goes through the CLI
     import dask
 
     futures = []
@@ -133,6 +134,7 @@ def sweep(
     Returns:
         The parent MLflow run, every trial's row, the best trial and the registry decision.
     """
+    progress.quiet_libraries()  # a worker's flow run never goes through the CLI
     check_cluster_api(dask_address)  # before any run or trial: one Prefect API for the whole cluster
     parsed = load_space(space_path) if space_path else parse_space(space)
     shared = merged_overrides(overrides, config)

@@ -27,6 +27,7 @@ from vit_pipeline import (
     export,
     infra_validation,
     model_card,
+    progress,
     registry,
     robustness,
     runs,
@@ -206,6 +207,7 @@ def train_pipeline(
         The MLflow run id, its URL, the headline metrics, the parity figures and
         the registry decision.
     """
+    progress.quiet_libraries()  # a worker's flow run never goes through the CLI
     cfg = make_config(preset, overrides, config)  # invalid values fail here, before any work
     with runs.tracked_run(cfg, preset, _prefect_tags(), resume_run_id=resume_run_id) as run_id:
         # First: after a crash or a kill, this is the id that --resume (resume_run_id) continues.

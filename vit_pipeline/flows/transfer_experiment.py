@@ -22,7 +22,7 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from vit_pipeline import tracking
+from vit_pipeline import progress, tracking
 from vit_pipeline.config import make_config
 from vit_pipeline.experiments import transfer_report
 from vit_pipeline.flows import artifacts
@@ -97,6 +97,7 @@ def transfer_experiment(
             report the top-1 reached after 5, 10 and 30 minutes (time-to-accuracy); None: skip.
         overrides: Further config fields for every run (e.g. a smaller architecture for a smoke test).
     """
+    progress.quiet_libraries()  # a worker's flow run never goes through the CLI
     folders = split(data_path, work_dir, target_classes, train_per_class, split_seed)
     target = target_folder or folders["target"]
     common = {"seed": seed, "experiment_name": experiment_name, "tracking_uri": tracking_uri, **QUIET,
