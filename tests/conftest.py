@@ -341,13 +341,13 @@ class FaultyProxy:
     Armed (``armed = True``), it starts failing ``GET registered-models/alias``
     (the champion read) once a model version has been created: the registration
     itself went through, the champion read right after it fails. ``drop`` (a
-    predicate of the request path) closes the connection unanswered instead: a
-    store gone in the middle of a download.
+    predicate of the request path) closes the connection unanswered instead, and
+    ``truncate`` after half the answer's body: a store gone in the middle of a download.
     """
 
     def __init__(self, upstream: str):
         self.upstream, self.armed, self.failing, self.failed = upstream, False, False, 0
-        self.drop = None
+        self.drop = self.truncate = None
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -386,6 +386,13 @@ class FaultyProxy:
                 self.send_header("Content-Type", resp.headers.get("Content-Type", "application/json"))
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
+                if proxy.truncate is not None and proxy.truncate(self.path) and len(data) > 1:
+                    proxy.failed += 1  # the store goes away in the middle of its answer
+                    self.wfile.write(data[: len(data) // 2])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
                 self.wfile.write(data)
 
             do_GET = do_POST = do_PATCH = do_DELETE = do_PUT = _forward

@@ -163,3 +163,67 @@ def test_the_consumer_reading_the_registry_sends_no_usage_pings(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_DISABLE_TELEMETRY"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.split()[-1] == "true", out.stderr[-1000:]
+
+
+def test_what_counts_as_a_store_that_did_not_answer():
+    """An outage decides nothing (retried, resumed); a missing file or a refused value is an answer.
+    MLflow gathers a download's failures into one message and drops their causes: the text must do."""
+    import requests
+    from mlflow.exceptions import MlflowException
+    from vit_consumer.mlflow_store import unavailable
+
+    def gathered(error: str) -> MlflowException:
+        return MlflowException("The following failures occurred while downloading one or more artifacts from "
+                               f"http://mlflow:5000/api/2.0/mlflow-artifacts/artifacts/1/abc:\n##### File m/model.onnx "
+                               f"#####\n{error}")  # fmt: skip
+
+    for outage in (
+        requests.exceptions.ChunkedEncodingError(
+            "Connection broken: IncompleteRead(1024 bytes read, 9 more)"
+        ),
+        requests.ConnectionError("HTTPConnectionPool(host='mlflow', port=5000): Read timed out."),
+        requests.ConnectionError(
+            "('Connection aborted.', RemoteDisconnected('Remote end closed connection'))"
+        ),
+        requests.ConnectionError("HTTPConnectionPool(host='mlflow', port=5000): Max retries exceeded"),
+    ):
+        assert unavailable(outage), outage
+        assert unavailable(gathered(str(outage))), outage  # the cause dropped, its text kept
+    for answer in (
+        gathered("No such artifact: 'data/statistics.json'"),
+        MlflowException("Changing param values is not allowed", error_code="INVALID_PARAMETER_VALUE"),
+        ValueError("A total of 2 objects could not be loaded"),
+    ):
+        assert not unavailable(answer), answer
+
+
+def test_a_wrong_tracking_address_is_not_an_outage():
+    """A 404 or 401 from the health probe is the same answer next time; refused or a 5xx may not be."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from vit_consumer.mlflow_store import probe
+
+    from tests.conftest import free_port
+
+    class Status(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            code = int(self.path.strip("/").split("/")[0])
+            self.send_response(code)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Status)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        assert probe(f"{base}/200") == (None, False)
+        assert probe(f"{base}/404") == ("HTTP 404 Not Found", False)
+        assert probe(f"{base}/401")[1] is False and probe(f"{base}/503")[1] is True
+        assert probe(f"http://127.0.0.1:{free_port()}")[1] is True  # refused
+        assert probe("http://[not a url")[1] is False
+    finally:
+        server.shutdown()

@@ -57,13 +57,18 @@ def _mlflow():
 
 def _check_answers(uri: str, tracking_uri: str | None) -> None:
     """A tracking server that is down is one line in seconds (MLflow's client retries for minutes)."""
-    from vit_consumer.mlflow_store import health_problem
+    from vit_consumer.mlflow_store import probe
 
     where = tracking_uri or _mlflow().get_tracking_uri()
-    if (problem := health_problem(where)) is not None:
-        raise InputError(
-            f"Could not read {uri}: the MLflow tracking server {where} does not answer ({problem})"
-        ) from ConnectionError(problem)  # an outage (mlflow_store.unavailable): worth trying again
+    problem, outage = probe(where)
+    if problem is None:
+        return
+    error = InputError(
+        f"Could not read {uri}: the MLflow tracking server {where} does not answer ({problem})"
+    )
+    if outage:  # refused, timed out, a 5xx: mlflow_store.unavailable says so, a caller may try again
+        raise error from ConnectionError(problem)
+    raise error  # a wrong address or credentials: the same answer next time
 
 
 def alias_version(uri: str, tracking_uri: str | None = None) -> str:

@@ -50,17 +50,26 @@ def health_problem(uri: str | None, timeout: float = 5.0) -> str | None:
     MLflow's own client retries each request for minutes against a server that is down; one probe with
     a short timeout says so in seconds.
     """
+    return probe(uri, timeout)[0]
+
+
+def probe(uri: str | None, timeout: float = 5.0) -> tuple[str | None, bool]:
+    """``health_problem``, and whether the problem is an outage (refused, timed out, a 5xx: worth trying
+    again) rather than a wrong address or credentials (a 4xx, a URL that cannot be read)."""
+    import urllib.error
     import urllib.request
 
     if not uri or not uri.startswith(("http://", "https://")):
-        return None
+        return None, False
     try:
         with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as resp:
-            return None if resp.status == 200 else f"HTTP {resp.status}"
-    except OSError as exc:  # URLError, HTTPError, timeouts
-        return str(getattr(exc, "reason", exc))
+            return (None, False) if resp.status == 200 else (f"HTTP {resp.status}", resp.status >= 500)
+    except urllib.error.HTTPError as exc:
+        return f"HTTP {exc.code} {exc.reason}", exc.code >= 500
+    except OSError as exc:  # URLError (refused, unknown host), timeouts
+        return str(getattr(exc, "reason", exc)), True
     except ValueError as exc:  # a URL urllib cannot read
-        return str(exc)
+        return str(exc), False
 
 
 def unavailable(exc: BaseException) -> bool:
@@ -70,25 +79,35 @@ def unavailable(exc: BaseException) -> bool:
     retry may succeed, while a missing or damaged file, a refused value or a bug would fail the same way
     again. Nothing is decided on an outage (a registry verdict, a version refused for good).
     """
+    import http.client
     import sqlite3
 
-    outage: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError)
+    outage: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError, http.client.IncompleteRead)
     try:
         import requests
+        import urllib3
 
-        outage += (requests.ConnectionError, requests.Timeout)
+        outage += (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
+                   urllib3.exceptions.ProtocolError)  # fmt: skip
     except ImportError:  # pragma: no cover - mlflow brings requests
         pass
     seen: BaseException | None = exc
     while seen is not None:
         if isinstance(seen, outage):
             return True
-        if isinstance(seen, sqlite3.OperationalError) and "locked" in str(
-            seen
-        ):  # a busy store, not a bad one
+        if isinstance(seen, sqlite3.OperationalError) and "locked" in str(seen):  # a busy store
             return True
-        if any(text in str(seen) for text in ("Max retries exceeded", "Connection refused", "Failed to establish",
-                                              "database is locked")):  # fmt: skip
-            return True  # MLflow's REST and SQL stores re-raise these as plain MlflowExceptions
+        # MLflow re-raises these as plain MlflowExceptions with only their text (a download's failures are
+        # gathered into one message, their causes dropped).
+        if any(text in str(seen) for text in OUTAGE_TEXTS):
+            return True
         seen = seen.__cause__ or seen.__context__
     return False
+
+
+# What the errors of a store that did not answer say: refused, dropped before or during the answer, timed out.
+OUTAGE_TEXTS = (
+    "Max retries exceeded", "Connection refused", "Failed to establish", "Connection broken", "Connection aborted",
+    "Connection reset", "RemoteDisconnected", "IncompleteRead", "Response ended prematurely", "Read timed out",
+    "database is locked",
+)  # fmt: skip
