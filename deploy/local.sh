@@ -53,7 +53,7 @@ case "${1:-}" in
       export PREFECT_WORKER_WEBSERVER_HOST="$HOST" PREFECT_WORKER_WEBSERVER_PORT="$WORKER_HEALTH_PORT"
       health=(--with-healthcheck)
     fi
-    VIT_PIPELINE_HOME="${VIT_PIPELINE_HOME:-$STATE/work}" exec prefect worker start --pool "$WORK_POOL" "${health[@]}"
+    VIT_PIPELINE_HOME="${VIT_PIPELINE_HOME:-$STATE/work}" exec prefect worker start --pool "$WORK_POOL" ${health[@]+"${health[@]}"}
     ;;
   smoke)
     prefect deployment run 'train-pipeline/quickstart-smoke' --watch

@@ -31,11 +31,12 @@ TFX's StatisticsGen, SchemaGen and ExampleValidator, for image datasets:
   its own training split and its checkpoint's (``data/seen_images.npz``, so a chain of
   fine-tunings carries them all); a run that starts from a model of this project checks its
   test and validation images against those of its checkpoint. Test images the checkpoint trained
-  on (exact or near copies; a copy of one of this run's own training or validation images is the
-  leakage check's finding, as it is for a model trained from scratch, and is only counted here)
-  count as leaked and, unless ``drop_leaked_test`` drops them, keep the version from becoming
-  champion (``init_leakage_blocks_promotion``); validation images it trained on flatter the
-  best-epoch choice and are counted. The same folder split again with another
+  on (exact or near copies) count as leaked and, unless ``drop_leaked_test`` drops them, keep the
+  version from becoming champion (``init_leakage_blocks_promotion``); validation images it trained on
+  flatter the best-epoch choice and are counted. An image that also copies one of this run's own
+  training (or, for a test image, validation) images is not counted against the checkpoint: a model
+  trained from scratch on this split has the same copy, and the leakage check reports it (the
+  lineage outcome gives the number of such test images). The same folder split again with another
   ``seed`` or ``test_split`` is the usual way this happens. A Keras-Hub or Hugging Face
   checkpoint does not record its training images: the check says so.
 

@@ -66,6 +66,9 @@ class RegistryError(PipelineError):
 class NoChampion(PipelineError):
     """No version holds the alias (yet): nothing to serve or measure, which is not a failure of the store."""
 
+    def __init__(self, name: str, alias: str = CHAMPION):
+        super().__init__(f"No version of {name!r} holds the alias {alias!r} (yet)")
+
 
 @dataclass
 class Registration:
@@ -641,7 +644,7 @@ def champion(model_name: str, alias: str = CHAMPION, tracking_uri: str | None = 
     runs.reap_once(cfg)
     version = current_champion(client, model_name, alias)
     if version is None:
-        raise NoChampion(f"No version of {model_name!r} holds the alias {alias!r} (yet)")
+        raise NoChampion(model_name, alias)
     tags = client.get_run(version.run_id).data.tags
     return Champion(model_name, str(version.version), version.run_id, version.tags.get("test_accuracy"),
                     version.tags.get("dataset"), tags.get(KERAS_MODEL_TAG, f"runs:/{version.run_id}/keras-model"))  # fmt: skip

@@ -31,7 +31,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,11 +116,15 @@ def read_model(source: str, tracking_uri: str | None = None, dst: str | Path | N
         raise PipelineError(f"Expected an integer registry version for Triton. Received: {version!r}")
     if name.startswith(".") or not name.isprintable():
         raise PipelineError(f"Expected a model name Triton can use as a folder name. Received: {name!r}")
+    if not re.match(
+        r"^[a-z][a-z0-9+.-]*:/", source
+    ):  # a file: the same one whatever the directory it came from
+        source = str(Path(source).resolve())
     return ServedModel(name, str(version), Path(path), tuple(shape), names, temperature, source)
 
 
 def _slug(name: str) -> str:
-    """A name valid for Triton folders, KServe and Kubernetes objects: a DNS-1035 label (a letter first, then
+    """A name valid for KServe and Kubernetes objects (and manifest files): a DNS-1035 label (a letter first, then
     lower case, digits, '-', no '-' last) short enough for the suffixes added to it (``-consumer``,
     Knative's ``-predictor-00001``)."""
     slug = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")
@@ -179,24 +183,28 @@ def _pbtxt(tensor: dict[str, Any]) -> str:
     return "{ " + " ".join(fields) + " }"
 
 
-def write_triton(model: ServedModel, out: Path, max_batch_size: int, queue_delay_us: int) -> Path:
+def write_triton(model: ServedModel, out: Path, max_batch_size: int, queue_delay_us: int,
+                 before_served: Callable[[], None] | None = None) -> Path:  # fmt: skip
     """``out/<name>/`` with <version>/model.onnx, labels.txt, configs/gpu.pbtxt and, last, config.pbtxt.
 
     A new model's folder is built beside the repository and renamed into it whole: Triton loads an ONNX
     folder without a ``config.pbtxt`` too (it makes one up), so it must never see one half-written. In an
     existing folder every file is written atomically and ``config.pbtxt``, whose version policy names the new
     version, comes last: a crash part-way leaves the previous version served (``publish`` redoes it).
+    ``before_served`` (the manifests) runs just before that last step, after every check.
     A folder serves one model (another model's folder is refused), and a version folder's file is never
     replaced by other bytes (a registry version is immutable; so is what Triton served under its number).
     """
     folder = out / model.name
     if folder.is_dir():
         _check_same_model(folder, model)
-        _fill(folder, model, max_batch_size, queue_delay_us)
+        _fill(folder, model, max_batch_size, queue_delay_us, before_served)
         return folder
     staging = out.parent / STAGING / model.name
     shutil.rmtree(staging, ignore_errors=True)
     _fill(staging, model, max_batch_size, queue_delay_us)
+    if before_served is not None:
+        before_served()
     out.mkdir(parents=True, exist_ok=True)
     os.rename(staging, folder)
     with contextlib.suppress(OSError):  # another new model's staging folder: left to it
@@ -212,7 +220,8 @@ def _check_same_model(folder: Path, model: ServedModel) -> None:
                             f"{model.name!r} there): export into another folder")  # fmt: skip
 
 
-def _fill(folder: Path, model: ServedModel, max_batch_size: int, queue_delay_us: int) -> None:
+def _fill(folder: Path, model: ServedModel, max_batch_size: int, queue_delay_us: int,
+          before_config: Callable[[], None] | None = None) -> None:  # fmt: skip
     for stale in (
         *folder.glob(".*.tmp*"),
         *folder.glob("*/.*.tmp*"),
@@ -230,6 +239,8 @@ def _fill(folder: Path, model: ServedModel, max_batch_size: int, queue_delay_us:
     gpu = triton_config(model, max_batch_size, queue_delay_us, "KIND_GPU", 1)
     _write_if_changed(folder / "configs" / "gpu.pbtxt", gpu)
     cpu = triton_config(model, max_batch_size, queue_delay_us, "KIND_CPU", CPU_INSTANCES)
+    if before_config is not None:
+        before_config()
     _write_if_changed(folder / "config.pbtxt", cpu)
 
 
@@ -427,17 +438,24 @@ def _write_all(model: ServedModel, out: Path, tracking_uri: str | None, storage_
                consumer_image: str, max_batch_size: int, queue_delay_us: int,
                consumer_tracking_uri: str | None = None) -> dict[str, str]:  # fmt: skip
     storage = storage_uri or f"pvc://{PVC}/triton"
-    isvc_path = out / "kserve" / f"{model.k8s_name}.yaml"
-    consumer_path = out / "kubernetes" / f"{model.k8s_name}-consumer.yaml"
+    isvc_path, consumer_path = manifest_paths(out, model)
     for path in (isvc_path, consumer_path):  # one file per model: other models' manifests stay
         _check_manifest_owner(path, model)
     shutil.rmtree(out / STAGING, ignore_errors=True)  # a new model's folder a crash left before its rename
-    folder = write_triton(model, out / "triton", max_batch_size, queue_delay_us)
     uri, note = _consumer_tracking_uri(consumer_tracking_uri, tracking_uri)
-    write_text(isvc_path, _yaml([inference_service(model, storage)]))
-    write_text(consumer_path, _yaml(consumer_manifests(model, consumer_image, uri)))
+
+    def manifests() -> None:  # before config.pbtxt says the version is served: a crash leaves it to be redone
+        write_text(isvc_path, _yaml([inference_service(model, storage)]))
+        write_text(consumer_path, _yaml(consumer_manifests(model, consumer_image, uri)))
+
+    folder = write_triton(model, out / "triton", max_batch_size, queue_delay_us, manifests)
     return {"triton": str(folder), "kserve": str(isvc_path), "kubernetes": str(consumer_path), "name": model.name,
             "version": model.version, "note": note}  # fmt: skip
+
+
+def manifest_paths(out: Path, model: ServedModel) -> tuple[Path, Path]:
+    """The KServe and the consumer's Kubernetes manifest of ``model`` under ``out``."""
+    return out / "kserve" / f"{model.k8s_name}.yaml", out / "kubernetes" / f"{model.k8s_name}-consumer.yaml"
 
 
 def _check_manifest_owner(path: Path, model: ServedModel) -> None:
@@ -488,7 +506,7 @@ def _no_champion_yet(source: str, tracking_uri: str | None) -> str | None:
         return None
     client = tracking.client(make_config("quickstart", {"tracking_uri": tracking_uri}))
     if registry.current_champion(client, target[1], target[2]) is None:  # RegistryError on an outage
-        return f"no version of {target[1]!r} holds the alias {target[2]!r} yet"
+        return str(registry.NoChampion(target[1], target[2]))
     return None
 
 
@@ -519,7 +537,7 @@ def publish(source: str, out_dir: str | Path, tracking_uri: str | None = None, *
         folder = out / "triton" / model.name
         if folder.is_dir():  # another model's folder is an error, not "already served"
             _check_same_model(folder, model)
-        if served_version(folder) == model.version:
+        if served_version(folder) == model.version and all(p.is_file() for p in manifest_paths(out, model)):
             return {"published": False, "name": model.name, "version": model.version,
                     "reason": f"version {model.version} is already served from {folder}"}  # fmt: skip
         # The files are the version read once; the consumer's manifest keeps the alias (it follows it).

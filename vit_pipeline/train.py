@@ -453,8 +453,9 @@ def _first_init(out_dir: Path, init):
 
     if init is None:
         return None
-    record, backup = out_dir / INIT_RECORD, out_dir / "backup"
-    if record.is_file() and backup.is_dir() and any(backup.iterdir()):
+    record = out_dir / INIT_RECORD
+    whole_epoch = (out_dir / "backup" / "latest.weights.h5").is_file()  # not a save's temporary file
+    if record.is_file() and whole_epoch:
         first = InitReport.from_dict(json.loads(record.read_text()))
         if first.source.digest != init.source.digest:
             log.warning("init_from %s changed since this run started (%s then, %s now); it resumes from its own "
@@ -586,11 +587,14 @@ def run(ctx: StageContext, data_path: str) -> TrainResult:
 
 
 def _log_init(ctx: StageContext, report, early: bool = False) -> None:
-    """Where the first weights came from: params to compare, tags for lineage, the whole report."""
+    """Where the first weights came from: tags for lineage and the whole report; params to compare runs by
+    only once trained (params cannot change, and a resume before the first backup starts again from the
+    checkpoint as it is then: ``_first_init``)."""
     try:
-        ctx.log.params(report.params())
         ctx.log.tags(report.tags())
         ctx.log.dict(report.to_dict(), "training/init.json")
+        if not early:
+            ctx.log.params(report.params())
     except Exception as exc:
         if not early:
             raise

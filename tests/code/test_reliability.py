@@ -244,7 +244,7 @@ def test_sigterm_mid_flow_ends_the_run_killed_and_leaves_no_process_behind(tmp_p
         assert proc.returncode == 143, (tmp_path / "run.log").read_text()[-3000:]
         assert _run_status(uri, home)[1] == "KILLED"  # said by the run itself, nobody had to reap it
         # What a person needs after the kill was printed before training: the id --resume takes.
-        assert f"MLflow run {run_id} (resume with --resume {run_id})" in (tmp_path / "run.log").read_text()
+        assert f"MLflow run {run_id} (resume with --resume {run_id}," in (tmp_path / "run.log").read_text()
         # Nothing of it is left: the temporary server (a child in its process group) was stopped.
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:

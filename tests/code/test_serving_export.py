@@ -390,6 +390,52 @@ def test_one_folder_serves_one_model_and_a_version_is_never_replaced(registered,
     assert target.read_bytes() == stray.read_bytes()
 
 
+def test_a_publish_that_fails_writing_its_manifests_serves_nothing_new_and_is_redone(tmp_path, monkeypatch):
+    """The manifests come before config.pbtxt (what says a version is served): written after it, a publish
+    that died between the two said "already served" for good, and the manifests never appeared."""
+    from vit_pipeline import serving_export
+    from vit_pipeline.serving_export import manifest_paths, publish, read_model, served_version
+
+    source = constant_classifier(tmp_path / "c.onnx", 3, 1, ["cat", "dog", "eel"])
+    out = tmp_path / "serving"
+    real = serving_export.write_text
+
+    def disk_full(path, text):
+        if "kubernetes" in str(path):
+            raise OSError(28, "No space left on device")
+        return real(path, text)
+
+    monkeypatch.setattr(serving_export, "write_text", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        publish(str(source), out)
+    assert not (out / "triton" / "c").exists()  # a new model: its folder never appeared
+    monkeypatch.undo()
+    assert publish(str(source), out)["published"]
+    isvc, consumer = manifest_paths(out, read_model(str(source)))
+    consumer.unlink()  # lost (or a repository written before manifests had one file per model)
+    again = publish(str(source), out)
+    assert (
+        again["published"]
+        and consumer.is_file()
+        and isvc.is_file()
+        and served_version(out / "triton" / "c") == "1"
+    )
+    assert not publish(str(source), out)["published"]
+
+
+def test_a_file_is_the_same_model_whether_named_by_a_relative_or_an_absolute_path(tmp_path, monkeypatch):
+    from vit_pipeline.serving_export import export_serving
+
+    (tmp_path / "models").mkdir()
+    source = constant_classifier(tmp_path / "models" / "c.onnx", 3, 1, ["cat", "dog", "eel"])
+    monkeypatch.chdir(tmp_path / "models")
+    first = export_serving("c.onnx", tmp_path / "serving")
+    monkeypatch.chdir(tmp_path)
+    again = export_serving(str(source), tmp_path / "serving")  # it was "another model" from here
+    assert (first["name"], first["version"]) == (again["name"], again["version"]) == ("c", "1")
+    assert json.dumps(str(source)) in (Path(again["triton"]) / "config.pbtxt").read_text()
+
+
 def test_the_consumer_manifest_names_a_tracking_server_pods_can_reach(registered, tmp_path):
     from vit_pipeline.serving_export import export_serving
 

@@ -462,3 +462,16 @@ def test_a_resumed_fine_tune_records_the_checkpoint_it_started_from(tmp_path):
     assert finetune.digest(checkpoint) != first
     result = train(cfg, splits(), tmp_path / "run")
     assert result.resumed_from_epoch == 1 and result.init["source"]["digest"] == first
+
+    # No whole epoch in the backup (a SIGKILL during the first save left only its temporary file): the
+    # weights start again from the checkpoint as it is now, and that is what is recorded.
+    with pytest.raises(RuntimeError, match="crash"):
+        train(cfg, splits(), tmp_path / "again", callbacks=[Crash()])
+    backup = tmp_path / "again" / "backup"
+    for name in ("latest.weights.h5", "training_metadata.json"):
+        (backup / name).unlink()
+    (backup / ".latest.weights.h5.0123456789ab.tmp.weights.h5").write_bytes(b"half")
+    shutil.copy(tmp_path / "a.keras", checkpoint)
+    finetune._resolve.cache_clear()
+    result = train(cfg, splits(), tmp_path / "again")
+    assert result.resumed_from_epoch == 0 and result.init["source"]["digest"] == first

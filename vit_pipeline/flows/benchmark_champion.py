@@ -14,9 +14,14 @@ from vit_pipeline.registry import Champion
 
 
 def _store_was_away(task, task_run, state) -> bool:
-    """Retry a registry that did not answer, not "no champion yet" (the same answer three times)."""
+    """Retry a registry that did not answer (``tracking.unavailable``, or one it could not read), not "no
+    champion yet" or a bug: they would give the same answer three times."""
+    from vit_pipeline import tracking
+
     exc = state.result(raise_on_failure=False)
-    return isinstance(exc, BaseException) and not isinstance(exc, registry.NoChampion)
+    return isinstance(exc, BaseException) and (
+        tracking.unavailable(exc) or isinstance(exc, registry.RegistryError)
+    )
 
 
 @task(name="find-champion", retries=3, retry_delay_seconds=[5, 30, 60], retry_condition_fn=_store_was_away,

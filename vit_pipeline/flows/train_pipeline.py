@@ -211,7 +211,7 @@ def train_pipeline(
     cfg = make_config(preset, overrides, config)  # invalid values fail here, before any work
     with runs.tracked_run(cfg, preset, _prefect_tags(), resume_run_id=resume_run_id) as run_id:
         # First: after a crash or a kill, this is the id that --resume (resume_run_id) continues.
-        print(f"MLflow run {run_id} (resume with --resume {run_id})")
+        print(f"MLflow run {run_id} (resume with --resume {run_id}, or a deployment run's resume_run_id)")
         ctx = StageContext.open(cfg, run_id)
         prepared = prepare_data(ctx, fetch_data(cfg))
         # Anomalies against the dataset's schema fail here, before any training.

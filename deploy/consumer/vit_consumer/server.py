@@ -438,7 +438,11 @@ class Service:
                                           spin=self.settings.spin, choose_for=self.settings.choose_for,
                                           engine=self.settings.engine, streams=self.settings.ov_streams)  # fmt: skip
             clf.source, clf.version = source, version
-            return self.warm(clf)
+            try:
+                return self.warm(clf)
+            except BaseException:  # not served: its files go (from_uri removes them on its own failures)
+                clf.discard_files()
+                raise
 
         started = time.perf_counter()
         try:
