@@ -232,15 +232,15 @@ def decide(cfg: PipelineConfig, logits: np.ndarray, split: TestSplit, champion,
     if not len(unseen):
         why = f"not comparable: {seen_note}"
         return Decision(False, f"{why}; not replaced", None, checks, unchecked=unchecked(why))
-    logits, champ, labels = logits[unseen], champ[unseen], split.labels[unseen]
-    checks += thresholds.change_checks(cfg, logits, champ, labels, split.class_names)
     shift_unchecked = ""
     if cfg.max_label_shift is not None:
         own, why = _champion_recall(cfg, champion)
         if own is None:
             shift_unchecked = f"max_label_shift not checked ({why})"
-        else:
-            checks.append(thresholds.label_shift_check(cfg, champ, labels, split.class_names, own))
+        else:  # on every test image: relabelled images the champion trained on are the plainest evidence
+            checks.append(thresholds.label_shift_check(cfg, champ, split.labels, split.class_names, own))
+    logits, champ, labels = logits[unseen], champ[unseen], split.labels[unseen]
+    checks += thresholds.change_checks(cfg, logits, champ, labels, split.class_names)
     new, old = float(np.mean(logits.argmax(1) == labels)), float(np.mean(champ.argmax(1) == labels))
     compare = ">=" if new >= old else "<"
     why = f"served top-1 {new:.4f} {compare} champion v{champion.version}'s {old:.4f} on the same " \
