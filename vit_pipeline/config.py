@@ -307,6 +307,10 @@ class GatesConfig(_Fields):
     """Largest L-infinity distance of the class distribution from the champion's training data."""
     drift_blocks_promotion: bool = True
     """Whether drift above a threshold keeps the new version from becoming champion."""
+    max_conflicting_images: NonNegativeInt = 0
+    """Images (identical pixels) that appear under two or more classes, anywhere in the data, above which data
+    validation fails: the same folder copied under two names, or re-sorted by hand, teaches and scores the model
+    on contradictions."""
     leakage_max_distance: Annotated[int, Field(ge=0, le=32)] = 4
     """A test image within this many bits (of 64) of a training image's perceptual hash is a near duplicate."""
     drop_leaked_test: bool = False

@@ -223,7 +223,9 @@ def test_the_champion_is_compared_on_images_it_did_not_train_on(tmp_path):
         forced, champion_run({"class0": 0.0, "class1": 0.9}, seen=slice(40, 69)), str(always0), split
     ).promoted
     hidden = registry.register_onnx(cfg, runs.create_run(cfg, "test"), str(always1), split)
-    assert "failed max_label_shift (1 of 2 classes" in hidden.reason and "'class1' 0.90 -> 0.00" in hidden.reason
+    assert (
+        "failed max_label_shift (1 of 2 classes" in hidden.reason and "'class1' 0.90 -> 0.00" in hidden.reason
+    )
 
     # A champion that trained on every test image cannot be compared: it stays.
     run_id = runs.create_run(cfg, "test")

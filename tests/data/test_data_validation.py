@@ -199,6 +199,26 @@ def test_colour_shift_against_the_champion_is_recorded_and_blocks_promotion(tmp_
     assert registry.register_onnx(lenient, run_id, str(onnx), split).promoted
 
 
+def test_images_under_two_classes_fail_validation_from_the_first_run(tmp_path, by_class):
+    """A folder copied under a second name: identical pixels under two labels (the leakage gate read them as
+    copies that flatter the model; they contradict it). They fail validation even when the schema is new."""
+    names = sorted(by_class)
+    copied = {**by_class, f"{names[0]}_copy": by_class[names[0]]}
+    run_id, failed = validate(folder_cfg(write_folder(tmp_path / "copied", copied), dataset_name="copied"))
+    assert isinstance(failed, data_validation.DataValidationError), failed
+    message = str(failed)
+    assert f"{len(by_class[names[0]])} images appear under two or more classes (identical pixels: {names[0]!r} / " \
+           f"{names[0] + '_copy'!r}" in message and "\n" not in message  # fmt: skip
+    # Allowed in so many words: a run of the same folder passes, and the first run's tag says what it checked.
+    run_id, allowed = validate(folder_cfg(tmp_path / "copied", dataset_name="copied2",
+                                          max_conflicting_images=len(by_class[names[0]])))  # fmt: skip
+    assert isinstance(allowed, data_validation.DataValidation), allowed
+    tag = tracking.client(folder_cfg(tmp_path)).get_run(run_id).data.tags["gate.data_validation"]
+    assert tag.startswith("passed: schema inferred from this run") and tag.endswith(
+        "only for images under two classes"
+    )
+
+
 # ------------------------------------------------------------------ lineage leakage
 def _exact(images) -> set[bytes]:
     return {np.ascontiguousarray(img).tobytes() for img in np.asarray(images)}
