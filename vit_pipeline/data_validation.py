@@ -284,7 +284,11 @@ class Drift:
             return f"not computed: {self.reason}"
         figures = f"channel JS max {max(self.channel_js):.4f}, class L-inf {self.class_linf:.4f}"
         limits = f"thresholds {self.channel_threshold:g} / {self.class_threshold:g}"
-        return f"{'above' if self.above else 'within'}: {figures} ({limits})"
+        over = [name for name, value, limit in (("channel JS", max(self.channel_js), self.channel_threshold),
+                                                ("class L-inf", self.class_linf, self.class_threshold))
+                if value > limit]  # fmt: skip
+        tripped = f"; over: {', '.join(over)}" if over else ""
+        return f"{'above' if self.above else 'within'}: {figures} ({limits}{tripped})"
 
 
 def drift(current: DatasetStatistics, reference: DatasetStatistics, channel_threshold: float,

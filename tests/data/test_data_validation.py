@@ -185,6 +185,7 @@ def test_colour_shift_against_the_champion_is_recorded_and_blocks_promotion(tmp_
     shifted = write_folder(tmp_path / "shifted", by_class, shift=np.array([60, 0, 0], np.int16))
     run_id, moved = validate(folder_cfg(shifted, promotion_policy="always"))
     assert moved.drift.above and moved.drift.channel_js[0] > 0.1 >= moved.drift.channel_js[2]
+    assert moved.drift.outcome.endswith("(thresholds 0.1 / 0.05; over: channel JS)")  # which measure tripped
     client = tracking.client(cfg)
     run = client.get_run(run_id)
     assert run.data.tags["gate.drift"].startswith("above") and run.data.metrics["drift.channel_js_max"] > 0.1
