@@ -108,9 +108,13 @@ def _metrics_section(rec: RunRecord, registration: Registration) -> tuple[list[s
         lines.append(f"Served file (ONNX Runtime) on {n} test images: top-1 **{_pct(served)}** "
                      f"(95% interval {_pct(low)} to {_pct(high)}), top-5 {_pct(m.get('served_test_top5_accuracy'))}; "
                      f"Keras top-1 {_pct(m.get('test_accuracy'))}, best validation {_pct(m.get('best_val_accuracy'))}.")  # fmt: skip
-    rows = rec.csv("evaluation/per_class_accuracy.csv")
+    all_rows = rec.csv("evaluation/per_class_accuracy.csv")
     per_class = []
+    rows = [
+        r for r in all_rows if int(float(r["support"] or 0)) > 0
+    ]  # a class with no test image: not evaluated
     if rows:
+        lines.append(_balance_line(rows, [r["class_name"] for r in all_rows if r not in rows]))
         ordered = sorted(rows, key=lambda r: float(r["recall"]))
         shown = ordered[:10]
         # Ten rows at recall 0 would hide how many more there are, and a class never predicted has no precision.
@@ -127,20 +131,40 @@ def _metrics_section(rec: RunRecord, registration: Registration) -> tuple[list[s
         per_class = ["## Per class", "", *_table(
             ["class", "test images", "recall", "precision", "F1"],
             [[r["class_name"], r["support"], f"{float(r['recall']):.3f}", f"{float(r['precision']):.3f}",
-              f"{float(r['f1']):.3f}"] for r in rows])]  # fmt: skip
+              f"{float(r['f1']):.3f}"] for r in all_rows])]  # fmt: skip
     return [*lines, ""], per_class
+
+
+def _balance_line(rows: list[dict[str, str]], untested: list[str]) -> str:
+    """What top-1 hides on uneven classes: the mean recall, and what always answering the largest class scores."""
+    support = [int(float(r["support"])) for r in rows]
+    largest = max(range(len(rows)), key=lambda i: support[i])
+    balanced = sum(float(r["recall"]) for r in rows) / len(rows)
+    line = (f"Balanced accuracy (mean recall of the {len(rows)} classes with test images) {_pct(balanced)}; "
+            f"always answering the largest class ({rows[largest]['class_name']!r}, {support[largest]} of "
+            f"{sum(support)} test images) would score {_pct(support[largest] / sum(support))}.")  # fmt: skip
+    if untested:
+        shown = ", ".join(repr(name) for name in untested[:10])
+        line += f" Not evaluated (no test image): {len(untested)} class(es), {shown}."
+    return line
 
 
 def _gates_section(rec: RunRecord) -> list[str]:
     m, t = rec.metrics, rec.tags
-    lines = ["## Calibration", ""]
+    # Both are measured and recorded; no threshold on them keeps a version from becoming champion.
+    lines = ["## Calibration", "", "_Recorded, not a release condition._", ""]
     if "temperature" in m:
         lines += [f"Temperature **{m['temperature']:.3f}** ({t.get('calibration.why', 'fitted on the validation split')}; "
                   f"applied by the consumer to the probabilities it returns): test ECE {m['test_ece']:.4f} -> {m['test_ece_calibrated']:.4f}, "
                   f"NLL {m['test_nll']:.4f} -> {m['test_nll_calibrated']:.4f}.", ""]  # fmt: skip
     else:
         lines += ["Not measured.", ""]
-    lines += ["## Robustness", ""]
+    lines += [
+        "## Robustness",
+        "",
+        "_Recorded, not a release condition (the Keras model on corrupted test images)._",
+        "",
+    ]
     robust = rec.csv("robustness/robustness.csv")
     if robust:
         names = list(dict.fromkeys(r["corruption"] for r in robust))

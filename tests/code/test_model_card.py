@@ -79,3 +79,22 @@ def test_the_lowest_recall_table_says_how_many_classes_it_cannot_show():
     lines, _ = model_card._metrics_section(rec, SimpleNamespace(test_images=40, served_test_accuracy=0.4))
     assert ("Lowest recall of 20 classes (the full table is in the run's `model_card/model_card.md`); 12 of them "
             "have recall 0; 5 are never predicted (precision nan: undefined):") in lines  # fmt: skip
+
+
+def test_uneven_classes_get_their_balanced_accuracy_and_the_majority_baseline():
+    """61% top-1 on a test split that is 55% one class said little: the card says what answering that class
+    alone would score, the mean recall, and which classes had no test image at all (a "nan" row before)."""
+    from types import SimpleNamespace
+
+    rows = [{"class_name": "apple", "support": "24", "recall": "0.9", "precision": "0.6", "f1": "0.7"},
+            *[{"class_name": f"c{i}", "support": "2", "recall": "0.5" if i < 5 else "0.0", "precision": "0.5",
+               "f1": "0.5"} for i in range(10)],
+            {"class_name": "bottle", "support": "0", "recall": "nan", "precision": "nan", "f1": "nan"}]  # fmt: skip
+    rec = SimpleNamespace(metrics={}, params={}, csv=lambda path: rows)
+    lines, per_class = model_card._metrics_section(
+        rec, SimpleNamespace(test_images=44, served_test_accuracy=0.61)
+    )
+    assert ("Balanced accuracy (mean recall of the 11 classes with test images) 30.91%; always answering the "
+            "largest class ('apple', 24 of 44 test images) would score 54.55%. Not evaluated (no test image): "
+            "1 class(es), 'bottle'.") in lines  # fmt: skip
+    assert "Lowest recall of 11 classes" in " ".join(lines) and "bottle" in " ".join(per_class)
