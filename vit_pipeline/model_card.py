@@ -87,7 +87,11 @@ def _data_section(rec: RunRecord) -> list[str]:
                          "constant images"], rows)  # fmt: skip
         if stats.get("source_files"):
             src = stats["source_files"]
-            lines += [f"Source files: {src['files']}, modes {src['modes']}, smallest side {src['min_side']} px, "
+            skipped = int(
+                float(rec.params.get("data.skipped_files", 0) or 0)
+            )  # what prepare could not decode
+            lines += [f"Source files: {src['files']} ({skipped} unreadable, left out of every split), modes from "
+                      f"their headers {src['modes']}, smallest side {src['min_side']} px, "
                       f"median {src['median_width']:.0f}x{src['median_height']:.0f}.", ""]  # fmt: skip
     for gate, label in (("gate.data_validation", "Schema"), ("gate.drift", "Drift against the champion's data"),
                         ("gate.leakage", "Leakage")):  # fmt: skip

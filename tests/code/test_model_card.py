@@ -98,3 +98,16 @@ def test_uneven_classes_get_their_balanced_accuracy_and_the_majority_baseline():
             "largest class ('apple', 24 of 44 test images) would score 54.55%. Not evaluated (no test image): "
             "1 class(es), 'bottle'.") in lines  # fmt: skip
     assert "Lowest recall of 11 classes" in " ".join(lines) and "bottle" in " ".join(per_class)
+
+
+def test_the_data_section_says_how_many_files_were_left_out():
+    """Six unreadable files were skipped by prepare; the card showed the folder's counts as if all were used."""
+    from types import SimpleNamespace
+
+    split = {"count": 10, "class_counts": {"a": 5, "b": 5}, "image_shape": [32, 32, 3],
+             "channel_mean": [1, 2, 3], "channel_std": [1, 1, 1], "constant_images": 0}  # fmt: skip
+    stats = {"splits": {"train": split}, "source_files": {"files": 606, "unreadable": 3, "modes": {"RGB": 600},
+                                                          "min_side": 17, "median_width": 32, "median_height": 32}}  # fmt: skip
+    rec = SimpleNamespace(params={"data.skipped_files": "6"}, tags={}, json=lambda path: stats)
+    text = "\n".join(model_card._data_section(rec))
+    assert "Source files: 606 (6 unreadable, left out of every split), modes from their headers" in text
