@@ -58,6 +58,14 @@ def _metric(url: str, name: str, labels: str = "") -> float:
     return 0.0
 
 
+def _reloads_reach(url: str, result: str, count: float, why: str, timeout: float = 60.0) -> None:
+    """Waits until ``vit_consumer_reloads_total{result=...}`` reaches ``count``; fails with ``why`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while _metric(url, "vit_consumer_reloads_total", f'{{result="{result}"}}') < count:
+        assert time.monotonic() < deadline, why
+        time.sleep(0.1)
+
+
 @pytest.fixture(scope="module")
 def batching_server(tiny_export, no_tf_env):
     _, path, _ = tiny_export
@@ -678,10 +686,7 @@ def test_reload_follows_the_champion_and_refuses_a_broken_version(
         client.log_artifacts(run.info.run_id, str(broken), "broken")
         v3 = client.create_model_version("served", f"runs:/{run.info.run_id}/broken", run.info.run_id).version
         client.set_registered_model_alias("served", "champion", str(v3))
-        deadline = time.monotonic() + 60
-        while _metric(url, "vit_consumer_reloads_total", '{result="failed"}') < 1:
-            assert time.monotonic() < deadline, "the broken version was never tried"
-            time.sleep(0.1)
+        _reloads_reach(url, "failed", 1, "the broken version was never tried")
         assert httpx.get(f"{url}/health").json()["version"] == v2
         ok = httpx.post(f"{url}/predict", content=image, headers={"Content-Type": "image/jpeg"}, timeout=30)
         assert ok.status_code == 200 and ok.json()["version"] == v2
@@ -691,10 +696,7 @@ def test_reload_follows_the_champion_and_refuses_a_broken_version(
         swapped[3], swapped[4] = swapped[4], swapped[3]
         v4 = register(constant_classifier(tmp_path / "swapped.onnx", 100, favoured, swapped))
         client.set_registered_model_alias("served", "champion", v4)
-        deadline = time.monotonic() + 60
-        while _metric(url, "vit_consumer_reloads_total", '{result="refused"}') < 1:
-            assert time.monotonic() < deadline, "the version with other classes was never looked at"
-            time.sleep(0.1)
+        _reloads_reach(url, "refused", 1, "the version with other classes was never looked at")
         health = httpx.get(f"{url}/health").json()
         assert health["version"] == v2 and health["not_switched"][v4].startswith(
             "its contract differs: class names (the same classes in another order); clients may hold the old one"
@@ -740,22 +742,18 @@ def test_a_store_gone_during_a_reload_is_tried_again_and_old_versions_leave_the_
         v2 = register(constant_classifier(tmp_path / "const.onnx", 100, 7, list(real_cut[4])))
         proxy.drop = lambda request: "/mlflow-artifacts/" in request  # the store goes away mid-download
         client.set_registered_model_alias("outage", "champion", v2)
-        deadline = time.monotonic() + 60
-        while _metric(url, "vit_consumer_reloads_total", '{result="check_failed"}') < 2:
-            assert time.monotonic() < deadline, "the new champion was not tried again"
-            time.sleep(0.1)
+        _reloads_reach(url, "check_failed", 2, "the new champion was not tried again")
         health = httpx.get(f"{url}/health").json()
         assert health["version"] == "1" and v2 not in health.get("not_switched", {})
         assert _metric(url, "vit_consumer_reloads_total", '{result="failed"}') == 0 and proxy.failed >= 2
         # Gone in the middle of the file (MLflow gathers the failure into a message without its cause).
         proxy.drop, proxy.truncate = None, lambda request: "/mlflow-artifacts/" in request
         failed_before = _metric(url, "vit_consumer_reloads_total", '{result="check_failed"}')
-        while _metric(url, "vit_consumer_reloads_total", '{result="check_failed"}') < failed_before + 2:
-            assert time.monotonic() < deadline, "a download cut short was not tried again"
-            time.sleep(0.1)
+        _reloads_reach(url, "check_failed", failed_before + 2, "a download cut short was not tried again")
         assert _metric(url, "vit_consumer_reloads_total", '{result="failed"}') == 0
         assert httpx.get(f"{url}/health").json()["version"] == "1"
         proxy.truncate = None  # back: the next check serves it
+        deadline = time.monotonic() + 60
         while httpx.get(f"{url}/health").json()["version"] != v2:
             assert time.monotonic() < deadline, "the service never switched once the store was back"
             time.sleep(0.1)
