@@ -274,9 +274,16 @@ class Drift:
 
     @property
     def above(self) -> bool:
-        return self.computed and (
-            max(self.channel_js) > self.channel_threshold or (self.class_linf or 0) > self.class_threshold
-        )
+        return self.computed and bool(self.over)
+
+    @property
+    def over(self) -> list[str]:
+        """The measures above their thresholds."""
+        if not self.computed:
+            return []
+        measures = (("channel JS", max(self.channel_js), self.channel_threshold),
+                    ("class L-inf", self.class_linf or 0, self.class_threshold))  # fmt: skip
+        return [name for name, value, limit in measures if value > limit]
 
     @property
     def outcome(self) -> str:
@@ -284,10 +291,7 @@ class Drift:
             return f"not computed: {self.reason}"
         figures = f"channel JS max {max(self.channel_js):.4f}, class L-inf {self.class_linf:.4f}"
         limits = f"thresholds {self.channel_threshold:g} / {self.class_threshold:g}"
-        over = [name for name, value, limit in (("channel JS", max(self.channel_js), self.channel_threshold),
-                                                ("class L-inf", self.class_linf, self.class_threshold))
-                if value > limit]  # fmt: skip
-        tripped = f"; over: {', '.join(over)}" if over else ""
+        tripped = f"; over: {', '.join(self.over)}" if self.over else ""
         return f"{'above' if self.above else 'within'}: {figures} ({limits}{tripped})"
 
 
@@ -521,15 +525,47 @@ def copies(query: ImageHashes, references: dict[str, ImageHashes], max_distance:
     return pairs
 
 
-def conflicting_labels(
-    hashes: list[ImageHashes], labels: list[np.ndarray], class_names: list[str]
-) -> list[tuple[str, ...]]:
-    """Each image (identical pixels, any split) that carries two or more labels: the class names it has."""
-    seen: dict[bytes, set[int]] = {}
-    for part, y in zip(hashes, labels, strict=True):
-        for digest, label in zip(part.digests(), np.asarray(y), strict=True):
-            seen.setdefault(digest, set()).add(int(label))
-    return [tuple(class_names[i] for i in sorted(found)) for found in seen.values() if len(found) > 1]
+@dataclass(frozen=True)
+class Conflicts:
+    """Images with identical pixels under two or more labels: how many (files), by class group, with examples."""
+
+    images: int
+    groups: dict[tuple[str, ...], int]  # class names -> images
+    examples: dict[tuple[str, ...], str]  # class names -> "split index" of one of them
+
+    def summary(self) -> str:
+        shown = ", ".join(f"{' / '.join(map(repr, names))}: {n} (e.g. {self.examples[names]})"
+                          for names, n in sorted(self.groups.items(), key=lambda g: -g[1])[:5])  # fmt: skip
+        return f"{self.images} images appear under two or more classes with identical pixels ({shown})"
+
+
+def conflicting_labels(splits: Splits, hashes: list[ImageHashes]) -> Conflicts:
+    """The images that carry two or more labels (identical pixels, any split). Constant images (blank frames)
+    are left to their own check (``max_constant_images``): they are the same everywhere by nature."""
+    parts = list(zip(("train", "val", "test"), (splits.x_train, splits.x_val, splits.x_test), hashes,
+                     (splits.y_train, splits.y_val, splits.y_test), strict=True))  # fmt: skip
+    labels: dict[bytes, set[int]] = {}
+    count: dict[bytes, int] = {}
+    where: dict[bytes, tuple[str, int]] = {}
+    for name, _, part, y in parts:
+        for i, (digest, label) in enumerate(zip(part.digests(), np.asarray(y), strict=True)):
+            labels.setdefault(digest, set()).add(int(label))
+            count[digest] = count.get(digest, 0) + 1
+            where.setdefault(digest, (name, i))
+    images = {name: x for name, x, _, _ in parts}
+    groups: dict[tuple[str, ...], int] = {}
+    examples: dict[tuple[str, ...], str] = {}
+    for digest, found in labels.items():
+        if len(found) < 2:
+            continue
+        split, i = where[digest]
+        one = np.asarray(images[split][i])
+        if one.min() == one.max():  # a blank frame: max_constant_images decides
+            continue
+        names = tuple(splits.class_names[k] for k in sorted(found))
+        groups[names] = groups.get(names, 0) + count[digest]
+        examples.setdefault(names, f"{split} image {i}")
+    return Conflicts(sum(groups.values()), groups, examples)
 
 
 def leakage(test: ImageHashes, references: dict[str, ImageHashes], max_distance: int) -> Leakage:
@@ -685,24 +721,23 @@ def run(ctx: StageContext, data_path: str) -> DataValidation:
     write_text(out / "statistics.json", json.dumps(stats.to_dict(), indent=1))
     path = schema_path(cfg)
     created = not path.exists()
-    if created:  # the first run of this dataset name states what later runs must match
-        Schema.infer(stats, cfg.min_class_fraction, ctx.run_id).write(path)
-    schema = Schema.read(path)
-    write_text(out / "schema.json", path.read_text())
+    # The first run of a dataset name states what later runs must match, once its data has passed.
+    schema = Schema.infer(stats, cfg.min_class_fraction, ctx.run_id) if created else Schema.read(path)
+    write_text(out / "schema.json", json.dumps(asdict(schema), indent=1))
     found = anomalies(stats, schema)
     train, val, test = (ImageHashes.of(x) for x in (splits.x_train, splits.x_val, splits.x_test))
-    conflicts = conflicting_labels([train, val, test], [splits.y_train, splits.y_val, splits.y_test],
-                                   splits.class_names)  # fmt: skip
-    if len(conflicts) > cfg.max_conflicting_images:
-        shown = ", ".join(" / ".join(repr(n) for n in names) for names in conflicts[:5])
-        found.append(f"{len(conflicts)} images appear under two or more classes (identical pixels: {shown}; a "
-                     f"folder copied under two names or re-sorted? at most {cfg.max_conflicting_images}, "
-                     "--max-conflicting-images)")  # fmt: skip
+    conflicts = conflicting_labels(splits, [train, val, test])
+    if conflicts.images > cfg.max_conflicting_images:
+        found.append(f"{conflicts.summary()} (a folder copied under two names, or re-sorted? at most "
+                     f"{cfg.max_conflicting_images}: --max-conflicting-images)")  # fmt: skip
     write_text(out / "anomalies.json", json.dumps(found, indent=1))
     ctx.log.artifacts([out / "statistics.json", out / "schema.json", out / "anomalies.json"], "data")
+    ctx.log.metrics({"data.conflicting_images": conflicts.images})
     if found:
         ctx.log.tags({"gate.data_validation": f"failed: {'; '.join(found)}"[:5000]})
         raise DataValidationError(f"Data validation failed against {path}: {'; '.join(found)}")
+    if created:
+        schema.write(path)
 
     reference, why, champion_run = champion_statistics(cfg)
     drifted = (drift(stats, reference, cfg.drift_channel_threshold, cfg.drift_class_threshold, champion_run)

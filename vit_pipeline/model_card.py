@@ -87,10 +87,15 @@ def _data_section(rec: RunRecord) -> list[str]:
                          "constant images"], rows)  # fmt: skip
         if stats.get("source_files"):
             src = stats["source_files"]
-            skipped = int(
-                float(rec.params.get("data.skipped_files", 0) or 0)
-            )  # what prepare could not decode
-            lines += [f"Source files: {src['files']} ({skipped} unreadable, left out of every split), modes from "
+            skipped = rec.params.get(
+                "data.skipped_files"
+            )  # what prepare could not decode (older runs: absent)
+            left_out = (
+                "unreadable: not recorded"
+                if skipped is None
+                else f"{skipped} unreadable, left out of every split"
+            )
+            lines += [f"Source files: {src['files']} ({left_out}), modes from "
                       f"their headers {src['modes']}, smallest side {src['min_side']} px, "
                       f"median {src['median_width']:.0f}x{src['median_height']:.0f}.", ""]  # fmt: skip
     for gate, label in (("gate.data_validation", "Schema"), ("gate.drift", "Drift against the champion's data"),
@@ -118,7 +123,8 @@ def _metrics_section(rec: RunRecord, registration: Registration) -> tuple[list[s
         r for r in all_rows if int(float(r["support"] or 0)) > 0
     ]  # a class with no test image: not evaluated
     if rows:
-        lines.append(_balance_line(rows, [r["class_name"] for r in all_rows if r not in rows]))
+        untested = [r["class_name"] for r in all_rows if not int(float(r["support"] or 0))]
+        lines.append(_balance_line(rows, untested))
         ordered = sorted(rows, key=lambda r: float(r["recall"]))
         shown = ordered[:10]
         # Ten rows at recall 0 would hide how many more there are, and a class never predicted has no precision.

@@ -67,7 +67,13 @@ class NoChampion(PipelineError):
     """No version holds the alias (yet): nothing to serve or measure, which is not a failure of the store."""
 
     def __init__(self, name: str, alias: str = CHAMPION):
+        self.name, self.alias = name, alias
         super().__init__(f"No version of {name!r} holds the alias {alias!r} (yet)")
+
+    def __reduce__(
+        self,
+    ):  # pickled (a task runner, a persisted result) it is rebuilt from its name, not its text
+        return type(self), (self.name, self.alias)
 
 
 @dataclass
@@ -229,16 +235,22 @@ def decide(cfg: PipelineConfig, logits: np.ndarray, split: TestSplit, champion,
     if champ is None:
         return Decision(False, f"{problem}; not replaced", None, checks, unchecked=unchecked(problem))
     unseen, seen_note = _unseen_by(cfg, champion, split)
-    if not len(unseen):
-        why = f"not comparable: {seen_note}"
-        return Decision(False, f"{why}; not replaced", None, checks, unchecked=unchecked(why))
     shift_unchecked = ""
     if cfg.max_label_shift is not None:
         own, why = _champion_recall(cfg, champion)
         if own is None:
             shift_unchecked = f"max_label_shift not checked ({why})"
-        else:  # on every test image: relabelled images the champion trained on are the plainest evidence
-            checks.append(thresholds.label_shift_check(cfg, champ, split.labels, split.class_names, own))
+        else:  # the images it trained on and the others, each on its own: either may hold the relabelled ones
+            seen = np.setdiff1d(np.arange(len(split.labels)), unseen)
+            parts = [("test images it trained on", seen), ("test images it did not train on", unseen)]
+            checks.append(
+                thresholds.label_shift_check(cfg, champ, split.labels, split.class_names, own, parts)
+            )
+    if not len(unseen):  # no accuracy comparison; a label shift on the images it trained on is still said
+        why = f"not comparable: {seen_note}"
+        return Decision(
+            False, f"{why}; not replaced{_failed_text(checks)}", None, checks, unchecked=unchecked(why)
+        )
     logits, champ, labels = logits[unseen], champ[unseen], split.labels[unseen]
     checks += thresholds.change_checks(cfg, logits, champ, labels, split.class_names)
     new, old = float(np.mean(logits.argmax(1) == labels)), float(np.mean(champ.argmax(1) == labels))
@@ -316,10 +328,13 @@ def _champion_recall(cfg: PipelineConfig, champion) -> tuple[dict[str, tuple[flo
 
 def _judged(why: str, checks: list[thresholds.Check], champion_accuracy: float | None = None,
             unchecked: str = "") -> Decision:  # fmt: skip
+    failed = _failed_text(checks)
+    return Decision(not failed, why + failed, champion_accuracy, checks, unchecked=unchecked)
+
+
+def _failed_text(checks: list[thresholds.Check]) -> str:
     bad = thresholds.failed(checks)
-    if bad:
-        why += "; failed " + "; ".join(f"{c.name} ({c.detail})" for c in bad)
-    return Decision(not bad, why, champion_accuracy, checks, unchecked=unchecked)
+    return "; failed " + "; ".join(f"{c.name} ({c.detail})" for c in bad) if bad else ""
 
 
 @contextlib.contextmanager

@@ -70,9 +70,10 @@ class ServedModel:
 
 
 def _identity(source: str) -> str:
-    """Which model a source is, whatever its version or alias: ``models:/<name>``, or the file's path."""
+    """Which model a source is, whatever its version or alias: ``models:/<name>``; every file source is one
+    (a path says nothing of what the file is: the version folder's bytes decide, ``_fill``)."""
     registered = re.match(r"^models:/([^/@]+)", source)
-    return f"models:/{registered[1]}" if registered else str(Path(source).resolve())
+    return f"models:/{registered[1]}" if registered else "a file"
 
 
 def read_model(source: str, tracking_uri: str | None = None, dst: str | Path | None = None) -> ServedModel:
@@ -116,10 +117,6 @@ def read_model(source: str, tracking_uri: str | None = None, dst: str | Path | N
         raise PipelineError(f"Expected an integer registry version for Triton. Received: {version!r}")
     if name.startswith(".") or not name.isprintable():
         raise PipelineError(f"Expected a model name Triton can use as a folder name. Received: {name!r}")
-    if not re.match(
-        r"^[a-z][a-z0-9+.-]*:/", source
-    ):  # a file: the same one whatever the directory it came from
-        source = str(Path(source).resolve())
     return ServedModel(name, str(version), Path(path), tuple(shape), names, temperature, source)
 
 

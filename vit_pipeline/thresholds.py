@@ -120,24 +120,34 @@ def wilson(hits: float, n: int) -> tuple[float, float]:
 
 
 def label_shift_check(cfg: PipelineConfig, champion_logits: np.ndarray, labels: np.ndarray, class_names: list[str],
-                      own_recall: dict[str, tuple[float, int]]) -> Check:  # fmt: skip
+                      own_recall: dict[str, tuple[float, int]],
+                      parts: list[tuple[str, np.ndarray]] | None = None) -> Check:  # fmt: skip
     """The champion's recall per class here against on its own test split (``own_recall``: name -> (recall,
     support)). A class it recognised there and misses here, by more than ``max_label_shift`` points and with the
     95% intervals apart, holds other images under its name: a candidate trained on them wins the comparison by
-    construction (two swapped classes: the champion at 0, the candidate at its usual figure)."""
-    recall, support = class_recall(champion_logits, labels, len(class_names))
+    construction (two swapped classes: the champion at 0, the candidate at its usual figure).
+
+    ``parts``: (what they are, indices) of the test images, each judged on its own (the images the champion
+    trained on and the others: relabelled images it trained on, or new images filed under a class, would each be
+    diluted by the other part); default one part, every image."""
     shifted = []
-    for i, name in enumerate(class_names):
-        if name not in own_recall or not support[i] or not own_recall[name][1]:
+    for part, idx in parts or [("", np.arange(len(labels)))]:
+        if not len(idx):
             continue
-        before, n_before = own_recall[name]
-        drop = 100 * (before - recall[i])
-        apart = wilson(recall[i] * support[i], support[i])[1] < wilson(before * n_before, n_before)[0]
-        if drop > cfg.max_label_shift and apart:
-            shifted.append((drop, f"{name!r} {before:.2f} -> {recall[i]:.2f}"))
-    shown = ", ".join(text for _, text in sorted(shifted, reverse=True)[:5])
+        recall, support = class_recall(champion_logits[idx], labels[idx], len(class_names))
+        for i, name in enumerate(class_names):
+            if name not in own_recall or not support[i] or not own_recall[name][1]:
+                continue
+            before, n_before = own_recall[name]
+            drop = 100 * (before - recall[i])
+            apart = wilson(recall[i] * support[i], support[i])[1] < wilson(before * n_before, n_before)[0]
+            if drop > cfg.max_label_shift and apart:
+                where = f" on {support[i]} {part}" if part else ""
+                shifted.append((drop, name, f"{name!r} {before:.2f} -> {recall[i]:.2f}{where}"))
+    classes = {name for _, name, _ in shifted}
+    shown = ", ".join(text for *_, text in sorted(shifted, reverse=True)[:5])
     return Check("max_label_shift", not shifted,
-                 f"{len(shifted)} of {len(class_names)} classes the champion recognised on its own test split and "
+                 f"{len(classes)} of {len(class_names)} classes the champion recognised on its own test split and "
                  f"misses on this one (more than {cfg.max_label_shift:g} points, 95% intervals apart)"
                  f"{': ' + shown + ': relabelled or re-sorted data? a new --dataset-name keeps them apart' if shifted else ''}")  # fmt: skip
 

@@ -328,3 +328,16 @@ def test_concurrent_registrations_leave_the_best_champion(mlflow_server, tmp_pat
             if r["promoted"] and earlier:
                 assert COUNTS[r["favoured"]] >= max(earlier), (seen, results)
     assert len(client.search_model_versions(f"name = '{name}'")) == 6
+
+
+def test_no_champion_survives_a_task_runner_s_pickling():
+    import copy
+    import pickle
+
+    from vit_pipeline.registry import NoChampion
+
+    error = NoChampion("vit-x")
+    for again in (pickle.loads(pickle.dumps(error)), copy.copy(error)):
+        assert (
+            str(again) == "No version of 'vit-x' holds the alias 'champion' (yet)" and again.name == "vit-x"
+        )

@@ -161,6 +161,23 @@ def test_label_shift_is_a_class_the_champion_knew_and_now_misses():
     ).held  # 50 points
 
 
+def test_a_label_shift_in_one_part_of_the_test_split_is_not_diluted_by_the_other():
+    """60 'cat' test images the champion trained on (it knows them) and 40 new dog photos filed as 'cat': on all
+    100 the champion's recall is 0.62 (a 28-point drop, held); on the 40 it is 0.05 (failed)."""
+    cfg = make_config("quickstart")
+    labels = np.array([0] * 100 + [1] * 50)
+    names = ["cat", "dog"]
+    predicted = _logits([0] * 60 + [0] * 2 + [1] * 38 + [1] * 50, 2)
+    own = {"cat": (0.9, 50), "dog": (0.9, 50)}
+    assert thresholds.label_shift_check(cfg, predicted, labels, names, own).held  # one part: diluted
+    parts = [
+        ("test images it trained on", np.arange(60)),
+        ("test images it did not train on", np.arange(60, 150)),
+    ]
+    check = thresholds.label_shift_check(cfg, predicted, labels, names, own, parts)
+    assert not check.held and "'cat' 0.90 -> 0.05 on 40 test images it did not train on" in check.detail
+
+
 @pytest.mark.integration
 def test_the_champion_is_compared_on_images_it_did_not_train_on(tmp_path):
     """Another split seed puts the champion's training images in the candidate's test split."""
@@ -213,7 +230,10 @@ def test_the_champion_is_compared_on_images_it_did_not_train_on(tmp_path):
     shifted = registry.register_onnx(cfg, runs.create_run(cfg, "test"), str(always1), split)
     assert not shifted.promoted, shifted.reason
     assert "failed max_label_shift (1 of 2 classes the champion recognised" in shifted.reason
-    assert "'class1' 0.90 -> 0.00: relabelled or re-sorted data?" in shifted.reason
+    assert (
+        "'class1' 0.90 -> 0.00 on 30 test images it did not train on: relabelled or re-sorted data?"
+        in shifted.reason
+    )
 
     # The same, when the relabelled class's test images are the champion's own training images but one (the
     # folder split again under the new names): on that one image the intervals overlap and the check held; on

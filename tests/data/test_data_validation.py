@@ -202,22 +202,38 @@ def test_colour_shift_against_the_champion_is_recorded_and_blocks_promotion(tmp_
 
 def test_images_under_two_classes_fail_validation_from_the_first_run(tmp_path, by_class):
     """A folder copied under a second name: identical pixels under two labels (the leakage gate read them as
-    copies that flatter the model; they contradict it). They fail validation even when the schema is new."""
+    copies that flatter the model; they contradict it). They fail validation even when the schema is new, and
+    a failed first run states no schema (the folder fixed, the same dataset name passes)."""
     names = sorted(by_class)
+    n = len(by_class[names[0]])
     copied = {**by_class, f"{names[0]}_copy": by_class[names[0]]}
-    run_id, failed = validate(folder_cfg(write_folder(tmp_path / "copied", copied), dataset_name="copied"))
+    cfg = folder_cfg(write_folder(tmp_path / "copied", copied), dataset_name="copied")
+    run_id, failed = validate(cfg)
     assert isinstance(failed, data_validation.DataValidationError), failed
     message = str(failed)
-    assert f"{len(by_class[names[0]])} images appear under two or more classes (identical pixels: {names[0]!r} / " \
-           f"{names[0] + '_copy'!r}" in message and "\n" not in message  # fmt: skip
-    # Allowed in so many words: a run of the same folder passes, and the first run's tag says what it checked.
-    run_id, allowed = validate(folder_cfg(tmp_path / "copied", dataset_name="copied2",
-                                          max_conflicting_images=len(by_class[names[0]])))  # fmt: skip
-    assert isinstance(allowed, data_validation.DataValidation), allowed
-    tag = tracking.client(folder_cfg(tmp_path)).get_run(run_id).data.tags["gate.data_validation"]
+    assert f"{2 * n} images appear under two or more classes with identical pixels ({names[0]!r} / " \
+           f"{names[0] + '_copy'!r}: {2 * n} (e.g. " in message and "\n" not in message  # fmt: skip
+    assert not data_validation.schema_path(cfg).exists()
+    metrics = tracking.client(cfg).get_run(run_id).data.metrics
+    assert metrics["data.conflicting_images"] == 2 * n
+    shutil.rmtree(tmp_path / "copied" / f"{names[0]}_copy")
+    run_id, fixed = validate(cfg)
+    assert isinstance(fixed, data_validation.DataValidation), fixed
+    tag = tracking.client(cfg).get_run(run_id).data.tags["gate.data_validation"]
     assert tag.startswith("passed: schema inferred from this run") and tag.endswith(
         "only for images under two classes"
     )
+    # Allowed in so many words; blank frames in several classes are the constant-image check's business.
+    blank = {
+        name: np.concatenate([imgs, np.zeros((2, *imgs.shape[1:]), np.uint8)])
+        for name, imgs in copied.items()
+    }
+    allowed_cfg = folder_cfg(
+        write_folder(tmp_path / "blank", blank), dataset_name="blank", max_conflicting_images=2 * n
+    )
+    run_id, allowed = validate(allowed_cfg)
+    assert isinstance(allowed, data_validation.DataValidation), allowed
+    assert tracking.client(cfg).get_run(run_id).data.metrics["data.conflicting_images"] == 2 * n
 
 
 # ------------------------------------------------------------------ lineage leakage
