@@ -253,10 +253,11 @@ def decide(cfg: PipelineConfig, logits: np.ndarray, split: TestSplit, champion,
         )
     logits, champ, labels = logits[unseen], champ[unseen], split.labels[unseen]
     checks += thresholds.change_checks(cfg, logits, champ, labels, split.class_names)
-    new, old = float(np.mean(logits.argmax(1) == labels)), float(np.mean(champ.argmax(1) == labels))
+    new_right, old_right = logits.argmax(1) == labels, champ.argmax(1) == labels
+    new, old = float(np.mean(new_right)), float(np.mean(old_right))
     compare = ">=" if new >= old else "<"
     why = f"served top-1 {new:.4f} {compare} champion v{champion.version}'s {old:.4f} on the same " \
-          f"{len(labels)} test images{seen_note}"  # fmt: skip
+          f"{len(labels)} test images{seen_note}; {thresholds.paired_difference(new_right, old_right)}"  # fmt: skip
     decision = _judged(why, checks, old, unchecked=shift_unchecked)
     decision.compared = (new, len(labels))
     return decision

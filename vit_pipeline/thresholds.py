@@ -111,6 +111,20 @@ def change_checks(cfg: PipelineConfig, logits: np.ndarray, champion_logits: np.n
     return checks
 
 
+def paired_difference(new_right: np.ndarray, old_right: np.ndarray) -> str:
+    """Two models on the same images: how many only one got right, and the exact McNemar test's p-value (scipy's
+    binomial test on those images): a small gap on a small split reads as chance, said so beside the figures."""
+    from scipy.stats import binomtest
+
+    only_new = int(np.sum(new_right & ~old_right))
+    only_old = int(np.sum(old_right & ~new_right))
+    if not only_new + only_old:
+        return "both right on exactly the same images"
+    p = binomtest(min(only_new, only_old), only_new + only_old, 0.5).pvalue
+    chance = "; within chance" if p >= 0.05 else ""
+    return f"{only_new} images only it got right, {only_old} only the champion (McNemar p={p:.2g}{chance})"
+
+
 def wilson(hits: float, n: int) -> tuple[float, float]:
     """The 95% Wilson interval of ``hits`` successes in ``n`` (scipy)."""
     from scipy.stats import binomtest

@@ -215,7 +215,8 @@ def test_the_champion_is_compared_on_images_it_did_not_train_on(tmp_path):
     # On the 40 images neither trained on, the candidate has 30 and the champion 10.
     assert candidate.promoted, candidate.reason
     assert candidate.reason == ("served top-1 0.7500 >= champion v1's 0.2500 on the same 40 test images it did not "
-                                "train on (30 of the 70 were in champion v1's training split and are left out)")  # fmt: skip
+                                "train on (30 of the 70 were in champion v1's training split and are left out); 30 images only it got "
+                                "right, 10 only the champion (McNemar p=0.0022)")  # fmt: skip
     assert candidate.champion_test_accuracy == 0.25
     tags = client.get_model_version(
         candidate.name, candidate.version
@@ -256,3 +257,16 @@ def test_the_champion_is_compared_on_images_it_did_not_train_on(tmp_path):
     assert not blocked.promoted and blocked.reason == (
         "not comparable: champion v7 trained on all 70 of this run's test images; not replaced"
     )
+
+
+def test_a_small_gap_on_a_small_split_is_said_to_be_within_chance():
+    """0.45 vs 0.41 on 120 images promoted the candidate as 'better'; the reason now says what chance allows."""
+    rng = np.random.default_rng(0)
+    old = rng.random(120) < 0.41
+    new = old.copy()
+    new[np.flatnonzero(~old)[:5]] = True  # 5 more right, none lost
+    assert (
+        thresholds.paired_difference(new, old)
+        == "5 images only it got right, 0 only the champion (McNemar p=0.062; within chance)"
+    )
+    assert thresholds.paired_difference(old, old) == "both right on exactly the same images"
