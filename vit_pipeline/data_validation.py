@@ -274,7 +274,7 @@ class Drift:
 
     @property
     def above(self) -> bool:
-        return self.computed and bool(self.over)
+        return bool(self.over)
 
     @property
     def over(self) -> list[str]:
@@ -291,8 +291,9 @@ class Drift:
             return f"not computed: {self.reason}"
         figures = f"channel JS max {max(self.channel_js):.4f}, class L-inf {self.class_linf:.4f}"
         limits = f"thresholds {self.channel_threshold:g} / {self.class_threshold:g}"
-        tripped = f"; over: {', '.join(self.over)}" if self.over else ""
-        return f"{'above' if self.above else 'within'}: {figures} ({limits}{tripped})"
+        over = self.over
+        tripped = f"; over: {', '.join(over)}" if over else ""
+        return f"{'above' if over else 'within'}: {figures} ({limits}{tripped})"
 
 
 def drift(current: DatasetStatistics, reference: DatasetStatistics, channel_threshold: float,
@@ -321,17 +322,24 @@ def champion_statistics(cfg: PipelineConfig) -> tuple[DatasetStatistics | None, 
         return None, f"no champion of {cfg.resolved_model_name!r} yet", None
     if champion.tags.get("dataset") != cfg.dataset_tag:
         return None, f"the champion was trained on {champion.tags.get('dataset')!r}", champion.run_id
-    try:
-        with tempfile.TemporaryDirectory(prefix="vit-stats-") as tmp:
-            path = tracking.download_run_artifact(cfg, champion.run_id, STATISTICS_ARTIFACT, tmp)
-            return DatasetStatistics.from_dict(json.loads(path.read_text())), "", champion.run_id
-    except Exception as exc:  # an older champion without statistics, or an unreadable file
-        if tracking.unavailable(exc):  # "not computed" would let a blocking drift gate pass on an outage
-            raise TrackingUnavailable(
-                f"Could not download the champion's {STATISTICS_ARTIFACT} ({type(exc).__name__}: "
-                f"{' '.join(str(exc).split())[:300]}); drift was not computed: --resume once the store answers"
-            ) from exc
-        return None, f"the champion's run has no readable {STATISTICS_ARTIFACT} ({type(exc).__name__})", None
+
+    def outage(exc: BaseException) -> Exception:  # "not computed" would let a blocking drift gate pass
+        return TrackingUnavailable(
+            f"Could not download the champion's {STATISTICS_ARTIFACT} ({type(exc).__name__}: "
+            f"{' '.join(str(exc).split())[:300]}); drift was not computed: --resume once the store answers"
+        )
+
+    def read(path: Path) -> DatasetStatistics:
+        return DatasetStatistics.from_dict(json.loads(path.read_text()))
+
+    stats, why = tracking.read_run_file(cfg, champion.run_id, STATISTICS_ARTIFACT, read, outage)
+    if stats is None:  # an older champion without statistics, or an unreadable file
+        return (
+            None,
+            f"the champion's run{why.removeprefix('its run')}",
+            None,
+        )  # "...'s data/statistics.json ..."
+    return stats, "", champion.run_id
 
 
 # --------------------------------------------------------------------- leakage
@@ -576,15 +584,15 @@ def leakage(test: ImageHashes, references: dict[str, ImageHashes], max_distance:
 
 
 def _seen_by_checkpoint(query: ImageHashes, seen: ImageHashes, own: dict[str, ImageHashes],
-                        cfg: PipelineConfig) -> tuple[int, int]:  # fmt: skip
+                        max_distance: int) -> tuple[int, int]:  # fmt: skip
     """(images the checkpoint trained on that this run's own splits do not hold, those they hold too).
 
     A copy of one of this run's own training images is the leakage gate's finding, whatever the
     checkpoint saw: a model trained from scratch on this split has it too. The lineage gate counts
     what only the checkpoint brings (the same folder split again with another seed).
     """
-    mine = {p["test_index"] for p in copies(query, own, cfg.leakage_max_distance)}
-    theirs = {p["test_index"] for p in copies(query, {"checkpoint": seen}, cfg.leakage_max_distance)}
+    mine = {p["test_index"] for p in copies(query, own, max_distance)}
+    theirs = {p["test_index"] for p in copies(query, {"checkpoint": seen}, max_distance)}
     return len(theirs - mine), len(theirs & mine)
 
 
@@ -747,10 +755,11 @@ def run(ctx: StageContext, data_path: str) -> DataValidation:
     refs = {"train": train, "val": val, **({"checkpoint": seen_before} if seen_before is not None else {})}
     leaks = leakage(test, refs, cfg.leakage_max_distance)
     if seen_before is not None:
+        distance = cfg.leakage_max_distance
         lineage.test, lineage.test_own = _seen_by_checkpoint(
-            test, seen_before, {"train": train, "val": val}, cfg
+            test, seen_before, {"train": train, "val": val}, distance
         )
-        lineage.val, _ = _seen_by_checkpoint(val, seen_before, {"train": train}, cfg)
+        lineage.val, _ = _seen_by_checkpoint(val, seen_before, {"train": train}, distance)
     # What this run's weights learn from, with what its checkpoint's learnt from (when that is known).
     trained_on = ImageHashes.concat(train, *([seen_before] if seen_before is not None else []))
     if lineage is not None and seen_before is None:  # a checkpoint whose training images are unknown

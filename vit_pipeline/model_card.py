@@ -119,12 +119,10 @@ def _metrics_section(rec: RunRecord, registration: Registration) -> tuple[list[s
                      f"Keras top-1 {_pct(m.get('test_accuracy'))}, best validation {_pct(m.get('best_val_accuracy'))}.")  # fmt: skip
     all_rows = rec.csv("evaluation/per_class_accuracy.csv")
     per_class = []
-    rows = [
-        r for r in all_rows if int(float(r["support"] or 0)) > 0
-    ]  # a class with no test image: not evaluated
+    tested = {r["class_name"]: int(float(r["support"] or 0)) > 0 for r in all_rows}  # 0: not evaluated
+    rows = [r for r in all_rows if tested[r["class_name"]]]
     if rows:
-        untested = [r["class_name"] for r in all_rows if not int(float(r["support"] or 0))]
-        lines.append(_balance_line(rows, untested))
+        lines.append(_balance_line(rows, [name for name, has in tested.items() if not has]))
         ordered = sorted(rows, key=lambda r: float(r["recall"]))
         shown = ordered[:10]
         # Ten rows at recall 0 would hide how many more there are, and a class never predicted has no precision.
@@ -135,14 +133,15 @@ def _metrics_section(rec: RunRecord, registration: Registration) -> tuple[list[s
         )
         lines += ["", f"Lowest recall of {len(rows)} classes (the full table is in the run's "
                   f"`model_card/model_card.md`){':' if not counts else ';' + counts + ':'}", ""]  # fmt: skip
-        lines += _table(["class", "test images", "recall", "precision", "F1"],
-                        [[r["class_name"], r["support"], f"{float(r['recall']):.3f}", f"{float(r['precision']):.3f}",
-                          f"{float(r['f1']):.3f}"] for r in shown])  # fmt: skip
-        per_class = ["## Per class", "", *_table(
-            ["class", "test images", "recall", "precision", "F1"],
-            [[r["class_name"], r["support"], f"{float(r['recall']):.3f}", f"{float(r['precision']):.3f}",
-              f"{float(r['f1']):.3f}"] for r in all_rows])]  # fmt: skip
+        lines += _class_table(shown)
+        per_class = ["## Per class", "", *_class_table(all_rows)]
     return [*lines, ""], per_class
+
+
+def _class_table(rows: list[dict[str, str]]) -> list[str]:
+    return _table(["class", "test images", "recall", "precision", "F1"],
+                  [[r["class_name"], r["support"], f"{float(r['recall']):.3f}", f"{float(r['precision']):.3f}",
+                    f"{float(r['f1']):.3f}"] for r in rows])  # fmt: skip
 
 
 def _balance_line(rows: list[dict[str, str]], untested: list[str]) -> str:

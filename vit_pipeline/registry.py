@@ -267,22 +267,12 @@ def _champion_artifact(
     cfg: PipelineConfig, champion, path: str, read: Callable[[Path], Any]
 ) -> tuple[Any, str]:
     """``read`` of a file of the champion's run: (its value, "") or (None, why not: none, or unreadable)."""
-    import tempfile
 
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            local = tracking.download_run_artifact(cfg, champion.run_id, path, tmp)
-        except Exception as exc:  # an older run without it; an outage decides nothing (champion_logits)
-            if tracking.unavailable(exc):
-                raise RegistryError(f"Could not download champion v{champion.version}'s {path} "
-                                    f"({type(exc).__name__}); nothing was decided: --resume decides once the "
-                                    "store answers") from exc  # fmt: skip
-            log.info("Champion v%s: no %s (%s)", champion.version, path, exc)
-            return None, f"its run's {path} could not be downloaded ({type(exc).__name__})"
-        try:
-            return read(local), ""
-        except Exception as exc:  # a damaged file: what it would say is unknown, not an error of this run
-            return None, f"its run's {path} is unreadable ({' '.join(str(exc).split())[:200]})"
+    def outage(exc: BaseException) -> Exception:  # decides nothing, as in champion_logits
+        return RegistryError(f"Could not download champion v{champion.version}'s {path} ({type(exc).__name__}); "
+                             "nothing was decided: --resume decides once the store answers")  # fmt: skip
+
+    return tracking.read_run_file(cfg, champion.run_id, path, read, outage)
 
 
 def _unseen_by(cfg: PipelineConfig, champion, split: TestSplit) -> tuple[np.ndarray, str]:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import filecmp
+import functools
 import json
 import os
 import re
@@ -364,13 +365,19 @@ def consumer_manifests(model: ServedModel, image: str, tracking_uri: str) -> lis
 def _yaml(documents: list[dict[str, Any]]) -> str:
     import yaml
 
-    class Plain(
-        yaml.SafeDumper
-    ):  # no &id001 anchors where a dict appears twice (labels): patchable as written
+    return "---\n".join(yaml.dump(d, Dumper=_plain_dumper(), sort_keys=False) for d in documents)
+
+
+@functools.cache
+def _plain_dumper():
+    """yaml's safe dumper without &id001 anchors where a dict appears twice (labels): patchable as written."""
+    import yaml
+
+    class Plain(yaml.SafeDumper):
         def ignore_aliases(self, data: Any) -> bool:
             return True
 
-    return "---\n".join(yaml.dump(d, Dumper=Plain, sort_keys=False) for d in documents)
+    return Plain
 
 
 def export_serving(source: str, out_dir: str | Path, tracking_uri: str | None = None, *, storage_uri: str | None = None,

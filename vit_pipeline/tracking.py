@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -108,6 +109,27 @@ def download_run_artifact(cfg: PipelineConfig, run_id: str, path: str, dst: str 
     with fluent_store(cfg):  # mlflow-artifacts:/ locations resolve against the tracking server
         repo = get_artifact_repository(client(cfg).get_run(run_id).info.artifact_uri)
         return Path(repo.download_artifacts(path, str(dst)))
+
+
+def read_run_file(cfg: PipelineConfig, run_id: str, path: str, read: Callable[[Path], Any],
+                  outage: Callable[[BaseException], Exception]) -> tuple[Any, str]:  # fmt: skip
+    """``read`` of one file of a run's artifacts: (its value, "") or (None, why not: none, or unreadable).
+
+    A store that did not answer decides nothing (``unavailable``): ``outage(exc)`` is raised instead.
+    """
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="vit-run-file-") as tmp:
+        try:
+            local = download_run_artifact(cfg, run_id, path, tmp)
+        except Exception as exc:  # an older run without it, or an outage
+            if unavailable(exc):
+                raise outage(exc) from exc
+            return None, f"its run's {path} could not be downloaded ({type(exc).__name__})"
+        try:
+            return read(local), ""
+        except Exception as exc:  # a damaged file: what it would say is unknown, not an error of this run
+            return None, f"its run's {path} is unreadable ({' '.join(str(exc).split())[:200]})"
 
 
 def experiment_id(cfg: PipelineConfig, c=None) -> str:

@@ -229,6 +229,11 @@ def backup_callback(backup_dir: Path):
     class Backup(keras.callbacks.BackupAndRestore):
         restored_epoch = 0
 
+        def _pairs(self) -> tuple[tuple[str, str], ...]:
+            """Each backup file and its copy of the epoch before."""
+            return ((self._weights_path, self._prev_weights_path),
+                    (self._training_metadata_path, self._prev_training_metadata_path))  # fmt: skip
+
         def on_train_begin(self, logs=None):
             try:
                 super().on_train_begin(logs)  # falls back to the previous epoch's copy on an OSError only
@@ -238,8 +243,7 @@ def backup_callback(backup_dir: Path):
                 if not os.path.exists(self._prev_weights_path):
                     raise
                 log.warning("The backup in %s is incomplete: resuming from the epoch before it", backup_dir)
-                for latest, previous in ((self._weights_path, self._prev_weights_path),
-                                         (self._training_metadata_path, self._prev_training_metadata_path)):  # fmt: skip
+                for latest, previous in self._pairs():
                     if os.path.exists(previous):
                         _copy_atomically(previous, latest)
                 self._load_model()
@@ -249,8 +253,7 @@ def backup_callback(backup_dir: Path):
             """Keras' save, each file written whole or not at all: a SIGTERM (a cancelled flow run) during
             ``save_weights`` left a readable file with some layers missing, and every resume failed on it."""
             os.makedirs(self.backup_dir, exist_ok=True)
-            for latest, previous in ((self._weights_path, self._prev_weights_path),
-                                     (self._training_metadata_path, self._prev_training_metadata_path)):  # fmt: skip
+            for latest, previous in self._pairs():
                 if os.path.exists(latest):  # the last whole epoch, kept while this one is written
                     _copy_atomically(latest, previous)
             with atomic_path(self._weights_path, suffix=".weights.h5") as tmp:

@@ -9,19 +9,15 @@ from vit_pipeline import progress, registry
 from vit_pipeline.benchmark import stage as benchmark_stage
 from vit_pipeline.benchmark.stage import BenchmarkOutcome
 from vit_pipeline.flows import artifacts
-from vit_pipeline.flows.train_pipeline import _prefect_tags, mark_mlflow_killed
+from vit_pipeline.flows.train_pipeline import _prefect_tags, mark_mlflow_killed, tracking_was_down
 from vit_pipeline.registry import Champion
 
 
 def _store_was_away(task, task_run, state) -> bool:
-    """Retry a registry that did not answer (``tracking.unavailable``, or one it could not read), not "no
+    """Retry a registry that did not answer (``tracking_was_down``, or one it could not read), not "no
     champion yet" or a bug: they would give the same answer three times."""
-    from vit_pipeline import tracking
-
     exc = state.result(raise_on_failure=False)
-    return isinstance(exc, BaseException) and (
-        tracking.unavailable(exc) or isinstance(exc, registry.RegistryError)
-    )
+    return tracking_was_down(task, task_run, state) or isinstance(exc, registry.RegistryError)
 
 
 @task(name="find-champion", retries=3, retry_delay_seconds=[5, 30, 60], retry_condition_fn=_store_was_away,

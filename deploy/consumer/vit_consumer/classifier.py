@@ -39,6 +39,9 @@ class InputError(ValueError):
         self.status = status
 
 
+REGISTRY_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")  # sources MLflow downloads (resolve_model)
+
+
 def registry_target(uri: str) -> tuple[str, str] | None:
     """``(name, alias)`` for ``models:/name@alias``; None for any other URI."""
     if uri.startswith("models:/") and "@" in uri:
@@ -91,7 +94,7 @@ def resolve_model(uri: str, tracking_uri: str | None = None, dst: str | Path | N
         dst: The folder a registry URI's files are downloaded into (None: a new temporary folder of
             MLflow's, which nothing removes: a long-running caller passes its own and removes it).
     """
-    if uri.startswith(("models:/", "runs:/", "mlflow-artifacts:/")):
+    if uri.startswith(REGISTRY_SCHEMES):
         mlflow = _mlflow()
         from mlflow.exceptions import MlflowException
 
@@ -229,7 +232,7 @@ class OnnxClassifier:
                 setting (``onnxruntime``, ``openvino``, ``openvino-f32``).
             streams: OpenVINO's streams, for every OpenVINO setting (1: one request at a time).
         """
-        registered = uri.startswith(("models:/", "runs:/", "mlflow-artifacts:/"))
+        registered = uri.startswith(REGISTRY_SCHEMES)
         download = Path(tempfile.mkdtemp(prefix="vit-consumer-model-")) if registered else None
         try:
             chosen = cls._pinned(uri, tracking_uri, download, providers, spin, choose_for, engine, streams)

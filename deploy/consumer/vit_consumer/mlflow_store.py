@@ -16,6 +16,9 @@ import threading
 from collections.abc import Iterator
 
 _lock = threading.RLock()
+# Read by MLflow when it is used, which the consumer does only through this module: no usage pings from serving
+# pods (no network beyond the store).
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
 @contextlib.contextmanager
@@ -24,8 +27,6 @@ def store_uris(uri: str | None) -> Iterator[None]:
     if not uri:
         yield
         return
-    # The consumer's only use of MLflow: no usage pings from serving pods (no network beyond the store).
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     import mlflow
 
     # The setters keep the environment variables in step with the URI they set, so the

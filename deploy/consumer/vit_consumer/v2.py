@@ -127,10 +127,11 @@ def model_config(engine: OnnxClassifier, max_batch_size: int, queue_delay_ms: fl
     }
 
 
-def _no_shared_memory(params: dict[str, Any], where: str) -> None:
+def _no_shared_memory(params: dict[str, Any], kind: str, name: Any) -> None:
+    """Refuses a shared-memory region (the message is built only then: this runs for every tensor)."""
     if any(key.startswith("shared_memory") for key in params):
-        raise V2Error(f"{where} asks for shared memory, which this server does not offer (no shared-memory "
-                      "extension in /v2): send the tensor in the request body")  # fmt: skip
+        raise V2Error(f"{kind} {str(name)[:40]!r} asks for shared memory, which this server does not offer (no "
+                      "shared-memory extension in /v2): send the tensor in the request body")  # fmt: skip
 
 
 def _header_and_binary(body: bytes, header_length: str | None, max_depth: int, max_numbers: int
@@ -181,8 +182,9 @@ def _tensor(spec: Any, binary: bytes, offset: int) -> tuple[np.ndarray, int]:
         raise V2Error(f"Expected 'shape' to be a list of integer sizes >= 0. Received: {str(shape)[:80]}")
     dtype = DATATYPES[datatype]
     count = math.prod(shape)  # a Python int: a claimed shape cannot overflow it
-    _no_shared_memory(_parameters(spec, "the input's"), f"Input {str(spec.get('name'))[:40]!r}")
-    size = _parameters(spec, "the input's").get("binary_data_size")
+    params = _parameters(spec, "the input's")
+    _no_shared_memory(params, "Input", spec.get("name"))
+    size = params.get("binary_data_size")
     if size is not None:
         if "data" in spec:
             raise V2Error("An input has either 'data' or parameters.binary_data_size, not both")
@@ -239,7 +241,7 @@ def parse_infer(engine: OnnxClassifier, body: bytes, header_length: str | None, 
         if out.get("name") not in OUTPUTS:
             raise V2Error(f"Unknown output {str(out.get('name'))[:40]!r}; the outputs are {list(OUTPUTS)}")
         params = _parameters(out, "an output's")
-        _no_shared_memory(params, f"Output {out['name']!r}")
+        _no_shared_memory(params, "Output", out["name"])
         classes = params.get("classification", 0)
         if type(classes) is not int or classes < 0:
             raise V2Error(f"Expected 'classification' to be an integer >= 0. Received: {str(classes)[:20]!r}")
