@@ -55,8 +55,11 @@ CIFAR100_MEMBERS = ("meta", "train", "test")
 # other names of JPEG and of formats Pillow reads.
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff",
                   ".jpe", ".jfif", ".ppm", ".pgm", ".pbm", ".pnm", ".tga"}  # fmt: skip
-# Folders that hold no classes: macOS' resource forks in zips, caches.
-IGNORED_FOLDERS = frozenset({"__MACOSX", "__pycache__"})
+# Folders that hold no classes: macOS' resource forks in zips, caches, the thumbnails and recycle bins NAS
+# boxes (Synology, QNAP) and other systems write into shared folders (thumbnails of a class's photos in it would
+# be counted as its images, copies of its test images among them).
+IGNORED_FOLDERS = frozenset({"__MACOSX", "__pycache__", "@eaDir", "#recycle", "#snapshot", "@Recycle",
+                             "$RECYCLE.BIN", "System Volume Information", "lost+found"})  # fmt: skip
 
 # The only globals a numpy array pickle needs (numpy 1.x and 2.x spellings).
 _ALLOWED_GLOBALS = frozenset(
@@ -243,7 +246,15 @@ def _decode_batch(d: dict, what: str, label_key: str) -> tuple[np.ndarray, np.nd
 
 def _archive_members(tar: tarfile.TarFile, path: Path) -> dict[str, tarfile.TarInfo]:
     """The archive's cifar-100-python members by name; DataError if any is missing."""
-    members = {m.name.split("/")[-1]: m for m in tar.getmembers() if m.isfile()}
+    members: dict[str, tarfile.TarInfo] = {}
+    for m in tar.getmembers():
+        name = m.name.split("/")[-1]
+        if m.isfile() and name in CIFAR100_MEMBERS and name in members:  # which one is the data is unknown
+            raise DataError(
+                f"Archive {path} holds two {name} files ({members[name].name}, {m.name}); keep one"
+            )
+        if m.isfile():
+            members[name] = m
     missing = [n for n in CIFAR100_MEMBERS if n not in members]
     if missing:
         raise DataError(
@@ -442,10 +453,11 @@ def image_folder_layout(root: Path) -> dict[str, Path]:
             raise DataError(f"Image folder {root} holds split folders ({', '.join(p.name for p in splits)}) and "
                             f"{', '.join(p.name for p in alike)[:200]}, with the same class folders: name each split "
                             "train/, val/ (or dev/) or test/")  # fmt: skip
-        if len(splits) >= 2:
+        if splits:  # one split folder beside class folders (train/ and unlabeled/) is no class either
             raise DataError(f"Image folder {root} holds split folders ({', '.join(p.name for p in splits)}) beside "
                             f"other folders ({', '.join(p.name for p in subdirs if p not in splits)[:200]}); give a "
-                            "folder that holds only split folders, or only class folders")  # fmt: skip
+                            "folder that holds only split folders, or only class folders (a class folder named as "
+                            "a split holds its images, not only sub-folders)")  # fmt: skip
         return {"all": root}
     if "train" not in splits.values():
         raise DataError(f"Image folder {root} holds split folders ({', '.join(p.name for p in subdirs)}) but none to "
@@ -455,11 +467,15 @@ def image_folder_layout(root: Path) -> dict[str, Path]:
         split = splits[p]
         if split in layout:
             raise DataError(f"Image folder {root} has both {layout[split].name}/ and {p.name}/; keep one")
-        layout[split] = p
+        layout[split] = _unwrapped(p)
     classes = {split: sorted(_class_set(p)) for split, p in layout.items()}
     if not classes["train"]:
         raise DataError(f"Image folder {layout['train']} has no class sub-folders")
     for split, found in classes.items():
+        if not found:  # Kaggle's train/<class>/ beside an unlabeled test/*.png
+            raise DataError(f"Split folder {layout[split]} has no class sub-folders ({_own_images(layout[split])} "
+                            f"images of its own: unlabeled?); sort them into class folders, or give "
+                            f"{layout['train']} alone (its {split} images are then split from it)")  # fmt: skip
         if sorted(found) != sorted(classes["train"]):
             missing = sorted(set(classes["train"]) - set(found))
             extra = sorted(set(found) - set(classes["train"]))
@@ -470,11 +486,39 @@ def image_folder_layout(root: Path) -> dict[str, Path]:
     return layout
 
 
+def _unwrapped(folder: Path) -> Path:
+    """``folder``, or the folder of its own name it alone holds (Kaggle's archives unpack to
+    ``training_set/training_set/<class>/`` and ``seg_train/seg_train/``)."""
+    while (
+        not _own_images(folder)
+        and len(inner := _subdirs(folder)) == 1
+        and (_class_key(inner[0].name).casefold() == _class_key(folder.name).casefold())
+    ):
+        folder = inner[0]
+    return folder
+
+
+def _own_images(folder: Path) -> int:
+    """How many image files (by suffix) lie in ``folder`` itself, outside its sub-folders."""
+    try:
+        names = os.listdir(folder)
+    except OSError as exc:
+        raise DataError(f"Cannot list {folder}: {exc.strerror or exc}") from None
+    return sum(not n.startswith(".") and os.path.splitext(n)[1].lower() in IMAGE_SUFFIXES
+               and os.path.isfile(os.path.join(folder, n)) for n in names)  # fmt: skip
+
+
 def _image_files(class_dir: Path) -> list[str]:
     """The image files (by suffix) anywhere under ``class_dir``, as ``image_dataset_from_directory`` finds
     them: sub-folders included, symbolic links followed (each real folder once), hidden files skipped."""
+
+    def unreadable(
+        exc: OSError,
+    ) -> None:  # os.walk leaves out a folder it cannot list: its images would be lost
+        raise DataError(f"Cannot list {exc.filename} (in class folder {class_dir}): {exc.strerror or exc}")
+
     found, seen = [], set()
-    for here, dirs, files in os.walk(class_dir, followlinks=True):
+    for here, dirs, files in os.walk(class_dir, onerror=unreadable, followlinks=True):
         real = os.path.realpath(here)
         if real in seen:  # a link back up the tree
             dirs[:] = []
@@ -706,6 +750,7 @@ def _prepare_folder(cfg: PipelineConfig, root: Path, shard_dir: str | os.PathLik
 
     layout = image_folder_layout(root)
     listed, names = list_splits(layout)
+    unlabeled = _unlabeled_images(root, layout)
     # Files that are not images (by their header) leave before the split: a split made of them is empty.
     listed, unreadable = _readable(listed)
     split = "train" if "train" in listed else "all"
@@ -736,9 +781,19 @@ def _prepare_folder(cfg: PipelineConfig, root: Path, shard_dir: str | os.PathLik
         if len(y) == 0:
             raise DataError(f"{what} split is empty")
     info = {"splits_given": ",".join(s for s in ("train", "val", "test") if s in layout) or "none",
-            "skipped_files": skipped + unreadable, "shards": len(x_train.paths) + len(x_val.paths) + len(x_test.paths)}  # fmt: skip
+            "skipped_files": skipped + unreadable, "unlabeled_files": unlabeled, "shards": len(x_train.paths) + len(x_val.paths) + len(x_test.paths)}  # fmt: skip
     return Splits(x_train, y_train, x_val, y_val, x_test, y_test, list(names), source=str(root.resolve()),
                   info=info)  # fmt: skip
+
+
+def _unlabeled_images(root: Path, layout: dict[str, Path]) -> int:
+    """Images beside the class folders (in the root, or a split folder, itself): in no class, left out and said."""
+    count = 0
+    for folder in dict.fromkeys([root, *layout.values()]):
+        if n := _own_images(folder):
+            log.warning("Leaving out %d image files in %s itself: they are in no class folder", n, folder)
+            count += n
+    return count
 
 
 def _readable(listed: dict[str, tuple[np.ndarray, np.ndarray]]
@@ -837,6 +892,15 @@ def _log_dataset(ctx: StageContext, splits: Splits, summary: dict[str, Any]) -> 
     )
     context = InputTag(key="mlflow.data.context", value="training")
     ctx.log.client.log_inputs(ctx.run_id, datasets=[DatasetInput(entity, tags=[context])])
-    sizes = ("source", "num_classes", "train_size", "val_size", "test_size", "digest", "skipped_files")
+    sizes = (
+        "source",
+        "num_classes",
+        "train_size",
+        "val_size",
+        "test_size",
+        "digest",
+        "skipped_files",
+        "unlabeled_files",
+    )
     ctx.log.params({f"data.{key}": summary[key] for key in sizes if key in summary})
     ctx.log.dict({"class_names": splits.class_names, **summary}, "data/dataset.json")

@@ -151,6 +151,7 @@ def source_file_statistics(root: str | Path) -> dict[str, Any]:
     from collections import Counter
 
     from PIL import Image
+    from vit_consumer import contract
 
     from vit_pipeline.data import image_folder_layout, list_splits
 
@@ -161,7 +162,7 @@ def source_file_statistics(root: str | Path) -> dict[str, Any]:
     for files, _labels in listed.values():
         for f in files:
             try:
-                with Image.open(f) as img:
+                with Image.open(f, formats=contract.IMAGE_FORMATS) as img:  # what prepare reads, no more
                     sizes[f"{img.width}x{img.height}"] += 1
                     modes[img.mode] += 1
             except Exception:  # counted; prepare already skipped (and logged) the same files

@@ -95,6 +95,8 @@ def _data_section(rec: RunRecord) -> list[str]:
                 if skipped is None
                 else f"{skipped} unreadable, left out of every split"
             )
+            if int(rec.params.get("data.unlabeled_files", 0)):  # images beside the class folders
+                left_out += f"; {rec.params['data.unlabeled_files']} images in no class folder, left out"
             lines += [f"Source files: {src['files']} ({left_out}), modes from "
                       f"their headers {src['modes']}, smallest side {src['min_side']} px, "
                       f"median {src['median_width']:.0f}x{src['median_height']:.0f}.", ""]  # fmt: skip

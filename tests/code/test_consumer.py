@@ -462,6 +462,30 @@ def test_vit_pipeline_predict_command(tiny_export, real_cut, tmp_path):
     assert missing.exit_code == 1 and "Image file does not exist" in missing.output
 
 
+def test_photos_of_any_size_training_reads_are_read_by_predict_and_a_larger_budget(tiny_export, tmp_path):
+    """predict refused a 24 MP photo (a service's 16 MP request budget) that training read; a service's larger
+    --pixel-budget still stopped at 40 MP, and each call set Pillow's process-wide limit to its budget."""
+    from click.testing import CliRunner
+    from PIL import Image
+    from vit_consumer import InputError, OnnxClassifier
+
+    from vit_pipeline.cli import main
+
+    _, path, _ = tiny_export
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (6000, 4000), (200, 120, 40)).save(photo)  # 24 MP
+    result = CliRunner().invoke(main, ["predict", str(photo), "--model", str(path)])
+    assert result.exit_code == 0, result.output
+    clf = OnnxClassifier(str(path))
+    limit = Image.MAX_IMAGE_PIXELS
+    with pytest.raises(InputError, match="more than 1000000 pixels"):
+        clf.decode_images([photo.read_bytes()], 1_000_000)
+    assert limit == Image.MAX_IMAGE_PIXELS
+    large = tmp_path / "large.png"
+    Image.new("RGB", (7000, 6000), (10, 20, 30)).save(large)  # 42 MP
+    assert clf.decode_images([large.read_bytes()], 50_000_000).shape[0] == 1
+
+
 def test_registered_candidates_are_timed_here_and_the_fastest_serves(
     tiny_export, no_tf_env, real_cut, tmp_path, mlflow_server
 ):

@@ -1,4 +1,5 @@
 import io
+import os
 import pickle
 import re
 import shutil
@@ -92,6 +93,25 @@ def test_archive_without_expected_members(tmp_path):
     path = write_cifar_tar(tmp_path / "c.tar.gz", skip=("test",))
     with pytest.raises(DataError, match=r"lacks the cifar-100-python members \['test'\]"):
         data.read_cifar100(path)
+
+
+def test_an_archive_with_two_files_of_one_member_name_is_an_error(tmp_path):
+    """A repacked archive with an old copy (cifar-100-python/old/test, here the training images): the last one
+    read silently became the test split."""
+    import tarfile
+
+    members = cifar_members()
+    path = write_cifar_tar(tmp_path / "c.tar.gz", members)
+    with tarfile.open(path, "r:gz") as src, tarfile.open(tmp_path / "two.tar.gz", "w:gz") as dst:
+        for m in src.getmembers():
+            dst.addfile(m, src.extractfile(m))
+        copy = tarfile.TarInfo("cifar-100-python/old/test")
+        copy.size = src.getmember("cifar-100-python/train").size
+        dst.addfile(copy, src.extractfile("cifar-100-python/train"))
+    with pytest.raises(
+        DataError, match=re.escape("holds two test files (cifar-100-python/test, cifar-100-python/old/test)")
+    ):
+        data.read_cifar100(tmp_path / "two.tar.gz")
 
 
 def test_missing_path():
@@ -202,6 +222,27 @@ def test_images_are_decoded_for_training_as_the_service_reads_them(tmp_path):
     upright.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "phone.png", exif=exif.tobytes())
     np.testing.assert_array_equal(decode_image(tmp_path / "phone.png", 16),
                                   np.asarray(upright.resize((16, 16), Image.Resampling.BILINEAR)))  # fmt: skip
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_a_tiff_with_an_orientation_tag_is_turned_upright_once(tmp_path, orientation):
+    """Pillow's TIFF reader turns the image as it loads and drops the tag: the tag read before the load turned
+    it a second time (upside down, or a quarter turn the wrong way), unlike the same picture as a JPEG."""
+    from PIL import ImageOps, TiffImagePlugin
+
+    from vit_pipeline.shards import decode_image
+
+    yy, xx = np.mgrid[0:12, 0:20]
+    stored = Image.fromarray(np.stack([xx * 12, yy * 20, (xx + yy) * 8], -1).astype(np.uint8))
+    tags = TiffImagePlugin.ImageFileDirectory_v2()
+    tags[0x0112] = orientation
+    stored.save(tmp_path / "turned.tif", tiffinfo=tags)
+    exif = stored.getexif()
+    exif[0x0112] = orientation
+    stored.info["exif"] = exif.tobytes()
+    upright = ImageOps.exif_transpose(stored)  # as a viewer shows it
+    expected = np.asarray(upright.resize((16, 16), Image.Resampling.BILINEAR))
+    np.testing.assert_array_equal(decode_image(tmp_path / "turned.tif", 16), expected)
 
 
 def test_a_mistyped_exif_tag_is_read_upright_and_a_damaged_png_is_skipped_not_a_crash(tmp_path):
@@ -540,6 +581,87 @@ def test_split_folders_that_cannot_be_read_as_splits_are_a_clear_error_not_class
         _prepare(tmp_path / "root", tmp_path)
 
 
+@pytest.mark.parametrize(
+    ("folders", "message"),
+    [
+        (
+            ("train/cat", "train/dog", "unlabeled"),
+            "holds split folders (train) beside other folders (unlabeled)",
+        ),
+        (
+            ("cat", "dog", "test/cat", "test/dog"),
+            "holds split folders (test) beside other folders (cat, dog)",
+        ),
+        (
+            ("train/cat", "train/dog", "test"),
+            "Split folder {root}/test has no class sub-folders (4 images of its own",
+        ),
+    ],
+)
+def test_one_split_folder_beside_other_folders_is_an_error_not_a_class(tmp_path, folders, message):
+    """train/ beside unlabeled/ trained a "train or unlabeled" classifier; cat/, dog/, test/ a class "test"; Kaggle's
+    train/<class>/ beside an unlabeled test/*.png failed with "missing ['cat', 'dog']"."""
+    root = tmp_path / "root"
+    for folder in folders:
+        _pngs(root / folder, 4)
+    with pytest.raises(DataError, match=re.escape(message.format(root=root))):
+        _prepare(root, tmp_path)
+
+
+def test_kaggle_archives_that_unpack_into_a_folder_of_their_own_name_are_read(tmp_path):
+    """Kaggle's cats-and-dogs unpacks to training_set/training_set/<class>/ (Intel's to seg_train/seg_train/)."""
+    for split in ("training_set", "test_set"):
+        for cls in ("cats", "dogs"):
+            _pngs(tmp_path / "root" / split / split / cls, 4)
+    splits = _prepare(tmp_path / "root", tmp_path)
+    assert splits.class_names == ["cats", "dogs"] and splits.info["splits_given"] == "train,test"
+    assert len(splits.y_test) == 8
+
+
+def test_images_in_no_class_folder_are_counted_and_said_not_dropped_silently(tmp_path, caplog):
+    root = tmp_path / "root"
+    for cls in ("cats", "dogs"):
+        _pngs(root / cls, 6)
+    _pngs(root, 3)  # beside the class folders: no label
+    with caplog.at_level("WARNING", logger="vit_pipeline.data"):
+        splits = _prepare(root, tmp_path)
+    assert splits.info["unlabeled_files"] == 3
+    assert len(splits.y_train) + len(splits.y_val) + len(splits.y_test) == 12
+    assert f"Leaving out 3 image files in {root} itself" in caplog.text
+
+
+def test_nas_thumbnail_folders_are_neither_classes_nor_images(tmp_path):
+    """Synology writes @eaDir/<photo>/SYNOPHOTO_THUMB_*.jpg beside every photo: thumbnails of a class's test images
+    counted as its training images (and @eaDir at the root as a class)."""
+    root = tmp_path / "root"
+    for cls in ("cats", "dogs"):
+        _pngs(root / cls, 6)
+        _pngs(root / cls / "@eaDir" / "0.png", 5)
+    _pngs(root / "@eaDir" / "x", 2)
+    splits = _prepare(root, tmp_path)
+    assert splits.class_names == ["cats", "dogs"]
+    assert len(splits.y_train) + len(splits.y_val) + len(splits.y_test) == 12
+
+
+def test_a_folder_that_cannot_be_listed_is_an_error_not_fewer_images(tmp_path, monkeypatch):
+    """os.walk skips a folder it cannot list unless told: half a class was trained on without a word (the test
+    runs as root, where permissions do not stop a listing: the listing fails as it would without them)."""
+    root = tmp_path / "root"
+    for cls in ("cats", "dogs"):
+        _pngs(root / cls, 4)
+    _pngs(root / "cats" / "2024", 4)
+    real = os.scandir
+
+    def scandir(path="."):
+        if str(path).endswith("2024"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(DataError, match=re.escape(f"Cannot list {root / 'cats' / '2024'} (in class folder")):
+        _prepare(root, tmp_path)
+
+
 def test_many_classes_of_two_images_each_keep_one_of_each_for_training(tmp_path):
     """Fewer held-out images than classes: the split is random, but no class leaves training (a false "no readable
     images" error named a class whose images were all fine)."""
@@ -582,6 +704,10 @@ def test_files_of_a_format_the_service_does_not_read_leave_before_the_split(tmp_
     splits = _prepare(tmp_path / "root", tmp_path, test_split=0.25, validation_split=0.2)
     assert splits.info["skipped_files"] == 60
     assert len(splits.y_train) + len(splits.y_val) + len(splits.y_test) == 12 and len(splits.y_test) == 3
+    # Data validation's file statistics count them unreadable too (they were read, their modes in the schema).
+    from vit_pipeline.data_validation import source_file_statistics
+
+    assert source_file_statistics(tmp_path / "root")["unreadable"] == 60
 
 
 def test_an_archive_or_a_wrapping_folder_gets_a_hint(tmp_path):

@@ -22,7 +22,6 @@ from vit_consumer import contract, engines
 
 log = logging.getLogger(__name__)
 
-MAX_IMAGE_PIXELS = 40_000_000  # refuse decompression bombs long before memory runs out
 MAX_BATCH = 1024
 DEFAULT_PIXEL_BUDGET = 16_000_000  # decoded source pixels per request, all images together
 ORIENTATION = 0x0112  # the EXIF tag
@@ -318,7 +317,9 @@ class OnnxClassifier:
         """
         from PIL import Image, UnidentifiedImageError
 
-        Image.MAX_IMAGE_PIXELS = min(MAX_IMAGE_PIXELS, max(pixel_budget, 1))
+        # The budget is counted from the headers below, before any decoding: Pillow's own process-wide limit is
+        # left as it is (setting it capped every image at the budget of whichever call ran last, a larger
+        # --pixel-budget at 40 MP, and the training images decoded later in the same process).
         h, w, _ = self.input_shape
         opened = []
         try:
@@ -444,6 +445,9 @@ def to_rgb(img: Any) -> Any:
 
     # The transpose of each EXIF orientation, as ImageOps.exif_transpose applies it; not exif_transpose
     # itself, which also writes the EXIF back out and fails on a mistyped tag a phone or editor left.
+    # Read after the pixels are loaded: Pillow's TIFF reader (13 here) turns the image upright as it loads
+    # and drops the tag, so the tag read before would turn it twice.
+    img.load()
     turn = EXIF_TRANSPOSE.get(img.getexif().get(ORIENTATION, 1))
     if turn is not None:
         img = img.transpose(Image.Transpose[turn])
