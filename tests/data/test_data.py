@@ -608,6 +608,19 @@ def test_one_split_folder_beside_other_folders_is_an_error_not_a_class(tmp_path,
         _prepare(root, tmp_path)
 
 
+def test_a_class_without_test_images_in_a_given_test_split_is_untested_not_an_error(tmp_path):
+    root = tmp_path / "root"
+    for cls in ("cats", "dogs", "owls"):
+        _pngs(root / "train" / cls, 6)
+        _pngs(root / "test" / cls, 0 if cls == "owls" else 3)
+    splits = _prepare(root, tmp_path)
+    assert splits.class_names == ["cats", "dogs", "owls"] and sorted(set(splits.y_test.tolist())) == [0, 1]
+    shutil.rmtree(root / "train" / "owls")
+    _pngs(root / "train" / "owls", 0)  # without training images it stays an error
+    with pytest.raises(DataError, match="owls has no readable images"):
+        _prepare(root, tmp_path)
+
+
 def test_kaggle_archives_that_unpack_into_a_folder_of_their_own_name_are_read(tmp_path):
     """Kaggle's cats-and-dogs unpacks to training_set/training_set/<class>/ (Intel's to seg_train/seg_train/)."""
     for split in ("training_set", "test_set"):
