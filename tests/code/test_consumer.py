@@ -212,6 +212,15 @@ def test_the_request_head_is_bounded_in_size_and_time_and_upgrade_offers_are_ign
     parts = answer.split(b"HTTP/1.1 200 ")[1:]
     bodies = [json.loads(part.split(b"\r\n\r\n", 1)[1]) for part in parts]
     assert [len(b["predictions"][0]) for b in bodies] == [2, 1], answer[:600]
+    # A head that arrives in one read is measured too (it completed before it was counted: 200 up to 128 KiB),
+    # and the bounds hold on the connection after an offer (h11 took it over: a 200 KB head was served).
+    one_read = (
+        b"GET /health/live HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (MAX_HEAD_BYTES + 1000) + b"\r\n\r\n"
+    )
+    assert _raw(server, [one_read]).startswith(b"HTTP/1.1 431 ")
+    kept_alive = head.replace(b"Connection: close\r\n", b"")
+    answer = _raw(server, [kept_alive + png.getvalue() + one_read], wait=0.5)
+    assert answer.startswith(b"HTTP/1.1 200 ") and answer.count(b"HTTP/1.1 431 ") == 1, answer[:600]
 
 
 def requests_ok(url: str) -> bool:

@@ -454,12 +454,42 @@ def test_stalled_uploads_neither_lock_others_out_nor_stay(strict_server, tiny_ex
         assert ok.status_code == 200, ok.text
         assert time.monotonic() - started < 4  # not after the stalled ones are timed out
         for sock in stalled:
-            answer = sock.recv(4096).split(b"\r\n", 1)[0]
-            assert answer == b"HTTP/1.1 408 Request Timeout", answer
+            answer = sock.recv(4096)
+            assert answer.split(b"\r\n", 1)[0] == b"HTTP/1.1 408 Request Timeout", answer
+            assert b"connection: close" in answer.lower()
+        # And the connection closes (it stayed open, reading what a client trickled, for ever).
+        sock = stalled[0]
+        sock.settimeout(0.5)
+        deadline, closed = time.monotonic() + 4, False
+        while not closed and time.monotonic() < deadline:
+            try:
+                sock.sendall(b"\0")
+                closed = sock.recv(4096) == b""
+            except TimeoutError:
+                pass
+            except (BrokenPipeError, ConnectionResetError):
+                closed = True
+        assert closed
     finally:
         for sock in stalled:
             sock.close()
     assert _metric(strict_server, "vit_consumer_requests_total", '{code="408"}') >= 2
+
+
+def test_a_body_larger_than_the_whole_in_flight_budget_is_a_413_not_a_503_to_retry():
+    from vit_consumer.classifier import InputError
+    from vit_consumer.server import QueueFull, _Admission, _Booking
+
+    admission = _Admission(100)
+    with pytest.raises(InputError, match="in-flight budget of 100 bytes") as refused:
+        _Booking(admission).take(101)
+    assert refused.value.status == 413 and admission.used == 0
+    first = _Booking(admission)
+    first.take(60)
+    with pytest.raises(QueueFull):  # busy now: a retry can succeed
+        _Booking(admission).take(60)
+    first.release()
+    assert admission.used == 0
 
 
 def test_a_client_gone_mid_body_is_a_499_and_the_service_keeps_serving(strict_server):

@@ -204,11 +204,17 @@ def test_protocol_errors_are_one_line_json(served):
         # The metadata says [-1, 32, 32, 3]: one image without its batch axis is not this model's input.
         (infer, {"inputs": [{**image, "shape": [32, 32, 3]}]}, 400, "expected shape [-1, 32, 32, 3]"),
         (infer, {"inputs": [{**image, "data": [0.5] * 3072}]}, 400, "pixels scaled to 0-1?"),
+        # An unhashable datatype was a 500; a lone surrogate quoted in the error a plain-text 500.
+        (infer, {"inputs": [{**image, "datatype": []}]}, 400, "Unsupported datatype '[]'"),
+        (infer, {"inputs": [{**image, "shape": "\ud800"}]}, 400, "Received: '\\ud800'"),
+        (infer, {**ok, "outputs": [{"name": "logits"}, {"name": "logits"}]}, 400, "'logits' is requested twice"),
+        # Brackets in a string are no nesting: a valid request with such an id is served.
+        (infer, {**ok, "id": "[[[[[[[[[["}, 200, None),
     ]  # fmt: skip
     for url, doc, code, message in cases:
-        response = httpx.post(url, json=doc)
+        response = httpx.post(url, content=json.dumps(doc).encode())  # ASCII: a lone surrogate escaped
         assert response.status_code == code, (url, response.text)
-        assert message in response.json()["error"] and "\n" not in response.json()["error"]
+        assert message is None or message in response.json()["error"] and "\n" not in response.json()["error"]
     header = json.dumps({"inputs": [{"name": "images", "shape": [1, 32, 32, 3], "datatype": "FP32",
                                      "parameters": {"binary_data_size": 100}}]}).encode()  # fmt: skip
     response = httpx.post(f"{base}/vit-cifar100/infer", content=header + b"\0" * 100,

@@ -15,8 +15,9 @@ file descriptor. And a request that offers ``Upgrade: h2c`` (``curl --http2``, J
 * a client that hangs up before its answer is told to the app (``ON_GONE`` in the request's
   scope): a client that timed out and went away no longer has its images computed;
 * an upgrade offer other than a WebSocket one ignored, as RFC 9110 section 7.8 allows: the
-  connection is handed to uvicorn's h11 protocol with the request, which serves it as
-  plain HTTP/1.1 (h11 has its own 16 KiB head limit).
+  request is parsed again without it, by this protocol, so its bounds hold for it and for the
+  requests after it on the connection (handing the connection to uvicorn's h11 protocol, as
+  before, lost them for the rest of its life).
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ import asyncio
 import logging
 
 import httptools
-from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+# Hop-by-hop headers of an upgrade offer, left out when the request is parsed again without it.
+UPGRADE_HEADERS = frozenset({b"upgrade", b"http2-settings"})
 # A request's scope holds a Hangup under this key: what runs when its client hangs up before the answer
 # (the service drops its images from the batcher's queue; a 499). Only this protocol sets it.
 ON_GONE = "vit_consumer.on_gone"
@@ -59,6 +61,10 @@ class Hangup:
                 callback()
 
 
+class _Refused(Exception):
+    """Raised from a parser callback after the request was refused: the parser stops there."""
+
+
 def _plain_response(status: str, message: str) -> bytes:
     body = message.encode()
     return (f"HTTP/1.1 {status}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {len(body)}\r\n"
@@ -77,7 +83,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         )
         # (cycle, Hangup) of the requests not yet answered, pipelined ones too.
         self._hangups: list[tuple] = []
-        self._h11_pending: bytes | None = None  # an upgrade offer behind requests still being answered
+        self._refusal: bytes | None = None  # written once the requests before it are answered, then closed
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_head_timer()
@@ -88,8 +94,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if self._h11_pending is not None:  # bytes for the h11 protocol, which takes over once answers are out
-            self._h11_pending += data
+        if self._refusal is not None:  # refused: nothing after it is read
             return
         if self._awaiting_head:
             self._head_bytes += len(data)
@@ -99,17 +104,16 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError:
+            if self._refusal is not None:  # refused from a callback (on_headers_complete)
+                return
             self.logger.warning("Invalid HTTP request received.")
             self.send_400_response("Invalid HTTP request received.")
             return
         except httptools.HttpParserUpgrade as exc:
             if self._get_upgrade() == b"websocket" and self._should_upgrade_to_ws():
                 self.handle_websocket_upgrade()
-            elif self._answering():  # hand over after the answers before it: they must go out first, in order
-                self._h11_pending = data[exc.args[0] :]
-                self.flow.pause_reading()
             else:
-                self._serve_with_h11(data[exc.args[0] :])
+                self._parse_without_upgrade(data[exc.args[0] :])
             return
         if self._awaiting_head and self._head_bytes > MAX_HEAD_BYTES:
             self._refuse("431 Request Header Fields Too Large",
@@ -121,6 +125,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._head_bytes = 0
 
     def on_headers_complete(self) -> None:
+        # Measured here too: a head that arrives in one read completes within it, before data_received counts.
+        size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
+        if size > MAX_HEAD_BYTES:
+            self._refuse("431 Request Header Fields Too Large",
+                         f"The request line and headers exceed {MAX_HEAD_BYTES} bytes")  # fmt: skip
+            raise _Refused  # stops the parser: nothing of this request reaches the app
         self._awaiting_head = False
         self._head_bytes = 0
         self._stop_head_timer()
@@ -137,20 +147,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         # Connection header only, llhttp all of them: a request with two took the body-less path.)
         return True
 
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        if self._h11_pending is not None and not self._answering() and not self.transport.is_closing():
-            rest, self._h11_pending = self._h11_pending, None
-            self._serve_with_h11(rest)
-
-    def _answering(self) -> bool:
-        return (self.cycle is not None and not self.cycle.response_complete) or bool(self.pipeline)
-
-    def _serve_with_h11(self, rest: bytes) -> None:
-        """Replays the request (its head as parsed, then the bytes after it) into an h11 protocol."""
-        self._stop_head_timer()
-        self._unset_keepalive_if_required()
-        self.connections.discard(self)
+    def _parse_without_upgrade(self, rest: bytes) -> None:
+        """Parses the offering request again without its offer (its head as parsed, then the bytes after it)."""
+        if self.scope["method"] == "CONNECT":  # a tunnel, not an offer: nothing to serve without it
+            self._refuse("405 Method Not Allowed", "CONNECT is not served here")
+            return
         head = [
             self.scope["method"].encode(),
             b" ",
@@ -160,13 +161,17 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             b"\r\n",
         ]
         for name, value in self.scope["headers"]:
-            head += [name, b": ", value, b"\r\n"]
+            if name == b"connection":  # its other tokens stay (close, keep-alive)
+                value = b", ".join(t for t in value.split(b",") if t.strip().lower() not in UPGRADE_HEADERS)
+                if not value:
+                    continue
+            if name not in UPGRADE_HEADERS:
+                head += [name, b": ", value, b"\r\n"]
         head.append(b"\r\n")
-        protocol = H11Protocol(config=self.config, server_state=self.server_state, app_state=self.app_state,
-                               _loop=self.loop)  # fmt: skip
-        protocol.connection_made(self.transport)
-        self.transport.set_protocol(protocol)
-        protocol.data_received(b"".join(head) + rest)
+        self.parser = httptools.HttpRequestParser(self)  # llhttp stays paused after an offer
+        self.parser.set_dangerous_leniencies(lenient_data_after_close=True)  # as uvicorn sets its own
+        self._awaiting_head, self._head_bytes = True, 0
+        self.data_received(b"".join(head) + rest)
 
     def _head_too_slow(self) -> None:
         self._head_timer = None
@@ -179,10 +184,23 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                 self.transport.close()
 
     def _refuse(self, status: str, message: str) -> None:
+        """Answers ``status`` and closes, after the answers to the requests pipelined before it (a pipelining
+        client reads answers in order: written at once, the refusal read as an earlier request's answer)."""
         log.warning("%s: %s (client %s)", status, message, self.client)
         self._stop_head_timer()
-        self.transport.write(_plain_response(status, message))
-        self.transport.close()
+        self._refusal = _plain_response(status, message)
+        self.flow.pause_reading()
+        self._refuse_when_answered()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._refuse_when_answered()
+
+    def _refuse_when_answered(self) -> None:
+        answering = (self.cycle is not None and not self.cycle.response_complete) or self.pipeline
+        if self._refusal is not None and not answering and not self.transport.is_closing():
+            self.transport.write(self._refusal)
+            self.transport.close()
 
     def _stop_head_timer(self) -> None:
         if self._head_timer is not None:

@@ -25,15 +25,18 @@ ENCODINGS = {"gzip": 32 + zlib.MAX_WBITS, "x-gzip": 32 + zlib.MAX_WBITS, "deflat
 def json_shape_problem(body: bytes, max_depth: int, max_numbers: int) -> InputError | None:
     """Nesting depth and number count of a JSON body, from its bytes, before any parsing.
 
-    Brackets inside strings count too (our documents carry only base64 strings and names,
-    which have none): the check can only err on the side of refusing.
+    Brackets and commas inside strings do not count (a request id of "]" let deeper nesting through, one of
+    "[[" refused a valid request): escaped backslashes and quotes are blanked, then every quote left opens
+    or closes a string.
     """
-    raw = np.frombuffer(body, np.uint8)
+    plain = body.replace(b"\\\\", b"  ").replace(b'\\"', b"  ")
+    raw = np.frombuffer(plain, np.uint8)
+    outside = np.cumsum(raw == ord('"')) % 2 == 0  # a string's closing quote is outside: it is no bracket
     step = (raw == ord("[")).astype(np.int32) + (raw == ord("{")) - (raw == ord("]")) - (raw == ord("}"))
-    depth = int(np.cumsum(step).max(initial=0))
+    depth = int(np.cumsum(step * outside).max(initial=0))
     if depth > max_depth:
         return InputError(f"JSON nested {depth} levels deep; at most {max_depth} are accepted")
-    numbers = int(np.count_nonzero(raw == ord(","))) + 1
+    numbers = int(np.count_nonzero((raw == ord(",")) & outside)) + 1
     if numbers > max_numbers:
         return InputError(f"JSON holds about {numbers} values; at most {max_numbers} are accepted "
                           "(send .npy, binary tensors or images)", 413)  # fmt: skip

@@ -189,6 +189,11 @@ class _Booking:
         self.admission, self.held = admission, 0
 
     def take(self, n: int) -> None:
+        if (
+            self.held + n > self.admission.limit
+        ):  # more than the whole budget: no retry can succeed (not a 503)
+            raise InputError(f"Payload exceeds the in-flight budget of {self.admission.limit} bytes "
+                              "(--max-inflight-bytes)", 413)  # fmt: skip
         if not self.admission.take(n):
             raise QueueFull(f"{self.admission.used} bytes of requests are being handled")
         self.held += n
@@ -510,7 +515,7 @@ class Service:
                          "version": engine.version, "providers": engine.providers_used}, {}  # fmt: skip
         except InputError as exc:
             code = exc.status
-            return code, {"detail": str(exc)}, {"Retry-After": "1"} if code == 503 else {}
+            return code, {"detail": str(exc)}, _error_headers(code)
         except QueueFull as exc:
             code = 503
             return code, {"detail": f"Busy: {exc}; retry later"}, {"Retry-After": "1"}
@@ -551,7 +556,7 @@ class Service:
             return 200, out, extra
         except InputError as exc:
             code = exc.status
-            return code, _error(str(exc)), {"Retry-After": "1"} if code == 503 else {}
+            return code, _error(str(exc)), _error_headers(code)
         except QueueFull as exc:
             code = 503
             return code, _error(f"Busy: {exc}; retry later"), {"Retry-After": "1"}
@@ -686,7 +691,23 @@ def contract_change(old: OnnxClassifier, new: OnnxClassifier) -> str:
 
 def _error(message: str) -> bytes:
     """The v2 protocol's error body."""
-    return json.dumps({"error": message}, ensure_ascii=False).encode()
+    return _json_bytes({"error": message})
+
+
+def _json_bytes(doc: Any) -> bytes:
+    """A JSON answer as UTF-8: a lone surrogate a client sent (``"\\ud800"``) and an error quotes stays escaped
+    (encoding it raised: a plain-text 500 counted as a 400)."""
+    return json.dumps(doc, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode(
+        "utf-8", "backslashreplace"
+    )
+
+
+def _error_headers(code: int) -> dict[str, str]:
+    """A refusal's headers: when to retry a 503; a 408 or 413 closes the connection (RFC 9110 15.5.9: the rest
+    of the body is not read; kept open, a client could trickle it for ever)."""
+    if code == 503:
+        return {"Retry-After": "1"}
+    return {"Connection": "close"} if code in (408, 413) else {}
 
 
 def request_inputs(scope, receive) -> tuple[str | None, Mapping[str, str], AsyncIterator[bytes]]:
@@ -716,11 +737,7 @@ async def answer(service: Service, scope, receive) -> tuple[int, bytes, dict[str
     """
     code, doc, extra = await service.predict(*request_inputs(scope, receive), on_gone=scope.get(ON_GONE))
     try:
-        return (
-            code,
-            json.dumps(doc, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode(),
-            extra,
-        )
+        return code, _json_bytes(doc), extra
     except ValueError:
         return 500, b'{"detail":"Inference failed: the model returned non-finite values"}', extra
 
@@ -744,11 +761,13 @@ class PredictPath:
         path = _route_path(scope)
         if path.startswith("/v2/") and b"%2f" in scope.get("raw_path", b"").lower():
             # Starlette routes on the decoded path: "vit%2Fversions%2F1" would address version 1.
+            started = time.perf_counter()
+            await _send(send, 404, _error("Unknown model: a model name or version holds no '/'"), {})
             if scope["method"] == "POST" and path.endswith(
                 "/infer"
             ):  # an inference request, counted as all are
                 self.service.metrics.requests.labels("404").inc()
-            await _send(send, 404, _error("Unknown model: a model name or version holds no '/'"), {})
+                self.service.metrics.latency.observe(time.perf_counter() - started)
             return
         if scope["method"] == "HEAD":
             # What uptime monitors, `curl -I` and `wget --spider` send (RFC 9110 section 9.1): the GET's

@@ -175,11 +175,11 @@ def _tensor(spec: Any, binary: bytes, offset: int) -> tuple[np.ndarray, int]:
     if not isinstance(spec, dict):
         raise V2Error("Expected each input to be an object with name, shape, datatype and data")
     datatype = spec.get("datatype")
-    if datatype not in DATATYPES:
+    if not isinstance(datatype, str) or datatype not in DATATYPES:  # a list or an object is unhashable
         raise V2Error(f"Unsupported datatype {str(datatype)[:20]!r}; use one of {sorted(DATATYPES)}")
     shape = spec.get("shape")
     if not (isinstance(shape, list) and shape and all(type(d) is int and d >= 0 for d in shape)):
-        raise V2Error(f"Expected 'shape' to be a list of integer sizes >= 0. Received: {str(shape)[:80]}")
+        raise V2Error(f"Expected 'shape' to be a list of integer sizes >= 0. Received: {ascii(shape)[:80]}")
     dtype = DATATYPES[datatype]
     count = math.prod(shape)  # a Python int: a claimed shape cannot overflow it
     params = _parameters(spec, "the input's")
@@ -189,7 +189,7 @@ def _tensor(spec: Any, binary: bytes, offset: int) -> tuple[np.ndarray, int]:
         if "data" in spec:
             raise V2Error("An input has either 'data' or parameters.binary_data_size, not both")
         if type(size) is not int or size != count * dtype.itemsize or offset + size > len(binary):
-            raise V2Error(f"binary_data_size {str(size)[:20]} does not match shape {shape} of {datatype} "
+            raise V2Error(f"binary_data_size {ascii(size)[:20]} does not match shape {shape} of {datatype} "
                           f"({count * dtype.itemsize} bytes) or the {len(binary) - offset} bytes sent")  # fmt: skip
         array = np.frombuffer(binary, dtype, count, offset)
         return array.reshape(shape), offset + size
@@ -238,8 +238,10 @@ def parse_infer(engine: OnnxClassifier, body: bytes, header_length: str | None, 
     for out in requested:
         if not isinstance(out, dict):
             raise V2Error("Expected each requested output to be an object with a name")
-        if out.get("name") not in OUTPUTS:
+        if not isinstance(out.get("name"), str) or out["name"] not in OUTPUTS:
             raise V2Error(f"Unknown output {str(out.get('name'))[:40]!r}; the outputs are {list(OUTPUTS)}")
+        if any(w.name == out["name"] for w in wanted):  # as Triton: one answer per output name
+            raise V2Error(f"Output {out['name']!r} is requested twice")
         params = _parameters(out, "an output's")
         _no_shared_memory(params, "Output", out["name"])
         classes = params.get("classification", 0)
