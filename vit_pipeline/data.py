@@ -38,7 +38,7 @@ import numpy as np
 
 from vit_pipeline.config import SPLIT_FOLDER_NAMES, PipelineConfig
 from vit_pipeline.errors import DataError
-from vit_pipeline.fsutil import atomic_path
+from vit_pipeline.fsutil import atomic_path, scratch_dir
 from vit_pipeline.shards import ShardedImages, update_digest, write_shards
 
 if TYPE_CHECKING:
@@ -746,7 +746,6 @@ def prepare(
 
 def _prepare_folder(cfg: PipelineConfig, root: Path, shard_dir: str | os.PathLike | None) -> Splits:
     """An image folder: split on the file lists, then decoded split by split into shards."""
-    import tempfile
 
     layout = image_folder_layout(root)
     listed, names = list_splits(layout)
@@ -770,7 +769,7 @@ def _prepare_folder(cfg: PipelineConfig, root: Path, shard_dir: str | os.PathLik
         raise DataError(f"{len(empty)} classes have no training image left after the test and validation splits "
                         f"(e.g. {empty[:5]}): too few images per class for --test-split {cfg.test_split:g} and "
                         f"--validation-split {cfg.validation_split:g}")  # fmt: skip
-    out_dir = Path(shard_dir) if shard_dir else Path(tempfile.mkdtemp(prefix="vit-shards-"))
+    out_dir = Path(shard_dir) if shard_dir else scratch_dir("vit-shards-")
     decoded, skipped = _shard_splits(
         cfg, {"train": (files_train, y_train), "val": (files_val, y_val), "test": (files_test, y_test)},
         out_dir,

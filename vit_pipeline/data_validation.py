@@ -58,7 +58,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from vit_pipeline.errors import DataError
-from vit_pipeline.fsutil import write_text
+from vit_pipeline.fsutil import scratch_root, write_text
 
 if TYPE_CHECKING:
     from vit_pipeline.config import PipelineConfig
@@ -619,7 +619,10 @@ def checkpoint_seen(cfg: PipelineConfig) -> tuple[ImageHashes | None, Lineage]:
     if SEEN_ARTIFACT not in {a.path for a in client.list_artifacts(source.run_id, folder)}:
         why = f"run {source.run_id} of {source.uri} has no {SEEN_ARTIFACT} (logged by an earlier version)"
         return None, Lineage(False, source.uri, why=why)
-    with tempfile.TemporaryDirectory(prefix="vit-seen-") as tmp, store_uris(tracking.tracking_uri(cfg)):
+    with (
+        tempfile.TemporaryDirectory(prefix="vit-seen-", dir=scratch_root()) as tmp,
+        store_uris(tracking.tracking_uri(cfg)),
+    ):
         path = mlflow.artifacts.download_artifacts(run_id=source.run_id, artifact_path=SEEN_ARTIFACT,
                                                    dst_path=tmp)  # fmt: skip
         seen = ImageHashes.load(path)

@@ -282,7 +282,7 @@ def _resolve_mlflow(requested: str, tracking_uri: str) -> Source:
             pinned = keras_uri = (
                 requested if (match.group(2) or "/") != "/" else f"runs:/{run_id}/{KERAS_ARTIFACT}"
             )
-        dst = Path(tempfile.mkdtemp(dir=_download_root()))
+        dst = Path(tempfile.mkdtemp(prefix="vit-init-", dir=_download_root()))
         with store_uris(tracking_uri):
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=keras_uri, dst_path=str(dst)))
             names = _run_class_names(run_id, dst)
@@ -298,16 +298,12 @@ def _resolve_mlflow(requested: str, tracking_uri: str) -> Source:
     return Source(requested, pinned, OWN, "keras", str(file), digest(file), names, run_id)
 
 
-@functools.cache
 def _download_root() -> Path:
-    """This process's folder for downloaded checkpoints, removed when it exits (a checkpoint is read when
-    the model is built; every run, resume and trial left a full copy in /tmp)."""
-    import atexit
-    import shutil
+    """Where downloaded checkpoints go: the process's scratch folder (a checkpoint is read when the model is
+    built; every run, resume and trial left a full copy in /tmp, and a killed one still did)."""
+    from vit_pipeline.fsutil import scratch_root
 
-    root = Path(tempfile.mkdtemp(prefix="vit-init-"))
-    atexit.register(shutil.rmtree, root, ignore_errors=True)
-    return root
+    return scratch_root()
 
 
 def _registered_version(client, uri: str):

@@ -1,12 +1,20 @@
-"""Atomic file writes: a crash never leaves a half-written file behind."""
+"""Files a crash does not leave behind: atomic writes, and one scratch folder per process."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import functools
 import os
+import re
+import shutil
+import socket
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+
+SCRATCH_PREFIX = "vit-pipeline-"
 
 
 @contextlib.contextmanager
@@ -40,3 +48,42 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(path)
+
+
+@functools.cache
+def scratch_root() -> Path:
+    """This process's folder for temporary files (downloads, exports, benchmark files), removed when it exits.
+
+    The folders of this host's processes that died before removing theirs (SIGKILL, the OOM killer) are
+    removed when the next one starts: each killed nightly run left a checkpoint copy in the temporary
+    folder, and the weekly benchmark left its ONNX files there even when it ended well. Named
+    ``vit-pipeline-<host>-<pid>-*``: a process of another host (or container) sharing the folder is not
+    judged by this host's process table.
+    """
+    base, host = Path(tempfile.gettempdir()), _host()
+    for stale in base.glob(f"{SCRATCH_PREFIX}{host}-*-*"):
+        pid = stale.name[len(SCRATCH_PREFIX) + len(host) + 1 :].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    root = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{host}-{os.getpid()}-", dir=base))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    return root
+
+
+def scratch_dir(prefix: str) -> Path:
+    """A new folder under ``scratch_root`` (removed with it)."""
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=scratch_root()))
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:40] or "host"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True

@@ -119,13 +119,16 @@ def load_keras(model_uri: str):
 
     import mlflow
 
+    from vit_pipeline.fsutil import scratch_root
     from vit_pipeline.model import load_model
 
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tempfile.mkdtemp()))
-    file = keras_file(local)
-    if file is None:
-        raise FileNotFoundError(f"No .keras file in {model_uri}")
-    return load_model(str(file))
+    # Read into memory, then removed (each weekly benchmark left the champion's copy in the temporary folder).
+    with tempfile.TemporaryDirectory(prefix="vit-keras-", dir=scratch_root()) as tmp:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp))
+        file = keras_file(local)
+        if file is None:
+            raise FileNotFoundError(f"No .keras file in {model_uri}")
+        return load_model(str(file))
 
 
 def keras_file(path):

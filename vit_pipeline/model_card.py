@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import csv
 import json
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vit_pipeline.fsutil import write_text
+from vit_pipeline.fsutil import scratch_dir, write_text
 
 if TYPE_CHECKING:
     from vit_pipeline.context import StageContext
@@ -40,7 +39,7 @@ class RunRecord:
         self.client, self.run_id = client, run_id
         run = client.get_run(run_id)
         self.params, self.metrics, self.tags = run.data.params, run.data.metrics, run.data.tags
-        self._dir = Path(tempfile.mkdtemp(prefix="vit-card-"))
+        self._dir = scratch_dir("vit-card-")  # removed when the process ends
 
     def artifact(self, path: str) -> Path | None:
         try:

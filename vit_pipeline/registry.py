@@ -48,6 +48,7 @@ from vit_consumer.contract import class_names as contract_class_names
 from vit_pipeline import thresholds, tracking
 from vit_pipeline.config import PipelineConfig
 from vit_pipeline.errors import PipelineError
+from vit_pipeline.fsutil import scratch_root
 
 if TYPE_CHECKING:
     from vit_pipeline.context import StageContext
@@ -176,7 +177,7 @@ def champion_logits(
     from vit_consumer.classifier import resolve_model
 
     try:
-        with tempfile.TemporaryDirectory(prefix="vit-champion-") as download:
+        with tempfile.TemporaryDirectory(prefix="vit-champion-", dir=scratch_root()) as download:
             path = resolve_model(f"models:/{champion.name}/{champion.version}", tracking_uri, download)
             names = onnx_class_names(path)
             if names is not None and names != split.class_names:

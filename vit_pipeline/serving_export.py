@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from vit_pipeline.errors import PipelineError
-from vit_pipeline.fsutil import atomic_path, write_text
+from vit_pipeline.fsutil import atomic_path, scratch_root, write_text
 
 CONSUMER_PORT = 8000
 LOCK_SECONDS = 600  # a publish copies one model file: minutes at most
@@ -385,7 +385,7 @@ def export_serving(source: str, out_dir: str | Path, tracking_uri: str | None = 
                    queue_delay_us: int = 2000, consumer_tracking_uri: str | None = None) -> dict[str, str]:  # fmt: skip
     """Writes the Triton repository and the KServe and Kubernetes manifests; returns their paths (and a note)."""
     _check_options(max_batch_size, queue_delay_us, storage_uri, consumer_image)
-    with tempfile.TemporaryDirectory(prefix="vit-export-") as download:
+    with tempfile.TemporaryDirectory(prefix="vit-export-", dir=scratch_root()) as download:
         model = read_model(source, tracking_uri, download)
         with _one_writer(Path(out_dir)):
             return _write_all(model, Path(out_dir), tracking_uri, storage_uri, consumer_image, max_batch_size,
@@ -536,7 +536,7 @@ def publish(source: str, out_dir: str | Path, tracking_uri: str | None = None, *
     if (missing := _no_champion_yet(source, tracking_uri)) is not None:  # a fresh install: nothing to publish
         return {"published": False, "name": None, "version": None, "reason": missing}
     out = Path(out_dir)
-    with tempfile.TemporaryDirectory(prefix="vit-export-") as download, _one_writer(out):
+    with tempfile.TemporaryDirectory(prefix="vit-export-", dir=scratch_root()) as download, _one_writer(out):
         model = read_model(source, tracking_uri, download)
         folder = out / "triton" / model.name
         if folder.is_dir():  # another model's folder is an error, not "already served"

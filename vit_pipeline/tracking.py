@@ -22,6 +22,7 @@ from typing import Any
 
 from vit_pipeline.config import PipelineConfig
 from vit_pipeline.errors import ConfigError
+from vit_pipeline.fsutil import scratch_root
 
 
 def home() -> Path:
@@ -119,7 +120,7 @@ def read_run_file(cfg: PipelineConfig, run_id: str, path: str, read: Callable[[P
     """
     import tempfile
 
-    with tempfile.TemporaryDirectory(prefix="vit-run-file-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="vit-run-file-", dir=scratch_root()) as tmp:
         try:
             local = download_run_artifact(cfg, run_id, path, tmp)
         except Exception as exc:  # an older run without it, or an outage

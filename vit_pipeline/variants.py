@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vit_pipeline.fsutil import atomic_path
+from vit_pipeline.fsutil import atomic_path, scratch_root
 from vit_pipeline.progress import quiet
 
 log = logging.getLogger(__name__)
@@ -137,7 +137,12 @@ def quantize_static_int8(src: str | Path, dst: str | Path, calibration: np.ndarr
     shown = task(
         f"int8 calibration: {len(nodes)} GEMMs on {len(calibration)} training images", len(calibration)
     )
-    with shown as tracker, tempfile.TemporaryDirectory() as work, atomic_path(dst) as tmp, _quiet_quantizer():
+    with (
+        shown as tracker,
+        tempfile.TemporaryDirectory(dir=scratch_root()) as work,
+        atomic_path(dst) as tmp,
+        _quiet_quantizer(),
+    ):
         # Symbolic shape inference knows ONNX Runtime's contrib ops (Gelu, Attention), so
         # the quantiser sees every tensor's type; the graph itself is left as it is.
         inferred = Path(work) / "inferred.onnx"

@@ -359,3 +359,32 @@ def test_a_prefect_server_that_does_not_answer_is_one_line(tmp_path):
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 1 and len(lines) == 2, out.stderr
     assert lines[0].startswith("Error: Cannot reach the Prefect API at http://127.0.0.1:"), lines[0]
+
+
+def test_scratch_folders_of_killed_processes_are_removed_by_the_next_one(tmp_path):
+    """Downloads, exports and benchmark files live in one folder per process, removed at its exit; a SIGKILLed
+    (OOM-killed) process cannot remove its own: the next process of the host does, never a live one's."""
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    hold = (
+        "import sys, time\nfrom vit_pipeline.fsutil import scratch_dir\n"
+        "d = scratch_dir('vit-init-')\n(d / 'model.keras').write_bytes(b'0' * 1000)\nprint(d, flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    killed = subprocess.Popen([sys.executable, "-c", hold], env=env, stdout=subprocess.PIPE, text=True)
+    alive = subprocess.Popen([sys.executable, "-c", hold], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        gone, kept = Path(killed.stdout.readline().strip()), Path(alive.stdout.readline().strip())
+        killed.send_signal(signal.SIGKILL)
+        killed.wait(30)
+        assert gone.is_dir() and kept.is_dir()
+        code = "from vit_pipeline.fsutil import scratch_root\nprint(scratch_root())"
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+        )
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert not gone.parent.exists() and kept.is_dir()  # the killed one's root went, the live one's stays
+        assert not Path(out.stdout.strip()).exists()  # its own, at its exit
+    finally:
+        for proc in (killed, alive):
+            proc.kill()
+            proc.wait(30)

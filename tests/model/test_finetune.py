@@ -408,7 +408,7 @@ def test_a_downloaded_checkpoint_leaves_the_disk_with_its_process(tmp_path):
                          capture_output=True, text=True, timeout=300)  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     path = out.stdout.split()[-1]
-    assert path.endswith(".keras") and "vit-init-" in path
+    assert path.endswith(".keras") and "vit-init-" in path and "/vit-pipeline-" in path
     assert not os.path.exists(path)
 
 

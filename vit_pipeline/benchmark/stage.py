@@ -6,7 +6,6 @@ metrics; the JSON, Markdown and plot are artifacts under ``benchmark/``).
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -14,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from vit_pipeline.benchmark.report import BenchmarkReport
 from vit_pipeline.benchmark.run import benchmark_files, fresh_keras_model
 from vit_pipeline.benchmark.scenario import Scenario
+from vit_pipeline.fsutil import scratch_dir
 
 if TYPE_CHECKING:
     from vit_pipeline.context import StageContext
@@ -98,7 +98,7 @@ def run_champion(champion: Champion, tracking_uri: str | None, options: dict[str
         **(extra_tags or {}),  # the Prefect flow run's: a crashed flow run's run is ended KILLED by it
     }
     with runs.tracked_run(cfg, None, tags) as run_id:
-        out = Path(tempfile.mkdtemp(prefix="vit-bench-"))
+        out = scratch_dir("vit-bench-")  # the report is logged; the files go when the process ends
         report, files = benchmark_files(
             export_plain(model, out / "model.onnx"), out, keras_model=model,
             variants=tuple(split_names(options["variants"])),
