@@ -222,6 +222,14 @@ def test_train_pipeline_logs_everything(prefect_server, tiny_overrides, tmp_path
     assert bench_run.data.tags["prefect.flow_run_id"]
     assert runs.flow_run_config({"model_name": "m", "tracking_uri": uri}).tracking.tracking_uri == uri
     assert bench_run.data.metrics["bench_onnxruntime_cpu_optimized_b2_ips"] > 0
+    # The report is named where it stays (its files went with the process's scratch folder).
+    import mlflow
+
+    report = mlflow.artifacts.download_artifacts(
+        bench["report_path"], dst_path=str(tmp_path), tracking_uri=uri
+    )
+    assert bench["report_path"].startswith(f"runs:/{bench_run.info.run_id}/")
+    assert json.loads(Path(report).read_text())["results"]
 
 
 LOAD_CHECK = """

@@ -23,7 +23,8 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class BenchmarkOutcome:
-    """What the benchmark hands on: where its report is, its rows, the ratios and the served choice."""
+    """What the benchmark hands on: where its report is (a file, or the ``runs:/`` URI it was logged to), its
+    rows, the ratios and the served choice."""
 
     report_path: str
     rows: list[dict[str, Any]]
@@ -108,7 +109,9 @@ def run_champion(champion: Champion, tracking_uri: str | None, options: dict[str
             model_info={"name": f"{champion.name} v{champion.version}"},
         )  # fmt: skip
         log_report(tracking.RunLogger.open(cfg, run_id), report, files)
-    return BenchmarkOutcome(str(files["json"]), report.table_rows(), report.ratios(), report.choice, run_id)
+    # The files went with the process's scratch folder: the report is where it was logged.
+    logged = f"runs:/{run_id}/benchmark/{files['json'].name}"
+    return BenchmarkOutcome(logged, report.table_rows(), report.ratios(), report.choice, run_id)
 
 
 def export_plain(model, path: Path) -> str:
