@@ -538,11 +538,20 @@ SPLIT_FOLDER_NAMES = ("train", "training", "val", "valid", "validation", "test",
 def folder_dataset_name(path: str) -> str:
     """An image folder's dataset name: its base name (the parent's when it is a split folder
     such as ``ROOT/train``), as a slug for experiment and registry names."""
-    parts = [p for p in path.replace("\\", "/").rstrip("/").split("/") if p not in ("", ".")]
+    import hashlib
+    import os
+
+    path = path.replace("\\", "/").rstrip("/")
+    if any(p in (".", "..") for p in path.split("/")):  # ".", "../data": named by the folder they are
+        path = os.path.abspath(path)
+    parts = [p for p in path.split("/") if p]
     if len(parts) > 1 and parts[-1].lower() in SPLIT_FOLDER_NAMES:
         parts = parts[:-1]
     name = parts[-1] if parts else "images"
-    return re.sub(r"[^a-z0-9._-]+", "-", name.lower()).strip("-.") or "images"
+    slug = re.sub(r"[^a-z0-9._-]+", "-", name.lower()).strip("-.")
+    # A name of other letters (写真/) keeps a name of its own: every one of them was "images", one schema
+    # and one registered model for unrelated datasets.
+    return slug or f"images-{hashlib.sha256(name.encode('utf-8', 'surrogateescape')).hexdigest()[:8]}"
 
 
 PRESETS_DIR = Path(__file__).parent / "presets"

@@ -205,3 +205,19 @@ def test_config_sections_and_flat_names():
     assert nested.epochs == 3 and nested == PipelineConfig(epochs=3, tracking_uri="sqlite:///x.db")
     with pytest.raises(AttributeError):
         _ = cfg.no_such_field
+
+
+def test_an_image_folder_is_named_by_the_folder_it_is(tmp_path, monkeypatch):
+    """ ".", ".." and a name of other letters were all "images": one schema, one experiment and one registered
+    model for unrelated datasets (the second failed data validation, "class list changed")."""
+    from vit_pipeline.config import folder_dataset_name
+
+    (tmp_path / "pets" / "train").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "pets")
+    assert (
+        folder_dataset_name(".") == folder_dataset_name("./train") == folder_dataset_name("../pets") == "pets"
+    )
+    assert folder_dataset_name("/data/flowers/train") == "flowers"
+    photos, pictures = folder_dataset_name("/data/写真"), folder_dataset_name("/data/图片")
+    assert photos.startswith("images-") and pictures.startswith("images-") and photos != pictures
+    assert folder_dataset_name("/data/写真/train") == photos
