@@ -562,20 +562,17 @@ def evaluate(model_path: str, **kwargs) -> None:
 def predict(images: tuple[str, ...], model_uri: str, tracking_uri: str | None, top_k: int) -> None:
     """Classify IMAGES (PNG/JPEG) with an exported ONNX model (ONNX Runtime only)."""
 
-    from PIL import Image
     from vit_consumer import InputError, OnnxClassifier
 
     from vit_pipeline import tracking
     from vit_pipeline.errors import DataError
 
-    # The user's own files: what training decodes (Pillow's own limit), not a service's per-request budget.
-    budget = 2 * Image.MAX_IMAGE_PIXELS
     try:
         clf = OnnxClassifier.from_uri(model_uri, tracking_uri or tracking.tracking_uri())
         for image in images:
             if not Path(image).is_file():
                 raise InputError(f"Image file does not exist: {image}")
-            (preds,) = clf.predict(clf.decode_images([Path(image).read_bytes()], budget), top_k)
+            (preds,) = clf.predict(clf.decode_image(Path(image).read_bytes())[None], top_k)
             click.echo(json.dumps({"image": image, "predictions": preds}))
     except InputError as exc:
         raise DataError(str(exc)) from exc

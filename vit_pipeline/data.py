@@ -58,8 +58,9 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 # Folders that hold no classes: macOS' resource forks in zips, caches, the thumbnails and recycle bins NAS
 # boxes (Synology, QNAP) and other systems write into shared folders (thumbnails of a class's photos in it would
 # be counted as its images, copies of its test images among them).
-IGNORED_FOLDERS = frozenset({"__MACOSX", "__pycache__", "@eaDir", "#recycle", "#snapshot", "@Recycle",
-                             "$RECYCLE.BIN", "System Volume Information", "lost+found"})  # fmt: skip
+IGNORED_FOLDERS = frozenset(name.casefold() for name in (  # compared case-blind: Windows writes $Recycle.Bin too
+    "__MACOSX", "__pycache__", "@eaDir", "#recycle", "#snapshot", "@Recycle", "$RECYCLE.BIN",
+    "System Volume Information", "lost+found"))  # fmt: skip
 
 # The only globals a numpy array pickle needs (numpy 1.x and 2.x spellings).
 _ALLOWED_GLOBALS = frozenset(
@@ -360,7 +361,7 @@ assert set(SPLIT_FOLDERS) == set(SPLIT_FOLDER_NAMES)
 
 def _subdirs(path: Path) -> list[Path]:
     return sorted(p for p in path.iterdir()
-                  if p.is_dir() and not p.name.startswith(".") and p.name not in IGNORED_FOLDERS)  # fmt: skip
+                  if p.is_dir() and not p.name.startswith(".") and p.name.casefold() not in IGNORED_FOLDERS)  # fmt: skip
 
 
 def _class_key(name: str) -> str:
@@ -524,7 +525,7 @@ def _image_files(class_dir: Path) -> list[str]:
             dirs[:] = []
             continue
         seen.add(real)
-        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in IGNORED_FOLDERS]
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d.casefold() not in IGNORED_FOLDERS]
         found += [os.path.join(here, f) for f in files
                   if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_SUFFIXES]  # fmt: skip
     return sorted(f for f in found if os.path.isfile(f))
@@ -708,7 +709,7 @@ def prepare(
         source_path: Where a fetched dataset lies (from ``fetch``); overrides
             ``cfg.data_path``.
         shard_dir: Where an image folder's shards go (the run's work directory);
-            None: a new temporary directory.
+            None: a new folder in the process's scratch folder, removed when the process exits.
     """
     if cfg.dataset == "image_folder":
         return _prepare_folder(cfg, Path(source_path or cfg.data_path), shard_dir)

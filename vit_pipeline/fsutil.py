@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import fcntl
 import functools
 import os
-import re
 import shutil
-import socket
 import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 SCRATCH_PREFIX = "vit-pipeline-"
+LOCK_NAME = ".owner.lock"
 
 
 @contextlib.contextmanager
@@ -54,18 +54,20 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 def scratch_root() -> Path:
     """This process's folder for temporary files (downloads, exports, benchmark files), removed when it exits.
 
-    The folders of this host's processes that died before removing theirs (SIGKILL, the OOM killer) are
-    removed when the next one starts: each killed nightly run left a checkpoint copy in the temporary
-    folder, and the weekly benchmark left its ONNX files there even when it ended well. Named
-    ``vit-pipeline-<host>-<pid>-*``: a process of another host (or container) sharing the folder is not
-    judged by this host's process table.
+    The folders of processes that died before removing theirs (SIGKILL, the OOM killer) are removed when the
+    next one starts: each killed nightly run left a checkpoint copy in the temporary folder, and the weekly
+    benchmark left its ONNX files there even when it ended well. Each folder holds a lock its process (and
+    any child it forks) keeps while alive: a folder whose lock can be taken has no live owner, whatever
+    process table, container or reused PID (``vit-pipeline-<pid>-*`` names it for people only).
     """
-    base, host = Path(tempfile.gettempdir()), _host()
-    for stale in base.glob(f"{SCRATCH_PREFIX}{host}-*-*"):
-        pid = stale.name[len(SCRATCH_PREFIX) + len(host) + 1 :].split("-", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
-    root = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{host}-{os.getpid()}-", dir=base))
+    base = Path(tempfile.gettempdir())
+    for stale in base.glob(f"{SCRATCH_PREFIX}*"):
+        _remove_if_abandoned(stale)
+    root = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-", dir=base))
+    # Locked, then named: a cleaner starting meanwhile never finds the lock untaken.
+    lock = os.open(root / f"{LOCK_NAME}.new", os.O_CREAT | os.O_RDWR, 0o600)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # held until the process (and its forked children) end
+    os.rename(root / f"{LOCK_NAME}.new", root / LOCK_NAME)
     atexit.register(shutil.rmtree, root, ignore_errors=True)
     return root
 
@@ -75,15 +77,18 @@ def scratch_dir(prefix: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=prefix, dir=scratch_root()))
 
 
-def _host() -> str:
-    return re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:40] or "host"
-
-
-def _alive(pid: int) -> bool:
+def _remove_if_abandoned(folder: Path) -> None:
+    """Removes ``folder`` if its lock can be taken (its owner died); one just made, still without a lock, stays."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
+        lock = os.open(folder / LOCK_NAME, os.O_RDWR)
+    except OSError:  # no lock yet (being made), or not ours to open
+        return
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # held: its process lives
+        os.close(lock)
+        return
+    try:
+        shutil.rmtree(folder, ignore_errors=True)
+    finally:
+        os.close(lock)

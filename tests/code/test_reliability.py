@@ -377,12 +377,18 @@ def test_scratch_folders_of_killed_processes_are_removed_by_the_next_one(tmp_pat
         killed.send_signal(signal.SIGKILL)
         killed.wait(30)
         assert gone.is_dir() and kept.is_dir()
+        # Its PID names a live process (reused), but nothing holds its lock: abandoned. Without a lock yet: new.
+        reused = tmp_path / f"vit-pipeline-{os.getpid()}-reused"
+        reused.mkdir()
+        (reused / ".owner.lock").touch()
+        (tmp_path / "vit-pipeline-1-being-made").mkdir()
         code = "from vit_pipeline.fsutil import scratch_root\nprint(scratch_root())"
         out = subprocess.run(
             [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
         )
         assert out.returncode == 0, out.stderr[-2000:]
         assert not gone.parent.exists() and kept.is_dir()  # the killed one's root went, the live one's stays
+        assert not reused.exists() and (tmp_path / "vit-pipeline-1-being-made").is_dir()
         assert not Path(out.stdout.strip()).exists()  # its own, at its exit
     finally:
         for proc in (killed, alive):

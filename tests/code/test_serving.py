@@ -239,6 +239,19 @@ def test_pixel_budget_counts_all_images_of_a_request(strict_server):
         f"{strict_server}/predict", content=two, headers={"Content-Type": "application/json"}, timeout=30
     )
     assert resp.status_code == 413 and "more than 1000000 pixels together" in resp.json()["detail"]
+    # Refused once the whole body was read: the connection stays for the next request (a refusal before the
+    # body is read closes it).
+    import socket
+
+    port = int(strict_server.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + f"Content-Length: {len(two)}\r\n\r\n".encode() + two
+                     + b"GET /health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")  # fmt: skip
+        answers = b""
+        while part := sock.recv(65536):
+            answers += part
+    assert answers.startswith(b"HTTP/1.1 413 ") and b"HTTP/1.1 200 " in answers, answers[:400]
 
 
 @pytest.mark.parametrize(

@@ -651,6 +651,7 @@ def test_nas_thumbnail_folders_are_neither_classes_nor_images(tmp_path):
         _pngs(root / cls, 6)
         _pngs(root / cls / "@eaDir" / "0.png", 5)
     _pngs(root / "@eaDir" / "x", 2)
+    _pngs(root / "$Recycle.Bin" / "x", 2)  # as Windows writes it
     splits = _prepare(root, tmp_path)
     assert splits.class_names == ["cats", "dogs"]
     assert len(splits.y_train) + len(splits.y_val) + len(splits.y_test) == 12

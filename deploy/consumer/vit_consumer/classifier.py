@@ -305,21 +305,29 @@ class OnnxClassifier:
 
     # ----------------------------------------------------------------- input
     def decode_image(self, payload: bytes) -> np.ndarray:
-        """Image file bytes -> float32 (H, W, 3) at the model's input size."""
-        return self.decode_images([payload])[0]
+        """One image file's bytes (a user's own: no request budget) -> float32 (H, W, 3) at the model's input size."""
+        return self.decode_images([payload], None)[0]
 
-    def decode_images(self, payloads: list[bytes], pixel_budget: int = DEFAULT_PIXEL_BUDGET) -> np.ndarray:
+    def decode_images(
+        self, payloads: list[bytes], pixel_budget: int | None = DEFAULT_PIXEL_BUDGET
+    ) -> np.ndarray:
         """Image files (``contract.IMAGE_FORMATS``) -> float32 (N, H, W, 3), refusing before any decoding if the
-        images together hold more than ``pixel_budget`` pixels (their headers say).
+        images together hold more than ``pixel_budget`` pixels (their headers say); None: what training reads,
+        up to Pillow's own limit (a user's own files, ``predict``).
 
         Anything Pillow raises while it parses a client's bytes is that client's bad file (a 400): its
         decoders raise SyntaxError, struct.error, IndexError... on damaged files, not only OSError.
         """
+        import warnings
+
         from PIL import Image, UnidentifiedImageError
 
         # The budget is counted from the headers below, before any decoding: Pillow's own process-wide limit is
-        # left as it is (setting it capped every image at the budget of whichever call ran last, a larger
-        # --pixel-budget at 40 MP, and the training images decoded later in the same process).
+        # left as it is (setting it warned past the budget of whichever call ran last and refused past twice it,
+        # a larger --pixel-budget at 80 MP, and the training images decoded later in the same process).
+        most = 2 * Image.MAX_IMAGE_PIXELS  # Pillow refuses more when it opens a file
+        if pixel_budget is None:
+            pixel_budget = most
         h, w, _ = self.input_shape
         opened = []
         try:
@@ -327,7 +335,11 @@ class OnnxClassifier:
             for i, payload in enumerate(payloads):
                 where = f"image {i + 1} of {len(payloads)}: " if len(payloads) > 1 else ""
                 try:  # reads the header only; only the plugins of the formats both sides read
-                    img = Image.open(io.BytesIO(payload), formats=contract.IMAGE_FORMATS)
+                    with (
+                        warnings.catch_warnings()
+                    ):  # Pillow's warning past its limit: the budget decides here
+                        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                        img = Image.open(io.BytesIO(payload), formats=contract.IMAGE_FORMATS)
                 except UnidentifiedImageError:
                     raise InputError(f"Could not decode the image: {where}not an image file of a format read here "
                                      f"({', '.join(contract.IMAGE_FORMATS)})") from None  # fmt: skip
@@ -349,8 +361,8 @@ class OnnxClassifier:
         except InputError:
             raise
         except Image.DecompressionBombError:  # Pillow's own limit, before ours could count the pixels
-            raise InputError(f"An image holds more than {pixel_budget} pixels (the per-request budget); "
-                             "send smaller images", 413) from None  # fmt: skip
+            raise InputError(f"An image holds more than {min(pixel_budget, most)} pixels (the per-request budget, "
+                             f"at most Pillow's limit of {most}); send smaller images", 413) from None  # fmt: skip
         except MemoryError:
             raise
         except Exception as exc:  # a damaged file (see the docstring)

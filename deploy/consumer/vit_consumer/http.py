@@ -65,10 +65,10 @@ class _Refused(Exception):
     """Raised from a parser callback after the request was refused: the parser stops there."""
 
 
-def _plain_response(status: str, message: str) -> bytes:
+def _plain_response(status: str, message: str, extra: str = "") -> bytes:
     body = message.encode()
     return (f"HTTP/1.1 {status}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {len(body)}\r\n"
-            "connection: close\r\n\r\n").encode() + body  # fmt: skip
+            f"{extra}connection: close\r\n\r\n").encode() + body  # fmt: skip
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
@@ -101,21 +101,21 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             if self._head_timer is None:  # the first bytes of the next request on a kept-alive connection
                 self._head_timer = self.loop.call_later(HEAD_TIMEOUT_S, self._head_too_slow)
         self._unset_keepalive_if_required()
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserError:
-            if self._refusal is not None:  # refused from a callback (on_headers_complete)
+        # An offer's request is parsed again without it: a loop (600 pipelined offers overflowed a recursion).
+        while data:
+            try:
+                self.parser.feed_data(data)
+                data = b""
+            except httptools.HttpParserError:
+                if self._refusal is None:  # not refused from a callback (on_headers_complete) already
+                    self._refuse("400 Bad Request", "Invalid HTTP request received.")
                 return
-            self.logger.warning("Invalid HTTP request received.")
-            self.send_400_response("Invalid HTTP request received.")
-            return
-        except httptools.HttpParserUpgrade as exc:
-            if self._get_upgrade() == b"websocket" and self._should_upgrade_to_ws():
-                self.handle_websocket_upgrade()
-            else:
-                self._parse_without_upgrade(data[exc.args[0] :])
-            return
-        if self._awaiting_head and self._head_bytes > MAX_HEAD_BYTES:
+            except httptools.HttpParserUpgrade as exc:
+                if self._get_upgrade() == b"websocket" and self._should_upgrade_to_ws():
+                    self.handle_websocket_upgrade()
+                    return
+                data = self._without_upgrade(data[exc.args[0] :])
+        if self._refusal is None and self._awaiting_head and self._head_bytes > MAX_HEAD_BYTES:
             self._refuse("431 Request Header Fields Too Large",
                          f"The request line and headers exceed {MAX_HEAD_BYTES} bytes")  # fmt: skip
 
@@ -147,11 +147,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         # Connection header only, llhttp all of them: a request with two took the body-less path.)
         return True
 
-    def _parse_without_upgrade(self, rest: bytes) -> None:
-        """Parses the offering request again without its offer (its head as parsed, then the bytes after it)."""
+    def _without_upgrade(self, rest: bytes) -> bytes:
+        """The offering request without its offer (its head as parsed, then the bytes after it), for a new parser;
+        b"" for CONNECT (refused)."""
         if self.scope["method"] == "CONNECT":  # a tunnel, not an offer: nothing to serve without it
-            self._refuse("405 Method Not Allowed", "CONNECT is not served here")
-            return
+            self._refuse("405 Method Not Allowed", "CONNECT is not served here", "allow: GET, HEAD, POST\r\n")
+            return b""
         head = [
             self.scope["method"].encode(),
             b" ",
@@ -170,8 +171,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         head.append(b"\r\n")
         self.parser = httptools.HttpRequestParser(self)  # llhttp stays paused after an offer
         self.parser.set_dangerous_leniencies(lenient_data_after_close=True)  # as uvicorn sets its own
-        self._awaiting_head, self._head_bytes = True, 0
-        self.data_received(b"".join(head) + rest)
+        data = b"".join(head) + rest
+        self._awaiting_head, self._head_bytes = True, len(data)
+        return data
 
     def _head_too_slow(self) -> None:
         self._head_timer = None
@@ -183,12 +185,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             else:  # a connection that never sent a byte: nothing to answer
                 self.transport.close()
 
-    def _refuse(self, status: str, message: str) -> None:
+    def _refuse(self, status: str, message: str, extra: str = "") -> None:
         """Answers ``status`` and closes, after the answers to the requests pipelined before it (a pipelining
         client reads answers in order: written at once, the refusal read as an earlier request's answer)."""
         log.warning("%s: %s (client %s)", status, message, self.client)
         self._stop_head_timer()
-        self._refusal = _plain_response(status, message)
+        self._refusal = _plain_response(status, message, extra)
         self.flow.pause_reading()
         self._refuse_when_answered()
 

@@ -499,7 +499,7 @@ class Service:
                 what runs if the client hangs up before its answer is registered.
         """
         started = time.perf_counter()
-        code, booking = 200, _Booking(self.admission)
+        code, booking, data = 200, _Booking(self.admission), None
         try:
             if not self.ready:
                 raise InputError("The model is not ready yet", 503)
@@ -515,10 +515,10 @@ class Service:
                          "version": engine.version, "providers": engine.providers_used}, {}  # fmt: skip
         except InputError as exc:
             code = exc.status
-            return code, {"detail": str(exc)}, _error_headers(code)
+            return code, {"detail": str(exc)}, _error_headers(code, data is not None)
         except QueueFull as exc:
             code = 503
-            return code, {"detail": f"Busy: {exc}; retry later"}, {"Retry-After": "1"}
+            return code, {"detail": f"Busy: {exc}; retry later"}, _error_headers(code, data is not None)
         except TimeoutError:
             code = 504
             return code, {"detail": f"Not answered within {self.settings.timeout_s:g} s"}, {}
@@ -535,7 +535,7 @@ class Service:
                        body: AsyncIterator[bytes], on_gone: Hangup | None = None) -> tuple[int, bytes, dict[str, str]]:  # fmt: skip
         """One ``POST /v2/models/{name}[/versions/{v}]/infer``: (status, body, headers); see ``vit_consumer.v2``."""
         started = time.perf_counter()
-        code, booking = 200, _Booking(self.admission)
+        code, booking, data = 200, _Booking(self.admission), None
         try:
             if not self.ready:
                 raise InputError("The model is not ready yet", 503)
@@ -556,10 +556,10 @@ class Service:
             return 200, out, extra
         except InputError as exc:
             code = exc.status
-            return code, _error(str(exc)), _error_headers(code)
+            return code, _error(str(exc)), _error_headers(code, data is not None)
         except QueueFull as exc:
             code = 503
-            return code, _error(f"Busy: {exc}; retry later"), {"Retry-After": "1"}
+            return code, _error(f"Busy: {exc}; retry later"), _error_headers(code, data is not None)
         except TimeoutError:
             code = 504
             return code, _error(f"Not answered within {self.settings.timeout_s:g} s"), {}
@@ -702,12 +702,11 @@ def _json_bytes(doc: Any) -> bytes:
     )
 
 
-def _error_headers(code: int) -> dict[str, str]:
-    """A refusal's headers: when to retry a 503; a 408 or 413 closes the connection (RFC 9110 15.5.9: the rest
-    of the body is not read; kept open, a client could trickle it for ever)."""
-    if code == 503:
-        return {"Retry-After": "1"}
-    return {"Connection": "close"} if code in (408, 413) else {}
+def _error_headers(code: int, body_read: bool) -> dict[str, str]:
+    """A refusal's headers: when to retry a 503; a refusal before the whole body was read closes the connection
+    (RFC 9110 15.5.9: the rest is not read; kept open, a client could trickle it for ever)."""
+    extra = {"Retry-After": "1"} if code == 503 else {}
+    return extra if body_read else {**extra, "Connection": "close"}
 
 
 def request_inputs(scope, receive) -> tuple[str | None, Mapping[str, str], AsyncIterator[bytes]]:
