@@ -90,6 +90,9 @@ class Registration:
     served_test_accuracy: float | None = None
     champion_test_accuracy: float | None = None
     test_images: int = 0
+    # This call moved the alias (from ``previous_champion``, None: none): what ``withdraw`` undoes.
+    moved: bool = False
+    previous_champion: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -540,6 +543,8 @@ def register_onnx(
     blockers = blocking_gates(cfg, run_tags)
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
+    if existing is not None and "withdrawn" in existing.tags:  # decided again now
+        client.delete_model_version_tag(name, version, "withdrawn")
     with registry_lock(name):
         champion = current_champion(client, name)
         # Test hook (default 0 s): holds the lock between reading the champion and moving the alias, so
@@ -552,7 +557,9 @@ def register_onnx(
         else:
             decision = decide(cfg, logits, split, champion, tracking.tracking_uri(cfg))
         promoted, reason, champ_acc = decision.promoted, decision.reason, decision.champion_accuracy
-        if promoted:
+        previous = str(champion.version) if champion else None
+        moved = promoted and previous != version
+        if moved:
             _move_alias(client, name, version)
     champion_version = version if promoted else (str(champion.version) if champion else None)
     checks, gate, compared = decision.checks, decision.thresholds_outcome()[:5000], decision.compared
@@ -577,7 +584,28 @@ def register_onnx(
     logger.metrics({"served_test_accuracy": served["top1"], "served_test_top5_accuracy": served["top5"]})
     log.info("Registered %s v%s: %s (%s)", name, version, decision, reason)
     return Registration(name, version, f"models:/{name}/{version}", promoted, reason, champion_version,
-                        served["top1"], champ_acc, len(split.labels))  # fmt: skip
+                        served["top1"], champ_acc, len(split.labels), moved, previous)  # fmt: skip
+
+
+def withdraw(cfg: PipelineConfig, run_id: str, registration: Registration, why: str) -> None:
+    """Undoes the promotion ``registration`` made when its run ends before its last stage: the alias goes back
+    to the version it moved from (if it still names this one: a later champion stays), and the version's
+    decision is removed, so a ``--resume`` decides again against the champion of then."""
+    if not registration.moved:
+        return
+    previous = registration.previous_champion
+    client, name, version = tracking.client(cfg), registration.name, registration.version
+    with registry_lock(name):
+        now = current_champion(client, name)
+        if now is not None and str(now.version) == version:
+            if previous is None:
+                client.delete_registered_model_alias(name, CHAMPION)
+            else:
+                _move_alias(client, name, previous)
+    client.delete_model_version_tag(name, version, "promotion")
+    client.set_model_version_tag(name, version, "withdrawn", why[:5000])
+    tracking.RunLogger(client, run_id).tags({"registry.decision": "withdrawn", "registry.reason": why[:5000]})
+    log.warning("Withdrew %s v%s from %s: %s", name, version, CHAMPION, why)
 
 
 def _move_alias(client, name: str, version: str) -> None:

@@ -291,6 +291,32 @@ def test_parity_gate_failure_fails_the_flow_and_registers_nothing(prefect_server
     assert run.data.metrics["parity_max_abs_diff"] > 1e-12
 
 
+def test_a_run_that_fails_after_its_registration_leaves_no_champion(
+    prefect_server, tiny_overrides, tmp_path, monkeypatch
+):
+    """The last stage (the model card) failing, as a Ctrl-C there would: the promotion is withdrawn, the run FAILED."""
+    from mlflow.tracking import MlflowClient
+
+    from vit_pipeline import model_card
+    from vit_pipeline.flows.train_pipeline import train_pipeline
+
+    def broken(ctx, registration):
+        raise RuntimeError("card broke")
+
+    monkeypatch.setattr(model_card, "run", broken)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    overrides = {**tiny_overrides, "epochs": 1, "data_path": str(CIFAR_CUT), "tracking_uri": uri,
+                 "max_test_images": 100, "benchmark_batch_sizes": "1", "robustness_images": 20}  # fmt: skip
+    with pytest.raises(RuntimeError, match="card broke"):
+        train_pipeline(preset="cifar100", overrides=overrides)
+    client = MlflowClient(tracking_uri=uri)
+    (version,) = client.search_model_versions("name='vit-cifar100'")
+    assert "promotion" not in version.tags and "card broke" in version.tags["withdrawn"]
+    assert not client.get_registered_model("vit-cifar100").aliases
+    run = client.get_run(version.run_id)
+    assert run.info.status == "FAILED" and run.data.tags["registry.decision"] == "withdrawn"
+
+
 def test_invalid_override_fails_before_any_run(prefect_server, tmp_path):
     from vit_pipeline.errors import ConfigError
     from vit_pipeline.flows.train_pipeline import train_pipeline

@@ -70,6 +70,37 @@ def test_served_file_decides_on_the_same_split(cfg, tmp_path):
     )
 
 
+def test_a_promotion_whose_run_stops_before_its_last_stage_is_withdrawn_and_decided_again_on_resume(
+    cfg, tmp_path
+):
+    """A run stopped (Ctrl-C, SIGTERM, a failure) after its registration left its model champion with the run
+    KILLED: the alias goes back, the decision is removed, a resume decides again; a later champion stays."""
+    from vit_pipeline.registry import withdraw
+
+    split = labelled_split(COUNTS)
+    first, first_run = _register(cfg, tmp_path, 0, split)
+    better, better_run = _register(cfg, tmp_path, 2, split)
+    assert better.moved and better.previous_champion == "1" and _champion(cfg) == "2"
+    withdraw(cfg, better_run, better, "its run stopped before its last stage")
+    client = tracking.client(cfg)
+    assert _champion(cfg) == "1"
+    v2 = client.get_model_version("vit-cifar100", "2")
+    assert "promotion" not in v2.tags and v2.tags["withdrawn"] == "its run stopped before its last stage"
+    assert client.get_run(better_run).data.tags["registry.decision"] == "withdrawn"
+    again, _ = _register(cfg, tmp_path, 2, split, run_id=better_run)  # --resume: decided again
+    assert again.promoted and again.version == "2" and _champion(cfg) == "2"
+    assert "withdrawn" not in client.get_model_version("vit-cifar100", "2").tags
+    withdraw(cfg, first_run, first, "late")  # v1's promotion was long replaced: v2 stays champion
+    assert _champion(cfg) == "2"
+    lone = make_config(
+        "cifar100", {"tracking_uri": cfg.tracking.tracking_uri, "registered_model_name": "lone"}
+    )
+    only, only_run = _register(lone, tmp_path, 0, split)
+    withdraw(lone, only_run, only, "stopped")  # no champion before it: none after
+    with pytest.raises(Exception, match="alias"):
+        client.get_model_version_by_alias("lone", CHAMPION)
+
+
 def test_champion_is_judged_on_the_new_split_not_its_stored_figure(cfg, tmp_path):
     # On split A the champion (always class 3) scores 0.9; on split B only 0.1.
     _register(cfg, tmp_path, 3, labelled_split([5, 5, 0, 90], seed=1))

@@ -141,16 +141,26 @@ class Shipped:
 
 def after_training(ctx: StageContext, data_path: str, model_path: str, history_path: str | None) -> Shipped:
     """Evaluate, calibrate, robustness, export (the parity gate raises: nothing registered), infra validation,
-    register, benchmark and, last, the model card (it shows every stage's figures)."""
+    benchmark, register and, last, the model card (it shows every stage's figures).
+
+    The registration is the last stage but the card: a run stopped after it (Ctrl-C, SIGTERM, a failure)
+    withdraws the promotion it made, so no run that ended KILLED or FAILED leaves its model champion (the
+    benchmark ran after the registration: minutes in which a stop did).
+    """
     evaluated = evaluate_model(ctx, data_path, model_path, history_path)
     calibrated = calibrate_model(ctx, data_path, model_path)
     robust = measure_robustness(ctx, data_path, model_path)
     exported = export_model(ctx, data_path, model_path, evaluated.test_accuracy, calibrated.temperature)
     # The real consumer serves the files first; a failure keeps the version from becoming champion.
     served = infra_validate(ctx, data_path, exported.path)
-    registered = register_model(ctx, data_path, exported.path, evaluated.test_accuracy)
     benchmarked = benchmark_model(ctx, data_path, model_path, exported.fp32_path)
-    card = write_model_card(ctx, registered)
+    registered = register_model(ctx, data_path, exported.path, evaluated.test_accuracy)
+    try:
+        card = write_model_card(ctx, registered)
+    except BaseException as exc:
+        registry.withdraw(ctx.cfg, ctx.run_id, registered, f"its run stopped before its last stage ({type(exc).__name__}: "
+                                               f"{' '.join(str(exc).split())[:300]}); --resume decides again")  # fmt: skip
+        raise
     return Shipped(evaluated, calibrated, robust, exported, served, registered, benchmarked, card)
 
 
