@@ -196,8 +196,12 @@ def create_run(cfg: PipelineConfig, preset: str | None = None, tags: dict[str, s
     return logger.run_id
 
 
-def resume_run(cfg: PipelineConfig, run_id: str) -> str:
-    """Checks that ``run_id`` may be continued after a crash with ``cfg``.
+COMMAND_TAG = "vit_pipeline.command"  # which command started a run (none: the pipeline flow)
+
+
+def resume_run(cfg: PipelineConfig, run_id: str, command: str | None = None) -> str:
+    """Checks that ``run_id`` may be continued after a crash with ``cfg``, by the command that started it
+    (``command``: its ``vit_pipeline.command`` tag; None: the pipeline flow's runs, which have none).
 
     A run whose owner died is first marked KILLED (``reap``); one whose owner
     is still alive is refused. ``lifecycle`` then sets it RUNNING again.
@@ -217,6 +221,14 @@ def resume_run(cfg: PipelineConfig, run_id: str) -> str:
         run = c.get_run(run_id)
     except MlflowException as exc:
         raise ConfigError(f"Cannot resume: no MLflow run {run_id!r} at {tracking.tracking_uri(cfg)}") from exc
+    started_by = run.data.tags.get(COMMAND_TAG)
+    if started_by != command:  # `train --resume` of a pipeline run FINISHED it without its later stages
+
+        def name(c: str | None) -> str:
+            return f"vit-pipeline {c}" if c else "the pipeline (vit-pipeline run, a deployment)"
+
+        raise ConfigError(f"Cannot resume run {run_id} with {name(command)}: {name(started_by)} started it; "
+                          "resume it the same way")  # fmt: skip
     logged = run.data.params
     for key, value in tracking.config_params(cfg).items():
         if key in logged and logged[key] != value and not _operational(key):
@@ -417,7 +429,7 @@ def tracked_run(
     run. A resumed run gets ``tags`` too (e.g. the new Prefect flow run's link).
     """
     if resume_run_id:
-        run_id = resume_run(cfg, resume_run_id)
+        run_id = resume_run(cfg, resume_run_id, (tags or {}).get(COMMAND_TAG))
         if tags:
             tracking.client(cfg).log_batch(run_id, tags=_run_tags(tags))
     else:

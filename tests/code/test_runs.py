@@ -339,3 +339,24 @@ def test_processes_opening_a_fresh_store_together_all_succeed(tmp_path):
     for p, (out, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-2000:]
         assert out.split()[0] == "0"
+
+
+def test_resume_refuses_a_run_another_command_started(cfg):
+    """`train --resume` of a pipeline run FINISHED it without its benchmark and card (and an evaluate run became a
+    training run): a run is continued by what started it."""
+    from vit_pipeline.errors import ConfigError
+
+    for started, resuming in ((None, "train"), ("evaluate", "train"), ("train", None)):
+        tags = {runs.COMMAND_TAG: started} if started else {}
+        with pytest.raises(KeyboardInterrupt), runs.tracked_run(cfg, "quickstart", tags) as run_id:
+            raise KeyboardInterrupt
+        again = {runs.COMMAND_TAG: resuming} if resuming else {}
+        with (
+            pytest.raises(ConfigError, match=f"Cannot resume run {run_id} with "),
+            runs.tracked_run(cfg, "quickstart", again, resume_run_id=run_id),
+        ):
+            pass
+        assert _status(cfg, run_id).info.status == "KILLED"
+        with runs.tracked_run(cfg, "quickstart", tags, resume_run_id=run_id):  # as it was started: resumed
+            pass
+        assert _status(cfg, run_id).info.status == "FINISHED"
