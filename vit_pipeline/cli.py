@@ -490,9 +490,7 @@ def train(resume_run_id: str | None, **kwargs) -> None:
     cfg = make_config(preset, overrides)
     if not resume_run_id:  # a new run must not start on a bad path (a resumed one has its data prepared)
         data.check_source(cfg)
-    with runs.tracked_run(
-        cfg, preset, {runs.COMMAND_TAG: "train"}, resume_run_id=resume_run_id
-    ) as run_id:
+    with runs.tracked_run(cfg, preset, {runs.COMMAND_TAG: "train"}, resume_run_id=resume_run_id) as run_id:
         click.echo(f"MLflow run {run_id} (resume with --resume {run_id})", err=True)
         ctx = StageContext.open(cfg, run_id)
         prepared = data.run(ctx, data.fetch(cfg))
@@ -541,9 +539,7 @@ def evaluate(model_path: str, **kwargs) -> None:
         raise DataError(f"Model file does not exist: {model_path}")
     preset, overrides = _split_config(kwargs)
     cfg = make_config(preset, overrides)
-    with runs.tracked_run(
-        cfg, preset, {runs.COMMAND_TAG: "evaluate", "model_path": model_path}
-    ) as run_id:
+    with runs.tracked_run(cfg, preset, {runs.COMMAND_TAG: "evaluate", "model_path": model_path}) as run_id:
         ctx = StageContext.open(cfg, run_id)
         prepared = data.run(ctx, data.fetch(cfg))
         result = evaluate_stage.run(ctx, prepared.data_path, model_path, None)

@@ -100,16 +100,14 @@ def read_model(source: str, tracking_uri: str | None = None, dst: str | Path | N
         names = contract.class_names(meta)
         if names is None:
             raise InputError(f"{path} has no class_names metadata; was it exported by vit-pipeline?")
-        (inp,) = session.get_inputs()
-        if (
-            inp.name != contract.INPUT_NAME
-            or len(inp.shape) != 4
-            or not all(isinstance(d, int) for d in inp.shape[1:])
-        ):
-            raise InputError(
-                f"Expected one input {contract.INPUT_NAME!r} [batch, H, W, 3]. Received: {inp.name} {inp.shape}"
-            )
-        shape = tuple(inp.shape[1:])
+        inputs, outputs = session.get_inputs(), session.get_outputs()
+        # The Triton config states these shapes: a file of others would not load there.
+        if problem := contract.io_problem(contract.ort_dims(inputs), contract.ort_dims(outputs), len(names)):
+            raise InputError(problem)
+        if (inputs[0].name, outputs[0].name) != (contract.INPUT_NAME, contract.OUTPUT_NAME):
+            raise InputError(f"Expected input {contract.INPUT_NAME!r} and output {contract.OUTPUT_NAME!r}. "
+                             f"Received: {inputs[0].name!r}, {outputs[0].name!r}")  # fmt: skip
+        shape = tuple(inputs[0].shape[1:])
         temperature = contract.temperature(meta)
     except Exception as exc:  # not loadable, not an export: one line either way
         raise PipelineError(f"Cannot export {source} for serving: {exc}") from None

@@ -3,6 +3,7 @@
 import io
 import json
 import pickle
+import re
 import socket
 import subprocess
 import sys
@@ -614,3 +615,63 @@ def test_a_candidate_reports_its_own_test_accuracy_not_the_exports(tmp_path):
 
     loaded, _ = candidate_pool(registered, "registered", [("onnxruntime", "default")], False, load)
     assert loaded["int8-static"].describe()["test_accuracy"] == "0.400000"
+
+
+def _not_a_classifier(path, kind: str):
+    """ONNX files with class_names metadata that break the contract as users' files do."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    f32 = TensorProto.FLOAT
+    if kind == "two inputs":
+        nodes = [
+            helper.make_node("Add", ["images", "other"], ["sum"]),
+            helper.make_node("Flatten", ["sum"], ["logits"]),
+        ]
+        inputs = [helper.make_tensor_value_info(n, f32, ["batch", 32, 32, 3]) for n in ("images", "other")]
+        outputs = [helper.make_tensor_value_info("logits", f32, ["batch", 3072])]
+    else:  # the image comes back: 4-D "logits"
+        nodes = [helper.make_node("Identity", ["images"], ["logits"])]
+        inputs = [helper.make_tensor_value_info("images", f32, ["batch", 32, 32, 3])]
+        outputs = [helper.make_tensor_value_info("logits", f32, ["batch", 32, 32, 3])]
+    model = helper.make_model(helper.make_graph(nodes, "odd", inputs, outputs),
+                              opset_imports=[helper.make_opsetid("", 17)], ir_version=9)  # fmt: skip
+    onnx.helper.set_model_props(model, {"class_names": json.dumps(["a", "b", "c"])})
+    onnx.save(model, str(path))
+    return path
+
+
+def test_files_that_break_the_contract_are_refused_in_one_line_by_predict_serve_and_export(tmp_path):
+    """A 4-D output, two inputs, logits for 3 classes beside 10 names, class names that are not JSON: predict
+    printed tracebacks or labelled 3 logits with 10 names, serve answered every request with a 500, and
+    export-serving wrote a Triton config the model does not match."""
+    import onnx
+    from click.testing import CliRunner
+    from vit_consumer import InputError, OnnxClassifier
+
+    from tests.conftest import constant_classifier
+    from vit_pipeline.cli import main
+    from vit_pipeline.errors import PipelineError
+    from vit_pipeline.serving_export import read_model
+
+    image = tmp_path / "img.png"
+    image.write_bytes(_png(np.zeros((32, 32, 3), np.uint8)))
+    names_off = constant_classifier(tmp_path / "three.onnx", 3, 0, [f"n{i}" for i in range(10)])
+    garbled = onnx.load(str(constant_classifier(tmp_path / "garbled.onnx", 3, 0)))
+    onnx.helper.set_model_props(garbled, {"class_names": "a, b, c"})
+    onnx.save(garbled, str(tmp_path / "garbled.onnx"))
+    cases = {
+        _not_a_classifier(tmp_path / "image.onnx", "image"): "Expected logits [batch, 3]",
+        _not_a_classifier(tmp_path / "two.onnx", "two inputs"): "Expected one input [batch, H, W, 3]",
+        names_off: "Expected logits [batch, 10] (one per class name) as the first output. Received: outputs [?, 3]",
+        tmp_path / "garbled.onnx": "Expected class_names metadata to be a JSON list of names",
+    }
+    for path, message in cases.items():
+        with pytest.raises(InputError, match=re.escape(message)):
+            OnnxClassifier(str(path))
+        result = CliRunner().invoke(main, ["predict", str(image), "--model", str(path)])
+        assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output, (
+            result.output
+        )
+        with pytest.raises(PipelineError, match=re.escape(message)):
+            read_model(str(path))

@@ -188,9 +188,14 @@ class OnnxClassifier:
                 "Requested providers %s are not usable here; running on %s", missing, self.providers_used
             )
         meta = self.runtime.metadata
-        names = contract.class_names(meta)
+        try:
+            names = contract.class_names(meta)
+        except ValueError as exc:
+            raise InputError(f"{self.path}: {exc}") from None
         if names is None:
             raise InputError(f"{self.path} has no class_names metadata; was it exported by vit-pipeline?")
+        if problem := contract.io_problem(*self.runtime.io, len(names)):  # answers every request with a 500
+            raise InputError(f"{self.path} is not an image classifier of the contract: {problem}")
         self.class_names: list[str] = names
         self.metadata = dict(meta)
         try:

@@ -141,8 +141,46 @@ def temperature(metadata: Mapping[str, str]) -> float:
 
 
 def class_names(metadata: Mapping[str, str]) -> list[str] | None:
-    """The class names a file's metadata declares (None: not a vit-pipeline export)."""
-    return json.loads(metadata[META_CLASS_NAMES]) if META_CLASS_NAMES in metadata else None
+    """The class names a file's metadata declares (None: not a vit-pipeline export).
+
+    Raises:
+        ValueError: the metadata is not a JSON list of names.
+    """
+    if META_CLASS_NAMES not in metadata:
+        return None
+    try:
+        names = json.loads(metadata[META_CLASS_NAMES])
+    except ValueError:
+        names = None
+    if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
+        raise ValueError(f"Expected {META_CLASS_NAMES} metadata to be a JSON list of names. "
+                         f"Received: {metadata[META_CLASS_NAMES][:80]!r}")  # fmt: skip
+    return names
+
+
+def io_problem(
+    inputs: list[list[int | None]], outputs: list[list[int | None]], num_classes: int
+) -> str | None:
+    """What keeps a model's inputs and outputs (their shapes, None for a dynamic size) from this contract, or
+    None: one image input [batch, H, W, 3] of fixed H and W, logits [batch, one per class name] first."""
+    if len(inputs) != 1 or len(inputs[0]) != 4 or None in inputs[0][1:] or inputs[0][3] != 3:
+        return f"Expected one input [batch, H, W, 3] (RGB images). Received: inputs {_shapes(inputs)}"
+    if not outputs or len(outputs[0]) != 2 or outputs[0][1] not in (None, num_classes):
+        return (f"Expected logits [batch, {num_classes}] (one per class name) as the first output. "
+                f"Received: outputs {_shapes(outputs)}")  # fmt: skip
+    return None
+
+
+def _shapes(shapes: list[list[int | None]]) -> str:
+    return (
+        ", ".join("[" + ", ".join("?" if d is None else str(d) for d in s) + "]" for s in shapes)[:200]
+        or "none"
+    )
+
+
+def ort_dims(args) -> list[list[int | None]]:
+    """The shapes of ONNX Runtime's ``get_inputs()``/``get_outputs()``, None for a named or unknown size."""
+    return [[d if isinstance(d, int) else None for d in (a.shape or [])] for a in args]
 
 
 def run_batches(session, images: np.ndarray, batch_size: int, on_batch=None) -> np.ndarray:

@@ -23,6 +23,8 @@ from typing import Protocol
 
 import numpy as np
 
+from vit_consumer import contract
+
 log = logging.getLogger(__name__)
 
 ONNXRUNTIME = "onnxruntime"
@@ -48,7 +50,10 @@ class Engine(Protocol):
     parallel: int  # requests it runs at once, each on its share of the cores (OpenVINO streams); else 1
     input_name: str
     output_name: str
-    input_shape: tuple[int, ...]  # (H, W, C), without the batch
+    input_shape: tuple[int, ...]  # (H, W, C), without the batch (-1: not fixed; contract.io_problem says so)
+    io: tuple[
+        list, list
+    ]  # the shapes of every input and output (None: a dynamic size), for contract.io_problem
     metadata: dict[str, str]  # the file's metadata_props
 
     def run(self, images: np.ndarray) -> np.ndarray:
@@ -174,7 +179,11 @@ class OrtEngine:
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
         self.output_name = self.session.get_outputs()[0].name
-        self.input_shape = tuple(int(d) for d in inp.shape[1:])
+        self.io = (
+            contract.ort_dims(self.session.get_inputs()),
+            contract.ort_dims(self.session.get_outputs()),
+        )
+        self.input_shape = tuple(-1 if d is None else d for d in self.io[0][0][1:])
 
     def run(self, images: np.ndarray) -> np.ndarray:
         return self.session.run([self.output_name], {self.input_name: images})[0]
@@ -249,7 +258,8 @@ class OpenVinoEngine:
         inp, out = self.compiled.inputs[0], self.compiled.outputs[0]
         self.input_name = inp.get_any_name()
         self.output_name = out.get_any_name()
-        self.input_shape = tuple(int(d.get_length()) for d in list(inp.get_partial_shape())[1:])
+        self.io = ([_ov_dims(i) for i in self.compiled.inputs], [_ov_dims(o) for o in self.compiled.outputs])
+        self.input_shape = tuple(-1 if d is None else d for d in self.io[0][0][1:])
         self._local = threading.local()
 
     def run(self, images: np.ndarray) -> np.ndarray:
@@ -265,6 +275,11 @@ class OpenVinoEngine:
             setattr(self._local, slot, request)
         # The request reuses its output buffer on the next call: hand out a copy.
         return request.infer({0: images})[0].copy()
+
+
+def _ov_dims(port) -> list[int | None]:
+    shape = port.get_partial_shape()
+    return [] if shape.rank.is_dynamic else [None if d.is_dynamic else d.get_length() for d in shape]
 
 
 def type_name(value) -> str:
