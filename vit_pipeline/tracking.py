@@ -83,11 +83,31 @@ def _open_sqlite(uri: str) -> None:
     from mlflow.tracking import MlflowClient
 
     db = Path(uri.removeprefix("sqlite:///"))
-    db.parent.mkdir(parents=True, exist_ok=True)
+    _check_sqlite_path(uri, db)
     with FileLock(f"{db}.lock", timeout=300):
         c = MlflowClient(tracking_uri=uri, registry_uri=uri)  # opens the tracking tables
         c.search_registered_models(max_results=1)  # and the registry's
     _OPENED.add(uri)
+
+
+def _check_sqlite_path(uri: str, db: Path) -> None:
+    """A SQLite store's path is a SQLite file or none yet (MLflow retried a folder for 100 s, then a traceback)."""
+    problem = ""
+    if db.is_dir():
+        problem = "is a folder"
+    elif db.is_file() and db.stat().st_size:
+        with open(db, "rb") as f:
+            if f.read(16) != b"SQLite format 3\0":
+                problem = "is not a SQLite database"
+    if not problem:
+        try:
+            db.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            problem = f"cannot be created ({exc.strerror or exc})"
+    if problem:
+        raise ConfigError(
+            f"The MLflow store {uri} {problem}: give the path of a SQLite file (sqlite:////abs/path.db)"
+        )
 
 
 def fluent_store(cfg: PipelineConfig | None = None):

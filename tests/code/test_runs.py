@@ -360,3 +360,24 @@ def test_resume_refuses_a_run_another_command_started(cfg):
         with runs.tracked_run(cfg, "quickstart", tags, resume_run_id=run_id):  # as it was started: resumed
             pass
         assert _status(cfg, run_id).info.status == "FINISHED"
+
+
+def test_a_sqlite_store_that_is_a_folder_or_another_file_is_one_line(tmp_path, pipeline_home):
+    """MLflow retried a folder for about 100 s, then printed a 230-line sqlalchemy traceback."""
+    from click.testing import CliRunner
+
+    from vit_pipeline.cli import main
+
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "notes.db").write_text("not a database")
+    for path, says in ((tmp_path / "folder", "is a folder"), (tmp_path / "notes.db", "is not a SQLite database"),
+                       (tmp_path / "notes.db" / "x.db", "cannot be created")):  # fmt: skip
+        started = time.monotonic()
+        result = CliRunner().invoke(main, ["runs", "--tracking-uri", f"sqlite:///{path}"])
+        assert result.exit_code == 2 and "Traceback" not in result.output, result.output[
+            -2000:
+        ]  # a config error
+        (error,) = [line for line in result.output.splitlines() if line.startswith("Error:")]
+        assert f"The MLflow store sqlite:///{path} {says}" in error
+        assert time.monotonic() - started < 20
+    assert (tmp_path / "notes.db").read_text() == "not a database"
