@@ -35,15 +35,33 @@ if TYPE_CHECKING:
     from vit_pipeline.context import StageContext
 
 
+MIN_SIDE = 32  # imagecorruptions refuses smaller images
+
+
 def corrupt_images(images: np.ndarray, corruption: str, severity: int, seed: int) -> np.ndarray:
-    """``images`` (uint8 NHWC) under one corruption at one severity, reproducibly."""
+    """``images`` (uint8 NHWC) under one corruption at one severity, reproducibly.
+
+    Images under 32 pixels a side (28x28 digits) are corrupted at 32 and brought back to their size (bilinear
+    both ways): the package refuses them, and the stage failed after the whole training.
+    """
     from imagecorruptions import corrupt
+    from PIL import Image
+
+    h, w = images.shape[1:3]
+    size = (max(w, MIN_SIDE), max(h, MIN_SIDE))
+
+    def one(img: np.ndarray) -> np.ndarray:
+        if (w, h) == size:
+            return np.asarray(corrupt(img, corruption_name=corruption, severity=severity))
+        big = np.asarray(Image.fromarray(img).resize(size, Image.Resampling.BILINEAR))
+        out = np.clip(np.asarray(corrupt(big, corruption_name=corruption, severity=severity)), 0, 255)
+        return np.asarray(Image.fromarray(out.astype(np.uint8)).resize((w, h), Image.Resampling.BILINEAR))
 
     # The package draws from numpy's global generator: seed it per cell, put it back after.
     state = np.random.get_state()
     np.random.seed(seed)
     try:
-        out = [np.asarray(corrupt(img, corruption_name=corruption, severity=severity)) for img in images]
+        out = [one(img) for img in images]
     finally:
         np.random.set_state(state)
     return np.clip(np.stack(out), 0, 255).astype(np.uint8)

@@ -21,6 +21,18 @@ def test_corruptions_change_real_images_reproducibly(real_cut):
         assert 0 < d_mild < d_harsh, name  # severity 5 moves the pixels further than severity 1
 
 
+def test_images_under_32_pixels_are_corrupted_at_32_and_keep_their_size(real_cut):
+    """imagecorruptions refuses images under 32 pixels a side: a 16-pixel folder's run failed after training."""
+    from PIL import Image
+
+    small = np.stack([np.asarray(Image.fromarray(x).resize((16, 20))) for x in real_cut[2][:4]])
+    for name in ("gaussian_noise", "defocus_blur", "jpeg_compression", "brightness", "contrast"):
+        mild, harsh = (robustness.corrupt_images(small, name, s, seed=3) for s in (1, 5))
+        assert mild.shape == small.shape and mild.dtype == np.uint8
+        d_mild, d_harsh = (np.abs(x.astype(float) - small).mean() for x in (mild, harsh))
+        assert 0 < d_mild < d_harsh, name
+
+
 @pytest.mark.integration
 def test_a_corrupted_test_split_scores_lower_than_the_clean_one(tmp_path, tiny_overrides):
     from vit_pipeline.model import load_model
