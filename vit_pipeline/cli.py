@@ -336,13 +336,16 @@ def proxy_experiment(data_path, epochs, seed, experiment_name, report_dir, track
     """Train presets (default: the seed and the improved one) alike and compare them (table + curves)."""
     overrides = {"tracking_uri": tracking_uri} if tracking_uri else {}
     shared = {"data_path": data_path, "epochs": epochs, "seed": seed, "experiment_name": experiment_name}
-    for preset in presets:
-        make_config(preset, {**shared, **overrides})  # fail before Prefect or TensorFlow start
+    from vit_pipeline.data import check_source
+
+    for preset in presets:  # a bad value, path or archive fails before Prefect or TensorFlow start
+        check_source(make_config(preset, {**shared, **overrides}))
     from vit_pipeline.flows.proxy_experiment import proxy_experiment as flow
 
     _start_temporary_prefect_server()
-    report = flow(data_path=data_path, epochs=epochs, seed=seed, experiment_name=experiment_name,
-                  report_dir=report_dir, presets=tuple(presets), overrides=overrides)  # fmt: skip
+    with console_without_tracebacks():
+        report = flow(data_path=data_path, epochs=epochs, seed=seed, experiment_name=experiment_name,
+                      report_dir=report_dir, presets=tuple(presets), overrides=overrides)  # fmt: skip
     click.echo(json.dumps(report, indent=2))
 
 
@@ -418,8 +421,19 @@ def transfer_experiment(**options) -> None:
         make_config(options["pretrain_preset"], options["pretrain_overrides"])
     if options["source"]:  # a checkpoint that cannot be used fails here, before any training
         make_config("finetune", {"init_from": options["source"], "tracking_uri": options["tracking_uri"]})
+    from vit_pipeline.data import check_source
+
+    # The CIFAR-100 copy and the target folder, before any training (a missing folder failed after the split
+    # had written thousands of images).
+    check_source(make_config("cifar100", {"data_path": options["data_path"]}))
+    if options.get("target_folder"):
+        check_source(
+            make_config("quickstart", {"dataset": "image_folder", "data_path": options["target_folder"]})
+        )
     _start_temporary_prefect_server()
-    click.echo(json.dumps(flow(**options), indent=2, default=str))
+    with console_without_tracebacks():
+        result = flow(**options)
+    click.echo(json.dumps(result, indent=2, default=str))
 
 
 @main.command()
@@ -465,13 +479,17 @@ def sweep(space_path, dask_address, workers, gpus_per_trial, tracking_uri, data_
     from vit_pipeline.sweep import check_cluster_api, load_space, trial_configs
 
     overrides = {k: v for k, v in (("tracking_uri", tracking_uri), ("data_path", data_path)) if v}
-    trial_configs(load_space(space_path), overrides)  # fail before Prefect, Dask or TensorFlow start
+    from vit_pipeline.data import check_source
+
+    for _, cfg in trial_configs(load_space(space_path), overrides):  # fail before Prefect, Dask or TensorFlow
+        check_source(cfg)
     check_cluster_api(dask_address)
     from vit_pipeline.flows.sweep import sweep as sweep_flow
 
     _start_temporary_prefect_server()
-    result = sweep_flow(space_path=space_path, dask_address=dask_address, n_workers=workers,
-                        gpus_per_trial=gpus_per_trial, overrides=overrides)  # fmt: skip
+    with console_without_tracebacks():
+        result = sweep_flow(space_path=space_path, dask_address=dask_address, n_workers=workers,
+                            gpus_per_trial=gpus_per_trial, overrides=overrides)  # fmt: skip
     click.echo(json.dumps({k: result[k] for k in ("parent_run_id", "best", "test_accuracy", "registry", "seconds")},
                           indent=2, default=str))  # fmt: skip
 
@@ -530,6 +548,8 @@ def list_runs(tracking_uri: str | None, experiments: tuple[str, ...], limit: int
 def evaluate(model_path: str, **kwargs) -> None:
     """Evaluate a saved .keras MODEL_PATH on the config's test split; logs to MLflow."""
 
+    import zipfile
+
     from vit_pipeline import data, runs
     from vit_pipeline import evaluate as evaluate_stage
     from vit_pipeline.context import StageContext
@@ -537,8 +557,11 @@ def evaluate(model_path: str, **kwargs) -> None:
 
     if not Path(model_path).is_file():
         raise DataError(f"Model file does not exist: {model_path}")
+    if not zipfile.is_zipfile(model_path):  # checked before a run is opened (it failed inside one)
+        raise DataError(f"Expected a Keras model file (.keras). Received: {model_path}")
     preset, overrides = _split_config(kwargs)
     cfg = make_config(preset, overrides)
+    data.check_source(cfg)
     with runs.tracked_run(cfg, preset, {runs.COMMAND_TAG: "evaluate", "model_path": model_path}) as run_id:
         ctx = StageContext.open(cfg, run_id)
         prepared = data.run(ctx, data.fetch(cfg))

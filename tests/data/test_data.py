@@ -784,3 +784,38 @@ def test_classes_left_without_a_training_image_are_named_before_decoding(tmp_pat
         _pngs(tmp_path / "root" / f"c{c:02d}", 1)
     with pytest.raises(DataError, match="have no training image left after the test and validation splits"):
         _prepare(tmp_path / "root", tmp_path)
+
+
+def test_every_command_checks_its_data_paths_before_it_starts_anything(tmp_path, pipeline_home):
+    """sweep, proxy-experiment, transfer-experiment and evaluate opened runs (and Prefect) on a missing archive or
+    folder, printed dozens of traceback lines, and transfer-experiment split thousands of images first."""
+    from click.testing import CliRunner
+    from mlflow.tracking import MlflowClient
+
+    from tests.conftest import CIFAR_CUT
+    from vit_pipeline.cli import main
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    missing = str(tmp_path / "nope.tar.gz")
+    (tmp_path / "model.keras").write_text("not a model")
+    space = tmp_path / "space.yaml"
+    space.write_text("preset: cifar100\nnum_trials: 1\nfixed:\n  epochs: 1\nparameters:\n  seed: [1, 2]\n")
+    work = tmp_path / "work"
+    cases = [
+        (["sweep", str(space), "--data-path", missing], "nope.tar.gz"),
+        (["proxy-experiment", "--data-path", missing, "--epochs", "1"], "nope.tar.gz"),
+        (["transfer-experiment", "--data-path", missing], "nope.tar.gz"),
+        (["transfer-experiment", "--data-path", str(CIFAR_CUT), "--target-folder", str(tmp_path / "none"),
+          "--work-dir", str(work)], "none"),
+        (["evaluate", str(tmp_path / "model.keras")], "Expected a Keras model file (.keras)"),
+        (["evaluate", str(tmp_path / "model.keras"), "--dataset", "cifar100", "--data-path", missing], "Expected a Keras"),
+    ]  # fmt: skip
+    for args, says in cases:
+        result = CliRunner().invoke(main, [*args, "--tracking-uri", uri])
+        errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+        assert result.exit_code != 0 and len(errors) == 1 and says in errors[0], (args, result.output[-2000:])
+        assert "Traceback" not in result.output and "temporary server" not in result.output.lower()
+    assert not work.exists() or not any(work.rglob("*.png"))
+    if (tmp_path / "mlflow.db").exists():
+        client = MlflowClient(tracking_uri=uri)
+        assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
