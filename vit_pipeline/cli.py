@@ -730,15 +730,15 @@ def benchmark(model_path, preset, keras_path, eval_data, eval_images, batch_size
         sizes = parse_int_list(batch_sizes)
     except (TypeError, ValueError):
         sizes = ()
-    if not sizes or min(sizes) < 1:
-        raise ConfigError(f"Expected positive batch sizes. Received: batch_sizes={batch_sizes!r}")
+    if not sizes or min(sizes) < 1 or max(sizes) > 4096:  # a typo of 10 digits was 24 GB and the OOM killer
+        raise ConfigError(f"Expected batch sizes from 1 to 4096. Received: batch_sizes={batch_sizes!r}")
     names = tuple(split_names(variants))
     unknown = set(names) - set(VARIANTS)
     if unknown or not names:
         raise ConfigError(f"Expected variants from {', '.join(VARIANTS)}. Received: variants={variants!r}")
     out_dir = Path(output).parent
-    models = models_to_time(model_path, preset, keras_path, out_dir)
-    images, labels, calibration = _eval_data(eval_data, eval_images)
+    images, labels, calibration = _eval_data(eval_data, eval_images)  # before any file is written
+    models = models_to_time(model_path, preset, keras_path, out_dir, labels)
     report, files = bench.benchmark_files(
         models.onnx_path, out_dir, keras_model=models.keras_model, eval_images=images, eval_labels=labels,
         variants=names, providers=split_names(providers or "") or None,
@@ -812,9 +812,13 @@ def _eval_data(path: str | None, limit: int):
         return None, None, None
 
     from vit_pipeline import data
+    from vit_pipeline.errors import DataError
 
     if Path(path).suffix == ".npz":
-        splits = data.Splits.load(path)
+        try:
+            splits = data.Splits.load(path)
+        except Exception as exc:  # not an npz this project wrote: one line, as for an archive
+            raise DataError(f"Cannot read --eval-data {path} as a prepared split (data.npz): {exc}") from None
         x_train, x_test, y_test = splits.x_train, splits.x_test, splits.y_test
     else:
         x_train, _, x_test, y_test, _ = data.read_cifar100(path)

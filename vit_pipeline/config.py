@@ -659,7 +659,11 @@ def _parse(name: str, annotation: Any, value: Any) -> Any:
 def parse_int_list(value: Any) -> tuple[int, ...]:
     """``"2048, 1024"``, ``"[1,8]"`` or a sequence -> a tuple of ints (ValueError otherwise)."""
     if isinstance(value, str):
-        parts = [p for p in value.replace(" ", "").strip("[]()").split(",") if p]
+        parts = value.replace(" ", "").strip("[]()").split(",")
+        if parts == [""]:
+            parts = []
+        elif "" in parts:  # "1,,64": a number left out is a typo, not nothing
+            raise ValueError(f"an empty item in {value!r}")
     else:
         parts = list(value)
     return tuple(int(p) for p in parts)

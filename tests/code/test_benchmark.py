@@ -338,3 +338,34 @@ def test_names_people_read_say_the_precision_a_row_ran_in():
     assert "batch 1: served openvino/optimized (ran in bf16) / OpenVINO f32 = 1.67x" in ratios
     assert "Served candidate: **openvino/optimized (ran in bf16)**" in report.to_markdown()
     assert report.served(1).label == "openvino/optimized"  # the identifier is unchanged
+
+
+def test_benchmark_inputs_that_cannot_work_are_one_line_and_write_nothing(tmp_path):
+    """Tracebacks (a bad npz, a zip that is no Keras model, two inputs, a 10-class model on 100-class data) and
+    empty output folders; a batch size of 11 digits ran into the OOM killer, "1,,64" read as [1, 64]."""
+    from click.testing import CliRunner
+
+    from tests.code.test_consumer import _not_a_classifier
+    from tests.conftest import CIFAR_CUT, constant_classifier
+    from vit_pipeline.cli import main
+
+    ten = constant_classifier(tmp_path / "ten.onnx", 10, 0)
+    (tmp_path / "bad.npz").write_text("not an npz")
+    (tmp_path / "garbage.keras").write_bytes(b"PK\x05\x06" + b"\0" * 18)  # an empty zip
+    two = _not_a_classifier(tmp_path / "two.onnx", "two inputs")
+    quick = ["--variants", "fp32", "--no-memory", "--no-openvino", "--seconds", "0.01", "--rounds", "1"]
+    cases = [
+        ([str(ten), "--eval-data", str(tmp_path / "bad.npz")], "Cannot read --eval-data"),
+        ([str(ten), "--eval-data", str(CIFAR_CUT)], "predicts 10 classes; --eval-data labels go up to 99"),
+        (["--keras", str(tmp_path / "garbage.keras")], "is not a loadable Keras model"),
+        ([str(two)], "Expected an image classifier"),
+        ([str(ten), "--batch-sizes", "1,,64"], "Expected batch sizes from 1 to 4096"),
+        ([str(ten), "--batch-sizes", "99999999999"], "Expected batch sizes from 1 to 4096"),
+        (["--preset", "nope"], "nope"),
+    ]
+    for args, says in cases:
+        out = tmp_path / "out" / "r.json"
+        result = CliRunner().invoke(main, ["benchmark", *args, *quick, "--output", str(out)])
+        errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+        assert result.exit_code != 0 and len(errors) == 1 and says in errors[0], (args, result.output[-1500:])
+        assert "Traceback" not in result.output and not out.parent.exists(), args

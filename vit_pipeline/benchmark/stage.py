@@ -16,6 +16,8 @@ from vit_pipeline.benchmark.scenario import Scenario
 from vit_pipeline.fsutil import scratch_dir
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from vit_pipeline.context import StageContext
     from vit_pipeline.registry import Champion
     from vit_pipeline.tracking import RunLogger
@@ -133,40 +135,70 @@ class Models:
 
 
 def models_to_time(
-    model_path: str | None, preset: str | None, keras_path: str | None, out_dir: Path
-) -> Models:
+    model_path: str | None, preset: str | None, keras_path: str | None, out_dir: Path,
+    labels: np.ndarray | None = None,
+) -> Models:  # fmt: skip
     """The benchmark command's inputs: an ONNX file (with its .keras), a .keras alone (exported here),
-    or a preset's architecture with fresh weights (built, saved and exported here).
+    or a preset's architecture with fresh weights (built, saved and exported here). Checked before
+    ``out_dir`` is made: ``labels`` (of the evaluation images) must be classes the model predicts.
 
     Raises:
         ConfigError: not exactly one of the three was given.
-        DataError: a file is missing or not a loadable model.
+        DataError: a file is missing or not a loadable model, or the labels name classes it has not.
     """
     from vit_pipeline.config import make_config
     from vit_pipeline.errors import ConfigError, DataError, PipelineError
-    from vit_pipeline.model import load_model
 
     if sum((model_path is not None, preset is not None, model_path is None and keras_path is not None)) != 1:
         raise ConfigError("Expected exactly one of MODEL_PATH, --preset, or --keras alone (exported here)")
     for path, what in ((model_path, "Model"), (keras_path, "Keras model")):
         if path is not None and not Path(path).is_file():
             raise DataError(f"{what} file does not exist: {path}")
+    cfg = make_config(preset) if preset is not None else None
+    keras_model = _load_keras(keras_path) if keras_path else None
     if model_path is not None:
         from vit_pipeline.export import ort_session
 
         try:
-            ort_session(model_path)
+            session = ort_session(model_path)
         except PipelineError as exc:
             raise DataError(f"{model_path} is not a loadable ONNX model") from exc
-        keras_model = load_model(keras_path) if keras_path else None
+        inputs, outputs = session.get_inputs(), session.get_outputs()
+        if len(inputs) != 1 or len(inputs[0].shape) != 4 or len(outputs[0].shape) != 2:
+            raise DataError(f"Expected an image classifier: one [batch, H, W, 3] input, [batch, classes] logits. "
+                            f"Received: inputs {[i.shape for i in inputs]}, outputs {[o.shape for o in outputs]}")  # fmt: skip
+        _check_labels(labels, outputs[0].shape[1], model_path)
         return Models(model_path, keras_model, keras_path, {"name": Path(model_path).name})
+    if preset is not None:
+        keras_model = fresh_keras_model(cfg)
+        info = {"name": f"{preset} preset architecture, fresh weights"}
+    else:
+        info = {"name": Path(keras_path).name}
+    _check_labels(labels, keras_model.output_shape[-1], keras_path or preset)
     out_dir.mkdir(parents=True, exist_ok=True)
     if preset is not None:
-        keras_model = fresh_keras_model(make_config(preset))
-        info = {"name": f"{preset} preset architecture, fresh weights"}
         keras_path = str(out_dir / "model.keras")
         keras_model.save(keras_path)
-    else:
-        keras_model, info = load_model(keras_path), {"name": Path(keras_path).name}
     info["params"] = int(keras_model.count_params())
     return Models(export_plain(keras_model, out_dir / "model.onnx"), keras_model, keras_path, info)
+
+
+def _load_keras(path: str):
+    from vit_pipeline.errors import DataError
+    from vit_pipeline.model import load_model
+
+    try:
+        return load_model(path)
+    except Exception as exc:  # a zip that is no model, another format: one line
+        raise DataError(
+            f"{path} is not a loadable Keras model ({type(exc).__name__}: {str(exc)[:200]})"
+        ) from None
+
+
+def _check_labels(labels: np.ndarray | None, classes: int | str | None, what: str) -> None:
+    """The evaluation images' labels are classes the model predicts (a 10-class model on CIFAR-100's 100
+    failed in the accuracy, after every timing)."""
+    from vit_pipeline.errors import DataError
+
+    if labels is not None and isinstance(classes, int) and len(labels) and int(labels.max()) >= classes:
+        raise DataError(f"{what} predicts {classes} classes; --eval-data labels go up to {int(labels.max())}")
