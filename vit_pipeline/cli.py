@@ -737,6 +737,7 @@ def benchmark(model_path, preset, keras_path, eval_data, eval_images, batch_size
     if unknown or not names:
         raise ConfigError(f"Expected variants from {', '.join(VARIANTS)}. Received: variants={variants!r}")
     out_dir = Path(output).parent
+    _check_writable(output)
     images, labels, calibration = _eval_data(eval_data, eval_images)  # before any file is written
     models = models_to_time(model_path, preset, keras_path, out_dir, labels)
     report, files = bench.benchmark_files(
@@ -777,8 +778,15 @@ def train_benchmark(presets, steps, warmup, output, rerun_failed, finetune_optim
         compare_finetune_optimizer,
         run_training_benchmark,
     )
+    from vit_pipeline.errors import DataError
 
-    keep = TrainingReport.from_json(output) if rerun_failed and Path(output).exists() else None
+    _check_writable(output)  # before minutes of timing, not after
+    keep = None
+    if rerun_failed and Path(output).exists():
+        try:
+            keep = TrainingReport.from_json(output)
+        except Exception as exc:  # another file, or damaged: one line
+            raise DataError(f"Cannot read {output} as a training benchmark report to rerun: {exc}") from None
     if finetune_optimizer_rounds:
         report = compare_finetune_optimizer(presets[0], finetune_optimizer_rounds, steps=steps, warmup=warmup)
     else:
@@ -801,6 +809,17 @@ def benchmark_docs(reports, output) -> None:
     if not Path(reports).is_dir():
         raise DataError(f"Reports folder does not exist: {reports}")
     click.echo(f"Wrote {write(reports, output)}")
+
+
+def _check_writable(output: str) -> None:
+    """``output``'s folder exists or can be made: a file in the way is said before the work, in one line."""
+    from vit_pipeline.errors import DataError
+
+    for parent in Path(output).absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise DataError(f"Cannot write {output}: {parent} is a file, not a folder")
+            return
 
 
 def _eval_data(path: str | None, limit: int):

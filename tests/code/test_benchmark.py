@@ -363,6 +363,16 @@ def test_benchmark_inputs_that_cannot_work_are_one_line_and_write_nothing(tmp_pa
         ([str(ten), "--batch-sizes", "99999999999"], "Expected batch sizes from 1 to 4096"),
         (["--preset", "nope"], "nope"),
     ]
+    (tmp_path / "afile").write_text("x")
+    result = CliRunner().invoke(
+        main, ["benchmark", str(ten), *quick, "--output", str(tmp_path / "afile" / "r.json")]
+    )
+    assert result.exit_code == 1 and "afile is a file, not a folder" in result.output, result.output[-1000:]
+    (tmp_path / "tb.json").write_text("[1, 2]")
+    result = CliRunner().invoke(
+        main, ["train-benchmark", "--rerun-failed", "--output", str(tmp_path / "tb.json")]
+    )
+    assert result.exit_code == 1 and "Cannot read" in result.output and "Traceback" not in result.output
     for args, says in cases:
         out = tmp_path / "out" / "r.json"
         result = CliRunner().invoke(main, ["benchmark", *args, *quick, "--output", str(out)])
