@@ -257,7 +257,7 @@ _resume_option = click.option(
 @_resume_option
 @_friendly_errors
 def run(resume_run_id: str | None, **kwargs) -> None:
-    """Run the whole pipeline as a Prefect flow (data, train, evaluate, export, register, benchmark)."""
+    """Run the whole pipeline as a Prefect flow (data, train, evaluate, export, benchmark, register, card)."""
     from vit_pipeline.config import ConfigOverrides
     from vit_pipeline.data import check_source
 
@@ -338,8 +338,9 @@ def proxy_experiment(data_path, epochs, seed, experiment_name, report_dir, track
     shared = {"data_path": data_path, "epochs": epochs, "seed": seed, "experiment_name": experiment_name}
     from vit_pipeline.data import check_source
 
-    for preset in presets:  # a bad value, path or archive fails before Prefect or TensorFlow start
-        check_source(make_config(preset, {**shared, **overrides}))
+    for preset in presets:  # a bad value fails before Prefect or TensorFlow start
+        cfg = make_config(preset, {**shared, **overrides})
+    check_source(cfg)  # and a bad path or archive (one data source for every preset)
     from vit_pipeline.flows.proxy_experiment import proxy_experiment as flow
 
     _start_temporary_prefect_server()
@@ -407,8 +408,6 @@ def _field_values(ctx, param, values: tuple[str, ...]) -> dict[str, Any]:
 @_friendly_errors
 def transfer_experiment(**options) -> None:
     """Fine-tune from a model pre-trained on other classes vs the same budget from scratch (table + curves)."""
-    from vit_pipeline.flows.transfer_experiment import transfer_experiment as flow
-
     if options["pretrain_overrides"]:  # a field or value the config refuses fails here, before any training
         if options["source"]:
             raise ConfigError("--pretrain-set has no effect with --source: nothing is pre-trained")
@@ -430,6 +429,8 @@ def transfer_experiment(**options) -> None:
         check_source(
             make_config("quickstart", {"dataset": "image_folder", "data_path": options["target_folder"]})
         )
+    from vit_pipeline.flows.transfer_experiment import transfer_experiment as flow
+
     _start_temporary_prefect_server()
     with console_without_tracebacks():
         result = flow(**options)
@@ -481,8 +482,9 @@ def sweep(space_path, dask_address, workers, gpus_per_trial, tracking_uri, data_
     overrides = {k: v for k, v in (("tracking_uri", tracking_uri), ("data_path", data_path)) if v}
     from vit_pipeline.data import check_source
 
-    for _, cfg in trial_configs(load_space(space_path), overrides):  # fail before Prefect, Dask or TensorFlow
-        check_source(cfg)
+    configs = [cfg for _, cfg in trial_configs(load_space(space_path), overrides)]  # before Prefect, Dask, TF
+    for source in {(c.dataset, c.data_path): c for c in configs}.values():  # each data source once
+        check_source(source)
     check_cluster_api(dask_address)
     from vit_pipeline.flows.sweep import sweep as sweep_flow
 

@@ -540,6 +540,7 @@ def folder_dataset_name(path: str) -> str:
     such as ``ROOT/train``), as a slug for experiment and registry names."""
     import hashlib
     import os
+    import unicodedata
 
     path = path.replace("\\", "/").rstrip("/")
     if any(p in (".", "..") for p in path.split("/")):  # ".", "../data": named by the folder they are
@@ -547,7 +548,9 @@ def folder_dataset_name(path: str) -> str:
     parts = [p for p in path.split("/") if p]
     if len(parts) > 1 and parts[-1].lower() in SPLIT_FOLDER_NAMES:
         parts = parts[:-1]
-    name = parts[-1] if parts else "images"
+    # One name for one folder whatever wrote it (macOS writes names decomposed, NFD: café was "cafe" there and
+    # "caf" elsewhere); composed (NFC), the names of existing datasets stay as they were.
+    name = unicodedata.normalize("NFC", parts[-1] if parts else "images")
     slug = re.sub(r"[^a-z0-9._-]+", "-", name.lower()).strip("-.")
     # A name of other letters (写真/) keeps a name of its own: every one of them was "images", one schema
     # and one registered model for unrelated datasets.
@@ -660,9 +663,9 @@ def parse_int_list(value: Any) -> tuple[int, ...]:
     """``"2048, 1024"``, ``"[1,8]"`` or a sequence -> a tuple of ints (ValueError otherwise)."""
     if isinstance(value, str):
         parts = value.replace(" ", "").strip("[]()").split(",")
-        if parts == [""]:
-            parts = []
-        elif "" in parts:  # "1,,64": a number left out is a typo, not nothing
+        if parts[-1] == "":  # "(512,)", "2048,1024,": a trailing comma ends the list
+            parts.pop()
+        if "" in parts:  # "1,,64": a number left out is a typo, not nothing
             raise ValueError(f"an empty item in {value!r}")
     else:
         parts = list(value)

@@ -58,6 +58,8 @@ log = logging.getLogger(__name__)
 CHAMPION = "champion"
 ONNX_ARTIFACT = "onnx-model"
 LOCK_TIMEOUT_SECONDS = 900.0
+WITHDRAW_LOCK_SECONDS = 30.0  # a stopping run does not wait long for the lock to undo its promotion
+REPLACED = "replaced"  # version tag: the version this one's promotion replaced ("none": there was none)
 
 
 class RegistryError(PipelineError):
@@ -556,14 +558,29 @@ def register_onnx(
             decision = Decision(False, f"blocked by {'; '.join(blockers)}", evaluated=False)
         else:
             decision = decide(cfg, logits, split, champion, tracking.tracking_uri(cfg))
-        promoted, reason, champ_acc = decision.promoted, decision.reason, decision.champion_accuracy
+        promoted, champ_acc = decision.promoted, decision.champion_accuracy
         previous = str(champion.version) if champion else None
         moved = promoted and previous != version
-        if moved:
+        if moved:  # what it replaced first: a resumed run can withdraw it too (_recorded)
+            client.set_model_version_tag(name, version, REPLACED, previous or "none")
             _move_alias(client, name, version)
-    champion_version = version if promoted else (str(champion.version) if champion else None)
+    registration = Registration(name, version, f"models:/{name}/{version}", promoted, decision.reason,
+                                version if promoted else previous, served["top1"], champ_acc, len(split.labels),
+                                moved, previous)  # fmt: skip
+    try:  # the decision's record; a stop in it withdraws the promotion (nothing would say it was made)
+        _record_decision(client, run_id, registration, decision, served)
+    except BaseException as exc:
+        withdraw_quietly(cfg, run_id, registration, exc)
+        raise
+    return registration
+
+
+def _record_decision(client, run_id: str, registration: Registration, decision: Decision, served) -> None:
+    """The decision's tags on the version and the run, its checks and the served figures."""
+    name, version, reason, champ_acc = (registration.name, registration.version, registration.reason,
+                                        registration.champion_test_accuracy)  # fmt: skip
     checks, gate, compared = decision.checks, decision.thresholds_outcome()[:5000], decision.compared
-    decision = "promoted" if promoted else "not promoted"
+    outcome = "promoted" if registration.promoted else "not promoted"
     same_split = {}
     if champ_acc is not None:
         same_split["champion_test_accuracy_same_split"] = f"{champ_acc:.6f}"
@@ -572,9 +589,9 @@ def register_onnx(
         same_split["compared_test_images"] = str(compared[1])
     for key, value in same_split.items():
         client.set_model_version_tag(name, version, key, value)
-    client.set_model_version_tag(name, version, "promotion", f"{decision}: {reason}")
+    client.set_model_version_tag(name, version, "promotion", f"{outcome}: {reason}")
     client.set_model_version_tag(name, version, "gate.thresholds", gate)  # recorded whatever it said
-    run_tags = {"registry.model": f"{name}/{version}", "registry.decision": decision, "registry.reason": reason,
+    run_tags = {"registry.model": f"{name}/{version}", "registry.decision": outcome, "registry.reason": reason,
                 "registry.served_test_accuracy": f"{served['top1']:.6f}"}  # fmt: skip
     run_tags["gate.thresholds"] = gate
     run_tags |= {f"registry.{key}": value for key, value in same_split.items()}
@@ -582,9 +599,7 @@ def register_onnx(
     logger.tags(run_tags)
     logger.dict({"checks": [c.to_dict() for c in checks], "outcome": gate}, "registry/thresholds.json")
     logger.metrics({"served_test_accuracy": served["top1"], "served_test_top5_accuracy": served["top5"]})
-    log.info("Registered %s v%s: %s (%s)", name, version, decision, reason)
-    return Registration(name, version, f"models:/{name}/{version}", promoted, reason, champion_version,
-                        served["top1"], champ_acc, len(split.labels), moved, previous)  # fmt: skip
+    log.info("Registered %s v%s: %s (%s)", name, version, outcome, reason)
 
 
 def withdraw(cfg: PipelineConfig, run_id: str, registration: Registration, why: str) -> None:
@@ -595,17 +610,32 @@ def withdraw(cfg: PipelineConfig, run_id: str, registration: Registration, why: 
         return
     previous = registration.previous_champion
     client, name, version = tracking.client(cfg), registration.name, registration.version
-    with registry_lock(name):
+    # The version's record first: a store failing half-way leaves no "promoted" on a version the alias left.
+    if "promotion" in client.get_model_version(name, version).tags:
+        client.delete_model_version_tag(name, version, "promotion")
+    client.set_model_version_tag(name, version, "withdrawn", why[:5000])
+    tracking.RunLogger(client, run_id).tags({"registry.decision": "withdrawn", "registry.reason": why[:5000]})
+    with registry_lock(name, WITHDRAW_LOCK_SECONDS):
         now = current_champion(client, name)
         if now is not None and str(now.version) == version:
             if previous is None:
                 client.delete_registered_model_alias(name, CHAMPION)
             else:
                 _move_alias(client, name, previous)
-    client.delete_model_version_tag(name, version, "promotion")
-    client.set_model_version_tag(name, version, "withdrawn", why[:5000])
-    tracking.RunLogger(client, run_id).tags({"registry.decision": "withdrawn", "registry.reason": why[:5000]})
     log.warning("Withdrew %s v%s from %s: %s", name, version, CHAMPION, why)
+
+
+def withdraw_quietly(
+    cfg: PipelineConfig, run_id: str, registration: Registration, cause: BaseException
+) -> None:
+    """``withdraw`` for a run that is stopping with ``cause``: its own failure is logged, never raised in place
+    of the cause (a Ctrl-C reads as a Ctrl-C, and the run ends KILLED, not FAILED)."""
+    why = f"its run stopped before its last stage ({type(cause).__name__}: {' '.join(str(cause).split())[:300]})"
+    try:
+        withdraw(cfg, run_id, registration, why)
+    except Exception as exc:
+        log.error("Could not withdraw %s v%s from %s (%s); it stays champion", registration.name,
+                  registration.version, CHAMPION, exc)  # fmt: skip
 
 
 def _move_alias(client, name: str, version: str) -> None:
@@ -629,10 +659,14 @@ def _recorded(client, name: str, version) -> Registration:
     decision, _, reason = version.tags["promotion"].partition(": ")
     served = version.tags.get("served_test_accuracy")
     champ = version.tags.get("champion_test_accuracy_same_split")
+    replaced = version.tags.get(
+        REPLACED
+    )  # its promotion moved the alias: a stop of the resumed run withdraws it
     return Registration(
         name, str(version.version), f"models:/{name}/{version.version}", decision == "promoted", reason,
         str(champion.version) if champion else None, float(served) if served else None,
         float(champ) if champ else None, int(version.tags.get("test_images", 0)),
+        decision == "promoted" and replaced is not None, None if replaced in (None, "none") else replaced,
     )  # fmt: skip
 
 

@@ -197,6 +197,7 @@ def create_run(cfg: PipelineConfig, preset: str | None = None, tags: dict[str, s
 
 
 COMMAND_TAG = "vit_pipeline.command"  # which command started a run (none: the pipeline flow)
+RESUMABLE = (None, "train", "evaluate")  # the commands whose runs --resume continues
 
 
 def resume_run(cfg: PipelineConfig, run_id: str, command: str | None = None) -> str:
@@ -207,7 +208,8 @@ def resume_run(cfg: PipelineConfig, run_id: str, command: str | None = None) -> 
     is still alive is refused. ``lifecycle`` then sets it RUNNING again.
 
     Raises:
-        ConfigError: unknown run, a FINISHED one, or a config value that differs from the run's.
+        ConfigError: unknown run, a FINISHED one, one another command started (or one never resumed: a
+            sweep's), or a config value that differs from the run's.
         TrainingInProgress: the run's owner process is alive.
     """
     from mlflow.exceptions import MlflowException
@@ -222,6 +224,8 @@ def resume_run(cfg: PipelineConfig, run_id: str, command: str | None = None) -> 
     except MlflowException as exc:
         raise ConfigError(f"Cannot resume: no MLflow run {run_id!r} at {tracking.tracking_uri(cfg)}") from exc
     started_by = run.data.tags.get(COMMAND_TAG)
+    if started_by not in RESUMABLE:  # a sweep's runs, a benchmark: started again, never continued
+        raise ConfigError(f"Cannot resume run {run_id}: `{started_by}` runs are not resumed; run it again")
     if started_by != command:  # `train --resume` of a pipeline run FINISHED it without its later stages
 
         def name(c: str | None) -> str:

@@ -268,7 +268,7 @@ def run_trial(
 
     cfg = from_dict(cfg)  # the sweep's sub-flow parameters are JSON: the config arrives as its dict
     keras.backend.clear_session()  # a worker process runs trial after trial
-    tags = {"mlflow.parentRunId": parent_run_id, "sweep.trial": str(index),
+    tags = {"mlflow.parentRunId": parent_run_id, "sweep.trial": str(index), runs.COMMAND_TAG: "sweep-trial",
             **{f"sweep.param.{k}": str(v) for k, v in varying.items()}}  # fmt: skip
     start = time.time()
     where = {"pid": os.getpid(), "host": socket.gethostname()}

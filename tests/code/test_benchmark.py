@@ -358,7 +358,7 @@ def test_benchmark_inputs_that_cannot_work_are_one_line_and_write_nothing(tmp_pa
         ([str(ten), "--eval-data", str(tmp_path / "bad.npz")], "Cannot read --eval-data"),
         ([str(ten), "--eval-data", str(CIFAR_CUT)], "predicts 10 classes; --eval-data labels go up to 99"),
         (["--keras", str(tmp_path / "garbage.keras")], "is not a loadable Keras model"),
-        ([str(two)], "Expected an image classifier"),
+        ([str(two)], "is not an image classifier: Expected one input [batch, H, W, 3]"),
         ([str(ten), "--batch-sizes", "1,,64"], "Expected batch sizes from 1 to 4096"),
         ([str(ten), "--batch-sizes", "99999999999"], "Expected batch sizes from 1 to 4096"),
         (["--preset", "nope"], "nope"),

@@ -1,4 +1,5 @@
 import json
+import unicodedata
 
 import pytest
 from click.testing import CliRunner
@@ -221,3 +222,15 @@ def test_an_image_folder_is_named_by_the_folder_it_is(tmp_path, monkeypatch):
     photos, pictures = folder_dataset_name("/data/写真"), folder_dataset_name("/data/图片")
     assert photos.startswith("images-") and pictures.startswith("images-") and photos != pictures
     assert folder_dataset_name("/data/写真/train") == photos
+    for name in ("caf\u00e9", "写真データ"):  # as macOS writes names (decomposed): the same dataset
+        assert folder_dataset_name(f"/d/{unicodedata.normalize('NFD', name)}") == folder_dataset_name(
+            f"/d/{name}"
+        )
+
+
+def test_an_integer_list_may_end_with_a_comma_but_leaves_no_number_out():
+    from vit_pipeline.config import parse_int_list
+
+    assert parse_int_list("(512,)") == (512,) and parse_int_list("2048, 1024,") == (2048, 1024)
+    with pytest.raises(ValueError, match="an empty item"):
+        parse_int_list("1,,64")  # read as [1, 64]

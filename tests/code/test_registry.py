@@ -101,6 +101,41 @@ def test_a_promotion_whose_run_stops_before_its_last_stage_is_withdrawn_and_deci
         client.get_model_version_by_alias("lone", CHAMPION)
 
 
+def test_a_stop_while_the_decision_is_recorded_withdraws_it_and_a_resume_can_withdraw_too(
+    cfg, tmp_path, monkeypatch
+):
+    """A Ctrl-C among the writes after the alias moved returned no Registration: nothing withdrew the promotion.
+    A resumed run reads what its promotion replaced back from the version (it withdrew nothing)."""
+    from vit_pipeline import registry
+
+    split = labelled_split(COUNTS)
+    _register(cfg, tmp_path, 0, split)
+    real = registry._record_decision
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(registry, "_record_decision", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _register(cfg, tmp_path, 2, split, run_id=(run_id := runs.create_run(cfg, "test")))
+    client = tracking.client(cfg)
+    assert (
+        _champion(cfg) == "1"
+        and "KeyboardInterrupt" in client.get_model_version("vit-cifar100", "2").tags["withdrawn"]
+    )
+    monkeypatch.setattr(registry, "_record_decision", real)
+    again, _ = _register(cfg, tmp_path, 2, split, run_id=run_id)  # --resume: decided again, promoted
+    assert again.moved and again.previous_champion == "1" and _champion(cfg) == "2"
+    recorded = registry._recorded(client, "vit-cifar100", client.get_model_version("vit-cifar100", "2"))
+    assert recorded.moved and recorded.previous_champion == "1"  # a resume that stops withdraws it too
+    # Withdrawing while the store fails is logged, never raised in place of the stop's own cause.
+    monkeypatch.setattr(
+        registry, "withdraw", lambda *a, **k: (_ for _ in ()).throw(RegistryError("store down"))
+    )
+    registry.withdraw_quietly(cfg, run_id, again, KeyboardInterrupt())
+    assert _champion(cfg) == "2"
+
+
 def test_champion_is_judged_on_the_new_split_not_its_stored_figure(cfg, tmp_path):
     # On split A the champion (always class 3) scores 0.9; on split B only 0.1.
     _register(cfg, tmp_path, 3, labelled_split([5, 5, 0, 90], seed=1))

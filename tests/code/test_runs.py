@@ -360,6 +360,14 @@ def test_resume_refuses_a_run_another_command_started(cfg):
         with runs.tracked_run(cfg, "quickstart", tags, resume_run_id=run_id):  # as it was started: resumed
             pass
         assert _status(cfg, run_id).info.status == "FINISHED"
+    trial = {runs.COMMAND_TAG: "sweep-trial"}  # a sweep is started again, never continued
+    with pytest.raises(KeyboardInterrupt), runs.tracked_run(cfg, "quickstart", trial) as run_id:
+        raise KeyboardInterrupt
+    with (
+        pytest.raises(ConfigError, match="`sweep-trial` runs are not resumed"),
+        runs.tracked_run(cfg, "quickstart", resume_run_id=run_id),
+    ):
+        pass
 
 
 def test_a_sqlite_store_that_is_a_folder_or_another_file_is_one_line(tmp_path, pipeline_home):

@@ -163,11 +163,12 @@ def models_to_time(
             session = ort_session(model_path)
         except PipelineError as exc:
             raise DataError(f"{model_path} is not a loadable ONNX model") from exc
-        inputs, outputs = session.get_inputs(), session.get_outputs()
-        if len(inputs) != 1 or len(inputs[0].shape) != 4 or len(outputs[0].shape) != 2:
-            raise DataError(f"Expected an image classifier: one [batch, H, W, 3] input, [batch, classes] logits. "
-                            f"Received: inputs {[i.shape for i in inputs]}, outputs {[o.shape for o in outputs]}")  # fmt: skip
-        _check_labels(labels, outputs[0].shape[1], model_path)
+        from vit_consumer import contract
+
+        inputs, outputs = contract.ort_dims(session.get_inputs()), contract.ort_dims(session.get_outputs())
+        if problem := contract.io_problem(inputs, outputs, None):
+            raise DataError(f"{model_path} is not an image classifier: {problem}")
+        _check_labels(labels, outputs[0][1], model_path)
         return Models(model_path, keras_model, keras_path, {"name": Path(model_path).name})
     if preset is not None:
         keras_model = fresh_keras_model(cfg)

@@ -147,7 +147,7 @@ def sweep(
         parsed.preset, {**parsed.fixed, **shared, "run_name": f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"}
     )
     parent_tags = {**_prefect_tags(), "sweep.method": parsed.method, "sweep.num_trials": str(len(trials)),
-                   "sweep.role": "parent"}  # fmt: skip
+                   "sweep.role": "parent", runs.COMMAND_TAG: "sweep"}  # fmt: skip
     with runs.tracked_run(parent_cfg, parsed.preset, parent_tags) as parent:
         parent_log = tracking.RunLogger.open(parent_cfg, parent)
         client = parent_log.client

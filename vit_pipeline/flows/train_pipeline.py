@@ -1,4 +1,4 @@
-"""The ``train-pipeline`` flow: fetch, prepare, train, evaluate, export, register, benchmark.
+"""The ``train-pipeline`` flow: fetch, prepare, train, evaluate, export, benchmark, register, model card.
 
 One Prefect task per stage; tasks pass paths and metrics, never models. The
 MLflow run is created here and its id handed to every task, because MLflow's
@@ -158,8 +158,7 @@ def after_training(ctx: StageContext, data_path: str, model_path: str, history_p
     try:
         card = write_model_card(ctx, registered)
     except BaseException as exc:
-        registry.withdraw(ctx.cfg, ctx.run_id, registered, f"its run stopped before its last stage ({type(exc).__name__}: "
-                                               f"{' '.join(str(exc).split())[:300]}); --resume decides again")  # fmt: skip
+        registry.withdraw_quietly(ctx.cfg, ctx.run_id, registered, exc)
         raise
     return Shipped(evaluated, calibrated, robust, exported, served, registered, benchmarked, card)
 

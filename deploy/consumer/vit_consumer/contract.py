@@ -159,15 +159,22 @@ def class_names(metadata: Mapping[str, str]) -> list[str] | None:
 
 
 def io_problem(
-    inputs: list[list[int | None]], outputs: list[list[int | None]], num_classes: int
+    inputs: list[list[int | None]], outputs: list[list[int | None]], num_classes: int | None
 ) -> str | None:
     """What keeps a model's inputs and outputs (their shapes, None for a dynamic size) from this contract, or
-    None: one image input [batch, H, W, 3] of fixed H and W, logits [batch, one per class name] first."""
+    None: one image input [batch, H, W, 3] of fixed H and W, logits [batch, one per class name] first
+    (``num_classes`` None: any number of them)."""
     if len(inputs) != 1 or len(inputs[0]) != 4 or None in inputs[0][1:] or inputs[0][3] != 3:
         return f"Expected one input [batch, H, W, 3] (RGB images). Received: inputs {_shapes(inputs)}"
-    if not outputs or len(outputs[0]) != 2 or outputs[0][1] not in (None, num_classes):
-        return (f"Expected logits [batch, {num_classes}] (one per class name) as the first output. "
-                f"Received: outputs {_shapes(outputs)}")  # fmt: skip
+    if (
+        not outputs
+        or len(outputs[0]) != 2
+        or (num_classes is not None and outputs[0][1] not in (None, num_classes))
+    ):
+        per_class = "classes]" if num_classes is None else f"{num_classes}] (one per class name)"
+        return (
+            f"Expected logits [batch, {per_class} as the first output. Received: outputs {_shapes(outputs)}"
+        )
     return None
 
 

@@ -51,9 +51,8 @@ class Engine(Protocol):
     input_name: str
     output_name: str
     input_shape: tuple[int, ...]  # (H, W, C), without the batch (-1: not fixed; contract.io_problem says so)
-    io: tuple[
-        list, list
-    ]  # the shapes of every input and output (None: a dynamic size), for contract.io_problem
+    # The shapes of every input and output (None: a dynamic size), for contract.io_problem.
+    io: tuple[list, list]
     metadata: dict[str, str]  # the file's metadata_props
 
     def run(self, images: np.ndarray) -> np.ndarray:
