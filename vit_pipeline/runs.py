@@ -197,7 +197,7 @@ def create_run(cfg: PipelineConfig, preset: str | None = None, tags: dict[str, s
 
 
 COMMAND_TAG = "vit_pipeline.command"  # which command started a run (none: the pipeline flow)
-RESUMABLE = (None, "train", "evaluate")  # the commands whose runs --resume continues
+RESUMABLE = (None, "train", "evaluate")  # the commands whose runs --resume continues (by the same command)
 
 
 def resume_run(cfg: PipelineConfig, run_id: str, command: str | None = None) -> str:
@@ -226,7 +226,9 @@ def resume_run(cfg: PipelineConfig, run_id: str, command: str | None = None) -> 
     started_by = run.data.tags.get(COMMAND_TAG)
     if started_by not in RESUMABLE:  # a sweep's runs, a benchmark: started again, never continued
         raise ConfigError(f"Cannot resume run {run_id}: `{started_by}` runs are not resumed; run it again")
-    if started_by != command:  # `train --resume` of a pipeline run FINISHED it without its later stages
+    # The pipeline may finish what `train` started (the rest of its stages too); `train --resume` of a pipeline
+    # run FINISHED it without its later stages, and an evaluate run became a training run.
+    if started_by != command and (command, started_by) != (None, "train"):
 
         def name(c: str | None) -> str:
             return f"vit-pipeline {c}" if c else "the pipeline (vit-pipeline run, a deployment)"

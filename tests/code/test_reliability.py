@@ -131,7 +131,8 @@ def test_resume_refuses_a_different_config(tmp_path):
     from vit_pipeline import runs
     from vit_pipeline.config import make_config
 
-    run_id = runs.create_run(make_config("quickstart", {"tracking_uri": uri, "epochs": 3}), "quickstart")
+    cfg = make_config("quickstart", {"tracking_uri": uri, "epochs": 3})
+    run_id = runs.create_run(cfg, "quickstart", {runs.COMMAND_TAG: "train"})
     out = subprocess.run([str(BIN / "vit-pipeline"), "train", "--epochs", "4", "--tracking-uri", uri, "--resume",
                           run_id], env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert out.returncode == 2

@@ -346,7 +346,7 @@ def test_resume_refuses_a_run_another_command_started(cfg):
     training run): a run is continued by what started it."""
     from vit_pipeline.errors import ConfigError
 
-    for started, resuming in ((None, "train"), ("evaluate", "train"), ("train", None)):
+    for started, resuming in ((None, "train"), ("evaluate", "train"), ("evaluate", None)):
         tags = {runs.COMMAND_TAG: started} if started else {}
         with pytest.raises(KeyboardInterrupt), runs.tracked_run(cfg, "quickstart", tags) as run_id:
             raise KeyboardInterrupt
@@ -360,6 +360,14 @@ def test_resume_refuses_a_run_another_command_started(cfg):
         with runs.tracked_run(cfg, "quickstart", tags, resume_run_id=run_id):  # as it was started: resumed
             pass
         assert _status(cfg, run_id).info.status == "FINISHED"
+    # The pipeline finishes what `train` started (tests/code/test_reliability.py, after a SIGKILL).
+    with (
+        pytest.raises(KeyboardInterrupt),
+        runs.tracked_run(cfg, "quickstart", {runs.COMMAND_TAG: "train"}) as run_id,
+    ):
+        raise KeyboardInterrupt
+    with runs.tracked_run(cfg, "quickstart", resume_run_id=run_id):
+        pass
     trial = {runs.COMMAND_TAG: "sweep-trial"}  # a sweep is started again, never continued
     with pytest.raises(KeyboardInterrupt), runs.tracked_run(cfg, "quickstart", trial) as run_id:
         raise KeyboardInterrupt
