@@ -530,6 +530,10 @@ def list_runs(tracking_uri: str | None, experiments: tuple[str, ...], limit: int
     from vit_pipeline import runs, tracking
 
     cfg = make_config("quickstart", {"tracking_uri": tracking_uri})
+    uri = tracking.tracking_uri(cfg)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        # A listing only reads: a mistyped path made a new, empty store that read as "no runs".
+        raise PipelineError(f"No MLflow store at {uri}: no runs were ever logged there (a mistyped path?)")
     tracking.check_reachable(cfg)
     for run_id in runs.reap_once(cfg):
         click.echo(f"Marked {run_id} KILLED: its process is gone", err=True)

@@ -386,8 +386,10 @@ def test_a_sqlite_store_that_is_a_folder_or_another_file_is_one_line(tmp_path, p
 
     (tmp_path / "folder").mkdir()
     (tmp_path / "notes.db").write_text("not a database")
-    for path, says in ((tmp_path / "folder", "is a folder"), (tmp_path / "notes.db", "is not a SQLite database"),
-                       (tmp_path / "notes.db" / "x.db", "cannot be created")):  # fmt: skip
+    for path, says in (
+        (tmp_path / "folder", "is a folder"),
+        (tmp_path / "notes.db", "is not a SQLite database"),
+    ):
         started = time.monotonic()
         result = CliRunner().invoke(main, ["runs", "--tracking-uri", f"sqlite:///{path}"])
         assert result.exit_code == 2 and "Traceback" not in result.output, result.output[
@@ -397,3 +399,16 @@ def test_a_sqlite_store_that_is_a_folder_or_another_file_is_one_line(tmp_path, p
         assert f"The MLflow store sqlite:///{path} {says}" in error
         assert time.monotonic() - started < 20
     assert (tmp_path / "notes.db").read_text() == "not a database"
+    from vit_pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="notes.db/x.db cannot be created"):  # a command that writes
+        tracking.client(
+            make_config("quickstart", {"tracking_uri": f"sqlite:///{tmp_path / 'notes.db' / 'x.db'}"})
+        )
+    typo = tmp_path / "mlflwo.db"  # a listing only reads: a mistyped path made an empty store, "no runs"
+    result = CliRunner().invoke(main, ["runs", "--tracking-uri", f"sqlite:///{typo}"])
+    assert (
+        result.exit_code == 1
+        and f"No MLflow store at sqlite:///{typo}" in result.output
+        and not typo.exists()
+    )
