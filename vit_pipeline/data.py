@@ -400,10 +400,9 @@ def _holds_class_folders(folder: Path) -> bool:
     """A split folder holds class folders and no images of its own (a class folder named ``train``, as
     CIFAR-100 has, holds images)."""
     try:
-        files = [f for f in os.listdir(folder) if not f.startswith(".")]
-    except OSError:
+        return not _own_images(folder) and bool(_subdirs(folder))
+    except (OSError, DataError):  # unreadable: not read as a split
         return False
-    return bool(_subdirs(folder)) and not any(os.path.splitext(f)[1].lower() in IMAGE_SUFFIXES for f in files)
 
 
 def _class_set(folder: Path) -> frozenset[str]:
