@@ -31,7 +31,6 @@ import json
 import logging
 import math
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -261,6 +260,7 @@ def _resolve_mlflow(requested: str, tracking_uri: str) -> Source:
     from mlflow.tracking import MlflowClient
     from vit_consumer.mlflow_store import store_uris
 
+    from vit_pipeline.fsutil import scratch_dir
     from vit_pipeline.mlflow_models import KERAS_ARTIFACT
 
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
@@ -282,7 +282,7 @@ def _resolve_mlflow(requested: str, tracking_uri: str) -> Source:
             pinned = keras_uri = (
                 requested if (match.group(2) or "/") != "/" else f"runs:/{run_id}/{KERAS_ARTIFACT}"
             )
-        dst = Path(tempfile.mkdtemp(prefix="vit-init-", dir=_download_root()))
+        dst = scratch_dir("vit-init-")  # the process's scratch folder: removed at exit, or after a kill
         with store_uris(tracking_uri):
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=keras_uri, dst_path=str(dst)))
             names = _run_class_names(run_id, dst)
@@ -296,14 +296,6 @@ def _resolve_mlflow(requested: str, tracking_uri: str) -> Source:
             f"Expected a Keras model at init_from={requested!r}. Received: no .keras file in {keras_uri}"
         )
     return Source(requested, pinned, OWN, "keras", str(file), digest(file), names, run_id)
-
-
-def _download_root() -> Path:
-    """Where downloaded checkpoints go: the process's scratch folder (a checkpoint is read when the model is
-    built; every run, resume and trial left a full copy in /tmp, and a killed one still did)."""
-    from vit_pipeline.fsutil import scratch_root
-
-    return scratch_root()
 
 
 def _registered_version(client, uri: str):
