@@ -455,6 +455,19 @@ def test_an_address_it_cannot_listen_on_is_one_line_before_the_model_loads(no_tf
             assert len(out.stderr.strip().splitlines()) == 1
 
 
+def test_a_bad_serve_setting_is_one_line_before_the_model_loads(no_tf_env, tmp_path):
+    fake = tmp_path / "model.onnx"
+    fake.write_bytes(b"not read: the settings are checked first")
+    for option, value, field in (("--body-timeout", "inf", "body_timeout_s"), ("--timeout", "1e999", "timeout_s"),
+                                 ("--max-queue", "0", "max_queue")):  # fmt: skip
+        out = subprocess.run([sys.executable, "-m", "vit_consumer", "--model", str(fake), "serve", "--port", "18779",
+                              option, value], env=no_tf_env, capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert out.returncode == 1, out.stderr[-500:]
+        assert (
+            out.stderr.startswith(f"Error: Invalid settings: {field}=") and len(out.stderr.splitlines()) == 1
+        )
+
+
 def test_a_tracking_server_that_is_down_is_one_line_in_seconds(no_tf_env):
     with socket.socket() as free:
         free.bind(("127.0.0.1", 0))

@@ -100,6 +100,8 @@ def test_each_variable_is_read_and_typed(monkeypatch, read, env, field, expected
         ("VIT_SPIN", "sometimes"),  # spin
         ("VIT_ENGINE", "tensorrt"),  # engine
         ("VIT_OV_STREAMS", "-1"),  # int, out of range
+        ("VIT_BODY_TIMEOUT_S", "inf"),  # float, not finite: no limit at all
+        ("VIT_TIMEOUT_S", "1e999"),  # float, overflows to inf
     ],
 )
 def test_an_invalid_value_is_one_line_naming_the_variable_and_the_value(monkeypatch, variable, raw):

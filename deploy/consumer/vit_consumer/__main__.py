@@ -113,17 +113,9 @@ def main(argv: list[str] | None = None) -> int:
         spin = args.spin if args.command == "serve" else "always"
         serving = args.command == "serve"
         choose_for = (1, args.max_batch_size) if serving and args.choose else None
-        # The settings' checks before the model loads: one line for a bad engine name or stream count.
-        checked = Settings(engine=args.engine, ov_streams=args.ov_streams if serving else 1)
-        engine, streams = checked.engine, checked.ov_streams  # predict: one request at a time
-        clf = OnnxClassifier.from_uri(args.model, args.tracking_uri, providers, spin=spin, choose_for=choose_for,
-                                      engine=engine, streams=streams)  # fmt: skip
+        # Every setting is checked before the model loads (which can take a minute): a bad one is one line.
+        settings = Settings(engine=args.engine, ov_streams=1)  # predict: one request at a time
         if serving:
-            import uvicorn
-
-            from vit_consumer.http import GuardedHttpToolsProtocol
-            from vit_consumer.server import create_app
-
             settings = Settings(
                 max_bytes=args.max_bytes, max_inflight_bytes=args.max_inflight_bytes,
                 max_batch_size=args.max_batch_size, max_queue_delay_ms=args.max_queue_delay_ms,
@@ -132,9 +124,17 @@ def main(argv: list[str] | None = None) -> int:
                 reload_seconds=args.reload_seconds, tracking_uri=args.tracking_uri,
                 allow_contract_change=args.allow_contract_change,
                 providers=tuple(providers) if providers else None, spin=args.spin,
-                decode_threads=args.decode_threads, choose_candidate=args.choose, engine=engine,
-                ov_streams=streams,
+                decode_threads=args.decode_threads, choose_candidate=args.choose, engine=args.engine,
+                ov_streams=args.ov_streams,
             )  # fmt: skip
+        clf = OnnxClassifier.from_uri(args.model, args.tracking_uri, providers, spin=spin, choose_for=choose_for,
+                                      engine=settings.engine, streams=settings.ov_streams)  # fmt: skip
+        if serving:
+            import uvicorn
+
+            from vit_consumer.http import GuardedHttpToolsProtocol
+            from vit_consumer.server import create_app
+
             logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
             print(f"Serving {clf.source} (version {clf.version}, file {clf.path.name}: {clf.candidate['reason']}) "
                   f"on {clf.engine} {clf.providers_used}", file=sys.stderr)  # fmt: skip

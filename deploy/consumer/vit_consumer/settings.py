@@ -50,6 +50,8 @@ class Settings(BaseSettings):
         populate_by_name=True,
         # `VIT_PROVIDERS=` (compose files, `env -u` being awkward) means unset, not an invalid value.
         env_ignore_empty=True,
+        # `inf` (or `1e999`) passes `gt=0` and would mean "never": a stalled upload held its place for ever.
+        allow_inf_nan=False,
     )
 
     max_bytes: int = Field(DEFAULT_MAX_BYTES, gt=0)
