@@ -459,6 +459,18 @@ class PipelineConfig(BaseModel):
                 )
         if self.dataset == "image_folder" and not self.data_path:
             raise ValueError("Expected data_path for dataset='image_folder'. Received: data_path=None")
+        # A source the dataset does not read was ignored: `--preset quickstart --data-path cifar.tar.gz`
+        # trained on digits and said nothing.
+        if self.dataset == "digits" and self.data_path:
+            raise ValueError(
+                "Expected no data_path for dataset='digits' (scikit-learn ships its images). "
+                f"Received: data_path={self.data_path!r}; set dataset to 'cifar100' or 'image_folder' to read it"
+            )
+        if self.dataset != "cifar100" and self.label_mode != "fine":
+            raise ValueError(
+                "Expected label_mode='fine' unless dataset='cifar100' (only CIFAR-100 has coarse labels). "
+                f"Received: label_mode={self.label_mode!r}, dataset={self.dataset!r}"
+            )
         if self.dataset in ("digits", "cifar100") and self.input_size != 32:
             raise ValueError(
                 f"Expected input_size=32 for dataset={self.dataset!r} (its native size). "

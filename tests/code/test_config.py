@@ -51,6 +51,12 @@ def test_every_preset_validates(preset):
         ({"learning_rate": float("nan")}, "learning_rate: Input should be a finite number"),
         ({"tracking_wait_seconds": float("inf")}, "tracking_wait_seconds: Input should be a finite number"),
         ({"registered_model_name": "a/b@c"}, "without '/', ':' or '%'"),
+        # Not read by that dataset: was silently ignored.
+        ({"dataset": "digits", "data_path": "c.tar.gz"}, "Expected no data_path for dataset='digits'"),
+        (
+            {"dataset": "image_folder", "data_path": "d", "label_mode": "coarse"},
+            "Received: label_mode='coarse'",
+        ),
     ],
 )
 def test_invalid_values_name_field_and_value(overrides, message):
