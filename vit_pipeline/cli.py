@@ -108,7 +108,7 @@ def _prefect_api() -> str:
 
 
 def _friendly_errors(func: Callable) -> Callable:
-    """One line on stderr and exit 2 (bad config) or 1 (other input) instead of a trace."""
+    """One line on stderr and exit 2 (bad config) or 1 (other input) instead of a trace; 130 on Ctrl-C."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
@@ -141,6 +141,11 @@ def _friendly_errors(func: Callable) -> Callable:
                 raise PipelineError(
                     f"Cannot reach the Prefect API at {_prefect_api()}: {exc}. Is the Prefect server running?"
                 ) from exc
+        except KeyboardInterrupt:
+            # Click's own handling says "Aborted!" and exits 1, which scripts read as a failure of the work;
+            # the shells' convention for Ctrl-C (SIGINT) is 128 + 2. The run itself has ended KILLED by now.
+            click.echo("Interrupted", err=True)
+            sys.exit(128 + signal.SIGINT)
         except Exception as exc:
             # Ours; the file system's (a home that is a file, a read-only folder); MLflow's (a malformed
             # tracking URI, a name it refuses): one line each, the trace in the log. Anything else is a bug.
