@@ -447,6 +447,26 @@ def test_compressed_bodies_are_inflated_within_the_limits(strict_server):
     assert resp.status_code == 400 and "truncated" in resp.json()["detail"]
 
 
+def test_a_body_refused_once_read_whole_keeps_the_connection(strict_server):
+    """An unknown encoding (415), a body that does not inflate (400) or an empty body (400) has been read to its
+    end: the next request on the connection is answered (they were refused with ``Connection: close``)."""
+    import socket
+
+    port = int(strict_server.rsplit(":", 1)[1])
+    png = _png(np.zeros((32, 32, 3), np.uint8))
+    for encoding, body, status in (("br", png, b"415"), ("gzip", png, b"400"), ("identity", b"", b"400")):
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                         + f"Content-Encoding: {encoding}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
+                         + b"GET /health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")  # fmt: skip
+            answers = b""
+            while part := sock.recv(65536):
+                answers += part
+        first = answers.split(b"\r\n\r\n", 1)[0].lower()
+        assert first.startswith(b"http/1.1 " + status) and b"connection: close" not in first, answers[:400]
+        assert b"HTTP/1.1 200 " in answers, (encoding, answers[:400])
+
+
 def test_stalled_uploads_neither_lock_others_out_nor_stay(strict_server, tiny_export):
     """Clients that declare large bodies and stop sending (a slowloris) hold only what they sent, and get
     a 408 once the body's deadline (5 s here) has passed; everyone else is served meanwhile."""

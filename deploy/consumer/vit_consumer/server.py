@@ -187,6 +187,7 @@ class _Booking:
 
     def __init__(self, admission: _Admission):
         self.admission, self.held = admission, 0
+        self.body_read = False  # the whole body has arrived: a refusal from here on keeps the connection
 
     def take(self, n: int) -> None:
         if (
@@ -499,7 +500,7 @@ class Service:
                 what runs if the client hangs up before its answer is registered.
         """
         started = time.perf_counter()
-        code, booking, data = 200, _Booking(self.admission), None
+        code, booking = 200, _Booking(self.admission)
         try:
             if not self.ready:
                 raise InputError("The model is not ready yet", 503)
@@ -515,10 +516,10 @@ class Service:
                          "version": engine.version, "providers": engine.providers_used}, {}  # fmt: skip
         except InputError as exc:
             code = exc.status
-            return code, {"detail": str(exc)}, _error_headers(code, data is not None)
+            return code, {"detail": str(exc)}, _error_headers(code, booking.body_read)
         except QueueFull as exc:
             code = 503
-            return code, {"detail": f"Busy: {exc}; retry later"}, _error_headers(code, data is not None)
+            return code, {"detail": f"Busy: {exc}; retry later"}, _error_headers(code, booking.body_read)
         except TimeoutError:
             code = 504
             return code, {"detail": f"Not answered within {self.settings.timeout_s:g} s"}, {}
@@ -535,7 +536,7 @@ class Service:
                        body: AsyncIterator[bytes], on_gone: Hangup | None = None) -> tuple[int, bytes, dict[str, str]]:  # fmt: skip
         """One ``POST /v2/models/{name}[/versions/{v}]/infer``: (status, body, headers); see ``vit_consumer.v2``."""
         started = time.perf_counter()
-        code, booking, data = 200, _Booking(self.admission), None
+        code, booking = 200, _Booking(self.admission)
         try:
             if not self.ready:
                 raise InputError("The model is not ready yet", 503)
@@ -556,10 +557,10 @@ class Service:
             return 200, out, extra
         except InputError as exc:
             code = exc.status
-            return code, _error(str(exc)), _error_headers(code, data is not None)
+            return code, _error(str(exc)), _error_headers(code, booking.body_read)
         except QueueFull as exc:
             code = 503
-            return code, _error(f"Busy: {exc}; retry later"), _error_headers(code, data is not None)
+            return code, _error(f"Busy: {exc}; retry later"), _error_headers(code, booking.body_read)
         except TimeoutError:
             code = 504
             return code, _error(f"Not answered within {self.settings.timeout_s:g} s"), {}
@@ -662,6 +663,7 @@ class Service:
         except TimeoutError:
             raise InputError(f"The request body did not arrive within {self.settings.body_timeout_s:g} s",
                              408) from None  # fmt: skip
+        booking.body_read = True  # an empty or undecodable body is refused with the connection kept
         if not body:
             raise InputError("Empty request body")
         encoding = headers.get("content-encoding", "identity").strip().lower()
