@@ -175,6 +175,7 @@ def test_protocol_errors_are_one_line_json(served):
          "Expected raw pixel values in [0, 255]"),
     ]  # fmt: skip
     image = ok["inputs"][0]
+    no_data = {k: v for k, v in image.items() if k != "data"}
     infer = f"{base}/vit-cifar100/infer"
     cases += [
         (infer, {**ok, "parameters": [1]}, 400, "'parameters' to be an object"),
@@ -210,6 +211,15 @@ def test_protocol_errors_are_one_line_json(served):
         (infer, {**ok, "outputs": [{"name": "logits"}, {"name": "logits"}]}, 400, "'logits' is requested twice"),
         # Brackets in a string are no nesting: a valid request with such an id is served.
         (infer, {**ok, "id": "[[[[[[[[[["}, 200, None),
+        # More images than /config's max_batch_size (8 here): refused as Triton refuses it (it was served).
+        (infer, {"inputs": [{**image, "shape": [9, 32, 32, 3], "data": [0.0] * 9 * 3072}]}, 400,
+         "inference request batch-size must be <= 8 for 'vit-cifar100'"),
+        (infer, {"inputs": [{**image, "shape": [8, 32, 32, 3], "data": [0.0] * 8 * 3072}]}, 200, None),
+        (infer, {"inputs": [{**image, "datatype": "UINT32", "data": [0] * 3072}]}, 200, None),
+        # A size that is not an integer is said to be one (it read "'24576' does not match ... 24576 bytes").
+        (infer, {"inputs": [{**no_data, "parameters": {"binary_data_size": "12288"}}]}, 400,
+         'binary_data_size to be an integer number of bytes. Received: "12288"'),
+        (infer, {"inputs": [{**no_data, "parameters": {"binary_data_size": None}}]}, 400, "Received: null"),
     ]  # fmt: skip
     for url, doc, code, message in cases:
         response = httpx.post(url, content=json.dumps(doc).encode())  # ASCII: a lone surrogate escaped
@@ -230,6 +240,13 @@ def test_protocol_errors_are_one_line_json(served):
     for length, code in (("9" * 5000, 400), ("0" * 4990 + str(len(body)), 200)):
         response = httpx.post(infer, content=body, headers={"Inference-Header-Content-Length": length})
         assert response.status_code == code, response.text
+    # Binary tensors without their header's length: said so (it read only "not UTF-8 text").
+    raw = np.full((1, 32, 32, 3), 200, np.float32).tobytes()
+    response = httpx.post(infer, content=header + raw)
+    assert (
+        response.status_code == 400
+        and "needs the Inference-Header-Content-Length" in response.json()["error"]
+    )
     utf16 = json.dumps(ok).encode("utf-16")
     response = httpx.post(infer, content=utf16)
     assert response.status_code == 400 and "not UTF-8" in response.json()["error"]
@@ -251,3 +268,8 @@ def test_protocol_errors_are_one_line_json(served):
         response = httpx.request(method, url, json=ok)
         assert response.status_code == code and "error" in response.json(), (url, response.text)
     assert not_found() == before + 1  # the one inference request among them, counted as /predict's are
+    # A trailing slash (the protocol's description writes /v2/) is the same endpoint, not a 307 to follow.
+    server = httpx.get(f"http://127.0.0.1:{port}/v2/")
+    assert server.status_code == 200 and "model_configuration" in server.json()["extensions"], server.text
+    assert httpx.get(f"{base}/vit-cifar100/versions/1/").status_code == 200
+    assert httpx.post(f"{infer}//", json=ok).status_code == 200

@@ -548,7 +548,7 @@ class Service:
             def parse() -> np.ndarray:
                 images, parsed["doc"], parsed["wanted"] = v2.parse_infer(
                     engine, data, headers.get(v2.HEADER_LENGTH), self.settings.max_json_depth,
-                    self.settings.max_json_numbers,
+                    self.settings.max_json_numbers, self.settings.max_batch_size,
                 )  # fmt: skip
                 return images
 
@@ -770,6 +770,12 @@ class PredictPath:
                 self.service.metrics.requests.labels("404").inc()
                 self.service.metrics.latency.observe(time.perf_counter() - started)
             return
+        if path.startswith("/v2/") and path.endswith("/"):
+            # The protocol's own description writes `/v2/`; Starlette answered a trailing slash with a redirect
+            # (307) that clients need not follow. Served as the path without it.
+            trimmed = len(path) - len(path.rstrip("/"))
+            scope = {**scope, "path": scope["path"][:-trimmed]}
+            path = path[:-trimmed]
         if scope["method"] == "HEAD":
             # What uptime monitors, `curl -I` and `wget --spider` send (RFC 9110 section 9.1): the GET's
             # status and headers (the server leaves the body out for HEAD); not a route of its own, whose

@@ -4,13 +4,14 @@ What NVIDIA Triton, KServe, OpenVINO Model Server and Seldon MLServer serve, so 
 written for any of them (``tritonclient.http``, the ``kserve`` SDK's ``InferenceRESTClient``)
 talks to this service unchanged:
 
-* ``GET /v2`` (server metadata, with the ``binary_tensor_data`` and ``classification`` extensions),
+* ``GET /v2`` (server metadata, with the ``binary_tensor_data``, ``classification`` and
+  ``model_configuration`` extensions),
   ``GET /v2/health/live``, ``GET /v2/health/ready``;
 * ``GET /v2/models/{name}[/versions/{version}]`` (model metadata: the input ``images`` FP32
   ``[-1, H, W, 3]``, the outputs ``logits`` and ``probabilities`` FP32 ``[-1, C]``, and as
   parameters the class names, the temperature, the engine and its precision), ``.../ready``
   and ``.../config`` (Triton's model configuration, as ``export-serving``'s ``config.pbtxt``);
-* ``POST /v2/models/{name}[/versions/{version}]/infer``: JSON tensors (``data`` flat in
+* ``POST /v2/models/{name}[/versions/{version}]/infer`` (at most ``max_batch_size`` images): JSON tensors (``data`` flat in
   row-major order, or nested), or the binary tensor data extension (the JSON header first,
   its length in ``Inference-Header-Content-Length``, then each input's raw little-endian bytes
   where its ``parameters.binary_data_size`` says). Outputs: those requested (``logits``,
@@ -37,12 +38,13 @@ import numpy as np
 from vit_consumer import __version__, contract, limits
 from vit_consumer.classifier import InputError, OnnxClassifier
 
-EXTENSIONS = ["binary_tensor_data", "classification"]
+# As Triton names them; `model_configuration`: the `/config` endpoint (read by perf_analyzer, image_client).
+EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration"]
 HEADER_LENGTH = "inference-header-content-length"
 DATATYPES: dict[str, np.dtype] = {
     "FP32": np.dtype("<f4"), "FP64": np.dtype("<f8"), "FP16": np.dtype("<f2"), "UINT8": np.dtype("u1"),
     "UINT16": np.dtype("<u2"), "INT8": np.dtype("i1"), "INT16": np.dtype("<i2"), "INT32": np.dtype("<i4"),
-    "INT64": np.dtype("<i8"),
+    "INT64": np.dtype("<i8"), "UINT32": np.dtype("<u4"), "UINT64": np.dtype("<u8"),
 }  # fmt: skip  # numeric types a client may send pixels as; converted to the model's float32
 OUTPUTS = ("logits", "probabilities")
 PATH = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?P<rest>/ready|/infer)?/?$")
@@ -144,7 +146,14 @@ def _header_and_binary(body: bytes, header_length: str | None, max_depth: int, m
             raise V2Error(f"Inference-Header-Content-Length {header_length[:20]!r} does not fit a body of "
                           f"{len(body)} bytes")  # fmt: skip
         raw, rest = body[:length], body[length:]
-    doc = limits.parse_json(raw, max_depth, max_numbers, "JSON inference request")
+    try:
+        doc = limits.parse_json(raw, max_depth, max_numbers, "JSON inference request")
+    except InputError as exc:
+        # Binary tensors sent without their header's length read as JSON that is not (said so, as Triton does).
+        if header_length is None and str(exc).startswith("Invalid JSON inference request"):
+            raise V2Error(f"{exc} (a body with binary tensors needs the Inference-Header-Content-Length "
+                          "header: the length of its JSON part)") from None  # fmt: skip
+        raise
     if not isinstance(doc, dict):
         raise V2Error("Expected a JSON object with 'inputs'")
     if "id" in doc and not isinstance(doc["id"], str):
@@ -184,11 +193,14 @@ def _tensor(spec: Any, binary: bytes, offset: int) -> tuple[np.ndarray, int]:
     count = math.prod(shape)  # a Python int: a claimed shape cannot overflow it
     params = _parameters(spec, "the input's")
     _no_shared_memory(params, "Input", spec.get("name"))
-    size = params.get("binary_data_size")
-    if size is not None:
+    if "binary_data_size" in params:
+        size = params["binary_data_size"]
         if "data" in spec:
             raise V2Error("An input has either 'data' or parameters.binary_data_size, not both")
-        if type(size) is not int or size != count * dtype.itemsize or offset + size > len(binary):
+        if type(size) is not int:  # a string, a float, null (as Triton: an integer or nothing)
+            raise V2Error(f"Expected parameters.binary_data_size to be an integer number of bytes. Received: "
+                          f"{json.dumps(size)[:20]}")  # fmt: skip
+        if size != count * dtype.itemsize or offset + size > len(binary):
             raise V2Error(f"binary_data_size {ascii(size)[:20]} does not match shape {shape} of {datatype} "
                           f"({count * dtype.itemsize} bytes) or the {len(binary) - offset} bytes sent")  # fmt: skip
         array = np.frombuffer(binary, dtype, count, offset)
@@ -206,10 +218,12 @@ def _tensor(spec: Any, binary: bytes, offset: int) -> tuple[np.ndarray, int]:
 
 
 def parse_infer(engine: OnnxClassifier, body: bytes, header_length: str | None, max_json_depth: int,
-                max_json_numbers: int) -> tuple[np.ndarray, dict[str, Any], list[Output]]:  # fmt: skip
+                max_json_numbers: int, max_batch_size: int) -> tuple[np.ndarray, dict[str, Any], list[Output]]:  # fmt: skip
     """An infer request -> (checked float32 images, the request document, the outputs to answer).
 
-    The JSON part is held to the same depth and value limits as ``/predict``'s JSON.
+    The JSON part is held to the same depth and value limits as ``/predict``'s JSON. A batch larger than the
+    ``max_batch_size`` ``/config`` states is refused, as Triton refuses it: a client that works here works
+    against the Triton folder ``export-serving`` writes (``/predict`` takes larger requests and splits them).
     """
     doc, binary = _header_and_binary(body, header_length, max_json_depth, max_json_numbers)
     inputs = doc.get("inputs")
@@ -227,6 +241,8 @@ def parse_infer(engine: OnnxClassifier, body: bytes, header_length: str | None, 
     if array.ndim != 4:
         raise V2Error(f"Input {engine.input_name!r}: expected shape [-1, {', '.join(map(str, engine.input_shape))}]. "
                       f"Received: shape={list(array.shape)}")  # fmt: skip
+    if len(array) > max_batch_size:  # Triton's words (InferenceRequest::Normalize), and its 400
+        raise V2Error(f"inference request batch-size must be <= {max_batch_size} for {model_name(engine)!r}")
     images = engine.check_array(array)  # the contract: [N, H, W, 3], finite, 0-255
     binary_default = _flag(_parameters(doc, "the request's"), "binary_data_output", False)
     requested = doc.get("outputs")
