@@ -102,7 +102,13 @@ def read_model(source: str, tracking_uri: str | None = None, dst: str | Path | N
             raise InputError(f"{path} has no class_names metadata; was it exported by vit-pipeline?")
         inputs, outputs = session.get_inputs(), session.get_outputs()
         # The Triton config states these shapes: a file of others would not load there.
-        if problem := contract.io_problem(contract.ort_dims(inputs), contract.ort_dims(outputs), len(names)):
+        # As Triton's ORT backend compares them with the config: shapes, a dynamic batch, FP32.
+        dtypes = (
+            (contract.ort_dtype(inputs[0]), contract.ort_dtype(outputs[0])) if inputs and outputs else None
+        )
+        if problem := contract.io_problem(
+            contract.ort_dims(inputs), contract.ort_dims(outputs), len(names), dtypes
+        ):
             raise InputError(problem)
         if (inputs[0].name, outputs[0].name) != (contract.INPUT_NAME, contract.OUTPUT_NAME):
             raise InputError(f"Expected input {contract.INPUT_NAME!r} and output {contract.OUTPUT_NAME!r}. "
@@ -209,9 +215,17 @@ def write_triton(model: ServedModel, out: Path, max_batch_size: int, queue_delay
 
 
 def _check_same_model(folder: Path, model: ServedModel) -> None:
+    """An existing folder is filled only if export-serving wrote it for the same model.
+
+    A folder it writes always has a ``config.pbtxt`` with the ``source`` parameter (a new one is renamed into
+    place whole): one without (a team's own, or a model Triton configures itself) was taken over.
+    """
     config = folder / "config.pbtxt"
     found = SOURCE_PARAMETER.search(config.read_text(encoding="utf-8")) if config.is_file() else None
-    if found and _identity(json.loads(found[1])) != _identity(model.source):
+    if not found:
+        raise PipelineError(f"{folder} was not written by export-serving (no config.pbtxt naming its source): "
+                            "it is left as it is; export into another folder")  # fmt: skip
+    if _identity(json.loads(found[1])) != _identity(model.source):
         raise PipelineError(f"{folder} serves {json.loads(found[1])!r}, not {model.source!r} (both are named "
                             f"{model.name!r} there): export into another folder")  # fmt: skip
 
@@ -233,10 +247,12 @@ def _fill(folder: Path, model: ServedModel, max_batch_size: int, queue_delay_us:
             shutil.copyfile(model.path, tmp)
     _write_if_changed(folder / "labels.txt", "\n".join(model.class_names) + "\n")
     gpu = triton_config(model, max_batch_size, queue_delay_us, "KIND_GPU", 1)
-    _write_if_changed(folder / "configs" / "gpu.pbtxt", gpu)
     cpu = triton_config(model, max_batch_size, queue_delay_us, "KIND_CPU", CPU_INSTANCES)
     if before_config is not None:
         before_config()
+    # Both configs move to the new version last, after the manifests: a crash before leaves both on the old
+    # one (the GPU config moved first, and alone, before).
+    _write_if_changed(folder / "configs" / "gpu.pbtxt", gpu)
     _write_if_changed(folder / "config.pbtxt", cpu)
 
 

@@ -390,6 +390,67 @@ def test_one_folder_serves_one_model_and_a_version_is_never_replaced(registered,
     assert target.read_bytes() == stray.read_bytes()
 
 
+def test_a_model_folder_export_serving_did_not_write_is_left_as_it_is(tmp_path):
+    """A team's own Triton folder of the same name (its config.pbtxt names no source), or a bare ONNX folder
+    Triton configures itself, was taken over: its config and labels rewritten, its version no longer served."""
+    source = constant_classifier(tmp_path / "vit-pets.onnx", 3, 1, ["cat", "dog", "eel"])
+    for config in ('name: "vit-pets"\nplatform: "onnxruntime_onnx"\nmax_batch_size: 8\n', None):
+        out = tmp_path / ("theirs" if config else "bare")
+        folder = out / "triton" / "vit-pets"
+        (folder / "3").mkdir(parents=True)
+        (folder / "3" / "model.onnx").write_bytes(source.read_bytes())
+        if config:
+            (folder / "config.pbtxt").write_text(config)
+        before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+        result = CliRunner().invoke(main, ["export-serving", str(source), str(out)])
+        assert result.exit_code == 1, result.output
+        assert result.output.startswith(f"Error: {folder} was not written by export-serving")
+        assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
+
+
+def _variant(path: Path, kind: str) -> Path:
+    """The constant classifier with a fixed batch of 1, or uint8 images in: loadable, but not what Triton's ONNX
+    Runtime backend accepts under a config with ``max_batch_size`` and FP32 (nor what the batcher can run)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    if kind == "static-batch":
+        for value in (graph.input[0], graph.output[0]):
+            value.type.tensor_type.shape.dim[0].ClearField("dim_param")
+            value.type.tensor_type.shape.dim[0].dim_value = 1
+    else:
+        graph.input[0].type.tensor_type.elem_type = TensorProto.UINT8
+        graph.node[0].input[0] = "pixels"
+        graph.node.insert(0, helper.make_node("Cast", ["images"], ["pixels"], to=TensorProto.FLOAT))
+    onnx.checker.check_model(model)
+    out = path.with_name(f"{kind}.onnx")
+    onnx.save(model, str(out))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [("static-batch", "Expected a dynamic batch size"), ("uint8-in", "Received: uint8 in, float32 out")],
+)
+def test_a_file_triton_would_not_load_under_its_config_is_refused_by_export_and_the_consumer(
+    tmp_path, kind, message
+):
+    from vit_consumer.classifier import InputError, OnnxClassifier
+
+    bad = _variant(constant_classifier(tmp_path / "c.onnx", 3, 1, ["cat", "dog", "eel"]), kind)
+    result = CliRunner().invoke(main, ["export-serving", str(bad), str(tmp_path / "out")])
+    assert (
+        result.exit_code == 1
+        and result.output.startswith("Error: Cannot export")
+        and message in result.output
+    )
+    assert not (tmp_path / "out" / "triton").exists()
+    with pytest.raises(InputError, match=message):
+        OnnxClassifier(bad)
+
+
 def test_a_publish_that_fails_writing_its_manifests_serves_nothing_new_and_is_redone(tmp_path, monkeypatch):
     """The manifests come before config.pbtxt (what says a version is served): written after it, a publish
     that died between the two said "already served" for good, and the manifests never appeared."""

@@ -194,7 +194,8 @@ class OnnxClassifier:
             raise InputError(f"{self.path}: {exc}") from None
         if names is None:
             raise InputError(f"{self.path} has no class_names metadata; was it exported by vit-pipeline?")
-        if problem := contract.io_problem(*self.runtime.io, len(names)):  # answers every request with a 500
+        # A file of others would answer every request with a 500.
+        if problem := contract.io_problem(*self.runtime.io, len(names), self.runtime.dtypes):
             raise InputError(f"{self.path} is not an image classifier of the contract: {problem}")
         self.class_names: list[str] = names
         self.metadata = dict(meta)

@@ -159,11 +159,22 @@ def class_names(metadata: Mapping[str, str]) -> list[str] | None:
 
 
 def io_problem(
-    inputs: list[list[int | None]], outputs: list[list[int | None]], num_classes: int | None
+    inputs: list[list[int | None]],
+    outputs: list[list[int | None]],
+    num_classes: int | None,
+    dtypes: tuple[str, str] | None = None,
 ) -> str | None:
-    """What keeps a model's inputs and outputs (their shapes, None for a dynamic size) from this contract, or
-    None: one image input [batch, H, W, 3] of fixed H and W, logits [batch, one per class name] first
-    (``num_classes`` None: any number of them)."""
+    """What keeps a model's inputs and outputs from this contract, or None.
+
+    The contract: one image input [batch, H, W, 3] of fixed H and W, logits [batch, one per class name] first
+    (``num_classes`` None: any number of them); the batch size dynamic (the batcher, and Triton's ORT backend
+    with ``max_batch_size``, run any batch); float32 in and out (``dtypes``: the input's and the first output's
+    numpy names, where known).
+
+    Args:
+        inputs: The inputs' shapes, None for a dynamic size (``ort_dims``).
+        outputs: The outputs' shapes, likewise.
+    """
     if len(inputs) != 1 or len(inputs[0]) != 4 or None in inputs[0][1:] or inputs[0][3] != 3:
         return f"Expected one input [batch, H, W, 3] (RGB images). Received: inputs {_shapes(inputs)}"
     if (
@@ -175,6 +186,11 @@ def io_problem(
         return (
             f"Expected logits [batch, {per_class} as the first output. Received: outputs {_shapes(outputs)}"
         )
+    if inputs[0][0] is not None or outputs[0][0] is not None:
+        return (f"Expected a dynamic batch size (the first dimension). Received: inputs {_shapes(inputs)}, "
+                f"outputs {_shapes(outputs)}")  # fmt: skip
+    if dtypes is not None and tuple(dtypes) != ("float32", "float32"):
+        return f"Expected float32 images in and float32 logits out. Received: {dtypes[0]} in, {dtypes[1]} out"
     return None
 
 
@@ -188,6 +204,15 @@ def _shapes(shapes: list[list[int | None]]) -> str:
 def ort_dims(args) -> list[list[int | None]]:
     """The shapes of ONNX Runtime's ``get_inputs()``/``get_outputs()``, None for a named or unknown size."""
     return [[d if isinstance(d, int) else None for d in (a.shape or [])] for a in args]
+
+
+_ORT_TYPES = {"float": "float32", "double": "float64"}
+
+
+def ort_dtype(arg) -> str:
+    """The numpy name of an ONNX Runtime input's or output's element type (``tensor(float)``: float32)."""
+    name = str(arg.type).removeprefix("tensor(").removesuffix(")")
+    return _ORT_TYPES.get(name, name)
 
 
 def run_batches(session, images: np.ndarray, batch_size: int, on_batch=None) -> np.ndarray:

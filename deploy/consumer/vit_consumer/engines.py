@@ -53,6 +53,7 @@ class Engine(Protocol):
     input_shape: tuple[int, ...]  # (H, W, C), without the batch (-1: not fixed; contract.io_problem says so)
     # The shapes of every input and output (None: a dynamic size), for contract.io_problem.
     io: tuple[list, list]
+    dtypes: tuple[str, str]  # the numpy names of the input's and the first output's element types
     metadata: dict[str, str]  # the file's metadata_props
 
     def run(self, images: np.ndarray) -> np.ndarray:
@@ -182,6 +183,7 @@ class OrtEngine:
             contract.ort_dims(self.session.get_inputs()),
             contract.ort_dims(self.session.get_outputs()),
         )
+        self.dtypes = (contract.ort_dtype(inp), contract.ort_dtype(self.session.get_outputs()[0]))
         self.input_shape = tuple(-1 if d is None else d for d in self.io[0][0][1:])
 
     def run(self, images: np.ndarray) -> np.ndarray:
@@ -258,6 +260,7 @@ class OpenVinoEngine:
         self.input_name = inp.get_any_name()
         self.output_name = out.get_any_name()
         self.io = ([_ov_dims(i) for i in self.compiled.inputs], [_ov_dims(o) for o in self.compiled.outputs])
+        self.dtypes = tuple(port.get_element_type().to_dtype().name for port in (inp, out))
         self.input_shape = tuple(-1 if d is None else d for d in self.io[0][0][1:])
         self._local = threading.local()
 
