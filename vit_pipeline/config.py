@@ -63,7 +63,8 @@ _EXPECTED = {
     "serve_candidates": f"a comma-separated list from {SERVE_CANDIDATES}",
     "benchmark_variants": f"a non-empty comma-separated list from {BENCHMARK_VARIANTS}",
     "corruptions": f"a non-empty comma-separated list from {CORRUPTIONS}",
-    "registered_model_name": "1 to 256 characters without '/', ':' or '%' (MLflow refuses them in names)",
+    "registered_model_name": "1 to 256 characters without '/', ':', '%' (MLflow refuses them in names) or '@' "
+    "(models:/<name>@<alias> could not name it)",
 }
 
 
@@ -253,7 +254,7 @@ class ExportConfig(_Fields):
     """Largest allowed |Keras - ONNX Runtime| logit difference."""
     parity_images: PositiveInt = 256
     """How many test images the parity gate compares (at most)."""
-    registered_model_name: Annotated[str, Field(pattern=r"^[^/:%]{1,256}$")] | None = None
+    registered_model_name: Annotated[str, Field(pattern=r"^[^/:%@]{1,256}$")] | None = None
     """MLflow registry name; None means ``vit-<dataset>``."""
     promotion_policy: Literal["better_or_equal", "always", "never"] = "better_or_equal"
     """When the ``champion`` alias moves to a new version: "better_or_equal" (test accuracy at least the

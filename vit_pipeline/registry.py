@@ -31,6 +31,7 @@ one (found by run id) reuses it, and one whose decision is recorded returns it.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import re
@@ -348,7 +349,10 @@ def _file_lock(name: str, timeout: float) -> Iterator[None]:
 
     from vit_pipeline.tracking import home
 
-    path = home() / "locks" / f"registry-{re.sub(r'[^A-Za-z0-9._-]', '_', name)}.lock"
+    # A readable part, and a digest that keeps names apart and the file name short (a 256-character model name
+    # made a file name the file system refused).
+    digest = hashlib.sha256(name.encode()).hexdigest()[:16]
+    path = home() / "locks" / f"registry-{re.sub(r'[^A-Za-z0-9._-]', '_', name)[:64]}-{digest}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + timeout
     with open(path, "a") as f:

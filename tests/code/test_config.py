@@ -50,7 +50,8 @@ def test_every_preset_validates(preset):
         ({"parity_tolerance": float("inf")}, "parity_tolerance: Input should be a finite number"),
         ({"learning_rate": float("nan")}, "learning_rate: Input should be a finite number"),
         ({"tracking_wait_seconds": float("inf")}, "tracking_wait_seconds: Input should be a finite number"),
-        ({"registered_model_name": "a/b@c"}, "without '/', ':' or '%'"),
+        ({"registered_model_name": "a/b@c"}, "without '/', ':', '%'"),
+        ({"registered_model_name": "vit@pets"}, "or '@'"),  # models:/vit@pets@champion names nothing
         # Not read by that dataset: was silently ignored.
         ({"dataset": "digits", "data_path": "c.tar.gz"}, "Expected no data_path for dataset='digits'"),
         (

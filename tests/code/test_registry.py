@@ -407,3 +407,15 @@ def test_no_champion_survives_a_task_runner_s_pickling():
         assert (
             str(again) == "No version of 'vit-x' holds the alias 'champion' (yet)" and again.name == "vit-x"
         )
+
+
+def test_a_registry_lock_of_the_longest_name_is_a_file_the_file_system_takes(tmp_path, monkeypatch):
+    """Every name the config allows (256 characters) has a lock file, and names that differ only in characters
+    a file name cannot hold have their own (the name was the whole file name: 256 characters were refused)."""
+    from vit_pipeline.registry import _file_lock
+
+    monkeypatch.setenv("VIT_PIPELINE_HOME", str(tmp_path))
+    for name in ("v" * 256, "vit pets", "vit_pets", "vit-é" * 50):
+        with _file_lock(name, 1):
+            pass
+    assert len(list((tmp_path / "locks").iterdir())) == 4
