@@ -301,14 +301,25 @@ def inference_service(model: ServedModel, storage_uri: str) -> dict[str, Any]:
     }
 
 
-def consumer_manifests(model: ServedModel, image: str, tracking_uri: str) -> list[dict[str, Any]]:
+def published_volume(storage_uri: str) -> tuple[str, str]:
+    """The volume claim the consumer's pods read a published file from, and the repository's folder in it:
+    the storage URI's own where it is a claim (``pvc://<claim>/<folder>``), else the default claim's."""
+    if m := re.fullmatch(r"pvc://([^/]+)/?(.*)", storage_uri):
+        return m[1], m[2].strip("/")
+    return PVC, "triton"
+
+
+def consumer_manifests(model: ServedModel, image: str, tracking_uri: str, storage_uri: str = f"pvc://{PVC}/triton"
+                       ) -> list[dict[str, Any]]:  # fmt: skip
     """Deployment, Service and HorizontalPodAutoscaler of the consumer serving ``model.source``."""
     labels = {"app.kubernetes.io/name": "vit-consumer", "app.kubernetes.io/instance": model.k8s_name}
     name = f"{model.k8s_name}-consumer"
     # The registry source as given (an alias is followed: --reload-seconds), else the published file, from the
-    # volume that holds the repository (the KServe storage URI's claim by default).
+    # volume that holds the repository (the KServe storage URI's claim: the default one by default).
     registered = model.source.startswith("models:/")
-    source = model.source if registered else f"/models/triton/{model.name}/{model.version}/model.onnx"
+    claim, folder = published_volume(storage_uri)
+    published = "/".join(p for p in ("/models", folder, model.name, model.version, "model.onnx") if p)
+    source = model.source if registered else published
     probe = {"periodSeconds": 10, "timeoutSeconds": 3, "failureThreshold": 3}
     container = {
         "name": "consumer",
@@ -340,7 +351,7 @@ def consumer_manifests(model: ServedModel, image: str, tracking_uri: str) -> lis
     pod: dict[str, Any] = {"containers": [container]}
     if not registered:
         container["volumeMounts"] = [{"name": "models", "mountPath": "/models", "readOnly": True}]
-        pod["volumes"] = [{"name": "models", "persistentVolumeClaim": {"claimName": PVC, "readOnly": True}}]
+        pod["volumes"] = [{"name": "models", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}]
     deployment = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -398,7 +409,7 @@ def export_serving(source: str, out_dir: str | Path, tracking_uri: str | None = 
                    consumer_image: str = "vit-consumer:latest", max_batch_size: int = 64,
                    queue_delay_us: int = 2000, consumer_tracking_uri: str | None = None) -> dict[str, str]:  # fmt: skip
     """Writes the Triton repository and the KServe and Kubernetes manifests; returns their paths (and a note)."""
-    _check_options(max_batch_size, queue_delay_us, storage_uri, consumer_image)
+    _check_options(max_batch_size, queue_delay_us, storage_uri, consumer_image, consumer_tracking_uri)
     with tempfile.TemporaryDirectory(prefix="vit-export-", dir=scratch_root()) as download:
         model = read_model(source, tracking_uri, download)
         with _one_writer(Path(out_dir)):
@@ -418,9 +429,14 @@ _IMAGE = re.compile(
 
 
 def _check_options(
-    max_batch_size: int, queue_delay_us: int, storage_uri: str | None, consumer_image: str
-) -> None:
+    max_batch_size: int, queue_delay_us: int, storage_uri: str | None, consumer_image: str,
+    consumer_tracking_uri: str | None = None,
+) -> None:  # fmt: skip
     """What the manifests would carry into a cluster that refuses it, refused here (one line each)."""
+    if consumer_tracking_uri is not None and not re.fullmatch(r"https?://[^\s/]+\S*", consumer_tracking_uri):
+        # The pods read the registry over HTTP: a path or a sqlite:/// URI is this machine's.
+        raise PipelineError("Expected --consumer-tracking-uri to be an MLflow server's http:// or https:// URL. "
+                            f"Received: {consumer_tracking_uri!r}")  # fmt: skip
     if max_batch_size < 1 or queue_delay_us < 0:
         raise PipelineError(f"Expected max_batch_size >= 1 and queue_delay_us >= 0. Received: {max_batch_size}, "
                             f"{queue_delay_us}")  # fmt: skip
@@ -461,10 +477,15 @@ def _write_all(model: ServedModel, out: Path, tracking_uri: str | None, storage_
         _check_manifest_owner(path, model)
     shutil.rmtree(out / STAGING, ignore_errors=True)  # a new model's folder a crash left before its rename
     uri, note = _consumer_tracking_uri(consumer_tracking_uri, tracking_uri)
+    if not model.source.startswith("models:/") and not storage.startswith("pvc://"):
+        # The consumer reads a file from a mounted claim, not from object storage: its pods would stay Pending.
+        note = "; ".join(filter(None, [note, (
+            f"the consumer's pods read the published file from the volume claim {PVC!r} (at /models/triton), "
+            f"not from {storage}: publish the repository there too, or export a models:/ source")]))  # fmt: skip
 
     def manifests() -> None:  # before config.pbtxt says the version is served: a crash leaves it to be redone
         write_text(isvc_path, _yaml([inference_service(model, storage)]))
-        write_text(consumer_path, _yaml(consumer_manifests(model, consumer_image, uri)))
+        write_text(consumer_path, _yaml(consumer_manifests(model, consumer_image, uri, storage)))
 
     folder = write_triton(model, out / "triton", max_batch_size, queue_delay_us, manifests)
     return {"triton": str(folder), "kserve": str(isvc_path), "kubernetes": str(consumer_path), "name": model.name,
@@ -546,7 +567,7 @@ def publish(source: str, out_dir: str | Path, tracking_uri: str | None = None, *
     Raises:
         PipelineError: the source cannot be read, or another writer held the folder for ``LOCK_SECONDS``.
     """
-    _check_options(max_batch_size, queue_delay_us, storage_uri, consumer_image)
+    _check_options(max_batch_size, queue_delay_us, storage_uri, consumer_image, consumer_tracking_uri)
     if (missing := _no_champion_yet(source, tracking_uri)) is not None:  # a fresh install: nothing to publish
         return {"published": False, "name": None, "version": None, "reason": missing}
     out = Path(out_dir)

@@ -191,6 +191,15 @@ def test_a_file_source_is_served_from_the_published_volume_and_names_are_dns_lab
     assert container["volumeMounts"] == [{"name": "models", "mountPath": "/models", "readOnly": True}]
     assert pod["volumes"] == [{"name": "models", "persistentVolumeClaim": {"claimName": "vit-models",
                                                                           "readOnly": True}}]  # fmt: skip
+    assert "note" not in written or "volume claim" not in written["note"]
+    # The storage URI's own claim and folder (the default claim was mounted whatever it said: pods Pending).
+    written = export_serving(str(onnx), tmp_path / "t", storage_uri="pvc://team-models/serving/triton")
+    pod = next(yaml.safe_load_all(Path(written["kubernetes"]).read_text()))["spec"]["template"]["spec"]
+    assert pod["containers"][0]["args"][1] == f"/models/serving/triton/{written['name']}/1/model.onnx"
+    assert pod["volumes"][0]["persistentVolumeClaim"]["claimName"] == "team-models"
+    # Object storage: the consumer cannot read it; said so.
+    written = export_serving(str(onnx), tmp_path / "u", storage_uri="s3://bucket/triton")
+    assert "read the published file from the volume claim 'vit-models'" in written["note"]
     import re
 
     for name in ("2024 Flowers", "x" * 80, "a" * 39 + "_b", "Vit_Pets", "___"):
@@ -217,6 +226,9 @@ def test_a_file_that_is_not_an_export_is_refused_in_one_line(tmp_path):
         ("--consumer-image", "Vit-Consumer:latest", "Expected a container image reference"),
         ("--consumer-image", "vit consumer", "Expected a container image reference"),
         ("--consumer-image", "vit-consumer:", "Expected a container image reference"),
+        # The pods read the registry over HTTP: this machine's store is nothing they can open.
+        ("--consumer-tracking-uri", "sqlite:///vit-runs/mlflow.db", "Expected --consumer-tracking-uri"),
+        ("--consumer-tracking-uri", "mlflow:5000", "Expected --consumer-tracking-uri"),
     ],
 )
 def test_manifest_values_a_cluster_would_refuse_are_refused_before_anything_is_written(
@@ -236,6 +248,8 @@ def test_deployable_values_pass_the_checks():
         _check_options(64, 2000, uri, "vit-consumer:latest")
     for image in ("ghcr.io/acme/vit-consumer:1.2", "localhost:5000/vit:v1", "vit@sha256:" + "a" * 64):
         _check_options(64, 2000, None, image)
+    for uri in ("http://mlflow:5000", "https://mlflow.example.com/prefix"):
+        _check_options(64, 2000, None, "vit-consumer:latest", uri)
 
 
 def test_publish_writes_a_version_only_when_the_champion_moves(registered, tmp_path):
