@@ -571,11 +571,9 @@ def register_onnx(
     registration = Registration(name, version, f"models:/{name}/{version}", promoted, decision.reason,
                                 version if promoted else previous, served["top1"], champ_acc, len(split.labels),
                                 moved, previous)  # fmt: skip
-    try:  # the decision's record; a stop in it withdraws the promotion (nothing would say it was made)
-        _record_decision(client, run_id, registration, decision, served)
-    except BaseException as exc:
-        withdraw_quietly(cfg, run_id, registration, exc)
-        raise
+    # A stop from here on (the decision's record, the stages after) withdraws the promotion as the run ends
+    # (withdraw_stopped): the version's `replaced` tag, written before the alias moved, says what to undo.
+    _record_decision(client, run_id, registration, decision, served)
     return registration
 
 
@@ -609,16 +607,15 @@ def _record_decision(client, run_id: str, registration: Registration, decision: 
 def withdraw(cfg: PipelineConfig, run_id: str, registration: Registration, why: str) -> None:
     """Undoes the promotion ``registration`` made when its run ends before its last stage: the alias goes back
     to the version it moved from (if it still names this one: a later champion stays), and the version's
-    decision is removed, so a ``--resume`` decides again against the champion of then."""
+    decision is removed, so a ``--resume`` decides again against the champion of then.
+
+    The alias first, under the registry lock: a lock not had, or a store failing half-way, leaves the version
+    champion *and* recorded as promoted (true together), never a "withdrawn" version that still serves.
+    """
     if not registration.moved:
         return
     previous = registration.previous_champion
     client, name, version = tracking.client(cfg), registration.name, registration.version
-    # The version's record first: a store failing half-way leaves no "promoted" on a version the alias left.
-    if "promotion" in client.get_model_version(name, version).tags:
-        client.delete_model_version_tag(name, version, "promotion")
-    client.set_model_version_tag(name, version, "withdrawn", why[:5000])
-    tracking.RunLogger(client, run_id).tags({"registry.decision": "withdrawn", "registry.reason": why[:5000]})
     with registry_lock(name, WITHDRAW_LOCK_SECONDS):
         now = current_champion(client, name)
         if now is not None and str(now.version) == version:
@@ -626,20 +623,44 @@ def withdraw(cfg: PipelineConfig, run_id: str, registration: Registration, why: 
                 client.delete_registered_model_alias(name, CHAMPION)
             else:
                 _move_alias(client, name, previous)
+    if "promotion" in client.get_model_version(name, version).tags:
+        client.delete_model_version_tag(name, version, "promotion")
+    client.set_model_version_tag(name, version, "withdrawn", why[:5000])
+    tracking.RunLogger(client, run_id).tags({"registry.decision": "withdrawn", "registry.reason": why[:5000]})
     log.warning("Withdrew %s v%s from %s: %s", name, version, CHAMPION, why)
 
 
-def withdraw_quietly(
-    cfg: PipelineConfig, run_id: str, registration: Registration, cause: BaseException
-) -> None:
-    """``withdraw`` for a run that is stopping with ``cause``: its own failure is logged, never raised in place
-    of the cause (a Ctrl-C reads as a Ctrl-C, and the run ends KILLED, not FAILED)."""
-    why = f"its run stopped before its last stage ({type(cause).__name__}: {' '.join(str(cause).split())[:300]})"
+def withdraw_stopped(cfg: PipelineConfig, run_id: str, cause: BaseException) -> None:
+    """The promotion ``run_id`` made, withdrawn because the run is ending without finishing (``cause``).
+
+    Called by the run's lifecycle (``runs.lifecycle``) for every run that ends FAILED or KILLED, so no window
+    between the alias moving and the run's end is left out (a stop in the model card, in the register task's
+    own completion, or after the last stage all left a KILLED run's model champion). It acts on the version the
+    run registered whose promotion moved the alias (its ``replaced`` tag, written before the alias moves) and
+    is still recorded or still champion. Its own failure is logged, never raised in place of ``cause``.
+    """
+    from vit_pipeline.runs import what_ended
+
+    name = cfg.resolved_model_name
     try:
-        withdraw(cfg, run_id, registration, why)
+        client = tracking.client(cfg)
+        version = version_of_run(client, name, run_id)
+        if version is None or REPLACED not in version.tags:
+            return
+        champion = current_champion(client, name)
+        recorded = version.tags.get("promotion", "").startswith("promoted")
+        if not recorded and (champion is None or str(champion.version) != str(version.version)):
+            return
+        replaced = version.tags[REPLACED]
+        registration = Registration(name, str(version.version), f"models:/{name}/{version.version}", True, "",
+                                    str(version.version), moved=True,
+                                    previous_champion=None if replaced == "none" else replaced)  # fmt: skip
+        withdraw(
+            cfg, run_id, registration, f"its run stopped before its last stage ({what_ended(cause)[:300]})"
+        )
     except Exception as exc:
-        log.error("Could not withdraw %s v%s from %s (%s); it stays champion", registration.name,
-                  registration.version, CHAMPION, exc)  # fmt: skip
+        log.error("Could not withdraw the promotion of run %s of %s (%s); its version may stay %s", run_id,
+                  name, exc, CHAMPION)  # fmt: skip
 
 
 def _move_alias(client, name: str, version: str) -> None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -311,7 +312,8 @@ def status_for(exc: BaseException | None) -> str:
 def lifecycle(
     cfg: PipelineConfig, run_id: str, heartbeat_seconds: float = HEARTBEAT_SECONDS
 ) -> Iterator[str]:
-    """Owns ``run_id`` for the block: RUNNING inside, then FINISHED, FAILED or KILLED.
+    """Owns ``run_id`` for the block: RUNNING inside, then FINISHED, FAILED or KILLED (a run that ends FAILED or
+    KILLED first withdraws the promotion it made: ``registry.withdraw_stopped``).
 
     The end status is set even when the tracking server is away at that moment
     (with a warning): the run then stays RUNNING there until ``reap`` or
@@ -331,9 +333,12 @@ def lifecycle(
         raise
     finally:
         beat.stopped.set()
-        if monitor is not None:
-            monitor.finish()  # flushes the last samples while the run is still RUNNING
-        _end(client, run_id, error)
+        with _stops_held() if error is not None else contextlib.nullcontext():
+            try:
+                if monitor is not None:
+                    monitor.finish()  # flushes the last samples while the run is still RUNNING
+            finally:
+                _end(cfg, client, run_id, error)
 
 
 def _system_metrics(cfg: PipelineConfig, run_id: str):
@@ -405,15 +410,43 @@ def what_ended(error: BaseException) -> str:
     return f"{name}: {text}" if text else name
 
 
-def _end(client, run_id: str, error: BaseException | None) -> None:
+def _end(cfg: PipelineConfig, client, run_id: str, error: BaseException | None) -> None:
+    """The run's end: FINISHED, or FAILED/KILLED with its cause and, first, its promotion withdrawn (a run
+    that did not finish leaves no model champion: ``registry.withdraw_stopped``)."""
     status = status_for(error)
     try:
         if error is not None:
+            from vit_pipeline.registry import withdraw_stopped
+
+            withdraw_stopped(cfg, run_id, error)
             key = ERROR if status == "FAILED" else END_REASON
             client.set_tag(run_id, key, what_ended(error)[:5000])
         client.set_terminated(run_id, status)
     except Exception as exc:  # MLflow raises several types for connection errors
         log.warning("Could not mark run %s %s: %s", run_id, status, exc)
+
+
+@contextlib.contextmanager
+def _stops_held() -> Iterator[None]:
+    """Ctrl-C and SIGTERM wait while a stopped run is being ended (its last system metrics, a few store writes;
+    at most the registry lock's 30 s): a second Ctrl-C there, as impatient users press it, left the run RUNNING
+    or its promotion half-withdrawn. Python runs signal handlers in the main thread only, so only there are they held."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    handlers = {s: h for s, h in handlers.items() if h is not None}  # None: not Python's to set back
+    for number in handlers:
+        signal.signal(number, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+        if held:
+            log.warning("%s came while the run was being ended; it ended first",
+                        ", ".join(signal.Signals(n).name for n in held))  # fmt: skip
 
 
 def _run_tags(tags: dict[str, str]):

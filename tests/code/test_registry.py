@@ -5,6 +5,7 @@ split is known in advance (``constant_classifier``: always one class), so every
 expected decision follows from the labels.
 """
 
+import contextlib
 import itertools
 import json
 import os
@@ -105,7 +106,7 @@ def test_a_stop_while_the_decision_is_recorded_withdraws_it_and_a_resume_can_wit
     cfg, tmp_path, monkeypatch
 ):
     """A Ctrl-C among the writes after the alias moved returned no Registration: nothing withdrew the promotion.
-    A resumed run reads what its promotion replaced back from the version (it withdrew nothing)."""
+    The run's end withdraws it from what the version records; a resumed run that stops withdraws it too."""
     from vit_pipeline import registry
 
     split = labelled_split(COUNTS)
@@ -116,24 +117,95 @@ def test_a_stop_while_the_decision_is_recorded_withdraws_it_and_a_resume_can_wit
         raise KeyboardInterrupt
 
     monkeypatch.setattr(registry, "_record_decision", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        _register(cfg, tmp_path, 2, split, run_id=(run_id := runs.create_run(cfg, "test")))
+    run_id = runs.create_run(cfg, "test")
+    with pytest.raises(KeyboardInterrupt), runs.lifecycle(cfg, run_id):
+        _register(cfg, tmp_path, 2, split, run_id=run_id)
     client = tracking.client(cfg)
     assert (
         _champion(cfg) == "1"
         and "KeyboardInterrupt" in client.get_model_version("vit-cifar100", "2").tags["withdrawn"]
     )
+    assert client.get_run(run_id).info.status == "KILLED"
     monkeypatch.setattr(registry, "_record_decision", real)
-    again, _ = _register(cfg, tmp_path, 2, split, run_id=run_id)  # --resume: decided again, promoted
-    assert again.moved and again.previous_champion == "1" and _champion(cfg) == "2"
-    recorded = registry._recorded(client, "vit-cifar100", client.get_model_version("vit-cifar100", "2"))
-    assert recorded.moved and recorded.previous_champion == "1"  # a resume that stops withdraws it too
+    with (
+        pytest.raises(KeyboardInterrupt),
+        runs.lifecycle(cfg, run_id),
+    ):  # --resume: promoted, then stopped again
+        again, _ = _register(cfg, tmp_path, 2, split, run_id=run_id)
+        assert again.moved and again.previous_champion == "1" and _champion(cfg) == "2"
+        raise KeyboardInterrupt
+    assert _champion(cfg) == "1" and client.get_run(run_id).data.tags["registry.decision"] == "withdrawn"
     # Withdrawing while the store fails is logged, never raised in place of the stop's own cause.
+    with runs.lifecycle(cfg, run_id):
+        _register(cfg, tmp_path, 2, split, run_id=run_id)
+    assert _champion(cfg) == "2"
     monkeypatch.setattr(
         registry, "withdraw", lambda *a, **k: (_ for _ in ()).throw(RegistryError("store down"))
     )
-    registry.withdraw_quietly(cfg, run_id, again, KeyboardInterrupt())
+    registry.withdraw_stopped(cfg, run_id, KeyboardInterrupt())
     assert _champion(cfg) == "2"
+
+
+def test_a_stop_after_the_last_stage_withdraws_and_a_second_ctrl_c_waits_for_it(cfg, tmp_path, monkeypatch):
+    """The run's end is the one place a stop is turned into a withdrawal: a stop after the model card (or in
+    the register task's own completion) left a KILLED run's model champion. A second Ctrl-C while the
+    withdrawal runs (a real SIGINT) waits for it: it broke off half-way, the version "withdrawn" yet champion."""
+    import signal
+
+    from vit_pipeline import registry
+
+    split = labelled_split(COUNTS)
+    _register(cfg, tmp_path, 0, split)
+    real = registry.withdraw
+
+    def ctrl_c_again(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # handled at the next bytecode: inside the withdrawal
+        time.sleep(0.05)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(registry, "withdraw", ctrl_c_again)
+    run_id = runs.create_run(cfg, "test")
+    with pytest.raises(KeyboardInterrupt), runs.lifecycle(cfg, run_id):
+        _register(cfg, tmp_path, 2, split, run_id=run_id)
+        assert _champion(cfg) == "2"
+        raise KeyboardInterrupt  # after every stage: the result, the summary artifact
+    client = tracking.client(cfg)
+    v2 = client.get_model_version("vit-cifar100", "2")
+    assert (
+        _champion(cfg) == "1" and "promotion" not in v2.tags and "KeyboardInterrupt" in v2.tags["withdrawn"]
+    )
+    assert client.get_run(run_id).info.status == "KILLED"
+
+
+def test_a_withdrawal_that_cannot_take_the_lock_leaves_the_version_champion_and_recorded_promoted(
+    cfg, tmp_path, monkeypatch, caplog
+):
+    """Another registration holding the lock past the wait: the tags were written first, so the version said
+    "withdrawn" while the alias still named it. Now nothing is written, and the log says it stays champion."""
+    import fcntl
+    import logging
+
+    from vit_pipeline import registry
+
+    monkeypatch.setattr(registry, "WITHDRAW_LOCK_SECONDS", 0.5)
+    monkeypatch.setenv("VIT_PIPELINE_HOME", str(tmp_path / "home"))
+    split = labelled_split(COUNTS)
+    _register(cfg, tmp_path, 0, split)
+    run_id = runs.create_run(cfg, "test")
+    with contextlib.ExitStack() as stack, pytest.raises(KeyboardInterrupt), runs.lifecycle(cfg, run_id):
+        _register(cfg, tmp_path, 2, split, run_id=run_id)
+        (lock,) = (tmp_path / "home" / "locks").glob("registry-vit-cifar100-*.lock")
+        held = stack.enter_context(open(lock, "a"))
+        fcntl.flock(held, fcntl.LOCK_EX)  # another registration's, as a separate open file holds it
+        caplog.set_level(logging.ERROR, logger="vit_pipeline.registry")
+        raise KeyboardInterrupt
+    client = tracking.client(cfg)
+    v2 = client.get_model_version("vit-cifar100", "2")
+    assert (
+        _champion(cfg) == "2" and v2.tags["promotion"].startswith("promoted") and "withdrawn" not in v2.tags
+    )
+    assert client.get_run(run_id).data.tags["registry.decision"] == "promoted"
+    assert any("may stay champion" in r.getMessage() for r in caplog.records)
 
 
 def test_champion_is_judged_on_the_new_split_not_its_stored_figure(cfg, tmp_path):

@@ -144,8 +144,9 @@ def after_training(ctx: StageContext, data_path: str, model_path: str, history_p
     benchmark, register and, last, the model card (it shows every stage's figures).
 
     The registration is the last stage but the card: a run stopped after it (Ctrl-C, SIGTERM, a failure)
-    withdraws the promotion it made, so no run that ended KILLED or FAILED leaves its model champion (the
-    benchmark ran after the registration: minutes in which a stop did).
+    withdraws the promotion it made as it ends (``runs.lifecycle``, ``registry.withdraw_stopped``), so no run
+    that ended KILLED or FAILED leaves its model champion (the benchmark ran after the registration: minutes in
+    which a stop did).
     """
     evaluated = evaluate_model(ctx, data_path, model_path, history_path)
     calibrated = calibrate_model(ctx, data_path, model_path)
@@ -155,11 +156,7 @@ def after_training(ctx: StageContext, data_path: str, model_path: str, history_p
     served = infra_validate(ctx, data_path, exported.path)
     benchmarked = benchmark_model(ctx, data_path, model_path, exported.fp32_path)
     registered = register_model(ctx, data_path, exported.path, evaluated.test_accuracy)
-    try:
-        card = write_model_card(ctx, registered)
-    except BaseException as exc:
-        registry.withdraw_quietly(ctx.cfg, ctx.run_id, registered, exc)
-        raise
+    card = write_model_card(ctx, registered)
     return Shipped(evaluated, calibrated, robust, exported, served, registered, benchmarked, card)
 
 
