@@ -199,15 +199,6 @@ def _exit_cleanly_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, _raise_system_exit)
 
 
-def _own_session_and_parent_death_signal() -> None:  # runs in the forked child, before exec
-    """A session of its own, and SIGTERM when the thread that started it (the main thread) ends."""
-    import ctypes
-
-    os.setsid()
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
-
-
 def _start_temporary_prefect_server() -> None:
     """Starts the temporary Prefect API server a flow needs (no ``PREFECT_API_URL``) in a session of its own.
 
@@ -229,10 +220,12 @@ def _start_temporary_prefect_server() -> None:
 
     from prefect.server.api.server import SubprocessASGIServer
 
+    from vit_pipeline.fsutil import own_session_ended_with_parent
+
     class _OwnSessionServer(SubprocessASGIServer):
         def _run_uvicorn_command(self):
             popen = subprocess.Popen
-            subprocess.Popen = functools.partial(popen, preexec_fn=_own_session_and_parent_death_signal)
+            subprocess.Popen = functools.partial(popen, preexec_fn=own_session_ended_with_parent)
             try:
                 return super()._run_uvicorn_command()
             finally:

@@ -1,4 +1,4 @@
-"""Files a crash does not leave behind: atomic writes, and one scratch folder per process."""
+"""What a crash does not leave behind: atomic writes, one scratch folder per process, no orphaned children."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import fcntl
 import functools
 import os
 import shutil
+import signal
+import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -92,3 +94,15 @@ def _remove_if_abandoned(folder: Path) -> None:
         shutil.rmtree(folder, ignore_errors=True)
     finally:
         os.close(lock)
+
+
+def own_session_ended_with_parent() -> None:  # a Popen preexec_fn: runs in the forked child, before exec
+    """A child in a session of its own (a Ctrl-C at the terminal does not reach it: its parent stops it in
+    order) that gets SIGTERM when the thread that started it ends, SIGKILLed process included (Linux's
+    parent-death signal; SIGKILL runs no ``finally`` to stop it: a killed run's consumer kept its port)."""
+    import ctypes
+
+    os.setsid()
+    if sys.platform.startswith("linux"):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)

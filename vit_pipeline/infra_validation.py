@@ -39,6 +39,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from vit_pipeline.fsutil import own_session_ended_with_parent
+
 if TYPE_CHECKING:
     from vit_pipeline.context import StageContext
 
@@ -122,8 +124,9 @@ class ConsumerProcess:
         cmd = [sys.executable, "-m", "vit_consumer", "--model", self.model, "serve", "--host", "127.0.0.1",
                "--port", str(self.port), "--no-choose", "--reload-seconds", "0"]  # fmt: skip
         with open(self.log_path, "wb") as log:
+            # Stopped by __exit__, or with this process if it is SIGKILLed (it stayed, holding its port).
             self.proc = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+                cmd, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=own_session_ended_with_parent
             )
         try:
             self._wait_ready()

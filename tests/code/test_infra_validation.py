@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -77,3 +78,42 @@ def test_a_consumer_not_ready_in_time_is_stopped_and_the_shell_s_settings_are_no
     monkeypatch.setenv("VIT_MAX_BYTES", "not-a-size")
     result = infra_validation.validate([path], real_images(2), tmp_path, timeout=120)
     assert result.passed, result.reason
+
+
+def test_the_consumer_under_validation_ends_with_a_sigkilled_pipeline(tiny_export, tmp_path):
+    """``kill -9`` of the pipeline during infra validation left the consumer serving for good (its own session,
+    PPID 1, its port held): it now gets the parent-death signal."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    _, path, _ = tiny_export
+    script = (
+        "import sys, time\nfrom pathlib import Path\nfrom vit_pipeline.infra_validation import ConsumerProcess\n"
+        f"with ConsumerProcess({str(path)!r}, Path({str(tmp_path / 'c.log')!r}), timeout=120) as server:\n"
+        "    print(server.proc.pid, flush=True)\n    time.sleep(600)\n"
+    )
+    pipeline = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        consumer = int(pipeline.stdout.readline())
+        os.kill(pipeline.pid, signal.SIGKILL)
+        pipeline.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while not _gone(consumer) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _gone(consumer), "the consumer outlived the SIGKILLed pipeline"
+    finally:
+        pipeline.kill()
+        with contextlib.suppress(NameError, ProcessLookupError):
+            os.killpg(consumer, signal.SIGKILL)
+
+
+def _gone(pid: int) -> bool:
+    """The process has exited (a zombie not yet reaped by init counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
