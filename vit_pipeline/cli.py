@@ -16,9 +16,10 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 import httpx
@@ -145,7 +146,11 @@ def _friendly_errors(func: Callable) -> Callable:
             # Click's own handling says "Aborted!" and exits 1, which scripts read as a failure of the work;
             # the shells' convention for Ctrl-C (SIGINT) is 128 + 2. The run itself has ended KILLED by now.
             click.echo("Interrupted", err=True)
-            sys.exit(128 + signal.SIGINT)
+            _exit_even_if_a_thread_hangs(128 + signal.SIGINT)
+        except SystemExit as exc:
+            if exc.code == 128 + signal.SIGTERM:  # _raise_system_exit's
+                _exit_even_if_a_thread_hangs(exc.code)
+            raise
         except Exception as exc:
             # Ours; the file system's (a home that is a file, a read-only folder); MLflow's (a malformed
             # tracking URI, a name it refuses): one line each, the trace in the log. Anything else is a bug.
@@ -177,6 +182,29 @@ def main() -> None:
             configure_logical_cpus()
         except ConfigError as exc:
             raise click.UsageError(str(exc)) from None
+
+
+EXIT_WATCHDOG_SECONDS = 60.0
+
+
+def _exit_even_if_a_thread_hangs(code: int) -> NoReturn:
+    """``sys.exit(code)`` after a stop, with a watchdog: if the interpreter's shutdown has not ended within
+    ``EXIT_WATCHDOG_SECONDS`` (it waits for every non-daemon thread), the process exits anyway.
+
+    A Ctrl-C that lands inside a thread pool's bookkeeping (MLflow's artifact uploads) can leave a worker
+    thread waiting for work that never comes: the command printed "Interrupted" and then hung for good, the
+    temporary Prefect server with it (it stops at this process's end, by its parent-death signal too).
+    """
+
+    def watchdog() -> None:
+        time.sleep(EXIT_WATCHDOG_SECONDS)
+        sys.stderr.write(f"vit-pipeline: a thread was still running {EXIT_WATCHDOG_SECONDS:g} s after the stop; "
+                         "exiting without it\n")  # fmt: skip
+        sys.stderr.flush()
+        os._exit(code)
+
+    threading.Thread(target=watchdog, name="exit-watchdog", daemon=True).start()
+    sys.exit(code)
 
 
 def _raise_system_exit(signum: int, frame) -> None:

@@ -395,3 +395,18 @@ def test_scratch_folders_of_killed_processes_are_removed_by_the_next_one(tmp_pat
         for proc in (killed, alive):
             proc.kill()
             proc.wait(30)
+
+
+@pytest.mark.parametrize("stop", ["KeyboardInterrupt()", "SystemExit(143)"])
+def test_a_stop_exits_even_when_a_worker_thread_never_ends(tmp_path, stop):
+    """After Ctrl-C (or SIGTERM) the command printed "Interrupted" and hung for good, the interpreter waiting for
+    a thread pool's worker that a stop had left waiting for work: it now exits with its code after a watchdog."""
+    script = (
+        "import threading\nfrom vit_pipeline import cli\ncli.EXIT_WATCHDOG_SECONDS = 1.0\n"
+        "threading.Thread(target=threading.Event().wait).start()  # non-daemon, never ends\n"
+        f"@cli._friendly_errors\ndef command():\n    raise {stop}\ncommand()\n"
+    )
+    env = {**os.environ, "VIT_PIPELINE_HOME": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == (130 if "Keyboard" in stop else 143), out.stderr[-2000:]
+    assert "a thread was still running 1 s after the stop" in out.stderr
