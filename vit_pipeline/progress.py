@@ -161,8 +161,10 @@ def task(description: str, total: float | None = None) -> Iterator[Tracker]:
         tracker._task = tracker._bar.add_task(description, total=total, info="")
     else:
         log.info("%s ...", description)
+    ended = "stopped after"  # what an exception (a Ctrl-C included) leaves it: not "done"
     try:
         yield tracker
+        ended = "done in"
     finally:
         seconds = time.perf_counter() - start
         if tracker._bar is not None:
@@ -171,7 +173,7 @@ def task(description: str, total: float | None = None) -> Iterator[Tracker]:
             tracker._bar.stop_task(tracker._task)
             _release()
         steps = f", {tracker.done:g}/{tracker.total:g} steps" if tracker.total else ""
-        log.info("%s: done in %.1f s%s", tracker.description, seconds, steps)
+        log.info("%s: %s %.1f s%s", tracker.description, ended, seconds, steps)
 
 
 def keras_callback(epochs: int, steps_per_epoch: int):

@@ -100,6 +100,18 @@ class Registration:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @property
+    def outcome(self) -> str:
+        """The decision, and where the alias is now: a resumed run's promotion may have been replaced since
+        (it said "champion" while a later version held the alias)."""
+        if not self.promoted:
+            return "not promoted"
+        if self.champion_version == self.version:
+            return "champion"
+        return (
+            f"promoted, since replaced by v{self.champion_version}" if self.champion_version else "promoted"
+        )
+
 
 @dataclass(frozen=True)
 class TestSplit:

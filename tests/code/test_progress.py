@@ -4,6 +4,7 @@ Training on a real pseudo-terminal: tests/code/test_reliability.py (the SIGKILL 
 one line per epoch without a terminal: tests/model/test_model.py.
 """
 
+import contextlib
 import logging
 import sys
 from pathlib import Path
@@ -21,6 +22,19 @@ def test_without_a_terminal_a_stage_logs_its_start_and_its_end(monkeypatch, capl
     assert [r.getMessage() for r in caplog.records][0] == "Parity ..."
     assert caplog.records[-1].getMessage().startswith("Parity: done in ") and "4/4 steps" in caplog.text
     assert capsys.readouterr().err == ""  # no bar drawn into a log
+    # Stopped part-way (a Ctrl-C): said so ("done in 1.4 s, 0/21 steps" before).
+    caplog.clear()
+    with (
+        caplog.at_level(logging.INFO, logger="vit_pipeline.progress"),
+        contextlib.suppress(KeyboardInterrupt),
+        progress.task("Epoch 1/1", 21) as shown,
+    ):
+        shown.advance()
+        raise KeyboardInterrupt
+    assert (
+        caplog.records[-1].getMessage().startswith("Epoch 1/1: stopped after ")
+        and "1/21 steps" in caplog.text
+    )
 
 
 def test_on_a_terminal_a_stage_draws_a_bar(monkeypatch, capsys):

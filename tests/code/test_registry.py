@@ -491,3 +491,14 @@ def test_a_registry_lock_of_the_longest_name_is_a_file_the_file_system_takes(tmp
         with _file_lock(name, 1):
             pass
     assert len(list((tmp_path / "locks").iterdir())) == 4
+
+
+def test_the_outcome_a_run_prints_is_where_the_alias_is_now():
+    """A resumed run whose promotion was replaced since printed "champion" while a later version held it."""
+    from vit_pipeline.registry import Registration
+
+    def outcome(promoted, champion):
+        return Registration("m", "2", "models:/m/2", promoted, "r", champion).outcome
+
+    assert outcome(True, "2") == "champion" and outcome(False, "1") == "not promoted"
+    assert outcome(True, "3") == "promoted, since replaced by v3" and outcome(True, None) == "promoted"

@@ -256,8 +256,5 @@ def train_pipeline(
         f"MLflow run {run_id}: test accuracy {result['test_accuracy']:.4f}, "
         f"top-5 {result['test_top5_accuracy']:.4f} -> {result['mlflow_run_url']} {tracking.open_hint(cfg)}".rstrip()
     )
-    print(
-        f"Registered {registered.model_uri}: {'champion' if registered.promoted else 'not promoted'} "
-        f"({registered.reason})"
-    )
+    print(f"Registered {registered.model_uri}: {registered.outcome} ({registered.reason})")
     return result
