@@ -27,12 +27,15 @@ FLOW_RUN_PREFIX = "prefect.flow-run."
 # may send heartbeats at another period, or none) - matched on the event's related flow, by name.
 FLOW_NAMES = ["train-pipeline", "sweep", "sweep-trials", "benchmark-champion", "publish-serving",
               "proxy-experiment", "transfer-experiment", "end-crashed-runs"]  # fmt: skip
+# The flows whose crash ends their MLflow runs: not end-crashed-runs itself (it opens none), whose crash (a
+# worker that cannot check out the code) started another end-crashed-runs, which crashed too, for ever.
+CLEANED_UP_FLOWS = [name for name in FLOW_NAMES if name != "end-crashed-runs"]
 
 
-def _our_flows():
+def _our_flows(names: list[str] = FLOW_NAMES):
     from prefect.events.schemas.events import ResourceSpecification
 
-    return ResourceSpecification({"prefect.resource.role": "flow", "prefect.resource.name": FLOW_NAMES})
+    return ResourceSpecification({"prefect.resource.role": "flow", "prefect.resource.name": names})
 
 
 def zombie_automation(heartbeat_seconds: int = HEARTBEAT_SECONDS, missed: int = MISSED_BEATS):
@@ -85,7 +88,7 @@ def crashed_automation(deployment_id):
         trigger=EventTrigger(
             expect={"prefect.flow-run.Crashed"},
             match=ResourceSpecification({"prefect.resource.id": [f"{FLOW_RUN_PREFIX}*"]}),
-            match_related=_our_flows(),
+            match_related=_our_flows(CLEANED_UP_FLOWS),
             posture=Posture.Reactive,
             threshold=1,
         ),

@@ -299,13 +299,16 @@ def test_a_crashed_flow_run_ends_only_the_mlflow_runs_whose_owner_is_dead(cfg, m
 def test_the_zombie_automations_judge_only_this_projects_flows(monkeypatch):
     from vit_pipeline import cli, zombies
 
-    for automation in (
-        zombies.zombie_automation(),
-        zombies.crashed_automation("00000000-0000-0000-0000-000000000000"),
+    for automation, names in (
+        (zombies.zombie_automation(), zombies.FLOW_NAMES),
+        (zombies.crashed_automation("00000000-0000-0000-0000-000000000000"), zombies.CLEANED_UP_FLOWS),
     ):
         related = automation.trigger.match_related
         related = related[0] if isinstance(related, list) else related
-        assert related.root == {"prefect.resource.role": "flow", "prefect.resource.name": zombies.FLOW_NAMES}
+        assert related.root == {"prefect.resource.role": "flow", "prefect.resource.name": names}
+    # A crashed end-crashed-runs starts no other: it looped, one crashing after the other, for ever.
+    assert "end-crashed-runs" not in zombies.CLEANED_UP_FLOWS
+    assert set(zombies.CLEANED_UP_FLOWS) == set(zombies.FLOW_NAMES) - {"end-crashed-runs"}
     import re
     from pathlib import Path
 
