@@ -157,13 +157,19 @@ def reap(client) -> list[str]:
 
 def running_runs(client, where: str = "") -> list:
     """The RUNNING runs of every active experiment of the store (``where``: more of the filter, ``and``-ed)."""
+    return find_runs(client, f"attributes.status = 'RUNNING'{f' and {where}' if where else ''}")
+
+
+def find_runs(client, filter_string: str) -> list:
+    """The runs of every active experiment of the store that ``filter_string`` selects."""
     from mlflow.entities import ViewType
 
     experiments = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
     found = []
     for start in range(0, len(experiments), 100):  # search_runs takes a bounded list
-        found += client.search_runs(experiments[start : start + 100], max_results=1000,
-                                    filter_string=f"attributes.status = 'RUNNING'{f' and {where}' if where else ''}")  # fmt: skip
+        found += client.search_runs(
+            experiments[start : start + 100], max_results=1000, filter_string=filter_string
+        )
     return found
 
 
@@ -499,7 +505,7 @@ FLOW_CRASH_STALE_SECONDS = 2 * HEARTBEAT_SECONDS  # a crashed flow run's owner o
 
 def mark_flow_run_killed(cfg: PipelineConfig, flow_run_id: str, reason: str) -> list[str]:
     """Marks KILLED the RUNNING MLflow runs linked to a Prefect flow run whose owner is dead (any active
-    experiment of the store).
+    experiment of the store): those tagged with its id, and their child runs.
 
     Prefect's verdict comes from missing flow-run heartbeats; the owner may still be alive (a flow run
     whose heartbeat period is longer than the automation's): a living run is never ended. An owner on
@@ -508,7 +514,13 @@ def mark_flow_run_killed(cfg: PipelineConfig, flow_run_id: str, reason: str) -> 
     """
     client = tracking.client(cfg)
     killed = []
-    for run in running_runs(client, f"tags.`prefect.flow_run_id` = '{flow_run_id}'"):
+    own = f"tags.`prefect.flow_run_id` = '{flow_run_id}'"
+    linked = running_runs(client, own)
+    # And the runs its runs started as children, whatever state their parent is in now: a sweep's trials run
+    # in Dask workers and carry only mlflow.parentRunId (they stayed RUNNING when the sweep's host was lost).
+    for parent in find_runs(client, own):
+        linked += running_runs(client, f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    for run in linked:
         verdict = _crashed_owner(client, run.info.run_id, run.data.tags)
         if verdict.alive:
             log.warning("Run %s left RUNNING although its flow run %s crashed: %s", run.info.run_id, flow_run_id,

@@ -296,6 +296,25 @@ def test_a_crashed_flow_run_ends_only_the_mlflow_runs_whose_owner_is_dead(cfg, m
     assert "no heartbeat from pid" in client.get_run(alive).data.tags[runs.END_REASON]
 
 
+def test_a_crashed_flow_run_ends_the_child_runs_of_its_runs_too(cfg):
+    """A sweep's trials (Dask workers) carry only mlflow.parentRunId: with the sweep's host lost they stayed
+    RUNNING after its own run was ended. Children whose owner is dead end KILLED; a living one stays."""
+    client = tracking.client(cfg)
+    parent = runs.create_run(cfg, tags={"prefect.flow_run_id": "f-2"})
+    runs.end_run(client, parent, "KILLED", "its flow run's hook ended it")  # as the sweep's own end did
+    code = (
+        "from vit_pipeline import runs; from vit_pipeline.config import make_config; "
+        f"cfg = make_config('quickstart', {{'tracking_uri': {cfg.tracking_uri!r}}}); "
+        f"print(*[runs.create_run(cfg, tags={{'mlflow.parentRunId': {parent!r}}}) for _ in range(2)])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    dead = out.stdout.strip().splitlines()[-1].split()
+    living = runs.create_run(cfg, tags={"mlflow.parentRunId": parent})
+    assert sorted(runs.mark_flow_run_killed(cfg, "f-2", "crashed")) == sorted(dead)
+    assert {client.get_run(r).info.status for r in dead} == {"KILLED"}
+    assert client.get_run(living).info.status == "RUNNING"
+
+
 def test_the_zombie_automations_judge_only_this_projects_flows(monkeypatch):
     from vit_pipeline import cli, zombies
 
