@@ -1,4 +1,4 @@
-"""prefect.yaml's pull step: a deployment made without VIT_PIPELINE_CHECKOUT says so in one line."""
+"""prefect.yaml's pull step: the worker's VIT_PIPELINE_CHECKOUT names the checkout; without it, one line."""
 
 from __future__ import annotations
 
@@ -18,10 +18,26 @@ def test_a_deployment_without_its_checkout_fails_in_one_line(directory):
         checkout(directory)
     message = str(err.value)
     assert (
-        message.startswith("Expected VIT_PIPELINE_CHECKOUT to name a checkout of vit-pipeline")
+        message.startswith("Expected VIT_PIPELINE_CHECKOUT in the worker's environment to name its checkout")
         and "\n" not in message
     )
-    assert "VIT_PIPELINE_CHECKOUT=$PWD prefect --no-prompt deploy --all" in message
+    assert "start the worker with VIT_PIPELINE_CHECKOUT=/path/to/checkout" in message
+
+
+def test_prefect_reads_the_checkout_from_the_worker_s_environment_when_a_run_starts(monkeypatch, tmp_path):
+    """Prefect's own step runner on prefect.yaml's pull step as stored (unresolved): the environment of the
+    process that runs the flow decides (the docs said `prefect deploy` fixed it: a worker without the
+    variable crashed every run)."""
+    import asyncio
+
+    import yaml
+    from prefect.deployments.steps.core import run_steps
+
+    (pull,) = yaml.safe_load((ROOT / "prefect.yaml").read_text())["pull"]
+    assert pull == {"vit_pipeline.flows.steps.checkout": {"directory": "{{ $VIT_PIPELINE_CHECKOUT }}"}}
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("VIT_PIPELINE_CHECKOUT", str(ROOT))
+    assert asyncio.run(run_steps([pull]))["directory"] == str(ROOT) and os.getcwd() == str(ROOT)
 
 
 def test_the_checkout_is_entered(monkeypatch, tmp_path):

@@ -9,9 +9,11 @@ from pathlib import Path
 def checkout(directory: str) -> dict[str, str]:
     """Enters ``directory``, a checkout of this repository (Prefect's ``set_working_directory``, checked).
 
-    ``prefect deploy`` fills ``{{ $VIT_PIPELINE_CHECKOUT }}`` in when it runs; unset then, the deployment
-    holds an empty or unfilled path and every flow run crashed with a traceback about a missing
-    entrypoint under a temporary folder. Now it is one line that says what to do.
+    Prefect fills ``{{ $VIT_PIPELINE_CHECKOUT }}`` in from the *worker's* environment when a flow run starts
+    (``prefect deploy`` stores the pull step unresolved): each worker names its own checkout, wherever it
+    is on its host. A worker without it crashed every flow run with a traceback about a missing entrypoint
+    under a temporary folder; now it is one line that says what to set (in the flow run's log and the
+    worker's).
 
     Raises:
         RuntimeError: ``directory`` is not a checkout of this repository.
@@ -19,9 +21,9 @@ def checkout(directory: str) -> dict[str, str]:
     path = Path(directory or "").expanduser()
     if not directory or "{{" in directory or not (path / "vit_pipeline" / "flows").is_dir():
         raise RuntimeError(
-            f"Expected VIT_PIPELINE_CHECKOUT to name a checkout of vit-pipeline when `prefect deploy` ran. "
-            f"Received: directory={directory!r}; redeploy with VIT_PIPELINE_CHECKOUT=$PWD prefect --no-prompt "
-            "deploy --all (deploy/README.md)"
+            "Expected VIT_PIPELINE_CHECKOUT in the worker's environment to name its checkout of vit-pipeline. "
+            f"Received: directory={directory!r}; start the worker with VIT_PIPELINE_CHECKOUT=/path/to/checkout "
+            "(deploy/local.sh worker sets it; deploy/README.md)"
         )
     os.chdir(path)
     return {"directory": os.getcwd()}
