@@ -138,5 +138,17 @@ def ensure_automations(
 
 
 def flow_run_id(resource_id: str) -> str:
-    """``prefect.flow-run.<uuid>`` (an event's resource) or ``<uuid>`` -> ``<uuid>``."""
-    return resource_id.removeprefix(FLOW_RUN_PREFIX)
+    """``prefect.flow-run.<uuid>`` (an event's resource) or ``<uuid>`` -> ``<uuid>``.
+
+    Raises:
+        ValueError: not a flow run id (a run of the deployment started by hand without one said only "badly
+            formed hexadecimal UUID string").
+    """
+    from uuid import UUID
+
+    found = resource_id.removeprefix(FLOW_RUN_PREFIX)
+    try:
+        return str(UUID(found))
+    except ValueError:
+        raise ValueError(f"Expected flow_run_id to be a Prefect flow run id (a UUID, or "
+                         f"'{FLOW_RUN_PREFIX}<uuid>'). Received: {resource_id!r}") from None  # fmt: skip

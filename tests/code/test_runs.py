@@ -315,6 +315,16 @@ def test_a_crashed_flow_run_ends_the_child_runs_of_its_runs_too(cfg):
     assert client.get_run(living).info.status == "RUNNING"
 
 
+def test_end_crashed_runs_takes_an_event_s_resource_or_an_id_and_says_what_else_is_wrong():
+    from vit_pipeline import zombies
+
+    uuid = "0b6b8a43-8a7e-4cf1-8ad2-6f3f3e0c2a11"
+    assert zombies.flow_run_id(f"prefect.flow-run.{uuid}") == uuid == zombies.flow_run_id(uuid)
+    for bad in ("", "flow-run-name", "prefect.flow-run."):  # a run of the deployment started by hand
+        with pytest.raises(ValueError, match=r"^Expected flow_run_id to be a Prefect flow run id"):
+            zombies.flow_run_id(bad)
+
+
 def test_the_zombie_automations_judge_only_this_projects_flows(monkeypatch):
     from vit_pipeline import cli, zombies
 
