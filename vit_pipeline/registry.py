@@ -93,12 +93,9 @@ class Registration:
     served_test_accuracy: float | None = None
     champion_test_accuracy: float | None = None
     test_images: int = 0
-    # This call moved the alias (from ``previous_champion``, None: none): what ``withdraw`` undoes.
-    moved: bool = False
-    previous_champion: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "outcome": self.outcome}
 
     @property
     def outcome(self) -> str:
@@ -577,12 +574,12 @@ def register_onnx(
         promoted, champ_acc = decision.promoted, decision.champion_accuracy
         previous = str(champion.version) if champion else None
         moved = promoted and previous != version
-        if moved:  # what it replaced first: a resumed run can withdraw it too (_recorded)
+        if moved:  # what it replaced, first: what withdraw_stopped undoes if the run does not finish
             client.set_model_version_tag(name, version, REPLACED, previous or "none")
             _move_alias(client, name, version)
     registration = Registration(name, version, f"models:/{name}/{version}", promoted, decision.reason,
-                                version if promoted else previous, served["top1"], champ_acc, len(split.labels),
-                                moved, previous)  # fmt: skip
+                                version if promoted else previous, served["top1"], champ_acc,
+                                len(split.labels))  # fmt: skip
     # A stop from here on (the decision's record, the stages after) withdraws the promotion as the run ends
     # (withdraw_stopped): the version's `replaced` tag, written before the alias moved, says what to undo.
     _record_decision(client, run_id, registration, decision, served)
@@ -616,18 +613,43 @@ def _record_decision(client, run_id: str, registration: Registration, decision: 
     log.info("Registered %s v%s: %s (%s)", name, version, outcome, reason)
 
 
-def withdraw(cfg: PipelineConfig, run_id: str, registration: Registration, why: str) -> None:
-    """Undoes the promotion ``registration`` made when its run ends before its last stage: the alias goes back
-    to the version it moved from (if it still names this one: a later champion stays), and the version's
-    decision is removed, so a ``--resume`` decides again against the champion of then.
+def withdraw_stopped(client, name: str, run_id: str, why: str) -> None:
+    """The promotion ``run_id`` made, withdrawn because the run is ending without finishing (``why``).
+
+    Called by the run's lifecycle (``runs.lifecycle``) for every run that ends FAILED or KILLED, so no window
+    between the alias moving and the run's end is left out (a stop in the model card, in the register task's
+    own completion, or after the last stage all left a KILLED run's model champion). It acts on the version of
+    ``name`` the run registered whose promotion moved the alias (its ``replaced`` tag, written before the alias
+    moves) and that is still recorded as promoted or still champion. Its own failure is logged, never raised in
+    place of the run's end.
+    """
+    try:
+        version = version_of_run(client, name, run_id)
+        if version is None or REPLACED not in version.tags:
+            return
+        number = str(version.version)
+        champion = current_champion(client, name)
+        if not version.tags.get("promotion", "").startswith("promoted") and (
+            champion is None or str(champion.version) != number
+        ):
+            return
+        previous = None if version.tags[REPLACED] == "none" else version.tags[REPLACED]
+        _withdraw(
+            client, run_id, name, number, previous, f"its run stopped before its last stage ({why[:300]})"
+        )
+    except Exception as exc:
+        log.warning("Could not check or withdraw the promotion of run %s of %s (%s): if it promoted a version, "
+                    "that version may stay %s", run_id, name, exc, CHAMPION)  # fmt: skip
+
+
+def _withdraw(client, run_id: str, name: str, version: str, previous: str | None, why: str) -> None:
+    """Undoes the promotion of ``version``: the alias goes back to ``previous`` (None: no alias) if it still
+    names this version (a later champion stays), and the version's decision is removed, so a ``--resume``
+    decides again against the champion of then.
 
     The alias first, under the registry lock: a lock not had, or a store failing half-way, leaves the version
     champion *and* recorded as promoted (true together), never a "withdrawn" version that still serves.
     """
-    if not registration.moved:
-        return
-    previous = registration.previous_champion
-    client, name, version = tracking.client(cfg), registration.name, registration.version
     with registry_lock(name, WITHDRAW_LOCK_SECONDS):
         now = current_champion(client, name)
         if now is not None and str(now.version) == version:
@@ -640,39 +662,6 @@ def withdraw(cfg: PipelineConfig, run_id: str, registration: Registration, why: 
     client.set_model_version_tag(name, version, "withdrawn", why[:5000])
     tracking.RunLogger(client, run_id).tags({"registry.decision": "withdrawn", "registry.reason": why[:5000]})
     log.warning("Withdrew %s v%s from %s: %s", name, version, CHAMPION, why)
-
-
-def withdraw_stopped(cfg: PipelineConfig, run_id: str, cause: BaseException) -> None:
-    """The promotion ``run_id`` made, withdrawn because the run is ending without finishing (``cause``).
-
-    Called by the run's lifecycle (``runs.lifecycle``) for every run that ends FAILED or KILLED, so no window
-    between the alias moving and the run's end is left out (a stop in the model card, in the register task's
-    own completion, or after the last stage all left a KILLED run's model champion). It acts on the version the
-    run registered whose promotion moved the alias (its ``replaced`` tag, written before the alias moves) and
-    is still recorded or still champion. Its own failure is logged, never raised in place of ``cause``.
-    """
-    from vit_pipeline.runs import what_ended
-
-    name = cfg.resolved_model_name
-    try:
-        client = tracking.client(cfg)
-        version = version_of_run(client, name, run_id)
-        if version is None or REPLACED not in version.tags:
-            return
-        champion = current_champion(client, name)
-        recorded = version.tags.get("promotion", "").startswith("promoted")
-        if not recorded and (champion is None or str(champion.version) != str(version.version)):
-            return
-        replaced = version.tags[REPLACED]
-        registration = Registration(name, str(version.version), f"models:/{name}/{version.version}", True, "",
-                                    str(version.version), moved=True,
-                                    previous_champion=None if replaced == "none" else replaced)  # fmt: skip
-        withdraw(
-            cfg, run_id, registration, f"its run stopped before its last stage ({what_ended(cause)[:300]})"
-        )
-    except Exception as exc:
-        log.error("Could not withdraw the promotion of run %s of %s (%s); its version may stay %s", run_id,
-                  name, exc, CHAMPION)  # fmt: skip
 
 
 def _move_alias(client, name: str, version: str) -> None:
@@ -696,14 +685,10 @@ def _recorded(client, name: str, version) -> Registration:
     decision, _, reason = version.tags["promotion"].partition(": ")
     served = version.tags.get("served_test_accuracy")
     champ = version.tags.get("champion_test_accuracy_same_split")
-    replaced = version.tags.get(
-        REPLACED
-    )  # its promotion moved the alias: a stop of the resumed run withdraws it
     return Registration(
         name, str(version.version), f"models:/{name}/{version.version}", decision == "promoted", reason,
         str(champion.version) if champion else None, float(served) if served else None,
         float(champ) if champ else None, int(version.tags.get("test_images", 0)),
-        decision == "promoted" and replaced is not None, None if replaced in (None, "none") else replaced,
     )  # fmt: skip
 
 

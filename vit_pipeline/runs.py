@@ -424,7 +424,7 @@ def _end(cfg: PipelineConfig, client, run_id: str, error: BaseException | None) 
         if error is not None:
             from vit_pipeline.registry import withdraw_stopped
 
-            withdraw_stopped(cfg, run_id, error)
+            withdraw_stopped(client, cfg.resolved_model_name, run_id, what_ended(error))
             key = ERROR if status == "FAILED" else END_REASON
             client.set_tag(run_id, key, what_ended(error)[:5000])
         client.set_terminated(run_id, status)
@@ -434,8 +434,8 @@ def _end(cfg: PipelineConfig, client, run_id: str, error: BaseException | None) 
 
 @contextlib.contextmanager
 def _stops_held() -> Iterator[None]:
-    """Ctrl-C and SIGTERM wait while a stopped run is being ended (its last system metrics, a few store writes;
-    at most the registry lock's 30 s): a second Ctrl-C there, as impatient users press it, left the run RUNNING
+    """Ctrl-C and SIGTERM wait while a stopped run is being ended (its last system metrics, a few store calls,
+    the registry lock for up to 30 s): a second Ctrl-C there, as impatient users press it, left the run RUNNING
     or its promotion half-withdrawn. Python runs signal handlers in the main thread only, so only there are they held."""
     if threading.current_thread() is not threading.main_thread():
         yield

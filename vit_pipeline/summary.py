@@ -6,7 +6,6 @@ import os
 from typing import Any
 
 from vit_pipeline.config import PipelineConfig
-from vit_pipeline.registry import Registration
 
 
 def prefect_run_url(flow_run_id: str, ui_url: str | None = None) -> str:
@@ -46,7 +45,7 @@ def run_markdown(
                                     f"{p['top1_agreement']:.2%} on {p['num_images']} images"))  # fmt: skip
     if "registry" in result:
         r = result["registry"]
-        decision = Registration(**r).outcome.replace("champion", "`champion`")
+        decision = "`champion`" if r["outcome"] == "champion" else r["outcome"]
         rows.append(("registry", f"`{r['model_uri']}` {decision} ({r['reason']})"))
     if result.get("benchmark"):
         rows.append(("inference speed", "<br>".join(result["benchmark"])))
