@@ -253,7 +253,7 @@ def _start_temporary_prefect_server() -> None:
     class _OwnSessionServer(SubprocessASGIServer):
         def _run_uvicorn_command(self):
             popen = subprocess.Popen
-            subprocess.Popen = functools.partial(popen, preexec_fn=own_session_ended_with_parent)
+            subprocess.Popen = functools.partial(popen, preexec_fn=own_session_ended_with_parent())
             try:
                 return super()._run_uvicorn_command()
             finally:

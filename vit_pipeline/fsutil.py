@@ -12,7 +12,7 @@ import signal
 import sys
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 SCRATCH_PREFIX = "vit-pipeline-"
@@ -96,13 +96,23 @@ def _remove_if_abandoned(folder: Path) -> None:
         os.close(lock)
 
 
-def own_session_ended_with_parent() -> None:  # a Popen preexec_fn: runs in the forked child, before exec
-    """A child in a session of its own (a Ctrl-C at the terminal does not reach it: its parent stops it in
-    order) that gets SIGTERM when the thread that started it ends, SIGKILLed process included (Linux's
-    parent-death signal; SIGKILL runs no ``finally`` to stop it: a killed run's consumer kept its port)."""
+def own_session_ended_with_parent() -> Callable[[], None]:
+    """A ``Popen`` ``preexec_fn``: the child in a session of its own (a Ctrl-C at the terminal does not reach
+    it: its parent stops it in order) that gets SIGTERM when the thread that started it ends, SIGKILLed
+    process included (Linux's parent-death signal; SIGKILL runs no ``finally`` to stop it: a killed run's
+    consumer kept its port).
+
+    ``prctl`` is looked up here, in the parent: the forked child of a threaded process only makes system
+    calls (a ``dlopen`` there can deadlock on a lock another thread held at the fork).
+    """
     import ctypes
 
-    os.setsid()
-    if sys.platform.startswith("linux"):
-        pr_set_pdeathsig = 1
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+    pr_set_pdeathsig = 1
+
+    def in_child() -> None:
+        os.setsid()
+        if prctl is not None:
+            prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+    return in_child

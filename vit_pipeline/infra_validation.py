@@ -126,7 +126,7 @@ class ConsumerProcess:
         with open(self.log_path, "wb") as log:
             # Stopped by __exit__, or with this process if it is SIGKILLed (it stayed, holding its port).
             self.proc = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=own_session_ended_with_parent
+                cmd, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=own_session_ended_with_parent()
             )
         try:
             self._wait_ready()

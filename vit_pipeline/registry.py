@@ -643,25 +643,43 @@ def withdraw_stopped(client, name: str, run_id: str, why: str) -> None:
 
 
 def _withdraw(client, run_id: str, name: str, version: str, previous: str | None, why: str) -> None:
-    """Undoes the promotion of ``version``: the alias goes back to ``previous`` (None: no alias) if it still
-    names this version (a later champion stays), and the version's decision is removed, so a ``--resume``
-    decides again against the champion of then.
+    """Undoes the promotion of ``version``: its decision is removed (a ``--resume`` decides again against the
+    champion of then) and the alias, if it still names this version (a later champion stays), goes back to
+    ``previous``, or to what that one replaced while it was withdrawn too (its run stopped as well), or
+    nowhere (None).
 
-    The alias first, under the registry lock: a lock not had, or a store failing half-way, leaves the version
-    champion *and* recorded as promoted (true together), never a "withdrawn" version that still serves.
+    All under the registry lock, the record first: a lock not had changes nothing (the version stays
+    champion and recorded as promoted, true together; the tags written before the lock said "withdrawn" of a
+    version that still served).
     """
     with registry_lock(name, WITHDRAW_LOCK_SECONDS):
+        if "promotion" in client.get_model_version(name, version).tags:
+            client.delete_model_version_tag(name, version, "promotion")
+        client.set_model_version_tag(name, version, "withdrawn", why[:5000])
+        tracking.RunLogger(client, run_id).tags(
+            {"registry.decision": "withdrawn", "registry.reason": why[:5000]}
+        )
         now = current_champion(client, name)
         if now is not None and str(now.version) == version:
-            if previous is None:
+            back = _last_standing(client, name, previous)
+            if back is None:
                 client.delete_registered_model_alias(name, CHAMPION)
             else:
-                _move_alias(client, name, previous)
-    if "promotion" in client.get_model_version(name, version).tags:
-        client.delete_model_version_tag(name, version, "promotion")
-    client.set_model_version_tag(name, version, "withdrawn", why[:5000])
-    tracking.RunLogger(client, run_id).tags({"registry.decision": "withdrawn", "registry.reason": why[:5000]})
+                _move_alias(client, name, back)
     log.warning("Withdrew %s v%s from %s: %s", name, version, CHAMPION, why)
+
+
+def _last_standing(client, name: str, version: str | None) -> str | None:
+    """``version``, or, while it is withdrawn itself, the version its promotion replaced, and so on (None:
+    none): v3 withdrawn after v2, which it replaced, was withdrawn already, goes back to v1, never to v2."""
+    seen = set()
+    while version is not None and version not in seen:
+        seen.add(version)
+        tags = client.get_model_version(name, version).tags
+        if "withdrawn" not in tags:
+            return version
+        version = None if tags.get(REPLACED, "none") == "none" else tags[REPLACED]
+    return None
 
 
 def _move_alias(client, name: str, version: str) -> None:

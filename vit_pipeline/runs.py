@@ -339,7 +339,7 @@ def lifecycle(
         raise
     finally:
         beat.stopped.set()
-        with _stops_held() if error is not None else contextlib.nullcontext():
+        with _stops_held(error) if error is not None else contextlib.nullcontext():
             try:
                 if monitor is not None:
                     monitor.finish()  # flushes the last samples while the run is still RUNNING
@@ -433,26 +433,40 @@ def _end(cfg: PipelineConfig, client, run_id: str, error: BaseException | None) 
 
 
 @contextlib.contextmanager
-def _stops_held() -> Iterator[None]:
-    """Ctrl-C and SIGTERM wait while a stopped run is being ended (its last system metrics, a few store calls,
-    the registry lock for up to 30 s): a second Ctrl-C there, as impatient users press it, left the run RUNNING
-    or its promotion half-withdrawn. Python runs signal handlers in the main thread only, so only there are they held."""
+def _stops_held(error: BaseException) -> Iterator[None]:
+    """While a stopped run is being ended (its last system metrics, its promotion withdrawn, its status), the
+    first Ctrl-C or SIGTERM waits: impatient users press Ctrl-C twice, and the second left the run RUNNING or
+    its promotion half-withdrawn. Another one stops at once (the end can wait minutes on a tracking server
+    that is away). A held signal is delivered afterwards when the run ended on an error, not a stop: a SIGTERM
+    then still exits 143. Python runs signal handlers in the main thread only, so only there are they held.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     held: list[int] = []
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     handlers = {s: h for s, h in handlers.items() if h is not None}  # None: not Python's to set back
+
+    def restore() -> None:
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+
+    def hold(signum: int, frame) -> None:
+        held.append(signum)
+        if len(held) > 1:  # asked twice: the original handler, now
+            restore()
+            signal.raise_signal(signum)
+            return
+        log.warning("%s: ending the run first (send it again to stop at once)", signal.Signals(signum).name)
+
     for number in handlers:
-        signal.signal(number, lambda signum, frame: held.append(signum))
+        signal.signal(number, hold)
     try:
         yield
     finally:
-        for number, handler in handlers.items():
-            signal.signal(number, handler)
-        if held:
-            log.warning("%s came while the run was being ended; it ended first",
-                        ", ".join(signal.Signals(n).name for n in held))  # fmt: skip
+        restore()
+        if len(held) == 1 and isinstance(error, Exception):  # (two: delivered already)
+            signal.raise_signal(held[0])
 
 
 def _run_tags(tags: dict[str, str]):

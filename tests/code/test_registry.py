@@ -506,3 +506,20 @@ def test_the_outcome_a_run_prints_is_where_the_alias_is_now():
 
     assert outcome(True, "2") == "champion" and outcome(False, "1") == "not promoted"
     assert outcome(True, "3") == "promoted, since replaced by v3" and outcome(True, None) == "promoted"
+
+
+def test_a_withdrawal_never_hands_the_alias_back_to_a_withdrawn_version(cfg, tmp_path):
+    """v1 champion; v2 and then v3 promoted; v2's run stops (the alias stays on v3), then v3's: the alias went
+    back to v2, a withdrawn model of a failed run. It goes back past it to v1."""
+    from vit_pipeline.registry import withdraw_stopped
+
+    split = labelled_split([2, 4, 8, 16])  # class 3 the commonest: each promoted version is better
+    _register(cfg, tmp_path, 0, split)
+    _, second = _register(cfg, tmp_path, 1, split)
+    _, third = _register(cfg, tmp_path, 3, split)
+    client = tracking.client(cfg)
+    assert _champion(cfg) == "3", [v.tags.get("promotion") for v in client.search_model_versions("")]
+    withdraw_stopped(client, "vit-cifar100", second, "its model card failed")
+    assert _champion(cfg) == "3"
+    withdraw_stopped(client, "vit-cifar100", third, "KeyboardInterrupt")
+    assert _champion(cfg) == "1"

@@ -1,6 +1,7 @@
 """The MLflow run lifecycle (vit_pipeline.runs) on a real SQLite store."""
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -54,6 +55,24 @@ def test_an_error_fails_the_run_and_an_interruption_kills_it(cfg):
     assert run.info.status == "KILLED" and run.data.tags[runs.END_REASON] == (
         "TerminationSignal: stopped by SIGTERM (a cancelled flow run, or its worker or service stopped)"
     )
+
+
+def test_a_stop_while_a_failed_run_ends_waits_for_its_end_and_is_not_lost(cfg, monkeypatch):
+    """A Ctrl-C while a run that failed is being ended waits (the run ends FAILED, not left RUNNING), and is
+    delivered after: the command stops as asked (it was held and then dropped: exit 1, not 130)."""
+    real = runs._end
+
+    def ctrl_c_meanwhile(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # handled at the next bytecode: inside the end
+        time.sleep(0.05)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runs, "_end", ctrl_c_meanwhile)
+    run_id = runs.create_run(cfg)
+    with pytest.raises(KeyboardInterrupt), runs.lifecycle(cfg, run_id):
+        raise RuntimeError("a stage failed")
+    run = tracking.client(cfg).get_run(run_id)
+    assert run.info.status == "FAILED" and "a stage failed" in run.data.tags[runs.ERROR]
 
 
 def test_reap_marks_a_dead_owner_killed_and_leaves_the_living(cfg):
