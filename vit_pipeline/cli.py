@@ -109,7 +109,8 @@ def _prefect_api() -> str:
 
 
 def _friendly_errors(func: Callable) -> Callable:
-    """One line on stderr and exit 2 (bad config) or 1 (other input) instead of a trace; 130 on Ctrl-C."""
+    """One line on stderr and exit 2 (bad config) or 1 (other input) instead of a trace; 130 on Ctrl-C, 143 on
+    SIGTERM."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):

@@ -528,11 +528,11 @@ def mark_flow_run_killed(cfg: PipelineConfig, flow_run_id: str, reason: str) -> 
     """
     client = tracking.client(cfg)
     killed = []
-    own = f"tags.`prefect.flow_run_id` = '{flow_run_id}'"
-    linked = running_runs(client, own)
+    own = find_runs(client, f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
+    linked = [run for run in own if run.info.status == "RUNNING"]
     # And the runs its runs started as children, whatever state their parent is in now: a sweep's trials run
     # in Dask workers and carry only mlflow.parentRunId (they stayed RUNNING when the sweep's host was lost).
-    for parent in find_runs(client, own):
+    for parent in own:
         linked += running_runs(client, f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     for run in linked:
         verdict = _crashed_owner(client, run.info.run_id, run.data.tags)

@@ -430,10 +430,12 @@ _IMAGE = re.compile(
 
 def _check_options(
     max_batch_size: int, queue_delay_us: int, storage_uri: str | None, consumer_image: str,
-    consumer_tracking_uri: str | None = None,
+    consumer_tracking_uri: str | None,
 ) -> None:  # fmt: skip
     """What the manifests would carry into a cluster that refuses it, refused here (one line each)."""
-    if consumer_tracking_uri is not None and not re.fullmatch(r"https?://[^\s/]+\S*", consumer_tracking_uri):
+    if consumer_tracking_uri and not re.fullmatch(
+        r"https?://[^\s/]+\S*", consumer_tracking_uri, re.IGNORECASE
+    ):
         # The pods read the registry over HTTP: a path or a sqlite:/// URI is this machine's.
         raise PipelineError("Expected --consumer-tracking-uri to be an MLflow server's http:// or https:// URL. "
                             f"Received: {consumer_tracking_uri!r}")  # fmt: skip

@@ -96,6 +96,7 @@ def test_the_consumer_under_validation_ends_with_a_sigkilled_pipeline(tiny_expor
         "    print(server.proc.pid, flush=True)\n    time.sleep(600)\n"
     )
     pipeline = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    consumer = None
     try:
         consumer = int(pipeline.stdout.readline())
         os.kill(pipeline.pid, signal.SIGKILL)
@@ -106,8 +107,9 @@ def test_the_consumer_under_validation_ends_with_a_sigkilled_pipeline(tiny_expor
         assert _gone(consumer), "the consumer outlived the SIGKILLed pipeline"
     finally:
         pipeline.kill()
-        with contextlib.suppress(NameError, ProcessLookupError):
-            os.killpg(consumer, signal.SIGKILL)
+        if consumer is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(consumer, signal.SIGKILL)
 
 
 def _gone(pid: int) -> bool:

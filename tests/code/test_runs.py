@@ -356,7 +356,6 @@ def test_the_zombie_automations_judge_only_this_projects_flows(monkeypatch):
         assert related.root == {"prefect.resource.role": "flow", "prefect.resource.name": names}
     # A crashed end-crashed-runs starts no other: it looped, one crashing after the other, for ever.
     assert "end-crashed-runs" not in zombies.CLEANED_UP_FLOWS
-    assert set(zombies.CLEANED_UP_FLOWS) == set(zombies.FLOW_NAMES) - {"end-crashed-runs"}
     import re
     from pathlib import Path
 

@@ -454,7 +454,11 @@ def test_a_body_refused_once_read_whole_keeps_the_connection(strict_server):
 
     port = int(strict_server.rsplit(":", 1)[1])
     png = _png(np.zeros((32, 32, 3), np.uint8))
-    for encoding, body, status in (("br", png, b"415"), ("gzip", png, b"400"), ("identity", b"", b"400")):
+    import gzip
+
+    bomb = gzip.compress(b"\0" * 50_000_000)  # over the 3 MB limit once inflated
+    cases = (("br", png, b"415"), ("gzip", png, b"400"), ("identity", b"", b"400"), ("gzip", bomb, b"413"))
+    for encoding, body, status in cases:
         with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
             sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
                          + f"Content-Encoding: {encoding}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body

@@ -245,10 +245,10 @@ def test_deployable_values_pass_the_checks():
     from vit_pipeline.serving_export import _check_options
 
     for uri in ("pvc://vit-models/triton", "s3://b/k", "gs://b/k", "hf://org/m", "kit://custom/scheme"):
-        _check_options(64, 2000, uri, "vit-consumer:latest")
+        _check_options(64, 2000, uri, "vit-consumer:latest", None)
     for image in ("ghcr.io/acme/vit-consumer:1.2", "localhost:5000/vit:v1", "vit@sha256:" + "a" * 64):
-        _check_options(64, 2000, None, image)
-    for uri in ("http://mlflow:5000", "https://mlflow.example.com/prefix"):
+        _check_options(64, 2000, None, image, None)
+    for uri in ("http://mlflow:5000", "https://mlflow.example.com/prefix", "HTTP://MLflow:5000", ""):
         _check_options(64, 2000, None, "vit-consumer:latest", uri)
 
 

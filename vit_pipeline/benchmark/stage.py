@@ -166,7 +166,7 @@ def models_to_time(
         from vit_consumer import contract
 
         inputs, outputs = contract.ort_dims(session.get_inputs()), contract.ort_dims(session.get_outputs())
-        if problem := contract.io_problem(inputs, outputs, None):
+        if problem := contract.io_problem(inputs, outputs, None, batched=False):  # any ONNX classifier
             raise DataError(f"{model_path} is not an image classifier: {problem}")
         _check_labels(labels, outputs[0][1], model_path)
         return Models(model_path, keras_model, keras_path, {"name": Path(model_path).name})

@@ -9,11 +9,11 @@ from pathlib import Path
 def checkout(directory: str) -> dict[str, str]:
     """Enters ``directory``, a checkout of this repository (Prefect's ``set_working_directory``, checked).
 
-    Prefect fills ``{{ $VIT_PIPELINE_CHECKOUT }}`` in from the *worker's* environment when a flow run starts
-    (``prefect deploy`` stores the pull step unresolved): each worker names its own checkout, wherever it
-    is on its host. A worker without it crashed every flow run with a traceback about a missing entrypoint
-    under a temporary folder; now it is one line that says what to set (in the flow run's log and the
-    worker's).
+    Prefect fills ``{{ $VIT_PIPELINE_CHECKOUT }}`` in from the environment the flow run starts in (the
+    worker's; on Kubernetes the pod's image, deploy/Dockerfile): ``prefect deploy`` stores the pull step
+    unresolved, so each worker names its own checkout, wherever it is on its host. A worker without it
+    crashed every flow run with a traceback about a missing entrypoint under a temporary folder; now it is
+    one line that says what to set (on the worker's console; Prefect shows the run Crashed).
 
     Raises:
         RuntimeError: ``directory`` is not a checkout of this repository.

@@ -163,12 +163,13 @@ def io_problem(
     outputs: list[list[int | None]],
     num_classes: int | None,
     dtypes: tuple[str, str] | None = None,
+    batched: bool = True,
 ) -> str | None:
     """What keeps a model's inputs and outputs from this contract, or None.
 
     The contract: one image input [batch, H, W, 3] of fixed H and W, logits [batch, one per class name] first
-    (``num_classes`` None: any number of them); the batch size dynamic (the batcher, and Triton's ORT backend
-    with ``max_batch_size``, run any batch); float32 in and out (``dtypes``: the input's and the first output's
+    (``num_classes`` None: any number of them); the batch size dynamic (``batched``: the batcher, and Triton's
+    ORT backend with ``max_batch_size``, run any batch; a benchmark of one size need not); float32 in and out (``dtypes``: the input's and the first output's
     numpy names, where known).
 
     Args:
@@ -186,7 +187,7 @@ def io_problem(
         return (
             f"Expected logits [batch, {per_class} as the first output. Received: outputs {_shapes(outputs)}"
         )
-    if inputs[0][0] is not None or outputs[0][0] is not None:
+    if batched and (inputs[0][0] is not None or outputs[0][0] is not None):
         return (f"Expected a dynamic batch size (the first dimension). Received: inputs {_shapes(inputs)}, "
                 f"outputs {_shapes(outputs)}")  # fmt: skip
     if dtypes is not None and tuple(dtypes) != ("float32", "float32"):

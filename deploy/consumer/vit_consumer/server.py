@@ -773,9 +773,8 @@ class PredictPath:
         if path.startswith("/v2/") and path.endswith("/"):
             # The protocol's own description writes `/v2/`; Starlette answered a trailing slash with a redirect
             # (307) that clients need not follow. Served as the path without it.
-            trimmed = len(path) - len(path.rstrip("/"))
-            scope = {**scope, "path": scope["path"][:-trimmed]}
-            path = path[:-trimmed]
+            scope = {**scope, "path": scope["path"].rstrip("/")}
+            path = path.rstrip("/")
         if scope["method"] == "HEAD":
             # What uptime monitors, `curl -I` and `wget --spider` send (RFC 9110 section 9.1): the GET's
             # status and headers (the server leaves the body out for HEAD); not a route of its own, whose

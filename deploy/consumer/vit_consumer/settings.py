@@ -59,7 +59,7 @@ class Settings(BaseSettings):
     max_inflight_bytes: int = Field(128 * 2**20, gt=0)
     """Bytes of all request bodies being handled at once (beyond: 503 with Retry-After)."""
     max_batch_size: int = Field(32, gt=0)
-    """Most images per ``session.run``."""
+    """Most images per ``session.run``, and per ``/v2`` infer request (beyond: 400, as Triton)."""
     max_queue_delay_ms: float = Field(2.0, ge=0)
     """Longest a batch waits for requests already on their way (being decoded), in ms; with none, it runs at once."""
     max_queue: int = Field(256, gt=0)

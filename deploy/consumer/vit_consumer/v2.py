@@ -47,7 +47,9 @@ DATATYPES: dict[str, np.dtype] = {
     "INT64": np.dtype("<i8"), "UINT32": np.dtype("<u4"), "UINT64": np.dtype("<u8"),
 }  # fmt: skip  # numeric types a client may send pixels as; converted to the model's float32
 OUTPUTS = ("logits", "probabilities")
-PATH = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?P<rest>/ready|/infer)?/?$")
+PATH = re.compile(
+    r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?P<rest>/ready|/infer)?$"
+)  # trailing slashes: PredictPath
 
 
 class V2Error(InputError):
