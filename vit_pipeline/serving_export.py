@@ -47,6 +47,7 @@ CPU_INSTANCES, CPU_PER_INSTANCE = 2, 2  # Triton's CPU instances and the cores e
 STAGING = ".staging"  # DIR/.staging/<name>: a new Triton model folder before it is renamed into DIR/triton
 SOURCE_PARAMETER = re.compile(r'key: "source" value: \{ string_value: ("(?:[^"\\]|\\.)*") \}')
 PVC = "vit-models"  # the volume claim that holds the published repository (storage URI and consumer mount)
+DEFAULT_STORAGE_URI = f"pvc://{PVC}/triton"
 
 
 @dataclass(frozen=True)
@@ -101,14 +102,10 @@ def read_model(source: str, tracking_uri: str | None = None, dst: str | Path | N
         if names is None:
             raise InputError(f"{path} has no class_names metadata; was it exported by vit-pipeline?")
         inputs, outputs = session.get_inputs(), session.get_outputs()
-        # The Triton config states these shapes: a file of others would not load there.
-        # As Triton's ORT backend compares them with the config: shapes, a dynamic batch, FP32.
-        dtypes = (
-            (contract.ort_dtype(inputs[0]), contract.ort_dtype(outputs[0])) if inputs and outputs else None
-        )
-        if problem := contract.io_problem(
-            contract.ort_dims(inputs), contract.ort_dims(outputs), len(names), dtypes
-        ):
+        # What Triton's ORT backend compares with the config (shapes, a dynamic batch, FP32): a file of others
+        # would not load there.
+        in_dims, out_dims, dtypes = contract.ort_io(session)
+        if problem := contract.io_problem(in_dims, out_dims, len(names), dtypes):
             raise InputError(problem)
         if (inputs[0].name, outputs[0].name) != (contract.INPUT_NAME, contract.OUTPUT_NAME):
             raise InputError(f"Expected input {contract.INPUT_NAME!r} and output {contract.OUTPUT_NAME!r}. "
@@ -309,7 +306,7 @@ def published_volume(storage_uri: str) -> tuple[str, str]:
     return PVC, "triton"
 
 
-def consumer_manifests(model: ServedModel, image: str, tracking_uri: str, storage_uri: str = f"pvc://{PVC}/triton"
+def consumer_manifests(model: ServedModel, image: str, tracking_uri: str, storage_uri: str = DEFAULT_STORAGE_URI
                        ) -> list[dict[str, Any]]:  # fmt: skip
     """Deployment, Service and HorizontalPodAutoscaler of the consumer serving ``model.source``."""
     labels = {"app.kubernetes.io/name": "vit-consumer", "app.kubernetes.io/instance": model.k8s_name}
@@ -473,7 +470,7 @@ def _one_writer(out: Path) -> Iterator[None]:
 def _write_all(model: ServedModel, out: Path, tracking_uri: str | None, storage_uri: str | None,
                consumer_image: str, max_batch_size: int, queue_delay_us: int,
                consumer_tracking_uri: str | None = None) -> dict[str, str]:  # fmt: skip
-    storage = storage_uri or f"pvc://{PVC}/triton"
+    storage = storage_uri or DEFAULT_STORAGE_URI
     isvc_path, consumer_path = manifest_paths(out, model)
     for path in (isvc_path, consumer_path):  # one file per model: other models' manifests stay
         _check_manifest_owner(path, model)

@@ -216,6 +216,14 @@ def ort_dtype(arg) -> str:
     return _ORT_TYPES.get(name, name)
 
 
+def ort_io(session) -> tuple[list[list[int | None]], list[list[int | None]], tuple[str, str] | None]:
+    """An ONNX Runtime session's inputs' and outputs' shapes and its first input's and output's element types:
+    ``io_problem``'s arguments, read the same way on both sides (the consumer's engine, ``export-serving``)."""
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    dtypes = (ort_dtype(inputs[0]), ort_dtype(outputs[0])) if inputs and outputs else None
+    return ort_dims(inputs), ort_dims(outputs), dtypes
+
+
 def run_batches(session, images: np.ndarray, batch_size: int, on_batch=None) -> np.ndarray:
     """Logits of ``images`` from an ONNX Runtime session, ``batch_size`` at a time.
 

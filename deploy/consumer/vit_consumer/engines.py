@@ -179,11 +179,8 @@ class OrtEngine:
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
         self.output_name = self.session.get_outputs()[0].name
-        self.io = (
-            contract.ort_dims(self.session.get_inputs()),
-            contract.ort_dims(self.session.get_outputs()),
-        )
-        self.dtypes = (contract.ort_dtype(inp), contract.ort_dtype(self.session.get_outputs()[0]))
+        in_dims, out_dims, self.dtypes = contract.ort_io(self.session)
+        self.io = (in_dims, out_dims)
         self.input_shape = tuple(-1 if d is None else d for d in self.io[0][0][1:])
 
     def run(self, images: np.ndarray) -> np.ndarray:
