@@ -403,3 +403,18 @@ class FaultyProxy:
 
     def close(self):
         self.server.shutdown()
+
+
+def ctrl_c_during(func):
+    """``func`` with a real SIGINT delivered to this process as it starts (handled at the next bytecode:
+    inside it), as a second Ctrl-C pressed while it runs."""
+    import os
+    import signal
+    import time
+
+    def pressed(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        return func(*args, **kwargs)
+
+    return pressed

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import FaultyProxy, constant_classifier, free_port, labelled_split
+from tests.conftest import FaultyProxy, constant_classifier, ctrl_c_during, free_port, labelled_split
 from vit_pipeline import runs, tracking
 from vit_pipeline.config import make_config
 from vit_pipeline.registry import CHAMPION, RegistryError, register_onnx
@@ -155,20 +155,12 @@ def test_a_stop_after_the_last_stage_withdraws_and_a_second_ctrl_c_waits_for_it(
     """The run's end is the one place a stop is turned into a withdrawal: a stop after the model card (or in
     the register task's own completion) left a KILLED run's model champion. A second Ctrl-C while the
     withdrawal runs (a real SIGINT) waits for it: it broke off half-way, the version "withdrawn" yet champion."""
-    import signal
 
     from vit_pipeline import registry
 
     split = labelled_split(COUNTS)
     _register(cfg, tmp_path, 0, split)
-    real = registry._withdraw
-
-    def ctrl_c_again(*args, **kwargs):
-        os.kill(os.getpid(), signal.SIGINT)  # handled at the next bytecode: inside the withdrawal
-        time.sleep(0.05)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(registry, "_withdraw", ctrl_c_again)
+    monkeypatch.setattr(registry, "_withdraw", ctrl_c_during(registry._withdraw))
     run_id = runs.create_run(cfg, "test")
     with pytest.raises(KeyboardInterrupt), runs.lifecycle(cfg, run_id):
         _register(cfg, tmp_path, 2, split, run_id=run_id)

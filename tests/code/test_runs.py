@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from tests.conftest import ctrl_c_during
 from vit_pipeline import runs, tracking
 from vit_pipeline.config import make_config
 
@@ -45,7 +46,6 @@ def test_an_error_fails_the_run_and_an_interruption_kills_it(cfg):
     assert run.data.tags[runs.END_REASON] == "KeyboardInterrupt: interrupted (Ctrl-C or SIGINT)"
     assert run.info.status == "KILLED"
     # A cancelled flow run: Prefect raises TerminationSignal, whose message is the signal's number at most.
-    import signal
 
     from prefect.exceptions import TerminationSignal
 
@@ -60,14 +60,7 @@ def test_an_error_fails_the_run_and_an_interruption_kills_it(cfg):
 def test_a_stop_while_a_failed_run_ends_waits_for_its_end_and_is_not_lost(cfg, monkeypatch):
     """A Ctrl-C while a run that failed is being ended waits (the run ends FAILED, not left RUNNING), and is
     delivered after: the command stops as asked (it was held and then dropped: exit 1, not 130)."""
-    real = runs._end
-
-    def ctrl_c_meanwhile(*args, **kwargs):
-        os.kill(os.getpid(), signal.SIGINT)  # handled at the next bytecode: inside the end
-        time.sleep(0.05)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(runs, "_end", ctrl_c_meanwhile)
+    monkeypatch.setattr(runs, "_end", ctrl_c_during(runs._end))
     run_id = runs.create_run(cfg)
     with pytest.raises(KeyboardInterrupt), runs.lifecycle(cfg, run_id):
         raise RuntimeError("a stage failed")

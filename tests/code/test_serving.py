@@ -213,6 +213,19 @@ def _damaged_png() -> bytes:
     return png[: i - 4] + chunk(b"IDAT", data[:100]) + chunk(b"ID\x00T", data[100:]) + png[i + 8 + n :]
 
 
+def _then_health(port: int, request: bytes) -> bytes:
+    """Everything the service answers on one connection to ``request`` followed by ``GET /health/live`` (whose
+    200 says the connection was kept after the first answer)."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(request + b"GET /health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        answers = b""
+        while part := sock.recv(65536):
+            answers += part
+    return answers
+
+
 def _png(image: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="PNG")
@@ -241,16 +254,10 @@ def test_pixel_budget_counts_all_images_of_a_request(strict_server):
     assert resp.status_code == 413 and "more than 1000000 pixels together" in resp.json()["detail"]
     # Refused once the whole body was read: the connection stays for the next request (a refusal before the
     # body is read closes it).
-    import socket
 
     port = int(strict_server.rsplit(":", 1)[1])
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-        sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     + f"Content-Length: {len(two)}\r\n\r\n".encode() + two
-                     + b"GET /health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")  # fmt: skip
-        answers = b""
-        while part := sock.recv(65536):
-            answers += part
+    answers = _then_health(port, b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                           + f"Content-Length: {len(two)}\r\n\r\n".encode() + two)  # fmt: skip
     assert answers.startswith(b"HTTP/1.1 413 ") and b"HTTP/1.1 200 " in answers, answers[:400]
 
 
@@ -450,7 +457,6 @@ def test_compressed_bodies_are_inflated_within_the_limits(strict_server):
 def test_a_body_refused_once_read_whole_keeps_the_connection(strict_server):
     """An unknown encoding (415), a body that does not inflate (400) or an empty body (400) has been read to its
     end: the next request on the connection is answered (they were refused with ``Connection: close``)."""
-    import socket
 
     port = int(strict_server.rsplit(":", 1)[1])
     png = _png(np.zeros((32, 32, 3), np.uint8))
@@ -459,13 +465,9 @@ def test_a_body_refused_once_read_whole_keeps_the_connection(strict_server):
     bomb = gzip.compress(b"\0" * 50_000_000)  # over the 3 MB limit once inflated
     cases = (("br", png, b"415"), ("gzip", png, b"400"), ("identity", b"", b"400"), ("gzip", bomb, b"413"))
     for encoding, body, status in cases:
-        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-            sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
-                         + f"Content-Encoding: {encoding}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
-                         + b"GET /health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")  # fmt: skip
-            answers = b""
-            while part := sock.recv(65536):
-                answers += part
+        answers = _then_health(port, b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                               + f"Content-Encoding: {encoding}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+                               + body)  # fmt: skip
         first = answers.split(b"\r\n\r\n", 1)[0].lower()
         assert first.startswith(b"http/1.1 " + status) and b"connection: close" not in first, answers[:400]
         assert b"HTTP/1.1 200 " in answers, (encoding, answers[:400])
