@@ -32,12 +32,16 @@ def test_prefect_reads_the_checkout_from_the_worker_s_environment_when_a_run_sta
 
     import yaml
     from prefect.deployments.steps.core import run_steps
+    from prefect.testing.utilities import prefect_test_harness
 
     (pull,) = yaml.safe_load((ROOT / "prefect.yaml").read_text())["pull"]
     assert pull == {"vit_pipeline.flows.steps.checkout": {"directory": "{{ $VIT_PIPELINE_CHECKOUT }}"}}
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("VIT_PIPELINE_CHECKOUT", str(ROOT))
-    assert asyncio.run(run_steps([pull]))["directory"] == str(ROOT) and os.getcwd() == str(ROOT)
+    # The runner resolves variables and blocks through the API: a server of the test's own, stopped after it
+    # (the temporary one Prefect starts otherwise outlived the test process).
+    with prefect_test_harness(server_startup_timeout=120):
+        assert asyncio.run(run_steps([pull]))["directory"] == str(ROOT) and os.getcwd() == str(ROOT)
 
 
 def test_the_checkout_is_entered(monkeypatch, tmp_path):
