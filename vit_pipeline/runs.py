@@ -451,11 +451,18 @@ def _stops_held(error: BaseException) -> Iterator[None]:
         for number, handler in handlers.items():
             signal.signal(number, handler)
 
+    def deliver(signum: int) -> None:
+        """What the signal would have done: its Python handler (raises), else the OS default (ends the process)."""
+        if callable(handler := handlers[signum]):
+            handler(signum, None)
+        elif handler == signal.SIG_DFL:
+            signal.raise_signal(signum)
+
     def hold(signum: int, frame) -> None:
         held.append(signum)
         if len(held) > 1:  # asked twice: the original handler, now
             restore()
-            signal.raise_signal(signum)
+            deliver(signum)
             return
         log.warning("%s: ending the run first (send it again to stop at once)", signal.Signals(signum).name)
 
@@ -466,7 +473,7 @@ def _stops_held(error: BaseException) -> Iterator[None]:
     finally:
         restore()
         if len(held) == 1 and isinstance(error, Exception):  # (two: delivered already)
-            signal.raise_signal(held[0])
+            deliver(held[0])
 
 
 def _run_tags(tags: dict[str, str]):
