@@ -43,6 +43,10 @@ def json_shape_problem(body: bytes, max_depth: int, max_numbers: int) -> InputEr
     return None
 
 
+class InvalidJson(InputError):
+    """A body that is not JSON at all (not UTF-8, or not parseable), as opposed to JSON over the limits."""
+
+
 def parse_json(body: bytes, max_depth: int, max_numbers: int, what: str = "JSON") -> object:
     """A JSON body (UTF-8, RFC 8259) within the depth and value limits, parsed."""
     problem = json_shape_problem(body, max_depth, max_numbers)
@@ -51,9 +55,9 @@ def parse_json(body: bytes, max_depth: int, max_numbers: int, what: str = "JSON"
     try:
         return json.loads(body.decode("utf-8"))
     except UnicodeDecodeError:
-        raise InputError(f"Invalid {what}: not UTF-8 text") from None
+        raise InvalidJson(f"Invalid {what}: not UTF-8 text") from None
     except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
-        raise InputError(f"Invalid {what}: {str(exc).splitlines()[0][:200]}") from None
+        raise InvalidJson(f"Invalid {what}: {str(exc).splitlines()[0][:200]}") from None
 
 
 def header_int(text: str) -> int | None:

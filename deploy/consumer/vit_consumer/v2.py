@@ -150,9 +150,9 @@ def _header_and_binary(body: bytes, header_length: str | None, max_depth: int, m
         raw, rest = body[:length], body[length:]
     try:
         doc = limits.parse_json(raw, max_depth, max_numbers, "JSON inference request")
-    except InputError as exc:
+    except limits.InvalidJson as exc:
         # Binary tensors sent without their header's length read as JSON that is not (said so, as Triton does).
-        if header_length is None and str(exc).startswith("Invalid JSON inference request"):
+        if header_length is None:
             raise V2Error(f"{exc} (a body with binary tensors needs the Inference-Header-Content-Length "
                           "header: the length of its JSON part)") from None  # fmt: skip
         raise
