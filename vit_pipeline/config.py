@@ -324,6 +324,12 @@ class GatesConfig(_Fields):
     """Value threshold: the served file's top-1 on the test split must reach this to become champion."""
     min_class_recall: Annotated[float, Field(ge=0, le=1)] | None = None
     """Value threshold: every class with at least class_min_support test images must reach this recall."""
+    max_test_ece: Annotated[float, Field(gt=0, le=1)] | None = None
+    """Value threshold: the served file's expected calibration error on the test split, at the temperature it
+    serves with (ece_bins bins), must not exceed this: apps act on its probabilities."""
+    min_relative_robustness: Annotated[float, Field(gt=0, le=1)] | None = None
+    """Value threshold: the robustness stage's mean top-1 under corruption, as a share of its clean top-1 on the
+    same images (robustness_relative_accuracy), must reach this."""
     max_accuracy_drop: NonNegativeFloat = 0.0
     """Change threshold: points of top-1 the new version may lose against the champion on the same test images
     (0: at least the champion's)."""

@@ -145,9 +145,20 @@ def onnx_logits(path: str | Path, split: TestSplit, batch_size: int = 256) -> np
 
 def onnx_class_names(path: str | Path) -> list[str] | None:
     """The ``class_names`` metadata of an exported file (None if it has none)."""
+    return contract_class_names(_metadata(path))
+
+
+def onnx_temperature(path: str | Path) -> float:
+    """The softmax temperature an exported file serves its probabilities with (1 if it declares none)."""
+    from vit_consumer.contract import temperature
+
+    return temperature(_metadata(path))
+
+
+def _metadata(path: str | Path) -> dict[str, str]:
     from vit_pipeline.export import ort_session
 
-    return contract_class_names(ort_session(path).get_modelmeta().custom_metadata_map)
+    return ort_session(path).get_modelmeta().custom_metadata_map
 
 
 def current_champion(client, name: str, alias: str = CHAMPION):
@@ -229,11 +240,15 @@ class Decision:
 
 
 def decide(cfg: PipelineConfig, logits: np.ndarray, split: TestSplit, champion,
-           tracking_uri: str | None = None) -> Decision:  # fmt: skip
-    """The promotion policy and thresholds (``vit_pipeline.thresholds``) applied to the served file's logits."""
+           tracking_uri: str | None = None, temperature: float = 1.0,
+           relative_robustness: float | None = None) -> Decision:  # fmt: skip
+    """The promotion policy and thresholds (``vit_pipeline.thresholds``) applied to the served file's logits
+    (``temperature``, ``relative_robustness``: as ``thresholds.value_checks`` takes them)."""
     if cfg.promotion_policy == "never":
         return Decision(False, "policy 'never'", evaluated=False)
-    checks = thresholds.value_checks(cfg, logits, split.labels, split.class_names)
+    checks = thresholds.value_checks(
+        cfg, logits, split.labels, split.class_names, temperature, relative_robustness
+    )
 
     def unchecked(why: str) -> str:
         return f"{', '.join(thresholds.change_names(cfg))} not checked ({why})"
@@ -553,9 +568,9 @@ def register_onnx(
         "mlflow_run_id": run_id,
         **({"keras_test_accuracy": f"{keras_test_accuracy:.6f}"} if keras_test_accuracy is not None else {}),
         **_candidate_tags(manifest),
-        **_lineage_tags(run_tags := client.get_run(run_id).data.tags),
+        **_lineage_tags((run := client.get_run(run_id)).data.tags),
     }
-    blockers = blocking_gates(cfg, run_tags)
+    blockers = blocking_gates(cfg, run.data.tags)
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
     if existing is not None and "withdrawn" in existing.tags:  # decided again now
@@ -570,7 +585,8 @@ def register_onnx(
         elif blockers:
             decision = Decision(False, f"blocked by {'; '.join(blockers)}", evaluated=False)
         else:
-            decision = decide(cfg, logits, split, champion, tracking.tracking_uri(cfg))
+            decision = decide(cfg, logits, split, champion, tracking.tracking_uri(cfg), onnx_temperature(onnx_path),
+                              run.data.metrics.get("robustness_relative_accuracy"))  # fmt: skip
         promoted, champ_acc = decision.promoted, decision.champion_accuracy
         previous = str(champion.version) if champion else None
         moved = promoted and previous != version

@@ -3,8 +3,11 @@
 The register stage judges the file that will be served (ONNX Runtime) on the new run's full
 test split, and the champion's file on the same images. Each threshold is a config field:
 
-* **Value** (the candidate alone): ``min_test_accuracy`` (top-1, 0-1) and
-  ``min_class_recall`` (0-1, every class with at least ``class_min_support`` test images).
+* **Value** (the candidate alone): ``min_test_accuracy`` (top-1, 0-1),
+  ``min_class_recall`` (0-1, every class with at least ``class_min_support`` test images),
+  ``max_test_ece`` (the expected calibration error of the probabilities the file serves, at its
+  temperature) and ``min_relative_robustness`` (the robustness stage's mean top-1 under corruption
+  over its clean top-1).
 * **Change** (against a comparable champion): the candidate's top-1 may be below the
   champion's by at most ``max_accuracy_drop`` points (0: "at least the champion's", the
   default rule), and no class with at least ``class_min_support`` test images may lose more
@@ -66,10 +69,34 @@ def _per_class(cfg: PipelineConfig, name: str, judged: np.ndarray, support: np.n
 
 
 def value_checks(
-    cfg: PipelineConfig, logits: np.ndarray, labels: np.ndarray, class_names: list[str]
+    cfg: PipelineConfig,
+    logits: np.ndarray,
+    labels: np.ndarray,
+    class_names: list[str],
+    temperature: float = 1.0,
+    relative_robustness: float | None = None,
 ) -> list[Check]:
-    """The candidate's own floors (none configured: no checks)."""
+    """The candidate's own floors (none configured: no checks).
+
+    ``temperature``: the one the served file's probabilities use (its metadata); ``relative_robustness``: the
+    run's ``robustness_relative_accuracy`` (None: the robustness stage did not record one).
+    """
     checks = []
+    if cfg.max_test_ece is not None:
+        from vit_pipeline.calibration import reliability
+
+        ece = reliability(logits, labels, cfg.ece_bins, temperature)["ece"]
+        checks.append(Check("max_test_ece", ece <= cfg.max_test_ece,
+                            f"expected calibration error {ece:.4f} at temperature {temperature:.3g} "
+                            f"(maximum {cfg.max_test_ece:.4f})"))  # fmt: skip
+    if cfg.min_relative_robustness is not None:
+        if relative_robustness is None:  # configured and not measured: nothing says it held
+            checks.append(Check("min_relative_robustness", False, "no robustness_relative_accuracy on the run "
+                                "(the robustness stage did not record one)"))  # fmt: skip
+        else:
+            checks.append(Check("min_relative_robustness", relative_robustness >= cfg.min_relative_robustness,
+                                f"mean top-1 under corruption {relative_robustness:.4f} of the clean top-1 "
+                                f"(minimum {cfg.min_relative_robustness:.4f})"))  # fmt: skip
     top1 = float(np.mean(logits.argmax(1) == labels))
     if cfg.min_test_accuracy is not None:
         checks.append(Check("min_test_accuracy", top1 >= cfg.min_test_accuracy,

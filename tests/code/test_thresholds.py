@@ -11,6 +11,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 from vit_pipeline import data, registry, runs, thresholds, tracking
+from vit_pipeline.calibration import reliability
 from vit_pipeline.config import make_config
 
 
@@ -79,6 +80,33 @@ def _with_logit_offset(src: Path, dst: Path, offsets: np.ndarray) -> Path:
     return dst
 
 
+def _with_metadata(src: Path, dst: Path, values: dict[str, str]) -> Path:
+    """The same model with metadata entries set (``values`` replace those of the same key)."""
+    model = onnx.load(str(src))
+    kept = [p for p in model.metadata_props if p.key not in values]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    for key, value in values.items():
+        model.metadata_props.add(key=key, value=value)
+    onnx.save(model, str(dst))
+    return dst
+
+
+def test_the_calibration_and_robustness_floors_judge_what_is_served():
+    """Right 8 times in 10 with every probability near 1 (ECE 0.2); at T = 20 the confidence is 0.73 (ECE 0.07)."""
+    cfg = make_config("quickstart", {"max_test_ece": 0.1, "min_relative_robustness": 0.5})
+    labels = np.array([0, 1] * 5)
+    logits = _logits([0, 1, 0, 1, 0, 1, 0, 1, 1, 0], 2) * 4  # 20 against 0: confidence 1 - 2e-9
+    hot = {c.name: c for c in thresholds.value_checks(cfg, logits, labels, ["a", "b"], 1.0, 0.62)}
+    assert not hot["max_test_ece"].held and "expected calibration error 0.2000" in hot["max_test_ece"].detail
+    assert hot["min_relative_robustness"].held and "0.6200" in hot["min_relative_robustness"].detail
+    cool = {c.name: c for c in thresholds.value_checks(cfg, logits, labels, ["a", "b"], 20.0, 0.42)}
+    assert cool["max_test_ece"].held and "0.0689 at temperature 20" in cool["max_test_ece"].detail, cool
+    assert not cool["min_relative_robustness"].held
+    missing = thresholds.value_checks(cfg, logits, labels, ["a", "b"])
+    assert [c.name for c in thresholds.failed(missing)] == ["max_test_ece", "min_relative_robustness"]
+
+
 @pytest.mark.integration
 def test_a_better_candidate_that_collapses_one_class_is_blocked(tmp_path, tiny_overrides):
     """Real models trained on real digits: one slow epoch (the champion) and six (the candidate)."""
@@ -137,7 +165,26 @@ def test_a_better_candidate_that_collapses_one_class_is_blocked(tmp_path, tiny_o
     assert not registry.register_onnx(
         floor, runs.create_run(cfg, "test"), str(files["candidate"]), split
     ).promoted
-    whole = registry.register_onnx(cfg, runs.create_run(cfg, "test"), str(files["candidate"]), split)
+    # The calibration floor reads the temperature the file serves with: the same weights at T = 100 (every
+    # probability near 1/10) fail it; the robustness floor reads the run's robustness figure.
+    flat = _with_metadata(Path(files["candidate"]), tmp_path / "flat.onnx", {"temperature": "100"})
+    assert registry.onnx_temperature(flat) == 100.0 and registry.onnx_temperature(files["candidate"]) == 1.0
+    eces = [reliability(cand_logits, split.labels, cfg.ece_bins, t)["ece"] for t in (1.0, 100.0)]
+    assert eces[0] < eces[1], eces  # near-uniform probabilities are the worse calibrated here
+    calibrated = make_config("quickstart", {**base, "max_test_ece": sum(eces) / 2})
+    cold = registry.register_onnx(calibrated, runs.create_run(cfg, "test"), str(flat), split)
+    assert not cold.promoted and "failed max_test_ece (expected calibration error" in cold.reason, cold.reason
+    brittle = runs.create_run(cfg, "test")
+    client.log_metric(brittle, "robustness_relative_accuracy", 0.4)
+    sturdy = make_config("quickstart", {**base, "min_relative_robustness": 0.5})
+    weak = registry.register_onnx(sturdy, brittle, str(files["candidate"]), split)
+    assert (
+        not weak.promoted
+        and "failed min_relative_robustness (mean top-1 under corruption 0.4000" in weak.reason
+    )
+    unmeasured = registry.register_onnx(sturdy, runs.create_run(cfg, "test"), str(files["candidate"]), split)
+    assert "no robustness_relative_accuracy on the run" in unmeasured.reason and not unmeasured.promoted
+    whole = registry.register_onnx(calibrated, runs.create_run(cfg, "test"), str(files["candidate"]), split)
     assert (
         whole.promoted
         and "held" in client.get_model_version(whole.name, whole.version).tags["gate.thresholds"]
