@@ -340,6 +340,11 @@ class GatesConfig(_Fields):
     """Change threshold: points of recall the champion may lose on a class between its own test split and this
     run's (95% intervals apart too) before the class's labels count as changed: the same name, other images
     (relabelled or re-sorted data), which a model trained on them always wins (None: not checked)."""
+    max_robustness_drop: NonNegativeFloat | None = None
+    """Change threshold: points of mean top-1 under corruption (the robustness stage's corruptions and severities,
+    on up to robustness_images test images the champion did not train on) the served file may lose against the
+    champion's file on the same corrupted images (None: not compared; set, the register stage corrupts the
+    images and runs both files on them)."""
     class_min_support: PositiveInt = 50
     """Test images a class needs for its per-class thresholds (fewer: too noisy to judge)."""
     ece_bins: Annotated[int, Field(ge=2, le=100)] = 15

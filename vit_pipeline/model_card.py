@@ -10,7 +10,8 @@ Everything on the card is read back from the MLflow run (params, metrics, tags, 
 JSON and CSV artifacts), so ``card(client, run_id, name, version)`` writes the same page for
 any version later. The card is logged as ``model_card/model_card.md`` and ``.html``; the
 version's description is the card without the full per-class table (a registry description
-holds at most ``DESCRIPTION_LIMIT`` characters), which the MLflow UI renders on the version page.
+holds at most ``DESCRIPTION_LIMIT`` characters; ``_within_limit`` says what gives way first), which
+the MLflow UI renders on the version page.
 """
 
 from __future__ import annotations
@@ -159,22 +160,27 @@ def _balance_line(rows: list[dict[str, str]], untested: list[str]) -> str:
     return line
 
 
-def _gates_section(rec: RunRecord) -> list[str]:
+def _condition(rec: RunRecord, *flags: str) -> str:
+    """Whether a threshold made this gate a release condition for the run (its config params), in italics."""
+    set_ = [
+        f"`--{f.replace('_', '-')} {rec.params[f]}`" for f in flags if rec.params.get(f, "None") != "None"
+    ]
+    if set_:
+        return f"_A release condition: {', '.join(set_)} (see Thresholds)._"
+    return f"_Recorded, not a release condition ({', '.join(f'`--{f}`'.replace('_', '-') for f in flags)} would make it one)._"
+
+
+def _calibration_and_robustness(rec: RunRecord) -> list[str]:
     m, t = rec.metrics, rec.tags
-    # Both are measured and recorded; no threshold on them keeps a version from becoming champion.
-    lines = ["## Calibration", "", "_Recorded, not a release condition._", ""]
+    lines = ["## Calibration", "", _condition(rec, "max_test_ece"), ""]
     if "temperature" in m:
         lines += [f"Temperature **{m['temperature']:.3f}** ({t.get('calibration.why', 'fitted on the validation split')}; "
                   f"applied by the consumer to the probabilities it returns): test ECE {m['test_ece']:.4f} -> {m['test_ece_calibrated']:.4f}, "
                   f"NLL {m['test_nll']:.4f} -> {m['test_nll_calibrated']:.4f}.", ""]  # fmt: skip
     else:
         lines += ["Not measured.", ""]
-    lines += [
-        "## Robustness",
-        "",
-        "_Recorded, not a release condition (the Keras model on corrupted test images)._",
-        "",
-    ]
+    lines += ["## Robustness", "", "The Keras model on corrupted test images. "
+              + _condition(rec, "min_relative_robustness", "max_robustness_drop"), ""]  # fmt: skip
     robust = rec.csv("robustness/robustness.csv")
     if robust:
         names = list(dict.fromkeys(r["corruption"] for r in robust))
@@ -185,7 +191,13 @@ def _gates_section(rec: RunRecord) -> list[str]:
                         [[name, *[_pct(cell.get((name, s))) for s in severities]] for name in names])  # fmt: skip
     else:
         lines += ["Not measured.", ""]
-    lines += ["## Thresholds and release checks", ""]
+    return lines
+
+
+def _release_checks(rec: RunRecord) -> list[str]:
+    """The thresholds' table and the other checks; the decision itself is the card's first line."""
+    m, t = rec.metrics, rec.tags
+    lines = ["## Thresholds and release checks", ""]
     checks = rec.json("registry/thresholds.json")
     if checks and checks["checks"]:
         lines += _table(["threshold", "held", "figures"],
@@ -194,7 +206,6 @@ def _gates_section(rec: RunRecord) -> list[str]:
     served = t.get("export.serve_variant", "-")
     key = "parity" if f"parity_{served}_max_abs_diff" not in m else f"parity_{served}"
     lines += [f"- **Thresholds:** {t.get('gate.thresholds', 'not recorded')}",
-              f"- **Promotion:** {t.get('registry.decision', '-')}: {t.get('registry.reason', '-')}",
               f"- **Export parity** of the served file, `{served}` (ONNX Runtime against Keras, at most "
               f"{rec.params.get('parity_images', '-')} test images): max |logit difference| "
               f"{m.get(f'{key}_max_abs_diff', float('nan')):.2e}, top-1 agreement {_pct(m.get(f'{key}_top1_agreement'))}; "
@@ -306,16 +317,42 @@ def card(client, run_id: str, registration: Registration) -> tuple[str, str]:
             f"Classifies {'x'.join(map(str, shape[:2])) or 'RGB'} RGB images (raw pixels 0-255) of the dataset "
             f"`{rec.tags.get('dataset', registration.name)}` into {len(names) or '-'} classes"
             f"{': ' + ', '.join(names[:20]) + (f' and {len(names) - 20} more' if len(names) > 20 else '') if names else ''}. "
-            "Served as ONNX by `deploy/consumer` (no TensorFlow); answers are the top-k classes with calibrated "
-            "probabilities. Not for images of other kinds or decisions no person reviews.", ""]  # fmt: skip
-    data = _data_section(rec)
+            f"Served as ONNX by `deploy/consumer` (no TensorFlow); answers are the top-k classes with {_probabilities(rec)}. "
+            "Not for images of other kinds or decisions no person reviews.", ""]  # fmt: skip
     metrics, per_class = _metrics_section(rec, registration)
-    rest = _gates_section(rec) + _benchmark_section(rec) + _lineage_and_limits(rec, registration)
-    full = "\n".join(head + data + metrics + rest + per_class)
-    short = "\n".join(head + data + metrics + rest)
-    if len(short) > DESCRIPTION_LIMIT:
-        short = short[: DESCRIPTION_LIMIT - 80].rsplit("\n", 1)[0] + "\n\n(cut: the whole card is in the run)"
-    return full, short
+    sections = {"head": head, "data": _data_section(rec), "metrics": metrics,
+                "calibration": _calibration_and_robustness(rec), "checks": _release_checks(rec),
+                "speed": _benchmark_section(rec), "lineage": _lineage_and_limits(rec, registration)}  # fmt: skip
+    full = "\n".join([*(line for lines in sections.values() for line in lines), *per_class])
+    return full, _within_limit(sections)
+
+
+def _probabilities(rec: RunRecord) -> str:
+    t = rec.metrics.get("temperature")
+    if t is None or t == 1.0:
+        return "softmax probabilities (not rescaled: no temperature that generalised, see Calibration)"
+    return f"probabilities calibrated on the validation split (temperature {t:.3f})"
+
+
+# Shortened first, for the version description: the sections a registry reader needs least.
+SHORTENED_FIRST = ("speed", "data", "calibration")
+
+
+def _within_limit(sections: dict[str, list[str]]) -> str:
+    """The card without the per-class table, within ``DESCRIPTION_LIMIT``: whole sections (speed, data,
+    calibration and robustness) give way to a pointer to the full card before anything is cut, so the
+    decision, the thresholds, the lineage and the limitations stay on the version page."""
+    sections = dict(sections)
+    text = "\n".join(line for lines in sections.values() for line in lines)
+    for name in SHORTENED_FIRST:
+        if len(text) <= DESCRIPTION_LIMIT:
+            return text
+        heading = "## Calibration and robustness" if name == "calibration" else sections[name][0]
+        sections[name] = [heading, "", "In the full card (the run's `model_card/model_card.md`).", ""]
+        text = "\n".join(line for lines in sections.values() for line in lines)
+    if len(text) > DESCRIPTION_LIMIT:
+        text = text[: DESCRIPTION_LIMIT - 80].rsplit("\n", 1)[0] + "\n\n(cut: the whole card is in the run)"
+    return text
 
 
 def to_html(markdown_text: str, title: str) -> str:

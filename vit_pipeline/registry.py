@@ -56,6 +56,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+Predict = Callable[[np.ndarray], np.ndarray]  # uint8 images -> logits
+
 CHAMPION = "champion"
 ONNX_ARTIFACT = "onnx-model"
 LOCK_TIMEOUT_SECONDS = 900.0
@@ -138,9 +140,15 @@ class TestSplit:
 
 def onnx_logits(path: str | Path, split: TestSplit, batch_size: int = 256) -> np.ndarray:
     """An ONNX file's logits on ``split`` (ONNX Runtime, CPU)."""
+    return onnx_predict(path, batch_size)(split.images)
+
+
+def onnx_predict(path: str | Path, batch_size: int = 256) -> Predict:
+    """An ONNX file as a function of uint8 images to logits (one ONNX Runtime session, CPU)."""
     from vit_pipeline.export import ort_session, run_onnx
 
-    return run_onnx(ort_session(path), split.images, batch_size)
+    session = ort_session(path)
+    return lambda images: run_onnx(session, images, batch_size)
 
 
 def onnx_class_names(path: str | Path) -> list[str] | None:
@@ -193,12 +201,13 @@ def current_champion(client, name: str, alias: str = CHAMPION):
 
 
 def champion_logits(
-    champion, split: TestSplit, tracking_uri: str | None = None
-) -> tuple[np.ndarray | None, str | None]:
-    """The champion's ONNX file on the challenger's split: (logits, None) or (None, why not).
+    champion, split: TestSplit, tracking_uri: str | None = None, also: Callable[[Predict], Any] | None = None
+) -> tuple[np.ndarray | None, str | None, Any]:
+    """The champion's ONNX file on the challenger's split: (logits, None, also's) or (None, why not, None).
 
     ``tracking_uri``: the store the champion is registered in. The download goes into a temporary
     folder removed after it (a nightly pipeline would otherwise keep a copy per registration).
+    ``also``: called with the champion's predict function (uint8 images -> logits) while the file is there.
     """
     from vit_consumer.classifier import resolve_model
 
@@ -207,8 +216,10 @@ def champion_logits(
             path = resolve_model(f"models:/{champion.name}/{champion.version}", tracking_uri, download)
             names = onnx_class_names(path)
             if names is not None and names != split.class_names:
-                return None, f"champion v{champion.version} predicts other classes than this run's test split"
-            return onnx_logits(path, split), None
+                return (None, f"champion v{champion.version} predicts other classes than this run's test split",
+                        None)  # fmt: skip
+            predict = onnx_predict(path)
+            return predict(split.images), None, also(predict) if also else None
     except Exception as exc:  # whatever breaks, the champion was not evaluated
         # An outage says nothing of the champion: no decision now, a retry decides.
         if tracking.unavailable(exc):
@@ -216,7 +227,7 @@ def champion_logits(
                                 f"({type(exc).__name__}: {' '.join(str(exc).split())[:300]}); nothing was "
                                 "decided: --resume decides once the store answers") from exc  # fmt: skip
         why = f"champion v{champion.version} could not be evaluated ({type(exc).__name__}: {exc})"
-        return None, why[:1000]
+        return None, why[:1000], None
 
 
 @dataclass
@@ -241,9 +252,10 @@ class Decision:
 
 def decide(cfg: PipelineConfig, logits: np.ndarray, split: TestSplit, champion,
            tracking_uri: str | None = None, temperature: float = 1.0,
-           relative_robustness: float | None = None) -> Decision:  # fmt: skip
+           relative_robustness: float | None = None, predict: Predict | None = None) -> Decision:  # fmt: skip
     """The promotion policy and thresholds (``vit_pipeline.thresholds``) applied to the served file's logits
-    (``temperature``, ``relative_robustness``: as ``thresholds.value_checks`` takes them)."""
+    (``temperature``, ``relative_robustness``: as ``thresholds.value_checks`` takes them; ``predict``: the served
+    file, for ``max_robustness_drop``)."""
     if cfg.promotion_policy == "never":
         return Decision(False, "policy 'never'", evaluated=False)
     checks = thresholds.value_checks(
@@ -262,10 +274,13 @@ def decide(cfg: PipelineConfig, logits: np.ndarray, split: TestSplit, champion,
     if champ_dataset != cfg.dataset_tag:
         why = f"champion v{champion.version} was trained on {champ_dataset!r}, not {cfg.dataset_tag!r}"
         return Decision(False, why, None, checks, unchecked=unchecked(why))
-    champ, problem = champion_logits(champion, split, tracking_uri)
+    unseen, seen_note = _unseen_by(cfg, champion, split)
+    robust = (
+        _robustness_of(cfg, split, unseen) if cfg.max_robustness_drop is not None and len(unseen) else None
+    )
+    champ, problem, champ_robust = champion_logits(champion, split, tracking_uri, robust)
     if champ is None:
         return Decision(False, f"{problem}; not replaced", None, checks, unchecked=unchecked(problem))
-    unseen, seen_note = _unseen_by(cfg, champion, split)
     shift_unchecked = ""
     if cfg.max_label_shift is not None:
         own, why = _champion_recall(cfg, champion)
@@ -284,6 +299,12 @@ def decide(cfg: PipelineConfig, logits: np.ndarray, split: TestSplit, champion,
         )
     logits, champ, labels = logits[unseen], champ[unseen], split.labels[unseen]
     checks += thresholds.change_checks(cfg, logits, champ, labels, split.class_names)
+    if robust is not None:
+        if predict is None:
+            raise ValueError(
+                "Expected the served file's predict function for max_robustness_drop. Received: None"
+            )
+        checks.append(thresholds.robustness_change_check(cfg, robust(predict), champ_robust))
     new_right, old_right = logits.argmax(1) == labels, champ.argmax(1) == labels
     new, old = float(np.mean(new_right)), float(np.mean(old_right))
     compare = ">=" if new >= old else "<"
@@ -292,6 +313,18 @@ def decide(cfg: PipelineConfig, logits: np.ndarray, split: TestSplit, champion,
     decision = _judged(why, checks, old, unchecked=shift_unchecked)
     decision.compared = (new, len(labels))
     return decision
+
+
+def _robustness_of(cfg: PipelineConfig, split: TestSplit, unseen: np.ndarray) -> Callable[[Predict], Any]:
+    """A model's top-1 under the robustness stage's corruptions (same seeds) on up to ``robustness_images`` of
+    the test images the champion did not train on: the same corrupted images for both files."""
+    from vit_pipeline.robustness import measure
+
+    idx = unseen[: cfg.robustness_images]
+    images, labels = np.asarray(split.images[idx]), split.labels[idx]
+    return lambda predict: measure(
+        predict, images, labels, cfg.corruption_list, list(cfg.corruption_severities), cfg.seed
+    )
 
 
 def _champion_artifact(
@@ -540,7 +573,8 @@ def register_onnx(
     from vit_pipeline.evaluate import scores
 
     manifest = CandidatesManifest.read(candidates) if candidates else None  # read once
-    logits = onnx_logits(onnx_path, split)
+    predict = onnx_predict(onnx_path)
+    logits = predict(split.images)
     served = scores(logits, split.labels)
     existing = version_of_run(client, name, run_id)
     version = (
@@ -586,7 +620,7 @@ def register_onnx(
             decision = Decision(False, f"blocked by {'; '.join(blockers)}", evaluated=False)
         else:
             decision = decide(cfg, logits, split, champion, tracking.tracking_uri(cfg), onnx_temperature(onnx_path),
-                              run.data.metrics.get("robustness_relative_accuracy"))  # fmt: skip
+                              run.data.metrics.get("robustness_relative_accuracy"), predict)  # fmt: skip
         promoted, champ_acc = decision.promoted, decision.champion_accuracy
         previous = str(champion.version) if champion else None
         moved = promoted and previous != version

@@ -15,6 +15,8 @@ test split, and the champion's file on the same images. Each threshold is a conf
   improves is exactly what a single top-1 figure hides. ``max_label_shift``: the champion's
   own recall of a class, on its test split against on this run's, must not fall by more than
   that many points with the 95% intervals apart (the class's name now holds other images).
+  ``max_robustness_drop`` (off by default: it corrupts the images again and runs both files on
+  them): points of mean top-1 under the robustness stage's corruptions the candidate may lose.
 
 The comparison leaves out the test images the champion trained on (a run with another split
 seed or other data draws its test images partly from the champion's training images, on
@@ -36,6 +38,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     from vit_pipeline.config import PipelineConfig
+    from vit_pipeline.robustness import Robustness
 
 
 @dataclass(frozen=True)
@@ -64,8 +67,9 @@ def _per_class(cfg: PipelineConfig, name: str, judged: np.ndarray, support: np.n
     """A per-class check, or one that checked nothing: no class has ``class_min_support`` test images."""
     if len(judged):
         return Check(name, held, detail)
-    return Check(name, True, f"no class has >= {cfg.class_min_support} test images, the most {int(support.max())}; "
-                             "--class-min-support sets it", checked=False)  # fmt: skip
+    return Check(name, True, f"no class has >= {cfg.class_min_support} of the {int(support.sum())} test images "
+                             f"judged, the most {int(support.max())}; --class-min-support sets it",
+                 checked=False)  # fmt: skip
 
 
 def value_checks(
@@ -203,7 +207,18 @@ def change_names(cfg: PipelineConfig) -> list[str]:
         "max_accuracy_drop",
         *(["max_class_recall_drop"] if cfg.max_class_recall_drop is not None else []),
         *(["max_label_shift"] if cfg.max_label_shift is not None else []),
+        *(["max_robustness_drop"] if cfg.max_robustness_drop is not None else []),
     ]
+
+
+def robustness_change_check(cfg: PipelineConfig, new: Robustness, old: Robustness) -> Check:
+    """The candidate's mean top-1 under corruption against the champion's, on the same corrupted images: a
+    recipe that gains clean accuracy and loses the noisy, blurred or dark images apps also send."""
+    drop = 100 * (old.mean_accuracy - new.mean_accuracy)
+    return Check("max_robustness_drop", drop <= cfg.max_robustness_drop + 1e-9,
+                 f"mean top-1 under corruption {new.mean_accuracy:.4f} vs champion's {old.mean_accuracy:.4f} on "
+                 f"{new.images} test images x {len(new.rows)} corruptions and severities: "
+                 f"{max(drop, 0):.2f} points lower (at most {cfg.max_robustness_drop:g})")  # fmt: skip
 
 
 def outcome(checks: list[Check], unchecked: str = "") -> str:
@@ -217,7 +232,12 @@ def outcome(checks: list[Check], unchecked: str = "") -> str:
         )
         checks = [c for c in checks if c.checked]
     if bad:
-        text = "failed: " + "; ".join(f"{c.name} ({c.detail})" for c in bad)
+        held = [c.name for c in checks if c.held]
+        text = (
+            "failed: "
+            + "; ".join(f"{c.name} ({c.detail})" for c in bad)
+            + (f"; held: {', '.join(held)}" if held else "")
+        )
     elif checks:
         text = "held: " + ", ".join(c.name for c in checks)
     else:

@@ -111,3 +111,35 @@ def test_the_data_section_says_how_many_files_were_left_out():
     rec = SimpleNamespace(params={"data.skipped_files": "6"}, tags={}, json=lambda path: stats)
     text = "\n".join(model_card._data_section(rec))
     assert "Source files: 606 (6 unreadable, left out of every split), modes from their headers" in text
+
+
+def test_the_version_description_gives_up_whole_sections_before_the_lineage_and_limitations():
+    """A card over the registry's 5,000 characters lost its Lineage and Limitations (cut at the end)."""
+    sections = {"head": ["# Model card: m v3", "", "**Decision at registration:** promoted", ""],
+                "data": ["## Data", "", "x" * 3000, ""], "metrics": ["## Metrics", "", "top-1", ""],
+                "calibration": ["## Calibration", "", "c" * 1900, "", "## Robustness", "", "r", ""],
+                "checks": ["## Thresholds and release checks", "", "held", ""],
+                "speed": ["## Speed on the training machine", "", "s" * 300, ""],
+                "lineage": ["## Lineage", "", "- seed 7", "## Limitations", "", "- +/-1.7 points", ""]}  # fmt: skip
+    short = model_card._within_limit(sections)
+    assert len(short) <= model_card.DESCRIPTION_LIMIT and short.endswith("- +/-1.7 points\n")
+    assert "x" * 3000 not in short and "s" * 300 not in short and "c" * 1900 in short  # two sections sufficed
+    assert "## Data\n\nIn the full card (the run's `model_card/model_card.md`)." in short
+    sections["metrics"][2] = "m" * 4000
+    shorter = model_card._within_limit(sections)
+    assert "## Calibration and robustness\n\nIn the full card" in shorter and "## Robustness" not in shorter
+    assert "- +/-1.7 points" in shorter and len(shorter) <= model_card.DESCRIPTION_LIMIT
+
+
+def test_a_gate_says_whether_a_threshold_made_it_a_release_condition():
+    from types import SimpleNamespace
+
+    rec = SimpleNamespace(params={"max_test_ece": "0.05", "min_relative_robustness": "None"}, metrics={})
+    assert model_card._condition(rec, "max_test_ece") == (
+        "_A release condition: `--max-test-ece 0.05` (see Thresholds)._"
+    )
+    assert model_card._condition(rec, "min_relative_robustness", "max_robustness_drop") == (
+        "_Recorded, not a release condition (`--min-relative-robustness`, `--max-robustness-drop` would make it one)._"
+    )
+    assert "not rescaled" in model_card._probabilities(SimpleNamespace(metrics={"temperature": 1.0}))
+    assert "temperature 1.300" in model_card._probabilities(SimpleNamespace(metrics={"temperature": 1.3}))

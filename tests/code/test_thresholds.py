@@ -10,7 +10,7 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from vit_pipeline import data, registry, runs, thresholds, tracking
+from vit_pipeline import data, registry, robustness, runs, thresholds, tracking
 from vit_pipeline.calibration import reliability
 from vit_pipeline.config import make_config
 
@@ -35,6 +35,7 @@ def test_value_and_change_checks_name_the_class_that_got_worse():
     (bad,) = thresholds.failed(checks)
     assert bad.name == "max_class_recall_drop" and "'dog' 0.75 -> 0.25" in bad.detail
     assert thresholds.outcome(checks).startswith("failed: max_class_recall_drop (1 of 2 classes")
+    assert thresholds.outcome(checks).endswith("; held: max_accuracy_drop")  # what held is said too
     low = thresholds.value_checks(cfg, collapsed, labels, names)
     assert [c.name for c in thresholds.failed(low)] == ["min_class_recall"] and "'dog' 0.25" in low[1].detail
     # A drop allowance: 10 points lower is allowed when max_accuracy_drop is 10, not when it is 5.
@@ -59,7 +60,7 @@ def test_a_per_class_threshold_with_no_class_to_judge_is_not_checked_not_held():
     text = thresholds.outcome(checks)
     assert text.startswith("failed: max_accuracy_drop"), text  # the whole-split figure still judged it
     assert (
-        "min_class_recall not checked (no class has >= 50 test images, the most 4; --class-min-support"
+        "min_class_recall not checked (no class has >= 50 of the 10 test images judged, the most 4; --class-min-support"
         in text
     )
     assert "max_class_recall_drop not checked (no class has >= 50" in text and "held" not in text
@@ -189,6 +190,23 @@ def test_a_better_candidate_that_collapses_one_class_is_blocked(tmp_path, tiny_o
         whole.promoted
         and "held" in client.get_model_version(whole.name, whole.version).tags["gate.thresholds"]
     )
+    # Against that champion the one-epoch file is also worse under corruption: with every other change threshold
+    # open, the robustness one alone stops it, both files measured on the same corrupted test images.
+    fragile = make_config("quickstart", {**base, "max_accuracy_drop": 100, "max_class_recall_drop": None,
+                                         "max_label_shift": None, "max_robustness_drop": 1.0,
+                                         "robustness_images": 120, "corruptions": "gaussian_noise,contrast",
+                                         "corruption_severities": (3, 5)})  # fmt: skip
+    measured = [robustness.measure(registry.onnx_predict(files[name]), np.asarray(split.images[:120]),
+                                   split.labels[:120], ["gaussian_noise", "contrast"], [3, 5], fragile.seed)
+                for name in ("champion", "candidate")]  # fmt: skip
+    assert measured[0].mean_accuracy < measured[1].mean_accuracy - 0.01, [m.mean_accuracy for m in measured]
+    old = registry.register_onnx(fragile, runs.create_run(cfg, "test"), str(files["champion"]), split)
+    assert not old.promoted and (
+        f"failed max_robustness_drop (mean top-1 under corruption {measured[0].mean_accuracy:.4f} vs champion's "
+        f"{measured[1].mean_accuracy:.4f} on 120 test images x 4 corruptions and severities" in old.reason
+    ), old.reason
+    gate = client.get_model_version(old.name, old.version).tags["gate.thresholds"]
+    assert gate.startswith("failed: max_robustness_drop") and gate.endswith("; held: max_accuracy_drop"), gate
 
 
 def test_label_shift_is_a_class_the_champion_knew_and_now_misses():
@@ -317,3 +335,17 @@ def test_a_small_gap_on_a_small_split_is_said_to_be_within_chance():
         == "5 images only it got right, 0 only the champion (McNemar p=0.062; within chance)"
     )
     assert thresholds.paired_difference(old, old) == "both right on exactly the same images"
+
+
+def test_the_robustness_change_threshold_compares_the_same_corrupted_images():
+    cfg = make_config("quickstart", {"max_robustness_drop": 5})
+    rows = [{"corruption": "contrast", "severity": s, "accuracy": a} for s, a in ((1, 0.6), (5, 0.2))]
+    champion = robustness.Robustness(50, 0.8, rows)
+    worse = robustness.Robustness(50, 0.9, [{**r, "accuracy": r["accuracy"] - 0.08} for r in rows])
+    check = thresholds.robustness_change_check(cfg, worse, champion)
+    assert not check.held and "0.3200 vs champion's 0.4000 on 50 test images x 2" in check.detail
+    assert "8.00 points lower (at most 5)" in check.detail
+    slightly = robustness.Robustness(50, 0.9, [{**r, "accuracy": r["accuracy"] - 0.04} for r in rows])
+    assert thresholds.robustness_change_check(cfg, slightly, champion).held
+    assert "max_robustness_drop" in thresholds.change_names(cfg)
+    assert "max_robustness_drop" not in thresholds.change_names(make_config("quickstart"))
