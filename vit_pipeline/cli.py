@@ -685,8 +685,13 @@ def serve(ctx: click.Context) -> None:
 
     args = list(ctx.args)
     if "--help" in args or "-h" in args:
+        print("vit-pipeline serve takes vit-consumer's options, in any order: its global ones (--model, --engine, "
+              "...) and those of its serve command.\n")  # fmt: skip
+        with contextlib.suppress(SystemExit):
+            consumer_main(["--help"])
+        print()
         sys.exit(consumer_main(["--model", "-", "serve", "--help"]))
-    # The consumer's global options (--model, --tracking-uri, --providers) come before its subcommand.
+    # The consumer's global options (GLOBAL_OPTIONS: --model, --engine, ...) come before its subcommand.
     globals_, rest = _split_consumer_args(args)
     if not any(a.split("=", 1)[0] == "--tracking-uri" for a in globals_):
         from vit_pipeline.tracking import tracking_uri
@@ -695,15 +700,14 @@ def serve(ctx: click.Context) -> None:
     sys.exit(consumer_main([*globals_, "serve", *rest]))
 
 
-_GLOBAL = ("--model", "--tracking-uri", "--providers")
-
-
 def _split_consumer_args(args: list[str]) -> tuple[list[str], list[str]]:
     """(the consumer's global options with their values, everything else)."""
+    from vit_consumer.__main__ import GLOBAL_OPTIONS
+
     globals_, rest, i = [], [], 0
     while i < len(args):
         name = args[i].split("=", 1)[0]
-        if name in _GLOBAL:
+        if name in GLOBAL_OPTIONS:
             take = 1 if "=" in args[i] else 2
             globals_ += args[i : i + take]
             i += take

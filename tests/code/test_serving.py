@@ -839,13 +839,16 @@ def test_vit_pipeline_serve_is_the_consumer_with_its_options(tiny_export):
     _, path, _ = tiny_export
     port = free_port()
     cli = Path(sys.executable).parent / "vit-pipeline"
+    # --engine is a global option of the consumer (before its subcommand): it was refused here.
     proc = subprocess.Popen([str(cli), "serve", "--model", str(path), "--port", str(port), "--max-batch-size", "4",
-                             "--no-choose"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+                             "--no-choose", "--engine", "openvino"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
     try:
         url = f"http://127.0.0.1:{port}"
         wait_for_http(f"{url}/health/ready", proc, timeout=120)
         health = httpx.get(f"{url}/health").json()
-        assert health["file"] == Path(path).name and health["candidate"]["served"] == "registered"
+        assert health["file"] == Path(path).name and health["candidate"]["served"] == "registered@openvino"
+        assert health["engine"] == "openvino", health["engine"]
         image = np.zeros((32, 32, 3), np.uint8)
         answer = httpx.post(f"{url}/predict", content=_jpeg(image), headers={"Content-Type": "image/jpeg"})
         assert answer.status_code == 200 and answer.json()["predictions"][0]
@@ -859,6 +862,27 @@ def test_vit_pipeline_serve_is_the_consumer_with_its_options(tiny_export):
         bad = subprocess.run([str(cli), "serve", "--model", str(path), "--port", port], capture_output=True,
                              text=True, timeout=120)  # fmt: skip
         assert bad.returncode == 2 and "expected a port from 1 to 65535" in bad.stderr, bad.stderr[-500:]
+
+
+def test_vit_pipeline_serve_moves_every_global_option_of_the_consumer_before_its_subcommand():
+    import argparse
+    from pathlib import Path
+
+    from vit_consumer.__main__ import GLOBAL_OPTIONS, _parser
+
+    from vit_pipeline.cli import _split_consumer_args
+
+    parser = _parser()
+    globals_ = {o for a in parser._actions if not isinstance(a, argparse._SubParsersAction)
+                for o in a.option_strings if o not in ("-h", "--help")}  # fmt: skip
+    assert globals_ == set(GLOBAL_OPTIONS)
+    assert _split_consumer_args(["--port", "1", "--engine=openvino", "--model", "m.onnx", "--spin"]) == (
+        ["--engine=openvino", "--model", "m.onnx"],
+        ["--port", "1", "--spin"],
+    )
+    help_ = subprocess.run([str(Path(sys.executable).parent / "vit-pipeline"), "serve", "--help"],
+                           capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert help_.returncode == 0 and "--engine" in help_.stdout and "--max-batch-size" in help_.stdout
 
 
 def test_contract_change_names_what_a_client_would_find_changed():

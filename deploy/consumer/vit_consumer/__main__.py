@@ -17,6 +17,9 @@ from vit_consumer.settings import Settings
 # grace period, where a stalled upload's --body-timeout (30 s) kept the process until it was SIGKILLed.
 GRACEFUL_SHUTDOWN_S = 10
 
+# The options before the subcommand (each takes a value); `vit-pipeline serve` moves them there.
+GLOBAL_OPTIONS = ("--model", "--tracking-uri", "--providers", "--engine")
+
 
 def _port(raw: str) -> int:
     """A TCP port (argparse refuses anything else in one line, before the model loads)."""
