@@ -612,7 +612,8 @@ def evaluate(model_path: str, **kwargs) -> None:
 @click.option("--top-k", default=5, show_default=True, type=click.IntRange(1, 1000))
 @_friendly_errors
 def predict(images: tuple[str, ...], model_uri: str, tracking_uri: str | None, top_k: int) -> None:
-    """Classify IMAGES (PNG/JPEG) with an exported ONNX model (ONNX Runtime only)."""
+    """Classify IMAGES (any format the consumer reads: PNG, JPEG, WebP, GIF, BMP, TIFF, PPM, TGA) with an exported
+    ONNX model (ONNX Runtime only)."""
 
     from vit_consumer import InputError, OnnxClassifier
 

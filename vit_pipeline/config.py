@@ -194,7 +194,7 @@ class OptimizerConfig(_Fields):
     """Share of all training steps spent warming up (0.1 = 10 of 100 epochs); scales with ``epochs`` so
     short runs keep the shape."""
     weight_decay: NonNegativeFloat = 0.1
-    """AdamW weight decay, Keras semantics (see above)."""
+    """AdamW weight decay, Keras semantics: decays lr x weight_decay x w per step (tfa: weight_decay x w)."""
     weight_decay_scope: Literal["all", "kernels"] = "all"
     """Which weights decay: "all" (the seed: tensorflow-addons decayed every variable) or "kernels"
     (DeiT/timm practice: biases, norm scales and offsets, position embeddings, the class token and LSA's
