@@ -333,7 +333,7 @@ def run(ctx: StageContext, data_path: str, model_path: str, test_accuracy: float
     reports = {name: check_parity(all_logits[: len(images)], path, images, (1, 64), cfg.parity_tolerance)
                for name, path in strict.items()}  # fmt: skip
     gated = gate_candidates(cfg, all_logits, splits, {v: paths[v] for v in candidates})
-    _log_gates(ctx, info, reports, gated, fusions)
+    _log_gates(ctx, info, reports, gated, fusions, Path(paths[cfg.serve_variant]).stat().st_size)
     for report in reports.values():
         parity_gate(report)
     passed = {n: c for n, c in gated.items() if c["passed"]}
@@ -352,9 +352,12 @@ def run(ctx: StageContext, data_path: str, model_path: str, test_accuracy: float
 
 
 def _log_gates(ctx: StageContext, info: dict, reports: dict[str, ParityReport], gated: dict[str, dict],
-               fusions: dict[str, int]) -> None:  # fmt: skip
-    """Every gate's figures as metrics, the whole report as ``export/parity.json``, the verdicts as tags."""
-    metrics = {"export_seconds": info["export_seconds"], "onnx_size_mb": info["size_bytes"] / 2**20}
+               fusions: dict[str, int], served_bytes: int) -> None:  # fmt: skip
+    """Every gate's figures as metrics, the whole report as ``export/parity.json``, the verdicts as tags.
+
+    ``onnx_size_mb`` is the plain export's (MiB), ``served_onnx_size_mb`` the registered file's."""
+    metrics = {"export_seconds": info["export_seconds"], "onnx_size_mb": info["size_bytes"] / 2**20,
+               "served_onnx_size_mb": served_bytes / 2**20}  # fmt: skip
     for name, report in reports.items():
         prefix = "parity" if name == "fp32" else f"parity_{name}"
         metrics[f"{prefix}_max_abs_diff"] = report.max_abs_diff

@@ -183,6 +183,9 @@ def test_train_pipeline_logs_everything(prefect_server, tiny_overrides, tmp_path
     assert run.data.tags["export.candidates"] == ("int8-static" if passed else "none")
     assert champion.tags["candidates"] == ("int8-static" if passed else "none")
     assert metrics["candidate_int8_static_size_mb"] < metrics["onnx_size_mb"]
+    # The registered (fused) file's size, beside the plain export's: they differ.
+    assert metrics["served_onnx_size_mb"] == pytest.approx(Path(result["onnx_path"]).stat().st_size / 2**20)
+    assert metrics["served_onnx_size_mb"] != metrics["onnx_size_mb"]
     assert run.data.tags["benchmark.served_choice"].split("/")[0] in ("onnxruntime", "openvino")
     assert int(champion.tags["serving_gate_images"]) > 0  # the gate's images travel with the version
     assert metrics["int8_gemm_roofline_gflops"] > 0
