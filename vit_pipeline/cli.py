@@ -382,6 +382,19 @@ PRETRAIN_FIXED = frozenset({"dataset", "data_path", "dataset_name", "epochs", "s
                             "experiment_name", "tracking_uri"})  # fmt: skip
 
 
+class FiniteRange(click.FloatRange):
+    """click's FloatRange that also refuses nan and inf: both passed its bounds (nan compares false), and
+    ``benchmark --seconds inf`` ran for ever, ``--seconds nan`` measured nothing and exited 0."""
+
+    def convert(self, value, param, ctx):
+        import math
+
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
+
+
 def _field_values(ctx, param, values: tuple[str, ...]) -> dict[str, Any]:
     """``FIELD=VALUE`` options as config overrides, each value read as YAML (``2``, ``0.25``, ``[1, 64]``)."""
     out: dict[str, Any] = {}
@@ -415,7 +428,7 @@ def _field_values(ctx, param, values: tuple[str, ...]) -> dict[str, Any]:
 @click.option("--pretrain-set", "pretrain_overrides", multiple=True, metavar="FIELD=VALUE", callback=_field_values,
               help="A config field of the pre-training only (repeatable), e.g. --pretrain-set rand_augment_ops=2.")  # fmt: skip
 @click.option("--seed-preset", default="cifar100", show_default=True, type=click.Choice(list(PRESETS)))
-@click.option("--time-budget-minutes", default=None, type=click.FloatRange(min=0, min_open=True),
+@click.option("--time-budget-minutes", default=None, type=FiniteRange(min=0, min_open=True),
               help="Also train each approach for about this long: time-to-accuracy at 5, 10, 30 min.")  # fmt: skip
 @click.option(
     "--epochs", default=30, show_default=True, type=click.IntRange(1), help="Epochs of both target runs."
@@ -497,7 +510,7 @@ def automations(heartbeat_seconds, missed) -> None:
               help="Scheduler of an existing Dask cluster (default: a local cluster).")  # fmt: skip
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(1),
               help="Worker processes of the local cluster (one trial each at a time).")  # fmt: skip
-@click.option("--gpus-per-trial", default=None, type=click.FloatRange(0),
+@click.option("--gpus-per-trial", default=None, type=FiniteRange(0),
               help="GPUs each trial asks for (default: 1 when the cluster has GPUs).")  # fmt: skip
 @click.option("--tracking-uri", default=None, help="MLflow tracking URI (default: the local SQLite store).")
 @click.option("--data-path", default=None, help="Local dataset copy for every trial.")
@@ -581,17 +594,15 @@ def list_runs(tracking_uri: str | None, experiments: tuple[str, ...], limit: int
 def evaluate(model_path: str, **kwargs) -> None:
     """Evaluate a saved .keras MODEL_PATH on the config's test split; logs to MLflow."""
 
-    import zipfile
-
     from vit_pipeline import data, runs
     from vit_pipeline import evaluate as evaluate_stage
     from vit_pipeline.context import StageContext
     from vit_pipeline.errors import DataError
+    from vit_pipeline.model import keras_config
 
     if not Path(model_path).is_file():
         raise DataError(f"Model file does not exist: {model_path}")
-    if not zipfile.is_zipfile(model_path):  # checked before a run is opened (it failed inside one)
-        raise DataError(f"Expected a Keras model file (.keras). Received: {model_path}")
+    keras_config(model_path)  # checked before a run is opened (it failed inside one)
     preset, overrides = _split_config(kwargs)
     cfg = make_config(preset, overrides)
     data.check_source(cfg)
@@ -734,9 +745,7 @@ def _split_consumer_args(args: list[str]) -> tuple[list[str], list[str]]:
 @click.option(
     "--providers", default=None, help="e.g. cpu,cuda,tensorrt (default: every provider this build has)."
 )
-@click.option(
-    "--seconds", default=1.0, show_default=True, type=click.FloatRange(0.01), help="Per cell and round."
-)
+@click.option("--seconds", default=1.0, show_default=True, type=FiniteRange(0.01), help="Per cell and round.")
 @click.option("--rounds", default=3, show_default=True, type=click.IntRange(1))
 @click.option(
     "--xla/--no-xla",

@@ -282,7 +282,9 @@ class ExportConfig(_Fields):
 class BenchmarkConfig(_Fields):
     """The inference benchmark stage."""
 
-    benchmark_batch_sizes: Annotated[tuple[PositiveInt, ...], Field(min_length=1)] = (1, 8, 64, 256)
+    benchmark_batch_sizes: Annotated[tuple[Annotated[int, Field(ge=1, le=4096)], ...], Field(min_length=1)] = (
+        1, 8, 64, 256,
+    )  # fmt: skip
     """Batch sizes of the benchmark stage."""
     benchmark_variants: BenchmarkVariants = "fp32,optimized,int8,int8-static,fp16"
     """Comma-separated ONNX variants to time: fp32, optimized, int8, int8-static (CPU), fp16 (GPU only)."""
@@ -344,7 +346,7 @@ class GatesConfig(_Fields):
     """Change threshold: points of mean top-1 under corruption (the robustness stage's corruptions and severities,
     on up to robustness_images test images the champion did not train on) the served file may lose against the
     champion's file on the same corrupted images (None: not compared; set, the register stage corrupts the
-    images and runs both files on them)."""
+    images once and runs both files on them, holding the registry lock: minutes for a large model)."""
     class_min_support: PositiveInt = 50
     """Test images a class needs for its per-class thresholds (fewer: too noisy to judge)."""
     ece_bins: Annotated[int, Field(ge=2, le=100)] = 15

@@ -7,6 +7,8 @@ depth) build the small-dataset ViT of ``cifar100-improved``.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import keras
 import numpy as np
 from keras import layers
@@ -173,12 +175,27 @@ def make_exportable(model: keras.Layer) -> keras.Layer:
     return model
 
 
-def load_model(path: str) -> keras.Model:
-    """Loads a saved ``.keras`` ViT (this module registers the custom layers; Keras-Hub's when it has them)."""
+def keras_config(path: str | Path) -> bytes:
+    """The ``config.json`` of a ``.keras`` archive.
+
+    Raises:
+        DataError: the file is not a zip archive, or one without a Keras model's config.json.
+    """
     import zipfile
 
-    with zipfile.ZipFile(path) as z:
-        uses_keras_hub = b"keras_hub" in z.read("config.json")
+    from vit_pipeline.errors import DataError
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            return z.read("config.json")
+    except (zipfile.BadZipFile, KeyError, OSError) as exc:
+        raise DataError(f"Expected a Keras model file (.keras: a zip archive with config.json). Received: {path} "
+                        f"({type(exc).__name__})") from None  # fmt: skip
+
+
+def load_model(path: str) -> keras.Model:
+    """Loads a saved ``.keras`` ViT (this module registers the custom layers; Keras-Hub's when it has them)."""
+    uses_keras_hub = b"keras_hub" in keras_config(path)
     if uses_keras_hub:
         import keras_hub  # noqa: F401  (registers its layers for deserialisation)
     import vit_pipeline.optimizer  # noqa: F401  (a fine-tuned model was compiled with its ScaledAdamW)

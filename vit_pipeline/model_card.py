@@ -329,7 +329,9 @@ def card(client, run_id: str, registration: Registration) -> tuple[str, str]:
 
 def _probabilities(rec: RunRecord) -> str:
     t = rec.metrics.get("temperature")
-    if t is None or t == 1.0:
+    if t is None:
+        return "softmax probabilities (calibration not measured)"
+    if t == 1.0:
         return "softmax probabilities (not rescaled: no temperature that generalised, see Calibration)"
     return f"probabilities calibrated on the validation split (temperature {t:.3f})"
 

@@ -201,13 +201,15 @@ def current_champion(client, name: str, alias: str = CHAMPION):
 
 
 def champion_logits(
-    champion, split: TestSplit, tracking_uri: str | None = None, also: Callable[[Predict], Any] | None = None
-) -> tuple[np.ndarray | None, str | None, Any]:
-    """The champion's ONNX file on the challenger's split: (logits, None, also's) or (None, why not, None).
+    champion, split: TestSplit, tracking_uri: str | None = None
+) -> tuple[np.ndarray | None, str | None, Predict | None]:
+    """The champion's ONNX file on the challenger's split: (logits, None, its predict function) or (None, why
+    not, None).
 
     ``tracking_uri``: the store the champion is registered in. The download goes into a temporary
-    folder removed after it (a nightly pipeline would otherwise keep a copy per registration).
-    ``also``: called with the champion's predict function (uint8 images -> logits) while the file is there.
+    folder removed after it (a nightly pipeline would otherwise keep a copy per registration); the predict
+    function keeps the file's loaded session, for more images (``max_robustness_drop``): what fails there is
+    not the champion's fault and is not caught here.
     """
     from vit_consumer.classifier import resolve_model
 
@@ -219,7 +221,7 @@ def champion_logits(
                 return (None, f"champion v{champion.version} predicts other classes than this run's test split",
                         None)  # fmt: skip
             predict = onnx_predict(path)
-            return predict(split.images), None, also(predict) if also else None
+            return predict(split.images), None, predict
     except Exception as exc:  # whatever breaks, the champion was not evaluated
         # An outage says nothing of the champion: no decision now, a retry decides.
         if tracking.unavailable(exc):
@@ -275,10 +277,7 @@ def decide(cfg: PipelineConfig, logits: np.ndarray, split: TestSplit, champion,
         why = f"champion v{champion.version} was trained on {champ_dataset!r}, not {cfg.dataset_tag!r}"
         return Decision(False, why, None, checks, unchecked=unchecked(why))
     unseen, seen_note = _unseen_by(cfg, champion, split)
-    robust = (
-        _robustness_of(cfg, split, unseen) if cfg.max_robustness_drop is not None and len(unseen) else None
-    )
-    champ, problem, champ_robust = champion_logits(champion, split, tracking_uri, robust)
+    champ, problem, champ_predict = champion_logits(champion, split, tracking_uri)
     if champ is None:
         return Decision(False, f"{problem}; not replaced", None, checks, unchecked=unchecked(problem))
     shift_unchecked = ""
@@ -299,12 +298,13 @@ def decide(cfg: PipelineConfig, logits: np.ndarray, split: TestSplit, champion,
         )
     logits, champ, labels = logits[unseen], champ[unseen], split.labels[unseen]
     checks += thresholds.change_checks(cfg, logits, champ, labels, split.class_names)
-    if robust is not None:
+    if cfg.max_robustness_drop is not None:
         if predict is None:
             raise ValueError(
                 "Expected the served file's predict function for max_robustness_drop. Received: None"
             )
-        checks.append(thresholds.robustness_change_check(cfg, robust(predict), champ_robust))
+        new, old = _robustness_of(cfg, split, unseen, [predict, champ_predict])
+        checks.append(thresholds.robustness_change_check(cfg, new, old))
     new_right, old_right = logits.argmax(1) == labels, champ.argmax(1) == labels
     new, old = float(np.mean(new_right)), float(np.mean(old_right))
     compare = ">=" if new >= old else "<"
@@ -315,16 +315,16 @@ def decide(cfg: PipelineConfig, logits: np.ndarray, split: TestSplit, champion,
     return decision
 
 
-def _robustness_of(cfg: PipelineConfig, split: TestSplit, unseen: np.ndarray) -> Callable[[Predict], Any]:
-    """A model's top-1 under the robustness stage's corruptions (same seeds) on up to ``robustness_images`` of
-    the test images the champion did not train on: the same corrupted images for both files."""
+def _robustness_of(
+    cfg: PipelineConfig, split: TestSplit, unseen: np.ndarray, predicts: list[Predict]
+) -> list:
+    """Each model's top-1 under the robustness stage's corruptions (same seeds) on up to ``robustness_images``
+    of the test images the champion did not train on: the same corrupted images, made once, for every file."""
     from vit_pipeline.robustness import measure
 
     idx = unseen[: cfg.robustness_images]
     images, labels = np.asarray(split.images[idx]), split.labels[idx]
-    return lambda predict: measure(
-        predict, images, labels, cfg.corruption_list, list(cfg.corruption_severities), cfg.seed
-    )
+    return measure(predicts, images, labels, cfg.corruption_list, list(cfg.corruption_severities), cfg.seed)
 
 
 def _champion_artifact(

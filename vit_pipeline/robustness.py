@@ -102,16 +102,22 @@ class Robustness:
 
 
 def measure(predict, images: np.ndarray, labels: np.ndarray, corruptions: list[str], severities: list[int],
-            seed: int = 0) -> Robustness:  # fmt: skip
-    """Top-1 of ``predict`` (uint8 images -> logits) on clean and corrupted ``images``."""
-    clean = float(np.mean(predict(images).argmax(1) == labels))
-    rows = []
+            seed: int = 0):  # fmt: skip
+    """Top-1 of ``predict`` (uint8 images -> logits) on clean and corrupted ``images``: a Robustness, or one per
+    function for a list of them (each corrupted batch made once for all)."""
+    predicts = predict if isinstance(predict, list) else [predict]
+
+    def right(x: np.ndarray) -> list[float]:
+        return [float(np.mean(p(x).argmax(1) == labels)) for p in predicts]
+
+    clean, rows = right(images), [[] for _ in predicts]
     for c, corruption in enumerate(corruptions):
         for severity in severities:
             corrupted = corrupt_images(images, corruption, severity, seed + 100 * c + severity)
-            accuracy = float(np.mean(predict(corrupted).argmax(1) == labels))
-            rows.append({"corruption": corruption, "severity": severity, "accuracy": accuracy})
-    return Robustness(len(labels), clean, rows)
+            for row, accuracy in zip(rows, right(corrupted), strict=True):
+                row.append({"corruption": corruption, "severity": severity, "accuracy": accuracy})
+    results = [Robustness(len(labels), a, r) for a, r in zip(clean, rows, strict=True)]
+    return results if isinstance(predict, list) else results[0]
 
 
 def plot(result: Robustness, path: Path) -> Path:

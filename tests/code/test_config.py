@@ -241,3 +241,22 @@ def test_an_integer_list_may_end_with_a_comma_but_leaves_no_number_out():
     assert parse_int_list("(512,)") == (512,) and parse_int_list("2048, 1024,") == (2048, 1024)
     with pytest.raises(ValueError, match="an empty item"):
         parse_int_list("1,,64")  # read as [1, 64]
+
+
+def test_numbers_no_stage_could_use_are_refused_before_anything_runs(tmp_path):
+    """nan and inf passed click's ranges (``benchmark --seconds inf`` ran for ever); a 9-digit benchmark batch
+    was accepted by the config and failed after the training, allocating 286 GiB."""
+    from click.testing import CliRunner
+
+    from vit_pipeline.cli import main
+
+    cases = [
+        (["benchmark", "--preset", "quickstart", "--seconds", "inf"], "is not a finite number"),
+        (["benchmark", "--preset", "quickstart", "--seconds", "nan"], "is not a finite number"),
+        (["config", "--benchmark-batch-sizes", "99999999"], "benchmark_batch_sizes"),
+    ]
+    for args, says in cases:
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code != 0 and says in result.output, (args, result.output[-1500:])
+        assert "Traceback" not in result.output
+    assert CliRunner().invoke(main, ["config", "--benchmark-batch-sizes", "1,4096"]).exit_code == 0

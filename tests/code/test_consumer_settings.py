@@ -102,6 +102,7 @@ def test_each_variable_is_read_and_typed(monkeypatch, read, env, field, expected
         ("VIT_OV_STREAMS", "-1"),  # int, out of range
         ("VIT_BODY_TIMEOUT_S", "inf"),  # float, not finite: no limit at all
         ("VIT_TIMEOUT_S", "1e999"),  # float, overflows to inf
+        ("VIT_MAX_BATCH_SIZE", "100000000"),  # a 1 TiB input buffer at start-up: a traceback
     ],
 )
 def test_an_invalid_value_is_one_line_naming_the_variable_and_the_value(monkeypatch, variable, raw):
@@ -201,3 +202,33 @@ def test_the_readme_table_is_the_settings_class():
 
     readme = (Path(__file__).parents[2] / "deploy" / "consumer" / "README.md").read_text()
     assert settings_table() in readme, "regenerate the table with vit_consumer.settings.settings_table()"
+
+
+def test_an_empty_or_ambiguous_model_path_is_refused_not_guessed(tmp_path, monkeypatch):
+    """``--model ''`` was the working directory: the first .onnx file anywhere under it was served."""
+    from vit_consumer.classifier import InputError, resolve_model
+
+    nested = tmp_path / "someone" / "else"
+    nested.mkdir(parents=True)
+    (nested / "their.onnx").write_bytes(b"x")
+    monkeypatch.chdir(tmp_path)
+    for empty in ("", "  "):
+        with pytest.raises(InputError, match="Expected a model: a .onnx file"):
+            resolve_model(empty)
+    assert resolve_model(str(tmp_path)) == nested / "their.onnx"  # one file under a named folder: that one
+    (tmp_path / "b.onnx").write_bytes(b"x")
+    (tmp_path / "a.onnx").write_bytes(b"x")
+    with pytest.raises(InputError, match=r"2 \.onnx files under .* and no model\.onnx \(a\.onnx, b\.onnx\)"):
+        resolve_model(str(tmp_path))
+    (tmp_path / "model.onnx").write_bytes(b"x")
+    assert resolve_model(str(tmp_path)) == tmp_path / "model.onnx"
+
+
+def test_the_consumer_cli_refuses_a_top_k_it_would_not_answer():
+    import subprocess
+    import sys
+
+    for k in ("0", "-1", "x", "1001"):
+        out = subprocess.run([sys.executable, "-m", "vit_consumer", "--model", "m.onnx", "predict", "a.png",
+                              "--top-k", k], capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert out.returncode == 2 and "expected a whole number from 1 to 1000" in out.stderr, (k, out.stderr)

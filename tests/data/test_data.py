@@ -798,6 +798,12 @@ def test_every_command_checks_its_data_paths_before_it_starts_anything(tmp_path,
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     missing = str(tmp_path / "nope.tar.gz")
     (tmp_path / "model.keras").write_text("not a model")
+    import zipfile
+
+    with zipfile.ZipFile(
+        tmp_path / "zip.keras", "w"
+    ) as z:  # a zip, not a Keras archive: a traceback in a run
+        z.writestr("notes.txt", "hello")
     space = tmp_path / "space.yaml"
     space.write_text("preset: cifar100\nnum_trials: 1\nfixed:\n  epochs: 1\nparameters:\n  seed: [1, 2]\n")
     work = tmp_path / "work"
@@ -807,7 +813,8 @@ def test_every_command_checks_its_data_paths_before_it_starts_anything(tmp_path,
         (["transfer-experiment", "--data-path", missing], "nope.tar.gz"),
         (["transfer-experiment", "--data-path", str(CIFAR_CUT), "--target-folder", str(tmp_path / "none"),
           "--work-dir", str(work)], "none"),
-        (["evaluate", str(tmp_path / "model.keras")], "Expected a Keras model file (.keras)"),
+        (["evaluate", str(tmp_path / "model.keras")], "Expected a Keras model file (.keras"),
+        (["evaluate", str(tmp_path / "zip.keras")], "Expected a Keras model file (.keras"),
         (["evaluate", str(tmp_path / "model.keras"), "--dataset", "cifar100", "--data-path", missing], "Expected a Keras"),
     ]  # fmt: skip
     for args, says in cases:

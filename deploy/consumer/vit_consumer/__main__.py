@@ -28,6 +28,13 @@ def _port(raw: str) -> int:
     return int(raw)
 
 
+def _top_k(raw: str) -> int:
+    """1-1000, as ``vit-pipeline predict`` takes it (0 or -1 answered one class without a word)."""
+    if not raw.strip().lstrip("-").isdigit() or not 1 <= int(raw) <= 1000:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 1 to 1000. Received: {raw!r}")
+    return int(raw)
+
+
 def _check_bindable(host: str, port: int) -> None:
     """Binds (and releases) ``host:port`` as uvicorn will: an unknown host or a port in use is one line and
     exit 1 before the model loads and its engines are timed (uvicorn would say it only after that)."""
@@ -96,7 +103,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="serve the registered file; do not time the registered candidates (int8, ...) here")  # fmt: skip
     predict = sub.add_parser("predict", help="classify image files")
     predict.add_argument("images", nargs="+", type=Path)
-    predict.add_argument("--top-k", type=int, default=5)
+    predict.add_argument("--top-k", type=_top_k, default=5, help="classes per image (1-1000)")
     return parser
 
 

@@ -93,6 +93,9 @@ def resolve_model(uri: str, tracking_uri: str | None = None, dst: str | Path | N
         dst: The folder a registry URI's files are downloaded into (None: a new temporary folder of
             MLflow's, which nothing removes: a long-running caller passes its own and removes it).
     """
+    if not uri.strip():  # Path("") is the working directory: it served whatever .onnx file lay under it
+        raise InputError("Expected a model: a .onnx file, a folder holding model.onnx, or models:/name@alias. "
+                         f"Received: {uri!r}")  # fmt: skip
     if uri.startswith(REGISTRY_SCHEMES):
         mlflow = _mlflow()
         from mlflow.exceptions import MlflowException
@@ -116,6 +119,10 @@ def resolve_model(uri: str, tracking_uri: str | None = None, dst: str | Path | N
         found = found or sorted(p for p in local.rglob("*.onnx") if "extra_files" not in p.parts)
         if not found:
             raise InputError(f"No .onnx file under {local}")
+        if len(found) > 1:  # the first of several, by name, is a guess: which model is served must be said
+            shown = ", ".join(str(p.relative_to(local)) for p in found[:5])
+            raise InputError(f"{len(found)} .onnx files under {local} and no model.onnx ({shown}"
+                             f"{', ...' if len(found) > 5 else ''}): name the file")  # fmt: skip
         local = found[0]
     if not local.is_file():
         raise InputError(f"Model file does not exist: {local}")
