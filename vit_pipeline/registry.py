@@ -252,12 +252,66 @@ class Decision:
         return thresholds.outcome(self.checks, self.unchecked)
 
 
+@dataclass
+class Against:
+    """What the comparison with one champion version needs, measured once (before the registry lock: the
+    download and the champion's inference, and the robustness passes, take minutes for a large model)."""
+
+    version: str
+    unseen: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    seen_note: str = ""
+    logits: np.ndarray | None = None
+    problem: str | None = None  # the champion could not be evaluated: why
+    own_recall: dict[str, tuple[float, int]] | None = (
+        None  # its recall on its own test split (max_label_shift)
+    )
+    own_recall_why: str = ""
+    robustness: tuple[Any, Any] | None = None  # (the candidate's, the champion's): max_robustness_drop
+
+
+def measure_against(cfg: PipelineConfig, split: TestSplit, champion, tracking_uri: str | None = None,
+                    predict: Predict | None = None) -> Against:  # fmt: skip
+    """The champion's side of ``decide``: the test images it did not train on, its logits, its own recall and
+    both files' robustness (``predict``: the served file, for ``max_robustness_drop``).
+
+    Raises:
+        RegistryError: the store did not answer (nothing may be decided on an outage).
+    """
+    unseen, seen_note = _unseen_by(cfg, champion, split)
+    champ, problem, champ_predict = champion_logits(champion, split, tracking_uri)
+    against = Against(str(champion.version), unseen, seen_note, champ, problem)
+    if champ is None:
+        return against
+    if cfg.max_label_shift is not None:
+        against.own_recall, against.own_recall_why = _champion_recall(cfg, champion)
+    if cfg.max_robustness_drop is not None and len(unseen):
+        if predict is None:
+            raise ValueError(
+                "Expected the served file's predict function for max_robustness_drop. Received: None"
+            )
+        new, old = _robustness_of(cfg, split, unseen, [predict, champ_predict])
+        against.robustness = (new, old)
+    return against
+
+
+def comparable(cfg: PipelineConfig, champion, version: str) -> bool:
+    """Whether ``decide`` would compare ``version`` with ``champion`` (so ``measure_against`` is worth doing)."""
+    return (
+        cfg.promotion_policy not in ("never", "always")
+        and champion is not None
+        and str(champion.version) != version
+        and champion.tags.get("dataset") == cfg.dataset_tag
+    )
+
+
 def decide(cfg: PipelineConfig, logits: np.ndarray, split: TestSplit, champion,
            tracking_uri: str | None = None, temperature: float = 1.0,
-           relative_robustness: float | None = None, predict: Predict | None = None) -> Decision:  # fmt: skip
+           relative_robustness: float | None = None, predict: Predict | None = None,
+           against: Against | None = None) -> Decision:  # fmt: skip
     """The promotion policy and thresholds (``vit_pipeline.thresholds``) applied to the served file's logits
     (``temperature``, ``relative_robustness``: as ``thresholds.value_checks`` takes them; ``predict``: the served
-    file, for ``max_robustness_drop``)."""
+    file, for ``max_robustness_drop``; ``against``: ``measure_against`` of this champion made beforehand, used
+    only if it is of the same version)."""
     if cfg.promotion_policy == "never":
         return Decision(False, "policy 'never'", evaluated=False)
     checks = thresholds.value_checks(
@@ -276,15 +330,17 @@ def decide(cfg: PipelineConfig, logits: np.ndarray, split: TestSplit, champion,
     if champ_dataset != cfg.dataset_tag:
         why = f"champion v{champion.version} was trained on {champ_dataset!r}, not {cfg.dataset_tag!r}"
         return Decision(False, why, None, checks, unchecked=unchecked(why))
-    unseen, seen_note = _unseen_by(cfg, champion, split)
-    champ, problem, champ_predict = champion_logits(champion, split, tracking_uri)
+    if against is None or against.version != str(champion.version):  # another champion since: measure it now
+        against = measure_against(cfg, split, champion, tracking_uri, predict)
+    unseen, seen_note, champ = against.unseen, against.seen_note, against.logits
     if champ is None:
+        problem = against.problem
         return Decision(False, f"{problem}; not replaced", None, checks, unchecked=unchecked(problem))
     shift_unchecked = ""
     if cfg.max_label_shift is not None:
-        own, why = _champion_recall(cfg, champion)
+        own = against.own_recall
         if own is None:
-            shift_unchecked = f"max_label_shift not checked ({why})"
+            shift_unchecked = f"max_label_shift not checked ({against.own_recall_why})"
         else:  # the images it trained on and the others, each on its own: either may hold the relabelled ones
             seen = np.setdiff1d(np.arange(len(split.labels)), unseen)
             parts = [("test images it trained on", seen), ("test images it did not train on", unseen)]
@@ -298,13 +354,8 @@ def decide(cfg: PipelineConfig, logits: np.ndarray, split: TestSplit, champion,
         )
     logits, champ, labels = logits[unseen], champ[unseen], split.labels[unseen]
     checks += thresholds.change_checks(cfg, logits, champ, labels, split.class_names)
-    if cfg.max_robustness_drop is not None:
-        if predict is None:
-            raise ValueError(
-                "Expected the served file's predict function for max_robustness_drop. Received: None"
-            )
-        new, old = _robustness_of(cfg, split, unseen, [predict, champ_predict])
-        checks.append(thresholds.robustness_change_check(cfg, new, old))
+    if against.robustness is not None:
+        checks.append(thresholds.robustness_change_check(cfg, *against.robustness))
     new_right, old_right = logits.argmax(1) == labels, champ.argmax(1) == labels
     new, old = float(np.mean(new_right)), float(np.mean(old_right))
     compare = ">=" if new >= old else "<"
@@ -399,17 +450,22 @@ def registry_lock(name: str, timeout: float = LOCK_TIMEOUT_SECONDS) -> Iterator[
         yield
 
 
-@contextlib.contextmanager
-def _file_lock(name: str, timeout: float) -> Iterator[None]:
-    import fcntl
-    import time
-
+def lock_path(name: str) -> Path:
+    """The registry lock file of a registered model name."""
     from vit_pipeline.tracking import home
 
     # A readable part, and a digest that keeps names apart and the file name short (a 256-character model name
     # made a file name the file system refused).
     digest = hashlib.sha256(name.encode()).hexdigest()[:16]
-    path = home() / "locks" / f"registry-{re.sub(r'[^A-Za-z0-9._-]', '_', name)[:64]}-{digest}.lock"
+    return home() / "locks" / f"registry-{re.sub(r'[^A-Za-z0-9._-]', '_', name)[:64]}-{digest}.lock"
+
+
+@contextlib.contextmanager
+def _file_lock(name: str, timeout: float) -> Iterator[None]:
+    import fcntl
+    import time
+
+    path = lock_path(name)
     path.parent.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + timeout
     with open(path, "a") as f:
@@ -609,6 +665,16 @@ def register_onnx(
         client.set_model_version_tag(name, version, key, value)
     if existing is not None and "withdrawn" in existing.tags:  # decided again now
         client.delete_model_version_tag(name, version, "withdrawn")
+    uri, temperature = tracking.tracking_uri(cfg), onnx_temperature(onnx_path)
+    # The comparison's heavy part against the champion of now, before the lock: other registrations (and a
+    # stopped run's withdrawal, which waits WITHDRAW_LOCK_SECONDS) are not held while it runs. Under the lock
+    # it is used only if the champion is still that version.
+    before = current_champion(client, name)
+    against = (
+        measure_against(cfg, split, before, uri, predict)
+        if comparable(cfg, before, version) and not blockers
+        else None
+    )
     with registry_lock(name):
         champion = current_champion(client, name)
         # Test hook (default 0 s): holds the lock between reading the champion and moving the alias, so
@@ -619,8 +685,8 @@ def register_onnx(
         elif blockers:
             decision = Decision(False, f"blocked by {'; '.join(blockers)}", evaluated=False)
         else:
-            decision = decide(cfg, logits, split, champion, tracking.tracking_uri(cfg), onnx_temperature(onnx_path),
-                              run.data.metrics.get("robustness_relative_accuracy"), predict)  # fmt: skip
+            decision = decide(cfg, logits, split, champion, uri, temperature,
+                              run.data.metrics.get("robustness_relative_accuracy"), predict, against)  # fmt: skip
         promoted, champ_acc = decision.promoted, decision.champion_accuracy
         previous = str(champion.version) if champion else None
         moved = promoted and previous != version

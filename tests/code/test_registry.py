@@ -204,6 +204,58 @@ def test_a_withdrawal_that_cannot_take_the_lock_leaves_the_version_champion_and_
     assert any("may stay champion" in r.getMessage() for r in caplog.records)
 
 
+def _lock_held(name: str) -> bool:
+    """Whether some open file holds the registry lock of ``name`` (a new descriptor's non-blocking try)."""
+    import fcntl
+
+    from vit_pipeline.registry import lock_path
+
+    path = lock_path(name)
+    if not path.exists():
+        return False
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return False
+
+
+def test_the_champion_is_measured_before_the_lock_and_again_if_it_moved_meanwhile(cfg, tmp_path, monkeypatch):
+    """The champion's download and inference (minutes for a large model, and both robustness passes) ran
+    holding the registry lock: other registrations waited, and a stopped run's withdrawal gave up after 30 s."""
+    from vit_pipeline import registry
+
+    split = labelled_split(COUNTS)
+    _register(cfg, tmp_path, 0, split)  # v1: 0.10
+    measured = []
+    real_logits, real_against = registry.champion_logits, registry.measure_against
+
+    def spy(champion, *args, **kwargs):  # the real function, and whether the lock was held when it ran
+        measured.append((str(champion.version), _lock_held("vit-cifar100")))
+        return real_logits(champion, *args, **kwargs)
+
+    monkeypatch.setattr(registry, "champion_logits", spy)
+    second, _ = _register(cfg, tmp_path, 1, split)  # v2: 0.20
+    assert second.promoted and measured == [("1", False)]
+    # Another registration moves the alias back to v1 after v3's comparison with v2 and before v3 takes the
+    # lock: v3 is compared again, under the lock, with the champion it replaces.
+    client = tracking.client(cfg)
+
+    def then_moved(*args, **kwargs):
+        against = real_against(*args, **kwargs)
+        client.set_registered_model_alias("vit-cifar100", CHAMPION, "1")
+        return against
+
+    monkeypatch.setattr(registry, "measure_against", then_moved)
+    measured.clear()
+    third, _ = _register(cfg, tmp_path, 1, split)  # v3: 0.20
+    assert measured == [("2", False), ("1", True)], measured
+    assert third.promoted and "0.2000 >= champion v1's 0.1000" in third.reason, third.reason
+    assert client.get_model_version("vit-cifar100", "3").tags["replaced"] == "1"
+
+
 def test_champion_is_judged_on_the_new_split_not_its_stored_figure(cfg, tmp_path):
     # On split A the champion (always class 3) scores 0.9; on split B only 0.1.
     _register(cfg, tmp_path, 3, labelled_split([5, 5, 0, 90], seed=1))
