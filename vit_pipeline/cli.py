@@ -757,7 +757,9 @@ def _split_consumer_args(args: list[str]) -> tuple[list[str], list[str]]:
               help="OpenVINO rows, when it is installed (pip install -e '.[openvino]').")  # fmt: skip
 @click.option("--memory/--no-memory", default=True, show_default=True,
               help="Peak RSS per backend, each measured in a child process.")  # fmt: skip
-@click.option("--output", default="benchmark/report.json", show_default=True, type=click.Path(dir_okay=False))
+@click.option("--output", default="benchmark/report.json", show_default=True, type=click.Path(dir_okay=False),
+              help="The JSON report; its folder also gets report.json, report.md, throughput.png and the timed "
+                   "variants.")  # fmt: skip
 @_friendly_errors
 def benchmark(model_path, preset, keras_path, eval_data, eval_images, batch_sizes, variants, providers,
               seconds, rounds, xla, openvino, memory, output) -> None:  # fmt: skip
@@ -785,6 +787,9 @@ def benchmark(model_path, preset, keras_path, eval_data, eval_images, batch_size
         raise ConfigError(f"Expected variants from {', '.join(VARIANTS)}. Received: variants={variants!r}")
     out_dir = Path(output).parent
     _check_writable(output)
+    bench.resolve_providers(
+        split_names(providers or "") or None
+    )  # an unknown name: before any file is written
     images, labels, calibration = _eval_data(eval_data, eval_images)  # before any file is written
     models = models_to_time(model_path, preset, keras_path, out_dir, labels)
     report, files = bench.benchmark_files(

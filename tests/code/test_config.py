@@ -254,9 +254,22 @@ def test_numbers_no_stage_could_use_are_refused_before_anything_runs(tmp_path):
         (["benchmark", "--preset", "quickstart", "--seconds", "inf"], "is not a finite number"),
         (["benchmark", "--preset", "quickstart", "--seconds", "nan"], "is not a finite number"),
         (["config", "--benchmark-batch-sizes", "99999999"], "benchmark_batch_sizes"),
+        (
+            [
+                "benchmark",
+                "--preset",
+                "quickstart",
+                "--providers",
+                "bogus",
+                "--output",
+                str(tmp_path / "b" / "r.json"),
+            ],
+            "Received: bogus",
+        ),  # measured nothing and exited 0 with an empty table
     ]
     for args, says in cases:
         result = CliRunner().invoke(main, args)
         assert result.exit_code != 0 and says in result.output, (args, result.output[-1500:])
         assert "Traceback" not in result.output
     assert CliRunner().invoke(main, ["config", "--benchmark-batch-sizes", "1,4096"]).exit_code == 0
+    assert not (tmp_path / "b").exists()

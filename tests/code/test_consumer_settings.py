@@ -103,6 +103,7 @@ def test_each_variable_is_read_and_typed(monkeypatch, read, env, field, expected
         ("VIT_BODY_TIMEOUT_S", "inf"),  # float, not finite: no limit at all
         ("VIT_TIMEOUT_S", "1e999"),  # float, overflows to inf
         ("VIT_MAX_BATCH_SIZE", "100000000"),  # a 1 TiB input buffer at start-up: a traceback
+        ("VIT_DECODE_THREADS", "100000"),  # a hundred thousand threads
     ],
 )
 def test_an_invalid_value_is_one_line_naming_the_variable_and_the_value(monkeypatch, variable, raw):
@@ -232,3 +233,7 @@ def test_the_consumer_cli_refuses_a_top_k_it_would_not_answer():
         out = subprocess.run([sys.executable, "-m", "vit_consumer", "--model", "m.onnx", "predict", "a.png",
                               "--top-k", k], capture_output=True, text=True, timeout=60)  # fmt: skip
         assert out.returncode == 2 and "expected a whole number from 1 to 1000" in out.stderr, (k, out.stderr)
+    for host in ("", " "):  # "" listened on every interface
+        out = subprocess.run([sys.executable, "-m", "vit_consumer", "--model", "m.onnx", "serve", "--host", host],
+                             capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert out.returncode == 2 and "expected a host such as 127.0.0.1" in out.stderr, (host, out.stderr)

@@ -93,7 +93,7 @@ def _with_metadata(src: Path, dst: Path, values: dict[str, str]) -> Path:
     return dst
 
 
-def test_the_calibration_and_robustness_floors_judge_what_is_served():
+def test_the_calibration_floor_judges_the_served_probabilities_and_the_robustness_floor_the_run_s_figure():
     """Right 8 times in 10 with every probability near 1 (ECE 0.2); at T = 20 the confidence is 0.73 (ECE 0.07)."""
     cfg = make_config("quickstart", {"max_test_ece": 0.1, "min_relative_robustness": 0.5})
     labels = np.array([0, 1] * 5)

@@ -28,6 +28,15 @@ def _port(raw: str) -> int:
     return int(raw)
 
 
+def _host(raw: str) -> str:
+    """A host to listen on: a blank one listened on every interface (uvicorn's reading of ""), unasked."""
+    if not raw.strip():
+        raise argparse.ArgumentTypeError(
+            "expected a host such as 127.0.0.1 (0.0.0.0 for every interface). Received: ''"
+        )
+    return raw
+
+
 def _top_k(raw: str) -> int:
     """1-1000, as ``vit-pipeline predict`` takes it (0 or -1 answered one class without a word)."""
     if not raw.strip().lstrip("-").isdigit() or not 1 <= int(raw) <= 1000:
@@ -64,7 +73,8 @@ def _parser() -> argparse.ArgumentParser:
                              "openvino (its default precision: bf16 on AMX) or openvino-f32")  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the HTTP service")
-    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--host", type=_host, default="127.0.0.1",
+                       help="address to listen on (0.0.0.0: every interface, said so; blank is refused)")  # fmt: skip
     serve.add_argument("--port", type=_port, default=8000)
     serve.add_argument("--max-bytes", type=int, default=defaults.max_bytes, help="largest request body")
     serve.add_argument("--max-inflight-bytes", type=int, default=defaults.max_inflight_bytes,

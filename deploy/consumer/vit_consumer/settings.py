@@ -74,7 +74,7 @@ class Settings(BaseSettings):
     """Deepest nesting of a JSON body (beyond: 400)."""
     max_json_numbers: int = Field(1_048_576, gt=0)
     """Most values in a JSON body (beyond: 413)."""
-    decode_threads: int = Field(2, gt=0)
+    decode_threads: int = Field(2, gt=0, le=256)  # each a thread and its buffers: 100000 was accepted
     """Threads that read and decode request bodies."""
     # ONNX Runtime's threads spin while a run is in progress, never between runs: those
     # cycles belong to HTTP and decoding (vit_consumer.classifier.spin_options).
