@@ -175,7 +175,8 @@ def test_train_pipeline_logs_everything(prefect_server, tiny_overrides, tmp_path
     assert metrics["parity_optimized_top1_agreement"] == 1.0
     # Benchmark: metrics per backend/provider/variant/batch, report artifacts, Prefect table.
     for key in ("bench_keras_tensorflow_fp32_b1_ips", "bench_onnxruntime_cpu_optimized_b4_ips",
-                "bench_onnxruntime_cpu_int8_b1_p50_ms", "sgemm_roofline_gflops"):  # fmt: skip
+                "bench_onnxruntime_cpu_int8_b1_p50_ms", "sgemm_roofline_gflops", "bench_served_b1_ips",
+                "bench_served_b4_mean_ms"):  # fmt: skip
         assert metrics[key] > 0, key
     # Serving candidates: gated on real test images at export, registered inside the version when they pass.
     agreement = metrics["candidate_int8_static_top1_agreement"]
@@ -187,6 +188,10 @@ def test_train_pipeline_logs_everything(prefect_server, tiny_overrides, tmp_path
     assert metrics["served_onnx_size_mb"] == pytest.approx(Path(result["onnx_path"]).stat().st_size / 2**20)
     assert metrics["served_onnx_size_mb"] != metrics["onnx_size_mb"]
     assert run.data.tags["benchmark.served_choice"].split("/")[0] in ("onnxruntime", "openvino")
+    # The served choice's row under one name whatever engine serves (runs compare in the runs table).
+    rows = {k: v for k, v in metrics.items() if k.endswith("_b1_ips") and not k.startswith("bench_served")}
+    (row,) = [k for k, v in rows.items() if v == metrics["bench_served_b1_ips"]]
+    assert row.startswith(f"bench_{run.data.tags['benchmark.served_choice'].split('/')[0]}_"), row
     assert int(champion.tags["serving_gate_images"]) > 0  # the gate's images travel with the version
     assert metrics["int8_gemm_roofline_gflops"] > 0
     bench_arts = {a.path for a in client.list_artifacts(run.info.run_id, "benchmark")}

@@ -228,6 +228,8 @@ class BenchmarkReport:
         at the first batch size; the GEMM rooflines (``sgemm_roofline_gflops``, ...). A row that
         computed in another precision than its file's says so after the variant:
         ``bench_openvino_openvino_cpu_fp32_as_bf16_b1_ips`` (OpenVINO's default on a bf16 CPU).
+        The served choice's rows again as ``bench_served_b<batch>_ips`` / ``_p50_ms`` / ``_mean_ms``: one name
+        whatever engine serves, so runs compare in the MLflow UI's runs table (the choice differs between runs).
         """
         metrics = {}
         for r in self.results:
@@ -238,6 +240,11 @@ class BenchmarkReport:
             metrics[f"{key}_p50_ms"] = r.latency_ms.p50
             if r.top1_agreement is not None and r.batch_size == self.settings["batch_sizes"][0]:
                 metrics[f"agreement_{provider}_{variant}".replace("-", "_")] = r.top1_agreement
+        for bs in self.settings["batch_sizes"]:
+            if (served := self.served(bs)) is not None:
+                metrics |= {f"bench_served_b{bs}_ips": served.throughput_ips,
+                            f"bench_served_b{bs}_p50_ms": served.latency_ms.p50,
+                            f"bench_served_b{bs}_mean_ms": served.latency_ms.mean}  # fmt: skip
         for precision, roof in self.rooflines().items():
             metrics[f"{'s' if precision == 'fp32' else precision + '_'}gemm_roofline_gflops"] = roof["gflops"]
         return metrics
