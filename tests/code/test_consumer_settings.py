@@ -237,3 +237,17 @@ def test_the_consumer_cli_refuses_a_top_k_it_would_not_answer():
         out = subprocess.run([sys.executable, "-m", "vit_consumer", "--model", "m.onnx", "serve", "--host", host],
                              capture_output=True, text=True, timeout=60)  # fmt: skip
         assert out.returncode == 2 and "expected a host such as 127.0.0.1" in out.stderr, (host, out.stderr)
+
+
+def test_a_registry_uri_without_a_store_creates_none(tmp_path, monkeypatch):
+    """``models:/x@champion`` with no tracking URI read MLflow's default, ./mlflow.db, and created it."""
+    from vit_consumer.classifier import InputError, alias_version, resolve_model
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for call in (lambda: resolve_model("models:/x@champion"), lambda: alias_version("models:/x@champion")):
+        with pytest.raises(InputError, match=r"no MLflow store at sqlite:///.*mlflow\.db \(no such file\)"):
+            call()
+    with pytest.raises(InputError, match="no such file"):
+        resolve_model("models:/x/1", f"sqlite:///{tmp_path / 'elsewhere' / 'm.db'}")
+    assert list(tmp_path.iterdir()) == []

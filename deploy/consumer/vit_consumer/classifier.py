@@ -62,6 +62,11 @@ def _check_answers(uri: str, tracking_uri: str | None) -> None:
     from vit_consumer.mlflow_store import probe
 
     where = tracking_uri or _mlflow().get_tracking_uri()
+    if where.startswith("sqlite:///"):  # MLflow would create an empty store there (./mlflow.db by default)
+        database = where.removeprefix("sqlite:///").split("?", 1)[0]
+        if database and database != ":memory:" and not Path(database).is_file():
+            raise InputError(f"Could not read {uri}: no MLflow store at {where} (no such file); give --tracking-uri "
+                             "or MLFLOW_TRACKING_URI")  # fmt: skip
     problem, outage = probe(where)
     if problem is None:
         return
