@@ -273,8 +273,15 @@ def show_config(**kwargs) -> None:
     click.echo(make_config(preset, overrides).to_json())
 
 
+def _run_id(ctx, param, value: str | None) -> str | None:
+    """A blank --resume started a fresh run without a word (a shell variable that was empty)."""
+    if value is not None and not value.strip():
+        raise click.BadParameter("expected an MLflow run id. Received: ''", ctx, param)
+    return value
+
+
 _resume_option = click.option(
-    "--resume", "resume_run_id", default=None, metavar="RUN_ID",
+    "--resume", "resume_run_id", default=None, metavar="RUN_ID", callback=_run_id,
     help="Continue a crashed MLflow run from its last finished epoch (same options).",
 )  # fmt: skip
 

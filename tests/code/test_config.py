@@ -253,6 +253,8 @@ def test_numbers_no_stage_could_use_are_refused_before_anything_runs(tmp_path):
     cases = [
         (["benchmark", "--preset", "quickstart", "--seconds", "inf"], "is not a finite number"),
         (["benchmark", "--preset", "quickstart", "--seconds", "nan"], "is not a finite number"),
+        (["train", "--resume", ""], "expected an MLflow run id"),  # an empty shell variable: a fresh run
+        (["run", "--resume", " "], "expected an MLflow run id"),
         (["config", "--benchmark-batch-sizes", "99999999"], "benchmark_batch_sizes"),
         (
             [
