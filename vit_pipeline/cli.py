@@ -368,6 +368,7 @@ def _prefect_errors(record: logging.LogRecord) -> bool:
 @_friendly_errors
 def proxy_experiment(data_path, epochs, seed, experiment_name, report_dir, tracking_uri, presets) -> None:
     """Train presets (default: the seed and the improved one) alike and compare them (table + curves)."""
+    _check_writable(str(Path(report_dir) / "table.md"))  # found after the training, before
     overrides = {"tracking_uri": tracking_uri} if tracking_uri else {}
     shared = {"data_path": data_path, "epochs": epochs, "seed": seed, "experiment_name": experiment_name}
     from vit_pipeline.data import check_source
@@ -455,6 +456,7 @@ def _field_values(ctx, param, values: tuple[str, ...]) -> dict[str, Any]:
 @_friendly_errors
 def transfer_experiment(**options) -> None:
     """Fine-tune from a model pre-trained on other classes vs the same budget from scratch (table + curves)."""
+    _check_writable(str(Path(options["report_dir"]) / "table.md"))  # found after hours of training, before
     if options["pretrain_overrides"]:  # a field or value the config refuses fails here, before any training
         if options["source"]:
             raise ConfigError("--pretrain-set has no effect with --source: nothing is pre-trained")

@@ -800,16 +800,20 @@ def test_every_command_checks_its_data_paths_before_it_starts_anything(tmp_path,
     (tmp_path / "model.keras").write_text("not a model")
     import zipfile
 
-    with zipfile.ZipFile(
-        tmp_path / "zip.keras", "w"
-    ) as z:  # a zip, not a Keras archive: a traceback in a run
+    # A zip, not a Keras archive: a traceback inside a run.
+    with zipfile.ZipFile(tmp_path / "zip.keras", "w") as z:
         z.writestr("notes.txt", "hello")
+    (tmp_path / "afile").write_text("a file where a report folder goes")
     space = tmp_path / "space.yaml"
     space.write_text("preset: cifar100\nnum_trials: 1\nfixed:\n  epochs: 1\nparameters:\n  seed: [1, 2]\n")
     work = tmp_path / "work"
     cases = [
         (["sweep", str(space), "--data-path", missing], "nope.tar.gz"),
         (["proxy-experiment", "--data-path", missing, "--epochs", "1"], "nope.tar.gz"),
+        (["proxy-experiment", "--data-path", str(CIFAR_CUT), "--report-dir", str(tmp_path / "afile")],
+         "is a file, not a folder"),  # found after the training
+        (["transfer-experiment", "--data-path", str(CIFAR_CUT), "--report-dir", str(tmp_path / "afile" / "x")],
+         "is a file, not a folder"),
         (["transfer-experiment", "--data-path", missing], "nope.tar.gz"),
         (["transfer-experiment", "--data-path", str(CIFAR_CUT), "--target-folder", str(tmp_path / "none"),
           "--work-dir", str(work)], "none"),
