@@ -50,6 +50,9 @@ class SearchSpace:
     fixed: dict[str, Any] = field(default_factory=dict)
 
 
+SWEEP_OWNED = ("tracking_uri",)
+
+
 def parse_space(raw: Any, source: str = "search space") -> SearchSpace:
     """Validates a loaded YAML/JSON mapping into a SearchSpace.
 
@@ -80,6 +83,9 @@ def parse_space(raw: Any, source: str = "search space") -> SearchSpace:
     for name in {**fixed, **parameters}:
         if name not in field_names():
             raise ConfigError(f"Unknown config field {name!r} in {source}")
+        if name in SWEEP_OWNED:  # trials in another store than their sweep run: a Dask pickling traceback
+            raise ConfigError(f"{name} is the sweep's own (--{name.replace('_', '-')}), not a field of {source}: "
+                              "the sweep run and its trials share one store")  # fmt: skip
     for name, spec in parameters.items():
         _check_spec(name, spec, method)
     num_trials = raw.get("num_trials")

@@ -43,6 +43,11 @@ def test_random_search_draws_reproducibly_within_ranges():
     ("raw", "message"),
     [
         ({"parameters": {"learning_rat": [1]}}, "Unknown config field 'learning_rat'"),
+        ({"parameters": {"tracking_uri": ["foo://bar"]}}, "tracking_uri is the sweep's own .--tracking-uri."),
+        (
+            {"fixed": {"tracking_uri": "sqlite:///x.db"}, "parameters": {"seed": [1]}},
+            "the sweep run and its trials",
+        ),
         ({"parameters": {}}, "non-empty 'parameters'"),
         ({"parameters": {"weight_decay": {"min": 0.1, "max": 0.2}}}, "grid search needs a list"),
         ({"method": "random", "parameters": {"seed": [1]}}, "num_trials from 1 to 10000"),
