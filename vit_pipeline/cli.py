@@ -24,6 +24,7 @@ from typing import Any, NoReturn
 import click
 import httpx
 import yaml
+from vit_consumer import contract
 
 from vit_pipeline import __version__
 from vit_pipeline.config import PRESETS, field_description, field_metavar, field_names, make_config
@@ -368,7 +369,7 @@ def _prefect_errors(record: logging.LogRecord) -> bool:
 @_friendly_errors
 def proxy_experiment(data_path, epochs, seed, experiment_name, report_dir, tracking_uri, presets) -> None:
     """Train presets (default: the seed and the improved one) alike and compare them (table + curves)."""
-    _check_writable(str(Path(report_dir) / "table.md"))  # found after the training, before
+    _check_writable(str(Path(report_dir) / "table.md"))  # before training (it was found after it)
     overrides = {"tracking_uri": tracking_uri} if tracking_uri else {}
     shared = {"data_path": data_path, "epochs": epochs, "seed": seed, "experiment_name": experiment_name}
     from vit_pipeline.data import check_source
@@ -456,7 +457,7 @@ def _field_values(ctx, param, values: tuple[str, ...]) -> dict[str, Any]:
 @_friendly_errors
 def transfer_experiment(**options) -> None:
     """Fine-tune from a model pre-trained on other classes vs the same budget from scratch (table + curves)."""
-    _check_writable(str(Path(options["report_dir"]) / "table.md"))  # found after hours of training, before
+    _check_writable(str(Path(options["report_dir"]) / "table.md"))  # before training (it was found after it)
     if options["pretrain_overrides"]:  # a field or value the config refuses fails here, before any training
         if options["source"]:
             raise ConfigError("--pretrain-set has no effect with --source: nothing is pre-trained")
@@ -579,8 +580,10 @@ def list_runs(tracking_uri: str | None, experiments: tuple[str, ...], limit: int
     from vit_pipeline import runs, tracking
 
     cfg = make_config("quickstart", {"tracking_uri": tracking_uri})
+    from vit_consumer.mlflow_store import sqlite_file
+
     uri = tracking.tracking_uri(cfg)
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+    if (database := sqlite_file(uri)) is not None and not database.exists():
         # A listing only reads: a mistyped path made a new, empty store that read as "no runs".
         raise PipelineError(f"No MLflow store at {uri}: no runs were ever logged there (a mistyped path?)")
     tracking.check_reachable(cfg)
@@ -629,7 +632,7 @@ def evaluate(model_path: str, **kwargs) -> None:
 @click.option(
     "--tracking-uri", default=None, help="MLflow tracking URI for models:/ URIs (default: local store)."
 )
-@click.option("--top-k", default=5, show_default=True, type=click.IntRange(1, 1000))
+@click.option("--top-k", default=5, show_default=True, type=click.IntRange(1, contract.MAX_TOP_K))
 @_friendly_errors
 def predict(images: tuple[str, ...], model_uri: str, tracking_uri: str | None, top_k: int) -> None:
     """Classify IMAGES (any format the consumer reads: PNG, JPEG, WebP, GIF, BMP, TIFF, PPM, TGA) with an exported
@@ -661,7 +664,9 @@ def predict(images: tuple[str, ...], model_uri: str, tracking_uri: str | None, t
               help="Where the triton/ folder will be uploaded, for KServe (default: pvc://vit-models/triton).")  # fmt: skip
 @click.option("--consumer-image", default="vit-consumer:latest", show_default=True,
               help="Container image of deploy/consumer (its Dockerfile) for the Kubernetes manifests.")  # fmt: skip
-@click.option("--max-batch-size", default=64, show_default=True, type=click.IntRange(1, 4096))
+@click.option(
+    "--max-batch-size", default=64, show_default=True, type=click.IntRange(1, contract.MAX_BATCH_SIZE)
+)
 @click.option("--queue-delay-us", default=2000, show_default=True, type=click.IntRange(0),
               help="Triton's dynamic batching: how long a batch waits for company.")  # fmt: skip
 @click.option("--consumer-tracking-uri", default=None,
@@ -788,8 +793,11 @@ def benchmark(model_path, preset, keras_path, eval_data, eval_images, batch_size
         sizes = parse_int_list(batch_sizes)
     except (TypeError, ValueError):
         sizes = ()
-    if not sizes or min(sizes) < 1 or max(sizes) > 4096:  # a typo of 10 digits was 24 GB and the OOM killer
-        raise ConfigError(f"Expected batch sizes from 1 to 4096. Received: batch_sizes={batch_sizes!r}")
+    if (
+        not sizes or min(sizes) < 1 or max(sizes) > contract.MAX_BATCH_SIZE
+    ):  # a typo of 10 digits: the OOM killer
+        raise ConfigError(f"Expected batch sizes from 1 to {contract.MAX_BATCH_SIZE}. Received: "
+                          f"batch_sizes={batch_sizes!r}")  # fmt: skip
     names = tuple(split_names(variants))
     unknown = set(names) - set(VARIANTS)
     if unknown or not names:

@@ -26,6 +26,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from vit_consumer.contract import MAX_BATCH_SIZE
 
 from vit_pipeline.errors import ConfigError
 
@@ -282,7 +283,7 @@ class ExportConfig(_Fields):
 class BenchmarkConfig(_Fields):
     """The inference benchmark stage."""
 
-    benchmark_batch_sizes: Annotated[tuple[Annotated[int, Field(ge=1, le=4096)], ...], Field(min_length=1)] = (
+    benchmark_batch_sizes: Annotated[tuple[Annotated[int, Field(ge=1, le=MAX_BATCH_SIZE)], ...], Field(min_length=1)] = (
         1, 8, 64, 256,
     )  # fmt: skip
     """Batch sizes of the benchmark stage."""
@@ -346,7 +347,8 @@ class GatesConfig(_Fields):
     """Change threshold: points of mean top-1 under corruption (the robustness stage's corruptions and severities,
     on up to robustness_images test images the champion did not train on) the served file may lose against the
     champion's file on the same corrupted images (None: not compared; set, the register stage corrupts the
-    images once and runs both files on them, holding the registry lock: minutes for a large model)."""
+    images once and runs both files on them, before the registry lock, and again under it only if the champion
+    moved meanwhile)."""
     class_min_support: PositiveInt = 50
     """Test images a class needs for its per-class thresholds (fewer: too noisy to judge)."""
     ece_bins: Annotated[int, Field(ge=2, le=100)] = 15

@@ -327,7 +327,7 @@ def card(client, run_id: str, registration: Registration) -> tuple[str, str]:
     sections = {"head": head, "data": _data_section(rec), "metrics": metrics,
                 "calibration": _calibration_and_robustness(rec), "checks": _release_checks(rec),
                 "speed": _benchmark_section(rec), "lineage": _lineage_and_limits(rec, registration)}  # fmt: skip
-    full = "\n".join([*(line for lines in sections.values() for line in lines), *per_class])
+    full = "\n".join([_join(sections), *per_class])
     return full, _within_limit(sections)
 
 
@@ -340,22 +340,26 @@ def _probabilities(rec: RunRecord) -> str:
     return f"probabilities calibrated on the validation split (temperature {t:.3f})"
 
 
-# Shortened first, for the version description: the sections a registry reader needs least.
-SHORTENED_FIRST = ("speed", "data", "calibration")
+# Shortened first, for the version description: the sections a registry reader needs least, each with the
+# heading its pointer keeps.
+SHORTENED_FIRST = {"speed": "## Speed on the training machine", "data": "## Data",
+                   "calibration": "## Calibration and robustness"}  # fmt: skip
+
+
+def _join(sections: dict[str, list[str]]) -> str:
+    return "\n".join(line for lines in sections.values() for line in lines)
 
 
 def _within_limit(sections: dict[str, list[str]]) -> str:
-    """The card without the per-class table, within ``DESCRIPTION_LIMIT``: whole sections (speed, data,
-    calibration and robustness) give way to a pointer to the full card before anything is cut, so the
-    decision, the thresholds, the lineage and the limitations stay on the version page."""
+    """The card without the per-class table, within ``DESCRIPTION_LIMIT``: the ``SHORTENED_FIRST`` sections give
+    way, in that order, to a pointer to the full card before anything is cut, so the decision, the thresholds,
+    the lineage and the limitations stay on the version page."""
     sections = dict(sections)
-    text = "\n".join(line for lines in sections.values() for line in lines)
-    for name in SHORTENED_FIRST:
-        if len(text) <= DESCRIPTION_LIMIT:
-            return text
-        heading = "## Calibration and robustness" if name == "calibration" else sections[name][0]
+    for name, heading in SHORTENED_FIRST.items():
+        if len(_join(sections)) <= DESCRIPTION_LIMIT:
+            break
         sections[name] = [heading, "", "In the full card (the run's `model_card/model_card.md`).", ""]
-        text = "\n".join(line for lines in sections.values() for line in lines)
+    text = _join(sections)
     if len(text) > DESCRIPTION_LIMIT:
         text = text[: DESCRIPTION_LIMIT - 80].rsplit("\n", 1)[0] + "\n\n(cut: the whole card is in the run)"
     return text

@@ -53,6 +53,7 @@ from vit_pipeline.fsutil import scratch_root
 
 if TYPE_CHECKING:
     from vit_pipeline.context import StageContext
+    from vit_pipeline.robustness import Robustness
 
 log = logging.getLogger(__name__)
 
@@ -258,19 +259,17 @@ class Against:
     download and the champion's inference, and the robustness passes, take minutes for a large model)."""
 
     version: str
-    unseen: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    seen_note: str = ""
-    logits: np.ndarray | None = None
-    problem: str | None = None  # the champion could not be evaluated: why
-    own_recall: dict[str, tuple[float, int]] | None = (
-        None  # its recall on its own test split (max_label_shift)
-    )
+    unseen: np.ndarray
+    seen_note: str
+    logits: np.ndarray | None
+    problem: str | None  # the champion could not be evaluated: why
+    own_recall: dict[str, tuple[float, int]] | None = None  # on its own test split, for max_label_shift
     own_recall_why: str = ""
-    robustness: tuple[Any, Any] | None = None  # (the candidate's, the champion's): max_robustness_drop
+    robustness: tuple[Robustness, Robustness] | None = None  # (the candidate's, the champion's)
 
 
-def measure_against(cfg: PipelineConfig, split: TestSplit, champion, tracking_uri: str | None = None,
-                    predict: Predict | None = None) -> Against:  # fmt: skip
+def measure_against(cfg: PipelineConfig, split: TestSplit, champion, tracking_uri: str | None,
+                    predict: Predict) -> Against:  # fmt: skip
     """The champion's side of ``decide``: the test images it did not train on, its logits, its own recall and
     both files' robustness (``predict``: the served file, for ``max_robustness_drop``).
 
@@ -285,17 +284,14 @@ def measure_against(cfg: PipelineConfig, split: TestSplit, champion, tracking_ur
     if cfg.max_label_shift is not None:
         against.own_recall, against.own_recall_why = _champion_recall(cfg, champion)
     if cfg.max_robustness_drop is not None and len(unseen):
-        if predict is None:
-            raise ValueError(
-                "Expected the served file's predict function for max_robustness_drop. Received: None"
-            )
         new, old = _robustness_of(cfg, split, unseen, [predict, champ_predict])
         against.robustness = (new, old)
     return against
 
 
 def comparable(cfg: PipelineConfig, champion, version: str) -> bool:
-    """Whether ``decide`` would compare ``version`` with ``champion`` (so ``measure_against`` is worth doing)."""
+    """Whether ``decide`` compares ``version`` with ``champion`` (and needs ``measure_against`` of it): the
+    policy compares, there is a champion, another version, of this dataset (``decide``'s early exits)."""
     return (
         cfg.promotion_policy not in ("never", "always")
         and champion is not None
@@ -304,14 +300,13 @@ def comparable(cfg: PipelineConfig, champion, version: str) -> bool:
     )
 
 
-def decide(cfg: PipelineConfig, logits: np.ndarray, split: TestSplit, champion,
-           tracking_uri: str | None = None, temperature: float = 1.0,
-           relative_robustness: float | None = None, predict: Predict | None = None,
-           against: Against | None = None) -> Decision:  # fmt: skip
-    """The promotion policy and thresholds (``vit_pipeline.thresholds``) applied to the served file's logits
-    (``temperature``, ``relative_robustness``: as ``thresholds.value_checks`` takes them; ``predict``: the served
-    file, for ``max_robustness_drop``; ``against``: ``measure_against`` of this champion made beforehand, used
-    only if it is of the same version)."""
+def decide(cfg: PipelineConfig, logits: np.ndarray, split: TestSplit, champion, against: Against | None,
+           temperature: float = 1.0, relative_robustness: float | None = None) -> Decision:  # fmt: skip
+    """The promotion policy and thresholds (``vit_pipeline.thresholds``) applied to the served file's logits.
+
+    ``against``: ``measure_against`` of ``champion``, wherever ``comparable`` says it is compared (else None);
+    ``temperature``, ``relative_robustness``: as ``thresholds.value_checks`` takes them.
+    """
     if cfg.promotion_policy == "never":
         return Decision(False, "policy 'never'", evaluated=False)
     checks = thresholds.value_checks(
@@ -330,8 +325,9 @@ def decide(cfg: PipelineConfig, logits: np.ndarray, split: TestSplit, champion,
     if champ_dataset != cfg.dataset_tag:
         why = f"champion v{champion.version} was trained on {champ_dataset!r}, not {cfg.dataset_tag!r}"
         return Decision(False, why, None, checks, unchecked=unchecked(why))
-    if against is None or against.version != str(champion.version):  # another champion since: measure it now
-        against = measure_against(cfg, split, champion, tracking_uri, predict)
+    if against is None or against.version != str(champion.version):
+        raise ValueError(f"Expected measure_against of champion v{champion.version}. Received: "
+                         f"{against and f'v{against.version}'}")  # fmt: skip
     unseen, seen_note, champ = against.unseen, against.seen_note, against.logits
     if champ is None:
         problem = against.problem
@@ -685,8 +681,14 @@ def register_onnx(
         elif blockers:
             decision = Decision(False, f"blocked by {'; '.join(blockers)}", evaluated=False)
         else:
-            decision = decide(cfg, logits, split, champion, uri, temperature,
-                              run.data.metrics.get("robustness_relative_accuracy"), predict, against)  # fmt: skip
+            if comparable(cfg, champion, version) and (
+                against is None or against.version != str(champion.version)
+            ):
+                against = measure_against(
+                    cfg, split, champion, uri, predict
+                )  # it moved since: measured again
+            decision = decide(cfg, logits, split, champion, against, temperature,
+                              run.data.metrics.get("robustness_relative_accuracy"))  # fmt: skip
         promoted, champ_acc = decision.promoted, decision.champion_accuracy
         previous = str(champion.version) if champion else None
         moved = promoted and previous != version

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -101,11 +102,10 @@ class Robustness:
         return asdict(self) | {"mean_accuracy": self.mean_accuracy}
 
 
-def measure(predict, images: np.ndarray, labels: np.ndarray, corruptions: list[str], severities: list[int],
-            seed: int = 0):  # fmt: skip
-    """Top-1 of ``predict`` (uint8 images -> logits) on clean and corrupted ``images``: a Robustness, or one per
-    function for a list of them (each corrupted batch made once for all)."""
-    predicts = predict if isinstance(predict, list) else [predict]
+def measure(predicts: list[Callable[[np.ndarray], np.ndarray]], images: np.ndarray, labels: np.ndarray,
+            corruptions: list[str], severities: list[int], seed: int = 0) -> list[Robustness]:  # fmt: skip
+    """Top-1 of each of ``predicts`` (uint8 images -> logits) on clean and corrupted ``images``, one Robustness
+    each (each corrupted batch made once for all: two models compared on the same images)."""
 
     def right(x: np.ndarray) -> list[float]:
         return [float(np.mean(p(x).argmax(1) == labels)) for p in predicts]
@@ -116,8 +116,7 @@ def measure(predict, images: np.ndarray, labels: np.ndarray, corruptions: list[s
             corrupted = corrupt_images(images, corruption, severity, seed + 100 * c + severity)
             for row, accuracy in zip(rows, right(corrupted), strict=True):
                 row.append({"corruption": corruption, "severity": severity, "accuracy": accuracy})
-    results = [Robustness(len(labels), a, r) for a, r in zip(clean, rows, strict=True)]
-    return results if isinstance(predict, list) else results[0]
+    return [Robustness(len(labels), a, r) for a, r in zip(clean, rows, strict=True)]
 
 
 def plot(result: Robustness, path: Path) -> Path:
@@ -190,7 +189,9 @@ def run(ctx: StageContext, data_path: str, model_path: str) -> Robustness:
     images, labels = np.asarray(splits.x_test[:n]), splits.y_test[:n]
     corruptions = cfg.corruption_list
     severities = list(cfg.corruption_severities)
-    result = measure(lambda x: predict_logits(model, x), images, labels, corruptions, severities, cfg.seed)
+    (result,) = measure(
+        [lambda x: predict_logits(model, x)], images, labels, corruptions, severities, cfg.seed
+    )
     out = ctx.work_dir / "robustness"
     result.artifacts["table"] = str(write_text(out / "robustness.csv", _csv(result.rows)))
     result.artifacts["plot"] = str(plot(result, out / "robustness.png"))

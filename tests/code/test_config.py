@@ -243,9 +243,10 @@ def test_an_integer_list_may_end_with_a_comma_but_leaves_no_number_out():
         parse_int_list("1,,64")  # read as [1, 64]
 
 
-def test_numbers_no_stage_could_use_are_refused_before_anything_runs(tmp_path):
+def test_values_no_stage_could_use_are_refused_before_anything_runs(tmp_path):
     """nan and inf passed click's ranges (``benchmark --seconds inf`` ran for ever); a 9-digit benchmark batch
-    was accepted by the config and failed after the training, allocating 286 GiB."""
+    was accepted by the config and failed after the training, allocating 286 GiB; an unknown provider measured
+    nothing and exited 0; a blank --resume started a fresh run."""
     from click.testing import CliRunner
 
     from vit_pipeline.cli import main

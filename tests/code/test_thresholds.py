@@ -196,9 +196,9 @@ def test_a_better_candidate_that_collapses_one_class_is_blocked(tmp_path, tiny_o
                                          "max_label_shift": None, "max_robustness_drop": 1.0,
                                          "robustness_images": 120, "corruptions": "gaussian_noise,contrast",
                                          "corruption_severities": (3, 5)})  # fmt: skip
-    measured = [robustness.measure(registry.onnx_predict(files[name]), np.asarray(split.images[:120]),
-                                   split.labels[:120], ["gaussian_noise", "contrast"], [3, 5], fragile.seed)
-                for name in ("champion", "candidate")]  # fmt: skip
+    measured = robustness.measure([registry.onnx_predict(files[name]) for name in ("champion", "candidate")],
+                                  np.asarray(split.images[:120]), split.labels[:120], ["gaussian_noise", "contrast"],
+                                  [3, 5], fragile.seed)  # fmt: skip
     assert measured[0].mean_accuracy < measured[1].mean_accuracy - 0.01, [m.mean_accuracy for m in measured]
     old = registry.register_onnx(fragile, runs.create_run(cfg, "test"), str(files["champion"]), split)
     assert not old.promoted and (

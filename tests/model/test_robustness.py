@@ -43,8 +43,8 @@ def test_a_corrupted_test_split_scores_lower_than_the_clean_one(tmp_path, tiny_o
     splits = data.prepare(cfg)
     model = load_model(train(cfg, splits, tmp_path).model_path)
     names = ["gaussian_noise", "defocus_blur", "jpeg_compression", "brightness", "contrast"]
-    result = robustness.measure(lambda x: predict_logits(model, x), splits.x_test, splits.y_test, names,
-                                [1, 3, 5], seed=0)  # fmt: skip
+    (result,) = robustness.measure([lambda x: predict_logits(model, x)], splits.x_test, splits.y_test, names,
+                                   [1, 3, 5], seed=0)  # fmt: skip
     assert result.clean_accuracy > 0.8 and len(result.rows) == 15
     assert result.mean_accuracy < result.clean_accuracy
     by = {(r["corruption"], r["severity"]): r["accuracy"] for r in result.rows}

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from vit_consumer.classifier import SPIN_MODES, InputError, OnnxClassifier
-from vit_consumer.contract import split_providers
+from vit_consumer.contract import MAX_TOP_K, split_providers
 from vit_consumer.settings import Settings
 
 # On SIGTERM, requests in flight get this long (then their connections close): inside Kubernetes' default 30 s
@@ -38,9 +38,9 @@ def _host(raw: str) -> str:
 
 
 def _top_k(raw: str) -> int:
-    """1-1000, as ``vit-pipeline predict`` takes it (0 or -1 answered one class without a word)."""
-    if not raw.strip().lstrip("-").isdigit() or not 1 <= int(raw) <= 1000:
-        raise argparse.ArgumentTypeError(f"expected a whole number from 1 to 1000. Received: {raw!r}")
+    """1 to MAX_TOP_K, as ``vit-pipeline predict`` takes it (0 or -1 answered one class without a word)."""
+    if not raw.strip().lstrip("-").isdigit() or not 1 <= int(raw) <= MAX_TOP_K:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 1 to {MAX_TOP_K}. Received: {raw!r}")
     return int(raw)
 
 
@@ -113,7 +113,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="serve the registered file; do not time the registered candidates (int8, ...) here")  # fmt: skip
     predict = sub.add_parser("predict", help="classify image files")
     predict.add_argument("images", nargs="+", type=Path)
-    predict.add_argument("--top-k", type=_top_k, default=5, help="classes per image (1-1000)")
+    predict.add_argument("--top-k", type=_top_k, default=5, help=f"classes per image (1-{MAX_TOP_K})")
     return parser
 
 

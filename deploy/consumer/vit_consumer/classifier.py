@@ -58,15 +58,14 @@ def _mlflow():
 
 
 def _check_answers(uri: str, tracking_uri: str | None) -> None:
-    """A tracking server that is down is one line in seconds (MLflow's client retries for minutes)."""
-    from vit_consumer.mlflow_store import probe
+    """A store that is not there is one line, at once: a missing SQLite file (MLflow would create it, empty, and
+    then find no such model), or a tracking server that is down (MLflow's client retries for minutes)."""
+    from vit_consumer.mlflow_store import probe, sqlite_file
 
     where = tracking_uri or _mlflow().get_tracking_uri()
-    if where.startswith("sqlite:///"):  # MLflow would create an empty store there (./mlflow.db by default)
-        database = where.removeprefix("sqlite:///").split("?", 1)[0]
-        if database and database != ":memory:" and not Path(database).is_file():
-            raise InputError(f"Could not read {uri}: no MLflow store at {where} (no such file); give --tracking-uri "
-                             "or MLFLOW_TRACKING_URI")  # fmt: skip
+    if (database := sqlite_file(where)) is not None and not database.is_file():
+        raise InputError(f"Could not read {uri}: no MLflow store at {where} (no such file); give --tracking-uri "
+                         "or MLFLOW_TRACKING_URI")  # fmt: skip
     problem, outage = probe(where)
     if problem is None:
         return

@@ -33,6 +33,11 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
+# The most images one inference call takes, anywhere (serve, benchmark, export): a typo of a few more digits
+# allocated hundreds of GiB before anything said why.
+MAX_BATCH_SIZE = 4096
+MAX_TOP_K = 1000  # classes an answer lists per image
+
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
 

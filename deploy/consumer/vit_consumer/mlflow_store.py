@@ -14,6 +14,7 @@ import contextlib
 import os
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 _lock = threading.RLock()
 # Read by MLflow when it is used, which the consumer does only through this module: no usage pings from serving
@@ -42,6 +43,18 @@ def store_uris(uri: str | None) -> Iterator[None]:
             mlflow.set_registry_uri(before[1])
             if before[1] is None:  # set_registry_uri(None) leaves its variable set
                 os.environ.pop("MLFLOW_REGISTRY_URI", None)
+
+
+def sqlite_file(uri: str | None) -> Path | None:
+    """The database file of a ``sqlite:///`` tracking URI (None: another kind of store, or in memory).
+
+    MLflow creates a missing one, empty, on first use: a mistyped path (or its default, ./mlflow.db) then reads
+    as "no such model" or "no runs"; callers that only read check it exists first.
+    """
+    if not uri or not uri.startswith("sqlite:///"):
+        return None
+    database = uri.removeprefix("sqlite:///").split("?", 1)[0]
+    return Path(database) if database and database != ":memory:" else None
 
 
 def health_problem(uri: str | None, timeout: float = 5.0) -> str | None:

@@ -16,6 +16,7 @@ from pydantic import AliasChoices, Field, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from vit_consumer import contract
 from vit_consumer.classifier import _LEGACY_SPIN, DEFAULT_PIXEL_BUDGET, SPIN_MODES, InputError
 
 DEFAULT_MAX_BYTES = 8 * 2**20
@@ -58,7 +59,7 @@ class Settings(BaseSettings):
     """Largest request body in bytes (beyond: 413)."""
     max_inflight_bytes: int = Field(128 * 2**20, gt=0)
     """Bytes of all request bodies being handled at once (beyond: 503 with Retry-After)."""
-    max_batch_size: int = Field(32, gt=0, le=4096)  # as vit-pipeline benchmark: a typo is not a 1 TiB buffer
+    max_batch_size: int = Field(32, gt=0, le=contract.MAX_BATCH_SIZE)
     """Most images per ``session.run``, and per ``/v2`` infer request (beyond: 400, as Triton)."""
     max_queue_delay_ms: float = Field(2.0, ge=0)
     """Longest a batch waits for requests already on their way (being decoded), in ms; with none, it runs at once."""
