@@ -162,12 +162,14 @@ def _balance_line(rows: list[dict[str, str]], untested: list[str]) -> str:
 
 def _condition(rec: RunRecord, *flags: str) -> str:
     """Whether a threshold made this gate a release condition for the run (its config params), in italics."""
-    set_ = [
-        f"`--{f.replace('_', '-')} {rec.params[f]}`" for f in flags if rec.params.get(f, "None") != "None"
-    ]
+    shown = [f"`--{f.replace('_', '-')}`" for f in flags]
+    if rec.params.get("promotion_policy") == "never":  # nothing was decided, by the thresholds or otherwise
+        return "_Recorded, not a release condition (the promotion policy is 'never')._"
+    set_ = [f"{flag[:-1]} {rec.params[f]}`" for f, flag in zip(flags, shown, strict=True)
+            if rec.params.get(f, "None") != "None"]  # fmt: skip
     if set_:
         return f"_A release condition: {', '.join(set_)} (see Thresholds)._"
-    return f"_Recorded, not a release condition ({', '.join(f'`--{f}`'.replace('_', '-') for f in flags)} would make it one)._"
+    return f"_Recorded, not a release condition ({', '.join(shown)} would make it one)._"
 
 
 def _calibration_and_robustness(rec: RunRecord) -> list[str]:

@@ -141,5 +141,9 @@ def test_a_gate_says_whether_a_threshold_made_it_a_release_condition():
     assert model_card._condition(rec, "min_relative_robustness", "max_robustness_drop") == (
         "_Recorded, not a release condition (`--min-relative-robustness`, `--max-robustness-drop` would make it one)._"
     )
+    never = SimpleNamespace(params={"max_test_ece": "0.05", "promotion_policy": "never"}, metrics={})
+    assert model_card._condition(never, "max_test_ece") == (
+        "_Recorded, not a release condition (the promotion policy is 'never')._"
+    )
     assert "not rescaled" in model_card._probabilities(SimpleNamespace(metrics={"temperature": 1.0}))
     assert "temperature 1.300" in model_card._probabilities(SimpleNamespace(metrics={"temperature": 1.3}))
