@@ -121,7 +121,9 @@ class ConsumerProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)} | {
             "PYTHONUNBUFFERED": "1"
         }
-        cmd = [sys.executable, "-m", "vit_consumer", "--model", self.model, "serve", "--host", "127.0.0.1",
+        # -P: the working directory stays off sys.path (a local inspect.py or json.py broke the consumer's start,
+        # and infra validation blocked the version for it).
+        cmd = [sys.executable, "-P", "-m", "vit_consumer", "--model", self.model, "serve", "--host", "127.0.0.1",
                "--port", str(self.port), "--no-choose", "--reload-seconds", "0"]  # fmt: skip
         with open(self.log_path, "wb") as log:
             # Stopped by __exit__, or with this process if it is SIGKILLed (it stayed, holding its port).

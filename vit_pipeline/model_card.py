@@ -41,6 +41,7 @@ class RunRecord:
         run = client.get_run(run_id)
         self.params, self.metrics, self.tags = run.data.params, run.data.metrics, run.data.tags
         self._dir = scratch_dir("vit-card-")  # removed when the process ends
+        self._read: dict[str, Any] = {}
 
     def artifact(self, path: str) -> Path | None:
         try:
@@ -49,8 +50,10 @@ class RunRecord:
             return None
 
     def json(self, path: str) -> Any:
-        found = self.artifact(path)
-        return json.loads(found.read_text()) if found else None
+        if path not in self._read:  # read once: several sections show parts of one file
+            found = self.artifact(path)
+            self._read[path] = json.loads(found.read_text()) if found else None
+        return self._read[path]
 
     def csv(self, path: str) -> list[dict[str, str]]:
         found = self.artifact(path)
@@ -161,15 +164,18 @@ def _balance_line(rows: list[dict[str, str]], untested: list[str]) -> str:
 
 
 def _condition(rec: RunRecord, *flags: str) -> str:
-    """Whether a threshold made this gate a release condition for the run (its config params), in italics."""
-    shown = [f"`--{f.replace('_', '-')}`" for f in flags]
-    if rec.params.get("promotion_policy") == "never":  # nothing was decided, by the thresholds or otherwise
-        return "_Recorded, not a release condition (the promotion policy is 'never')._"
-    set_ = [f"{flag[:-1]} {rec.params[f]}`" for f, flag in zip(flags, shown, strict=True)
-            if rec.params.get(f, "None") != "None"]  # fmt: skip
+    """Whether a threshold was a release condition of this version, in italics: set in the run's config *and*
+    checked at registration (``registry/thresholds.json``: a blocked version, the policy 'never', a change
+    threshold without a champion are not checked)."""
+    shown = {f: f"`--{f.replace('_', '-')}`" for f in flags}
+    set_ = {f: f"{shown[f][:-1]} {rec.params[f]}`" for f in flags if rec.params.get(f, "None") != "None"}
+    checked = {c["name"]: c for c in (rec.json("registry/thresholds.json") or {}).get("checks", [])}
+    ran = [f"{set_[f]}, {'held' if checked[f]['held'] else 'failed'}" for f in set_ if f in checked]
+    if ran:
+        return f"_A release condition: {'; '.join(ran)} (see Thresholds)._"
     if set_:
-        return f"_A release condition: {', '.join(set_)} (see Thresholds)._"
-    return f"_Recorded, not a release condition ({', '.join(shown)} would make it one)._"
+        return f"_Set ({', '.join(set_.values())}) but not checked for this version (see Thresholds)._"
+    return f"_Recorded, not a release condition ({', '.join(shown.values())} would make it one)._"
 
 
 def _calibration_and_robustness(rec: RunRecord) -> list[str]:
@@ -277,11 +283,13 @@ def _lineage_and_limits(rec: RunRecord, registration: Registration) -> list[str]
         lines.append(
             f"- The test split holds {n} images: top-1 is known to about +/-{50 * (high - low):.1f} points."
         )
+    calibrated = m.get("temperature", 1.0) != 1.0
     lines.append("- It always answers one of its classes, also for an image of none of them; its probabilities "
-                 "were calibrated on data like its validation split, not on what it will be shown.")  # fmt: skip
+                 + ("were calibrated on data like its validation split, not on what it will be shown."
+                    if calibrated else "are the softmax's, not calibrated (see Calibration)."))  # fmt: skip
     if "robustness_relative_accuracy" in m:
         lines.append(f"- Under common corruptions it keeps {_pct(m['robustness_relative_accuracy'])} of its clean "
-                     "accuracy (mean over the corruptions above).")  # fmt: skip
+                     "accuracy (mean over the robustness stage's corruptions and severities).")  # fmt: skip
     exact, near = int(m.get("data.test_exact_duplicates", 0)), int(m.get("data.test_near_duplicates", 0))
     if exact + near and not m.get("data.test_duplicates_dropped"):
         # A near pair is a perceptual-hash match: a copy (re-encoded, resized, brightened) or, on images with
@@ -354,16 +362,22 @@ def _join(sections: dict[str, list[str]]) -> str:
 
 def _within_limit(sections: dict[str, list[str]]) -> str:
     """The card without the per-class table, within ``DESCRIPTION_LIMIT``: the ``SHORTENED_FIRST`` sections give
-    way, in that order, to a pointer to the full card before anything is cut, so the decision, the thresholds,
-    the lineage and the limitations stay on the version page."""
+    way, in that order, to a pointer to the full card before anything is cut, and a cut still needed is made
+    before the lineage and limitations, so they stay on the version page."""
     sections = dict(sections)
     for name, heading in SHORTENED_FIRST.items():
         if len(_join(sections)) <= DESCRIPTION_LIMIT:
             break
         sections[name] = [heading, "", "In the full card (the run's `model_card/model_card.md`).", ""]
     text = _join(sections)
-    if len(text) > DESCRIPTION_LIMIT:
-        text = text[: DESCRIPTION_LIMIT - 80].rsplit("\n", 1)[0] + "\n\n(cut: the whole card is in the run)"
+    if (
+        len(text) > DESCRIPTION_LIMIT
+    ):  # still over (long failure details): cut before the lineage, not through it
+        tail = _join({"lineage": sections.pop("lineage")})
+        room = DESCRIPTION_LIMIT - len(tail) - 80
+        text = (
+            _join(sections)[:room].rsplit("\n", 1)[0] + "\n\n(cut: the whole card is in the run)\n\n" + tail
+        )
     return text
 
 

@@ -92,7 +92,7 @@ def value_checks(
         ece = reliability(logits, labels, cfg.ece_bins, temperature)["ece"]
         checks.append(Check("max_test_ece", ece <= cfg.max_test_ece,
                             f"expected calibration error {ece:.4f} at temperature {temperature:.3g} "
-                            f"(maximum {cfg.max_test_ece:.4f})"))  # fmt: skip
+                            f"(maximum {cfg.max_test_ece:g})"))  # fmt: skip
     if cfg.min_relative_robustness is not None:
         if relative_robustness is None:  # configured and not measured: nothing says it held
             checks.append(Check("min_relative_robustness", False, "no robustness_relative_accuracy on the run "
@@ -100,7 +100,7 @@ def value_checks(
         else:
             checks.append(Check("min_relative_robustness", relative_robustness >= cfg.min_relative_robustness,
                                 f"mean top-1 under corruption {relative_robustness:.4f} of the clean top-1 "
-                                f"(minimum {cfg.min_relative_robustness:.4f})"))  # fmt: skip
+                                f"(minimum {cfg.min_relative_robustness:g})"))  # fmt: skip
     top1 = float(np.mean(logits.argmax(1) == labels))
     if cfg.min_test_accuracy is not None:
         checks.append(Check("min_test_accuracy", top1 >= cfg.min_test_accuracy,

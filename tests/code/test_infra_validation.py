@@ -25,10 +25,17 @@ def _with_metadata(src: Path, dst: Path, **props: str) -> Path:
     return dst
 
 
-def test_a_real_export_is_served_and_answers_like_the_stage(tiny_export, tmp_path):
+def test_a_real_export_is_served_and_answers_like_the_stage(tiny_export, tmp_path, monkeypatch):
     _, path, _ = tiny_export
     calibrated = _with_metadata(path, tmp_path / "calibrated.onnx", temperature="0.5")
     images = real_images(4)
+    # A user's own inspect.py in the working directory broke the consumer's start (it was on its sys.path).
+    shadow = tmp_path / "cwd"
+    shadow.mkdir()
+    (shadow / "inspect.py").write_text(
+        "raise SystemExit('the working directory was on the consumer sys.path')\n"
+    )
+    monkeypatch.chdir(shadow)
     result = infra_validation.validate([path, calibrated], images, tmp_path, timeout=120)
     assert result.passed, result.reason
     assert result.checked == {"image/png": 8, "image/jpeg": 8, "application/json": 8, "application/x-npy": 8}

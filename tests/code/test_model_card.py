@@ -129,21 +129,38 @@ def test_the_version_description_gives_up_whole_sections_before_the_lineage_and_
     shorter = model_card._within_limit(sections)
     assert "## Calibration and robustness\n\nIn the full card" in shorter and "## Robustness" not in shorter
     assert "- +/-1.7 points" in shorter and len(shorter) <= model_card.DESCRIPTION_LIMIT
+    sections["checks"][2] = (
+        "f" * 3000
+    )  # long failure details: a cut is still needed, and made before the lineage
+    cut = model_card._within_limit(sections)
+    assert len(cut) <= model_card.DESCRIPTION_LIMIT and cut.endswith("## Limitations\n\n- +/-1.7 points\n")
+    assert "(cut: the whole card is in the run)" in cut
 
 
 def test_a_gate_says_whether_a_threshold_made_it_a_release_condition():
+    """Set in the config and checked at registration; set and not checked (the policy 'never', a blocked version)
+    said "A release condition" of thresholds that never ran."""
     from types import SimpleNamespace
 
-    rec = SimpleNamespace(params={"max_test_ece": "0.05", "min_relative_robustness": "None"}, metrics={})
+    def record(params, checks):
+        return SimpleNamespace(params=params, metrics={}, json=lambda path: {"checks": checks})
+
+    params = {"max_test_ece": "0.05", "min_relative_robustness": "None", "max_robustness_drop": "2.0"}
+    rec = record(
+        params, [{"name": "max_test_ece", "held": False}, {"name": "max_robustness_drop", "held": True}]
+    )
     assert model_card._condition(rec, "max_test_ece") == (
-        "_A release condition: `--max-test-ece 0.05` (see Thresholds)._"
+        "_A release condition: `--max-test-ece 0.05`, failed (see Thresholds)._"
     )
     assert model_card._condition(rec, "min_relative_robustness", "max_robustness_drop") == (
-        "_Recorded, not a release condition (`--min-relative-robustness`, `--max-robustness-drop` would make it one)._"
+        "_A release condition: `--max-robustness-drop 2.0`, held (see Thresholds)._"
     )
-    never = SimpleNamespace(params={"max_test_ece": "0.05", "promotion_policy": "never"}, metrics={})
-    assert model_card._condition(never, "max_test_ece") == (
-        "_Recorded, not a release condition (the promotion policy is 'never')._"
+    unchecked = record(params, [])  # the policy 'never', a blocked version: no check ran
+    assert model_card._condition(unchecked, "max_test_ece") == (
+        "_Set (`--max-test-ece 0.05`) but not checked for this version (see Thresholds)._"
+    )
+    assert model_card._condition(record({}, []), "min_relative_robustness", "max_robustness_drop") == (
+        "_Recorded, not a release condition (`--min-relative-robustness`, `--max-robustness-drop` would make it one)._"
     )
     assert "not rescaled" in model_card._probabilities(SimpleNamespace(metrics={"temperature": 1.0}))
     assert "temperature 1.300" in model_card._probabilities(SimpleNamespace(metrics={"temperature": 1.3}))
