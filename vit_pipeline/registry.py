@@ -661,7 +661,9 @@ def register_onnx(
         client.set_model_version_tag(name, version, key, value)
     if existing is not None and "withdrawn" in existing.tags:  # decided again now
         client.delete_model_version_tag(name, version, "withdrawn")
-    uri, temperature = tracking.tracking_uri(cfg), onnx_temperature(onnx_path)
+    uri = tracking.tracking_uri(cfg)
+    # Read only where a threshold needs it: a blocked file's metadata may be what blocked it (infra validation).
+    temperature = onnx_temperature(onnx_path) if cfg.max_test_ece is not None and not blockers else 1.0
     # The comparison's heavy part against the champion of now, before the lock: other registrations (and a
     # stopped run's withdrawal, which waits WITHDRAW_LOCK_SECONDS) are not held while it runs. Under the lock
     # it is used only if the champion is still that version.
