@@ -323,6 +323,19 @@ def test_the_champion_is_compared_on_images_it_did_not_train_on(tmp_path):
         "not comparable: champion v7 trained on all 70 of this run's test images; not replaced"
     )
 
+    # The robustness comparison is made on the images the champion did not train on too (40, not 70).
+    assert registry.register_onnx(
+        forced, champion_run({"class0": 1.0, "class1": 0.0}), str(always0), split
+    ).promoted
+    robust = make_config("quickstart", {"tracking_uri": cfg.tracking_uri, "max_class_recall_drop": None,
+                                        "max_robustness_drop": 0, "corruptions": "contrast",
+                                        "corruption_severities": (1,)})  # fmt: skip
+    judged = registry.register_onnx(robust, run_id := runs.create_run(cfg, "test"), str(always1), split)
+    assert judged.promoted, judged.reason
+    recorded = json.loads(Path(client.download_artifacts(run_id, "registry/thresholds.json")).read_text())
+    (check,) = [c for c in recorded["checks"] if c["name"] == "max_robustness_drop"]
+    assert "0.7500 vs champion's 0.2500 on 40 test images x 1 corruptions" in check["detail"], check
+
 
 def test_a_small_gap_on_a_small_split_is_said_to_be_within_chance():
     """0.45 vs 0.41 on 120 images promoted the candidate as 'better'; the reason now says what chance allows."""
