@@ -184,7 +184,8 @@ def _calibration_and_robustness(rec: RunRecord) -> list[str]:
     if "temperature" in m:
         lines += [f"Temperature **{m['temperature']:.3f}** ({t.get('calibration.why', 'fitted on the validation split')}; "
                   f"applied by the consumer to the probabilities it returns): test ECE {m['test_ece']:.4f} -> {m['test_ece_calibrated']:.4f}, "
-                  f"NLL {m['test_nll']:.4f} -> {m['test_nll_calibrated']:.4f}.", ""]  # fmt: skip
+                  f"NLL {m['test_nll']:.4f} -> {m['test_nll_calibrated']:.4f} (the Keras model; the served file's ECE, "
+                  "where a threshold judged it, is in Thresholds).", ""]  # fmt: skip
     else:
         lines += ["Not measured.", ""]
     lines += ["## Robustness", "", "The Keras model on corrupted test images. "
