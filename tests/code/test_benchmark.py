@@ -267,6 +267,14 @@ def test_benchmark_docs_page_is_rendered_from_every_committed_report():
     assert "| backend | provider | variant | precision |" in page  # the inference report
     assert "Peak memory (VmHWM of a fresh process)" in page  # the large-folder report, its own markdown
     assert page == (root / "docs" / "benchmarks.md").read_text()  # the committed page is not edited by hand
+    # Each about.md's links work where it is read: in its folder, and (moved) on the page beside them.
+    import re
+
+    for link in re.findall(r"\]\(([^)#:\s]+)\)", page):
+        assert (root / "docs" / link).exists(), link
+    for about in (root / "docs" / "benchmarks").glob("*/about.md"):
+        for link in re.findall(r"\]\(([^)#:\s]+)\)", about.read_text()):
+            assert (about.parent / link).exists(), (about, link)
 
 
 def test_benchmark_docs_refuses_an_empty_folder_rather_than_write_an_empty_page(tmp_path):

@@ -25,6 +25,18 @@ AMX another): only ratios measured in one run carry over, never absolute figures
 """
 
 
+def _from_docs(markdown: str, folder: str) -> str:
+    """An about.md's relative links (written from its own folder, so they work where the file is read) as seen
+    from the page beside the reports folder: ``consumer-bench.json`` -> ``benchmarks/<run>/consumer-bench.json``."""
+    import posixpath
+    import re
+
+    def move(match: re.Match) -> str:
+        return f"]({posixpath.normpath(posixpath.join(folder, match.group(1)))})"
+
+    return re.sub(r"\]\((?![a-z][a-z0-9+.-]*:|#|/)([^)\s]+)\)", move, markdown)
+
+
 def render(reports_dir: str | Path) -> str:
     from vit_pipeline.benchmark.report import BenchmarkReport
     from vit_pipeline.benchmark.training import TrainingReport
@@ -37,7 +49,8 @@ def render(reports_dir: str | Path) -> str:
         raise DataError(f"No report folders in {reports_dir}: nothing to render")
     for folder in folders:
         about = folder / "about.md"
-        parts.append(about.read_text().strip() + "\n" if about.exists() else f"## {folder.name}\n")
+        parts.append(_from_docs(about.read_text().strip(), f"{Path(reports_dir).name}/{folder.name}") + "\n"
+                     if about.exists() else f"## {folder.name}\n")  # fmt: skip
         raw = json.loads((folder / "report.json").read_text()) if (folder / "report.json").exists() else None
         if raw is not None and "results" not in raw:
             parts.append((folder / "report.md").read_text().strip() + "\n")  # rendered by its own script
