@@ -706,6 +706,15 @@ def register_onnx(
     return registration
 
 
+def logged_model_id(version) -> str | None:
+    """The logged model a registry version was made from: its ``model_id``, or the ``models:/m-...`` of its
+    source (MLflow 3 leaves ``model_id`` empty on versions registered by ``log_model``)."""
+    if getattr(version, "model_id", None):
+        return version.model_id
+    source = str(getattr(version, "source", "") or "")
+    return source.removeprefix("models:/") if source.startswith("models:/m-") else None
+
+
 def _record_decision(client, run_id: str, registration: Registration, decision: Decision, served) -> None:
     """The decision's tags on the version and the run, its checks and the served figures."""
     name, version, reason, champ_acc = (registration.name, registration.version, registration.reason,
@@ -729,7 +738,13 @@ def _record_decision(client, run_id: str, registration: Registration, decision: 
     logger = tracking.RunLogger(client, run_id)
     logger.tags(run_tags)
     logger.dict({"checks": [c.to_dict() for c in checks], "outcome": gate}, "registry/thresholds.json")
-    logger.metrics({"served_test_accuracy": served["top1"], "served_test_top5_accuracy": served["top5"]})
+    figures = {"served_test_accuracy": served["top1"], "served_test_top5_accuracy": served["top5"]}
+    logger.metrics(figures)
+    # Also on the version's logged model: its page (the experiment's Models tab) showed only what MLflow copied
+    # when it was logged, before the decision, without the figures that decided.
+    if model_id := logged_model_id(client.get_model_version(name, version)):
+        for key, value in figures.items():
+            client.log_metric(run_id, key, value, model_id=model_id)
     log.info("Registered %s v%s: %s (%s)", name, version, outcome, reason)
 
 
