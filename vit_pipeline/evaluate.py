@@ -277,6 +277,19 @@ def run(ctx: StageContext, data_path: str, model_path: str, history_path: str | 
         history=history, image_size=cfg.image_size, patch_size=cfg.patch_size,
     )  # fmt: skip
     ctx.log.metrics(result.metrics())
+    _on_logged_model(ctx, {k: v for k, v in result.metrics().items() if k.startswith("test_")})
     ctx.log.artifacts(result.artifacts.values(), "evaluation")
     ctx.log.table(result.per_class, "evaluation/per_class_metrics.json")
     return result
+
+
+def _on_logged_model(ctx: StageContext, figures: dict[str, float]) -> None:
+    """The test figures on the Keras logged model the train stage made of this run's model (its page in the
+    experiment's Models tab showed no test figure: it was logged before evaluation). A model from elsewhere
+    (``vit-pipeline evaluate FILE``) has none."""
+    from vit_pipeline.train import KERAS_MODEL_TAG
+
+    uri = ctx.log.client.get_run(ctx.run_id).data.tags.get(KERAS_MODEL_TAG, "")
+    if uri.startswith("models:/m-"):
+        for key, value in figures.items():
+            ctx.log.client.log_metric(ctx.run_id, key, float(value), model_id=uri.removeprefix("models:/"))

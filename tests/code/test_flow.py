@@ -187,6 +187,11 @@ def test_train_pipeline_logs_everything(prefect_server, tiny_overrides, tmp_path
     # The registered (fused) file's size, beside the plain export's: they differ.
     assert metrics["served_onnx_size_mb"] == pytest.approx(Path(result["onnx_path"]).stat().st_size / 2**20)
     assert metrics["served_onnx_size_mb"] != metrics["onnx_size_mb"]
+    # Both logged models' pages carry the test figures (they were logged before evaluation and the decision).
+    keras_logged = client.get_logged_model(run.data.tags["train.keras_model_uri"].removeprefix("models:/"))
+    assert {m.key: m.value for m in keras_logged.metrics}["test_accuracy"] == pytest.approx(
+        metrics["test_accuracy"]
+    )
     assert run.data.tags["benchmark.served_choice"].split("/")[0] in ("onnxruntime", "openvino")
     # The served choice's row under one name whatever engine serves (runs compare in the runs table).
     rows = {k: v for k, v in metrics.items() if k.endswith("_b1_ips") and not k.startswith("bench_served")}
