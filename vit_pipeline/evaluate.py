@@ -289,7 +289,4 @@ def _on_logged_model(ctx: StageContext, figures: dict[str, float]) -> None:
     (``vit-pipeline evaluate FILE``) has none."""
     from vit_pipeline.train import KERAS_MODEL_TAG
 
-    uri = ctx.log.client.get_run(ctx.run_id).data.tags.get(KERAS_MODEL_TAG, "")
-    if uri.startswith("models:/m-"):
-        for key, value in figures.items():
-            ctx.log.client.log_metric(ctx.run_id, key, float(value), model_id=uri.removeprefix("models:/"))
+    ctx.log.model_metrics(ctx.log.client.get_run(ctx.run_id).data.tags.get(KERAS_MODEL_TAG), figures)

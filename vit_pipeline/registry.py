@@ -289,6 +289,11 @@ def measure_against(cfg: PipelineConfig, split: TestSplit, champion, tracking_ur
     return against
 
 
+def _measured(against: Against | None, champion) -> bool:
+    """Whether ``against`` is the measurement of ``champion`` (a version, not None)."""
+    return against is not None and against.version == str(champion.version)
+
+
 def comparable(cfg: PipelineConfig, champion, version: str) -> bool:
     """Whether ``decide`` compares ``version`` with ``champion`` (and needs ``measure_against`` of it): the
     policy compares, there is a champion, another version, of this dataset (``decide``'s early exits)."""
@@ -325,7 +330,7 @@ def decide(cfg: PipelineConfig, logits: np.ndarray, split: TestSplit, champion, 
     if champ_dataset != cfg.dataset_tag:
         why = f"champion v{champion.version} was trained on {champ_dataset!r}, not {cfg.dataset_tag!r}"
         return Decision(False, why, None, checks, unchecked=unchecked(why))
-    if against is None or against.version != str(champion.version):
+    if not _measured(against, champion):
         raise ValueError(f"Expected measure_against of champion v{champion.version}. Received: "
                          f"{against and f'v{against.version}'}")  # fmt: skip
     unseen, seen_note, champ = against.unseen, against.seen_note, against.logits
@@ -364,7 +369,7 @@ def decide(cfg: PipelineConfig, logits: np.ndarray, split: TestSplit, champion, 
 
 def _robustness_of(
     cfg: PipelineConfig, split: TestSplit, unseen: np.ndarray, predicts: list[Predict]
-) -> list:
+) -> list[Robustness]:
     """Each model's top-1 under the robustness stage's corruptions (same seeds) on up to ``robustness_images``
     of the test images the champion did not train on: the same corrupted images, made once, for every file."""
     from vit_pipeline.robustness import measure
@@ -683,12 +688,8 @@ def register_onnx(
         elif blockers:
             decision = Decision(False, f"blocked by {'; '.join(blockers)}", evaluated=False)
         else:
-            if comparable(cfg, champion, version) and (
-                against is None or against.version != str(champion.version)
-            ):
-                against = measure_against(
-                    cfg, split, champion, uri, predict
-                )  # it moved since: measured again
+            if comparable(cfg, champion, version) and not _measured(against, champion):  # it moved since
+                against = measure_against(cfg, split, champion, uri, predict)
             decision = decide(cfg, logits, split, champion, against, temperature,
                               run.data.metrics.get("robustness_relative_accuracy"))  # fmt: skip
         promoted, champ_acc = decision.promoted, decision.champion_accuracy
@@ -704,15 +705,6 @@ def register_onnx(
     # (withdraw_stopped): the version's `replaced` tag, written before the alias moved, says what to undo.
     _record_decision(client, run_id, registration, decision, served)
     return registration
-
-
-def logged_model_id(version) -> str | None:
-    """The logged model a registry version was made from: its ``model_id``, or the ``models:/m-...`` of its
-    source (MLflow 3 leaves ``model_id`` empty on versions registered by ``log_model``)."""
-    if getattr(version, "model_id", None):
-        return version.model_id
-    source = str(getattr(version, "source", "") or "")
-    return source.removeprefix("models:/") if source.startswith("models:/m-") else None
 
 
 def _record_decision(client, run_id: str, registration: Registration, decision: Decision, served) -> None:
@@ -740,11 +732,8 @@ def _record_decision(client, run_id: str, registration: Registration, decision: 
     logger.dict({"checks": [c.to_dict() for c in checks], "outcome": gate}, "registry/thresholds.json")
     figures = {"served_test_accuracy": served["top1"], "served_test_top5_accuracy": served["top5"]}
     logger.metrics(figures)
-    # Also on the version's logged model: its page (the experiment's Models tab) showed only what MLflow copied
-    # when it was logged, before the decision, without the figures that decided.
-    if model_id := logged_model_id(client.get_model_version(name, version)):
-        for key, value in figures.items():
-            client.log_metric(run_id, key, value, model_id=model_id)
+    # Also on the version's logged model (its source, models:/m-...): logged before the decision.
+    logger.model_metrics(client.get_model_version(name, version).source, figures)
     log.info("Registered %s v%s: %s (%s)", name, version, outcome, reason)
 
 

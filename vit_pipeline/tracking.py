@@ -282,6 +282,15 @@ class RunLogger:
         for i in range(0, len(items), 1000):
             self.client.log_batch(self.run_id, metrics=items[i : i + 1000])
 
+    def model_metrics(self, model_uri: str | None, values: dict[str, float]) -> None:
+        """``values`` on the logged model ``models:/m-...`` of this run too (its page in the experiment's Models
+        tab shows only what MLflow copied when it was logged); any other URI (or None): nothing."""
+        if model_uri and model_uri.startswith("models:/m-"):
+            for key, value in values.items():
+                self.client.log_metric(
+                    self.run_id, key, float(value), model_id=model_uri.removeprefix("models:/")
+                )
+
     def params(self, values: dict[str, Any]) -> None:
         from mlflow.entities import Param
 

@@ -66,9 +66,7 @@ def test_served_file_decides_on_the_same_split(cfg, tmp_path):
     assert v3.tags["keras_test_accuracy"] == "0.500000" and v3.tags["test_split_digest"] == split.digest
     assert v3.tags["promotion"].startswith("not promoted")
     # The figures that decided are on the version's logged model too (its page in the experiment's Models tab).
-    from vit_pipeline.registry import logged_model_id
-
-    logged = client.get_logged_model(logged_model_id(v3))
+    logged = client.get_logged_model(v3.source.removeprefix("models:/"))
     assert {k: m.value for k, m in ((m.key, m) for m in logged.metrics) if k.startswith("served_")} == {
         "served_test_accuracy": 0.2,
         "served_test_top5_accuracy": 1.0,
