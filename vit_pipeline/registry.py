@@ -737,33 +737,48 @@ def _record_decision(client, run_id: str, registration: Registration, decision: 
     log.info("Registered %s v%s: %s (%s)", name, version, outcome, reason)
 
 
-def withdraw_stopped(client, name: str, run_id: str, why: str) -> None:
+def withdraw_stopped(client, name: str | None, run_id: str, why: str) -> None:
     """The promotion ``run_id`` made, withdrawn because the run is ending without finishing (``why``).
 
-    Called by the run's lifecycle (``runs.lifecycle``) for every run that ends FAILED or KILLED, so no window
+    Called for every run that ends FAILED or KILLED: by the run's lifecycle (``runs.lifecycle``), so no window
     between the alias moving and the run's end is left out (a stop in the model card, in the register task's
-    own completion, or after the last stage all left a KILLED run's model champion). It acts on the version of
-    ``name`` the run registered whose promotion moved the alias (its ``replaced`` tag, written before the alias
-    moves) and that is still recorded as promoted or still champion. Its own failure is logged, never raised in
-    place of the run's end.
+    own completion, or after the last stage all left a KILLED run's model champion), and by whatever ends the
+    run of a dead owner (``runs.end_run``: the reaper, ``end-crashed-runs``), so a SIGKILL there leaves no
+    champion either. It acts on the version of ``name`` (None: of every registered model the run registered a
+    version of; a reaper knows no config) the run registered whose promotion moved the alias (its ``replaced``
+    tag, written before the alias moves) and that is still recorded as promoted or still champion. Its own
+    failure is logged, never raised in place of the run's end.
     """
     try:
-        version = version_of_run(client, name, run_id)
-        if version is None or REPLACED not in version.tags:
-            return
-        number = str(version.version)
-        champion = current_champion(client, name)
-        if not version.tags.get("promotion", "").startswith("promoted") and (
-            champion is None or str(champion.version) != number
-        ):
-            return
-        previous = None if version.tags[REPLACED] == "none" else version.tags[REPLACED]
-        _withdraw(
-            client, run_id, name, number, previous, f"its run stopped before its last stage ({why[:300]})"
+        names = (
+            [name]
+            if name is not None
+            else sorted({v.name for v in client.search_model_versions(f"run_id = '{run_id}'")})
         )
     except Exception as exc:
-        log.warning("Could not check or withdraw the promotion of run %s of %s (%s): if it promoted a version, "
-                    "that version may stay %s", run_id, name, exc, CHAMPION)  # fmt: skip
+        log.warning("Could not look up the versions run %s registered (%s): if it promoted one, that version "
+                    "may stay %s", run_id, exc, CHAMPION)  # fmt: skip
+        return
+    for each in names:
+        try:
+            _withdraw_if_promoted(client, each, run_id, why)
+        except Exception as exc:
+            log.warning("Could not check or withdraw the promotion of run %s of %s (%s): if it promoted a "
+                        "version, that version may stay %s", run_id, each, exc, CHAMPION)  # fmt: skip
+
+
+def _withdraw_if_promoted(client, name: str, run_id: str, why: str) -> None:
+    version = version_of_run(client, name, run_id)
+    if version is None or REPLACED not in version.tags:
+        return
+    number = str(version.version)
+    champion = current_champion(client, name)
+    if not version.tags.get("promotion", "").startswith("promoted") and (
+        champion is None or str(champion.version) != number
+    ):
+        return
+    previous = None if version.tags[REPLACED] == "none" else version.tags[REPLACED]
+    _withdraw(client, run_id, name, number, previous, f"its run stopped before its last stage ({why[:300]})")
 
 
 def _withdraw(client, run_id: str, name: str, version: str, previous: str | None, why: str) -> None:

@@ -174,7 +174,12 @@ def find_runs(client, filter_string: str) -> list:
 
 
 def end_run(client, run_id: str, status: str, reason: str) -> None:
-    """Ends a run that its owner cannot end any more, with the reason as ``vit_pipeline.end_reason``."""
+    """Ends a run that its owner cannot end any more, with the reason as ``vit_pipeline.end_reason``; first,
+    as for a run that stops itself (``_end``), the promotion it made is withdrawn: a SIGKILL after the
+    registration (in the model card) left a KILLED run's model champion."""
+    from vit_pipeline.registry import withdraw_stopped
+
+    withdraw_stopped(client, None, run_id, reason)
     client.set_tag(run_id, END_REASON, reason[:5000])
     client.set_terminated(run_id, status)
     log.warning("Run %s: %s", run_id, reason)

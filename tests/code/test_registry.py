@@ -180,6 +180,40 @@ def test_a_stop_after_the_last_stage_withdraws_and_a_second_ctrl_c_waits_for_it(
     assert client.get_run(run_id).info.status == "KILLED"
 
 
+def test_a_run_sigkilled_after_its_promotion_is_withdrawn_by_whatever_ends_it(cfg, tmp_path):
+    """A SIGKILL after the alias moved (in the model card, say) runs no ``lifecycle`` end: the reaper marked the
+    run KILLED and its model stayed champion. Ending a dead owner's run withdraws its promotion too."""
+    split = labelled_split(COUNTS)
+    _register(cfg, tmp_path, 0, split)
+    # A real process: it creates a run, registers a better model (promoted), and is SIGKILLed.
+    code = f"""
+import os, signal, sys
+from pathlib import Path
+from tests.conftest import constant_classifier, labelled_split
+from vit_pipeline import runs
+from vit_pipeline.config import make_config
+from vit_pipeline.registry import register_onnx
+cfg = make_config("cifar100", {{"tracking_uri": {cfg.tracking_uri!r}}})
+run_id = runs.create_run(cfg, "test")
+print(run_id, flush=True)
+path = constant_classifier(Path({str(tmp_path / "killed.onnx")!r}), {len(COUNTS)}, 2)
+assert register_onnx(cfg, run_id, str(path), labelled_split({COUNTS!r}), keras_test_accuracy=0.5).promoted
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=root)
+    assert out.returncode == -9, out.stderr[-2000:]
+    run_id = out.stdout.split()[0]
+    client = tracking.client(cfg)
+    assert _champion(cfg) == "2" and client.get_run(run_id).info.status == "RUNNING"
+    assert runs.reap(client) == [run_id]
+    v2 = client.get_model_version("vit-cifar100", "2")
+    assert _champion(cfg) == "1" and "promotion" not in v2.tags
+    assert v2.tags["withdrawn"].startswith("its run stopped before its last stage (Marked KILLED by pid")
+    run = client.get_run(run_id)
+    assert run.info.status == "KILLED" and run.data.tags["registry.decision"] == "withdrawn"
+
+
 def test_a_withdrawal_that_cannot_take_the_lock_leaves_the_version_champion_and_recorded_promoted(
     cfg, tmp_path, monkeypatch, caplog
 ):
