@@ -466,6 +466,15 @@ def test_a_bad_serve_setting_is_one_line_before_the_model_loads(no_tf_env, tmp_p
         assert (
             out.stderr.startswith(f"Error: Invalid settings: {field}=") and len(out.stderr.splitlines()) == 1
         )
+    # A provider name ONNX Runtime does not know (a typo) was dropped with a warning and served on CPU.
+    for command in (["serve", "--port", "18779"], ["predict", str(fake)]):
+        out = subprocess.run([sys.executable, "-m", "vit_consumer", "--model", str(fake), "--providers",
+                              "CUDAExecutionProvder", *command], env=no_tf_env, capture_output=True, text=True,
+                             timeout=60)  # fmt: skip
+        assert out.returncode == 1 and len(out.stderr.splitlines()) == 1, out.stderr[-500:]
+        assert out.stderr.startswith(
+            "Error: Invalid settings: providers='CUDAExecutionProvder': unknown ONNX"
+        )
 
 
 def test_a_tracking_server_that_is_down_is_one_line_in_seconds(no_tf_env):

@@ -104,6 +104,7 @@ def test_each_variable_is_read_and_typed(monkeypatch, read, env, field, expected
         ("VIT_TIMEOUT_S", "1e999"),  # float, overflows to inf
         ("VIT_MAX_BATCH_SIZE", "100000000"),  # a 1 TiB input buffer at start-up: a traceback
         ("VIT_DECODE_THREADS", "100000"),  # a hundred thousand threads
+        ("VIT_PROVIDERS", "CPUExecutionProvider,CUDAExecutionProvder"),  # a typo: dropped, served on CPU
     ],
 )
 def test_an_invalid_value_is_one_line_naming_the_variable_and_the_value(monkeypatch, variable, raw):

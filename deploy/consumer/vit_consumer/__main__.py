@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from vit_consumer.classifier import SPIN_MODES, InputError, OnnxClassifier
-from vit_consumer.contract import MAX_TOP_K, split_providers
+from vit_consumer.contract import MAX_TOP_K
 from vit_consumer.settings import Settings
 
 # On SIGTERM, requests in flight get this long (then their connections close): inside Kubernetes' default 30 s
@@ -125,7 +125,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Error: {exc}", file=sys.stderr)
         return 2
     args = parser.parse_args(argv)
-    providers = list(split_providers(args.providers) or ()) or None
     try:
         if args.command == "serve":
             _check_bindable(args.host, args.port)
@@ -134,7 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         serving = args.command == "serve"
         choose_for = (1, args.max_batch_size) if serving and args.choose else None
         # Every setting is checked before the model loads (which can take a minute): a bad one is one line.
-        settings = Settings(engine=args.engine, ov_streams=1)  # predict: one request at a time
+        settings = Settings(
+            engine=args.engine, ov_streams=1, providers=args.providers
+        )  # predict: one at a time
         if serving:
             settings = Settings(
                 max_bytes=args.max_bytes, max_inflight_bytes=args.max_inflight_bytes,
@@ -143,10 +144,11 @@ def main(argv: list[str] | None = None) -> int:
                 pixel_budget=args.pixel_budget,
                 reload_seconds=args.reload_seconds, tracking_uri=args.tracking_uri,
                 allow_contract_change=args.allow_contract_change,
-                providers=tuple(providers) if providers else None, spin=args.spin,
+                providers=args.providers, spin=args.spin,
                 decode_threads=args.decode_threads, choose_candidate=args.choose, engine=args.engine,
                 ov_streams=args.ov_streams,
             )  # fmt: skip
+        providers = list(settings.providers) if settings.providers else None
         clf = OnnxClassifier.from_uri(args.model, args.tracking_uri, providers, spin=spin, choose_for=choose_for,
                                       engine=settings.engine, streams=settings.ov_streams)  # fmt: skip
         if serving:

@@ -148,6 +148,23 @@ class Settings(BaseSettings):
             return None  # no names: the classifier's default, as when unset
         return value
 
+    @field_validator("providers")
+    @classmethod
+    def _known_providers(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        # A name ONNX Runtime does not know (a typo) was dropped with a warning and the model served on CPU.
+        # A known one this machine cannot run (CUDA on a CPU node) still falls back: one image fits both.
+        import onnxruntime as ort
+
+        known = ort.get_all_providers()
+        if value and (unknown := [name for name in value if name not in known]):
+            raise PydanticCustomError(
+                "unknown_provider",
+                "unknown ONNX Runtime provider(s) {unknown}; expected names from onnxruntime.get_all_providers(), "
+                "such as {cpu} or {cuda}",
+                {"unknown": ", ".join(unknown), "cpu": contract.CPU, "cuda": contract.CUDA},
+            )
+        return value
+
     @field_validator("tracking_uri", mode="before")
     @classmethod
     def _blank_uri(cls, value: Any) -> Any:
