@@ -148,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
                 decode_threads=args.decode_threads, choose_candidate=args.choose, engine=args.engine,
                 ov_streams=args.ov_streams,
             )  # fmt: skip
+        # Before the model loads (a download can take a minute): a mistyped path is one line at once.
+        if missing := [str(path) for path in getattr(args, "images", []) if not path.is_file()]:
+            raise InputError(f"Image file does not exist: {', '.join(missing)}")
         providers = list(settings.providers) if settings.providers else None
         clf = OnnxClassifier.from_uri(args.model, args.tracking_uri, providers, spin=spin, choose_for=choose_for,
                                       engine=settings.engine, streams=settings.ov_streams)  # fmt: skip
@@ -165,8 +168,6 @@ def main(argv: list[str] | None = None) -> int:
                         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)  # fmt: skip
             return 0
         for path in args.images:
-            if not path.is_file():
-                raise InputError(f"Image file does not exist: {path}")
             (preds,) = clf.predict(clf.decode_image(path.read_bytes())[None], args.top_k)
             print(json.dumps({"image": str(path), "predictions": preds}))
         return 0
