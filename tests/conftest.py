@@ -60,6 +60,18 @@ def pipeline_home(tmp_path, monkeypatch):
     return home
 
 
+@pytest.fixture(autouse=True)
+def python_sigint():
+    """Every test starts and ends with Python's own SIGINT handler (it raises KeyboardInterrupt): a handler a
+    library left installed in an xdist worker (one that does not raise) made a later Ctrl-C test in the same
+    worker see its stage's error instead of the KeyboardInterrupt, depending on which files the worker ran."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def cifar_members(n_train: int = 20, n_test: int = 10, num_classes: int = 5, seed: int = 0) -> dict:
     """Official cifar-100-python members (Python 2 style: bytes keys) with random pixels."""
     rng = np.random.default_rng(seed)

@@ -737,7 +737,7 @@ def _record_decision(client, run_id: str, registration: Registration, decision: 
     log.info("Registered %s v%s: %s (%s)", name, version, outcome, reason)
 
 
-def withdraw_stopped(client, name: str | None, run_id: str, why: str) -> None:
+def withdraw_stopped(client, name: str | None, run_id: str, why: str) -> bool:
     """The promotion ``run_id`` made, withdrawn because the run is ending without finishing (``why``).
 
     Called for every run that ends FAILED or KILLED: by the run's lifecycle (``runs.lifecycle``), so no window
@@ -747,24 +747,24 @@ def withdraw_stopped(client, name: str | None, run_id: str, why: str) -> None:
     champion either. It acts on the version of ``name`` (None: of every registered model the run registered a
     version of; a reaper knows no config) the run registered whose promotion moved the alias (its ``replaced``
     tag, written before the alias moves) and that is still recorded as promoted or still champion. Its own
-    failure is logged, never raised in place of the run's end.
+    failure is logged, never raised in place of the run's end; it returns False then (True: nothing is left to
+    withdraw), so that a reaper can leave the run to its next pass.
     """
     try:
-        names = (
-            [name]
-            if name is not None
-            else sorted({v.name for v in client.search_model_versions(f"run_id = '{run_id}'")})
-        )
+        found = [] if name is not None else client.search_model_versions(f"run_id = '{run_id}'")
     except Exception as exc:
         log.warning("Could not look up the versions run %s registered (%s): if it promoted one, that version "
                     "may stay %s", run_id, exc, CHAMPION)  # fmt: skip
-        return
-    for each in names:
+        return False
+    done = True
+    for each in [name] if name is not None else sorted({v.name for v in found}):
         try:
             _withdraw_if_promoted(client, each, run_id, why)
         except Exception as exc:
+            done = False
             log.warning("Could not check or withdraw the promotion of run %s of %s (%s): if it promoted a "
                         "version, that version may stay %s", run_id, each, exc, CHAMPION)  # fmt: skip
+    return done
 
 
 def _withdraw_if_promoted(client, name: str, run_id: str, why: str) -> None:

@@ -13,6 +13,10 @@ What people read in the MLflow UI must be true:
   command or flow run that opens the store finds it (``reap``) and marks it
   KILLED, with the reason in ``vit_pipeline.end_reason``.
 
+A run that ends FAILED or KILLED, by itself or by a reaper, first withdraws the
+promotion it made (``registry.withdraw_stopped``): a run that did not finish
+leaves no model champion.
+
 Ownership is recorded as run tags: ``vit_pipeline.owner.host``, ``.pid`` and
 ``.started`` (the process's start time, so a reused pid is not mistaken for the
 owner). On the owner's host, a dead pid is certain; from another host a run is
@@ -150,8 +154,8 @@ def reap(client) -> list[str]:
         if verdict.alive:
             continue
         reason = f"Marked KILLED by pid {os.getpid()} on {socket.gethostname()}: {verdict.reason}"
-        end_run(client, run.info.run_id, "KILLED", reason)
-        killed.append(run.info.run_id)
+        if end_run(client, run.info.run_id, "KILLED", reason):
+            killed.append(run.info.run_id)
     return killed
 
 
@@ -173,16 +177,24 @@ def find_runs(client, filter_string: str) -> list:
     return found
 
 
-def end_run(client, run_id: str, status: str, reason: str) -> None:
+def end_run(client, run_id: str, status: str, reason: str) -> bool:
     """Ends a run that its owner cannot end any more, with the reason as ``vit_pipeline.end_reason``; first,
     as for a run that stops itself (``_end``), the promotion it made is withdrawn: a SIGKILL after the
-    registration (in the model card) left a KILLED run's model champion."""
+    registration (in the model card) left a KILLED run's model champion.
+
+    Returns False, the run left RUNNING for the next pass, where the withdrawal failed (the registry lock not
+    had in time, the store away): ended KILLED, nothing would ever try again and its model would stay champion.
+    """
     from vit_pipeline.registry import withdraw_stopped
 
-    withdraw_stopped(client, None, run_id, reason)
+    if not withdraw_stopped(client, None, run_id, reason):
+        log.warning("Run %s left RUNNING: the promotion it made could not be withdrawn (above); the next command "
+                    "that opens the store tries again", run_id)  # fmt: skip
+        return False
     client.set_tag(run_id, END_REASON, reason[:5000])
     client.set_terminated(run_id, status)
     log.warning("Run %s: %s", run_id, reason)
+    return True
 
 
 def create_run(cfg: PipelineConfig, preset: str | None = None, tags: dict[str, str] | None = None) -> str:
@@ -552,8 +564,8 @@ def mark_flow_run_killed(cfg: PipelineConfig, flow_run_id: str, reason: str) -> 
             log.warning("Run %s left RUNNING although its flow run %s crashed: %s", run.info.run_id, flow_run_id,
                         verdict.reason)  # fmt: skip
             continue
-        end_run(client, run.info.run_id, "KILLED", f"{reason} ({verdict.reason})")
-        killed.append(run.info.run_id)
+        if end_run(client, run.info.run_id, "KILLED", f"{reason} ({verdict.reason})"):
+            killed.append(run.info.run_id)
     return killed
 
 

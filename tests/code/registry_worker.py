@@ -36,6 +36,9 @@ def main(uri: str, name: str, favoured: int, split_path: str, ready: str, go: st
         time.sleep(0.001)
     reg = register_onnx(cfg, run_id, str(path), split)
     tracking.client(cfg).set_model_version_tag(name, reg.version, "favoured", str(favoured))
+    # Ended as a pipeline run ends: left RUNNING by a process that exits, the next round's reaper took it for a
+    # crash and withdrew its promotion (runs.end_run).
+    tracking.client(cfg).set_terminated(run_id, "FINISHED")
     print(json.dumps({**reg.to_dict(), "favoured": favoured}))
 
 

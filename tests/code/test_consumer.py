@@ -433,8 +433,10 @@ def test_champion_from_a_real_mlflow_server(tiny_export, no_tf_env, real_cut, tm
 def test_consumer_cli_rejects_a_file_that_is_not_onnx(no_tf_env, tmp_path):
     fake = tmp_path / "model.onnx"
     fake.write_bytes(b"definitely not protobuf")
+    image = tmp_path / "x.png"
+    image.write_bytes(_png(np.zeros((32, 32, 3), np.uint8)))
     out = subprocess.run(
-        [sys.executable, "-m", "vit_consumer", "--model", str(fake), "predict", "x.png"],
+        [sys.executable, "-m", "vit_consumer", "--model", str(fake), "predict", str(image)],
         env=no_tf_env, capture_output=True, text=True,
     )  # fmt: skip
     assert out.returncode == 1 and out.stderr.startswith("Error: Not a loadable ONNX model")

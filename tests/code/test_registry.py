@@ -180,9 +180,12 @@ def test_a_stop_after_the_last_stage_withdraws_and_a_second_ctrl_c_waits_for_it(
     assert client.get_run(run_id).info.status == "KILLED"
 
 
-def test_a_run_sigkilled_after_its_promotion_is_withdrawn_by_whatever_ends_it(cfg, tmp_path):
+def test_a_run_sigkilled_after_its_promotion_is_withdrawn_by_whatever_ends_it(cfg, tmp_path, monkeypatch):
     """A SIGKILL after the alias moved (in the model card, say) runs no ``lifecycle`` end: the reaper marked the
-    run KILLED and its model stayed champion. Ending a dead owner's run withdraws its promotion too."""
+    run KILLED and its model stayed champion. Ending a dead owner's run withdraws its promotion too; a withdrawal
+    that fails leaves the run RUNNING for the next pass (KILLED, nothing would try again)."""
+    from vit_pipeline import registry
+
     split = labelled_split(COUNTS)
     _register(cfg, tmp_path, 0, split)
     # A real process: it creates a run, registers a better model (promoted), and is SIGKILLed.
@@ -205,6 +208,12 @@ os.kill(os.getpid(), signal.SIGKILL)
     assert out.returncode == -9, out.stderr[-2000:]
     run_id = out.stdout.split()[0]
     client = tracking.client(cfg)
+    assert _champion(cfg) == "2" and client.get_run(run_id).info.status == "RUNNING"
+    with monkeypatch.context() as patched:
+        patched.setattr(
+            registry, "_withdraw", lambda *a, **k: (_ for _ in ()).throw(RegistryError("lock busy"))
+        )
+        assert runs.reap(client) == []
     assert _champion(cfg) == "2" and client.get_run(run_id).info.status == "RUNNING"
     assert runs.reap(client) == [run_id]
     v2 = client.get_model_version("vit-cifar100", "2")

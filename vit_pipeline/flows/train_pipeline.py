@@ -146,7 +146,8 @@ def after_training(ctx: StageContext, data_path: str, model_path: str, history_p
     The registration is the last stage but the card: a run stopped after it (Ctrl-C, SIGTERM, a failure)
     withdraws the promotion it made as it ends (``runs.lifecycle``, ``registry.withdraw_stopped``), so no run
     that ended KILLED or FAILED leaves its model champion (the benchmark ran after the registration: minutes in
-    which a stop did). A SIGKILL leaves no time for it: that run's version stays champion (README).
+    which a stop did). A SIGKILL leaves no time for it: whatever ends that run KILLED later withdraws it
+    (``runs.end_run``: the next command's reaper, ``end-crashed-runs``); until then its version stays champion.
     """
     evaluated = evaluate_model(ctx, data_path, model_path, history_path)
     calibrated = calibrate_model(ctx, data_path, model_path)
