@@ -64,6 +64,7 @@ ONNX_ARTIFACT = "onnx-model"
 LOCK_TIMEOUT_SECONDS = 900.0
 WITHDRAW_LOCK_SECONDS = 30.0  # a stopping run does not wait long for the lock to undo its promotion
 REPLACED = "replaced"  # version tag: the version this one's promotion replaced ("none": there was none)
+REPLACED_BY = "replaced_by"  # version tag: the version that took the alias from this one
 
 
 class RegistryError(PipelineError):
@@ -822,8 +823,11 @@ def _last_standing(client, name: str, version: str | None) -> str | None:
 
 
 def _move_alias(client, name: str, version: str) -> None:
-    """Sets the champion alias and reads it back (inside the lock)."""
+    """Sets the champion alias and reads it back (inside the lock); the version it leaves says by which one
+    (``replaced_by``: its page still said "promoted" with nothing to tell it is not champion any more), and
+    the one it names (again, after a withdrawal) loses that tag."""
     try:
+        was = current_champion(client, name)
         client.set_registered_model_alias(name, CHAMPION, version)
         now = current_champion(client, name)
     except RegistryError:
@@ -834,6 +838,10 @@ def _move_alias(client, name: str, version: str) -> None:
         held = None if now is None else now.version
         raise RegistryError(f"{name!r}@{CHAMPION} is v{held} right after it was set to v{version}: "
                             "another writer moved it outside the registry lock")  # fmt: skip
+    if was is not None and str(was.version) != version and "withdrawn" not in was.tags:  # (its own tag says)
+        client.set_model_version_tag(name, str(was.version), REPLACED_BY, version)
+    if REPLACED_BY in now.tags:
+        client.delete_model_version_tag(name, version, REPLACED_BY)
 
 
 def _recorded(client, name: str, version) -> Registration:

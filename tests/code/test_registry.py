@@ -56,6 +56,11 @@ def test_served_file_decides_on_the_same_split(cfg, tmp_path):
     assert not worse.promoted and "0.2000 < champion v2's 0.3000" in worse.reason
     equal, _ = _register(cfg, tmp_path, 2, split)
     assert equal.promoted  # at least the champion's accuracy
+    # A version that lost the alias says to which (its "promoted" decision alone read as if it still served).
+    client = tracking.client(cfg)
+    assert [client.get_model_version("vit-cifar100", v).tags.get("replaced_by") for v in "1234"] == [
+        "2", "4", None, None
+    ]  # fmt: skip
     assert _champion(cfg) == "4"
     client = tracking.client(cfg)
     v3 = client.get_model_version("vit-cifar100", "3")
@@ -90,8 +95,13 @@ def test_a_promotion_whose_run_stops_before_its_last_stage_is_withdrawn_and_deci
     better, better_run = _register(cfg, tmp_path, 2, split)
     client = tracking.client(cfg)
     assert _champion(cfg) == "2" and client.get_model_version("vit-cifar100", "2").tags[REPLACED] == "1"
+    assert client.get_model_version("vit-cifar100", "1").tags["replaced_by"] == "2"
     withdraw_stopped(client, "vit-cifar100", better_run, "KeyboardInterrupt")
-    assert _champion(cfg) == "1"
+    assert (
+        _champion(cfg) == "1"
+    )  # champion again: no longer replaced; the withdrawn one says it was withdrawn
+    assert "replaced_by" not in client.get_model_version("vit-cifar100", "1").tags
+    assert "replaced_by" not in client.get_model_version("vit-cifar100", "2").tags
     v2 = client.get_model_version("vit-cifar100", "2")
     assert "promotion" not in v2.tags
     assert v2.tags["withdrawn"] == "its run stopped before its last stage (KeyboardInterrupt)"
