@@ -298,6 +298,16 @@ def test_benchmark_docs_refuses_an_empty_folder_rather_than_write_an_empty_page(
     )
     assert result.exit_code == 1 and "No report folders in" in result.output
     assert page.read_text() == "the committed page"
+    # A folder beside real ones with none of the files a section is made of: a bare heading on the page.
+    (tmp_path / "reports" / "1-real").mkdir()
+    (tmp_path / "reports" / "1-real" / "about.md").write_text("## Real")
+    (tmp_path / "reports" / "2-empty").mkdir()
+    result = CliRunner().invoke(
+        main, ["benchmark-docs", "--reports", str(tmp_path / "reports"), "--output", str(page)]
+    )
+    assert result.exit_code == 1 and "Report folders with none of about.md" in result.output, result.output
+    assert "2-empty" in result.output and "1-real" not in result.output.split(":")[-1]
+    assert page.read_text() == "the committed page"
 
 
 def test_finetune_optimizer_ratios_pair_the_rows_of_each_round():

@@ -37,16 +37,24 @@ def _from_docs(markdown: str, folder: str) -> str:
     return re.sub(r"\]\((?![a-z][a-z0-9+.-]*:|#|/)([^)\s]+)\)", move, markdown)
 
 
+RENDERED = ("about.md", "report.json", "training.json")  # what a report folder's section is made of
+
+
 def render(reports_dir: str | Path) -> str:
     from vit_pipeline.benchmark.report import BenchmarkReport
     from vit_pipeline.benchmark.training import TrainingReport
 
     parts = [HEADER]
+    from vit_pipeline.errors import DataError
+
     folders = sorted(p for p in Path(reports_dir).iterdir() if p.is_dir())
     if not folders:  # an empty page would replace the committed one
-        from vit_pipeline.errors import DataError
-
         raise DataError(f"No report folders in {reports_dir}: nothing to render")
+    # A folder with none of the files read here (an empty one, another layout) rendered as a bare heading.
+    if bare := [f.name for f in folders if not any((f / n).exists() for n in RENDERED)]:
+        raise DataError(
+            f"Report folders with none of {', '.join(RENDERED)} in {reports_dir}: {', '.join(bare)}"
+        )
     for folder in folders:
         about = folder / "about.md"
         parts.append(_from_docs(about.read_text().strip(), f"{Path(reports_dir).name}/{folder.name}") + "\n"
