@@ -43,10 +43,9 @@ RENDERED = ("about.md", "report.json", "training.json")  # what a report folder'
 def render(reports_dir: str | Path) -> str:
     from vit_pipeline.benchmark.report import BenchmarkReport
     from vit_pipeline.benchmark.training import TrainingReport
-
-    parts = [HEADER]
     from vit_pipeline.errors import DataError
 
+    parts = [HEADER]
     folders = sorted(p for p in Path(reports_dir).iterdir() if p.is_dir())
     if not folders:  # an empty page would replace the committed one
         raise DataError(f"No report folders in {reports_dir}: nothing to render")
