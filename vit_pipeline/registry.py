@@ -698,7 +698,7 @@ def register_onnx(
         moved = promoted and previous != version
         if moved:  # what it replaced, first: what withdraw_stopped undoes if the run does not finish
             client.set_model_version_tag(name, version, REPLACED, previous or "none")
-            _move_alias(client, name, version)
+            _move_alias(client, name, version, champion)
     registration = Registration(name, version, f"models:/{name}/{version}", promoted, decision.reason,
                                 version if promoted else previous, served["top1"], champ_acc,
                                 len(split.labels))  # fmt: skip
@@ -752,13 +752,15 @@ def withdraw_stopped(client, name: str | None, run_id: str, why: str) -> bool:
     withdraw), so that a reaper can leave the run to its next pass.
     """
     try:
-        found = [] if name is not None else client.search_model_versions(f"run_id = '{run_id}'")
+        names = [name] if name is not None else sorted(
+            {v.name for v in client.search_model_versions(f"run_id = '{run_id}'")}
+        )  # fmt: skip
     except Exception as exc:
         log.warning("Could not look up the versions run %s registered (%s): if it promoted one, that version "
                     "may stay %s", run_id, exc, CHAMPION)  # fmt: skip
         return False
     done = True
-    for each in [name] if name is not None else sorted({v.name for v in found}):
+    for each in names:
         try:
             _withdraw_if_promoted(client, each, run_id, why)
         except Exception as exc:
@@ -805,7 +807,7 @@ def _withdraw(client, run_id: str, name: str, version: str, previous: str | None
             if back is None:
                 client.delete_registered_model_alias(name, CHAMPION)
             else:
-                _move_alias(client, name, back)
+                _move_alias(client, name, back, now)
     log.warning("Withdrew %s v%s from %s: %s", name, version, CHAMPION, why)
 
 
@@ -822,12 +824,12 @@ def _last_standing(client, name: str, version: str | None) -> str | None:
     return None
 
 
-def _move_alias(client, name: str, version: str) -> None:
-    """Sets the champion alias and reads it back (inside the lock); the version it leaves says by which one
-    (``replaced_by``: its page still said "promoted" with nothing to tell it is not champion any more), and
-    the one it names (again, after a withdrawal) loses that tag."""
+def _move_alias(client, name: str, version: str, was) -> None:
+    """Sets the champion alias and reads it back (inside the lock); the version it leaves (``was``, the champion
+    the caller read under the lock) says by which one (``replaced_by``: its page still said "promoted" with
+    nothing to tell it is not champion any more), and the one it names (again, after a withdrawal) loses that
+    tag."""
     try:
-        was = current_champion(client, name)
         client.set_registered_model_alias(name, CHAMPION, version)
         now = current_champion(client, name)
     except RegistryError:

@@ -485,16 +485,8 @@ def test_a_tracking_server_that_is_down_is_one_line_in_seconds(no_tf_env, tmp_pa
         uri = f"http://127.0.0.1:{free.getsockname()[1]}"  # nothing listens there once closed
     image = tmp_path / "x.png"
     image.write_bytes(_png(np.zeros((32, 32, 3), np.uint8)))
-    cmd = [
-        sys.executable,
-        "-m",
-        "vit_consumer",
-        "--model",
-        "models:/vit@champion",
-        "--tracking-uri",
-        uri,
-        "predict",
-    ]
+    cmd = [sys.executable, "-m", "vit_consumer", "--model", "models:/vit@champion", "--tracking-uri", uri,
+           "predict"]  # fmt: skip
     started = time.monotonic()
     out = subprocess.run([*cmd, str(image)], env=no_tf_env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 1, out.stderr[-500:]
@@ -502,9 +494,8 @@ def test_a_tracking_server_that_is_down_is_one_line_in_seconds(no_tf_env, tmp_pa
                                  "does not answer (")  # fmt: skip
     assert time.monotonic() - started < 30  # MLflow's own retries took minutes
     # A mistyped image path is said before the model is fetched (it waited for the download, or the timeout).
-    out = subprocess.run(
-        [*cmd, str(image), "nope.png"], env=no_tf_env, capture_output=True, text=True, timeout=120
-    )
+    out = subprocess.run([*cmd, str(image), "nope.png"], env=no_tf_env, capture_output=True, text=True,
+                         timeout=120)  # fmt: skip
     assert out.returncode == 1 and out.stderr == "Error: Image file does not exist: nope.png\n", out.stderr[
         -500:
     ]

@@ -173,9 +173,10 @@ def test_the_gate_runs_again_where_the_model_is_served(tiny_export, tmp_path):
     # OpenVINO at f32 on the registered file keeps the answers: it was timed against ONNX Runtime. Where
     # OpenVINO's own default is f32 (a CPU without bf16), that one setting is "registered@openvino".
     import openvino as ov
+    from vit_consumer.engines import type_name
 
-    default = str(ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT")).lower()
-    f32 = "registered@openvino" if "f32" in default or "float32" in default else "registered@openvino-f32"
+    default = type_name(ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT"))
+    f32 = "registered@openvino" if default == "f32" else "registered@openvino-f32"
     assert report["gate_agreement"][f32] == 1.0
     assert {"registered", f32} <= set(report["scores_ips_geomean"])
     assert (
