@@ -363,6 +363,15 @@ def split_providers(value: str | Sequence[str] | None) -> tuple[str, ...] | None
     return names or None
 
 
+def unknown_providers(names: Sequence[str]) -> list[str]:
+    """The names ONNX Runtime does not know (``onnxruntime.get_all_providers()``): a typo it would drop with a
+    warning, running on CPU. A known provider this build or machine cannot run is not one of them."""
+    import onnxruntime as ort
+
+    known = ort.get_all_providers()
+    return [name for name in names if name not in known]
+
+
 def gpu_visible() -> bool:
     """Whether an NVIDIA device is there to use (driver node present, not hidden by CUDA_VISIBLE_DEVICES).
 

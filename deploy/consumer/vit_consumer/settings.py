@@ -153,11 +153,7 @@ class Settings(BaseSettings):
     def _known_providers(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
         # A name ONNX Runtime does not know (a typo) was dropped with a warning and the model served on CPU.
         # A known one this machine cannot run (CUDA on a CPU node) still falls back: one image fits both.
-        if not value:
-            return value
-        import onnxruntime as ort
-
-        if unknown := [name for name in value if name not in ort.get_all_providers()]:
+        if value and (unknown := contract.unknown_providers(value)):
             raise PydanticCustomError(
                 "unknown_provider",
                 "unknown ONNX Runtime provider(s) {unknown}; expected names from onnxruntime.get_all_providers(), "

@@ -138,15 +138,12 @@ def resolve_providers(requested: list[str] | None) -> list[str]:
     back to CPU shows up as CPU (and is dropped as a duplicate).
     """
     if requested:
-        import onnxruntime as ort
-
         from vit_pipeline.errors import ConfigError
 
         names = [PROVIDER_ALIASES.get(p.lower(), p) for p in requested]
         # A name ONNX Runtime does not know measured nothing and exited 0 with an empty table.
-        if unknown := [
-            p for p, name in zip(requested, names, strict=True) if name not in ort.get_all_providers()
-        ]:
+        bad = set(contract.unknown_providers(names))
+        if unknown := [p for p, name in zip(requested, names, strict=True) if name in bad]:
             raise ConfigError(f"Expected providers {', '.join(PROVIDER_ALIASES)} or ONNX Runtime's names (such as "
                               f"OpenVINOExecutionProvider). Received: {', '.join(unknown)}")  # fmt: skip
         return names
