@@ -45,6 +45,28 @@ TINY = {
 }
 
 
+# The files that take longest (``pytest --durations=0``, summed per file: 50-180 s each on 2 cores, 2026-12-08),
+# slowest first. Scheduling only, every test still runs: under ``-n 2 --dist loadfile`` pytest-xdist hands out
+# files in collection order (see ``pytest_configure``), so the long ones start first and the two workers end
+# together; by default it starts the files with the most tests first, which left the longest for the end.
+SLOW_FIRST = (
+    "tests/code/test_finetune_flow.py", "tests/code/test_flow.py", "tests/code/test_sweep.py",
+    "tests/code/test_reliability.py", "tests/code/test_services.py", "tests/code/test_registry.py",
+    "tests/code/test_consumer.py", "tests/code/test_runs.py", "tests/model/test_optimize.py",
+    "tests/code/test_serving.py",
+)  # fmt: skip
+
+
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):  # pytest-xdist: keep the order below
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {path: i for i, path in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(SLOW_FIRST)))
+
+
 @pytest.fixture(autouse=True)
 def pipeline_home(tmp_path, monkeypatch):
     """Every test gets its own VIT_PIPELINE_HOME and local MLflow store.
