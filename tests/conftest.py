@@ -45,7 +45,7 @@ TINY = {
 }
 
 
-# The files that take longest (``pytest --durations=0``, summed per file: 50-180 s each on 2 cores, 2026-12-08),
+# The files that take longest (``pytest --durations=100``, summed per file: 45-180 s each on 2 cores, 2026-12-08),
 # slowest first. Scheduling only, every test still runs: under ``-n 2 --dist loadfile`` pytest-xdist hands out
 # files in collection order (see ``pytest_configure``), so the long ones start first and the two workers end
 # together; by default it starts the files with the most tests first, which left the longest for the end.
